@@ -1,0 +1,1 @@
+"""The `fdsub` command line; installed as the subpackage ``fdsub_onnx.cli``."""

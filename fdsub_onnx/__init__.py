@@ -1,0 +1,22 @@
+"""fdsub-onnx: Filter Decoding with Substitution for any CNN exported to ONNX.
+
+>>> import fdsub_onnx as fd
+>>> model = fd.load_model("model.onnx")
+>>> [l.name for l in fd.inspect_model(model).layers if l.decodable]      # doctest: +SKIP
+>>> result = fd.decode(model, "conv2", neurons="0-7")                    # doctest: +SKIP
+>>> result.filters.shape   # [8, 3, R_y, R_x]                             # doctest: +SKIP
+"""
+
+from ._decode import Decoded, Layer, Summary, decode, find_layer, inspect_model, iter_decode
+from ._errors import FdsubError
+from ._geometry import Geometry
+from ._io import save_decoded
+from ._model import Model, load_model
+from ._neurons import parse_neurons
+from ._render import filter_grid
+
+__all__ = [
+    "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "decode", "filter_grid", "find_layer",
+    "inspect_model", "iter_decode", "load_model", "parse_neurons", "save_decoded",
+]
+__version__ = "0.1.0"

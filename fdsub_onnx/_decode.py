@@ -1,0 +1,168 @@
+"""Public entry points: inspect a model's layers and decode neurons into image-space filters."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ._backend import get_backend
+from ._engine import Engine
+from ._errors import FdsubError
+from ._model import Model
+from ._neurons import parse_neurons
+from ._values import Blocked, Tensor
+from ._walker import walk
+from .ops import LAYER_OPS
+
+MODES = ("weights",)
+MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
+
+
+@dataclass
+class Layer:
+    """One layer as listed by ``inspect`` (the JSON contract's fields)."""
+
+    name: str
+    node: str
+    op: str
+    channels: int | None
+    stride: list[int] | None
+    receptive_field: list[int] | None
+    origin: list[int] | None
+    decodable: bool
+    reason: str | None
+
+
+@dataclass
+class Summary:
+    input_name: str
+    input_shape: list[int]
+    layers: list[Layer]
+
+    def to_json(self) -> dict:
+        return {"input": {"name": self.input_name, "shape": self.input_shape}, "layers": [asdict(layer) for layer in self.layers]}
+
+
+@dataclass
+class Decoded:
+    """Decoded filters of some neurons of one layer.
+
+    For neuron ``neurons[k]`` at output position (qy, qx) whose receptive field lies in
+    the image: response = sum(filters[k] * image[:, oy+qy*sy : oy+qy*sy+ry, ox+qx*sx : ox+qx*sx+rx]) + bias[k].
+    """
+
+    filters: np.ndarray  # [K, C_image, R_y, R_x]
+    bias: np.ndarray  # [K]
+    neurons: np.ndarray  # [K]
+    stride: tuple[int, int]
+    origin: tuple[int, int]
+    layer: str
+    mode: str
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        return tuple(self.filters.shape[2:])
+
+
+def inspect_model(model: Model) -> Summary:
+    """Every Conv, pooling and fully connected layer with its geometry and decodability."""
+    layers = []
+    for node, value in walk(model, Engine(get_backend("numpy"))):
+        if node.op_type in LAYER_OPS:
+            layers.append(_layer(model, node, value))
+    return Summary(model.input_name, list(model.input_shape), layers)
+
+
+def find_layer(model: Model, name: str):
+    """The node whose output tensor (or node name) is ``name``; a clear error with suggestions otherwise."""
+    node = model.producer.get(name) or next((n for n in model.nodes if n.name == name), None)
+    if node is not None:
+        return node
+    candidates = [n.output[0] for n in model.nodes if n.op_type in LAYER_OPS]
+    close = difflib.get_close_matches(name, candidates + [n.name for n in model.nodes if n.name], n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; `fdsub inspect` lists the layers"
+    raise FdsubError(f"no layer named {name!r} in {model.path}{hint}")
+
+
+def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Decoded:
+    """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters."""
+    _check_mode(mode, dtype)
+    node = find_layer(model, layer)
+    target = node.output[0]
+    channels = _channels(model, target)
+    picked = parse_neurons(neurons, channels, target) if channels is not None else None
+    engine = Engine(get_backend(backend), dtype, kernel)
+    rows = {target: picked} if picked is not None and len(model.consumers.get(target, ())) <= 1 else None
+    _check_memory(model, engine, [target], rows)
+    for current, value in walk(model, engine, targets=[target], compose=True, rows=rows):
+        if current is node:
+            return _decoded(model, node, value, neurons, engine, mode)
+    raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
+
+
+def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Iterator[Decoded]:
+    """Decode all neurons of several layers (default: every decodable layer) in one bottom-up pass."""
+    _check_mode(mode, dtype)
+    if layers is None:
+        layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
+    nodes = {id(find_layer(model, name)) for name in layers}
+    targets = [n.output[0] for n in model.nodes if id(n) in nodes]
+    engine = Engine(get_backend(backend), dtype, kernel)
+    _check_memory(model, engine, targets, None)
+    for node, value in walk(model, engine, targets=targets, compose=True):
+        if id(node) in nodes:
+            yield _decoded(model, node, value, None, engine, mode)
+
+
+def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
+    if isinstance(value, Blocked):
+        raise FdsubError(f"layer {node.output[0]!r} is not decodable: {value.reason}")
+    if not isinstance(value, Tensor):
+        raise FdsubError(f"layer {node.output[0]!r} is not a feature map")
+    picked = parse_neurons(neurons, value.channels, node.output[0])
+    bank = value.bank if value.rows is not None else engine.take(value.bank, picked)
+    to_numpy = engine.backend.to_numpy
+    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin, node.output[0], mode)
+
+
+def _check_memory(model, engine, targets, rows):
+    """Refuse, before any work, a decode whose filter banks cannot fit in memory."""
+    usage = {}
+    for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
+        pass
+    need, free = usage["peak"] * MEMORY_MARGIN, engine.backend.free_bytes()
+    if need > free:
+        raise FdsubError(
+            f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
+            f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
+            "decode an earlier layer, or use --dtype float32 on a machine with more memory"
+        )
+
+
+def _largest_rf(model, engine, targets) -> int:
+    return max((max(v.geom.rf) for _, v in walk(model, engine, targets=targets) if isinstance(v, Tensor)), default=1)
+
+
+def _layer(model, node, value) -> Layer:
+    shape = model.shapes.get(node.output[0])
+    channels = int(shape[1]) if shape is not None and len(shape) > 1 else None
+    if isinstance(value, Tensor):
+        g = value.geom
+        return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf), list(g.origin), True, None)
+    reason = value.reason if isinstance(value, Blocked) else "not a feature map"
+    return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason)
+
+
+def _channels(model, target):
+    shape = model.shapes.get(target)
+    return int(shape[1]) if shape is not None and len(shape) > 1 else None
+
+
+def _check_mode(mode, dtype):
+    if mode not in MODES:
+        raise FdsubError(f"mode {mode!r} is not available; choose one of {', '.join(MODES)}")
+    if str(dtype) not in ("float32", "float64"):
+        raise FdsubError(f"dtype must be float32 or float64, got {dtype!r}")

@@ -1,0 +1,9 @@
+"""The one error class of the library: every user-facing failure is a FdsubError."""
+
+
+class FdsubError(Exception):
+    """A problem with the user's input, stated in one line with the fix."""
+
+
+class NotDecodable(Exception):
+    """Raised by an op rule: this node cannot be composed; the message says why."""

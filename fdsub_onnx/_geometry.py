@@ -1,0 +1,88 @@
+"""Receptive-field geometry: the one place where stride, receptive field and origin are computed.
+
+A tensor's geometry (per spatial axis) says which input pixels its neuron at output
+position q reads: ``[O + q*S, O + q*S + R)``. The image itself has S=1, R=1, O=0.
+
+A windowed op (Conv, pooling) with kernel k, stride s, dilation d and leading pad p,
+applied to a tensor of geometry (S, R, O), gives::
+
+    S' = S * s
+    R' = R + (k - 1) * d * S
+    O' = O - p * S
+
+Worked example: a 3x3 conv, stride 2, pad 1 on the image gives S=2, R=3, O=-1; a second
+3x3 conv, stride 1, pad 1 on top gives S=2, R=3+2*2=7, O=-1-2=-3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._errors import NotDecodable
+
+Pair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Accumulated stride, receptive field and origin of a tensor, as (y, x) pairs."""
+
+    stride: Pair = (1, 1)
+    rf: Pair = (1, 1)
+    origin: Pair = (0, 0)
+
+    def window(self, kernel: Pair, stride: Pair, dilation: Pair, pad_begin: Pair) -> Geometry:
+        """Geometry after a windowed op (see the module docstring)."""
+        return Geometry(
+            stride=_pair(s * t for s, t in zip(self.stride, stride)),
+            rf=_pair(r + (k - 1) * d * s for r, k, d, s in zip(self.rf, kernel, dilation, self.stride)),
+            origin=_pair(o - p * s for o, p, s in zip(self.origin, pad_begin, self.stride)),
+        )
+
+    def shifted(self, pad_begin: Pair) -> Geometry:
+        """Geometry after padding (or cropping, for negative pads) the spatial grid."""
+        return Geometry(self.stride, self.rf, _pair(o - p * s for o, p, s in zip(self.origin, pad_begin, self.stride)))
+
+    def tap_step(self, dilation: Pair) -> Pair:
+        """Image-space distance between neighbouring kernel taps."""
+        return _pair(d * s for d, s in zip(dilation, self.stride))
+
+
+def union(geoms: list[Geometry]) -> Geometry:
+    """Smallest geometry covering every input's window (for Add, Sum, Concat)."""
+    strides = {g.stride for g in geoms}
+    if len(strides) != 1:
+        raise NotDecodable(f"inputs have different strides {sorted(strides)}; they cannot be aligned")
+    origin = _pair(min(g.origin[a] for g in geoms) for a in range(2))
+    end = _pair(max(g.origin[a] + g.rf[a] for g in geoms) for a in range(2))
+    return Geometry(geoms[0].stride, _pair(e - o for e, o in zip(end, origin)), origin)
+
+
+def resolve_pads(
+    in_size: Pair, kernel: Pair, stride: Pair, dilation: Pair, pads: tuple[int, ...], auto_pad: str
+) -> tuple[Pair, Pair]:
+    """Leading and trailing pads per axis, applying ONNX ``auto_pad`` rules.
+
+    SAME_UPPER with input 8, kernel 3, stride 2: output ceil(8/2)=4, total pad
+    (4-1)*2+3-8 = 1, split as begin 0, end 1 (SAME_LOWER: begin 1, end 0).
+    """
+    if auto_pad in ("", "NOTSET"):
+        pads = tuple(pads) if pads else (0, 0, 0, 0)
+        return _pair(pads[:2]), _pair(pads[2:4])
+    if auto_pad == "VALID":
+        return (0, 0), (0, 0)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise NotDecodable(f"unknown auto_pad {auto_pad!r}")
+    begin, end = [], []
+    for n, k, s, d in zip(in_size, kernel, stride, dilation):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return _pair(begin), _pair(end)
+
+
+def _pair(values) -> Pair:
+    a, b = values
+    return (int(a), int(b))

@@ -1,0 +1,371 @@
+"""The `fdsub` command line (typer's CliRunner), the npz/PNG writer and the filter grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import netgen  # tests/ is on sys.path (tests/conftest.py)
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from typer.testing import CliRunner
+
+import fdsub_onnx
+from fdsub_onnx import FdsubError, filter_grid, save_decoded
+from fdsub_onnx.cli import decode_cmd
+from fdsub_onnx.cli.main import app
+
+runner = CliRunner()
+
+NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode"}
+LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason"}
+
+
+# ---- models ------------------------------------------------------------------------------
+class Nets:
+    """Model files for the tests, built once per module."""
+
+    def __init__(self, folder):
+        b = netgen.NetBuilder(height=16, width=16, seed=3)
+        b.conv(b.avgpool(b.conv("input", 8, 3, 1, (1, 1, 1, 1)), 2, 2), 4, 3)
+        self.linear_proto = b.build()
+        self.linear_layers = list(b.layers)  # conv, avgpool, conv
+        self.linear = self._save(folder, "linear.onnx", self.linear_proto)
+        self.last = self.linear_layers[-1]
+        self.last_node = next(n.name for n in self.linear_proto.graph.node if n.output[0] == self.last)
+
+        d = netgen.NetBuilder(height=16, width=16, dynamic=True)
+        d.conv(d.conv("input", 4, 3, 2), 4, 3)
+        self.dynamic = self._save(folder, "dynamic.onnx", d.build())
+        self.dynamic_last = d.layers[-1]
+
+        self.blocked = self._save(folder, "blocked.onnx", _softmax_between_convs())
+        self.garbage = folder / "garbage.onnx"
+        self.garbage.write_bytes(b"this is not an ONNX model\x00\xff" * 8)
+        self.missing = folder / "missing.onnx"
+
+    @staticmethod
+    def _save(folder, name, proto):
+        path = folder / name
+        onnx.save(proto, str(path))
+        return path
+
+
+def _softmax_between_convs() -> onnx.ModelProto:
+    """input -> Conv 'c1' -> Softmax (no rule) -> Conv 'c2': c2 is not decodable."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("w2", (2, 4, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv_a", kernel_shape=[3, 3]),
+        helper.make_node("Softmax", ["c1"], ["soft"], name="softmax", axis=1),
+        helper.make_node("Conv", ["soft", "w2"], ["c2"], name="conv_b", kernel_shape=[3, 3]),
+    ]
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 12, 12])
+    output = helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 2, 8, 8])
+    graph = helper.make_graph(nodes, "blocked", [image], [output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    return Nets(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("FDSUB_DEBUG", raising=False)
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+def assert_one_error_line(result, code=2, prefix="error: "):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(prefix), result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]
+
+
+# ---- inspect -----------------------------------------------------------------------------
+def test_inspect_table_lists_layers_and_counts_decodable(nets):
+    result = invoke("inspect", nets.blocked)
+    assert result.exit_code == 0, result.output
+    for name in ("c1", "c2", "conv_a", "conv_b"):
+        assert name in result.output
+    assert "Softmax" in result.output  # the reason c2 is not decodable
+    assert result.output.strip().splitlines()[-1] == "1 of 2 layers decodable"
+
+
+def test_inspect_json_contract(nets):
+    result = invoke("inspect", nets.blocked, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"input", "layers"}
+    assert set(data["input"]) == {"name", "shape"}
+    assert data["input"]["name"] == "input"
+    assert data["input"]["shape"] == [1, 3, 12, 12]
+    assert [layer["name"] for layer in data["layers"]] == ["c1", "c2"]
+    for layer in data["layers"]:
+        assert set(layer) == LAYER_KEYS
+        assert all(type(layer[k]) is str for k in ("name", "node", "op"))
+        assert type(layer["channels"]) is int
+        assert type(layer["decodable"]) is bool
+    c1, c2 = data["layers"]
+    assert (c1["node"], c1["op"], c1["channels"], c1["decodable"], c1["reason"]) == ("conv_a", "Conv", 4, True, None)
+    assert (c1["stride"], c1["receptive_field"], c1["origin"]) == ([1, 1], [3, 3], [0, 0])
+    assert c2["decodable"] is False and type(c2["reason"]) is str and "Softmax" in c2["reason"]
+    assert c2["stride"] is None and c2["receptive_field"] is None and c2["origin"] is None
+
+
+def test_inspect_json_geometry_of_linear_net(nets):
+    data = json.loads(invoke("inspect", nets.linear, "--json").stdout)
+    layers = {layer["name"]: layer for layer in data["layers"]}
+    assert list(layers) == nets.linear_layers
+    last = layers[nets.last]
+    assert last["decodable"] is True and last["reason"] is None
+    assert (last["stride"], last["receptive_field"], last["origin"]) == ([2, 2], [8, 8], [-1, -1])
+    for layer in data["layers"]:
+        for key in ("stride", "receptive_field", "origin"):
+            assert len(layer[key]) == 2 and all(type(v) is int for v in layer[key])
+
+
+def test_inspect_dynamic_model_with_input_shape(nets):
+    result = invoke("inspect", nets.dynamic, "--input-shape", "1,3,20,24", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"]["shape"] == [1, 3, 20, 24]
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "dynamic", "bad_shape"])
+def test_inspect_bad_input(nets, case):
+    args = {
+        "missing": [nets.missing],
+        "garbage": [nets.garbage],
+        "dynamic": [nets.dynamic],
+        "bad_shape": [nets.dynamic, "--input-shape", "1,3,big,20"],
+    }[case]
+    for extra in ([], ["--json"]):
+        assert_one_error_line(invoke("inspect", *args, *extra))
+
+
+# ---- decode ------------------------------------------------------------------------------
+def load_npz(path):
+    with np.load(path) as npz:  # allow_pickle=False: every entry is a plain array
+        return {k: npz[k] for k in npz.files}
+
+
+def test_decode_writes_npz_and_png_contract(nets, tmp_path):
+    out = tmp_path / "res" / "conv"
+    result = invoke("decode", nets.linear, "--layer", nets.last, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert str(out / "decoded.npz") in result.output and str(out / "filters.png") in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["decoded.npz", "filters.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["conv"]  # no temporary folder left
+    d = load_npz(out / "decoded.npz")
+    assert set(d) == NPZ_KEYS
+    assert d["filters"].dtype == np.float32 and d["filters"].shape == (4, 3, 8, 8)
+    assert d["bias"].dtype == np.float32 and d["bias"].shape == (4,)
+    assert np.issubdtype(d["neurons"].dtype, np.integer) and d["neurons"].tolist() == [0, 1, 2, 3]
+    for key, want in (("stride", [2, 2]), ("origin", [-1, -1])):
+        assert np.issubdtype(d[key].dtype, np.integer) and d[key].shape == (2,) and d[key].tolist() == want
+    for key, want in (("layer", nets.last), ("mode", "weights")):
+        assert d[key].dtype.kind == "U" and d[key].shape == () and str(d[key]) == want
+    with Image.open(out / "filters.png") as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert min(image.size) >= 48
+
+
+def test_decode_npz_satisfies_response_formula(nets, tmp_path):
+    """The README contract: response = sum(filters[k] * window) + bias[k] for interior neurons."""
+    out = tmp_path / "out"
+    assert invoke("decode", nets.linear, "--layer", nets.last, "--out", out, "--dtype", "float64").exit_code == 0
+    d = load_npz(out / "decoded.npz")
+    assert d["filters"].dtype == np.float64 and d["bias"].dtype == np.float64
+    image = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    response = netgen.run_ort(nets.linear_proto, image, [nets.last])[nets.last][0]
+    (sy, sx), (oy, ox), (ry, rx) = d["stride"], d["origin"], d["filters"].shape[2:]
+    checked = 0
+    for qy in range(response.shape[1]):
+        for qx in range(response.shape[2]):
+            y, x = oy + qy * sy, ox + qx * sx
+            if y < 0 or x < 0 or y + ry > 16 or x + rx > 16:
+                continue
+            window = image[0, :, y : y + ry, x : x + rx].astype(np.float64)
+            for i, k in enumerate(d["neurons"]):
+                want = response[k, qy, qx]
+                got = np.sum(d["filters"][i] * window) + d["bias"][i]
+                assert abs(got - want) <= 1e-4 * (1 + abs(want)), (k, qy, qx, got, want)
+                checked += 1
+    assert checked > 0
+
+
+def test_decode_neuron_selection_and_node_name(nets, tmp_path):
+    out = tmp_path / "sel"
+    result = invoke("decode", nets.linear, "--layer", nets.last_node, "--neurons", "3,0-1", "--out", out)
+    assert result.exit_code == 0, result.output
+    d = load_npz(out / "decoded.npz")
+    assert d["neurons"].tolist() == [3, 0, 1]
+    assert d["filters"].shape[0] == 3 and d["bias"].shape == (3,)
+    assert str(d["layer"]) == nets.last  # the output tensor name, whatever name was given
+    full = fdsub_onnx.decode(fdsub_onnx.load_model(nets.linear), nets.last)
+    np.testing.assert_allclose(d["filters"], full.filters[[3, 0, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_default_out_dir(nets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("decode", nets.linear, "--layer", nets.linear_layers[0], "--neurons", "0")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "fdsub-out" / decode_cmd.sanitize(nets.linear_layers[0])
+    assert (folder / "decoded.npz").is_file() and (folder / "filters.png").is_file()
+    assert os.path.join("fdsub-out", folder.name, "filters.png") in result.output
+
+
+def test_decode_dynamic_model_with_input_shape(nets, tmp_path):
+    out = tmp_path / "dyn"
+    result = invoke("decode", nets.dynamic, "--layer", nets.dynamic_last, "--input-shape", "1,3,20,20", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert load_npz(out / "decoded.npz")["filters"].shape == (4, 3, 7, 7)
+
+
+def test_decode_into_existing_folder_keeps_other_files(nets, tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "decoded.npz").write_text("old")
+    assert invoke("decode", nets.linear, "--layer", nets.last, "--out", out).exit_code == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert set(load_npz(out / "decoded.npz")) == NPZ_KEYS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_sanitize():
+    assert decode_cmd.sanitize("/features/features.0/Conv_output_0") == "features_features.0_Conv_output_0"
+    assert decode_cmd.sanitize("../..") == "layer"
+    assert decode_cmd.sanitize("conv 1:a") == "conv_1_a"
+
+
+BAD_DECODE = {
+    # case: (model attribute, extra args, fragment expected in the message)
+    "missing_file": ("missing", ["--layer", "x"], "not found"),
+    "not_onnx": ("garbage", ["--layer", "x"], "garbage.onnx"),
+    "unknown_layer": ("linear", ["--layer", "conv_99"], "did you mean"),
+    "neurons_out_of_range": ("linear", ["--layer", "LAST", "--neurons", "0-100"], "out of range"),
+    "neurons_bad_text": ("linear", ["--layer", "LAST", "--neurons", "1,x"], "0,5,10-20"),
+    "dynamic_without_shape": ("dynamic", ["--layer", "DYN"], "--input-shape"),
+    "not_decodable": ("blocked", ["--layer", "c2"], "not decodable"),
+    "bad_input_shape_text": ("dynamic", ["--layer", "DYN", "--input-shape", "1,3,x,16"], "--input-shape"),
+    "input_shape_three_values": ("dynamic", ["--layer", "DYN", "--input-shape", "1,3,16"], "--input-shape"),
+    "input_shape_disagrees": ("linear", ["--layer", "LAST", "--input-shape", "1,1,16,16"], "disagrees"),
+    "bad_dtype": ("linear", ["--layer", "LAST", "--dtype", "float16"], "float64"),
+    "bad_mode": ("linear", ["--layer", "LAST", "--mode", "nope"], "weights"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DECODE))
+def test_decode_bad_input_is_one_line_and_writes_nothing(nets, tmp_path, case):
+    model, extra, fragment = BAD_DECODE[case]
+    extra = [{"LAST": nets.last, "DYN": nets.dynamic_last}.get(a, a) for a in extra]
+    out = tmp_path / "results" / "out"
+    line = assert_one_error_line(invoke("decode", getattr(nets, model), *extra, "--out", out))
+    assert fragment in line
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_decode_out_is_a_file(nets, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("a file")
+    assert "is a file" in assert_one_error_line(invoke("decode", nets.linear, "--layer", nets.last, "--out", out))
+    assert out.read_text() == "a file"
+
+
+def test_unexpected_exception_is_one_line_unless_debug(nets, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(decode_cmd, "save_decoded", broken)
+    out = tmp_path / "out"
+    args = ("decode", nets.linear, "--layer", nets.last, "--out", out)
+    line = assert_one_error_line(invoke(*args), code=1, prefix="internal error: ")
+    assert "boom" in line and "please report it" in line
+    result = invoke(*args, env={"FDSUB_DEBUG": "1"})
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    assert not out.exists()
+
+
+def test_version_and_help():
+    assert invoke("--version").output.strip() == f"fdsub-onnx {fdsub_onnx.__version__}"
+    for command in ("inspect", "decode"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "--input-shape" in result.output
+
+
+# ---- save_decoded ------------------------------------------------------------------------
+def _decoded(k=3, c=3, r=5, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return fdsub_onnx.Decoded(rng.standard_normal((k, c, r, r)).astype(dtype), rng.standard_normal(k).astype(dtype),
+                              np.arange(k), (2, 2), (-1, -1), "conv/1", "weights")
+
+
+def test_save_decoded_returns_paths_and_round_trips(tmp_path):
+    decoded = _decoded(dtype=np.float64)
+    paths = save_decoded(decoded, tmp_path / "a" / "b")
+    assert [p.name for p in paths] == ["decoded.npz", "filters.png"] and all(p.is_file() for p in paths)
+    d = load_npz(paths[0])
+    np.testing.assert_array_equal(d["filters"], decoded.filters)
+    assert d["filters"].dtype == np.float64 and str(d["layer"]) == "conv/1" and d["neurons"].dtype == np.int64
+
+
+def test_save_decoded_failure_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(FdsubError, match="No space left"):
+        save_decoded(_decoded(), tmp_path / "new" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- filter_grid -------------------------------------------------------------------------
+def test_filter_grid_symmetric_normalization_and_gray():
+    f = np.zeros((2, 1, 2, 2), np.float32)
+    f[1, 0] = [[-1.0, 0.0], [0.5, 2.0]]
+    image = np.asarray(filter_grid(f, cell=2))  # scale 1: cells are the raw filters
+    first, second = image[2:4, 2:4], image[2:4, 6:8]
+    assert (first == 128).all()  # an all-zero filter is mid-gray
+    assert second[0, 0].tolist() == [64] * 3 and second[0, 1].tolist() == [128] * 3
+    assert second[1, 1].tolist() == [255] * 3 and second[1, 0].tolist() == [159] * 3
+
+
+def test_filter_grid_rgb_and_channel_mean():
+    rgb = np.zeros((1, 3, 1, 1), np.float32)
+    rgb[0, :, 0, 0] = [1.0, -1.0, 0.0]
+    assert np.asarray(filter_grid(rgb, cell=1))[2, 2].tolist() == [255, 0, 128]
+    five = np.zeros((1, 5, 1, 2), np.float32)
+    five[0, :, 0, 0], five[0, :, 0, 1] = 1.0, [-1.0, -1.0, 0.0, 0.0, 0.0]  # means 1 and -0.4
+    assert np.asarray(filter_grid(five, cell=1))[2, 2:4].tolist() == [[255] * 3, [76] * 3]
+
+
+def test_filter_grid_layout_upscales_and_labels():
+    image = filter_grid(np.ones((5, 3, 4, 4)), cell=48)
+    assert image.size == (2 + 3 * (48 + 2), 2 + 2 * (48 + 2))  # 3 columns, 2 rows, 2 px gaps
+    labelled = filter_grid(np.ones((5, 3, 4, 4)), labels=[str(i) for i in range(5)], cell=48)
+    assert labelled.size[0] == image.size[0] and labelled.size[1] > image.size[1]
+    with pytest.raises(ValueError):
+        filter_grid(np.ones((5, 3, 4, 4)), labels=["0"])
+    with pytest.raises(ValueError):
+        filter_grid(np.ones((3, 4, 4)))
+
+
+def test_cli_is_the_subpackage_fdsub_onnx_cli():
+    assert decode_cmd.__name__ == "fdsub_onnx.cli.decode_cmd"
+    assert "cli" not in sys.modules  # no bare top-level `cli` module
