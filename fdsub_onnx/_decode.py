@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ._backend import get_backend
-from ._engine import Engine
+from ._engine import KERNELS, Engine
 from ._errors import FdsubError
 from ._model import Model
 from ._neurons import parse_neurons
@@ -61,10 +61,20 @@ class Decoded:
     origin: tuple[int, int]
     layer: str
     mode: str
+    bounds: tuple[tuple[int, int], tuple[int, int]] | None = None  # set after a crop; see _geometry
 
     @property
     def receptive_field(self) -> tuple[int, int]:
         return tuple(self.filters.shape[2:])
+
+    def interior(self, image_size, out_size) -> np.ndarray:
+        """Boolean [Q_y, Q_x] mask of output positions whose receptive field lies in the image (and bounds)."""
+        masks = []
+        for a in range(2):
+            lo, hi = (0, image_size[a]) if self.bounds is None else (max(0, self.bounds[a][0]), min(image_size[a], self.bounds[a][1]))
+            start = self.origin[a] + np.arange(out_size[a]) * self.stride[a]
+            masks.append((start >= lo) & (start + self.filters.shape[2 + a] <= hi))
+        return masks[0][:, None] & masks[1][None, :]
 
 
 def inspect_model(model: Model) -> Summary:
@@ -89,7 +99,7 @@ def find_layer(model: Model, name: str):
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters."""
-    _check_mode(mode, dtype)
+    _check_mode(mode, dtype, kernel)
     node = find_layer(model, layer)
     target = node.output[0]
     channels = _channels(model, target)
@@ -105,7 +115,7 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Iterator[Decoded]:
     """Decode all neurons of several layers (default: every decodable layer) in one bottom-up pass."""
-    _check_mode(mode, dtype)
+    _check_mode(mode, dtype, kernel)
     if layers is None:
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
@@ -123,9 +133,10 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     if not isinstance(value, Tensor):
         raise FdsubError(f"layer {node.output[0]!r} is not a feature map")
     picked = parse_neurons(neurons, value.channels, node.output[0])
-    bank = value.bank if value.rows is not None else engine.take(value.bank, picked)
+    whole = value.rows is not None or np.array_equal(picked, np.arange(value.channels))
+    bank = value.bank if whole else engine.take(value.bank, picked)
     to_numpy = engine.backend.to_numpy
-    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin, node.output[0], mode)
+    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin, node.output[0], mode, value.geom.bounds)
 
 
 def _check_memory(model, engine, targets, rows):
@@ -138,7 +149,8 @@ def _check_memory(model, engine, targets, rows):
         raise FdsubError(
             f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
             f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
-            "decode an earlier layer, or use --dtype float32 on a machine with more memory"
+            + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
+               if engine.dtype == "float32" else "use --dtype float32, decode an earlier layer, or use a machine with more memory")
         )
 
 
@@ -161,8 +173,10 @@ def _channels(model, target):
     return int(shape[1]) if shape is not None and len(shape) > 1 else None
 
 
-def _check_mode(mode, dtype):
+def _check_mode(mode, dtype, kernel):
     if mode not in MODES:
         raise FdsubError(f"mode {mode!r} is not available; choose one of {', '.join(MODES)}")
     if str(dtype) not in ("float32", "float64"):
         raise FdsubError(f"dtype must be float32 or float64, got {dtype!r}")
+    if kernel not in KERNELS:
+        raise FdsubError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._geometry import Geometry, Pair
 
+KERNELS = ("fast", "reference")
 TEMP_BYTES = 256 << 20  # bound on a per-chunk temporary of the conv kernel
 
 

@@ -3,6 +3,10 @@
 A tensor's geometry (per spatial axis) says which input pixels its neuron at output
 position q reads: ``[O + q*S, O + q*S + R)``. The image itself has S=1, R=1, O=0.
 
+A crop (negative Pad) also leaves ``bounds``: the image-space span ``[lo, hi)`` per axis
+that the kept positions cover. A later padded window reads zeros where cropped pixels
+were, so only neurons whose receptive field lies inside ``bounds`` obey the identity.
+
 A windowed op (Conv, pooling) with kernel k, stride s, dilation d and leading pad p,
 applied to a tensor of geometry (S, R, O), gives::
 
@@ -31,6 +35,7 @@ class Geometry:
     stride: Pair = (1, 1)
     rf: Pair = (1, 1)
     origin: Pair = (0, 0)
+    bounds: tuple[Pair, Pair] | None = None  # ((lo_y, hi_y), (lo_x, hi_x)); None: the whole image
 
     def window(self, kernel: Pair, stride: Pair, dilation: Pair, pad_begin: Pair) -> Geometry:
         """Geometry after a windowed op (see the module docstring)."""
@@ -38,11 +43,20 @@ class Geometry:
             stride=_pair(s * t for s, t in zip(self.stride, stride)),
             rf=_pair(r + (k - 1) * d * s for r, k, d, s in zip(self.rf, kernel, dilation, self.stride)),
             origin=_pair(o - p * s for o, p, s in zip(self.origin, pad_begin, self.stride)),
+            bounds=self.bounds,
         )
 
-    def shifted(self, pad_begin: Pair) -> Geometry:
-        """Geometry after padding (or cropping, for negative pads) the spatial grid."""
-        return Geometry(self.stride, self.rf, _pair(o - p * s for o, p, s in zip(self.origin, pad_begin, self.stride)))
+    def shifted(self, pad_begin: Pair, pad_end: Pair = (0, 0), size: Pair | None = None) -> Geometry:
+        """Geometry after padding the spatial grid of ``size`` positions (a crop for negative pads)."""
+        origin = _pair(o - p * s for o, p, s in zip(self.origin, pad_begin, self.stride))
+        bounds = self.bounds
+        if size is not None and min(*pad_begin, *pad_end) < 0:
+            kept = []
+            for a in range(2):
+                first, last = max(0, -pad_begin[a]), size[a] - 1 - max(0, -pad_end[a])
+                kept.append((self.origin[a] + first * self.stride[a], self.origin[a] + last * self.stride[a] + self.rf[a]))
+            bounds = _intersect(bounds, tuple(kept))
+        return Geometry(self.stride, self.rf, origin, bounds)
 
     def tap_step(self, dilation: Pair) -> Pair:
         """Image-space distance between neighbouring kernel taps."""
@@ -56,7 +70,16 @@ def union(geoms: list[Geometry]) -> Geometry:
         raise NotDecodable(f"inputs have different strides {sorted(strides)}; they cannot be aligned")
     origin = _pair(min(g.origin[a] for g in geoms) for a in range(2))
     end = _pair(max(g.origin[a] + g.rf[a] for g in geoms) for a in range(2))
-    return Geometry(geoms[0].stride, _pair(e - o for e, o in zip(end, origin)), origin)
+    bounds = None
+    for g in geoms:
+        bounds = _intersect(bounds, g.bounds)
+    return Geometry(geoms[0].stride, _pair(e - o for e, o in zip(end, origin)), origin, bounds)
+
+
+def _intersect(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b))
 
 
 def resolve_pads(

@@ -22,7 +22,7 @@ def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
     elif isinstance(selector, str):
         picked = _parse_spec(selector)
     else:
-        picked = [int(v) for v in selector]
+        picked = [_index(v, selector) for v in selector]
     picked = list(dict.fromkeys(picked))
     where = f"layer {layer!r}" if layer else "the layer"
     if not picked:
@@ -31,6 +31,12 @@ def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
     if bad:
         raise FdsubError(f"neuron {bad[0]} is out of range: {where} has {channels} neurons (0-{channels - 1})")
     return np.asarray(picked, dtype=np.int64)
+
+
+def _index(value, selector) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise FdsubError(f"neuron indices must be integers, got {value!r} in {selector!r}")
+    return int(value)
 
 
 def _parse_spec(spec: str) -> list[int]:

@@ -34,8 +34,11 @@ def interior(decoded: fdsub_onnx.Decoded, image_size, out_size) -> tuple[np.ndar
     """Per axis, a boolean mask over output positions whose receptive field lies in the image."""
     masks = []
     for a in range(2):
+        lo, hi = 0, image_size[a]
+        if decoded.bounds is not None:  # after a crop, only the kept span holds genuine values
+            lo, hi = max(lo, decoded.bounds[a][0]), min(hi, decoded.bounds[a][1])
         start = decoded.origin[a] + np.arange(out_size[a]) * decoded.stride[a]
-        masks.append((start >= 0) & (start + decoded.filters.shape[2 + a] <= image_size[a]))
+        masks.append((start >= lo) & (start + decoded.filters.shape[2 + a] <= hi))
     return masks[0], masks[1]
 
 

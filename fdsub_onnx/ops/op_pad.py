@@ -1,4 +1,6 @@
-"""Pad (any mode): it moves the origin; interior neurons never read padded values."""
+"""Pad (any mode): it moves the origin; interior neurons never read padded values.
+
+A crop (negative pads) also narrows the geometry's bounds (see _geometry)."""
 
 import numpy as np
 
@@ -21,4 +23,5 @@ class Pad(OpRule):
             raise NotDecodable("it pads the batch or channel axis")
         if rank != 4:
             raise NotDecodable(f"it pads a rank-{rank} tensor")
-        return x.derive(geom=x.geom.shifted((begin.get(2, 0), begin.get(3, 0))), spatial=ctx.spatial(node.output[0]))
+        geom = x.geom.shifted((begin.get(2, 0), begin.get(3, 0)), (end.get(2, 0), end.get(3, 0)), x.spatial)
+        return x.derive(geom=geom, spatial=ctx.spatial(node.output[0]))
