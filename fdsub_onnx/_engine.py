@@ -133,11 +133,12 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype)
     if cig == 1 and groups > 1:
         _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype)
         return out
-    chunk = max(1, TEMP_BYTES // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+    limit = max(1, TEMP_BYTES // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
         source = flat[group * cig : (group + 1) * cig]
         w = backend.asarray(weight[rows], dtype)
+        chunk = -(-len(rows) // -(-len(rows) // limit))  # equal chunks of at most `limit` rows
         for start in range(0, len(rows), chunk):
             part = slice(start, start + chunk)
             index = rows[part]
