@@ -57,6 +57,12 @@ def test_parse_neurons_bad_text(selector, part):
     assert repr(part) in str(info.value) and "0,5,10-20" in str(info.value)
 
 
+@pytest.mark.parametrize("selector", [[1.7], [0, 2.0], [True], ["3"]])
+def test_parse_neurons_rejects_non_integer_indices(selector):
+    with pytest.raises(fd.FdsubError, match="must be integers"):
+        fd.parse_neurons(selector, 24, "conv3")
+
+
 @pytest.mark.parametrize("selector", ["", ",", [], slice(30, 40)])
 def test_parse_neurons_empty_selection(selector):
     with pytest.raises(fd.FdsubError, match=r"no neurons selected.*0-23"):
