@@ -1,13 +1,17 @@
-"""What the commands share: the --input-shape option and the progress spinner."""
+"""What the commands share: the --input-shape option, the progress spinner and the progress bar."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.status import Status
+from rich.text import Text
 
 from fdsub_onnx import FdsubError
 
@@ -36,3 +40,40 @@ def spinner(message: str) -> Iterator[Status]:
     """A spinner on stderr while the block runs (shown only on a terminal)."""
     with Console(stderr=True).status(message) as status:
         yield status
+
+
+class _Rate(ProgressColumn):
+    """Images per second since the bar appeared (a resumed run does not count the images it skipped)."""
+
+    def render(self, task) -> Text:
+        done = task.completed - task.fields.get("first", 0)
+        elapsed = task.elapsed or 0.0
+        rate = f"{done / elapsed:,.1f}" if elapsed > 0 and done > 0 else "-"
+        return Text(f"{rate} images/s")
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a bar on stderr, started at its first call.
+
+    Starting late keeps errors raised before any work to their one line.
+    """
+    progress = None
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal progress, task
+        if progress is None:
+            progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+            )
+            progress.start()
+            task = progress.add_task(description, total=total, completed=done, first=done)
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if progress is not None:
+            progress.stop()

@@ -7,16 +7,18 @@
 >>> result.filters.shape   # [8, 3, R_y, R_x]                             # doctest: +SKIP
 """
 
+from ._capture import TopN, capture_top, load_top, merge_top, save_top
 from ._decode import Decoded, Layer, Summary, decode, find_layer, inspect_model, iter_decode
 from ._errors import FdsubError
 from ._geometry import Geometry
+from ._images import ArrayImages, open_images
 from ._io import save_decoded
 from ._model import Model, load_model
 from ._neurons import parse_neurons
 from ._render import filter_grid
 
 __all__ = [
-    "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "decode", "filter_grid", "find_layer",
-    "inspect_model", "iter_decode", "load_model", "parse_neurons", "save_decoded",
+    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "decode", "filter_grid",
+    "find_layer", "inspect_model", "iter_decode", "load_model", "open_images", "parse_neurons", "save_decoded",
 ]
 __version__ = "0.1.0"

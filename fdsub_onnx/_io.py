@@ -1,10 +1,11 @@
-"""Writing decode results (decoded.npz and filters.png) atomically."""
+"""Writing results atomically: decode results (decoded.npz and filters.png), and the folder writer they share."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +26,37 @@ def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
     and moved into place with ``os.replace`` once complete: ``out_dir`` is created only
     then, files already in it are kept, and a failure leaves nothing behind.
     """
+    arrays = decoded_arrays(decoded)
+    image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
+
+    def write(folder: Path) -> None:
+        with open(folder / NPZ_NAME, "wb") as f:
+            np.savez(f, **arrays)
+        image.save(folder / PNG_NAME, format="PNG")
+
+    return write_atomically(out_dir, [NPZ_NAME, PNG_NAME], write)
+
+
+def write_atomically(out_dir: str | os.PathLike, names: list[str], write: Callable[[Path], None]) -> list[Path]:
+    """Let ``write(tmp)`` create ``names`` in a temporary folder beside ``out_dir``, then move them in.
+
+    ``out_dir`` (and missing parents) are created only once every file is complete; files already
+    in it are kept; on failure nothing is left behind.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FdsubError(f"cannot write results to {out}: it is a file; give a folder")
-    arrays = decoded_arrays(decoded)
-    image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
     created: list[Path] = []
     tmp = None
     try:
         _make_dirs(out.parent, created)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        with open(tmp / NPZ_NAME, "wb") as f:
-            np.savez(f, **arrays)
-        image.save(tmp / PNG_NAME, format="PNG")
+        write(tmp)
         if not out.is_dir():
             out.mkdir()
             created.append(out)
         paths = []
-        for name in (NPZ_NAME, PNG_NAME):
+        for name in names:
             os.replace(tmp / name, out / name)
             paths.append(out / name)
         created.clear()

@@ -1,0 +1,229 @@
+"""Image sets: folders, arrays and builtins, sized and preprocessed for the model (fdsub_onnx._images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fdsub_onnx as fd
+
+ORANGE = (255, 128, 0)
+
+
+def save_png(path, pixels) -> None:
+    """Write a uint8 [H, W, 3] array as a PNG, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path)
+
+
+def solid(height: int, width: int, colour=ORANGE) -> np.ndarray:
+    return np.broadcast_to(np.array(colour, dtype=np.uint8), (height, width, 3))
+
+
+def everything(images) -> np.ndarray:
+    """All images of a set as one array, checking the batch indices on the way."""
+    out = []
+    for first, batch in images.batches(3):
+        assert first == sum(len(b) for b in out)
+        assert batch.dtype == np.float32
+        out.append(batch)
+    return np.concatenate(out)
+
+
+R, G = 128 / 255, 128.0
+PRESET_PIXELS = {  # per output channel, for one (255, 128, 0) pixel
+    "raw": [1.0, R, 0.0],
+    "torchvision": [(1 - 0.485) / 0.229, (R - 0.456) / 0.224, (0 - 0.406) / 0.225],
+    "caffe": [0 - 103.939, G - 116.779, 255 - 123.68],
+    "tf": [1.0, 2 * R - 1, -1.0],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_PIXELS))
+def test_presets_on_a_solid_png(tmp_path, preset):
+    save_png(tmp_path / "a.png", solid(10, 12))
+    images = fd.open_images(str(tmp_path), (3, 8, 8), preset=preset)
+    (first, batch), = images.batches(4)
+    assert first == 0 and batch.shape == (1, 3, 8, 8)
+    expected = np.array(PRESET_PIXELS[preset], dtype=np.float64).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(batch, np.broadcast_to(expected, batch.shape), rtol=0, atol=1e-5)
+
+
+def test_explicit_values_override_the_preset(tmp_path):
+    save_png(tmp_path / "a.png", solid(4, 4))
+    images = fd.open_images(str(tmp_path), (3, 4, 4), preset="torchvision", mean=[1, 2, 3], std=2, scale=10, bgr=True)
+    got = everything(images)[0, :, 0, 0]
+    np.testing.assert_allclose(got, [(0 - 1) / 2, (10 * R - 2) / 2, (10 - 3) / 2], atol=1e-5)
+
+
+def test_gray_model_gets_one_channel_and_averaged_preset(tmp_path):
+    save_png(tmp_path / "a.png", solid(6, 6))
+    gray = 0.299 * 1 + 0.587 * R  # Pillow's "L", rounded to a byte below
+    gray = round(gray * 255) / 255
+    raw = everything(fd.open_images(str(tmp_path), (1, 5, 5)))
+    assert raw.shape == (1, 1, 5, 5)
+    np.testing.assert_allclose(raw, gray, atol=1e-5)
+    tv = everything(fd.open_images(str(tmp_path), (1, 5, 5), preset="torchvision"))
+    np.testing.assert_allclose(tv, (gray - np.mean([0.485, 0.456, 0.406])) / np.mean([0.229, 0.224, 0.225]), atol=1e-5)
+    blobs = everything(fd.open_images("builtin:blobs:4", (1, 9, 7)))
+    assert blobs.shape == (4, 1, 9, 7)
+
+
+def test_unknown_preset_lists_the_choices(tmp_path):
+    with pytest.raises(fd.FdsubError, match="raw, torchvision, caffe, tf"):
+        fd.open_images("builtin:glyphs:2", (3, 8, 8), preset="imagenet")
+
+
+def test_wide_image_is_resized_then_centre_cropped(tmp_path):
+    """200x100 red|green|green|blue quarters: a square crop keeps only green; squashing would keep red and blue."""
+    pixels = np.zeros((100, 200, 3), dtype=np.uint8)
+    pixels[:, :50] = (255, 0, 0)
+    pixels[:, 50:150] = (0, 255, 0)
+    pixels[:, 150:] = (0, 0, 255)
+    save_png(tmp_path / "wide.png", pixels)
+    image = everything(fd.open_images(str(tmp_path), (3, 50, 50)))[0]
+    np.testing.assert_allclose(image[:, :, 2:-2], np.broadcast_to([[[0.0]], [[1.0]], [[0.0]]], (3, 50, 46)))
+    assert image[1].mean() > 0.95
+
+
+def test_non_square_target_covers_then_crops(tmp_path):
+    """100x100 red/green/blue bands of 25/50/25 rows into 20x40: scaled to 40x40, rows 10..30 kept: all green."""
+    pixels = np.zeros((100, 100, 3), dtype=np.uint8)
+    pixels[:25] = (255, 0, 0)
+    pixels[25:75] = (0, 255, 0)
+    pixels[75:] = (0, 0, 255)
+    save_png(tmp_path / "square.png", pixels)
+    image = everything(fd.open_images(str(tmp_path), (3, 20, 40)))[0]
+    assert image.shape == (3, 20, 40)
+    np.testing.assert_allclose(image[:, 2:-2], np.broadcast_to([[[0.0]], [[1.0]], [[0.0]]], (3, 16, 40)))
+    assert image[1].mean() > 0.95
+
+
+def test_folder_is_recursive_sorted_and_skips_bad_files(tmp_path):
+    for name in ["b.png", "a/z.JPG", "a/b/c.jpeg", "c.png", "Z/y.png"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(solid(8, 8)).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = fd.open_images(str(tmp_path), (3, 4, 4))
+    relative = [str(p)[len(str(tmp_path)) + 1 :] for p in images.sources]
+    assert relative == ["Z/y.png", "a/b/c.jpeg", "a/z.JPG", "b.png", "c.png"]
+    assert len(images) == 5
+    assert [source for source, _ in images.skipped] == [str(tmp_path / "broken.png")]
+    assert images.skipped[0][1]
+    assert everything(images).shape == (5, 3, 4, 4)
+
+
+def test_folder_without_usable_images_is_an_error(tmp_path):
+    with pytest.raises(fd.FdsubError, match="no usable"):
+        fd.open_images(str(tmp_path), (3, 4, 4))
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(fd.FdsubError, match="1 could not be read"):
+        fd.open_images(str(tmp_path), (3, 4, 4))
+
+
+def test_file_broken_after_the_check_names_the_file(tmp_path):
+    save_png(tmp_path / "a.png", solid(8, 8))
+    images = fd.open_images(str(tmp_path), (3, 4, 4))
+    (tmp_path / "a.png").write_bytes(b"gone bad")
+    with pytest.raises(fd.FdsubError, match="a.png"):
+        everything(images)
+
+
+def test_npy_values_are_taken_as_they_are(tmp_path):
+    array = np.random.default_rng(0).standard_normal((7, 3, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", array)
+    images = fd.open_images(str(tmp_path / "x.npy"), (3, 5, 6))
+    assert len(images) == 7 and images.skipped == []
+    assert images.sources[3] == f"{tmp_path / 'x.npy'}[3]"
+    np.testing.assert_array_equal(everything(images), array)
+
+
+def test_npy_with_a_preset_counts_as_0_to_1_rgb(tmp_path):
+    array = np.random.default_rng(1).random((2, 3, 4, 4))
+    np.save(tmp_path / "x.npy", array)
+    got = everything(fd.open_images(str(tmp_path / "x.npy"), (3, 4, 4), preset="caffe"))
+    expected = array[:, ::-1] * 255 - np.array([103.939, 116.779, 123.68]).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_npz_prefers_the_images_key_else_the_first(tmp_path):
+    a = np.zeros((2, 1, 3, 3))
+    b = np.ones((4, 1, 3, 3))
+    np.savez(tmp_path / "keyed.npz", other=a, images=b)
+    np.savez(tmp_path / "plain.npz", first=b, second=a)
+    assert len(fd.open_images(str(tmp_path / "keyed.npz"), (1, 3, 3))) == 4
+    assert everything(fd.open_images(str(tmp_path / "plain.npz"), (1, 3, 3))).min() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 5), (2, 2, 5, 5), (2, 3, 4, 5), (2, 3, 5, 5, 1)])
+def test_array_of_the_wrong_shape_names_the_expected_one(tmp_path, shape):
+    np.save(tmp_path / "x.npy", np.zeros(shape, dtype=np.float32))
+    with pytest.raises(fd.FdsubError, match=r"\[N, 3, 5, 4\].*not resized") as err:
+        fd.open_images(str(tmp_path / "x.npy"), (3, 5, 4))
+    assert "\n" not in str(err.value)
+
+
+def test_empty_array_is_an_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((0, 3, 4, 4), dtype=np.float32))
+    with pytest.raises(fd.FdsubError, match="no images"):
+        fd.open_images(str(tmp_path / "x.npy"), (3, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["glyphs", "gratings", "blobs"])
+def test_builtins_are_deterministic_and_varied(kind):
+    first = fd.open_images(f"builtin:{kind}:6", (3, 24, 32))
+    again = everything(fd.open_images(f"builtin:{kind}:6", (3, 24, 32)))
+    images = everything(first)
+    assert len(first) == 6 and first.sources[5] == f"builtin:{kind}[5]"
+    assert images.shape == (6, 3, 24, 32)
+    np.testing.assert_array_equal(images, again)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert images.std(axis=(1, 2, 3)).min() > 0.01  # no image is flat
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_builtin_default_count_and_bad_counts():
+    assert len(fd.open_images("builtin:glyphs", (3, 8, 8))) == 256
+    with pytest.raises(fd.FdsubError, match="positive integer"):
+        fd.open_images("builtin:glyphs:zero", (3, 8, 8))
+    with pytest.raises(fd.FdsubError, match="builtin:glyphs\\|gratings\\|blobs"):
+        fd.open_images("builtin:faces", (3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("missing-folder", "no such file or folder: missing-folder"), ("notes.txt", "cannot read images from")],
+)
+def test_bad_specs(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(fd.FdsubError, match=message):
+        fd.open_images(spec, (3, 8, 8))
+
+
+def test_files_need_rgb_or_gray_models(tmp_path):
+    save_png(tmp_path / "a.png", solid(4, 4))
+    with pytest.raises(fd.FdsubError, match="takes 4"):
+        fd.open_images(str(tmp_path), (4, 4, 4))
+
+
+@pytest.mark.parametrize("start", [0, 1, 4, 6, 7, 9])
+@pytest.mark.parametrize("size", [1, 3, 10])
+def test_batches_cover_start_to_end_in_order(start, size):
+    array = np.arange(9, dtype=np.float32).reshape(9, 1, 1, 1) * np.ones((1, 2, 2, 2), dtype=np.float32)
+    for images in (fd.ArrayImages(array), fd.open_images("builtin:gratings:9", (3, 2, 2))):
+        seen = []
+        for first, batch in images.batches(size, start=start):
+            assert first == start + len(seen) and 1 <= len(batch) <= size
+            seen.extend(range(first, first + len(batch)))
+            if isinstance(images, fd.ArrayImages):
+                np.testing.assert_array_equal(batch[:, 0, 0, 0], np.arange(first, first + len(batch)))
+        assert seen == list(range(start, 9))
+
+
+def test_batches_reject_a_zero_size():
+    with pytest.raises(fd.FdsubError, match="batch size"):
+        next(fd.ArrayImages(np.zeros((2, 1, 1, 1))).batches(0))
