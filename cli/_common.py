@@ -8,12 +8,48 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.status import Status
 from rich.text import Text
 
 from fdsub_onnx import FdsubError
+
+MODEL = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False)
+NEURONS = typer.Option(None, "--neurons", "-n", metavar="SPEC", help="Neurons, e.g. 0,5,10-20.  [default: all]")
+LAYER = typer.Option(
+    ..., "--layer", "-l", show_default=False,
+    help="Output tensor name of the layer (node names work too); `fdsub inspect` lists them.",
+)
+IMAGES = typer.Option(
+    ..., "--images", "-i", metavar="SPEC", show_default=False,
+    help="Images: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
+)
+PRESET = typer.Option("raw", "--preset", help="Preprocessing: raw, torchvision, caffe or tf.")
+
+
+def load_with_images(model: str, layer: str, images: str, preset: str, input_shape: tuple[int, ...] | None):
+    """Load the model, resolve the layer's output tensor and open the image set (behind a spinner)."""
+    import fdsub_onnx
+    from fdsub_onnx._images import open_images
+
+    with spinner(f"loading {model}"):
+        loaded = fdsub_onnx.load_model(model, input_shape)
+        target = fdsub_onnx.find_layer(loaded, layer).output[0]
+        return loaded, target, open_images(images, loaded.input_shape[1:], preset=preset)
+
+
+def check_out_dir(out) -> None:
+    """Refuse an --out that names a file, before any work."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise FdsubError(f"--out {out} is a file; give a folder")
+
 
 INPUT_SHAPE = typer.Option(
     None, "--input-shape", metavar="N,C,H,W",

@@ -9,21 +9,16 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import FdsubError, load_model, save_decoded
-from fdsub_onnx.cli._common import INPUT_SHAPE, parse_input_shape, spinner
+from fdsub_onnx import load_model, save_decoded
+from fdsub_onnx.cli._common import INPUT_SHAPE, LAYER, MODEL, NEURONS, check_out_dir, parse_input_shape, spinner
 
 DEFAULT_OUT = Path("fdsub-out")
 
 
 def decode(
-    model: str = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False),
-    layer: str = typer.Option(
-        ..., "--layer", "-l", show_default=False,
-        help="Output tensor name of the layer (node names work too); `fdsub inspect` lists them.",
-    ),
-    neurons: Optional[str] = typer.Option(
-        None, "--neurons", "-n", metavar="SPEC", help="Neurons to decode, e.g. 0,5,10-20.  [default: all]",
-    ),
+    model: str = MODEL,
+    layer: str = LAYER,
+    neurons: Optional[str] = NEURONS,
     mode: str = typer.Option("weights", "--mode", help="Decoding mode: weights (data-free)."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
@@ -33,8 +28,7 @@ def decode(
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png."""
     shape = parse_input_shape(input_shape)
-    if out is not None and out.exists() and not out.is_dir():
-        raise FdsubError(f"--out {out} is a file; give a folder")
+    check_out_dir(out)
     with spinner(f"loading {model}") as status:
         loaded = load_model(model, shape)
         status.update(f"decoding {layer}")

@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fdsub_onnx import Summary, inspect_model, load_model
-from fdsub_onnx.cli._common import INPUT_SHAPE, parse_input_shape, spinner
+from fdsub_onnx.cli._common import INPUT_SHAPE, MODEL, parse_input_shape, spinner
 
 
 def inspect(
-    model: str = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False),
+    model: str = MODEL,
     input_shape: Optional[str] = INPUT_SHAPE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:

@@ -8,29 +8,31 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import FdsubError, load_model, load_top, merge_top, save_top
-from fdsub_onnx._images import open_images
-from fdsub_onnx.cli._common import INPUT_SHAPE, parse_input_shape, progress_bar, spinner
+from fdsub_onnx import FdsubError, load_top, merge_top, save_top
+from fdsub_onnx.cli._common import (
+    IMAGES,
+    INPUT_SHAPE,
+    LAYER,
+    MODEL,
+    NEURONS,
+    PRESET,
+    check_out_dir,
+    load_with_images,
+    parse_input_shape,
+    progress_bar,
+)
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
 
 def top(
-    model: str = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False),
-    layer: str = typer.Option(
-        ..., "--layer", "-l", show_default=False,
-        help="Output tensor name of the layer (node names work too); `fdsub inspect` lists them.",
-    ),
-    images: str = typer.Option(
-        ..., "--images", "-i", metavar="SPEC", show_default=False,
-        help="Images: a .npy array [N, C, H, W], a folder of images, or builtin:NAME.",
-    ),
+    model: str = MODEL,
+    layer: str = LAYER,
+    images: str = IMAGES,
     count: int = typer.Option(100, "--top", help="Instances kept per neuron."),
-    neurons: Optional[str] = typer.Option(
-        None, "--neurons", "-n", metavar="SPEC", help="Neurons to capture, e.g. 0,5,10-20.  [default: all]",
-    ),
+    neurons: Optional[str] = NEURONS,
     per_image: int = typer.Option(1, "--per-image", help="Instances allowed per image and neuron."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime run."),
-    preset: str = typer.Option("raw", "--preset", help="Preprocessing: raw, torchvision, caffe or tf."),
+    preset: str = PRESET,
     shard: Optional[str] = typer.Option(
         None, "--shard", metavar="I/N", help="Scan only block I of N (0-based); combine with `fdsub merge`.",
     ),
@@ -45,12 +47,8 @@ def top(
     """
     shape = parse_input_shape(input_shape)
     part = parse_shard(shard)
-    if out is not None and out.exists() and not out.is_dir():
-        raise FdsubError(f"--out {out} is a file; give a folder")
-    with spinner(f"loading {model}"):
-        loaded = load_model(model, shape)
-        target = fdsub_onnx.find_layer(loaded, layer).output[0]
-        image_set = open_images(images, loaded.input_shape[1:], preset=preset)
+    check_out_dir(out)
+    loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
     if out is None:
         out = DEFAULT_OUT / (sanitize(target) + (f"-shard{part[0]}of{part[1]}" if part else ""))
     checkpoint = checkpoint_path(out)

@@ -15,10 +15,12 @@ from ._images import ArrayImages, open_images
 from ._io import save_decoded
 from ._model import Model, load_model
 from ._neurons import parse_neurons
+from ._nf import neuron_feature
 from ._render import filter_grid
 
 __all__ = [
-    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "decode", "filter_grid",
-    "find_layer", "inspect_model", "iter_decode", "load_model", "open_images", "parse_neurons", "save_decoded",
+    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "TopN", "capture_top", "decode",
+    "filter_grid", "find_layer", "inspect_model", "iter_decode", "load_model", "load_top", "merge_top",
+    "neuron_feature", "open_images", "parse_neurons", "save_decoded", "save_top",
 ]
 __version__ = "0.1.0"

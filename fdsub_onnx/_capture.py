@@ -379,12 +379,17 @@ def top_sidecar(top: TopN) -> dict:
 
 def save_top(top: TopN, out_dir: str | os.PathLike) -> list[Path]:
     """Write ``out_dir/top.npz`` and ``out_dir/top.json`` atomically; return their paths."""
+    return write_atomically(out_dir, *top_files(top))
+
+
+def top_files(top: TopN):
+    """The names ``save_top`` writes and the writer that makes them in a folder (to combine with other results)."""
     def write(folder: Path) -> None:
         with open(folder / TOP_NPZ, "wb") as f:
             np.savez(f, **top_arrays(top))
         (folder / TOP_JSON).write_text(json.dumps(top_sidecar(top)))
 
-    return write_atomically(out_dir, [TOP_NPZ, TOP_JSON], write)
+    return [TOP_NPZ, TOP_JSON], write
 
 
 def load_top(path: str | os.PathLike) -> TopN:

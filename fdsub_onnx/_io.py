@@ -26,6 +26,11 @@ def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
     and moved into place with ``os.replace`` once complete: ``out_dir`` is created only
     then, files already in it are kept, and a failure leaves nothing behind.
     """
+    return write_atomically(out_dir, *decoded_files(decoded))
+
+
+def decoded_files(decoded) -> tuple[list[str], Callable[[Path], None]]:
+    """The names ``save_decoded`` writes and the writer that makes them in a folder (to combine with other results)."""
     arrays = decoded_arrays(decoded)
     image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
 
@@ -34,7 +39,7 @@ def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
             np.savez(f, **arrays)
         image.save(folder / PNG_NAME, format="PNG")
 
-    return write_atomically(out_dir, [NPZ_NAME, PNG_NAME], write)
+    return [NPZ_NAME, PNG_NAME], write
 
 
 def write_atomically(out_dir: str | os.PathLike, names: list[str], write: Callable[[Path], None]) -> list[Path]:

@@ -5,8 +5,23 @@ from .op_batchnorm import BatchNormalization
 from .op_concat import Concat
 from .op_conv import Conv
 from .op_elementwise import (
-    LRN, Celu, Clip, Dropout, Elu, Gelu, HardSigmoid, HardSwish, Identity, LeakyRelu, Mish, PRelu, Relu, Selu,
-    Sigmoid, Softplus, Tanh,
+    LRN,
+    Celu,
+    Clip,
+    Dropout,
+    Elu,
+    Gelu,
+    HardSigmoid,
+    HardSwish,
+    Identity,
+    LeakyRelu,
+    Mish,
+    PRelu,
+    Relu,
+    Selu,
+    Sigmoid,
+    Softplus,
+    Tanh,
 )
 from .op_gemm import Gemm, MatMul
 from .op_layout import Flatten, Reshape, Squeeze, Transpose, Unsqueeze
