@@ -79,17 +79,17 @@ def spinner(message: str) -> Iterator[Status]:
 
 
 class _Rate(ProgressColumn):
-    """Images per second since the bar appeared (a resumed run does not count the images it skipped)."""
+    """Items (images, layers) per second since the bar appeared (a resumed run does not count what it skipped)."""
 
     def render(self, task) -> Text:
         done = task.completed - task.fields.get("first", 0)
         elapsed = task.elapsed or 0.0
         rate = f"{done / elapsed:,.1f}" if elapsed > 0 and done > 0 else "-"
-        return Text(f"{rate} images/s")
+        return Text(f"{rate} {task.fields.get('unit', 'images')}/s")
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(description: str, unit: str = "images") -> Iterator[Callable[[int, int], None]]:
     """A ``progress(done, total)`` callback drawing a bar on stderr, started at its first call.
 
     Starting late keeps errors raised before any work to their one line.
@@ -105,7 +105,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
             )
             progress.start()
-            task = progress.add_task(description, total=total, completed=done, first=done)
+            task = progress.add_task(description, total=total, completed=done, first=done, unit=unit)
         progress.update(task, completed=done, total=total)
 
     try:

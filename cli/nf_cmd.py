@@ -9,7 +9,7 @@ import typer
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError, load_top
-from fdsub_onnx._nf import save_nf
+from fdsub_onnx._capture import save_with_top
 from fdsub_onnx.cli._common import (
     IMAGES,
     INPUT_SHAPE,
@@ -59,7 +59,7 @@ def nf(
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
     with progress_bar(f"{target} nf") as progress:
         result = fdsub_onnx.neuron_feature(loaded, top, image_set, progress=progress)
-    paths = save_nf(result, top, out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-nf")
+    paths = save_with_top(result, top, out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-nf")
     k, c, ry, rx = result.filters.shape
     typer.echo(f"neuron feature of {k} neuron{'s' if k != 1 else ''} of layer {target!r} "
                f"over the top {top.top} instances: filters [{k}, {c}, {ry}, {rx}]")

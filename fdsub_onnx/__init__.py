@@ -17,10 +17,11 @@ from ._model import Model, load_model
 from ._neurons import parse_neurons
 from ._nf import neuron_feature
 from ._render import filter_grid
+from ._substitution import Substitution, gather_statistics
 
 __all__ = [
-    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Summary", "TopN", "capture_top", "decode",
-    "filter_grid", "find_layer", "inspect_model", "iter_decode", "load_model", "load_top", "merge_top",
+    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Substitution", "Summary", "TopN", "capture_top", "decode",
+    "filter_grid", "find_layer", "gather_statistics", "inspect_model", "iter_decode", "load_model", "load_top", "merge_top",
     "neuron_feature", "open_images", "parse_neurons", "save_decoded", "save_top",
 ]
 __version__ = "0.1.0"

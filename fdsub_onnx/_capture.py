@@ -18,7 +18,7 @@ import onnx
 
 from ._decode import find_layer
 from ._errors import FdsubError
-from ._io import write_atomically
+from ._io import decoded_files, write_atomically
 from ._model import Model
 from ._neurons import parse_neurons
 
@@ -309,6 +309,15 @@ def _best(values: np.ndarray, ties: list[np.ndarray], k: int) -> np.ndarray:
     return np.take_along_axis(chosen, order, axis=-1)
 
 
+def instance_weights(top: TopN) -> np.ndarray:
+    """Instance weights for activation-weighted means: w = max(activation, 0) per filled slot (NaN and unfilled: 0); equal weights for a neuron whose are all 0."""
+    filled = top.image_index >= 0
+    weights = np.where(filled & (top.values > 0), top.values, 0).astype(np.float64)
+    zero = weights.sum(axis=1) == 0
+    weights[zero] = filled[zero]
+    return weights
+
+
 def _start(neurons, layer, images, per_image, top) -> TopN:
     """An empty state: every slot unfilled."""
     k = len(neurons)
@@ -461,3 +470,15 @@ def _resume(path: Path, signature: dict, fresh: TopN) -> TopN:
         raise FdsubError(f"checkpoint {path} belongs to a different run (other model, layer, neurons, images or options); delete it to start over")
     sidecar = dict(meta["sidecar"], sources=fresh.sources)
     return _checked(arrays, sidecar, path)
+
+
+def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
+    """Write a data-driven result (decoded.npz, filters.png) with its instances (top.npz, top.json), atomically."""
+    decoded_names, write_decoded = decoded_files(decoded)
+    top_names, write_top = top_files(top)
+
+    def write(folder: Path) -> None:
+        write_decoded(folder)
+        write_top(folder)
+
+    return write_atomically(out_dir, decoded_names + top_names, write)

@@ -17,7 +17,7 @@ from ._values import Blocked, Tensor
 from ._walker import walk
 from .ops import LAYER_OPS
 
-MODES = ("weights",)
+MODES = ("weights", "fds")
 MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
 
 
@@ -97,32 +97,41 @@ def find_layer(model: Model, name: str):
     raise FdsubError(f"no layer named {name!r} in {model.path}{hint}")
 
 
-def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Decoded:
-    """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters."""
+def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy",
+           kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None) -> Decoded:
+    """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
+
+    ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
+    ``select`` rule), or with a ready ``substitution`` from ``gather_statistics``.
+    """
     _check_mode(mode, dtype, kernel)
     node = find_layer(model, layer)
     target = node.output[0]
+    substitution = _substitution_for(mode, model, [target], images, top, select, substitution)
     channels = _channels(model, target)
     picked = parse_neurons(neurons, channels, target) if channels is not None else None
     engine = Engine(get_backend(backend), dtype, kernel)
     rows = {target: picked} if picked is not None and len(model.consumers.get(target, ())) <= 1 else None
     _check_memory(model, engine, [target], rows)
-    for current, value in walk(model, engine, targets=[target], compose=True, rows=rows):
+    for current, value in walk(model, engine, targets=[target], compose=True, rows=rows, substitution=substitution):
         if current is node:
             return _decoded(model, node, value, neurons, engine, mode)
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
-def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy", kernel: str = "fast") -> Iterator[Decoded]:
+def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
+                backend: str = "numpy", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
+                substitution=None) -> Iterator[Decoded]:
     """Decode all neurons of several layers (default: every decodable layer) in one bottom-up pass."""
     _check_mode(mode, dtype, kernel)
     if layers is None:
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
+    substitution = _substitution_for(mode, model, targets, images, top, select, substitution)
     engine = Engine(get_backend(backend), dtype, kernel)
     _check_memory(model, engine, targets, None)
-    for node, value in walk(model, engine, targets=targets, compose=True):
+    for node, value in walk(model, engine, targets=targets, compose=True, substitution=substitution):
         if id(node) in nodes:
             yield _decoded(model, node, value, None, engine, mode)
 
@@ -171,6 +180,19 @@ def _layer(model, node, value) -> Layer:
 def _channels(model, target):
     shape = model.shapes.get(target)
     return int(shape[1]) if shape is not None and len(shape) > 1 else None
+
+
+def _substitution_for(mode, model, targets, images, top, select, substitution):
+    """None in ``weights`` mode; in ``fds`` mode the given substitution or one gathered from ``images``."""
+    if mode != "fds":
+        return None
+    if substitution is not None:
+        return substitution
+    if images is None:
+        raise FdsubError("fds mode needs images to select each neuron's top instances; pass --images")
+    from ._substitution import gather_statistics  # imports capture, which imports this module
+
+    return gather_statistics(model, targets, images, top=top, select=select)
 
 
 def _check_mode(mode, dtype, kernel):

@@ -10,18 +10,14 @@ the image for every instance, or covered only by instances of weight 0, is 0.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 from ._backend import get_backend
-from ._capture import TopN, top_files
+from ._capture import TopN, instance_weights
 from ._decode import Decoded, find_layer
 from ._engine import Engine
 from ._errors import FdsubError
 from ._geometry import Geometry
-from ._io import decoded_files, write_atomically
 from ._model import Model
 from ._values import Blocked, Tensor
 from ._walker import walk
@@ -45,7 +41,7 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
                          f"the image set has {len(images)}; give the images it was captured on")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise FdsubError(f"batch_size must be a positive integer, got {batch_size!r}")
-    weights = _weights(top)
+    weights = instance_weights(top)
     k_neurons, c = top.values.shape[0], int(model.input_shape[1])
     (ry, rx), (sy, sx), (oy, ox) = geom.rf, geom.stride, geom.origin
     total = np.zeros((k_neurons, c, ry, rx), np.float64)
@@ -79,18 +75,6 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
                    geom.stride, geom.origin, top.layer, "nf")
 
 
-def save_nf(decoded: Decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the NF (decoded.npz, filters.png) and its instances (top.npz, top.json) into ``out_dir`` atomically."""
-    nf_names, write_nf = decoded_files(decoded)
-    top_names, write_top = top_files(top)
-
-    def write(folder: Path) -> None:
-        write_nf(folder)
-        write_top(folder)
-
-    return write_atomically(out_dir, nf_names + top_names, write)
-
-
 def layer_geometry(model: Model, layer: str) -> Geometry:
     """Stride, receptive field and origin of ``layer``'s output, from the walker without composing banks."""
     node = find_layer(model, layer)
@@ -101,15 +85,6 @@ def layer_geometry(model: Model, layer: str) -> Geometry:
             reason = value.reason if isinstance(value, Blocked) else "it is not a feature map"
             raise FdsubError(f"layer {node.output[0]!r} has no receptive-field geometry: {reason}")
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
-
-
-def _weights(top: TopN) -> np.ndarray:
-    """w = max(activation, 0) per filled slot (NaN and unfilled: 0); equal weights for a neuron whose are all 0."""
-    filled = top.image_index >= 0
-    weights = np.where(filled & (top.values > 0), top.values, 0).astype(np.float64)
-    zero = weights.sum(axis=1) == 0
-    weights[zero] = filled[zero]
-    return weights
 
 
 def _read(images, needed: np.ndarray, batch_size: int):

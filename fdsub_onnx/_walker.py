@@ -15,8 +15,9 @@ from .ops import RULES
 class Context:
     """What an op rule may ask about the graph while it runs."""
 
-    def __init__(self, model: Model, engine, rows: dict | None):
+    def __init__(self, model: Model, engine, rows: dict | None, substitution=None):
         self.model, self.engine, self._rows = model, engine, rows or {}
+        self._substitution = substitution
 
     def shape(self, name: str):
         return self.model.shapes.get(name)
@@ -37,12 +38,18 @@ class Context:
     def rows(self, node):
         return self._rows.get(node.output[0])
 
+    def substitute(self, node, weight):
+        """The weight to compose ``node`` with: its own (``weights`` mode) or the substituted one (``fds``)."""
+        return weight if self._substitution is None else self._substitution.weight(node, weight)
 
-def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict | None = None, usage: dict | None = None) -> Iterator:
+
+def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict | None = None, usage: dict | None = None,
+         substitution=None) -> Iterator:
     """Yield ``(node, value of its first output)`` in order; banks are freed once consumed.
 
     ``targets`` (tensor names) limits the walk to their ancestors; ``rows`` maps a target
-    to the only channels its bank needs; ``usage["peak"]`` receives the largest total size
+    to the only channels its bank needs; ``substitution`` (fds mode) supplies substituted weights;
+    ``usage["peak"]`` receives the largest total size
     (bytes) of the banks alive at once, known from geometry alone.
     """
     nodes = _ancestors(model, targets) if targets else model.nodes
@@ -50,7 +57,7 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
     c, h, w = model.input_shape[1:]
     engine.image_channels = c
     values = {model.input_name: Tensor(Geometry(), c, (h, w), engine.identity(c) if compose else None)}
-    ctx = Context(model, engine, rows)
+    ctx = Context(model, engine, rows, substitution)
     usage = {} if usage is None else usage
     live = usage["peak"] = _bank_bytes(values[model.input_name], engine)
     for node in nodes:

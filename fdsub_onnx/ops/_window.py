@@ -21,6 +21,7 @@ def apply_window(x: Tensor, node, ctx, weight: np.ndarray, bias, groups: int, at
     begin, _ = resolve_pads(x.spatial, kernel, strides, dilations, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
     geom = x.geom.window(kernel, strides, dilations, begin)
     rows = ctx.rows(node)
+    weight = ctx.substitute(node, weight)
     bank = ctx.engine.conv(x.bank, weight, bias, groups, x.geom.tap_step(dilations), geom.rf, rows=rows)
     return Tensor(geom, int(weight.shape[0]), ctx.spatial(node.output[0]), bank, rows)
 
