@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError, load_model, save_decoded
 from fdsub_onnx._capture import save_with_top
+from fdsub_onnx._local import decode_instances
 from fdsub_onnx._substitution import gather_statistics
 from fdsub_onnx.cli._common import (
     INPUT_SHAPE,
@@ -30,19 +29,26 @@ from fdsub_onnx.cli._common import (
 DEFAULT_OUT = Path("fdsub-out")
 
 
+DATA_MODES = ("fds", "local", "deconvnet")
+
+
 def decode(
     model: str = MODEL,
     layer: str = LAYER,
     neurons: Optional[str] = NEURONS,
     mode: Optional[str] = typer.Option(
-        None, "--mode", help="weights (data-free) or fds (needs --images).  [default: fds with --images, else weights]",
+        None, "--mode",
+        help="weights (data-free); fds, local or deconvnet (need --images).  [default: fds with --images, else weights]",
     ),
     images: Optional[str] = typer.Option(
         None, "--images", "-i", metavar="SPEC",
-        help="Images for fds: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
+        help="Images: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
     ),
-    top: int = typer.Option(100, "--top", help="fds: instances per neuron behind its statistics."),
+    top: int = typer.Option(100, "--top", help="Data modes: instances per neuron."),
     select: str = typer.Option("positive", "--select", help="fds: all, positive, max or topk:K lower neurons."),
+    per_instance: bool = typer.Option(
+        False, "--per-instance", help="local/deconvnet: also write instance_filters and instance_bias.",
+    ),
     preset: str = PRESET,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
@@ -50,12 +56,18 @@ def decode(
     input_shape: Optional[str] = INPUT_SHAPE,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
 ) -> None:
-    """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png."""
+    """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
+
+    With images, also DIR/top.npz and DIR/top.json: the instances the decode used.
+    """
     shape = parse_input_shape(input_shape)
     check_out_dir(out)
     mode = mode or ("fds" if images is not None else "weights")
-    if mode == "fds":
-        paths, result = _decode_fds(model, layer, neurons, images, top, select, preset, shape, dtype, out)
+    if mode in DATA_MODES:
+        if images is None:
+            raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
+        loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
+        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype)
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
@@ -63,8 +75,9 @@ def decode(
             loaded = load_model(model, shape)
             status.update(f"decoding {layer}")
             result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype)
-            status.update("writing results")
-            paths = save_decoded(result, out if out is not None else DEFAULT_OUT / sanitize(result.layer))
+    folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
+    with spinner("writing results"):
+        paths = save_decoded(result, folder) if result.instances is None else save_with_top(result, result.instances, folder)
     k, c, ry, rx = result.filters.shape
     sy, sx = result.stride
     typer.echo(
@@ -75,27 +88,19 @@ def decode(
         typer.echo(f"  {path}")
 
 
-def _decode_fds(model, layer, neurons, images, top, select, preset, shape, dtype, out):
-    """fds: statistics from the images (one progress bar over the substituted layers), then the decode."""
-    if images is None:
-        raise FdsubError("--mode fds needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
-    loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
-    with progress_bar(f"{target} statistics", unit="layers") as progress:
-        substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                         progress=lambda done, total, _name: progress(done, total))
-    with spinner(f"decoding {target}"):
-        result = fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution)
-        instances = substitution.tops.get(target) or fdsub_onnx.capture_top(loaded, target, image_set, top=top)
-        instances = _rows_of(instances, result.neurons)
-        paths = save_with_top(result, instances, out if out is not None else DEFAULT_OUT / sanitize(target))
-    return paths, result
-
-
-def _rows_of(top, neurons):
-    """The instances of the decoded neurons only, in their order."""
-    index = [int(np.flatnonzero(top.neurons == n)[0]) for n in neurons]
-    return dataclasses.replace(top, values=top.values[index], image_index=top.image_index[index],
-                               position=top.position[index], neurons=np.asarray(neurons, np.int64))
+def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype):
+    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
+    if mode == "fds":
+        with progress_bar(f"{target} statistics", unit="layers") as progress:
+            substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
+                                             progress=lambda done, total, _name: progress(done, total))
+        with spinner(f"decoding {target}"):
+            return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution)
+    with progress_bar(f"{target} top") as progress:
+        instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress)
+    with progress_bar(f"{target} {mode}", unit="instances") as progress:
+        return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
+                                progress=progress)
 
 
 def sanitize(name: str) -> str:

@@ -7,6 +7,7 @@ shards and resumed runs all combine exactly into the result of one uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -482,3 +483,10 @@ def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
         write_top(folder)
 
     return write_atomically(out_dir, decoded_names + top_names, write)
+
+
+def rows_of(top: TopN, neurons) -> TopN:
+    """The instances of ``neurons`` only, in that order."""
+    index = [int(np.flatnonzero(top.neurons == n)[0]) for n in neurons]
+    return dataclasses.replace(top, values=top.values[index], image_index=top.image_index[index],
+                               position=top.position[index], neurons=np.asarray(neurons, np.int64))

@@ -17,7 +17,7 @@ from ._values import Blocked, Tensor
 from ._walker import walk
 from .ops import LAYER_OPS
 
-MODES = ("weights", "fds")
+MODES = ("weights", "fds", "local", "deconvnet")
 MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
 
 
@@ -62,6 +62,9 @@ class Decoded:
     layer: str
     mode: str
     bounds: tuple[tuple[int, int], tuple[int, int]] | None = None  # set after a crop; see _geometry
+    instance_filters: np.ndarray | None = None  # local/deconvnet --per-instance: [K, N, C, R_y, R_x]
+    instance_bias: np.ndarray | None = None  # [K, N]
+    instances: object = None  # the TopN a data-driven decode used (saved as top.npz)
 
     @property
     def receptive_field(self) -> tuple[int, int]:
@@ -98,15 +101,23 @@ def find_layer(model: Model, name: str):
 
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy",
-           kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None) -> Decoded:
+           kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None,
+           per_instance: bool = False) -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
 
     ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
-    ``select`` rule), or with a ready ``substitution`` from ``gather_statistics``.
+    ``select`` rule), or with a ready ``substitution`` from ``gather_statistics``. ``"local"`` and
+    ``"deconvnet"`` average each neuron's per-instance filters (kept with ``per_instance``).
     """
     _check_mode(mode, dtype, kernel)
     node = find_layer(model, layer)
     target = node.output[0]
+    if mode in ("local", "deconvnet"):
+        if images is None:
+            raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
+        from ._local import decode_instances  # imports capture, which imports this module
+
+        return decode_instances(model, target, images, top=top, neurons=neurons, rule=mode, per_instance=per_instance)
     substitution = _substitution_for(mode, model, [target], images, top, select, substitution)
     channels = _channels(model, target)
     picked = parse_neurons(neurons, channels, target) if channels is not None else None
@@ -115,7 +126,12 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     _check_memory(model, engine, [target], rows)
     for current, value in walk(model, engine, targets=[target], compose=True, rows=rows, substitution=substitution):
         if current is node:
-            return _decoded(model, node, value, neurons, engine, mode)
+            result = _decoded(model, node, value, neurons, engine, mode)
+            if substitution is not None and substitution.tops and target in substitution.tops:
+                from ._capture import rows_of
+
+                result.instances = rows_of(substitution.tops[target], result.neurons)
+            return result
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
@@ -128,6 +144,10 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
+    if mode in ("local", "deconvnet"):  # per-instance passes: nothing to share between layers
+        for target in targets:
+            yield decode(model, target, mode=mode, images=images, top=top)
+        return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution)
     engine = Engine(get_backend(backend), dtype, kernel)
     _check_memory(model, engine, targets, None)

@@ -89,7 +89,10 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
         "origin": np.asarray(decoded.origin, dtype=np.int64).reshape(2),
         "layer": np.asarray(str(decoded.layer)),
         "mode": np.asarray(str(decoded.mode)),
-    }
+    } | ({} if getattr(decoded, "instance_filters", None) is None else {
+        "instance_filters": np.ascontiguousarray(decoded.instance_filters),
+        "instance_bias": np.ascontiguousarray(decoded.instance_bias),
+    })
 
 
 def _make_dirs(folder: Path, made: list[Path]) -> None:

@@ -1,0 +1,270 @@
+"""Per-instance backward passes: the `local` filters (exact input gradients) and the deconvnet projections.
+
+For one instance (image, neuron k, output position q) a ReLU/MaxPool network is linear around
+the image: response = <D_local, image> + beta_local. ``D_local`` is the input gradient, got here
+by one backward pass per instance through the forward activations that onnxruntime captured,
+and ``beta_local`` collects every bias the active paths carry (so the identity is a real check,
+not a definition). The deconvnet (Zeiler & Fergus) runs the same pass with ReLU applied to the
+backward signal instead of the forward on/off mask; MaxPool switches come from the forward pass.
+
+Each rule maps (node, forward values, output gradient) to input gradients and the bias the node
+adds, batched over M instances: arrays are [M, ...]. AveragePool windows that overlap the
+padding with count_include_pad=0 are treated as interior ones (a border effect only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ._capture import _pruned, _session
+from ._errors import FdsubError
+from ._geometry import resolve_pads
+from ._walker import _ancestors
+from .ops._rule import attributes
+
+RULES = ("local", "deconvnet")
+
+
+def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local"):
+    """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``."""
+    if rule not in RULES:
+        raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
+    nodes = _ancestors(model, [target])
+    values = _forward(model, target, nodes, images)
+    seed = np.zeros_like(values[target], dtype=np.float64)
+    m = np.arange(len(images))
+    if seed.ndim == 4:
+        seed[m, neurons, positions[:, 0], positions[:, 1]] = 1.0
+    else:
+        seed.reshape(len(images), -1)[m, neurons] = 1.0
+    grads, bias = {target: seed}, np.zeros(len(images))
+    for node in reversed(nodes):
+        grad = grads.pop(node.output[0], None)
+        if grad is None:
+            continue
+        step = BACKWARD.get(node.op_type)
+        if step is None:
+            raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
+        is_data = [bool(name) and name not in model.constants for name in node.input]
+        ins = [(values[name] if data else model.constants.get(name)) if name else None
+               for name, data in zip(node.input, is_data)]
+        in_grads, added = step(node, ins, is_data, values[node.output[0]], grad, rule)
+        bias += added
+        for name, g in zip(node.input, in_grads):
+            if g is not None and name and name not in model.constants:
+                grads[name] = grads[name] + g if name in grads else g
+    if model.input_name not in grads:
+        raise FdsubError(f"layer {target!r} does not depend on the image input")
+    return grads[model.input_name], bias
+
+
+def _forward(model, target, nodes, images) -> dict:
+    """Every tensor the nodes compute, for each image (onnxruntime, one batched run)."""
+    proto = _pruned(model.proto, target, model.input_name, batch="N")
+    names = list(dict.fromkeys(o for n in proto.graph.node for o in n.output if o))
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    session = _session(proto)
+    batch = np.ascontiguousarray(images, dtype=np.float32)
+    try:
+        outs = session.run(names, {model.input_name: batch})
+    except Exception:  # a graph with a fixed batch size: one image at a time
+        runs = [session.run(names, {model.input_name: batch[i : i + 1]}) for i in range(len(batch))]
+        outs = [np.concatenate([r[j] for r in runs]) for j in range(len(names))]
+    values = {n: np.asarray(v, np.float64) for n, v in zip(names, outs)}
+    values[model.input_name] = batch.astype(np.float64)
+    return values
+
+
+def _none_added(grad):
+    return np.zeros(len(grad))
+
+
+# ---- the rules: (node, inputs, output, grad, rule) -> ([input grads], bias added [M]) ----------------
+def _conv(node, ins, is_data, out, grad, rule):
+    x, w = ins[0], ins[1].astype(np.float64)
+    attrs = attributes(node)
+    gx = _transposed(grad, w, int(attrs.get("group", 1)), attrs, x.shape)
+    added = np.einsum("mkhw,k->m", grad, ins[2].astype(np.float64)) if len(ins) > 2 and ins[2] is not None else _none_added(grad)
+    return [gx, None, None][: len(ins)], added
+
+
+def _avgpool(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    attrs = attributes(node)
+    kernel = tuple(attrs["kernel_shape"])
+    weight = np.full((x.shape[1], 1, *kernel), 1.0 / np.prod(kernel))  # interior windows; see the module docstring
+    return [_transposed(grad, weight, x.shape[1], attrs, x.shape)], _none_added(grad)
+
+
+def _transposed(grad, w, groups, attrs, x_shape):
+    """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution."""
+    kernel, strides = w.shape[2:], tuple(attrs.get("strides", (1, 1)))
+    dil = tuple(attrs.get("dilations", (1, 1)))
+    begin, end = resolve_pads(x_shape[2:], kernel, strides, dil, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
+    m, c_in, h, wd = x_shape
+    padded = np.zeros((m, c_in, h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * grad.shape[2],
+                       wd + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * grad.shape[3]))
+    k_out, cig = w.shape[:2]
+    kog = k_out // groups
+    qh, qw = grad.shape[2:]
+    for g in range(groups):
+        gout = grad[:, g * kog : (g + 1) * kog]
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                y, xx = i * dil[0], j * dil[1]
+                contrib = np.einsum("mkhw,kc->mchw", gout, w[g * kog : (g + 1) * kog, :, i, j])
+                padded[:, g * cig : (g + 1) * cig, y : y + strides[0] * qh : strides[0], xx : xx + strides[1] * qw : strides[1]] += contrib
+    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+
+
+def _relu(node, ins, is_data, out, grad, rule):
+    return [grad * (ins[0] > 0) if rule == "local" else np.maximum(grad, 0)], _none_added(grad)
+
+
+def _slope(derivative):
+    """An elementwise op whose local linearization is its slope at the forward value (bias: the offset)."""
+
+    def step(node, ins, is_data, out, grad, rule):
+        d = derivative(node, ins[0], out)
+        offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
+        return [grad * d], (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+    return step
+
+
+def _leaky(node, x, out):
+    return np.where(x > 0, 1.0, attributes(node).get("alpha", 0.01))
+
+
+def _clip_slope(node, x, out):
+    return (out == x).astype(np.float64)
+
+
+def _maxpool(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    attrs = attributes(node)
+    kernel, strides = tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", (1, 1)))
+    dil = tuple(attrs.get("dilations", (1, 1)))
+    begin, end = resolve_pads(x.shape[2:], kernel, strides, dil, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
+    m, c, h, w = x.shape
+    qh, qw = out.shape[2:]
+    big = (h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * qh, w + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * qw)
+    padded = np.full((m, c, *big), -np.inf)
+    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
+    windows = np.stack([padded[:, :, i * dil[0] : i * dil[0] + strides[0] * qh : strides[0],
+                               j * dil[1] : j * dil[1] + strides[1] * qw : strides[1]]
+                        for i in range(kernel[0]) for j in range(kernel[1])], axis=-1)  # [M, C, Qh, Qw, k*k]
+    switch = np.argmax(windows, axis=-1)  # the first maximum, as onnxruntime picks
+    gpad = np.zeros_like(padded)
+    mi, ci, yi, xi = np.indices(switch.shape)
+    ty, tx = switch // kernel[1], switch % kernel[1]
+    np.add.at(gpad, (mi, ci, yi * strides[0] + ty * dil[0], xi * strides[1] + tx * dil[1]), grad)
+    return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
+
+
+def _global_pool(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    if node.op_type == "GlobalAveragePool":
+        return [np.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
+    flat = x.reshape(*x.shape[:2], -1)
+    g = np.zeros_like(flat)
+    np.put_along_axis(g, np.argmax(flat, axis=2)[..., None], grad.reshape(*grad.shape[:2], 1), axis=2)
+    return [g.reshape(x.shape)], _none_added(grad)
+
+
+def _batchnorm(node, ins, is_data, out, grad, rule):
+    gamma, beta, mean, var = (v.astype(np.float64) for v in ins[1:5])
+    scale = gamma / np.sqrt(var + attributes(node).get("epsilon", 1e-5))
+    shift = beta - mean * scale
+    return [grad * scale[:, None, None]], np.einsum("mkhw,k->m", grad, shift)
+
+
+def _reduce_to(grad, shape):
+    """Sum a broadcast gradient back to an input's shape (per instance: the batch axis is kept)."""
+    shape = (1,) * (grad.ndim - len(shape)) + tuple(shape)
+    axes = tuple(a for a in range(1, grad.ndim) if shape[a] == 1 and grad.shape[a] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def _add_sub(node, ins, is_data, out, grad, rule):
+    sign = -1.0 if node.op_type == "Sub" else 1.0
+    grads, added = [], _none_added(grad)
+    for index, (x, data) in enumerate(zip(ins, is_data)):
+        factor = sign if index == 1 else 1.0
+        if data:  # a forward value, batched over instances
+            grads.append(_reduce_to(factor * grad, x.shape))
+        else:  # a constant
+            grads.append(None)
+            added = added + (factor * grad * x).reshape(len(grad), -1).sum(axis=1)
+    return grads, added
+
+
+def _mul_div(node, ins, is_data, out, grad, rule):
+    a, b = ins
+    data = is_data
+    if all(data):
+        raise FdsubError(f"local mode does not support a product of two feature maps ({node.op_type} {node.name!r}) yet")
+    const = b if data[0] else a
+    factor = 1.0 / const if node.op_type == "Div" else const
+    x = a if data[0] else b
+    g = _reduce_to(grad * factor, x.shape)
+    return ([g, None] if data[0] else [None, g]), _none_added(grad)
+
+
+def _reshape_like(node, ins, is_data, out, grad, rule):
+    return [grad.reshape(ins[0].shape)] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _transpose(node, ins, is_data, out, grad, rule):
+    perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
+    return [np.transpose(grad, np.argsort(perm))], _none_added(grad)
+
+
+def _concat(node, ins, is_data, out, grad, rule):
+    axis = attributes(node)["axis"] % grad.ndim
+    cuts = np.cumsum([x.shape[axis] for x in ins])[:-1]
+    return list(np.split(grad, cuts, axis=axis)), _none_added(grad)
+
+
+def _gemm(node, ins, is_data, out, grad, rule):
+    attrs = attributes(node)
+    matrix = ins[1].astype(np.float64)
+    matrix = matrix.T if attrs.get("transB", 0) else matrix
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        raise FdsubError("local mode does not support Gemm with transA=1")
+    alpha = attrs.get("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    g2 = grad.reshape(len(grad), -1)
+    added = _none_added(grad)
+    if node.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
+        added = (g2 * np.broadcast_to(attrs.get("beta", 1.0) * ins[2].reshape(-1), g2.shape)).sum(axis=1)
+    return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
+
+
+def _pad(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    attrs = attributes(node)
+    pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64)
+    if (pads < 0).any() or (len(ins) > 3 and ins[3] is not None) or attrs.get("mode", "constant") != "constant":
+        raise FdsubError("local mode supports constant Pad with non-negative pads on every axis only")
+    index = tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(x.ndim))
+    value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and np.size(ins[2]) else 0.0
+    ring = grad.copy()
+    ring[index] = 0
+    return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
+
+
+def _identity(node, ins, is_data, out, grad, rule):
+    return [grad] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+BACKWARD = {
+    "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool, "GlobalAveragePool": _global_pool,
+    "GlobalMaxPool": _global_pool, "BatchNormalization": _batchnorm, "Add": _add_sub, "Sub": _add_sub,
+    "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
+    "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
+    "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+    "LeakyRelu": _slope(_leaky), "Clip": _slope(_clip_slope),
+    "Sigmoid": _slope(lambda node, x, out: out * (1 - out)), "Tanh": _slope(lambda node, x, out: 1 - out**2),
+}

@@ -1,0 +1,137 @@
+"""`local` and `deconvnet` modes: the per-instance identity, the gradient, a hand-checked deconvnet case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from checks import load_proto
+from netgen import NetBuilder, run_ort
+from typer.testing import CliRunner
+
+import fdsub_onnx as fd
+from fdsub_onnx._backward import instance_gradients
+from fdsub_onnx.cli.main import app
+
+
+def _residual_net(seed: int):
+    """conv+BN+relu, maxpool, a residual block (3x3 relu path + 1x1 projection), strided conv; every rule of a ResNet."""
+    b = NetBuilder(height=18, width=18, seed=seed)
+    x = b.maxpool(b.relu(b.batchnorm(b.conv("input", 4, 3, 1, (1, 1, 1, 1)))), 2, 2)
+    y = b.relu(b.add(b.relu(b.conv(x, 5, 3, 1, (1, 1, 1, 1))), b.conv(x, 5, 1)))
+    return b, b.conv(y, 3, 3, 2, (1, 1, 1, 1))
+
+
+def _smooth_net(seed: int):
+    """LeakyReLU, sigmoid, tanh, average pooling, concat, flatten and a fully connected layer."""
+    b = NetBuilder(height=12, width=12, seed=seed)
+    x = b.leaky_relu(b.conv("input", 4, 3))
+    x = b.avgpool(x, 2, 2)
+    x = b.concat([b.sigmoid(b.conv(x, 3, 3, 1, (1, 1, 1, 1))), b.tanh(b.conv(x, 2, 1))])
+    c, h, w = b.shapes[x]
+    flat = b._node("Flatten", [x], (c * h * w, 1, 1), axis=1)
+    weight = b._const("fc_w", np.random.default_rng(seed).standard_normal((6, c * h * w)).astype(np.float32))
+    fc = b._node("Gemm", [flat, weight, b._const("fc_b", np.linspace(-1, 1, 6).astype(np.float32))], (6, 1, 1), transB=1)
+    b._node("Reshape", [fc, b._const("as_map", np.array([0, 6, 1, 1], np.int64))], (6, 1, 1))
+    return b, fc, b.last
+
+
+def _padded_patches(images, decoded, positions):
+    """Each instance's receptive-field window of its (zero-extended) image."""
+    (ry, rx), (sy, sx), (oy, ox) = decoded.receptive_field, decoded.stride, decoded.origin
+    padded = np.pad(images, ((0, 0), (0, 0), (ry, ry), (rx, rx)))
+    return np.stack([padded[i, :, oy + qy * sy + ry : oy + qy * sy + 2 * ry, ox + qx * sx + rx : ox + qx * sx + 2 * rx]
+                     for i, (qy, qx) in positions])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_local_identity_holds_for_every_instance(seed, tmp_path):
+    """METHOD.md property 2: activation = <instance filter, patch> + instance bias, for every top-N instance."""
+    b, last = _residual_net(seed)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(seed).standard_normal((12, 3, 18, 18)).astype(np.float32)
+    decoded = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=4, per_instance=True)
+    acts = run_ort(proto, images, [last])[last]
+    top = decoded.instances
+    for k in range(len(decoded.neurons)):
+        pairs = list(zip(top.image_index[k], map(tuple, top.position[k])))
+        patches = _padded_patches(images.astype(np.float64), decoded, pairs)
+        pred = (decoded.instance_filters[k] * patches).sum(axis=(1, 2, 3)) + decoded.instance_bias[k]
+        want = np.array([acts[i, decoded.neurons[k], qy, qx] for i, (qy, qx) in pairs])
+        np.testing.assert_allclose(pred, want, rtol=1e-4, atol=1e-4 * np.abs(acts).max())
+    # the filter is the activation-weighted mean of the instance filters
+    w = np.maximum(top.values, 0)
+    mean = (w[:, :, None, None, None] * decoded.instance_filters).sum(1) / w.sum(1)[:, None, None, None]
+    np.testing.assert_allclose(decoded.filters, mean, rtol=1e-4, atol=1e-6)
+
+
+def test_local_filters_are_input_gradients(tmp_path):
+    """Finite differences through onnxruntime, on a net with smooth activations, pooling, concat and Gemm."""
+    b, fc, last = _smooth_net(3)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(5).standard_normal((3, 3, 12, 12))
+    neurons, positions = np.array([0, 4, 5]), np.zeros((3, 2), np.int64)
+    grads, bias = instance_gradients(model, fc, images, neurons, positions)
+    base = run_ort(proto, images.astype(np.float32), [last])[last][np.arange(3), neurons, 0, 0]
+    np.testing.assert_allclose((grads * images).sum(axis=(1, 2, 3)) + bias, base, rtol=1e-5, atol=1e-5)
+    rng, eps = np.random.default_rng(0), 1e-3
+    for m in range(3):
+        for _ in range(4):
+            c, y, x = rng.integers(3), rng.integers(12), rng.integers(12)
+            bumped = images.copy()
+            bumped[m, c, y, x] += eps
+            down = images.copy()
+            down[m, c, y, x] -= eps
+            both = run_ort(proto, np.concatenate([bumped[m : m + 1], down[m : m + 1]]).astype(np.float32), [last])[last]
+            slope = (both[0, neurons[m], 0, 0] - both[1, neurons[m], 0, 0]) / (2 * eps)
+            assert abs(slope - grads[m, c, y, x]) <= 2e-3 * max(1.0, abs(grads[m]).max()), (m, c, y, x)
+
+
+def test_deconvnet_hand_checked_case(tmp_path):
+    """1 channel, conv 2x2 -> relu -> conv 2x2: the projection of output (0, 0) is sum relu(w2[i, j]) * w1 placed at (i, j)."""
+    b = NetBuilder(in_channels=1, height=4, width=4, seed=0)
+    h = b.relu(b.conv("input", 1, 2))
+    out = b.conv(h, 1, 2)
+    proto = b.build([out])
+    model = load_proto(proto, tmp_path)
+    w1 = model.constants[model.producer[model.producer[h].input[0]].input[1]][0, 0].astype(np.float64)
+    w2 = model.constants[model.producer[out].input[1]][0, 0].astype(np.float64)
+    image = np.random.default_rng(1).standard_normal((1, 1, 4, 4))
+    grads, _ = instance_gradients(model, out, image, np.array([0]), np.array([[0, 0]]), rule="deconvnet")
+    want = np.zeros((4, 4))
+    for i in range(2):
+        for j in range(2):
+            want[i : i + 2, j : j + 2] += max(w2[i, j], 0) * w1
+    np.testing.assert_allclose(grads[0, 0], want, rtol=1e-6, atol=1e-7)
+    local, _ = instance_gradients(model, out, image, np.array([0]), np.array([[0, 0]]), rule="local")
+    assert not np.allclose(local, grads) or (w2 > 0).all()
+
+
+def test_unsupported_op_in_local_mode_is_one_line(tmp_path):
+    b = NetBuilder(height=10, width=10)
+    last = b.conv(b.lrn(b.conv("input", 4, 3)), 3, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    images = fd.ArrayImages(np.random.default_rng(0).standard_normal((4, 3, 10, 10)))
+    with pytest.raises(fd.FdsubError, match="local mode does not support op LRN"):
+        fd.decode(model, last, mode="local", images=images, top=2)
+    with pytest.raises(fd.FdsubError, match="needs images"):
+        fd.decode(model, last, mode="deconvnet")
+
+
+@pytest.mark.parametrize("mode", ["local", "deconvnet"])
+def test_cli_local_and_deconvnet(mode, tmp_path):
+    b, last = _residual_net(4)
+    model = load_proto(b.build([last]), tmp_path)
+    np.save(tmp_path / "images.npy", np.random.default_rng(0).standard_normal((10, 3, 18, 18)).astype(np.float32))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["decode", model.path, "--layer", last, "--mode", mode, "--images",
+                                      str(tmp_path / "images.npy"), "--top", "3", "--neurons", "1,2", "--per-instance",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    decoded, top = np.load(out / "decoded.npz"), np.load(out / "top.npz")
+    assert str(decoded["mode"]) == mode and decoded["filters"].shape[0] == 2
+    assert decoded["instance_filters"].shape == (2, 3, *decoded["filters"].shape[1:])
+    assert decoded["instance_bias"].shape == (2, 3) and top["neurons"].tolist() == [1, 2]
+    if mode == "deconvnet":
+        assert not decoded["bias"].any()
