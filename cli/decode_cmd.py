@@ -13,18 +13,7 @@ from fdsub_onnx import FdsubError, load_model, save_decoded
 from fdsub_onnx._capture import save_with_top
 from fdsub_onnx._local import decode_instances
 from fdsub_onnx._substitution import gather_statistics
-from fdsub_onnx.cli._common import (
-    INPUT_SHAPE,
-    LAYER,
-    MODEL,
-    NEURONS,
-    PRESET,
-    check_out_dir,
-    load_with_images,
-    parse_input_shape,
-    progress_bar,
-    spinner,
-)
+from fdsub_onnx.cli import _common as common
 
 DEFAULT_OUT = Path("fdsub-out")
 
@@ -33,9 +22,9 @@ DATA_MODES = ("fds", "local", "deconvnet")
 
 
 def decode(
-    model: str = MODEL,
-    layer: str = LAYER,
-    neurons: Optional[str] = NEURONS,
+    model: str = common.MODEL,
+    layer: str = common.LAYER,
+    neurons: Optional[str] = common.NEURONS,
     mode: Optional[str] = typer.Option(
         None, "--mode",
         help="weights (data-free); fds, local or deconvnet (need --images).  [default: fds with --images, else weights]",
@@ -49,34 +38,34 @@ def decode(
     per_instance: bool = typer.Option(
         False, "--per-instance", help="local/deconvnet: also write instance_filters and instance_bias.",
     ),
-    preset: str = PRESET,
+    preset: str = common.PRESET,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
     ),
-    input_shape: Optional[str] = INPUT_SHAPE,
+    input_shape: Optional[str] = common.INPUT_SHAPE,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
     With images, also DIR/top.npz and DIR/top.json: the instances the decode used.
     """
-    shape = parse_input_shape(input_shape)
-    check_out_dir(out)
+    shape = common.parse_input_shape(input_shape)
+    common.check_out_dir(out)
     mode = mode or ("fds" if images is not None else "weights")
     if mode in DATA_MODES:
         if images is None:
             raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
-        loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
+        loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
         result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype)
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
-        with spinner(f"loading {model}") as status:
+        with common.spinner(f"loading {model}") as status:
             loaded = load_model(model, shape)
             status.update(f"decoding {layer}")
             result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype)
     folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
-    with spinner("writing results"):
+    with common.spinner("writing results"):
         paths = save_decoded(result, folder) if result.instances is None else save_with_top(result, result.instances, folder)
     k, c, ry, rx = result.filters.shape
     sy, sx = result.stride
@@ -91,14 +80,14 @@ def decode(
 def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype):
     """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
     if mode == "fds":
-        with progress_bar(f"{target} statistics", unit="layers") as progress:
+        with common.progress_bar(f"{target} statistics", unit="layers") as progress:
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
                                              progress=lambda done, total, _name: progress(done, total))
-        with spinner(f"decoding {target}"):
+        with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution)
-    with progress_bar(f"{target} top") as progress:
+    with common.progress_bar(f"{target} top") as progress:
         instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress)
-    with progress_bar(f"{target} {mode}", unit="instances") as progress:
+    with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
                                 progress=progress)
 

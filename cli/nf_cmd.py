@@ -10,54 +10,43 @@ import typer
 import fdsub_onnx
 from fdsub_onnx import FdsubError, load_top
 from fdsub_onnx._capture import save_with_top
-from fdsub_onnx.cli._common import (
-    IMAGES,
-    INPUT_SHAPE,
-    LAYER,
-    MODEL,
-    NEURONS,
-    PRESET,
-    check_out_dir,
-    load_with_images,
-    parse_input_shape,
-    progress_bar,
-)
+from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
 DEFAULT_TOP = 100
 
 
 def nf(
-    model: str = MODEL,
-    layer: str = LAYER,
-    images: str = IMAGES,
+    model: str = common.MODEL,
+    layer: str = common.LAYER,
+    images: str = common.IMAGES,
     count: Optional[int] = typer.Option(
         None, "--top", help=f"Instances averaged per neuron.  [default: {DEFAULT_TOP}]",
     ),
-    neurons: Optional[str] = NEURONS,
-    preset: str = PRESET,
+    neurons: Optional[str] = common.NEURONS,
+    preset: str = common.PRESET,
     from_top: Optional[Path] = typer.Option(
         None, "--from-top", metavar="DIR", help="Use the instances of a `fdsub top` result instead of capturing them.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>-nf]",
     ),
-    input_shape: Optional[str] = INPUT_SHAPE,
+    input_shape: Optional[str] = common.INPUT_SHAPE,
 ) -> None:
     """Average each neuron's top-N patches, weighted by activation; write DIR/decoded.npz, filters.png and top.npz."""
-    shape = parse_input_shape(input_shape)
+    shape = common.parse_input_shape(input_shape)
     if from_top is not None and (count is not None or neurons is not None):
         raise FdsubError("--top and --neurons come from the --from-top result; leave them out")
-    check_out_dir(out)
-    loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
+    common.check_out_dir(out)
+    loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
     top = load_top(from_top) if from_top is not None else None
     if top is None:
-        with progress_bar(f"{target} top") as progress:
+        with common.progress_bar(f"{target} top") as progress:
             top = fdsub_onnx.capture_top(loaded, target, image_set, top=DEFAULT_TOP if count is None else count,
                                          neurons=neurons, progress=progress)
     elif top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
-    with progress_bar(f"{target} nf") as progress:
+    with common.progress_bar(f"{target} nf") as progress:
         result = fdsub_onnx.neuron_feature(loaded, top, image_set, progress=progress)
     paths = save_with_top(result, top, out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-nf")
     k, c, ry, rx = result.filters.shape

@@ -9,50 +9,39 @@ import typer
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError, load_top, merge_top, save_top
-from fdsub_onnx.cli._common import (
-    IMAGES,
-    INPUT_SHAPE,
-    LAYER,
-    MODEL,
-    NEURONS,
-    PRESET,
-    check_out_dir,
-    load_with_images,
-    parse_input_shape,
-    progress_bar,
-)
+from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
 
 def top(
-    model: str = MODEL,
-    layer: str = LAYER,
-    images: str = IMAGES,
+    model: str = common.MODEL,
+    layer: str = common.LAYER,
+    images: str = common.IMAGES,
     count: int = typer.Option(100, "--top", help="Instances kept per neuron."),
-    neurons: Optional[str] = NEURONS,
+    neurons: Optional[str] = common.NEURONS,
     per_image: int = typer.Option(1, "--per-image", help="Instances allowed per image and neuron."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime run."),
-    preset: str = PRESET,
+    preset: str = common.PRESET,
     shard: Optional[str] = typer.Option(
         None, "--shard", metavar="I/N", help="Scan only block I of N (0-based); combine with `fdsub merge`.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
     ),
-    input_shape: Optional[str] = INPUT_SHAPE,
+    input_shape: Optional[str] = common.INPUT_SHAPE,
 ) -> None:
     """Find each neuron's strongest instances (image, position) over IMAGES; write DIR/top.npz and DIR/top.json.
 
     An interrupted run resumes when the same command is run again.
     """
-    shape = parse_input_shape(input_shape)
+    shape = common.parse_input_shape(input_shape)
     part = parse_shard(shard)
-    check_out_dir(out)
-    loaded, target, image_set = load_with_images(model, layer, images, preset, shape)
+    common.check_out_dir(out)
+    loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
     if out is None:
         out = DEFAULT_OUT / (sanitize(target) + (f"-shard{part[0]}of{part[1]}" if part else ""))
     checkpoint = checkpoint_path(out)
-    with progress_bar(f"{target}") as progress:
+    with common.progress_bar(f"{target}") as progress:
         result = fdsub_onnx.capture_top(
             loaded, target, image_set, top=count, neurons=neurons, per_image=per_image,
             batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress,

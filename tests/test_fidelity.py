@@ -1,0 +1,89 @@
+"""Fidelity: predictions against onnxruntime, the correlation and top-N share against direct computations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from checks import load_proto
+from netgen import NetBuilder, run_ort
+from typer.testing import CliRunner
+
+import fdsub_onnx as fd
+from fdsub_onnx._fidelity import compare_modes, fidelity, predict
+from fdsub_onnx.cli.main import app
+
+
+@pytest.fixture
+def linear(tmp_path):
+    """Valid convs and an average pool only: every output position is interior, the weights identity is exact."""
+    b = NetBuilder(height=14, width=14, seed=8)
+    last = b.conv(b.avgpool(b.conv("input", 4, 3), 2, 2), 5, 3)
+    proto = b.build([last])
+    return load_proto(proto, tmp_path), proto, last
+
+
+def test_weights_decoding_of_a_linear_net_has_perfect_fidelity(linear):
+    model, proto, last = linear
+    images = np.random.default_rng(0).standard_normal((20, 3, 14, 14)).astype(np.float32)
+    decoded = fd.decode(model, last, dtype="float64")
+    acts = run_ort(proto, images, [last])[last]
+    np.testing.assert_allclose(predict(decoded, images, acts.shape[2:]), acts, rtol=1e-4, atol=1e-4)
+    result = fidelity(model, {"weights": decoded}, fd.ArrayImages(images), top=5)
+    scores = result["decodings"]["weights"]
+    assert result["images"] == 20 and result["top"] == 5
+    np.testing.assert_allclose(scores["correlation"], 1.0, atol=1e-6)
+    assert scores["top_share"] == [1.0] * 5
+    flipped = dataclasses.replace(decoded, filters=-decoded.filters, bias=-decoded.bias)
+    np.testing.assert_allclose(fidelity(model, {"flipped": flipped}, fd.ArrayImages(images))["decodings"]["flipped"]["correlation"],
+                               -1.0, atol=1e-6)
+
+
+def test_correlation_and_share_match_a_direct_computation(linear):
+    model, proto, last = linear
+    images = np.random.default_rng(1).standard_normal((24, 3, 14, 14)).astype(np.float32)
+    decoded = fd.decode(model, last, neurons="1,3")
+    noisy = dataclasses.replace(decoded, filters=decoded.filters + np.random.default_rng(2).normal(
+        0, np.abs(decoded.filters).max(), decoded.filters.shape).astype(np.float32))
+    scores = fidelity(model, {"noisy": noisy}, fd.ArrayImages(images), top=6, batch_size=5)["decodings"]["noisy"]
+    acts = run_ort(proto, images, [last])[last][:, [1, 3]]
+    pred = predict(noisy, images, acts.shape[2:])
+    for k in range(2):
+        want = np.corrcoef(pred[:, k].ravel(), acts[:, k].ravel())[0, 1]
+        assert abs(scores["correlation"][k] - want) < 1e-6
+        true_top = set(np.argsort(-acts[:, k].reshape(24, -1).max(1), kind="stable")[:6])
+        pred_top = set(np.argsort(-pred[:, k].reshape(24, -1).max(1), kind="stable")[:6])
+        assert scores["top_share"][k] == len(true_top & pred_top) / 6
+    assert 0 < min(scores["correlation"]) < 1
+
+
+def test_compare_modes_on_a_relu_net(tmp_path):
+    b = NetBuilder(height=16, width=16, seed=3)
+    last = b.conv(b.maxpool(b.relu(b.conv("input", 4, 3, 1, (1, 1, 1, 1))), 2, 2), 5, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    rng = np.random.default_rng(0)
+    images, holdout = (fd.ArrayImages(rng.standard_normal((n, 3, 16, 16)).astype(np.float32)) for n in (30, 20))
+    result = compare_modes(model, last, images, holdout, top=5, neurons="0-2")
+    assert list(result["decodings"]) == ["weights", "fds", "local", "deconvnet", "nf"] and result["neurons"] == [0, 1, 2]
+    for scores in result["decodings"].values():
+        assert all(-1 <= r <= 1 for r in scores["correlation"]) and all(0 <= s <= 1 for s in scores["top_share"])
+    with pytest.raises(fd.FdsubError, match="unknown mode 'gradcam'"):
+        compare_modes(model, last, images, holdout, modes=["weights", "gradcam"])
+
+
+def test_cli_fidelity(linear, tmp_path):
+    model, _, last = linear
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.standard_normal((16, 3, 14, 14)).astype(np.float32))
+    np.save(tmp_path / "b.npy", rng.standard_normal((12, 3, 14, 14)).astype(np.float32))
+    out = tmp_path / "fid"
+    args = ["fidelity", model.path, "--layer", last, "--images", str(tmp_path / "a.npy"), "--holdout",
+            str(tmp_path / "b.npy"), "--top", "4", "--out", str(out)]
+    result = CliRunner().invoke(app, args + ["--modes", "weights,local"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "fidelity.json").read_text())
+    assert set(saved["decodings"]) == {"weights", "local"} and "weights" in result.output
+    bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other"), "--modes", "weights,magic"])
+    assert bad.exit_code == 2 and "unknown mode 'magic'" in bad.output and not (tmp_path / "other").exists()
