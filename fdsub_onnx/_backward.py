@@ -127,19 +127,38 @@ def _slope(derivative):
     """An elementwise op whose local linearization is its slope at the forward value (bias: the offset)."""
 
     def step(node, ins, is_data, out, grad, rule):
-        d = derivative(node, ins[0], out)
+        d = np.broadcast_to(derivative(node, ins, out), out.shape)
         offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
-        return [grad * d], (grad * offset).reshape(len(grad), -1).sum(axis=1)
+        return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
 
     return step
 
 
-def _leaky(node, x, out):
-    return np.where(x > 0, 1.0, attributes(node).get("alpha", 0.01))
+def _leaky(node, ins, out):
+    return np.where(ins[0] > 0, 1.0, attributes(node).get("alpha", 0.01))
 
 
-def _clip_slope(node, x, out):
-    return (out == x).astype(np.float64)
+def _prelu(node, ins, out):
+    return np.where(ins[0] > 0, 1.0, np.asarray(ins[1], np.float64))
+
+
+def _clip_slope(node, ins, out):
+    return (out == ins[0]).astype(np.float64)
+
+
+def _hard_sigmoid(node, ins, out):
+    attrs = attributes(node)
+    inner = attrs.get("alpha", 0.2) * ins[0] + attrs.get("beta", 0.5)
+    return np.where((inner > 0) & (inner < 1), attrs.get("alpha", 0.2), 0.0)
+
+
+def _hard_swish(node, ins, out):
+    x = ins[0]
+    return np.where(x < -3, 0.0, np.where(x > 3, 1.0, x / 3 + 0.5))
+
+
+def _elu(node, ins, out):
+    return np.where(ins[0] > 0, 1.0, out + attributes(node).get("alpha", 1.0))
 
 
 def _maxpool(node, ins, is_data, out, grad, rule):
@@ -265,6 +284,8 @@ BACKWARD = {
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
     "Pad": _pad, "Identity": _identity, "Dropout": _identity,
-    "LeakyRelu": _slope(_leaky), "Clip": _slope(_clip_slope),
-    "Sigmoid": _slope(lambda node, x, out: out * (1 - out)), "Tanh": _slope(lambda node, x, out: 1 - out**2),
+    "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
+    "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
+    "Sigmoid": _slope(lambda node, ins, out: out * (1 - out)), "Tanh": _slope(lambda node, ins, out: 1 - out**2),
+    "Softplus": _slope(lambda node, ins, out: 1 / (1 + np.exp(-ins[0]))),
 }

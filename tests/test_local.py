@@ -135,3 +135,35 @@ def test_cli_local_and_deconvnet(mode, tmp_path):
     assert decoded["instance_bias"].shape == (2, 3) and top["neurons"].tolist() == [1, 2]
     if mode == "deconvnet":
         assert not decoded["bias"].any()
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("HardSwish", {}), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("Elu", {"alpha": 0.7}), ("Softplus", {}),
+    ("PRelu", None), ("Clip", None),
+])
+def test_local_slope_rules_linearize_exactly_at_the_instance(op, attrs, tmp_path):
+    """Smooth or piecewise activations: identity at the instance, and the slope against finite differences."""
+    b = NetBuilder(height=9, width=9, seed=11, opset=14)
+    x = b.conv("input", 4, 3)
+    if op == "PRelu":
+        y = b._node(op, [x, b._const("slope", np.array([0.1, 0.2, -0.3, 0.5], np.float32).reshape(4, 1, 1))], b.shapes[x])
+    elif op == "Clip":
+        y = b.clip(x, -0.2, 0.3)
+    else:
+        y = b._node(op, [x], b.shapes[x], **attrs)
+    last = b.conv(y, 2, 3)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(3).standard_normal((4, 3, 9, 9))
+    neurons, positions = np.array([0, 1, 0, 1]), np.array([[0, 0], [1, 2], [2, 1], [4, 4]])
+    grads, bias = instance_gradients(model, last, images, neurons, positions)
+    acts = run_ort(proto, images.astype(np.float32), [last])[last]
+    want = acts[np.arange(4), neurons, positions[:, 0], positions[:, 1]]
+    np.testing.assert_allclose((grads * images).sum(axis=(1, 2, 3)) + bias, want, rtol=1e-5, atol=1e-5)
+    m, eps = 1, 1e-4
+    c, yy, xx = np.unravel_index(np.argmax(np.abs(grads[m])), grads[m].shape)
+    pair = np.repeat(images[m : m + 1], 2, axis=0)
+    pair[0, c, yy, xx] += eps
+    pair[1, c, yy, xx] -= eps
+    both = run_ort(proto, pair, [last])[last][:, neurons[m], positions[m, 0], positions[m, 1]].astype(np.float64)
+    assert abs((both[0] - both[1]) / (2 * eps) - grads[m, c, yy, xx]) <= 2e-2 * abs(grads[m, c, yy, xx]) + 1e-3

@@ -1,0 +1,74 @@
+"""Capture throughput: `capture_top` (streaming top-N of every neuron of a layer) against plain onnxruntime
+inference of the same graph on the same images, in the same process. Target (issue 3): overhead <= 1.15x.
+
+    PYTHONPATH=. python benchmarks/bench_capture.py [--images 256] [--batch 32] [--repeat 3]
+
+Models: the bundled demo model (layer conv4) and the onnx package's light ResNet50 topology with weights
+re-randomized (tests/zoo.py), captured at res3 (r68) and at its last conv (r168). The baseline runs an
+onnxruntime session whose only output is the layer (the graph pruned the same way), batched the same way,
+and does nothing with the result. Best of --repeat runs each; wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import fdsub_onnx as fd  # noqa: E402
+from fdsub_onnx._capture import _pruned, _session  # noqa: E402
+
+
+def plain(model, layer, images, batch):
+    session = _session(_pruned(model.proto, layer, model.input_name, batch="N"))
+    for start in range(0, len(images), batch):
+        session.run([layer], {model.input_name: images[start : start + batch]})
+
+
+def best(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--top", type=int, default=100)
+    args = parser.parse_args()
+    from zoo import ZOO_DIR, randomized
+
+    folder = tempfile.mkdtemp()
+    resnet = os.path.join(folder, "resnet50.onnx")
+    onnx.save(randomized(os.path.join(ZOO_DIR, "light_resnet50.onnx")), resnet)
+    cases = [("demo", os.path.join(os.path.dirname(__file__), "..", "models", "demo.onnx"), "conv4", args.images),
+             ("resnet50", resnet, "r68", args.images // 4), ("resnet50", resnet, "r168", args.images // 4)]
+    table = Table(title=f"capture_top (top {args.top}, all neurons) vs plain onnxruntime, batch {args.batch}, best of {args.repeat}")
+    for column in ("model", "layer", "images", "plain ORT (s)", "capture (s)", "images/s", "overhead"):
+        table.add_column(column, justify="left" if column in ("model", "layer") else "right")
+    rng = np.random.default_rng(0)
+    for name, path, layer, count in cases:
+        model = fd.load_model(path)
+        images = rng.standard_normal((count, *model.input_shape[1:])).astype(np.float32)
+        base = best(lambda: plain(model, layer, images, args.batch), args.repeat)
+        ours = best(lambda: fd.capture_top(model, layer, fd.ArrayImages(images), top=args.top, batch_size=args.batch), args.repeat)
+        table.add_row(name, layer, str(count), f"{base:.2f}", f"{ours:.2f}", f"{count / ours:.1f}", f"{ours / base:.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
