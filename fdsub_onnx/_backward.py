@@ -224,12 +224,27 @@ def _mul_div(node, ins, is_data, out, grad, rule):
     a, b = ins
     data = is_data
     if all(data):
-        raise FdsubError(f"local mode does not support a product of two feature maps ({node.op_type} {node.name!r}) yet")
+        return _product_of_maps(node, a, b, grad)
     const = b if data[0] else a
     factor = 1.0 / const if node.op_type == "Div" else const
     x = a if data[0] else b
     g = _reduce_to(grad * factor, x.shape)
     return ([g, None] if data[0] else [None, g]), _none_added(grad)
+
+
+def _product_of_maps(node, a, b, grad):
+    """Two data inputs: a gate (the input broadcast over the other, e.g. squeeze-and-excitation) is held at
+    its value for the instance; equal shapes (SiLU as x * sigmoid(x)) take the product rule, whose tangent
+    plane ``a*b ~ b*da + a*db - a*b`` is exact at the instance."""
+    if node.op_type == "Div":
+        raise FdsubError(f"local mode does not support a division of two feature maps (node {node.name!r})")
+    if a.size != b.size:
+        gate_is_b = b.size < a.size
+        held = b if gate_is_b else a
+        x = a if gate_is_b else b
+        g = _reduce_to(grad * held, x.shape)
+        return ([g, None] if gate_is_b else [None, g]), _none_added(grad)
+    return [grad * b, grad * a], -(grad * a * b).reshape(len(grad), -1).sum(axis=1)
 
 
 def _reshape_like(node, ins, is_data, out, grad, rule):

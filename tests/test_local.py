@@ -167,3 +167,35 @@ def test_local_slope_rules_linearize_exactly_at_the_instance(op, attrs, tmp_path
     pair[1, c, yy, xx] -= eps
     both = run_ort(proto, pair, [last])[last][:, neurons[m], positions[m, 0], positions[m, 1]].astype(np.float64)
     assert abs((both[0] - both[1]) / (2 * eps) - grads[m, c, yy, xx]) <= 2e-2 * abs(grads[m, c, yy, xx]) + 1e-3
+
+
+@pytest.mark.parametrize("gate", ["squeeze_excitation", "silu"])
+def test_local_products_of_feature_maps(gate, tmp_path):
+    """SE gates are held at their value (identity exact, gate path not differentiated); SiLU takes the product rule
+    (identity exact and the filter is the true gradient)."""
+    b = NetBuilder(height=10, width=10, seed=13)
+    x = b.conv("input", 4, 3)
+    if gate == "silu":
+        g = b.sigmoid(x)
+    else:
+        g = b.sigmoid(b.conv(b.global_avgpool(x), 4, 1))
+    y = b._node("Mul", [x, g], b.shapes[x])
+    last = b.conv(y, 2, 3)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(4).standard_normal((3, 3, 10, 10))
+    neurons, positions = np.array([0, 1, 1]), np.array([[0, 0], [2, 3], [5, 5]])
+    grads, bias = instance_gradients(model, last, images, neurons, positions)
+    acts = run_ort(proto, images.astype(np.float32), [last])[last]
+    want = acts[np.arange(3), neurons, positions[:, 0], positions[:, 1]]
+    np.testing.assert_allclose((grads * images).sum(axis=(1, 2, 3)) + bias, want, rtol=1e-5, atol=1e-5)
+    c, yy, xx = np.unravel_index(np.argmax(np.abs(grads[0])), grads[0].shape)
+    pair = np.repeat(images[:1], 2, axis=0)
+    pair[0, c, yy, xx] += 1e-4
+    pair[1, c, yy, xx] -= 1e-4
+    both = run_ort(proto, pair, [last])[last][:, 0, 0, 0].astype(np.float64)
+    slope = (both[0] - both[1]) / 2e-4
+    if gate == "silu":
+        assert abs(slope - grads[0, c, yy, xx]) <= 2e-2 * abs(grads[0, c, yy, xx]) + 1e-3
+    else:  # the gate's own dependence on the image is left out, so the filter differs from the gradient
+        assert abs(slope - grads[0, c, yy, xx]) > 1e-4
