@@ -32,9 +32,27 @@ IMAGES = typer.Option(
     help="Images: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
 )
 PRESET = typer.Option("raw", "--preset", help="Preprocessing: raw, torchvision, caffe or tf.")
+MEAN = typer.Option(None, "--mean", metavar="M[,M,M]", help="Subtracted after --scale (overrides the preset).")
+STD = typer.Option(None, "--std", metavar="S[,S,S]", help="Divided by after --mean (overrides the preset).")
+SCALE = typer.Option(None, "--scale", help="Multiplies the 0-1 pixel values first (overrides the preset).")
+BGR = typer.Option(None, "--bgr/--rgb", help="Channel order (overrides the preset).", show_default=False)
 
 
-def load_with_images(model: str, layer: str, images: str, preset: str, input_shape: tuple[int, ...] | None):
+def preprocessing(preset: str, mean: str | None, std: str | None, scale: float | None, bgr: bool | None) -> dict:
+    """The --preset/--mean/--std/--scale/--bgr options as keyword arguments of ``open_images``."""
+    return {"preset": preset, "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "scale": scale, "bgr": bgr}
+
+
+def _numbers(option: str, text: str | None):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise FdsubError(f"{option} takes one number or one per channel, such as 0.5 or 0.485,0.456,0.406; got {text!r}") from None
+
+
+def load_with_images(model: str, layer: str, images: str, prep: dict, input_shape: tuple[int, ...] | None):
     """Load the model, resolve the layer's output tensor and open the image set (behind a spinner)."""
     import fdsub_onnx
     from fdsub_onnx._images import open_images
@@ -42,7 +60,7 @@ def load_with_images(model: str, layer: str, images: str, preset: str, input_sha
     with spinner(f"loading {model}"):
         loaded = fdsub_onnx.load_model(model, input_shape)
         target = fdsub_onnx.find_layer(loaded, layer).output[0]
-        return loaded, target, open_images(images, loaded.input_shape[1:], preset=preset)
+        return loaded, target, open_images(images, loaded.input_shape[1:], **prep)
 
 
 def check_out_dir(out) -> None:

@@ -39,6 +39,10 @@ def decode(
         False, "--per-instance", help="local/deconvnet: also write instance_filters and instance_bias.",
     ),
     preset: str = common.PRESET,
+    mean: Optional[str] = common.MEAN,
+    std: Optional[str] = common.STD,
+    scale: Optional[float] = common.SCALE,
+    bgr: Optional[bool] = common.BGR,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
     ),
@@ -55,7 +59,8 @@ def decode(
     if mode in DATA_MODES:
         if images is None:
             raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
-        loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
+        loaded, target, image_set = common.load_with_images(
+        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
         result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype)
     else:
         if images is not None:

@@ -31,6 +31,10 @@ def fidelity(
     neurons: Optional[str] = common.NEURONS,
     modes: str = typer.Option(",".join(FIDELITY_MODES), "--modes", help="Decodings to compare, comma separated."),
     preset: str = common.PRESET,
+    mean: Optional[str] = common.MEAN,
+    std: Optional[str] = common.STD,
+    scale: Optional[float] = common.SCALE,
+    bgr: Optional[bool] = common.BGR,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>-fidelity]",
     ),
@@ -39,8 +43,9 @@ def fidelity(
     """Compare decodings of a layer: correlation with the true activation and share of the true top-N on HOLDOUT."""
     shape = common.parse_input_shape(input_shape)
     common.check_out_dir(out)
-    loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
-    held = open_images(holdout, loaded.input_shape[1:], preset=preset)
+    loaded, target, image_set = common.load_with_images(
+        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
+    held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
         result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons, progress=progress)

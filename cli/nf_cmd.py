@@ -25,6 +25,10 @@ def nf(
     ),
     neurons: Optional[str] = common.NEURONS,
     preset: str = common.PRESET,
+    mean: Optional[str] = common.MEAN,
+    std: Optional[str] = common.STD,
+    scale: Optional[float] = common.SCALE,
+    bgr: Optional[bool] = common.BGR,
     from_top: Optional[Path] = typer.Option(
         None, "--from-top", metavar="DIR", help="Use the instances of a `fdsub top` result instead of capturing them.",
     ),
@@ -38,7 +42,8 @@ def nf(
     if from_top is not None and (count is not None or neurons is not None):
         raise FdsubError("--top and --neurons come from the --from-top result; leave them out")
     common.check_out_dir(out)
-    loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
+    loaded, target, image_set = common.load_with_images(
+        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     top = load_top(from_top) if from_top is not None else None
     if top is None:
         with common.progress_bar(f"{target} top") as progress:

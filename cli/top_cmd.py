@@ -22,6 +22,10 @@ def top(
     per_image: int = typer.Option(1, "--per-image", help="Instances allowed per image and neuron."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime run."),
     preset: str = common.PRESET,
+    mean: Optional[str] = common.MEAN,
+    std: Optional[str] = common.STD,
+    scale: Optional[float] = common.SCALE,
+    bgr: Optional[bool] = common.BGR,
     shard: Optional[str] = typer.Option(
         None, "--shard", metavar="I/N", help="Scan only block I of N (0-based); combine with `fdsub merge`.",
     ),
@@ -37,7 +41,8 @@ def top(
     shape = common.parse_input_shape(input_shape)
     part = parse_shard(shard)
     common.check_out_dir(out)
-    loaded, target, image_set = common.load_with_images(model, layer, images, preset, shape)
+    loaded, target, image_set = common.load_with_images(
+        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     if out is None:
         out = DEFAULT_OUT / (sanitize(target) + (f"-shard{part[0]}of{part[1]}" if part else ""))
     checkpoint = checkpoint_path(out)
