@@ -24,6 +24,7 @@ See benchmarks/README.md for what is measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -34,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Imported first: it fixes the thread counts (from --threads) before NumPy and torch are imported.
-from bench_weights_vgg19 import (  # noqa: E402
-    CpuMonitor,
+from bench_weights_vgg19 import (
     ConvSpec,
+    CpuMonitor,
     environment,
     openblas_core,
     sample_channels,
@@ -44,10 +45,11 @@ from bench_weights_vgg19 import (  # noqa: E402
     vgg19_onnx,
 )
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
+# isort: split
+import numpy as np
+import onnx
 
-import fdsub_onnx as fd  # noqa: E402
+import fdsub_onnx as fd
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,6 +86,8 @@ class Row:
     images: int
     top: int
     fdsub_s: float = 0.0
+    statistics_s: float = 0.0  # split run: fd.gather_statistics alone (captures + window means of every node below)
+    compose_s: float = 0.0  # split run: fd.decode(..., substitution=...) alone (the bottom-up composition)
     capture_s: float = 0.0  # fd.capture_top of the layer alone (for the baseline's instances; not in fdsub_s)
     baseline_ms_per_neuron: float = 0.0
     baseline_extrapolated_s: float = 0.0
@@ -158,6 +162,7 @@ def print_table(rows: list[Row], title: str):
         "neurons",
         "RF",
         "fdsub fds (s)",
+        "stats + compose (s)",
         "baseline ms/neuron",
         "baseline extrap. (s)",
         "ratio",
@@ -171,6 +176,7 @@ def print_table(rows: list[Row], title: str):
             str(r.neurons),
             str(r.rf),
             f"{r.fdsub_s:.2f}",
+            f"{r.statistics_s:.1f} + {r.compose_s:.1f}" if r.statistics_s else "-",
             f"{r.baseline_ms_per_neuron:.0f}",
             f"{r.baseline_extrapolated_s:.0f}",
             f"{r.ratio:.1f}x",
@@ -201,7 +207,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", nargs="+", default=["conv3_4", "conv4_4"], help="conv layers (default conv3_4 conv4_4)")
+    parser.add_argument(
+        "--layers", nargs="+", default=["conv3_4", "conv4_4"], help="conv layers (default conv3_4 conv4_4)"
+    )
     parser.add_argument("--size", type=int, default=64, help="input size (default 64)")
     parser.add_argument("--images", type=int, default=256, help="number of standard-normal images (default 256)")
     parser.add_argument("--top", type=int, default=100, help="instances per neuron (default 100)")
@@ -209,7 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--per-instance", type=int, default=10, help="instances timed in the batch-1 baseline (default 10)"
     )
-    parser.add_argument("--threads", type=int, default=2, help="threads for NumPy/OpenBLAS, torch, onnxruntime (default 2)")
+    parser.add_argument(
+        "--no-split", action="store_true", help="skip the second fdsub run timing statistics and composition apart"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads for NumPy/OpenBLAS, torch, onnxruntime (default 2)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight and image seed (default 0)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "fds.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -235,8 +248,14 @@ def main(argv=None) -> int:
     rows = []
     for name in args.layers:
         layer = layers[name]
-        row = Row(name, layer.channels, layer.receptive_field[0], args.images, args.top,
-                  samples=sample_channels(layer.channels, args.sample))
+        row = Row(
+            name,
+            layer.channels,
+            layer.receptive_field[0],
+            args.images,
+            args.top,
+            samples=sample_channels(layer.channels, args.sample),
+        )
         with fd_cpu:
             t = time.perf_counter()
             decoded = fd.decode(model, name, mode="fds", images=fd.ArrayImages(x), top=args.top)
@@ -244,9 +263,24 @@ def main(argv=None) -> int:
         assert decoded.filters.shape[0] == layer.channels and np.isfinite(decoded.filters).all()
         del decoded
         print(f"  fdsub    {name}: fds decode of {layer.channels} neurons {row.fdsub_s:.2f} s", flush=True)
+        if not args.no_split:
+            with fd_cpu:
+                t = time.perf_counter()
+                sub = fd.gather_statistics(
+                    model, [fd.find_layer(model, name).output[0]], fd.ArrayImages(x), top=args.top
+                )
+                row.statistics_s = time.perf_counter() - t
+                t = time.perf_counter()
+                fd.decode(model, name, mode="fds", substitution=sub)
+                row.compose_s = time.perf_counter() - t
+            del sub
+            print(
+                f"           split: statistics {row.statistics_s:.2f} s + composition {row.compose_s:.2f} s", flush=True
+            )
         t = time.perf_counter()
         top = fd.capture_top(model, name, fd.ArrayImages(x), top=args.top, neurons=row.samples)
         row.capture_s = time.perf_counter() - t
+        gc.collect()  # drop fdsub's onnxruntime sessions before timing torch
         net = vgg19_torch(convs, name)
         with base_cpu:
             run_baseline(net, x, top, row, args.per_instance)
