@@ -85,9 +85,9 @@ def decode(
 def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype):
     """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
     if mode == "fds":
-        with common.progress_bar(f"{target} statistics", unit="layers") as progress:
+        with common.progress_bar(f"{target} statistics (2 passes)") as progress:
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                             progress=lambda done, total, _name: progress(done, total))
+                                             progress=progress)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution)
     with common.progress_bar(f"{target} top") as progress:

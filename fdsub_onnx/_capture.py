@@ -87,7 +87,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     every = np.array_equal(picked, np.arange(shape[1]))  # all neurons in order: no copy of the activations
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
-    state = _start(picked, target, images, int(per_image), int(top))
+    state = start_top(picked, target, images, int(per_image), int(top))
     if checkpoint is not None:
         state = _resume(Path(checkpoint), signature, state)
     total = stop - first
@@ -102,7 +102,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
             batch = batch[: stop - index]
             acts = run(batch)
             acts = acts if every else acts[:, picked]
-            state = _merge(state, _candidates(acts, index, state.per_image, run.width), state.top)
+            state = update_top(state, acts, index, run.width)
             state.images_done = index + len(batch) - first
             if checkpoint is not None and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
                 _save_checkpoint(Path(checkpoint), state, signature, images)
@@ -132,7 +132,7 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
     top = least if top is None else top
     if not 1 <= top <= least:
         raise FdsubError(f"cannot merge into top {top}: the parts keep {least} instances per neuron")
-    state = _start(head.neurons, head.layer, head, head.per_image, top)
+    state = start_top(head.neurons, head.layer, head, head.per_image, top)
     state.values = np.concatenate([p.values for p in parts], axis=1)
     state.image_index = np.concatenate([p.image_index for p in parts], axis=1)
     state.position = np.concatenate([p.position for p in parts], axis=1)
@@ -184,10 +184,51 @@ class _Runner:
         return np.asarray(out, dtype=np.float32)
 
 
-def _pruned(proto: onnx.ModelProto, target: str, input_name: str, batch: str | None) -> onnx.ModelProto:
-    """Copy of ``proto`` computing only ``target`` (its only output); ``batch`` names a dynamic batch dim."""
+class Forward:
+    """One onnxruntime session computing several tensors at once (batched; one image at a time where the
+    graph fixes the batch size)."""
+
+    def __init__(self, model: Model, names: list[str]):
+        self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
+        self.session = _session(_pruned(model.proto, self.names, model.input_name, batch="N")) if self.names else None
+        self.batched = True
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        outs = self._batched(batch) if self.batched and len(batch) > 1 else None
+        if outs is None and not self.names:
+            outs = []
+        elif outs is None:
+            runs = [self._run(batch[i : i + 1]) for i in range(len(batch))]
+            outs = [np.concatenate([r[j] for r in runs]) for j in range(len(self.names))]
+        values = dict(zip(self.names, outs))
+        values[self.input] = batch
+        return values
+
+    def _batched(self, batch):
+        """All images in one run; None (and one at a time from then on) where the graph fixes the batch size."""
+        try:
+            outs = self._run(batch)
+        except FdsubError:
+            outs = None
+        if outs is None or any(o.shape[:1] != (len(batch),) for o in outs):
+            self.batched = False
+            return None
+        return outs
+
+    def _run(self, batch):
+        try:
+            return self.session.run(self.names, {self.input: batch})
+        except Exception as exc:
+            raise FdsubError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
+
+
+def _pruned(proto: onnx.ModelProto, target, input_name: str, batch: str | None) -> onnx.ModelProto:
+    """Copy of ``proto`` computing only ``target`` (a tensor name or a list: its outputs); ``batch`` names a
+    dynamic batch dim."""
     produced = {out: node for node in proto.graph.node for out in node.output}
-    needed, stack, seen = [], [target], set()
+    targets = [target] if isinstance(target, str) else list(target)
+    needed, stack, seen = [], list(targets), set()
     while stack:
         name = stack.pop()
         node = produced.get(name)
@@ -217,7 +258,7 @@ def _pruned(proto: onnx.ModelProto, target: str, input_name: str, batch: str | N
             dim.dim_param = batch
     del graph.value_info[:]
     del graph.output[:]
-    graph.output.append(onnx.ValueInfoProto(name=target))
+    graph.output.extend(onnx.ValueInfoProto(name=t) for t in targets)
     return result
 
 
@@ -256,6 +297,11 @@ def _candidates(acts: np.ndarray, first: int, per_image: int, width: int):
     image = np.broadcast_to(first + np.arange(b)[:, None, None], pos.shape)
     values, image, pos = (a.transpose(1, 0, 2).reshape(k_neurons, -1) for a in (values, image, pos))
     return values, image, np.stack([pos // width, pos % width], axis=-1)
+
+
+def update_top(state: TopN, acts: np.ndarray, first: int, width: int) -> TopN:
+    """The state after one batch of activations [B, K, H*W] of images ``first``, ``first + 1``, ..."""
+    return _merge(state, _candidates(acts, first, state.per_image, width), state.top)
 
 
 def _merge(state: TopN, candidates, top: int) -> TopN:
@@ -319,7 +365,7 @@ def instance_weights(top: TopN) -> np.ndarray:
     return weights
 
 
-def _start(neurons, layer, images, per_image, top) -> TopN:
+def start_top(neurons, layer, images, per_image, top) -> TopN:
     """An empty state: every slot unfilled."""
     k = len(neurons)
     return TopN(np.full((k, top), -np.inf, np.float32), np.full((k, top), -1, np.int64),

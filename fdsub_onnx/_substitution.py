@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from ._capture import TopN, _Runner, capture_top, instance_weights
+from ._capture import Forward, TopN, instance_weights, start_top, update_top
 from ._errors import FdsubError
 from ._geometry import resolve_pads
 from ._walker import _ancestors
@@ -61,45 +62,65 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = "pos
                       progress=None) -> Substitution:
     """Capture the top-N of every substituted node up to ``targets`` (tensor names) and average their input windows.
 
-    One onnxruntime pass per node for its top-N and one for its input windows: simple, not yet fast.
+    Two onnxruntime passes over the images in all: one for every node's top-N, one for their input windows.
+    ``progress(done, total)`` counts images over both passes.
     """
     _parse_select(select)
     targets = [targets] if isinstance(targets, str) else list(targets)
     nodes = [n for n in _ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
-    stats, tops = {}, {}
-    for step, node in enumerate(nodes):
-        if progress is not None:
-            progress(step, len(nodes), node.output[0])
-        tops[node.output[0]] = found = capture_top(model, node.output[0], images, top=top, batch_size=batch_size)
-        stats[node.output[0]] = _window_means(model, node, found, images, batch_size)
-    if progress is not None:
-        progress(len(nodes), len(nodes), None)
+    for node in nodes:
+        shape = model.shapes.get(node.input[0])
+        if shape is None or len(shape) not in (2, 4):
+            raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
+                             "fds needs a map or a vector")
+    tops = _top_of_every_node(model, nodes, images, top, batch_size, progress)
+    stats = _window_means(model, nodes, tops, images, batch_size, progress)
     return Substitution(stats, select, tops)
 
 
-def _window_means(model, node, top: TopN, images, batch_size: int) -> np.ndarray:
-    """Activation-weighted mean, per neuron, of the node's input window at each of its instances."""
-    name = node.input[0]
-    shape = model.shapes.get(name)
-    if shape is None or len(shape) not in (2, 4):
-        raise FdsubError(f"the input {name!r} of node {model.node_name(node)!r} has shape {shape}; fds needs a map or a vector")
-    weights = instance_weights(top)
-    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
-    run = (lambda batch: batch) if name == model.input_name else _Runner(model, name, shape)
-    window = _Window(model, node, shape)
-    total = None
-    needed = np.unique(top.image_index[top.image_index >= 0])
+def _top_of_every_node(model, nodes, images, top, batch_size, progress) -> dict[str, TopN]:
+    """First pass: each node's top-N instances (all neurons, one per image)."""
+    names = [n.output[0] for n in nodes]
+    shapes = {name: model.shapes[name] for name in names}
+    states = {name: start_top(np.arange(shapes[name][1]), name, images, 1, top) for name in names}
+    forward = Forward(model, names)
     for first, batch in images.batches(batch_size):
-        in_batch = needed[(needed >= first) & (needed < first + len(batch))]
-        if len(in_batch) == 0:
-            continue
-        acts = run(batch).reshape(len(batch), *shape[1:])
-        rows, slots = np.nonzero((top.image_index >= first) & (top.image_index < first + len(batch)))
-        cut = window.cut(acts, rows, top.image_index[rows, slots] - first, top.position[rows, slots])
-        part = np.zeros((top.values.shape[0], *cut.shape[1:]))
-        np.add.at(part, rows, weights[rows, slots].reshape(-1, *[1] * (cut.ndim - 1)) * cut)
-        total = part if total is None else total + part
-    return (total if total is not None else np.zeros(window.stat_shape(top.values.shape[0]))).astype(np.float32)
+        values = forward(batch)
+        for name in names:
+            acts = np.asarray(values[name], np.float32).reshape(len(batch), shapes[name][1], -1)
+            width = shapes[name][3] if len(shapes[name]) == 4 else 1
+            states[name] = update_top(states[name], acts, first, width)
+        if progress is not None:
+            progress(first + len(batch), 2 * len(images))
+    for state in states.values():
+        state.images_done = len(images)
+    return states
+
+
+def _window_means(model, nodes, tops, images, batch_size, progress) -> dict[str, np.ndarray]:
+    """Second pass: per node and neuron, the activation-weighted mean of the input window at its instances."""
+    windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
+    weights = {}
+    for name, found in tops.items():
+        w = instance_weights(found)
+        weights[name] = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    totals = {name: np.zeros(windows[name].stat_shape(tops[name].values.shape[0])) for name in tops}
+    forward = Forward(model, [n.input[0] for n in nodes])
+    for first, batch in images.batches(batch_size):
+        values = forward(batch)
+        for node in nodes:
+            name, found = node.output[0], tops[node.output[0]]
+            rows, slots = np.nonzero((found.image_index >= first) & (found.image_index < first + len(batch)))
+            if len(rows) == 0:
+                continue
+            acts = np.asarray(values[node.input[0]], np.float64).reshape(len(batch), *model.shapes[node.input[0]][1:])
+            cut = windows[name].cut(acts, rows, found.image_index[rows, slots] - first, found.position[rows, slots])
+            weighted = weights[name][rows, slots].reshape(-1, *[1] * (cut.ndim - 1)) * cut
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
+            totals[name][rows[starts]] += np.add.reduceat(weighted, starts, axis=0)
+        if progress is not None:
+            progress(len(images) + first + len(batch), 2 * len(images))
+    return {name: total.astype(np.float32) for name, total in totals.items()}
 
 
 class _Window:
@@ -134,11 +155,15 @@ class _Window:
         (by, bx), (ey, ex) = self.begin, self.end
         padded = np.pad(acts, ((0, 0), (0, 0), (by, ey + self.kernel[0] * self.dilations[0]),
                                (bx, ex + self.kernel[1] * self.dilations[1])))
-        ys = position[:, :1] * self.strides[0] + np.arange(self.kernel[0]) * self.dilations[0]  # [M, k_y]
-        xs = position[:, 1:] * self.strides[1] + np.arange(self.kernel[1]) * self.dilations[1]  # [M, k_x]
+        (ky, kx), (dy, dx) = self.kernel, self.dilations
+        view = sliding_window_view(padded, ((ky - 1) * dy + 1, (kx - 1) * dx + 1), axis=(2, 3))[..., ::dy, ::dx]
+        ys, xs = position[:, 0] * self.strides[0], position[:, 1] * self.strides[1]  # window corners
         per_group = self.channels // self.groups
-        channels = (rows // (self.neurons // self.groups))[:, None] * per_group + np.arange(per_group)  # [M, C/g]
-        cut = padded[image[:, None, None, None], channels[:, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+        if self.groups == 1:
+            cut = view[image, :, ys, xs]  # [M, C, k_y, k_x]
+        else:
+            channels = (rows // (self.neurons // self.groups))[:, None] * per_group + np.arange(per_group)
+            cut = view[image[:, None], channels, ys[:, None], xs[:, None]]  # [M, C/g, k_y, k_x]
         if self.op == "MaxPool":  # the switch: one-hot of the first maximum of each window
             flat = cut.reshape(len(cut), per_group, -1)
             cut = np.zeros_like(flat)
