@@ -11,7 +11,7 @@ weight to compose with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -33,6 +33,7 @@ class Substitution:
     stats: dict[str, np.ndarray]
     select: str = "positive"
     tops: dict[str, TopN] | None = None  # the instances each statistic came from
+    gates: dict[str, np.ndarray] = field(default_factory=dict)  # Mul output -> mean gate per channel
 
     def weight(self, node, weight: np.ndarray) -> np.ndarray:
         """The weight ``node`` composes with: substituted where statistics exist, else as given."""
@@ -73,19 +74,38 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = "pos
         if shape is None or len(shape) not in (2, 4):
             raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
                              "fds needs a map or a vector")
-    tops = _top_of_every_node(model, nodes, images, top, batch_size, progress)
+    gates = _gates(model, _ancestors(model, targets))
+    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates)
     stats = _window_means(model, nodes, tops, images, batch_size, progress)
-    return Substitution(stats, select, tops)
+    return Substitution(stats, select, tops, means)
 
 
-def _top_of_every_node(model, nodes, images, top, batch_size, progress) -> dict[str, TopN]:
-    """First pass: each node's top-N instances (all neurons, one per image)."""
+def _gates(model, nodes) -> dict[str, str]:
+    """Mul nodes of two data inputs where one is a [N, C, 1, 1] gate over a map (squeeze-and-excitation):
+    Mul output -> gate tensor. In fds mode each gate is held at its mean over the images."""
+    gates = {}
+    for node in nodes:
+        if node.op_type != "Mul" or any(name in model.constants for name in node.input):
+            continue
+        shapes = [model.shapes.get(name) for name in node.input]
+        if all(s is not None and len(s) == 4 for s in shapes):
+            small = [s[2] * s[3] == 1 for s in shapes]
+            if small[0] != small[1]:
+                gates[node.output[0]] = node.input[0] if small[0] else node.input[1]
+    return gates
+
+
+def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates):
+    """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
     shapes = {name: model.shapes[name] for name in names}
     states = {name: start_top(np.arange(shapes[name][1]), name, images, 1, top) for name in names}
-    forward = Forward(model, names)
+    sums = {mul: 0.0 for mul in gates}
+    forward = Forward(model, names + list(gates.values()))
     for first, batch in images.batches(batch_size):
         values = forward(batch)
+        for mul, gate in gates.items():
+            sums[mul] = sums[mul] + np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3))
         for name in names:
             acts = np.asarray(values[name], np.float32).reshape(len(batch), shapes[name][1], -1)
             width = shapes[name][3] if len(shapes[name]) == 4 else 1
@@ -94,7 +114,7 @@ def _top_of_every_node(model, nodes, images, top, batch_size, progress) -> dict[
             progress(first + len(batch), 2 * len(images))
     for state in states.values():
         state.images_done = len(images)
-    return states
+    return states, {mul: total / len(images) for mul, total in sums.items()}
 
 
 def _window_means(model, nodes, tops, images, batch_size, progress) -> dict[str, np.ndarray]:

@@ -38,6 +38,10 @@ class Context:
     def rows(self, node):
         return self._rows.get(node.output[0])
 
+    def held_gate(self, node):
+        """fds: the per-channel mean of the gate a data x data Mul applies (None: no rule)."""
+        return None if self._substitution is None else self._substitution.gates.get(node.output[0])
+
     def substitute(self, node, weight):
         """The weight to compose ``node`` with: its own (``weights`` mode) or the substituted one (``fds``)."""
         return weight if self._substitution is None else self._substitution.weight(node, weight)

@@ -157,3 +157,24 @@ def test_cli_decode_fds_bad_input_is_one_line(net, tmp_path, args, message):
     result = CliRunner().invoke(app, ["decode", model.path, "--layer", names["c3"], "--out", str(out), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_squeeze_excitation_gate_is_held_at_its_mean(tmp_path):
+    """A data x data Mul (SE gate [N, C, 1, 1] over a map) blocks `weights` mode; fds holds the gate at its mean."""
+    b = NetBuilder(height=10, width=10, seed=6)
+    x = b.relu(b.conv("input", 4, 3))
+    gate = b.sigmoid(b.conv(b.global_avgpool(x), 4, 1))
+    y = b._node("Mul", [x, gate], b.shapes[x])
+    last = b.conv(y, 3, 3)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(1).standard_normal((16, 3, 10, 10)).astype(np.float32)
+    with pytest.raises(fd.FdsubError, match="multiplies two data-dependent tensors"):
+        fd.decode(model, last)
+    sub = gather_statistics(model, last, fd.ArrayImages(images), top=5, batch_size=6)
+    want = run_ort(proto, images, [gate])[gate].mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(sub.gates[y], want, rtol=1e-5)
+    held = fd.decode(model, last, mode="fds", dtype="float64", substitution=sub)
+    sub.gates[y] = 2 * sub.gates[y]  # the held gate scales everything above it linearly
+    doubled = fd.decode(model, last, mode="fds", dtype="float64", substitution=sub)
+    np.testing.assert_allclose(doubled.filters, 2 * held.filters, rtol=1e-10, atol=1e-14)

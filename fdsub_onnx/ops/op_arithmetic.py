@@ -38,6 +38,10 @@ class Mul(OpRule):
         gated = _self_gated(node, ctx)
         if gated is not None:
             return data(inputs[gated])
+        held = ctx.held_gate(node)
+        if held is not None:  # fds: the gate at its mean over the images (see _substitution)
+            x = data(a) if ctx.spatial(node.input[0]) != (1, 1) else data(b)
+            return scale(x, held, ctx)
         raise NotDecodable(
             "it multiplies two data-dependent tensors (a multiplicative gate such as squeeze-and-excitation), "
             "which has no data-free rule; decode it with images (fds or local mode)"
