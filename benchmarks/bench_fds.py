@@ -41,6 +41,7 @@ from bench_weights_vgg19 import (
     environment,
     openblas_core,
     sample_channels,
+    show_table,
     vgg19_convs,
     vgg19_onnx,
 )
@@ -186,21 +187,7 @@ def print_table(rows: list[Row], title: str):
         ]
         for r in rows
     ]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title)
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for line in body:
-            table.add_row(*line)
-        Console(width=160).print(table)
-    except ImportError:
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-        print(title)
-        for line in [header, *body]:
-            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    show_table(title, header, body)
 
 
 def main(argv=None) -> int:

@@ -360,6 +360,11 @@ def print_table(rows: list[Row], total: dict, title: str):
         "",
         f"{total['max_rel_err']:.1e}",
     ]
+    show_table(title, header, body, foot)
+
+
+def show_table(title: str, header: list[str], body: list[list[str]], foot: list[str] | None = None):
+    """A rich table (plain text without rich): first column left-aligned, a bold total row if ``foot``."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -369,13 +374,15 @@ def print_table(rows: list[Row], total: dict, title: str):
             table.add_column(h, justify="left" if i == 0 else "right")
         for line in body:
             table.add_row(*line)
-        table.add_section()
-        table.add_row(*foot, style="bold")
+        if foot is not None:
+            table.add_section()
+            table.add_row(*foot, style="bold")
         Console(width=160).print(table)
     except ImportError:
-        widths = [max(len(line[i]) for line in [header, *body, foot]) for i in range(len(header))]
+        lines = [header, *body] + ([foot] if foot is not None else [])
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         print(title)
-        for line in [header, *body, foot]:
+        for line in lines:
             print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
 
 
