@@ -15,9 +15,8 @@ padding with count_include_pad=0 are treated as interior ones (a border effect o
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from ._capture import _pruned, _session
+from ._capture import Forward
 from ._errors import FdsubError
 from ._geometry import resolve_pads
 from ._walker import _ancestors
@@ -31,7 +30,7 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     if rule not in RULES:
         raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
     nodes = _ancestors(model, [target])
-    values = _forward(model, target, nodes, images)
+    values = _forward(model, nodes, images)
     seed = np.zeros_like(values[target], dtype=np.float64)
     m = np.arange(len(images))
     if seed.ndim == 4:
@@ -59,22 +58,10 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     return grads[model.input_name], bias
 
 
-def _forward(model, target, nodes, images) -> dict:
-    """Every tensor the nodes compute, for each image (onnxruntime, one batched run)."""
-    proto = _pruned(model.proto, target, model.input_name, batch="N")
-    names = list(dict.fromkeys(o for n in proto.graph.node for o in n.output if o))
-    del proto.graph.output[:]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    session = _session(proto)
-    batch = np.ascontiguousarray(images, dtype=np.float32)
-    try:
-        outs = session.run(names, {model.input_name: batch})
-    except Exception:  # a graph with a fixed batch size: one image at a time
-        runs = [session.run(names, {model.input_name: batch[i : i + 1]}) for i in range(len(batch))]
-        outs = [np.concatenate([r[j] for r in runs]) for j in range(len(names))]
-    values = {n: np.asarray(v, np.float64) for n, v in zip(names, outs)}
-    values[model.input_name] = batch.astype(np.float64)
-    return values
+def _forward(model, nodes, images) -> dict:
+    """Every tensor the nodes compute, for each image, in float64 (one onnxruntime run)."""
+    values = Forward(model, [o for n in nodes for o in n.output if o])(images)
+    return {name: np.asarray(value, np.float64) for name, value in values.items()}
 
 
 def _none_added(grad):
