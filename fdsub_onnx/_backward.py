@@ -25,12 +25,17 @@ from .ops._rule import attributes
 RULES = ("local", "deconvnet")
 
 
-def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local"):
-    """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``."""
+def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local",
+                       forward: Forward | None = None):
+    """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``.
+
+    ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls.
+    """
     if rule not in RULES:
         raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
     nodes = _ancestors(model, [target])
-    values = _forward(model, nodes, images)
+    forward = forward if forward is not None else forward_for(model, target)
+    values = {name: np.asarray(value, np.float64) for name, value in forward(images).items()}
     seed = np.zeros_like(values[target], dtype=np.float64)
     m = np.arange(len(images))
     if seed.ndim == 4:
@@ -58,10 +63,9 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     return grads[model.input_name], bias
 
 
-def _forward(model, nodes, images) -> dict:
-    """Every tensor the nodes compute, for each image, in float64 (one onnxruntime run)."""
-    values = Forward(model, [o for n in nodes for o in n.output if o])(images)
-    return {name: np.asarray(value, np.float64) for name, value in values.items()}
+def forward_for(model, target: str) -> Forward:
+    """The onnxruntime session computing every tensor below ``target`` (the forward values a backward pass reads)."""
+    return Forward(model, [o for n in _ancestors(model, [target]) for o in n.output if o])
 
 
 def _none_added(grad):

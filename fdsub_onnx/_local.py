@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backward import instance_gradients
+from ._backward import forward_for, instance_gradients
 from ._capture import TopN, capture_top, instance_weights
 from ._decode import Decoded, find_layer
 from ._nf import _read, layer_geometry
@@ -29,6 +29,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
     filters, bias = np.zeros((k_neurons, *shape)), np.zeros(k_neurons)
     each = (np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32)) if per_instance else None
+    forward = forward_for(model, target)
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -39,7 +40,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         for first, batch in _read(images, np.unique(index), batch_size):
             loaded.update({first + i: image for i, image in enumerate(batch)})
         grads, offsets = instance_gradients(model, target, np.stack([loaded[i] for i in index]), found.neurons[r],
-                                            found.position[r, c], rule)
+                                            found.position[r, c], rule, forward)
         cut = _receptive_fields(grads, found.position[r, c], geom)
         np.add.at(filters, r, weights[r, c, None, None, None] * cut)
         np.add.at(bias, r, weights[r, c] * offsets)
