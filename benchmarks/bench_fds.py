@@ -44,6 +44,7 @@ from bench_weights_vgg19 import (
     show_table,
     vgg19_convs,
     vgg19_onnx,
+    vgg19_torch,
 )
 
 # isort: split
@@ -55,27 +56,11 @@ import fdsub_onnx as fd
 HERE = Path(__file__).resolve().parent
 
 
-def vgg19_torch(convs: list[ConvSpec], upto: str):
-    """The real VGG19 features (Conv + ReLU, MaxPool 2x2) in torch, ending at conv ``upto`` (its output, before
-    its ReLU, as the ONNX tensor of that name). Same arrays as the ONNX model."""
-    import torch
-
-    layers, pool = [], 0
-    for conv in convs:
-        while pool < conv.pools_before:
-            layers.append(torch.nn.MaxPool2d(2, 2))
-            pool += 1
-        module = torch.nn.Conv2d(conv.weight.shape[1], conv.weight.shape[0], 3, padding=1)
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(conv.weight))
-            module.bias.copy_(torch.from_numpy(conv.bias))
-        layers.append(module)
-        if conv.name == upto:
-            break
-        layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers).eval()
+def real_vgg19_torch(convs: list[ConvSpec], upto: str):
+    """The real VGG19 features ending at conv ``upto``, parameters frozen (input gradients only, as NeuronGradient)."""
+    net, _ = vgg19_torch(convs, upto)
     for p in net.parameters():
-        p.requires_grad_(False)  # input gradients only, as NeuronGradient
+        p.requires_grad_(False)
     return net
 
 
@@ -268,7 +253,7 @@ def main(argv=None) -> int:
         top = fd.capture_top(model, name, fd.ArrayImages(x), top=args.top, neurons=row.samples)
         row.capture_s = time.perf_counter() - t
         gc.collect()  # drop fdsub's onnxruntime sessions before timing torch
-        net = vgg19_torch(convs, name)
+        net = real_vgg19_torch(convs, name)
         with base_cpu:
             run_baseline(net, x, top, row, args.per_instance)
         row.ratio = row.baseline_extrapolated_s / row.fdsub_s

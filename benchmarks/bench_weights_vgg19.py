@@ -144,12 +144,21 @@ def linear_vgg19_torch(convs: list[ConvSpec], upto: str | None = None):
 
     Returns (module, {conv name: index of its module}).
     """
+    return vgg19_torch(convs, upto, linear=True)
+
+
+def vgg19_torch(convs: list[ConvSpec], upto: str | None = None, linear: bool = False):
+    """VGG19 features in torch from the same arrays as the ONNX model, ending at conv ``upto`` (its output,
+    before its ReLU) if given: the real net (Conv + ReLU, MaxPool 2x2) or, with ``linear``, the linearized one
+    (no ReLU, AvgPool 2x2, and a last pool when ``upto`` is None). Returns (module, {conv name: module index}).
+    """
     import torch
 
+    pool_type = torch.nn.AvgPool2d if linear else torch.nn.MaxPool2d
     layers, where, pool = [], {}, 0
     for conv in convs:
         while pool < conv.pools_before:
-            layers.append(torch.nn.AvgPool2d(2, 2))
+            layers.append(pool_type(2, 2))
             pool += 1
         module = torch.nn.Conv2d(conv.weight.shape[1], conv.weight.shape[0], 3, padding=1)
         with torch.no_grad():
@@ -159,8 +168,10 @@ def linear_vgg19_torch(convs: list[ConvSpec], upto: str | None = None):
         layers.append(module)
         if conv.name == upto:
             break
+        if not linear:
+            layers.append(torch.nn.ReLU())
     if upto is None:
-        layers.append(torch.nn.AvgPool2d(2, 2))
+        layers.append(pool_type(2, 2))
     net = torch.nn.Sequential(*layers).eval()
     return net, where
 
