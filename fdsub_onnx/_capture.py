@@ -83,7 +83,8 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     given, wanted = list(_image_shape(images)), list(model.input_shape[1:])
     if given != wanted:
         raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; pass --input-shape or resize the images")
-    run = _Runner(model, target, shape)
+    run = Forward(model, [target])
+    width = shape[3] if len(shape) == 4 else 1  # flat position -> (row, col)
     every = np.array_equal(picked, np.arange(shape[1]))  # all neurons in order: no copy of the activations
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
@@ -100,9 +101,9 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
             if index >= stop:
                 break
             batch = batch[: stop - index]
-            acts = run(batch)
+            acts = np.asarray(run(batch)[target], np.float32).reshape(len(batch), shape[1], -1)
             acts = acts if every else acts[:, picked]
-            state = update_top(state, acts, index, run.width)
+            state = update_top(state, acts, index, width)
             state.images_done = index + len(batch) - first
             if checkpoint is not None and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
                 _save_checkpoint(Path(checkpoint), state, signature, images)
@@ -143,57 +144,21 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
 
 
 # ---- onnxruntime ---------------------------------------------------------------------------
-class _Runner:
-    """Runs the part of the model that feeds ``target``; batched unless the graph fixes the batch size."""
-
-    def __init__(self, model: Model, target: str, shape: tuple[int, ...]):
-        self.target, self.shape, self.input = target, tuple(shape), model.input_name
-        self.width = shape[3] if len(shape) == 4 else 1  # flat position -> (row, col)
-        try:
-            self.session, self.batched = _session(_pruned(model.proto, target, model.input_name, batch="N")), True
-        except FdsubError:
-            self.session, self.batched = _session(_pruned(model.proto, target, model.input_name, batch=None)), False
-        self.checked = False
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Activations of ``target`` for a batch, as float32 [B, C, H*W]."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        out = self._batched(batch) if self.batched and len(batch) > 1 else None
-        if out is None:
-            out = np.concatenate([self._run(batch[i : i + 1]) for i in range(len(batch))])
-        return out.reshape(len(batch), self.shape[1], -1)
-
-    def _batched(self, batch):
-        """A batched run, checked once against a run of its first image alone; None where batching is wrong."""
-        try:
-            out = self._run(batch)
-        except FdsubError:
-            out = None
-        if out is not None and out.shape == (len(batch), *self.shape[1:]):
-            if self.checked or np.allclose(out[:1], self._run(batch[:1]), rtol=1e-4, atol=1e-5):
-                self.checked = True
-                return out
-        self.batched = False  # a fixed batch size somewhere in the graph (e.g. Reshape to [1, -1])
-        return None
-
-    def _run(self, batch):
-        try:
-            out = self.session.run([self.target], {self.input: batch})[0]
-        except Exception as exc:
-            raise FdsubError(f"onnxruntime failed on layer {self.target!r}: {str(exc).splitlines()[0]}") from None
-        return np.asarray(out, dtype=np.float32)
-
-
 class Forward:
-    """One onnxruntime session computing several tensors at once (batched; one image at a time where the
-    graph fixes the batch size)."""
+    """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
+    the batch size (then one image at a time)."""
 
     def __init__(self, model: Model, names: list[str]):
         self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
-        self.session = _session(_pruned(model.proto, self.names, model.input_name, batch="N")) if self.names else None
-        self.batched = True
+        self.session, self.batched, self.checked = None, False, False
+        if self.names:
+            try:
+                self.session, self.batched = _session(_pruned(model.proto, self.names, model.input_name, batch="N")), True
+            except FdsubError:
+                self.session = _session(_pruned(model.proto, self.names, model.input_name, batch=None))
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Each tensor for the batch (and the batch itself, under the input's name)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         outs = self._batched(batch) if self.batched and len(batch) > 1 else None
         if outs is None and not self.names:
@@ -206,21 +171,26 @@ class Forward:
         return values
 
     def _batched(self, batch):
-        """All images in one run; None (and one at a time from then on) where the graph fixes the batch size."""
+        """A batched run, checked once against a run of its first image alone; None (and one image at a time
+        from then on) where the graph fixes the batch size, e.g. a Reshape to [1, -1]."""
         try:
             outs = self._run(batch)
         except FdsubError:
             outs = None
-        if outs is None or any(o.shape[:1] != (len(batch),) for o in outs):
-            self.batched = False
-            return None
-        return outs
+        if outs is not None and all(o.shape[:1] == (len(batch),) for o in outs):
+            if self.checked or all(np.allclose(o[:1], one, rtol=1e-4, atol=1e-5)
+                                   for o, one in zip(outs, self._run(batch[:1]))):
+                self.checked = True
+                return outs
+        self.batched = False
+        return None
 
     def _run(self, batch):
         try:
             return self.session.run(self.names, {self.input: batch})
         except Exception as exc:
-            raise FdsubError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
+            raise FdsubError(f"onnxruntime failed on {', '.join(map(repr, self.names[:3]))}: "
+                             f"{str(exc).splitlines()[0]}") from None
 
 
 def _pruned(proto: onnx.ModelProto, target, input_name: str, batch: str | None) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._capture import _Runner
+from ._capture import Forward
 from ._errors import FdsubError
 
 
@@ -40,13 +40,13 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
         if decoded.layer != layer or not np.array_equal(decoded.neurons, neurons):
             raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; measure one layer at a time")
     shape = model.shapes[layer]
-    run = _Runner(model, layer, shape)
+    run = Forward(model, [layer])
     out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
     moments = {name: np.zeros((5, len(neurons))) for name in decodings}  # sums of x, y, xx, yy, xy
     truth_max, pred_max = [], {name: [] for name in decodings}
     count = 0
     for done, (_, batch) in enumerate(images.batches(batch_size)):
-        acts = run(batch)[:, neurons].reshape(len(batch), len(neurons), -1).astype(np.float64)
+        acts = np.asarray(run(batch)[layer], np.float64).reshape(len(batch), shape[1], -1)[:, neurons]
         truth_max.append(acts.max(axis=2))
         for name, decoded in decodings.items():
             pred = predict(decoded, batch, out_size).reshape(len(batch), len(neurons), -1)
