@@ -7,7 +7,7 @@ DEMO_MODEL := models/demo.onnx
 DEMO_LAYER := conv4
 DEMO_OUT := demo-out
 
-.PHONY: install test demo demo-model clean
+.PHONY: install test test-gpu demo demo-model clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+# On a CUDA machine: the gpu extra (onnxruntime-gpu, CuPy) in its own venv, then the GPU tests.
+# FDSUB_REQUIRE_GPU=1 makes a missing GPU a failure instead of a skip.
+test-gpu:
+	$(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -e ".[gpu,test]"
+	.venv-gpu/bin/python -m pytest -q -rs tests/test_gpu.py
+
 demo: install
 	$(BIN)/fdsub inspect $(DEMO_MODEL)
 	$(BIN)/fdsub decode $(DEMO_MODEL) --layer $(DEMO_LAYER) --out $(DEMO_OUT)/
@@ -31,5 +38,5 @@ demo-model: install
 	$(BIN)/python models/build_demo.py $(DEMO_MODEL)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) fdsub-out build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-gpu $(DEMO_OUT) fdsub-out build *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -36,6 +36,20 @@ MEAN = typer.Option(None, "--mean", metavar="M[,M,M]", help="Subtracted after --
 STD = typer.Option(None, "--std", metavar="S[,S,S]", help="Divided by after --mean (overrides the preset).")
 SCALE = typer.Option(None, "--scale", help="Multiplies the 0-1 pixel values first (overrides the preset).")
 BGR = typer.Option(None, "--bgr/--rgb", help="Channel order (overrides the preset).", show_default=False)
+DEVICE = typer.Option("auto", "--device", help="cpu, gpu, or auto: the GPU when CuPy sees one, else the CPU.")
+
+
+def device_for(name: str):
+    """Resolve --device before any work (``--device gpu`` without a usable GPU is a one-line error)."""
+    from fdsub_onnx._backend import resolve_device
+
+    return resolve_device(name)
+
+
+def note_device(device) -> None:
+    """After a successful run: one line on stderr saying why it ran (partly) on the CPU, if it did."""
+    if device.notice:
+        typer.echo(f"note: {device.notice}", err=True)
 
 
 def preprocessing(preset: str, mean: str | None, std: str | None, scale: float | None, bgr: bool | None) -> dict:

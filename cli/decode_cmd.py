@@ -48,6 +48,7 @@ def decode(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    device: str = common.DEVICE,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
@@ -55,20 +56,21 @@ def decode(
     """
     shape = common.parse_input_shape(input_shape)
     common.check_out_dir(out)
+    device = common.device_for(device)
     mode = mode or ("fds" if images is not None else "weights")
     if mode in DATA_MODES:
         if images is None:
             raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
         loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype)
+        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device)
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
         with common.spinner(f"loading {model}") as status:
             loaded = load_model(model, shape)
             status.update(f"decoding {layer}")
-            result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype)
+            result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device)
     folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
     with common.spinner("writing results"):
         paths = save_decoded(result, folder) if result.instances is None else save_with_top(result, result.instances, folder)
@@ -80,21 +82,24 @@ def decode(
     )
     for path in paths:
         typer.echo(f"  {path}")
+    common.note_device(device)
 
 
-def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype):
+def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device):
     """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
     if mode == "fds":
         with common.progress_bar(f"{target} statistics (2 passes)") as progress:
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                             progress=progress)
+                                             progress=progress, device=device)
         with common.spinner(f"decoding {target}"):
-            return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution)
+            return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution,
+                                     device=device)
     with common.progress_bar(f"{target} top") as progress:
-        instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress)
+        instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress,
+                                           device=device)
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
-                                progress=progress)
+                                progress=progress, device=device)
 
 
 def sanitize(name: str) -> str:

@@ -39,16 +39,19 @@ def fidelity(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>-fidelity]",
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
+    device: str = common.DEVICE,
 ) -> None:
     """Compare decodings of a layer: correlation with the true activation and share of the true top-N on HOLDOUT."""
     shape = common.parse_input_shape(input_shape)
     common.check_out_dir(out)
+    device = common.device_for(device)
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
-        result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons, progress=progress)
+        result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons, progress=progress,
+                               device=device)
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
     paths = write_atomically(folder, [FIDELITY_JSON],
                              lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))
@@ -61,3 +64,4 @@ def fidelity(
     Console().print(table)
     for path in paths:
         typer.echo(f"  {path}")
+    common.note_device(device)

@@ -36,19 +36,21 @@ def nf(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>-nf]",
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
+    device: str = common.DEVICE,
 ) -> None:
     """Average each neuron's top-N patches, weighted by activation; write DIR/decoded.npz, filters.png and top.npz."""
     shape = common.parse_input_shape(input_shape)
     if from_top is not None and (count is not None or neurons is not None):
         raise FdsubError("--top and --neurons come from the --from-top result; leave them out")
     common.check_out_dir(out)
+    device = common.device_for(device)
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     top = load_top(from_top) if from_top is not None else None
     if top is None:
         with common.progress_bar(f"{target} top") as progress:
             top = fdsub_onnx.capture_top(loaded, target, image_set, top=DEFAULT_TOP if count is None else count,
-                                         neurons=neurons, progress=progress)
+                                         neurons=neurons, progress=progress, device=device)
     elif top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
     with common.progress_bar(f"{target} nf") as progress:
@@ -59,3 +61,4 @@ def nf(
                f"over the top {top.top} instances: filters [{k}, {c}, {ry}, {rx}]")
     for path in paths:
         typer.echo(f"  {path}")
+    common.note_device(device)

@@ -33,6 +33,7 @@ def top(
         None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
+    device: str = common.DEVICE,
 ) -> None:
     """Find each neuron's strongest instances (image, position) over IMAGES; write DIR/top.npz and DIR/top.json.
 
@@ -41,6 +42,7 @@ def top(
     shape = common.parse_input_shape(input_shape)
     part = parse_shard(shard)
     common.check_out_dir(out)
+    device = common.device_for(device)
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     if out is None:
@@ -49,7 +51,7 @@ def top(
     with common.progress_bar(f"{target}") as progress:
         result = fdsub_onnx.capture_top(
             loaded, target, image_set, top=count, neurons=neurons, per_image=per_image,
-            batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress,
+            batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress, device=device,
         )
     paths = save_top(result, out)
     checkpoint.unlink(missing_ok=True)
@@ -63,6 +65,7 @@ def top(
         typer.echo(f"  skipped {len(result.skipped)} unreadable image(s): {first}{', ...' if len(result.skipped) > 3 else ''}")
     for path in paths:
         typer.echo(f"  {path}")
+    common.note_device(device)
 
 
 def merge(

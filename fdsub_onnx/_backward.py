@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._backend import array_module, get_backend, resolve_device
 from ._capture import Forward
 from ._errors import FdsubError
 from ._geometry import resolve_pads
@@ -26,23 +27,26 @@ RULES = ("local", "deconvnet")
 
 
 def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local",
-                       forward: Forward | None = None):
+                       forward: Forward | None = None, device="cpu"):
     """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``.
 
-    ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls.
+    ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls. On ``device="gpu"``
+    the pass runs in CuPy and returns CuPy arrays.
     """
     if rule not in RULES:
         raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
+    device = resolve_device(device)
+    backend = get_backend(device.backend)
     nodes = _ancestors(model, [target])
-    forward = forward if forward is not None else forward_for(model, target)
-    values = {name: np.asarray(value, np.float64) for name, value in forward(images).items()}
-    seed = np.zeros_like(values[target], dtype=np.float64)
+    forward = forward if forward is not None else forward_for(model, target, device)
+    values = {name: backend.asarray(value, np.float64) for name, value in forward(images).items()}
+    seed = backend.zeros(values[target].shape, np.float64)
     m = np.arange(len(images))
     if seed.ndim == 4:
-        seed[m, neurons, positions[:, 0], positions[:, 1]] = 1.0
+        seed[m, np.asarray(neurons), positions[:, 0], positions[:, 1]] = 1.0
     else:
-        seed.reshape(len(images), -1)[m, neurons] = 1.0
-    grads, bias = {target: seed}, np.zeros(len(images))
+        seed.reshape(len(images), -1)[m, np.asarray(neurons)] = 1.0
+    grads, bias = {target: seed}, backend.zeros((len(images),), np.float64)
     for node in reversed(nodes):
         grad = grads.pop(node.output[0], None)
         if grad is None:
@@ -63,21 +67,27 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     return grads[model.input_name], bias
 
 
-def forward_for(model, target: str) -> Forward:
+def forward_for(model, target: str, device="cpu") -> Forward:
     """The onnxruntime session computing every tensor below ``target`` (the forward values a backward pass reads)."""
-    return Forward(model, [o for n in _ancestors(model, [target]) for o in n.output if o])
+    return Forward(model, [o for n in _ancestors(model, [target]) for o in n.output if o], device)
 
 
 def _none_added(grad):
-    return np.zeros(len(grad))
+    return array_module(grad).zeros(len(grad))
+
+
+def _on(grad, constant):
+    """A constant (NumPy, from the model) as float64 on the array module of ``grad``."""
+    return array_module(grad).asarray(constant, dtype=np.float64)
 
 
 # ---- the rules: (node, inputs, output, grad, rule) -> ([input grads], bias added [M]) ----------------
 def _conv(node, ins, is_data, out, grad, rule):
-    x, w = ins[0], ins[1].astype(np.float64)
+    x, w = ins[0], _on(grad, ins[1])
     attrs = attributes(node)
     gx = _transposed(grad, w, int(attrs.get("group", 1)), attrs, x.shape)
-    added = np.einsum("mkhw,k->m", grad, ins[2].astype(np.float64)) if len(ins) > 2 and ins[2] is not None else _none_added(grad)
+    has_bias = len(ins) > 2 and ins[2] is not None
+    added = array_module(grad).einsum("mkhw,k->m", grad, _on(grad, ins[2])) if has_bias else _none_added(grad)
     return [gx, None, None][: len(ins)], added
 
 
@@ -85,7 +95,7 @@ def _avgpool(node, ins, is_data, out, grad, rule):
     x = ins[0]
     attrs = attributes(node)
     kernel = tuple(attrs["kernel_shape"])
-    weight = np.full((x.shape[1], 1, *kernel), 1.0 / np.prod(kernel))  # interior windows; see the module docstring
+    weight = array_module(grad).full((x.shape[1], 1, *kernel), 1.0 / np.prod(kernel))  # interior windows; see the module docstring
     return [_transposed(grad, weight, x.shape[1], attrs, x.shape)], _none_added(grad)
 
 
@@ -94,8 +104,9 @@ def _transposed(grad, w, groups, attrs, x_shape):
     kernel, strides = w.shape[2:], tuple(attrs.get("strides", (1, 1)))
     dil = tuple(attrs.get("dilations", (1, 1)))
     begin, end = resolve_pads(x_shape[2:], kernel, strides, dil, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
+    xp = array_module(grad)
     m, c_in, h, wd = x_shape
-    padded = np.zeros((m, c_in, h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * grad.shape[2],
+    padded = xp.zeros((m, c_in, h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * grad.shape[2],
                        wd + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * grad.shape[3]))
     k_out, cig = w.shape[:2]
     kog = k_out // groups
@@ -105,55 +116,55 @@ def _transposed(grad, w, groups, attrs, x_shape):
         for i in range(kernel[0]):
             for j in range(kernel[1]):
                 y, xx = i * dil[0], j * dil[1]
-                contrib = np.einsum("mkhw,kc->mchw", gout, w[g * kog : (g + 1) * kog, :, i, j])
+                contrib = xp.einsum("mkhw,kc->mchw", gout, w[g * kog : (g + 1) * kog, :, i, j])
                 padded[:, g * cig : (g + 1) * cig, y : y + strides[0] * qh : strides[0], xx : xx + strides[1] * qw : strides[1]] += contrib
     return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
 
 
 def _relu(node, ins, is_data, out, grad, rule):
-    return [grad * (ins[0] > 0) if rule == "local" else np.maximum(grad, 0)], _none_added(grad)
+    return [grad * (ins[0] > 0) if rule == "local" else array_module(grad).maximum(grad, 0)], _none_added(grad)
 
 
 def _slope(derivative):
     """An elementwise op whose local linearization is its slope at the forward value (bias: the offset)."""
 
     def step(node, ins, is_data, out, grad, rule):
-        d = np.broadcast_to(derivative(node, ins, out), out.shape)
+        d = array_module(grad).broadcast_to(derivative(array_module(grad), node, ins, out), out.shape)
         offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
         return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
 
     return step
 
 
-def _leaky(node, ins, out):
-    return np.where(ins[0] > 0, 1.0, attributes(node).get("alpha", 0.01))
+def _leaky(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, attributes(node).get("alpha", 0.01))
 
 
-def _prelu(node, ins, out):
-    return np.where(ins[0] > 0, 1.0, np.asarray(ins[1], np.float64))
+def _prelu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, xp.asarray(ins[1], np.float64))
 
 
-def _clip_slope(node, ins, out):
+def _clip_slope(xp, node, ins, out):
     return (out == ins[0]).astype(np.float64)
 
 
-def _hard_sigmoid(node, ins, out):
+def _hard_sigmoid(xp, node, ins, out):
     attrs = attributes(node)
     inner = attrs.get("alpha", 0.2) * ins[0] + attrs.get("beta", 0.5)
-    return np.where((inner > 0) & (inner < 1), attrs.get("alpha", 0.2), 0.0)
+    return xp.where((inner > 0) & (inner < 1), attrs.get("alpha", 0.2), 0.0)
 
 
-def _hard_swish(node, ins, out):
+def _hard_swish(xp, node, ins, out):
     x = ins[0]
-    return np.where(x < -3, 0.0, np.where(x > 3, 1.0, x / 3 + 0.5))
+    return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, x / 3 + 0.5))
 
 
-def _elu(node, ins, out):
-    return np.where(ins[0] > 0, 1.0, out + attributes(node).get("alpha", 1.0))
+def _elu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, out + attributes(node).get("alpha", 1.0))
 
 
 def _maxpool(node, ins, is_data, out, grad, rule):
-    x = ins[0]
+    x, xp = ins[0], array_module(grad)
     attrs = attributes(node)
     kernel, strides = tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", (1, 1)))
     dil = tuple(attrs.get("dilations", (1, 1)))
@@ -161,34 +172,46 @@ def _maxpool(node, ins, is_data, out, grad, rule):
     m, c, h, w = x.shape
     qh, qw = out.shape[2:]
     big = (h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * qh, w + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * qw)
-    padded = np.full((m, c, *big), -np.inf)
+    padded = xp.full((m, c, *big), -np.inf)
     padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
-    windows = np.stack([padded[:, :, i * dil[0] : i * dil[0] + strides[0] * qh : strides[0],
+    windows = xp.stack([padded[:, :, i * dil[0] : i * dil[0] + strides[0] * qh : strides[0],
                                j * dil[1] : j * dil[1] + strides[1] * qw : strides[1]]
                         for i in range(kernel[0]) for j in range(kernel[1])], axis=-1)  # [M, C, Qh, Qw, k*k]
-    switch = np.argmax(windows, axis=-1)  # the first maximum, as onnxruntime picks
-    gpad = np.zeros_like(padded)
-    mi, ci, yi, xi = np.indices(switch.shape)
+    switch = xp.argmax(windows, axis=-1)  # the first maximum, as onnxruntime picks
+    gpad = xp.zeros_like(padded)
+    mi, ci, yi, xi = xp.indices(switch.shape)
     ty, tx = switch // kernel[1], switch % kernel[1]
-    np.add.at(gpad, (mi, ci, yi * strides[0] + ty * dil[0], xi * strides[1] + tx * dil[1]), grad)
+    _scatter_add(gpad, (mi, ci, yi * strides[0] + ty * dil[0], xi * strides[1] + tx * dil[1]), grad)
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
 
 
+def _scatter_add(target, index, values):
+    """``target[index] += values`` with repeated indices summed (np.add.at; cupyx.scatter_add on the GPU)."""
+    xp = array_module(target)
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
 def _global_pool(node, ins, is_data, out, grad, rule):
-    x = ins[0]
+    x, xp = ins[0], array_module(grad)
     if node.op_type == "GlobalAveragePool":
-        return [np.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
+        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
     flat = x.reshape(*x.shape[:2], -1)
-    g = np.zeros_like(flat)
-    np.put_along_axis(g, np.argmax(flat, axis=2)[..., None], grad.reshape(*grad.shape[:2], 1), axis=2)
+    g = xp.zeros_like(flat)
+    m, c = xp.indices(flat.shape[:2])
+    g[m, c, xp.argmax(flat, axis=2)] = grad.reshape(*grad.shape[:2])  # the first maximum
     return [g.reshape(x.shape)], _none_added(grad)
 
 
 def _batchnorm(node, ins, is_data, out, grad, rule):
-    gamma, beta, mean, var = (v.astype(np.float64) for v in ins[1:5])
-    scale = gamma / np.sqrt(var + attributes(node).get("epsilon", 1e-5))
+    gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
+    scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
     shift = beta - mean * scale
-    return [grad * scale[:, None, None]], np.einsum("mkhw,k->m", grad, shift)
+    return [grad * scale[:, None, None]], array_module(grad).einsum("mkhw,k->m", grad, shift)
 
 
 def _reduce_to(grad, shape):
@@ -207,7 +230,7 @@ def _add_sub(node, ins, is_data, out, grad, rule):
             grads.append(_reduce_to(factor * grad, x.shape))
         else:  # a constant
             grads.append(None)
-            added = added + (factor * grad * x).reshape(len(grad), -1).sum(axis=1)
+            added = added + (factor * grad * _on(grad, x)).reshape(len(grad), -1).sum(axis=1)
     return grads, added
 
 
@@ -216,7 +239,7 @@ def _mul_div(node, ins, is_data, out, grad, rule):
     data = is_data
     if all(data):
         return _product_of_maps(node, a, b, grad)
-    const = b if data[0] else a
+    const = _on(grad, b if data[0] else a)
     factor = 1.0 / const if node.op_type == "Div" else const
     x = a if data[0] else b
     g = _reduce_to(grad * factor, x.shape)
@@ -244,18 +267,18 @@ def _reshape_like(node, ins, is_data, out, grad, rule):
 
 def _transpose(node, ins, is_data, out, grad, rule):
     perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
-    return [np.transpose(grad, np.argsort(perm))], _none_added(grad)
+    return [array_module(grad).transpose(grad, tuple(np.argsort(perm)))], _none_added(grad)
 
 
 def _concat(node, ins, is_data, out, grad, rule):
     axis = attributes(node)["axis"] % grad.ndim
     cuts = np.cumsum([x.shape[axis] for x in ins])[:-1]
-    return list(np.split(grad, cuts, axis=axis)), _none_added(grad)
+    return list(array_module(grad).split(grad, cuts.tolist(), axis=axis)), _none_added(grad)
 
 
 def _gemm(node, ins, is_data, out, grad, rule):
     attrs = attributes(node)
-    matrix = ins[1].astype(np.float64)
+    matrix = _on(grad, ins[1])
     matrix = matrix.T if attrs.get("transB", 0) else matrix
     if node.op_type == "Gemm" and attrs.get("transA", 0):
         raise FdsubError("local mode does not support Gemm with transA=1")
@@ -263,7 +286,7 @@ def _gemm(node, ins, is_data, out, grad, rule):
     g2 = grad.reshape(len(grad), -1)
     added = _none_added(grad)
     if node.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
-        added = (g2 * np.broadcast_to(attrs.get("beta", 1.0) * ins[2].reshape(-1), g2.shape)).sum(axis=1)
+        added = (g2 * attrs.get("beta", 1.0) * _on(grad, ins[2]).reshape(1, -1)).sum(axis=1)
     return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
 
 
@@ -292,6 +315,6 @@ BACKWARD = {
     "Pad": _pad, "Identity": _identity, "Dropout": _identity,
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
-    "Sigmoid": _slope(lambda node, ins, out: out * (1 - out)), "Tanh": _slope(lambda node, ins, out: 1 - out**2),
-    "Softplus": _slope(lambda node, ins, out: 1 / (1 + np.exp(-ins[0]))),
+    "Sigmoid": _slope(lambda xp, node, ins, out: out * (1 - out)), "Tanh": _slope(lambda xp, node, ins, out: 1 - out**2),
+    "Softplus": _slope(lambda xp, node, ins, out: 1 / (1 + xp.exp(-ins[0]))),
 }

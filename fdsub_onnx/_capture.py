@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ._backend import CPU, resolve_device
 from ._decode import find_layer
 from ._errors import FdsubError
 from ._io import decoded_files, write_atomically
@@ -57,7 +58,7 @@ class TopN:
 
 def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, per_image: int = 1,
                 batch_size: int = 32, shard: tuple[int, int] | None = None,
-                checkpoint: str | os.PathLike | None = None, progress=None) -> TopN:
+                checkpoint: str | os.PathLike | None = None, progress=None, device="cpu") -> TopN:
     """Scan ``images`` with onnxruntime and keep each neuron's ``top`` best instances.
 
     ``neurons`` is a selector (see ``parse_neurons``). ``per_image`` instances at most per image
@@ -66,6 +67,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     With ``checkpoint`` the state is saved there as batches complete (and when interrupted); a
     later call with the same path resumes after the last completed batch. ``progress(done,
     total)`` is called before the first batch and after each one, with images scanned in this shard.
+    ``device`` ("cpu", "gpu", "auto") picks onnxruntime's execution provider (``resolve_device``).
 
     >>> top = capture_top(model, "conv3", ArrayImages(x), top=10)     # doctest: +SKIP
     >>> top.values.shape, top.position.shape                          # doctest: +SKIP
@@ -83,7 +85,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     given, wanted = list(_image_shape(images)), list(model.input_shape[1:])
     if given != wanted:
         raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; pass --input-shape or resize the images")
-    run = Forward(model, [target])
+    run = Forward(model, [target], device)
     width = shape[3] if len(shape) == 4 else 1  # flat position -> (row, col)
     every = np.array_equal(picked, np.arange(shape[1]))  # all neurons in order: no copy of the activations
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
@@ -148,14 +150,15 @@ class Forward:
     """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
     the batch size (then one image at a time)."""
 
-    def __init__(self, model: Model, names: list[str]):
+    def __init__(self, model: Model, names: list[str], device="cpu"):
         self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
         self.session, self.batched, self.checked = None, False, False
+        providers = resolve_device(device).providers
         if self.names:
             try:
-                self.session, self.batched = _session(_pruned(model.proto, self.names, model.input_name, batch="N")), True
+                self.session, self.batched = _session(_pruned(model.proto, self.names, model.input_name, batch="N"), providers), True
             except FdsubError:
-                self.session = _session(_pruned(model.proto, self.names, model.input_name, batch=None))
+                self.session = _session(_pruned(model.proto, self.names, model.input_name, batch=None), providers)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Each tensor for the batch (and the batch itself, under the input's name)."""
@@ -242,13 +245,13 @@ def _subgraph_inputs(node) -> list[str]:
     return names
 
 
-def _session(proto: onnx.ModelProto):
+def _session(proto: onnx.ModelProto, providers=CPU.providers):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
     try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     except Exception as exc:
         raise FdsubError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
 

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ._backend import get_backend
+from ._backend import get_backend, resolve_device
 from ._engine import KERNELS, Engine
 from ._errors import FdsubError
 from ._model import Model
@@ -100,7 +100,7 @@ def find_layer(model: Model, name: str):
     raise FdsubError(f"no layer named {name!r} in {model.path}{hint}")
 
 
-def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", backend: str = "numpy",
+def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
            kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None,
            per_instance: bool = False) -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
@@ -108,8 +108,11 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
     ``select`` rule), or with a ready ``substitution`` from ``gather_statistics``. ``"local"`` and
     ``"deconvnet"`` average each neuron's per-instance filters (kept with ``per_instance``).
+    ``device`` is "cpu", "gpu" or "auto" (``resolve_device``): where the filters are composed and
+    onnxruntime runs; the result is NumPy either way.
     """
     _check_mode(mode, dtype, kernel)
+    device = resolve_device(device)
     node = find_layer(model, layer)
     target = node.output[0]
     if mode in ("local", "deconvnet"):
@@ -117,11 +120,12 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
             raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
         from ._local import decode_instances  # imports capture, which imports this module
 
-        return decode_instances(model, target, images, top=top, neurons=neurons, rule=mode, per_instance=per_instance)
-    substitution = _substitution_for(mode, model, [target], images, top, select, substitution)
+        return decode_instances(model, target, images, top=top, neurons=neurons, rule=mode, per_instance=per_instance,
+                                device=device)
+    substitution = _substitution_for(mode, model, [target], images, top, select, substitution, device)
     channels = _channels(model, target)
     picked = parse_neurons(neurons, channels, target) if channels is not None else None
-    engine = Engine(get_backend(backend), dtype, kernel)
+    engine = Engine(get_backend(device.backend), dtype, kernel)
     rows = {target: picked} if picked is not None and len(model.consumers.get(target, ())) <= 1 else None
     _check_memory(model, engine, [target], rows)
     for current, value in walk(model, engine, targets=[target], compose=True, rows=rows, substitution=substitution):
@@ -136,20 +140,21 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
 
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
-                backend: str = "numpy", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
+                device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
                 substitution=None) -> Iterator[Decoded]:
     """Decode all neurons of several layers (default: every decodable layer) in one bottom-up pass."""
     _check_mode(mode, dtype, kernel)
+    device = resolve_device(device)
     if layers is None:
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
     if mode in ("local", "deconvnet"):  # per-instance passes: nothing to share between layers
         for target in targets:
-            yield decode(model, target, mode=mode, images=images, top=top)
+            yield decode(model, target, mode=mode, images=images, top=top, device=device)
         return
-    substitution = _substitution_for(mode, model, targets, images, top, select, substitution)
-    engine = Engine(get_backend(backend), dtype, kernel)
+    substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
+    engine = Engine(get_backend(device.backend), dtype, kernel)
     _check_memory(model, engine, targets, None)
     for node, value in walk(model, engine, targets=targets, compose=True, substitution=substitution):
         if id(node) in nodes:
@@ -202,7 +207,7 @@ def _channels(model, target):
     return int(shape[1]) if shape is not None and len(shape) > 1 else None
 
 
-def _substitution_for(mode, model, targets, images, top, select, substitution):
+def _substitution_for(mode, model, targets, images, top, select, substitution, device):
     """None in ``weights`` mode; in ``fds`` mode the given substitution or one gathered from ``images``."""
     if mode != "fds":
         return None
@@ -212,7 +217,7 @@ def _substitution_for(mode, model, targets, images, top, select, substitution):
         raise FdsubError("fds mode needs images to select each neuron's top instances; pass --images")
     from ._substitution import gather_statistics  # imports capture, which imports this module
 
-    return gather_statistics(model, targets, images, top=top, select=select)
+    return gather_statistics(model, targets, images, top=top, select=select, device=device)
 
 
 def _check_mode(mode, dtype, kernel):

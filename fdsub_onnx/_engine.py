@@ -16,7 +16,6 @@ import numpy as np
 from ._geometry import Geometry, Pair
 
 KERNELS = ("fast", "reference")
-TEMP_BYTES = 256 << 20  # bound on a per-chunk temporary of the conv kernel
 
 
 @dataclass
@@ -125,7 +124,8 @@ def _offset(geom: Geometry, out: Geometry) -> Pair:
 
 
 def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):
-    """Batched substitution: one matrix product per kernel tap and chunk of output rows."""
+    """Batched substitution: per chunk of output rows, one matrix product for all kernel taps, then the
+    backend's shifted accumulation of the taps into the output filters."""
     k, cig, ky, kx = weight.shape
     c_img, ry, rx = d_in.shape[1:]
     out = backend.zeros((k, c_img, *out_rf), dtype)
@@ -133,26 +133,25 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype)
     if cig == 1 and groups > 1:
         _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype)
         return out
-    limit = max(1, TEMP_BYTES // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+    taps = ky * kx
+    offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
+    limit = max(1, backend.temp_bytes // max(1, taps * flat.shape[1] * np.dtype(dtype).itemsize))
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
         source = flat[group * cig : (group + 1) * cig]
-        w = backend.asarray(weight[rows], dtype)
+        w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
         chunk = -(-len(rows) // -(-len(rows) // limit))  # equal chunks of at most `limit` rows
         for start in range(0, len(rows), chunk):
-            part = slice(start, start + chunk)
-            index = rows[part]
-            contiguous = index[-1] - index[0] + 1 == len(index)
-            temp = backend.empty((len(index), source.shape[1]), dtype)
-            for i in range(ky):
-                for j in range(kx):
-                    backend.matmul(w[part, :, i, j], source, out=temp)
-                    y, x = i * step[0], j * step[1]
-                    block = temp.reshape(len(index), c_img, ry, rx)
-                    if contiguous:
-                        out[index[0] : index[-1] + 1, :, y : y + ry, x : x + rx] += block
-                    else:
-                        out[index, :, y : y + ry, x : x + rx] += block
+            index = rows[start : start + chunk]
+            n = len(index)
+            w_chunk = backend.asarray(w[:, :, start : start + n].reshape(taps * n, cig), dtype)
+            products = backend.matmul(w_chunk, source).reshape(taps, n, c_img, ry, rx)
+            if index[-1] - index[0] + 1 == n:  # contiguous rows: accumulate in place
+                backend.shift_add(out[index[0] : index[-1] + 1], products, offsets)
+            else:
+                part = out[backend.asarray(index, np.int64)]
+                backend.shift_add(part, products, offsets)
+                out[backend.asarray(index, np.int64)] = part
     return out
 
 
@@ -160,7 +159,7 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype):
     """One input channel per group (depthwise convs, pooling): scaled shifted copies."""
     c_img, ry, rx = shape
     rows = len(group_of_row)
-    chunk = max(1, TEMP_BYTES // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+    chunk = max(1, backend.temp_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
     for start in range(0, rows, chunk):
         part = slice(start, start + chunk)
         source = flat[backend.asarray(group_of_row[part], np.int64)].reshape(-1, c_img, ry, rx)

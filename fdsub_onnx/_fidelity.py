@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ._backend import resolve_device
 from ._capture import Forward
 from ._errors import FdsubError
 
@@ -30,7 +31,7 @@ def predict(decoded, images: np.ndarray, out_size) -> np.ndarray:
     return out.transpose(0, 3, 1, 2) + np.asarray(decoded.bias, np.float64)[None, :, None, None]
 
 
-def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 16, progress=None) -> dict:
+def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 16, progress=None, device="cpu") -> dict:
     """Per decoding (name -> Decoded of one layer, same neurons): correlation and top-N share per neuron."""
     if not decodings:
         raise FdsubError("no decodings to measure")
@@ -40,7 +41,7 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
         if decoded.layer != layer or not np.array_equal(decoded.neurons, neurons):
             raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; measure one layer at a time")
     shape = model.shapes[layer]
-    run = Forward(model, [layer])
+    run = Forward(model, [layer], device)
     out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
     moments = {name: np.zeros((5, len(neurons))) for name in decodings}  # sums of x, y, xx, yy, xy
     truth_max, pred_max = [], {name: [] for name in decodings}
@@ -87,7 +88,7 @@ FIDELITY_MODES = ("weights", "fds", "local", "deconvnet", "nf")
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
-                  progress=None) -> dict:
+                  progress=None, device="cpu") -> dict:
     """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N), then measure on ``holdout``."""
     from ._capture import capture_top, rows_of
     from ._decode import decode, find_layer
@@ -98,21 +99,22 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
     if unknown or not modes:
         raise FdsubError(f"unknown mode {unknown[0] if unknown else ''!r}; choose from {', '.join(FIDELITY_MODES)}")
     target = find_layer(model, layer).output[0]
-    found = capture_top(model, target, images, top=top, neurons=neurons) if set(modes) - {"weights"} else None
+    device = resolve_device(device)
+    found = capture_top(model, target, images, top=top, neurons=neurons, device=device) if set(modes) - {"weights"} else None
     picked = found.neurons if found is not None else neurons
     decodings = {}
     for step, mode in enumerate(modes):
         if progress is not None:
             progress(step, len(modes) + 1)
         if mode == "weights":
-            decodings[mode] = decode(model, target, neurons=picked)
+            decodings[mode] = decode(model, target, neurons=picked, device=device)
         elif mode == "fds":
-            decodings[mode] = decode(model, target, neurons=picked, mode="fds", images=images, top=top)
+            decodings[mode] = decode(model, target, neurons=picked, mode="fds", images=images, top=top, device=device)
         elif mode == "nf":
             decodings[mode] = neuron_feature(model, found, images)
         else:
-            decodings[mode] = decode_instances(model, target, images, rule=mode, instances=rows_of(found, picked))
-    result = fidelity(model, decodings, holdout, top=top)
+            decodings[mode] = decode_instances(model, target, images, rule=mode, instances=rows_of(found, picked), device=device)
+    result = fidelity(model, decodings, holdout, top=top, device=device)
     if progress is not None:
         progress(len(modes) + 1, len(modes) + 1)
     return result

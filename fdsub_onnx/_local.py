@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._backend import array_module, get_backend, resolve_device
 from ._backward import forward_for, instance_gradients
 from ._capture import TopN, capture_top, instance_weights
 from ._decode import Decoded, find_layer
@@ -18,10 +19,16 @@ from ._nf import _read, layer_geometry
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
                      per_instance: bool = False, instances: TopN | None = None, batch_size: int = 16,
-                     progress=None) -> Decoded:
-    """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``)."""
+                     progress=None, device="cpu") -> Decoded:
+    """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``).
+
+    On ``device="gpu"`` each batch of instances runs its backward pass in CuPy; only the receptive-field
+    cuts come back to the host.
+    """
+    device = resolve_device(device)
     target = find_layer(model, layer).output[0]
-    found = instances if instances is not None else capture_top(model, target, images, top=top, neurons=neurons)
+    found = instances if instances is not None else capture_top(model, target, images, top=top, neurons=neurons,
+                                                                device=device)
     geom = layer_geometry(model, target)
     k_neurons, slots = found.values.shape
     shape = (int(model.input_shape[1]), *geom.rf)
@@ -29,7 +36,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
     filters, bias = np.zeros((k_neurons, *shape)), np.zeros(k_neurons)
     each = (np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32)) if per_instance else None
-    forward = forward_for(model, target)
+    forward = forward_for(model, target, device)
+    to_numpy = get_backend(device.backend).to_numpy
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -40,8 +48,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         for first, batch in _read(images, np.unique(index), batch_size):
             loaded.update({first + i: image for i, image in enumerate(batch)})
         grads, offsets = instance_gradients(model, target, np.stack([loaded[i] for i in index]), found.neurons[r],
-                                            found.position[r, c], rule, forward)
-        cut = _receptive_fields(grads, found.position[r, c], geom)
+                                            found.position[r, c], rule, forward, device)
+        cut, offsets = to_numpy(_receptive_fields(grads, found.position[r, c], geom)), to_numpy(offsets)
         np.add.at(filters, r, weights[r, c, None, None, None] * cut)
         np.add.at(bias, r, weights[r, c] * offsets)
         if each is not None:
@@ -61,8 +69,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
 def _receptive_fields(grads: np.ndarray, positions: np.ndarray, geom) -> np.ndarray:
     """[M, C, R_y, R_x]: each gradient's window ``[O + q*S, O + q*S + R)``, zero outside the image."""
     (ry, rx), (sy, sx), (oy, ox) = geom.rf, geom.stride, geom.origin
-    padded = np.pad(grads, ((0, 0), (0, 0), (ry, ry), (rx, rx)))
-    out = np.empty((len(grads), grads.shape[1], ry, rx))
+    xp = array_module(grads)
+    padded = xp.pad(grads, ((0, 0), (0, 0), (ry, ry), (rx, rx)))
+    out = xp.empty((len(grads), grads.shape[1], ry, rx))
     for m, (qy, qx) in enumerate(positions):
         y, x = oy + qy * sy + ry, ox + qx * sx + rx
         out[m] = padded[m, :, y : y + ry, x : x + rx]

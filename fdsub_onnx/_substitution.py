@@ -60,11 +60,11 @@ def select_contributions(contrib: np.ndarray, select: str) -> np.ndarray:
 
 
 def gather_statistics(model, targets, images, top: int = 100, select: str = "positive", batch_size: int = 32,
-                      progress=None) -> Substitution:
+                      progress=None, device="cpu") -> Substitution:
     """Capture the top-N of every substituted node up to ``targets`` (tensor names) and average their input windows.
 
     Two onnxruntime passes over the images in all: one for every node's top-N, one for their input windows.
-    ``progress(done, total)`` counts images over both passes.
+    ``progress(done, total)`` counts images over both passes; ``device`` picks onnxruntime's provider.
     """
     _parse_select(select)
     targets = [targets] if isinstance(targets, str) else list(targets)
@@ -75,8 +75,8 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = "pos
             raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
                              "fds needs a map or a vector")
     gates = _gates(model, _ancestors(model, targets))
-    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates)
-    stats = _window_means(model, nodes, tops, images, batch_size, progress)
+    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device)
+    stats = _window_means(model, nodes, tops, images, batch_size, progress, device)
     return Substitution(stats, select, tops, means)
 
 
@@ -95,13 +95,13 @@ def _gates(model, nodes) -> dict[str, str]:
     return gates
 
 
-def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates):
+def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device):
     """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
     shapes = {name: model.shapes[name] for name in names}
     states = {name: start_top(np.arange(shapes[name][1]), name, images, 1, top) for name in names}
     sums = {mul: 0.0 for mul in gates}
-    forward = Forward(model, names + list(gates.values()))
+    forward = Forward(model, names + list(gates.values()), device)
     for first, batch in images.batches(batch_size):
         values = forward(batch)
         for mul, gate in gates.items():
@@ -117,7 +117,7 @@ def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates):
     return states, {mul: total / len(images) for mul, total in sums.items()}
 
 
-def _window_means(model, nodes, tops, images, batch_size, progress) -> dict[str, np.ndarray]:
+def _window_means(model, nodes, tops, images, batch_size, progress, device) -> dict[str, np.ndarray]:
     """Second pass: per node and neuron, the activation-weighted mean of the input window at its instances."""
     windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
     weights = {}
@@ -125,7 +125,7 @@ def _window_means(model, nodes, tops, images, batch_size, progress) -> dict[str,
         w = instance_weights(found)
         weights[name] = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
     totals = {name: np.zeros(windows[name].stat_shape(tops[name].values.shape[0])) for name in tops}
-    forward = Forward(model, [n.input[0] for n in nodes])
+    forward = Forward(model, [n.input[0] for n in nodes], device)
     for first, batch in images.batches(batch_size):
         values = forward(batch)
         for node in nodes:

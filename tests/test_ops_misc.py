@@ -393,7 +393,7 @@ def test_decode_unknown_layer_suggests_names(small_model):
     [
         ({"dtype": "float16"}, "dtype must be float32 or float64"),
         ({"mode": "deconv"}, "mode 'deconv' is not available"),
-        ({"backend": "tpu"}, "unknown backend 'tpu'"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"kernel": "fastest"}, "fastest"),
     ],
 )
