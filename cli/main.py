@@ -9,7 +9,7 @@ import typer
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError
-from fdsub_onnx.cli import decode_cmd, fidelity_cmd, inspect_cmd, nf_cmd, top_cmd
+from fdsub_onnx.cli import check_cmd, decode_cmd, fidelity_cmd, inspect_cmd, nf_cmd, report_cmd, top_cmd
 
 app = typer.Typer(
     name="fdsub",
@@ -70,3 +70,6 @@ app.command("top")(guarded(top_cmd.top))
 app.command("merge")(guarded(top_cmd.merge))
 app.command("nf")(guarded(nf_cmd.nf))
 app.command("fidelity")(guarded(fidelity_cmd.fidelity))
+app.command("check")(guarded(check_cmd.check))
+app.command("zoo")(guarded(check_cmd.zoo))
+app.command("report")(guarded(report_cmd.report))

@@ -8,6 +8,7 @@
 """
 
 from ._capture import TopN, capture_top, load_top, merge_top, save_top
+from ._check import Check, CheckReport, check_model
 from ._decode import Decoded, Layer, Summary, decode, find_layer, inspect_model, iter_decode
 from ._errors import FdsubError
 from ._geometry import Geometry
@@ -17,11 +18,12 @@ from ._model import Model, load_model
 from ._neurons import parse_neurons
 from ._nf import neuron_feature
 from ._render import filter_grid
+from ._report import report
 from ._substitution import Substitution, gather_statistics
 
 __all__ = [
-    "ArrayImages", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Substitution", "Summary", "TopN", "capture_top", "decode",
+    "ArrayImages", "Check", "CheckReport", "Decoded", "FdsubError", "Geometry", "Layer", "Model", "Substitution", "Summary", "TopN", "capture_top", "check_model", "decode",
     "filter_grid", "find_layer", "gather_statistics", "inspect_model", "iter_decode", "load_model", "load_top", "merge_top",
-    "neuron_feature", "open_images", "parse_neurons", "save_decoded", "save_top",
+    "neuron_feature", "open_images", "parse_neurons", "report", "save_decoded", "save_top",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,8 @@
 """Test helpers: the weights identity of METHOD.md, checked on interior output positions.
 
+The comparison itself is the library's (``fdsub_onnx._linearize.identity_error``, also run by
+``fdsub check``); ``assert_identity`` turns it into an assertion with the worst position.
+
 For a decoded neuron k at output position q = (qy, qx) whose receptive field
 ``[O + q*S, O + q*S + R)`` (per axis) lies inside the image::
 
@@ -12,9 +15,9 @@ import os
 
 import numpy as np
 import onnx
-from numpy.lib.stride_tricks import sliding_window_view
 
 import fdsub_onnx
+from fdsub_onnx._linearize import identity_error
 
 
 def load_proto(proto: onnx.ModelProto, folder, input_shape=None) -> fdsub_onnx.Model:
@@ -42,31 +45,6 @@ def interior(decoded: fdsub_onnx.Decoded, image_size, out_size) -> tuple[np.ndar
     return masks[0], masks[1]
 
 
-def predict(decoded: fdsub_onnx.Decoded, images: np.ndarray, out_size=None) -> tuple[np.ndarray, np.ndarray]:
-    """``sum(filters * patch) + bias`` at every interior output position, in float64.
-
-    Returns predictions [N, K, Q_y, Q_x] (NaN outside the interior) and the interior mask
-    [Q_y, Q_x]. ``out_size`` defaults to the smallest grid holding every interior position.
-    """
-    images = np.asarray(images, dtype=np.float64)
-    filters = np.asarray(decoded.filters, dtype=np.float64)
-    bias = np.asarray(decoded.bias, dtype=np.float64)
-    (sy, sx), (oy, ox), (ry, rx) = decoded.stride, decoded.origin, filters.shape[2:]
-    h, w = images.shape[2:]
-    if out_size is None:
-        out_size = (max(0, (h - ry - oy) // sy + 1), max(0, (w - rx - ox) // sx + 1))
-    in_y, in_x = interior(decoded, (h, w), out_size)
-    pred = np.full((images.shape[0], filters.shape[0], *out_size), np.nan)
-    mask = in_y[:, None] & in_x[None, :]
-    if mask.any():
-        qy, qx = np.flatnonzero(in_y), np.flatnonzero(in_x)
-        windows = sliding_window_view(images, (ry, rx), axis=(2, 3))  # [N, C, H-ry+1, W-rx+1, ry, rx]
-        patches = windows[:, :, (oy + qy * sy)[:, None], (ox + qx * sx)[None, :]]  # [N, C, qy, qx, ry, rx]
-        values = np.tensordot(patches, filters, axes=([1, 4, 5], [1, 2, 3]))  # [N, qy, qx, K]
-        pred[:, :, qy[:, None], qx[None, :]] = values.transpose(0, 3, 1, 2) + bias[None, :, None, None]
-    return pred, mask
-
-
 def assert_identity(
     decoded: fdsub_onnx.Decoded, activation: np.ndarray, images: np.ndarray, rtol: float, atol: float = 1e-9
 ) -> float:
@@ -76,28 +54,21 @@ def assert_identity(
     connected layer); its channels ``decoded.neurons`` are compared. Fails when there
     is no interior position, so a check that compares nothing cannot pass.
     """
-    act = np.asarray(activation, dtype=np.float64)
-    if act.ndim == 2:
-        act = act[:, :, None, None]
-    assert act.ndim == 4 and act.shape[0] == len(images), f"activation shape {act.shape} for {len(images)} images"
+    act = np.asarray(activation)
+    assert act.ndim in (2, 4) and act.shape[0] == len(images), f"activation shape {act.shape} for {len(images)} images"
     assert len(decoded.neurons) > 0 and decoded.filters.shape[0] == len(decoded.neurons) == len(decoded.bias), (
         f"{decoded.layer}: {len(decoded.neurons)} neurons, filters {decoded.filters.shape}, bias {decoded.bias.shape}"
     )
-    act = act[:, np.asarray(decoded.neurons)]
-    pred, mask = predict(decoded, images, act.shape[2:])
-    assert mask.any(), (
+    result = identity_error(decoded, act, images)
+    assert result.positions > 0, (
         f"{decoded.layer}: no interior output position (image {images.shape[2:]}, output {act.shape[2:]}, "
         f"stride {decoded.stride}, origin {decoded.origin}, receptive field {decoded.filters.shape[2:]})"
     )
-    got, want = pred[:, :, mask], act[:, :, mask]
-    assert np.isfinite(got).all(), f"{decoded.layer}: non-finite prediction"
-    err = np.abs(got - want)
-    scale = float(np.abs(want).max())
-    worst = np.unravel_index(int(np.argmax(err)), err.shape)
-    assert err.max() <= rtol * scale + atol, (
-        f"{decoded.layer}: weights identity broken, max |pred - act| = {err.max():.3e} > {rtol:g} * max|act| "
-        f"({scale:.3e}) at image {worst[0]}, neuron {decoded.neurons[worst[1]]}: "
-        f"pred {got[worst]:.6g} vs act {want[worst]:.6g} "
-        f"({int(mask.sum())} interior positions)"
+    assert np.isfinite(result.max_abs), f"{decoded.layer}: non-finite prediction"
+    image, neuron, pred, want = result.worst
+    assert result.within(rtol, atol), (
+        f"{decoded.layer}: weights identity broken, max |pred - act| = {result.max_abs:.3e} > {rtol:g} * max|act| "
+        f"({result.scale:.3e}) at image {image}, neuron {neuron}: pred {pred:.6g} vs act {want:.6g} "
+        f"({result.positions} interior positions)"
     )
-    return float(err.max() / scale) if scale else float(err.max())
+    return result.relative
