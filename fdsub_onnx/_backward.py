@@ -100,26 +100,41 @@ def _avgpool(node, ins, is_data, out, grad, rule):
 
 
 def _transposed(grad, w, groups, attrs, x_shape):
-    """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution."""
+    """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution.
+
+    Per group one batched GEMM gives every kernel tap's contribution, which is then added at its strided place.
+    """
     kernel, strides = w.shape[2:], tuple(attrs.get("strides", (1, 1)))
     dil = tuple(attrs.get("dilations", (1, 1)))
     begin, end = resolve_pads(x_shape[2:], kernel, strides, dil, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
     xp = array_module(grad)
     m, c_in, h, wd = x_shape
-    padded = xp.zeros((m, c_in, h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * grad.shape[2],
-                       wd + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * grad.shape[3]))
+    qh, qw = grad.shape[2:]
+    padded = xp.zeros((m, c_in, *_padded_size((h, wd), begin, end, kernel, strides, dil, (qh, qw))))
     k_out, cig = w.shape[:2]
     kog = k_out // groups
-    qh, qw = grad.shape[2:]
     for g in range(groups):
         gout = grad[:, g * kog : (g + 1) * kog].reshape(m, kog, qh * qw)
+        taps = w[g * kog : (g + 1) * kog].transpose(2, 3, 1, 0).reshape(-1, kog)  # [kh*kw*C_in/g, K/g]
+        contrib = xp.matmul(taps, gout).reshape(m, kernel[0], kernel[1], cig, qh, qw)
+        target = padded[:, g * cig : (g + 1) * cig]
         for i in range(kernel[0]):
             for j in range(kernel[1]):
-                y, xx = i * dil[0], j * dil[1]
-                # [C_in/g, K/g] @ [M, K/g, Q] -> [M, C_in/g, Q]: a batched GEMM (einsum here runs 2x slower)
-                contrib = xp.matmul(w[g * kog : (g + 1) * kog, :, i, j].T, gout).reshape(m, cig, qh, qw)
-                padded[:, g * cig : (g + 1) * cig, y : y + strides[0] * qh : strides[0], xx : xx + strides[1] * qw : strides[1]] += contrib
+                _tap(target, i, j, strides, dil, (qh, qw))[...] += contrib[:, i, j]
     return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+
+
+def _padded_size(size, begin, end, kernel, strides, dil, out_size) -> tuple[int, int]:
+    """The padded input extent (per axis) that holds every window of the output, ceil_mode's extra ones included."""
+    return tuple(max(n + b + e, (k - 1) * d + s * (q - 1) + 1)
+                 for n, b, e, k, s, d, q in zip(size, begin, end, kernel, strides, dil, out_size))
+
+
+def _tap(array, i, j, strides, dil, out_size):
+    """The strided view [.., Qh, Qw] of a padded ``array`` that kernel tap (i, j) of every window reads."""
+    y, x = i * dil[0], j * dil[1]
+    return array[..., y : y + strides[0] * (out_size[0] - 1) + 1 : strides[0],
+                 x : x + strides[1] * (out_size[1] - 1) + 1 : strides[1]]
 
 
 def _relu(node, ins, is_data, out, grad, rule):
@@ -165,6 +180,9 @@ def _elu(xp, node, ins, out):
 
 
 def _maxpool(node, ins, is_data, out, grad, rule):
+    """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
+    forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
+    stack of windows and no scatter with repeated indices."""
     x, xp = ins[0], array_module(grad)
     attrs = attributes(node)
     kernel, strides = tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", (1, 1)))
@@ -172,29 +190,16 @@ def _maxpool(node, ins, is_data, out, grad, rule):
     begin, end = resolve_pads(x.shape[2:], kernel, strides, dil, tuple(attrs.get("pads", ())), attrs.get("auto_pad", "NOTSET"))
     m, c, h, w = x.shape
     qh, qw = out.shape[2:]
-    big = (h + begin[0] + end[0] + kernel[0] * dil[0] + strides[0] * qh, w + begin[1] + end[1] + kernel[1] * dil[1] + strides[1] * qw)
-    padded = xp.full((m, c, *big), -np.inf)
+    padded = xp.full((m, c, *_padded_size((h, w), begin, end, kernel, strides, dil, (qh, qw))), -np.inf)
     padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
-    windows = xp.stack([padded[:, :, i * dil[0] : i * dil[0] + strides[0] * qh : strides[0],
-                               j * dil[1] : j * dil[1] + strides[1] * qw : strides[1]]
-                        for i in range(kernel[0]) for j in range(kernel[1])], axis=-1)  # [M, C, Qh, Qw, k*k]
-    switch = xp.argmax(windows, axis=-1)  # the first maximum, as onnxruntime picks
-    gpad = xp.zeros_like(padded)
-    mi, ci, yi, xi = xp.indices(switch.shape)
-    ty, tx = switch // kernel[1], switch % kernel[1]
-    _scatter_add(gpad, (mi, ci, yi * strides[0] + ty * dil[0], xi * strides[1] + tx * dil[1]), grad)
+    gpad, claimed = xp.zeros_like(padded), xp.zeros(out.shape, bool)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            hit = _tap(padded, i, j, strides, dil, (qh, qw)) == out
+            hit &= ~claimed  # ties: the first maximum only
+            claimed |= hit
+            _tap(gpad, i, j, strides, dil, (qh, qw))[...] += grad * hit
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
-
-
-def _scatter_add(target, index, values):
-    """``target[index] += values`` with repeated indices summed (np.add.at; cupyx.scatter_add on the GPU)."""
-    xp = array_module(target)
-    if xp is np:
-        np.add.at(target, index, values)
-    else:
-        import cupyx
-
-        cupyx.scatter_add(target, index, values)
 
 
 def _global_pool(node, ins, is_data, out, grad, rule):

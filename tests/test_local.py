@@ -65,6 +65,40 @@ def test_local_identity_holds_for_every_instance(seed, tmp_path):
     np.testing.assert_allclose(decoded.filters, mean, rtol=1e-4, atol=1e-6)
 
 
+# Window geometries of the backward rules: overlapping, padded, ceil_mode, dilated and auto-padded MaxPools, and
+# grouped, dilated, strided and asymmetrically padded convolutions (each pair: a MaxPool's, then a Conv's).
+GEOMETRIES = {
+    "overlapping_padded": ({"kernel": 3, "stride": 2, "pads": (1, 1, 1, 1)}, {"groups": 2}),
+    "demo_4x4s2": ({"kernel": 4, "stride": 2, "pads": (1, 1, 1, 1)}, {"dilation": (2, 2), "pads": (2, 2, 2, 2)}),
+    "ceil_mode": ({"kernel": 3, "stride": 2, "ceil_mode": 1}, {"stride": 2, "pads": (0, 1, 1, 0)}),
+    "dilated": ({"kernel": 2, "stride": 1, "dilation": (2, 2)}, {"auto_pad": "SAME_LOWER"}),
+    "auto_pad": ({"kernel": (3, 2), "stride": (2, 1), "auto_pad": "SAME_UPPER"}, {"kernel": (1, 3), "groups": 4}),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_local_identity_over_window_geometries(geometry, tmp_path):
+    """The per-instance identity (METHOD.md property 2) through MaxPool and Conv backward rules of every geometry."""
+    pool, conv = GEOMETRIES[geometry]
+    b = NetBuilder(height=17, width=15, seed=3)
+    x = b.maxpool(b.relu(b.conv("input", 4, 3, 1, (1, 1, 1, 1))), **pool)
+    x = b.maxpool(b.relu(b.conv(x, 8, **{"kernel": 3, **conv})), 2, 1, (0, 0, 1, 1))
+    last = b.conv(x, 3, 2)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    images = np.random.default_rng(7).standard_normal((10, 3, 17, 15)).astype(np.float32)
+    decoded = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=5, per_instance=True)
+    acts = run_ort(proto, images, [last])[last]
+    top = decoded.instances
+    for k in range(len(decoded.neurons)):
+        pairs = list(zip(top.image_index[k], map(tuple, top.position[k])))
+        patches = _padded_patches(images.astype(np.float64), decoded, pairs)
+        pred = (decoded.instance_filters[k] * patches).sum(axis=(1, 2, 3)) + decoded.instance_bias[k]
+        want = np.array([acts[i, decoded.neurons[k], qy, qx] for i, (qy, qx) in pairs])
+        np.testing.assert_allclose(pred, want, rtol=1e-4, atol=1e-4 * np.abs(acts).max())
+        assert np.abs(decoded.instance_filters[k]).max() > 0
+
+
 def test_local_filters_are_input_gradients(tmp_path):
     """Finite differences through onnxruntime, on a net with smooth activations, pooling, concat and Gemm."""
     b, fc, last = _smooth_net(3)
