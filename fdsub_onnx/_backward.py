@@ -72,6 +72,20 @@ def forward_for(model, target: str, device="cpu") -> Forward:
     return Forward(model, [o for n in _ancestors(model, [target]) for o in n.output if o], device)
 
 
+def instances_per_batch(model, target: str, most: int, backend) -> int:
+    """How many instances one backward pass to ``target`` takes: at most ``most``, fewer where a quarter of the
+    memory left (``backend.free_bytes``) cannot hold them. A quarter: the report runs two passes at once.
+
+    Per instance the pass holds every forward value below ``target`` (float32 from onnxruntime, then a float64
+    copy) and the gradients, plus temporaries of the size of the largest tensor: VGG19 at 224 needs about
+    700 MB per instance, so a fixed batch of 16 ran a 24 GB machine out of memory.
+    """
+    sizes = [int(np.prod(model.shapes[o][1:])) for n in _ancestors(model, [target]) for o in n.output
+             if o and o in model.shapes]
+    per_instance = 16 * sum(sizes) + 64 * max(sizes, default=0)
+    return int(max(1, min(most, backend.free_bytes() // 4 // max(per_instance, 1))))
+
+
 def _none_added(grad):
     return array_module(grad).zeros(len(grad))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._backend import resolve_device
+from ._backend import NumpyBackend, resolve_device
 from ._capture import Forward
 from ._errors import FdsubError
 
@@ -27,7 +27,14 @@ def predict(decoded, images: np.ndarray, out_size) -> np.ndarray:
     y0, x0 = oy + before[0], ox + before[1]
     windows = sliding_window_view(padded, (ry, rx), axis=(2, 3))[:, :, y0 : y0 + (qy - 1) * sy + 1 : sy,
                                                                   x0 : x0 + (qx - 1) * sx + 1 : sx]
-    out = np.tensordot(windows, np.asarray(decoded.filters, np.float64), axes=([1, 4, 5], [1, 2, 3]))  # [B, Qy, Qx, K]
+    filters = np.asarray(decoded.filters, np.float64)
+    out = np.empty((len(images), qy, qx, len(filters)))
+    # tensordot copies the windows it reads: a few output rows at a time keep that copy near temp_bytes
+    # (one row of a deep VGG layer's 252x252 windows is already ~100 MB for 16 images)
+    rows = max(1, NumpyBackend.temp_bytes // max(windows[:, :, :1].size * 8, 1))
+    for start in range(0, qy, rows):
+        out[:, start : start + rows] = np.tensordot(windows[:, :, start : start + rows], filters,
+                                                    axes=([1, 4, 5], [1, 2, 3]))  # [B, rows, Q_x, K]
     return out.transpose(0, 3, 1, 2) + np.asarray(decoded.bias, np.float64)[None, :, None, None]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import array_module, get_backend, resolve_device
-from ._backward import forward_for, instance_gradients
+from ._backward import forward_for, instance_gradients, instances_per_batch
 from ._capture import TopN, capture_top, instance_weights
 from ._decode import Decoded, find_layer
 from ._nf import _read, layer_geometry
@@ -22,8 +22,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                      progress=None, device="cpu") -> Decoded:
     """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``).
 
-    On ``device="gpu"`` each batch of instances runs its backward pass in CuPy; only the receptive-field
-    cuts come back to the host.
+    Instances run ``batch_size`` at a time, fewer when memory is short (``instances_per_batch``). On
+    ``device="gpu"`` each batch runs its backward pass in CuPy; only the receptive-field cuts come back to
+    the host.
     """
     device = resolve_device(device)
     target = find_layer(model, layer).output[0]
@@ -37,7 +38,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     filters, bias = np.zeros((k_neurons, *shape)), np.zeros(k_neurons)
     each = (np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32)) if per_instance else None
     forward = forward_for(model, target, device)
-    to_numpy = get_backend(device.backend).to_numpy
+    backend = get_backend(device.backend)
+    batch_size = instances_per_batch(model, target, batch_size, backend)
+    to_numpy = backend.to_numpy
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]

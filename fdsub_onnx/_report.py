@@ -48,6 +48,8 @@ SOURCE_MAX = 256  # longest side (px) a source image is stored at (patches are c
 THUMB = 128  # about how wide (px) a source image is shown with its receptive field drawn on it
 PATCH_MAX = 64  # longest side (px) a Neuron Feature is stored at, and about how wide a detail view shows a patch
 PATCH_SHOWN = 24  # about how wide (px) a patch is shown in the table
+FILTER_MAX = 160  # longest side (px) a filter is stored at: the detail view's width (deep layers' fields are larger)
+GRID_SIDE = 64  # longest side (px) of a filter in the per-layer grids (larger ones are block-averaged)
 INSTANCE_WORKERS = 2  # backward passes (local, deconvnet) run at the same time
 LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "deconvnet", "nf": "NF"}
 
@@ -346,9 +348,21 @@ def _framed(picture: str, image_size: tuple[int, int], box: tuple[int, int, int,
 
 
 def _filter_image(filters: np.ndarray) -> Image.Image:
-    """One filter [C, R_y, R_x] as the library draws it (``filter_grid``), unscaled, without the grid's frame."""
+    """One filter [C, R_y, R_x] as the library draws it (``filter_grid``), without the grid's frame; shrunk to
+    FILTER_MAX px when larger."""
     grid = filter_grid(filters[None], cell=1)
-    return grid.crop((GAP, GAP, grid.width - GAP, grid.height - GAP))
+    return _shrunk(grid.crop((GAP, GAP, grid.width - GAP, grid.height - GAP)), FILTER_MAX)
+
+
+def _block_mean(filters: np.ndarray, side: int) -> np.ndarray:
+    """Filters [K, C, R_y, R_x] averaged over f x f blocks (f the least that brings both sides to at most ``side``)."""
+    ry, rx = filters.shape[2:]
+    f = -(-max(ry, rx) // side)
+    if f == 1:
+        return filters
+    padded = np.pad(filters, ((0, 0), (0, 0), (0, -ry % f), (0, -rx % f)))
+    k, c, h, w = padded.shape
+    return padded.reshape(k, c, h // f, f, w // f, f).mean(axis=(3, 5))
 
 
 def _scaled_width(image: Image.Image | int, target: int) -> int:
@@ -393,7 +407,8 @@ def _layer_section(index: int, layer: Layer, decoded: dict, found, scores: dict,
         cells.extend(_number_cell(r[mode]) for mode in FIDELITY_MODES)
         rows.append("<tr>" + "".join(cells) + "</tr>")
         details.append(_detail(lid, nid, layer, int(neuron), k, decoded, shown, scores, found, boxes, pixels, images))
-    grids = {mode: filter_grid(decoded[mode].filters, labels=[str(int(n)) for n in neurons], cell=32) for mode in TABS}
+    grids = {mode: filter_grid(_block_mean(decoded[mode].filters, GRID_SIDE), labels=[str(int(n)) for n in neurons], cell=32)
+             for mode in TABS}
     grids = "".join(_img(grid, grid.width, f"{mode} filters of every neuron", f"m m-{mode}") for mode, grid in grids.items())
     tabbed = "".join(f'<span class="m m-{m}">{m}</span>' for m in TABS)
     head = ["neuron", f"filter {tabbed}", "deconvnet", "NF", f"top {found.top} patches", "mean<br>act.",

@@ -41,6 +41,18 @@ def test_weights_decoding_of_a_linear_net_has_perfect_fidelity(linear):
                                -1.0, atol=1e-6)
 
 
+def test_predictions_in_row_chunks_match_onnxruntime(linear, monkeypatch):
+    """With a temporary budget of one output row, prediction runs row by row and still matches onnxruntime."""
+    from fdsub_onnx._backend import NumpyBackend
+
+    model, proto, last = linear
+    images = np.random.default_rng(3).standard_normal((6, 3, 14, 14)).astype(np.float32)
+    decoded = fd.decode(model, last, dtype="float64")
+    acts = run_ort(proto, images, [last])[last]
+    monkeypatch.setattr(NumpyBackend, "temp_bytes", 1)
+    np.testing.assert_allclose(predict(decoded, images, acts.shape[2:]), acts, rtol=1e-4, atol=1e-4)
+
+
 def test_correlation_and_share_match_a_direct_computation(linear):
     model, proto, last = linear
     images = np.random.default_rng(1).standard_normal((24, 3, 14, 14)).astype(np.float32)

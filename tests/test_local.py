@@ -9,7 +9,8 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx._backward import instance_gradients
+from fdsub_onnx._backward import instance_gradients, instances_per_batch
+from fdsub_onnx._local import decode_instances
 from fdsub_onnx.cli.main import app
 
 
@@ -233,3 +234,25 @@ def test_local_products_of_feature_maps(gate, tmp_path):
         assert abs(slope - grads[0, c, yy, xx]) <= 2e-2 * abs(grads[0, c, yy, xx]) + 1e-3
     else:  # the gate's own dependence on the image is left out, so the filter differs from the gradient
         assert abs(slope - grads[0, c, yy, xx]) > 1e-4
+
+
+class _Memory:
+    """A backend stand-in with a given amount of free memory."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+    def free_bytes(self) -> int:
+        return self.free
+
+
+def test_instance_batches_shrink_to_the_memory_left(tmp_path):
+    b, last = _residual_net(0)
+    model = load_proto(b.build([last]), tmp_path)
+    sizes = [instances_per_batch(model, last, 16, _Memory(free)) for free in (0, 1 << 16, 1 << 20, 1 << 22, 1 << 40)]
+    assert sizes[0] == 1 and sizes[-1] == 16 and 1 < sizes[3] < 16 and sizes == sorted(sizes), sizes
+    # batching changes no result
+    images = fd.ArrayImages(np.random.default_rng(4).standard_normal((9, 3, 18, 18)).astype(np.float32))
+    one, many = (decode_instances(model, last, images, top=3, batch_size=size, per_instance=True) for size in (1, 16))
+    np.testing.assert_array_equal(one.instance_filters, many.instance_filters)
+    np.testing.assert_array_equal(one.instance_bias, many.instance_bias)

@@ -375,3 +375,18 @@ def test_report_patches_show_the_receptive_field_in_chromium(built, tmp_path):
         centres = (np.arange(want.shape[0]) * scale + scale // 2, np.arange(want.shape[1]) * scale + scale // 2)
         got = pixels[row * SIZE * 10 :][np.ix_(*centres)]
         assert scale >= 2 and np.abs(got - want).mean() < 12, (row, np.abs(got - want).mean())
+
+
+def test_large_filters_are_stored_small():
+    """Deep layers' filters (receptive fields of hundreds of px) are stored at FILTER_MAX px and block-averaged
+    to GRID_SIDE px in the grids, so a report's size does not grow with the receptive field."""
+    from fdsub_onnx._report import FILTER_MAX, GRID_SIDE, _block_mean, _filter_image
+
+    filters = np.random.default_rng(0).standard_normal((2, 3, 250, 130))
+    assert max(_filter_image(filters[0]).size) == FILTER_MAX
+    small = _block_mean(filters, GRID_SIDE)
+    assert small.shape == (2, 3, 63, 33)  # blocks of 4: 250 and 130 padded to 252 and 132
+    np.testing.assert_allclose(small[1, 2, 5, 7], filters[1, 2, 20:24, 28:32].mean())
+    np.testing.assert_allclose(small[0, 0, -1, -1], filters[0, 0, 248:, 128:].sum() / 16)  # the zero padding counts
+    fits = filters[:, :, :GRID_SIDE, :40]
+    assert _block_mean(fits, GRID_SIDE) is fits
