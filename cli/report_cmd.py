@@ -54,9 +54,12 @@ def report(
         image_set = open_images(images, loaded.input_shape[1:], **prep)
         held = open_images(holdout, loaded.input_shape[1:], **prep) if holdout is not None else None
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(Path(model).stem)}-report"
+    notes = []
     with common.progress_bar("report", unit="steps") as progress:
         path = make_report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
-                           select=select, progress=progress, device=device)
+                           select=select, progress=progress, device=device, note=notes.append)
     typer.echo(f"report of {model} ({path.stat().st_size / 2**20:.1f} MiB): open it in a browser")
     typer.echo(f"  {path}")
+    for text in notes:
+        typer.echo(f"note: {text}", err=True)
     common.note_device(device)

@@ -193,6 +193,60 @@ def _elu(xp, node, ins, out):
     return xp.where(ins[0] > 0, 1.0, out + attributes(node).get("alpha", 1.0))
 
 
+def _selu(xp, node, ins, out):
+    attrs = attributes(node)
+    alpha, gamma = attrs.get("alpha", 1.67326319217681884765625), attrs.get("gamma", 1.05070102214813232421875)
+    return xp.where(ins[0] > 0, gamma, out + gamma * alpha)
+
+
+def _celu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, out / attributes(node).get("alpha", 1.0) + 1)
+
+
+def _gelu(xp, node, ins, out):
+    """x * Phi(x): Phi read off the forward value (out / x; NumPy has no erf), or the tanh form's own slope."""
+    x = ins[0]
+    if attributes(node).get("approximate", "none") == "tanh":
+        k = np.sqrt(2 / np.pi)
+        t = xp.tanh(k * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+    small = xp.abs(x) < 1e-6
+    phi = xp.where(small, 0.5, out / xp.where(small, 1.0, x))
+    return phi + x * xp.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)
+
+
+def _mish(xp, node, ins, out):
+    x = ins[0]
+    t = xp.tanh(xp.logaddexp(0, x))  # tanh(softplus(x))
+    return t + x * (1 - t**2) / (1 + xp.exp(-x))
+
+
+def _lrn(node, ins, is_data, out, grad, rule):
+    """LRN's linearization at the instance: its Jacobian across the channel window (vector-Jacobian product),
+    with the offset ``out - J x`` as the bias it adds, so that the local identity stays exact.
+
+    y_c = x_c d_c^-b with d_c = bias + a/n S_c and S_c the sum of x^2 over channels [c - lo, c + hi]."""
+    x = ins[0]
+    attrs = attributes(node)
+    size, alpha, beta, bias = int(attrs["size"]), attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    lo, hi = (size - 1) // 2, size // 2  # floor and ceil of (size - 1) / 2
+    squares = _channel_window_sum(x**2, lo, hi)
+    d = bias + alpha / size * squares
+    coupling = 2 * alpha * beta / size * x * d ** (-beta - 1)  # -dy_c/dx_c' = coupling_c * x_c' for c' in c's window
+    gx = grad * d**-beta - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
+    offset = coupling * squares  # out - J x
+    return [gx], (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+
+def _channel_window_sum(a, lo, hi):
+    """``sum(a[:, c - lo : c + hi + 1])`` for every channel c (clipped at the edges), via a cumulative sum."""
+    xp = array_module(a)
+    channels = a.shape[1]
+    total = xp.concatenate([xp.zeros_like(a[:, :1]), xp.cumsum(a, axis=1)], axis=1)
+    c = np.arange(channels)
+    return total[:, np.minimum(c + hi + 1, channels)] - total[:, np.maximum(c - lo, 0)]
+
+
 def _maxpool(node, ins, is_data, out, grad, rule):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
     forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
@@ -337,4 +391,5 @@ BACKWARD = {
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(lambda xp, node, ins, out: out * (1 - out)), "Tanh": _slope(lambda xp, node, ins, out: 1 - out**2),
     "Softplus": _slope(lambda xp, node, ins, out: 1 / (1 + xp.exp(-ins[0]))),
+    "Selu": _slope(_selu), "Celu": _slope(_celu), "Gelu": _slope(_gelu), "Mish": _slope(_mish), "LRN": _lrn,
 }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -175,17 +175,24 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
 
 def _check_memory(model, engine, targets, rows):
     """Refuse, before any work, a decode whose filter banks cannot fit in memory."""
+    problem = memory_problem(model, engine, targets, rows)
+    if problem:
+        raise FdsubError(problem)
+
+
+def memory_problem(model, engine, targets, rows=None) -> str | None:
+    """Why decoding ``targets`` in one pass would not fit in the memory left (None when it fits): the size of
+    the filter banks alive at once is known from geometry alone, so this costs no decoding."""
     usage = {}
     for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
         pass
     need, free = usage["peak"] * MEMORY_MARGIN, engine.backend.free_bytes()
-    if need > free:
-        raise FdsubError(
-            f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
+    if need <= free:
+        return None
+    return (f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
             f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
             + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
-               if engine.dtype == "float32" else "use --dtype float32, decode an earlier layer, or use a machine with more memory")
-        )
+               if engine.dtype == "float32" else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
 
 
 def _largest_rf(model, engine, targets) -> int:

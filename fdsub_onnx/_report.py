@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ._backend import resolve_device
+from ._backend import get_backend, resolve_device
 from ._capture import capture_top, rows_of
-from ._decode import Layer, Summary, find_layer, inspect_model, iter_decode
+from ._decode import Layer, Summary, find_layer, inspect_model, iter_decode, memory_problem
+from ._engine import Engine
 from ._errors import FdsubError
 from ._fidelity import FIDELITY_MODES, fidelity
 from ._images import open_images
@@ -55,7 +56,8 @@ LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "de
 
 
 def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, layers=None, neurons=None,
-           top: int = DEFAULT_TOP, holdout=None, select: str = "positive", progress=None, device="cpu") -> Path:
+           top: int = DEFAULT_TOP, holdout=None, select: str = "positive", progress=None, device="cpu",
+           note=None) -> Path:
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
@@ -63,8 +65,9 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     default every decodable Conv layer. ``neurons``: a selector (``parse_neurons``) applied to each
     layer, keeping the indices the layer has. ``top`` instances per neuron feed the data modes and are
     shown. Fidelity is measured on ``holdout`` when given, else on ``images``. ``progress(done, total)``
-    counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``. The file is written atomically
-    (nothing is left behind on failure).
+    counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``. By default, layers too deep to decode
+    in the memory left are left out, said on the page and to ``note(text)``; named ``layers`` must all fit.
+    The file is written atomically (nothing is left behind on failure).
 
     >>> fd.report(fd.load_model("demo.onnx"), "builtin:glyphs:256", "report/", layers="conv1,conv4")  # doctest: +SKIP
     PosixPath('report/index.html')
@@ -80,7 +83,9 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     images = _image_set(images, model)
     held = _image_set(holdout, model) if holdout is not None else None
     summary = inspect_model(model)
-    chosen = _layers(model, summary, layers)
+    chosen, left_out = _within_memory(model, _layers(model, summary, layers), layers is not None, device)
+    if left_out and note is not None:
+        note(f"left out {', '.join(left_out)}: {left_out[0]!r} and deeper need more memory than is free")
     picks = _neurons(neurons, chosen)
     steps = _Steps(progress, 1 + 4 * len(chosen) + 1)
     targets = [layer.name for layer in chosen]
@@ -92,15 +97,17 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
         if target not in tops:
             tops[target] = capture_top(model, target, images, top=top, device=device)
     found = {layer.name: rows_of(tops[layer.name], picked) for layer, picked in zip(chosen, picks)}
-    weights = {d.layer: d for d in iter_decode(model, targets, device=device)}
-    fds = {d.layer: d for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device)}
+    picked = {layer.name: layer_picks for layer, layer_picks in zip(chosen, picks)}
+    weights = {d.layer: _rows(d, picked[d.layer]) for d in iter_decode(model, targets, device=device)}
+    fds = {d.layer: _rows(d, picked[d.layer])
+           for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device)}
     instance = _instance_decodes(model, images, found, steps, device)
     sections, data = [], []
     pictures = _Pictures()
     pixels = _Pixels(images, pictures)
-    for index, (layer, picked) in enumerate(zip(chosen, picks)):
+    for index, layer in enumerate(chosen):
         name, done = layer.name, steps.part()
-        decoded = {"weights": _rows(weights[name], picked), "fds": _rows(fds[name], picked),
+        decoded = {"weights": weights[name], "fds": fds[name],
                    "local": instance[name, "local"], "deconvnet": instance[name, "deconvnet"],
                    "nf": neuron_feature(model, found[name], images)}
         scores = fidelity(model, {mode: decoded[mode] for mode in FIDELITY_MODES}, held if held is not None else images,
@@ -113,7 +120,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
                      "mean_top_activation": _mean_activation(found[name]), "fidelity": scores})
         done(1, 1)
     setup = {"model": model.path, "images": _describe(images), "holdout": None if held is None else _describe(held),
-             "top": int(top), "select": select}
+             "top": int(top), "select": select, "left_out": left_out}
     page = _page(setup, summary, chosen, sections, {"setup": setup, "summary": summary.to_json(), "layers": data},
                  pictures)
     done = steps.part()
@@ -151,6 +158,31 @@ def _layers(model: Model, summary: Summary, names) -> list[Layer]:
     if not wanted:
         raise FdsubError("no layer named; give --layers like conv1,conv4 or leave it out for every Conv layer")
     return [layer for layer in summary.layers if layer.name in wanted]
+
+
+def _within_memory(model: Model, chosen: list[Layer], named: bool, device) -> tuple[list[Layer], list[str]]:
+    """The chosen layers that one decoding pass holds in the memory left, and the names of those left out.
+
+    Named layers (``--layers``) must all fit: one error line before any work. By default the longest run of
+    layers from the first that fits is kept (the filter banks only grow with depth).
+    """
+    engine = Engine(get_backend(device.backend), "float32", "fast")
+    names = [layer.name for layer in chosen]
+    problem = memory_problem(model, engine, names)
+    if problem is None:
+        return chosen, []
+    if named:
+        raise FdsubError(problem)
+    fits, fails = 0, len(names)  # names[:fits] fit, names[:fails] do not
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        if memory_problem(model, engine, names[:middle]) is None:
+            fits = middle
+        else:
+            fails = middle
+    if fits == 0:
+        raise FdsubError(memory_problem(model, engine, names[:1]))
+    return chosen[:fits], names[fits:]
 
 
 def _neurons(selector, layers: list[Layer]) -> list[np.ndarray]:
@@ -472,7 +504,7 @@ top-{scores['top']} images the filter also ranks top.</p>
 </div></div>"""
 
 
-def _summary(summary: Summary, chosen: list[Layer]) -> str:
+def _summary(summary: Summary, chosen: list[Layer], left_out: list[str]) -> str:
     reported = {layer.name: i for i, layer in enumerate(chosen)}
     rows = []
     for layer in summary.layers:
@@ -489,10 +521,12 @@ def _summary(summary: Summary, chosen: list[Layer]) -> str:
     decodable = sum(layer.decodable for layer in summary.layers)
     blocked = [layer for layer in summary.layers if not layer.decodable]
     why = "".join(f"<li>{escape(layer.name)} ({escape(layer.op)}): {escape(str(layer.reason))}</li>" for layer in blocked)
+    left = (f"<p class='why'>Not reported, too large to decode in the memory left (name them with --layers to see "
+            f"what they need): {escape(', '.join(left_out))}</p>") if left_out else ""
     return f"""<section id="summary"><h2>Model</h2>
 <p>Input {escape(summary.input_name)} {escape(str(list(summary.input_shape)))} &middot;
 {decodable} of {len(summary.layers)} layers decodable{"" if not blocked else "; not decodable:"}</p>
-{f"<ul class='why'>{why}</ul>" if blocked else ""}
+{f"<ul class='why'>{why}</ul>" if blocked else ""}{left}
 <table class="summary"><thead><tr><th>layer</th><th>node</th><th>op</th><th>channels</th><th>stride</th>
 <th>receptive field</th><th>origin</th><th>decodable</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
 </section>"""
@@ -517,7 +551,7 @@ fds select rule <code>{escape(setup['select'])}</code>. Fidelity on {fidelity_on
 image pixels (dark gray where a receptive field leaves the image). Click a neuron for its details, a column header
 to sort.</p>
 <nav><a href="#summary">model</a> {nav}</nav></header>
-{_summary(summary, chosen)}
+{_summary(summary, chosen, setup["left_out"])}
 {"".join(sections)}
 <script type="application/json" id="fdsub-data">{_json_island(data)}</script>
 <script>{_JS}</script>
@@ -556,7 +590,7 @@ section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px 16p
 table{border-collapse:collapse}th,td{padding:3px 8px;border-bottom:1px solid #eee;vertical-align:middle;text-align:left}
 th{background:#f0f0f0;font-weight:600;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
 th[data-sort]{cursor:pointer}th[data-sort]:hover{background:#e0e8f5}th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
-tr.blocked td{color:#a33}ul.why{color:#a33;margin:4px 0}
+tr.blocked td{color:#a33}.why{color:#a33;margin:4px 0}
 img,.pic{image-rendering:pixelated;vertical-align:middle}
 .pic{display:inline-block;background-size:100% 100%;background-repeat:no-repeat}
 .crop{background-color:rgb(60,60,60);margin-right:1px}.framed{position:relative;margin-right:4px}

@@ -100,6 +100,13 @@ def test_local_identity_over_window_geometries(geometry, tmp_path):
         assert np.abs(decoded.instance_filters[k]).max() > 0
 
 
+def test_every_walker_op_has_a_backward_rule():
+    from fdsub_onnx._backward import BACKWARD
+    from fdsub_onnx.ops import RULES
+
+    assert set(RULES) - set(BACKWARD) == set(), "ops decodable in weights mode but not in local/deconvnet mode"
+
+
 def test_local_filters_are_input_gradients(tmp_path):
     """Finite differences through onnxruntime, on a net with smooth activations, pooling, concat and Gemm."""
     b, fc, last = _smooth_net(3)
@@ -143,7 +150,11 @@ def test_deconvnet_hand_checked_case(tmp_path):
     assert not np.allclose(local, grads) or (w2 > 0).all()
 
 
-def test_unsupported_op_in_local_mode_is_one_line(tmp_path):
+def test_unsupported_op_in_local_mode_is_one_line(tmp_path, monkeypatch):
+    """Every op the walker supports has a backward rule; one without (LRN's removed here) stops with one line."""
+    from fdsub_onnx import _backward
+
+    monkeypatch.delitem(_backward.BACKWARD, "LRN")
     b = NetBuilder(height=10, width=10)
     last = b.conv(b.lrn(b.conv("input", 4, 3)), 3, 3)
     model = load_proto(b.build([last]), tmp_path)
@@ -174,11 +185,13 @@ def test_cli_local_and_deconvnet(mode, tmp_path):
 
 @pytest.mark.parametrize("op, attrs", [
     ("HardSwish", {}), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("Elu", {"alpha": 0.7}), ("Softplus", {}),
-    ("PRelu", None), ("Clip", None),
+    ("PRelu", None), ("Clip", None), ("Selu", {}), ("Celu", {"alpha": 0.8}), ("Gelu", {}),
+    ("Gelu", {"approximate": "tanh"}), ("Mish", {}),
+    ("LRN", {"size": 3, "alpha": 0.9, "beta": 0.75, "bias": 1.0}), ("LRN", {"size": 5, "alpha": 2.0, "beta": 0.6, "bias": 0.5}),
 ])
 def test_local_slope_rules_linearize_exactly_at_the_instance(op, attrs, tmp_path):
     """Smooth or piecewise activations: identity at the instance, and the slope against finite differences."""
-    b = NetBuilder(height=9, width=9, seed=11, opset=14)
+    b = NetBuilder(height=9, width=9, seed=11, opset=20 if op == "Gelu" else 18)
     x = b.conv("input", 4, 3)
     if op == "PRelu":
         y = b._node(op, [x, b._const("slope", np.array([0.1, 0.2, -0.3, 0.5], np.float32).reshape(4, 1, 1))], b.shapes[x])

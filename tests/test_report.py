@@ -390,3 +390,34 @@ def test_large_filters_are_stored_small():
     np.testing.assert_allclose(small[0, 0, -1, -1], filters[0, 0, 248:, 128:].sum() / 16)  # the zero padding counts
     fits = filters[:, :, :GRID_SIDE, :40]
     assert _block_mean(fits, GRID_SIDE) is fits
+
+
+def test_layers_too_large_for_the_memory_left(models, tmp_path, monkeypatch):
+    """By default the deeper layers that cannot be decoded in the memory left are left out (page and note);
+    named layers that do not fit stop the report before any work, with the decoder's one-line reason."""
+    from fdsub_onnx._backend import NumpyBackend, get_backend
+    from fdsub_onnx._decode import MEMORY_MARGIN
+    from fdsub_onnx._engine import Engine
+    from fdsub_onnx._walker import walk
+
+    model = fd.load_model(models["blocked"])
+    convs = [layer.name for layer in fd.inspect_model(model).layers if layer.op == "Conv" and layer.decodable]
+
+    def need(targets):
+        usage = {}
+        for _ in walk(model, Engine(get_backend("numpy"), "float32", "fast"), targets=targets, usage=usage):
+            pass
+        return usage["peak"] * MEMORY_MARGIN
+
+    first, both = need(convs[:1]), need(convs)
+    assert first < both
+    monkeypatch.setattr(NumpyBackend, "free_bytes", lambda self: int((first + both) / 2))
+    notes = []
+    page = fd.report(model, _images(6), tmp_path / "r", neurons="0-1", top=2, note=notes.append).read_text("utf-8")
+    assert re.findall(r'<section class="layer" id="(L\d+)"', page) == ["L0"]
+    assert "too large to decode in the memory left" in page and html.escape(convs[1]) in page
+    assert _json_island(page)["setup"]["left_out"] == [convs[1]]
+    assert len(notes) == 1 and convs[1] in notes[0]
+    with pytest.raises(fd.FdsubError, match="GiB of filter banks"):
+        fd.report(model, _images(6), tmp_path / "named", layers=convs, top=2)
+    assert not (tmp_path / "named").exists()
