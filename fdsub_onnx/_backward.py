@@ -232,19 +232,22 @@ def _lrn(node, ins, is_data, out, grad, rule):
     lo, hi = (size - 1) // 2, size // 2  # floor and ceil of (size - 1) / 2
     squares = _channel_window_sum(x**2, lo, hi)
     d = bias + alpha / size * squares
-    coupling = 2 * alpha * beta / size * x * d ** (-beta - 1)  # -dy_c/dx_c' = coupling_c * x_c' for c' in c's window
-    gx = grad * d**-beta - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
+    scale = d**-beta  # y = x * scale
+    coupling = 2 * alpha * beta / size * x * scale / d  # -dy_c/dx_c' = coupling_c * x_c' for c' in c's window
+    gx = grad * scale - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
     offset = coupling * squares  # out - J x
     return [gx], (grad * offset).reshape(len(grad), -1).sum(axis=1)
 
 
 def _channel_window_sum(a, lo, hi):
-    """``sum(a[:, c - lo : c + hi + 1])`` for every channel c (clipped at the edges), via a cumulative sum."""
+    """``sum(a[:, c - lo : c + hi + 1])`` for every channel c (zeros beyond the edges): one shifted add per offset."""
     xp = array_module(a)
     channels = a.shape[1]
-    total = xp.concatenate([xp.zeros_like(a[:, :1]), xp.cumsum(a, axis=1)], axis=1)
-    c = np.arange(channels)
-    return total[:, np.minimum(c + hi + 1, channels)] - total[:, np.maximum(c - lo, 0)]
+    padded = xp.concatenate([xp.zeros_like(a[:, :lo]), a, xp.zeros_like(a[:, :hi])], axis=1)
+    total = padded[:, : channels].copy()
+    for t in range(1, lo + hi + 1):
+        total += padded[:, t : t + channels]
+    return total
 
 
 def _maxpool(node, ins, is_data, out, grad, rule):
