@@ -4,7 +4,7 @@ inference of the same graph on the same images, in the same process. Target (iss
     PYTHONPATH=. python benchmarks/bench_capture.py [--images 256] [--batch 32] [--repeat 3]
 
 Models: the bundled demo model (layer conv4) and the onnx package's light ResNet50 topology with weights
-re-randomized (tests/zoo.py), captured at res3 (r68) and at its last conv (r168). The baseline runs an
+re-randomized (fdsub_onnx/_zoo.py), captured at res3 (r68) and at its last conv (r168). The baseline runs an
 onnxruntime session whose only output is the layer (the graph pruned the same way), batched the same way,
 and does nothing with the result. Best of --repeat runs each; wall-clock times.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -22,10 +21,9 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import fdsub_onnx as fd  # noqa: E402
-from fdsub_onnx._capture import _pruned, _session  # noqa: E402
+import fdsub_onnx as fd
+from fdsub_onnx._capture import _pruned, _session
+from fdsub_onnx._zoo import light_path, randomized
 
 
 def plain(model, layer, images, batch):
@@ -50,11 +48,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--top", type=int, default=100)
     args = parser.parse_args()
-    from zoo import ZOO_DIR, randomized
-
     folder = tempfile.mkdtemp()
     resnet = os.path.join(folder, "resnet50.onnx")
-    onnx.save(randomized(os.path.join(ZOO_DIR, "light_resnet50.onnx")), resnet)
+    onnx.save(randomized(light_path("resnet50")), resnet)
     cases = [("demo", os.path.join(os.path.dirname(__file__), "..", "models", "demo.onnx"), "conv4", args.images),
              ("resnet50", resnet, "r68", args.images // 4), ("resnet50", resnet, "r168", args.images // 4)]
     table = Table(title=f"capture_top (top {args.top}, all neurons) vs plain onnxruntime, batch {args.batch}, best of {args.repeat}")
@@ -64,8 +60,9 @@ def main():
     for name, path, layer, count in cases:
         model = fd.load_model(path)
         images = rng.standard_normal((count, *model.input_shape[1:])).astype(np.float32)
-        base = best(lambda: plain(model, layer, images, args.batch), args.repeat)
-        ours = best(lambda: fd.capture_top(model, layer, fd.ArrayImages(images), top=args.top, batch_size=args.batch), args.repeat)
+        base = best(lambda m=model, lay=layer, x=images: plain(m, lay, x, args.batch), args.repeat)
+        ours = best(lambda m=model, lay=layer, x=images: fd.capture_top(m, lay, fd.ArrayImages(x), top=args.top,
+                                                                        batch_size=args.batch), args.repeat)
         table.add_row(name, layer, str(count), f"{base:.2f}", f"{ours:.2f}", f"{count / ours:.1f}", f"{ours / base:.2f}x")
     Console().print(table)
 
