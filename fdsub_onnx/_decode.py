@@ -14,7 +14,7 @@ from ._errors import FdsubError
 from ._model import Model
 from ._neurons import parse_neurons
 from ._values import Blocked, Tensor
-from ._walker import walk
+from ._walker import _ancestors, walk
 from .ops import LAYER_OPS
 
 MODES = ("weights", "fds", "local", "deconvnet")
@@ -141,8 +141,13 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
                 device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
-                substitution=None) -> Iterator[Decoded]:
-    """Decode all neurons of several layers (default: every decodable layer) in one bottom-up pass."""
+                substitution=None, neurons: dict | None = None) -> Iterator[Decoded]:
+    """Decode several layers (default: every decodable layer) in one bottom-up pass, in graph order.
+
+    ``neurons`` maps a layer's output tensor to the neurons to return (a ``parse_neurons`` selector; default
+    all). A layer that no other decoded layer reads is then composed for those neurons only: the deepest
+    layers, whose banks are the largest, cost what the neurons asked cost.
+    """
     _check_mode(mode, dtype, kernel)
     device = resolve_device(device)
     if layers is None:
@@ -155,10 +160,20 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
         return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
     engine = Engine(get_backend(device.backend), dtype, kernel)
-    _check_memory(model, engine, targets, None)
-    for node, value in walk(model, engine, targets=targets, compose=True, substitution=substitution):
+    picked = {t: parse_neurons(neurons[t], _channels(model, t), t) for t in targets
+              if neurons and neurons.get(t) is not None and _channels(model, t) is not None}
+    rows = leaf_rows(model, targets, picked)
+    _check_memory(model, engine, targets, rows)
+    for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution):
         if id(node) in nodes:
-            yield _decoded(model, node, value, None, engine, mode)
+            yield _decoded(model, node, value, picked.get(node.output[0]), engine, mode)
+
+
+def leaf_rows(model, targets, picked: dict) -> dict | None:
+    """``picked`` (target -> neuron indices) kept for the targets that no node below the other targets reads: the
+    ones whose banks can be composed for those rows only (``walk``'s ``rows``)."""
+    read = {name for node in _ancestors(model, targets) for name in node.input}
+    return {t: rows for t, rows in picked.items() if t in targets and t not in read} or None
 
 
 def _decoded(model, node, value, neurons, engine, mode) -> Decoded:

@@ -14,7 +14,6 @@ the model or the image set goes through ``html.escape`` (text and attributes) or
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from PIL import Image
 
 from ._backend import get_backend, resolve_device
 from ._capture import capture_top, rows_of
-from ._decode import Layer, Summary, find_layer, inspect_model, iter_decode, memory_problem
+from ._decode import Layer, Summary, find_layer, inspect_model, iter_decode, leaf_rows, memory_problem
 from ._engine import Engine
 from ._errors import FdsubError
 from ._fidelity import FIDELITY_MODES, fidelity
@@ -83,10 +82,12 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     images = _image_set(images, model)
     held = _image_set(holdout, model) if holdout is not None else None
     summary = inspect_model(model)
-    chosen, left_out = _within_memory(model, _layers(model, summary, layers), layers is not None, device)
+    chosen = _layers(model, summary, layers)
+    picks = _neurons(neurons, chosen)
+    chosen, left_out = _within_memory(model, chosen, picks, layers is not None, device)
+    picks = picks[: len(chosen)]
     if left_out and note is not None:
         note(f"left out {', '.join(left_out)}: {left_out[0]!r} and deeper need more memory than is free")
-    picks = _neurons(neurons, chosen)
     steps = _Steps(progress, 1 + 4 * len(chosen) + 1)
     targets = [layer.name for layer in chosen]
 
@@ -98,9 +99,9 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
             tops[target] = capture_top(model, target, images, top=top, device=device)
     found = {layer.name: rows_of(tops[layer.name], picked) for layer, picked in zip(chosen, picks)}
     picked = {layer.name: layer_picks for layer, layer_picks in zip(chosen, picks)}
-    weights = {d.layer: _rows(d, picked[d.layer]) for d in iter_decode(model, targets, device=device)}
-    fds = {d.layer: _rows(d, picked[d.layer])
-           for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device)}
+    weights = {d.layer: d for d in iter_decode(model, targets, device=device, neurons=picked)}
+    fds = {d.layer: d for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device,
+                                           neurons=picked)}
     instance = _instance_decodes(model, images, found, steps, device)
     sections, data = [], []
     pictures = _Pictures()
@@ -160,7 +161,8 @@ def _layers(model: Model, summary: Summary, names) -> list[Layer]:
     return [layer for layer in summary.layers if layer.name in wanted]
 
 
-def _within_memory(model: Model, chosen: list[Layer], named: bool, device) -> tuple[list[Layer], list[str]]:
+def _within_memory(model: Model, chosen: list[Layer], picks: list[np.ndarray], named: bool, device
+                   ) -> tuple[list[Layer], list[str]]:
     """The chosen layers that one decoding pass holds in the memory left, and the names of those left out.
 
     Named layers (``--layers``) must all fit: one error line before any work. By default the longest run of
@@ -168,20 +170,24 @@ def _within_memory(model: Model, chosen: list[Layer], named: bool, device) -> tu
     """
     engine = Engine(get_backend(device.backend), "float32", "fast")
     names = [layer.name for layer in chosen]
-    problem = memory_problem(model, engine, names)
-    if problem is None:
+    picked = dict(zip(names, picks))
+
+    def problem(count):  # decoding the first ``count`` layers, as ``iter_decode`` will (leaf layers' rows only)
+        return memory_problem(model, engine, names[:count], leaf_rows(model, names[:count], picked))
+
+    if problem(len(names)) is None:
         return chosen, []
     if named:
-        raise FdsubError(problem)
+        raise FdsubError(problem(len(names)))
     fits, fails = 0, len(names)  # names[:fits] fit, names[:fails] do not
     while fails - fits > 1:
         middle = (fits + fails) // 2
-        if memory_problem(model, engine, names[:middle]) is None:
+        if problem(middle) is None:
             fits = middle
         else:
             fails = middle
     if fits == 0:
-        raise FdsubError(memory_problem(model, engine, names[:1]))
+        raise FdsubError(problem(1))
     return chosen[:fits], names[fits:]
 
 
@@ -197,12 +203,6 @@ def _neurons(selector, layers: list[Layer]) -> list[np.ndarray]:
                              f"0-{layer.channels - 1}; choose lower indices or leave that layer out")
         picks.append(own)
     return picks
-
-
-def _rows(decoded, picked):
-    """``decoded`` (all neurons of its layer, in order) cut to the neurons ``picked``."""
-    return dataclasses.replace(decoded, filters=decoded.filters[picked], bias=decoded.bias[picked],
-                               neurons=np.asarray(picked, np.int64))
 
 
 def _mean_activation(found) -> list[float | None]:

@@ -146,6 +146,24 @@ def test_iter_decode_equals_per_layer_decode(case, load):
         np.testing.assert_allclose(decoded.bias, alone.bias, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", LINEAR)
+def test_iter_decode_neurons_per_layer(case, load):
+    """``neurons=`` per layer returns those rows (in the order asked) of the full decode, whether the layer is
+    composed for them only (no other decoded layer reads it) or cut from its whole bank."""
+    from fdsub_onnx._decode import leaf_rows
+
+    model = load(linear_cases()[case])
+    layers = decodable_layers(model)
+    full = {d.layer: d for d in fd.iter_decode(model, dtype="float64")}
+    picks = {name: list(dict.fromkeys([full[name].filters.shape[0] - 1, 0])) for name in layers}
+    assert leaf_rows(model, layers, picks)  # the deepest layer at least is composed for its rows only
+    for decoded in fd.iter_decode(model, dtype="float64", neurons=picks):
+        want = full[decoded.layer]
+        assert list(decoded.neurons) == picks[decoded.layer]
+        np.testing.assert_allclose(decoded.filters, want.filters[picks[decoded.layer]], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(decoded.bias, want.bias[picks[decoded.layer]], rtol=1e-12, atol=1e-14)
+
+
 @pytest.fixture(scope="module")
 def chain3(tmp_path_factory):
     """The last layer of chain3, its onnxruntime activations and the images."""
