@@ -364,6 +364,16 @@ _GLYPH_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 def _glyphs(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """1 to 3 letters/digits of several sizes in a colour that contrasts with a solid or graded background."""
+    image, light_background = glyph_background(rng, height, width)
+    for _ in range(rng.integers(1, 4)):
+        paste_glyph(rng, image, _GLYPH_CHARS[rng.integers(len(_GLYPH_CHARS))], light_background)
+    return image
+
+
+def glyph_background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, bool]:
+    """A solid or graded colour background [H, W, 3], and whether it is light (glyphs then go dark).
+
+    Shared with models/train_demo.py, which draws its training images the way ``builtin:glyphs`` does."""
     y, x = _grid(height, width)
     c0, c1 = rng.uniform(0.0, 1.0, (2, 3))
     if rng.random() < 0.5:
@@ -371,18 +381,19 @@ def _glyphs(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     angle = rng.uniform(0.0, 2 * np.pi)
     ramp = x * np.cos(angle) + y * np.sin(angle)
     ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-9)
-    image = c0 + (c1 - c0) * ramp[..., None]
-    light_background = (c0 + c1) @ _GRAY / 2 > 0.5
-    for _ in range(rng.integers(1, 4)):
-        char = _GLYPH_CHARS[rng.integers(len(_GLYPH_CHARS))]
-        mask = _glyph_mask(char, max(4, int(rng.uniform(0.3, 0.8) * min(height, width))))
-        colour = rng.uniform(0.0, 0.35, 3) if light_background else rng.uniform(0.65, 1.0, 3)
-        top = rng.integers(0, max(1, height - mask.shape[0] + 1))
-        left = rng.integers(0, max(1, width - mask.shape[1] + 1))
-        alpha = mask[: height - top, : width - left, None]
-        region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
-        region[...] = region * (1 - alpha) + colour * alpha
-    return image
+    return c0 + (c1 - c0) * ramp[..., None], bool((c0 + c1) @ _GRAY / 2 > 0.5)
+
+
+def paste_glyph(rng: np.random.Generator, image: np.ndarray, char: str, light_background: bool) -> None:
+    """Draw ``char`` into ``image`` (in place) 30-80 % of its height, at a random place, in a contrasting colour."""
+    height, width = image.shape[:2]
+    mask = _glyph_mask(char, max(4, int(rng.uniform(0.3, 0.8) * min(height, width))))
+    colour = rng.uniform(0.0, 0.35, 3) if light_background else rng.uniform(0.65, 1.0, 3)
+    top = rng.integers(0, max(1, height - mask.shape[0] + 1))
+    left = rng.integers(0, max(1, width - mask.shape[1] + 1))
+    alpha = mask[: height - top, : width - left, None]
+    region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
+    region[...] = region * (1 - alpha) + colour * alpha
 
 
 @lru_cache(maxsize=1024)

@@ -73,30 +73,16 @@ THREADS = 1  # one thread: no slower than two on a 2-core machine, and far faste
 def render(rng: np.random.Generator, height: int = SIZE, width: int = SIZE) -> tuple[np.ndarray, int]:
     """One labelled image (float32 [3, H, W] in 0..1, class index) drawn like ``_images._glyphs``.
 
-    Background, glyph colour, size and placement follow ``_glyphs`` exactly; the only change is
-    that there is a single glyph, whose class is known.
+    Background, glyph colour, size and placement are ``_glyphs``' own (``glyph_background``,
+    ``paste_glyph``); the only change is that there is a single glyph, whose class is known.
     """
-    y, x = _images._grid(height, width)
-    c0, c1 = rng.uniform(0.0, 1.0, (2, 3))
-    if rng.random() < 0.5:
-        c1 = c0
-    angle = rng.uniform(0.0, 2 * np.pi)
-    ramp = x * np.cos(angle) + y * np.sin(angle)
-    ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-9)
-    image = c0 + (c1 - c0) * ramp[..., None]
-    light_background = (c0 + c1) @ _images._GRAY / 2 > 0.5
+    image, light_background = _images.glyph_background(rng, height, width)
     label = int(rng.integers(len(CLASSES)))
     char = CLASSES[label]
     if char.isalpha() and rng.random() < 0.5:
         char = char.lower()
     assert char in _images._GLYPH_CHARS
-    mask = _images._glyph_mask(char, max(4, int(rng.uniform(0.3, 0.8) * min(height, width))))
-    colour = rng.uniform(0.0, 0.35, 3) if light_background else rng.uniform(0.65, 1.0, 3)
-    top = rng.integers(0, max(1, height - mask.shape[0] + 1))
-    left = rng.integers(0, max(1, width - mask.shape[1] + 1))
-    alpha = mask[: height - top, : width - left, None]
-    region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
-    region[...] = region * (1 - alpha) + colour * alpha
+    _images.paste_glyph(rng, image, char, light_background)
     return np.clip(image, 0.0, 1.0).astype(np.float32).transpose(2, 0, 1), label
 
 
