@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 import fdsub_onnx
 from fdsub_onnx._linearize import identity_error
@@ -25,6 +26,31 @@ def load_proto(proto: onnx.ModelProto, folder, input_shape=None) -> fdsub_onnx.M
     path = os.path.join(os.fspath(folder), "model.onnx")
     onnx.save(proto, path)
     return fdsub_onnx.load_model(path, input_shape=input_shape)
+
+
+def save_proto(folder, name: str, proto: onnx.ModelProto):
+    """Save ``proto`` as ``folder``/``name``; return the path."""
+    path = folder / name
+    onnx.save(proto, str(path))
+    return path
+
+
+def softmax_between_convs() -> onnx.ModelProto:
+    """input -> Conv 'c1' -> Softmax (no rule) -> Conv 'c2': c2 is not decodable."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("w2", (2, 4, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv_a", kernel_shape=[3, 3]),
+        helper.make_node("Softmax", ["c1"], ["soft"], name="softmax", axis=1),
+        helper.make_node("Conv", ["soft", "w2"], ["c2"], name="conv_b", kernel_shape=[3, 3]),
+    ]
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 12, 12])
+    output = helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 2, 8, 8])
+    graph = helper.make_graph(nodes, "blocked", [image], [output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(model)
+    return model
 
 
 def random_images(model: fdsub_onnx.Model, count: int = 3, seed: int = 0) -> np.ndarray:

@@ -13,6 +13,7 @@ import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
 import onnx
 import pytest
+from checks import save_proto, softmax_between_convs
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -72,32 +73,19 @@ def no_image_input() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def softmax_between_convs() -> onnx.ModelProto:
-    b = netgen.NetBuilder(height=12, width=12, seed=1)
-    x = b.conv("input", 4, 3)
-    soft = b._node("Softmax", [x], b.shapes[x], axis=1)
-    b.conv(soft, 2, 3)
-    return b.build()
-
-
 class Nets:
     def __init__(self, folder):
         self.good_proto, self.good_layers = relu_net()
-        self.good = self._save(folder, "good.onnx", self.good_proto)
-        self.nan = self._save(folder, "nan.onnx", with_nan(self.good_proto))
+        self.good = save_proto(folder, "good.onnx", self.good_proto)
+        self.nan = save_proto(folder, "nan.onnx", with_nan(self.good_proto))
         self.dead_proto, self.dead_layers = relu_net(dead_bias=-100.0)
-        self.dead = self._save(folder, "dead.onnx", self.dead_proto)
-        self.blocked = self._save(folder, "blocked.onnx", softmax_between_convs())
-        self.vector = self._save(folder, "vector.onnx", no_image_input())
+        self.dead = save_proto(folder, "dead.onnx", self.dead_proto)
+        self.blocked = save_proto(folder, "blocked.onnx", softmax_between_convs())
+        self.vector = save_proto(folder, "vector.onnx", no_image_input())
         self.garbage = folder / "garbage.onnx"
         self.garbage.write_bytes(b"definitely not protobuf \xff\x00" * 16)
         self.missing = folder / "missing.onnx"
 
-    @staticmethod
-    def _save(folder, name, proto):
-        path = folder / name
-        onnx.save(proto, str(path))
-        return path
 
 
 @pytest.fixture(scope="module")

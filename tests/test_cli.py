@@ -8,9 +8,8 @@ import sys
 
 import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from checks import save_proto, softmax_between_convs
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -34,43 +33,20 @@ class Nets:
         b.conv(b.avgpool(b.conv("input", 8, 3, 1, (1, 1, 1, 1)), 2, 2), 4, 3)
         self.linear_proto = b.build()
         self.linear_layers = list(b.layers)  # conv, avgpool, conv
-        self.linear = self._save(folder, "linear.onnx", self.linear_proto)
+        self.linear = save_proto(folder, "linear.onnx", self.linear_proto)
         self.last = self.linear_layers[-1]
         self.last_node = next(n.name for n in self.linear_proto.graph.node if n.output[0] == self.last)
 
         d = netgen.NetBuilder(height=16, width=16, dynamic=True)
         d.conv(d.conv("input", 4, 3, 2), 4, 3)
-        self.dynamic = self._save(folder, "dynamic.onnx", d.build())
+        self.dynamic = save_proto(folder, "dynamic.onnx", d.build())
         self.dynamic_last = d.layers[-1]
 
-        self.blocked = self._save(folder, "blocked.onnx", _softmax_between_convs())
+        self.blocked = save_proto(folder, "blocked.onnx", softmax_between_convs())
         self.garbage = folder / "garbage.onnx"
         self.garbage.write_bytes(b"this is not an ONNX model\x00\xff" * 8)
         self.missing = folder / "missing.onnx"
 
-    @staticmethod
-    def _save(folder, name, proto):
-        path = folder / name
-        onnx.save(proto, str(path))
-        return path
-
-
-def _softmax_between_convs() -> onnx.ModelProto:
-    """input -> Conv 'c1' -> Softmax (no rule) -> Conv 'c2': c2 is not decodable."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w1", (4, 3, 3, 3)), ("w2", (2, 4, 3, 3)))]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv_a", kernel_shape=[3, 3]),
-        helper.make_node("Softmax", ["c1"], ["soft"], name="softmax", axis=1),
-        helper.make_node("Conv", ["soft", "w2"], ["c2"], name="conv_b", kernel_shape=[3, 3]),
-    ]
-    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 12, 12])
-    output = helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 2, 8, 8])
-    graph = helper.make_graph(nodes, "blocked", [image], [output], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="module")
