@@ -160,8 +160,9 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
         return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
     engine = Engine(get_backend(device.backend), dtype, kernel)
-    picked = {t: parse_neurons(neurons[t], _channels(model, t), t) for t in targets
-              if neurons and neurons.get(t) is not None and _channels(model, t) is not None}
+    channels = {t: _channels(model, t) for t in targets}
+    picked = {t: parse_neurons(neurons[t], channels[t], t) for t in targets
+              if neurons and neurons.get(t) is not None and channels[t] is not None}
     rows = leaf_rows(model, targets, picked)
     _check_memory(model, engine, targets, rows)
     for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution):

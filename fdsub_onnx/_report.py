@@ -397,9 +397,8 @@ def _block_mean(filters: np.ndarray, side: int) -> np.ndarray:
     return padded.reshape(k, c, h // f, f, w // f, f).mean(axis=(3, 5))
 
 
-def _scaled_width(image: Image.Image | int, target: int) -> int:
-    """A display width near ``target`` that is a whole multiple of the image's width (crisp pixels)."""
-    width = image if isinstance(image, int) else image.width
+def _scaled_width(width: int, target: int) -> int:
+    """A display width near ``target`` that is a whole multiple of a picture's ``width`` (crisp pixels)."""
     return width * max(1, round(target / width)) if width < target else target
 
 
@@ -478,7 +477,7 @@ def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pi
         picture, size = shown[mode]
         r = scores["decodings"][mode]["correlation"][k]
         share = scores["decodings"][mode]["top_share"][k]
-        figures.append(f"<figure>{_pic(picture, size, _scaled_width(size[0], 160), f'{LABELS[mode]} filter')}"
+        figures.append(f"<figure>{_pic(picture, size, _scaled_width(size[0], FILTER_MAX), f'{LABELS[mode]} filter')}"
                        f"<figcaption><b>{LABELS[mode]}</b><br>bias {float(decoded[mode].bias[k]):.3g}<br>r {_fmt(r)}"
                        f" &middot; top share {_fmt(share, 2)}</figcaption></figure>")
     cards = []
