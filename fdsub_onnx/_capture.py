@@ -20,7 +20,7 @@ import onnx
 from ._backend import CPU, resolve_device
 from ._decode import find_layer
 from ._errors import FdsubError
-from ._io import decoded_files, write_atomically
+from ._io import decoded_files, write_atomically, write_file_atomically
 from ._model import Model
 from ._neurons import parse_neurons
 
@@ -465,15 +465,8 @@ def _save_checkpoint(path: Path, state: TopN, signature: dict, images) -> None:
     sidecar["skipped"] = _union(state.skipped, getattr(images, "skipped", []))
     del sidecar["sources"]  # the image set gives them back; the signature checks their count
     meta = json.dumps({"signature": signature, "sidecar": sidecar})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.asarray(meta), **top_arrays(state))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FdsubError(f"cannot write checkpoint {path}: {exc.strerror or exc}; check the folder and free space") from None
+    write_file_atomically(path, lambda f: np.savez(f, meta=np.asarray(meta), **top_arrays(state)),
+                          label="checkpoint ", hint="; check the folder and free space")
 
 
 def _resume(path: Path, signature: dict, fresh: TopN) -> TopN:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from ._capture import Forward, _pruned
 from ._decode import Summary, decode, find_layer, inspect_model
 from ._errors import FdsubError
 from ._images import open_images
+from ._io import write_file_atomically
 from ._linearize import IDENTITY_OPS, linearized
 from ._linearize import identity_error as _identity_error
 from ._model import Model, load_model
@@ -461,19 +461,5 @@ def check_junit_path(path: str | os.PathLike) -> None:
 def write_junit(tree: ET.ElementTree, path: str | os.PathLike) -> Path:
     """Write ``tree`` to ``path`` atomically: a temporary file beside it, moved into place once complete."""
     check_junit_path(path)
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            ET.indent(tree)
-            tree.write(f, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise FdsubError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    ET.indent(tree)
+    return write_file_atomically(path, lambda f: tree.write(f, encoding="utf-8", xml_declaration=True))

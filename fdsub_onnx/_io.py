@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -40,6 +41,29 @@ def decoded_files(decoded) -> tuple[list[str], Callable[[Path], None]]:
         image.save(folder / PNG_NAME, format="PNG")
 
     return [NPZ_NAME, PNG_NAME], write
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], label: str = "",
+                          hint: str = "") -> Path:
+    """Let ``write(f)`` fill a temporary file beside ``path``, then move it into place (parents created).
+
+    A failure leaves no temporary file and ends as one FdsubError: "cannot write {label}{path}: {reason}{hint}".
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise FdsubError(f"cannot write {label}{path}: {exc.strerror or exc}{hint}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def write_atomically(out_dir: str | os.PathLike, names: list[str], write: Callable[[Path], None]) -> list[Path]:

@@ -301,6 +301,22 @@ def test_save_decoded_returns_paths_and_round_trips(tmp_path):
     assert d["filters"].dtype == np.float64 and str(d["layer"]) == "conv/1" and d["neurons"].dtype == np.int64
 
 
+def test_one_file_written_atomically(tmp_path):
+    """The single-file writer of checkpoints and JUnit reports: all or nothing, one error line."""
+    from fdsub_onnx._io import write_file_atomically
+
+    path = write_file_atomically(tmp_path / "sub" / "state.bin", lambda f: f.write(b"done"))
+    assert path.read_bytes() == b"done" and sorted(p.name for p in path.parent.iterdir()) == ["state.bin"]
+
+    def full_disk(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(FdsubError, match=r"^cannot write checkpoint .*state.bin: No space left on device; free some$"):
+        write_file_atomically(path, full_disk, label="checkpoint ", hint="; free some")
+    assert path.read_bytes() == b"done" and sorted(p.name for p in path.parent.iterdir()) == ["state.bin"]
+
+
 def test_save_decoded_failure_leaves_nothing(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
