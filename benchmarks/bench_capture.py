@@ -22,12 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 import fdsub_onnx as fd
-from fdsub_onnx._capture import _pruned, _session
-from fdsub_onnx._zoo import light_path, randomized
+from fdsub_onnx.graph.prune import pruned
+from fdsub_onnx.runtime.session import session
+from fdsub_onnx.evaluate.zoo import light_path, randomized
 
 
 def plain(model, layer, images, batch):
-    session = _session(_pruned(model.proto, layer, model.input_name, batch="N"))
+    session = session(pruned(model.proto, layer, model.input_name, batch="N"))
     for start in range(0, len(images), batch):
         session.run([layer], {model.input_name: images[start : start + batch]})
 

@@ -44,8 +44,8 @@ import numpy as np
 import onnx
 
 import fdsub_onnx as fd
-from fdsub_onnx import _backend
-from fdsub_onnx._backend import CupyBackend, NumpyBackend, gpu_unavailable
+from fdsub_onnx.compose import backend as _backend
+from fdsub_onnx.compose.backend import CupyBackend, NumpyBackend, gpu_unavailable
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,7 +116,7 @@ class CountingMatmul:
 
 
 def resnet50_model(folder: Path) -> fd.Model:
-    from fdsub_onnx._zoo import light_path, randomized
+    from fdsub_onnx.evaluate.zoo import light_path, randomized
 
     path = folder / "resnet50.onnx"
     onnx.save(randomized(light_path("resnet50"), seed=0), path)

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.status import Status
 from rich.text import Text
 
+import fdsub_onnx
 from fdsub_onnx import FdsubError
 
 MODEL = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False)
@@ -41,9 +42,7 @@ DEVICE = typer.Option("auto", "--device", help="cpu, gpu, or auto: the GPU when 
 
 def device_for(name: str):
     """Resolve --device before any work (``--device gpu`` without a usable GPU is a one-line error)."""
-    from fdsub_onnx._backend import resolve_device
-
-    return resolve_device(name)
+    return fdsub_onnx.resolve_device(name)
 
 
 def note_device(device) -> None:
@@ -68,13 +67,10 @@ def _numbers(option: str, text: str | None):
 
 def load_with_images(model: str, layer: str, images: str, prep: dict, input_shape: tuple[int, ...] | None):
     """Load the model, resolve the layer's output tensor and open the image set (behind a spinner)."""
-    import fdsub_onnx
-    from fdsub_onnx._images import open_images
-
     with spinner(f"loading {model}"):
         loaded = fdsub_onnx.load_model(model, input_shape)
         target = fdsub_onnx.find_layer(loaded, layer).output[0]
-        return loaded, target, open_images(images, loaded.input_shape[1:], **prep)
+        return loaded, target, fdsub_onnx.open_images(images, loaded.input_shape[1:], **prep)
 
 
 def check_out_dir(out) -> None:

@@ -13,17 +13,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fdsub_onnx import FdsubError, load_model
-from fdsub_onnx._check import (
-    DEFAULT_IMAGES,
+from fdsub_onnx import CHECK_IMAGES as DEFAULT_IMAGES
+from fdsub_onnx import (
     CheckReport,
+    FdsubError,
     check_junit_path,
     check_model,
     junit_document,
     junit_suite,
+    load_model,
+    read_zoo,
+    run_zoo,
     write_junit,
 )
-from fdsub_onnx._zoo import read_zoo, run_zoo
 from fdsub_onnx.cli import _common as common
 
 JSON = typer.Option(False, "--json", help="Print one JSON object instead of the table.")

@@ -9,10 +9,7 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import FdsubError, load_model, save_decoded
-from fdsub_onnx._capture import save_with_top
-from fdsub_onnx._local import decode_instances
-from fdsub_onnx._substitution import gather_statistics
+from fdsub_onnx import FdsubError, decode_instances, gather_statistics, load_model, save_decoded, save_with_top
 from fdsub_onnx.cli import _common as common
 
 DEFAULT_OUT = Path("fdsub-out")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,13 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fdsub_onnx._fidelity import FIDELITY_MODES, compare_modes
-from fdsub_onnx._images import open_images
-from fdsub_onnx._io import write_atomically
+from fdsub_onnx import FIDELITY_MODES, compare_modes, open_images, save_fidelity
 from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
-FIDELITY_JSON = "fidelity.json"
 
 
 def fidelity(
@@ -53,8 +49,7 @@ def fidelity(
         result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons, progress=progress,
                                device=device)
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
-    paths = write_atomically(folder, [FIDELITY_JSON],
-                             lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))
+    paths = save_fidelity(result, folder)
     table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} on {result['images']} held-out images")
     for column in ("decoding", "mean correlation", f"mean top-{result['top']} share"):
         table.add_column(column, justify="left" if column == "decoding" else "right")

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import FdsubError, load_top
-from fdsub_onnx._capture import save_with_top
+from fdsub_onnx import FdsubError, load_top, save_with_top
 from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 

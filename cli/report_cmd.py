@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
+from fdsub_onnx import REPORT_TOP as DEFAULT_TOP
 from fdsub_onnx import load_model, open_images
 from fdsub_onnx import report as make_report
-from fdsub_onnx._report import DEFAULT_TOP
 from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 

@@ -5,7 +5,7 @@ supplementary experiment of Rafegas & Vanrell (arXiv 1511.05084) shows on a char
 CNN: oriented edges and colour blobs in conv1, then strokes, corners and curves, then letter parts
 as the receptive field grows layer by layer. Hand-made weights cannot show that.
 
-How: every training image is drawn in the style of ``builtin:glyphs`` (``fdsub_onnx._images``; its
+How: every training image is drawn in the style of ``builtin:glyphs`` (``fdsub_onnx.data.images``; its
 glyph masks, font and colour rules are imported, not copied): a solid or graded background, one
 letter or digit 30-80 % of the image high in a contrasting colour at a random position. The label
 is the character case-folded into 36 classes (A-Z, 0-9; 'a' and 'A' are one class, since glyphs
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 try:
-    from fdsub_onnx import _images
+    from fdsub_onnx.data import images as _images
 except ImportError:  # run from a checkout without fdsub-onnx installed: use the one beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from fdsub_onnx import _images
+    from fdsub_onnx.data import images as _images
 
 SEED = 2024
 OPSET = 13

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx import FdsubError
-from fdsub_onnx._capture import _best
-from fdsub_onnx._images import ArrayImages
+from fdsub_onnx.runtime.capture import _best
+from fdsub_onnx.data.images import ArrayImages
 from fdsub_onnx.cli import top_cmd
 from fdsub_onnx.cli.main import app
 
@@ -318,7 +318,7 @@ def test_cli_merge_of_missing_folder_is_one_line(tmp_path):
 
 def test_nan_activations_rank_last():
     """A NaN activation is ranked as -inf, so it never hides a real maximum."""
-    from fdsub_onnx._capture import _candidates
+    from fdsub_onnx.runtime.capture import _candidates
 
     acts = np.array([[[1.0, np.nan, 3.0, 2.0]], [[np.nan, np.nan, np.nan, np.nan]]], np.float32)  # [B=2, K=1, P=4]
     for per_image, values, flat in [(1, [3.0, -np.inf], [2, 0]), (2, [3.0, 2.0, -np.inf, -np.inf], [2, 3, 0, 1])]:

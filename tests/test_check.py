@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 import fdsub_onnx
-from fdsub_onnx import _check
-from fdsub_onnx._check import check_model
-from fdsub_onnx._linearize import identity_error, linearized
+from fdsub_onnx.evaluate import check as _check
+from fdsub_onnx.evaluate.check import check_model
+from fdsub_onnx.evaluate.linearize import identity_error, linearized
 from fdsub_onnx.cli.main import app
 
 runner = CliRunner()

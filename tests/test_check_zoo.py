@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from fdsub_onnx._zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo
+from fdsub_onnx.evaluate.zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo
 from fdsub_onnx.cli.main import app
 
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo.toml"

@@ -303,7 +303,7 @@ def test_save_decoded_returns_paths_and_round_trips(tmp_path):
 
 def test_one_file_written_atomically(tmp_path):
     """The single-file writer of checkpoints and JUnit reports: all or nothing, one error line."""
-    from fdsub_onnx._io import write_file_atomically
+    from fdsub_onnx.data.files import write_file_atomically
 
     path = write_file_atomically(tmp_path / "sub" / "state.bin", lambda f: f.write(b"done"))
     assert path.read_bytes() == b"done" and sorted(p.name for p in path.parent.iterdir()) == ["state.bin"]

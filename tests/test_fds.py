@@ -9,7 +9,7 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx._substitution import Substitution, gather_statistics, select_contributions
+from fdsub_onnx.modes.fds import Substitution, gather_statistics, select_contributions
 from fdsub_onnx.cli.main import app
 
 

@@ -12,7 +12,9 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx._fidelity import compare_modes, fidelity, predict
+from fdsub_onnx.evaluate.compare import compare_modes
+from fdsub_onnx.evaluate.fidelity import fidelity
+from fdsub_onnx.evaluate.predict import predict
 from fdsub_onnx.cli.main import app
 
 
@@ -43,7 +45,7 @@ def test_weights_decoding_of_a_linear_net_has_perfect_fidelity(linear):
 
 def test_predictions_in_row_chunks_match_onnxruntime(linear, monkeypatch):
     """With a temporary budget of one output row, prediction runs row by row and still matches onnxruntime."""
-    from fdsub_onnx._backend import NumpyBackend
+    from fdsub_onnx.compose.backend import NumpyBackend
 
     model, proto, last = linear
     images = np.random.default_rng(3).standard_normal((6, 3, 14, 14)).astype(np.float32)

@@ -14,8 +14,8 @@ import pytest
 from netgen import NetBuilder, run_ort
 
 import fdsub_onnx as fd
-from fdsub_onnx._errors import NotDecodable
-from fdsub_onnx._geometry import resolve_pads
+from fdsub_onnx.errors import NotDecodable
+from fdsub_onnx.graph.geometry import resolve_pads
 
 IMPULSE = 1e3  # large enough that far taps survive float32 rounding, harmless in positive nets
 

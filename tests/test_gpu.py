@@ -16,9 +16,11 @@ from netgen import NetBuilder, linear_zoo, relu_zoo
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx import FdsubError, _backend, _capture
-from fdsub_onnx._backend import CPU, CupyBackend, Device, NumpyBackend, gpu_unavailable, resolve_device
-from fdsub_onnx._fidelity import compare_modes
+from fdsub_onnx import FdsubError
+from fdsub_onnx.compose import backend as _backend
+from fdsub_onnx.runtime import session as _session_module
+from fdsub_onnx.compose.backend import CPU, CupyBackend, Device, NumpyBackend, gpu_unavailable, resolve_device
+from fdsub_onnx.evaluate.compare import compare_modes
 from fdsub_onnx.cli.main import app
 
 NO_GPU = gpu_unavailable()
@@ -149,13 +151,13 @@ DATA_PATHS = {
 @pytest.mark.parametrize("path", sorted(DATA_PATHS))
 def test_every_data_path_runs_onnxruntime_on_the_devices_providers(path, tmp_path, monkeypatch):
     asked = []
-    real_session = _capture._session
+    real_session = _session_module.session
 
     def recording(proto, providers=CPU.providers):
         asked.append(tuple(providers))
         return real_session(proto)
 
-    monkeypatch.setattr(_capture, "_session", recording)
+    monkeypatch.setattr(_session_module, "session", recording)
     model, layer = _small_relu_net(tmp_path)
     images = fd.ArrayImages(np.random.default_rng(0).standard_normal((6, 3, 12, 12)).astype(np.float32))
     DATA_PATHS[path](model, layer, images)

@@ -1,4 +1,4 @@
-"""Image sets: folders, arrays and builtins, sized and preprocessed for the model (fdsub_onnx._images)."""
+"""Image sets: folders, arrays and builtins, sized and preprocessed for the model (fdsub_onnx.data.images)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx._backward import instance_gradients, instances_per_batch
-from fdsub_onnx._local import decode_instances
+from fdsub_onnx.modes.backward import instance_gradients, instances_per_batch
+from fdsub_onnx.modes.local import decode_instances
 from fdsub_onnx.cli.main import app
 
 
@@ -98,8 +98,8 @@ def test_local_identity_over_window_geometries(geometry, tmp_path):
 
 
 def test_every_walker_op_has_a_backward_rule():
-    from fdsub_onnx._backward import BACKWARD
-    from fdsub_onnx.ops import RULES
+    from fdsub_onnx.modes.backward import BACKWARD
+    from fdsub_onnx.compose.ops import RULES
 
     assert set(RULES) - set(BACKWARD) == set(), "ops decodable in weights mode but not in local/deconvnet mode"
 
@@ -149,7 +149,7 @@ def test_deconvnet_hand_checked_case(tmp_path):
 
 def test_unsupported_op_in_local_mode_is_one_line(tmp_path, monkeypatch):
     """Every op the walker supports has a backward rule; one without (LRN's removed here) stops with one line."""
-    from fdsub_onnx import _backward
+    from fdsub_onnx.modes import backward as _backward
 
     monkeypatch.delitem(_backward.BACKWARD, "LRN")
     b = NetBuilder(height=10, width=10)

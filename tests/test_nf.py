@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx import TopN
-from fdsub_onnx._images import ArrayImages
-from fdsub_onnx._nf import layer_geometry
+from fdsub_onnx.data.images import ArrayImages
+from fdsub_onnx.compose.inspect import layer_geometry
 from fdsub_onnx.cli.main import app
 
 runner = CliRunner()

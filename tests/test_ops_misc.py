@@ -404,7 +404,7 @@ def test_decode_rejects_bad_arguments(small_model, kwargs, message):
 
 
 def test_decode_refuses_banks_larger_than_free_memory(small_model, monkeypatch):
-    from fdsub_onnx import _backend
+    from fdsub_onnx.compose import backend as _backend
 
     model, last = small_model
     monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: 1024)

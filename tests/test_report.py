@@ -380,7 +380,7 @@ def test_report_patches_show_the_receptive_field_in_chromium(built, tmp_path):
 def test_large_filters_are_stored_small():
     """Deep layers' filters (receptive fields of hundreds of px) are stored at FILTER_MAX px and block-averaged
     to GRID_SIDE px in the grids, so a report's size does not grow with the receptive field."""
-    from fdsub_onnx._report import FILTER_MAX, GRID_SIDE, _block_mean, _filter_image
+    from fdsub_onnx.present.report import FILTER_MAX, GRID_SIDE, _block_mean, _filter_image
 
     filters = np.random.default_rng(0).standard_normal((2, 3, 250, 130))
     assert max(_filter_image(filters[0]).size) == FILTER_MAX
@@ -395,10 +395,10 @@ def test_large_filters_are_stored_small():
 def test_layers_too_large_for_the_memory_left(models, tmp_path, monkeypatch):
     """By default the deeper layers that cannot be decoded in the memory left are left out (page and note);
     named layers that do not fit stop the report before any work, with the decoder's one-line reason."""
-    from fdsub_onnx._backend import NumpyBackend, get_backend
-    from fdsub_onnx._decode import MEMORY_MARGIN
-    from fdsub_onnx._engine import Engine
-    from fdsub_onnx._walker import walk
+    from fdsub_onnx.compose.backend import NumpyBackend, get_backend
+    from fdsub_onnx.compose.inspect import MEMORY_MARGIN
+    from fdsub_onnx.compose.engine import Engine
+    from fdsub_onnx.compose.walker import walk
 
     model = fd.load_model(models["blocked"])
     convs = [layer.name for layer in fd.inspect_model(model).layers if layer.op == "Conv" and layer.decodable]

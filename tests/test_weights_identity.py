@@ -150,7 +150,7 @@ def test_iter_decode_equals_per_layer_decode(case, load):
 def test_iter_decode_neurons_per_layer(case, load):
     """``neurons=`` per layer returns those rows (in the order asked) of the full decode, whether the layer is
     composed for them only (no other decoded layer reads it) or cut from its whole bank."""
-    from fdsub_onnx._decode import leaf_rows
+    from fdsub_onnx.modes.decode import leaf_rows
 
     model = load(linear_cases()[case])
     layers = decodable_layers(model)

@@ -22,7 +22,7 @@ from netgen import run_ort
 from zoo import linearized, randomized, truncated, zoo_name, zoo_paths
 
 import fdsub_onnx as fd
-from fdsub_onnx.ops import LAYER_OPS
+from fdsub_onnx.graph.model import LAYER_OPS
 
 MAX_RF = int(os.environ.get("FDSUB_ZOO_MAX_RF", "224"))
 PATHS = {zoo_name(p): p for p in zoo_paths()}
@@ -139,7 +139,7 @@ def test_zoo_linearized_identity(name, zoo_file, load):
 
 def test_zoo_densenet_classifier_is_refused_before_any_work(zoo_file, monkeypatch):
     """fc6_1 follows the global pool: R = 2263 px, banks of ~60 GiB; refused up front, not OOM-killed."""
-    from fdsub_onnx import _backend
+    from fdsub_onnx.compose import backend as _backend
 
     model = fd.load_model(zoo_file("densenet121"))
     layer = next(layer for layer in fd.inspect_model(model).layers if layer.name == "fc6_1")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from fdsub_onnx._linearize import linearized
-from fdsub_onnx._zoo import LIGHT_DIR as ZOO_DIR
-from fdsub_onnx._zoo import light_name as zoo_name
-from fdsub_onnx._zoo import light_paths as zoo_paths
-from fdsub_onnx._zoo import randomized
+from fdsub_onnx.evaluate.linearize import linearized
+from fdsub_onnx.evaluate.zoo import LIGHT_DIR as ZOO_DIR
+from fdsub_onnx.evaluate.zoo import light_name as zoo_name
+from fdsub_onnx.evaluate.zoo import light_paths as zoo_paths
+from fdsub_onnx.evaluate.zoo import randomized
 
 __all__ = ["ZOO_DIR", "linearized", "randomized", "truncated", "zoo_name", "zoo_paths"]
 

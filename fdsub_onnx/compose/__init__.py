@@ -1,0 +1,1 @@
+"""Composition: the array backends, the substitution engine, the graph walker and its op rules (``ops``)."""

@@ -1,0 +1,221 @@
+"""Array backends and devices: NumPy on the CPU, CuPy on a CUDA GPU, method for method.
+
+Arrays cross the host/device boundary only through ``asarray`` and ``to_numpy``. The op rules
+and the engine are written once against these methods (einops' backend pattern, STYLE.md); CuPy
+is imported only when a GPU backend is asked for, so the CPU install never needs it.
+
+A *device* ("cpu", "gpu" or "auto") picks both the array backend of the composition and the
+onnxruntime execution providers of capture (``resolve_device``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import FdsubError
+
+DEVICES = ("cpu", "gpu", "auto")
+
+
+class NumpyBackend:
+    """CPU arrays through NumPy."""
+
+    name = "numpy"
+    xp = np
+    temp_bytes = 256 << 20  # bound on one temporary of the composition kernels (cache-friendly on a CPU)
+
+    def asarray(self, array, dtype):
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def to_numpy(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def matmul(self, a, b, out=None):
+        return np.matmul(a, b, out=out)
+
+    def shift_add(self, out, products, offsets):
+        """``out[:, :, y:y+R_y, x:x+R_x] += products[t]`` for each tap t at ``offsets[t] = (y, x)``.
+
+        ``out`` [n, C, Q_y, Q_x] (a view is fine), ``products`` [T, n, C, R_y, R_x]: the substitution's
+        shifted accumulation of one chunk of rows.
+        """
+        ry, rx = products.shape[3:]
+        for block, (y, x) in zip(products, offsets):
+            out[:, :, y : y + ry, x : x + rx] += block
+
+    def free_bytes(self) -> int:
+        """Memory still available to allocate (MemAvailable on Linux)."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 8 << 30
+
+
+class CupyBackend(NumpyBackend):
+    """CUDA arrays through CuPy: products through cuBLAS, the shifted accumulation in one fused kernel.
+
+    ``fused=False`` accumulates tap by tap (one elementwise launch per tap), the NumPy way; the
+    benchmark (benchmarks/bench_gpu.py) times both.
+    """
+
+    name = "cupy"
+
+    def __init__(self, fused: bool = True):
+        self.xp = _import_cupy()
+        self.fused = fused
+
+    @property
+    def temp_bytes(self) -> int:
+        """Chunks sized by the device memory left: an eighth of it, between 64 MiB and 2 GiB."""
+        return int(min(2 << 30, max(64 << 20, self.free_bytes() // 8)))
+
+    def asarray(self, array, dtype):
+        return self.xp.ascontiguousarray(self.xp.asarray(array, dtype=dtype))
+
+    def to_numpy(self, array) -> np.ndarray:
+        return self.xp.asnumpy(array) if isinstance(array, self.xp.ndarray) else np.asarray(array)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def matmul(self, a, b, out=None):
+        return self.xp.matmul(a, b, out=out)
+
+    def shift_add(self, out, products, offsets):
+        if not self.fused:
+            return super().shift_add(out, products, offsets)
+        taps, n, c, ry, rx = products.shape
+        dy = self.xp.asarray([y for y, _ in offsets], dtype=np.int32)
+        dx = self.xp.asarray([x for _, x in offsets], dtype=np.int32)
+        _shift_add_kernel(self.xp)(self.xp.ascontiguousarray(products), dy, dx, taps, n * c, ry, rx,
+                                   out.shape[2], out.shape[3], out)
+
+    def free_bytes(self) -> int:
+        """Free device memory plus what CuPy's pool holds but does not use."""
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        pool = self.xp.get_default_memory_pool()
+        return int(free + pool.free_bytes())
+
+
+def _shift_add_kernel(cp):
+    """One thread per output element gathers its taps: no atomics, each element read and written once."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = cp.ElementwiseKernel(
+            "raw T products, raw int32 dy, raw int32 dx, int32 taps, int64 planes, int32 ry, int32 rx, "
+            "int32 qy, int32 qx",
+            "T out",
+            """
+            const long long plane = i / ((long long)qy * qx);
+            const int rest = (int)(i % ((long long)qy * qx));
+            const int Y = rest / qx, X = rest % qx;
+            T acc = out;
+            for (int t = 0; t < taps; ++t) {
+                const int y = Y - dy[t], x = X - dx[t];
+                if (y >= 0 && y < ry && x >= 0 && x < rx)
+                    acc += products[((long long)t * planes + plane) * ry * rx + (long long)y * rx + x];
+            }
+            out = acc;
+            """,
+            "fdsub_shift_add",
+        )
+    return _KERNEL
+
+
+_KERNEL = None
+
+BACKENDS = {"numpy": NumpyBackend, "cupy": CupyBackend}
+
+
+def get_backend(name: str = "numpy"):
+    """The backend called ``name`` (instances are cheap and stateless)."""
+    if name not in BACKENDS:
+        raise FdsubError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def array_module(array):
+    """``numpy`` or ``cupy``, whichever holds ``array`` (cupy.get_array_module without importing CuPy)."""
+    return _import_cupy() if type(array).__module__.startswith("cupy") else np
+
+
+# ---- devices ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """Where a run computes: ``backend`` composes the filters, ``providers`` run onnxruntime.
+
+    ``notice`` says, in one line, why a GPU request ends up (partly) on the CPU; empty when it does not.
+    """
+
+    name: str  # "cpu" or "gpu"
+    backend: str  # a BACKENDS key
+    providers: tuple[str, ...]
+    notice: str = ""
+
+
+CPU = Device("cpu", "numpy", ("CPUExecutionProvider",))
+
+
+def resolve_device(device: str | Device = "cpu") -> Device:
+    """``cpu``; ``gpu`` (an error when no GPU can be used); ``auto``: the GPU when CuPy sees one, else the CPU.
+
+    On the GPU, capture runs on onnxruntime's CUDA provider when the installed onnxruntime has it,
+    else on its CPU provider (said in ``notice``).
+    """
+    if isinstance(device, Device):
+        return device
+    if device not in DEVICES:
+        raise FdsubError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return CPU
+    why_not = gpu_unavailable()
+    if why_not:
+        if device == "gpu":
+            raise FdsubError(f"--device gpu: {why_not}; use --device cpu (or auto)")
+        return Device("cpu", "numpy", CPU.providers, f"no GPU ({why_not}); running on the CPU")
+    if "CUDAExecutionProvider" in _ort_providers():
+        return Device("gpu", "cupy", ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    return Device("gpu", "cupy", CPU.providers,
+                  "onnxruntime has no CUDA provider (pip install onnxruntime-gpu); capture runs on the CPU")
+
+
+def gpu_unavailable() -> str:
+    """Why CuPy cannot compute on a GPU here, or "" when it can."""
+    try:
+        cp = _import_cupy()
+        count = cp.cuda.runtime.getDeviceCount()
+    except FdsubError as exc:
+        return str(exc)
+    except Exception as exc:  # CUDA driver or runtime missing: CuPy raises its own error types
+        return f"CUDA is not usable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return "" if count > 0 else "CUDA sees no GPU"
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise FdsubError("CuPy is not installed (pip install 'fdsub-onnx[gpu]')") from None
+    return cupy
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+

@@ -1,0 +1,185 @@
+"""The composition engine: substitution steps on filter banks, written against a backend.
+
+A *bank* holds the decoded filters of every channel of a tensor, ``filters`` shaped
+[C, C_image, R_y, R_x], and their effective ``bias`` [C] (METHOD.md, "Composition").
+Every method takes ``None`` for a bank and returns ``None``: the graph walker runs the
+same op rules for geometry alone (inspect) and for full decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph.geometry import Geometry, Pair
+
+KERNELS = ("fast", "reference")
+
+
+@dataclass
+class Bank:
+    filters: object  # backend array [C, C_image, R_y, R_x]
+    bias: object  # backend array [C]
+
+    @property
+    def channels(self) -> int:
+        return self.filters.shape[0]
+
+
+def _passes_none(method):
+    """Geometry-only pass: a method given no bank computes nothing."""
+
+    @functools.wraps(method)
+    def wrapper(self, bank, *args, **kwargs):
+        if bank is None or (isinstance(bank, list) and any(b is None for b in bank)):
+            return None
+        return method(self, bank, *args, **kwargs)
+
+    return wrapper
+
+
+class Engine:
+    """Substitution steps for one backend, dtype and kernel choice ("fast" or "reference")."""
+
+    def __init__(self, backend, dtype="float32", kernel="fast"):
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.kernel = kernel
+        self.image_channels = 3  # set by the walker from the model's input
+
+    def identity(self, channels: int) -> Bank:
+        """The image's own bank: channel c is a 1x1 impulse on image channel c."""
+        eye = np.eye(channels, dtype=self.dtype).reshape(channels, channels, 1, 1)
+        return Bank(self.backend.asarray(eye, self.dtype), self.backend.zeros((channels,), self.dtype))
+
+    @_passes_none
+    def conv(self, bank: Bank, weight: np.ndarray, bias, groups: int, step: Pair, out_rf: Pair, rows=None) -> Bank:
+        """Substitute each input channel's filter at every kernel tap (the heavy step).
+
+        ``weight`` [C_out, C_in/groups, k_y, k_x]; ``step`` is the image-space distance of
+        neighbouring taps; ``rows`` restricts the output to those channels.
+        """
+        c_out = weight.shape[0]
+        rows = np.arange(c_out) if rows is None else np.asarray(rows, dtype=np.int64)
+        weight = np.asarray(weight, dtype=self.dtype)[rows]
+        bias = np.zeros(c_out, self.dtype) if bias is None else np.asarray(bias, self.dtype)
+        group_of_row = rows // (c_out // groups)
+        compose = _conv_fast if self.kernel == "fast" else _conv_reference
+        filters = compose(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf, self.dtype)
+        per_channel = weight.sum(axis=(2, 3))  # [K, C_in/groups]
+        beta_in = self.backend.to_numpy(bank.bias).astype(self.dtype)
+        cig = weight.shape[1]
+        gathered = beta_in[(group_of_row[:, None] * cig + np.arange(cig)[None, :])]
+        beta = bias[rows] + (per_channel * gathered).sum(axis=1)
+        return Bank(filters, self.backend.asarray(beta, self.dtype))
+
+    @_passes_none
+    def affine(self, bank: Bank, scale, shift) -> Bank:
+        """Per-channel ``scale * x + shift`` folded into the bank."""
+        xp = self.backend.xp
+        scale = self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
+        shift = self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype)
+        return Bank(bank.filters * scale[:, None, None, None], xp.asarray(bank.bias * scale + shift))
+
+    @_passes_none
+    def sum(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
+        """Add aligned banks: each placed at its origin inside the union window."""
+        filters = self._placed(banks[0], geoms[0], out)
+        for bank, geom in zip(banks[1:], geoms[1:]):
+            (y, x), (ry, rx) = _offset(geom, out), geom.rf
+            filters[:, :, y : y + ry, x : x + rx] += bank.filters
+        bias = banks[0].bias
+        for bank in banks[1:]:
+            bias = bias + bank.bias
+        return Bank(filters, bias)
+
+    @_passes_none
+    def concat(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
+        """Stack the channels of aligned banks."""
+        xp = self.backend.xp
+        return Bank(
+            xp.concatenate([self._placed(b, g, out) for b, g in zip(banks, geoms)]),
+            xp.concatenate([b.bias for b in banks]),
+        )
+
+    @_passes_none
+    def take(self, bank: Bank, channels) -> Bank:
+        """Channels of a bank in the given order (permutations, neuron selection)."""
+        index = self.backend.asarray(np.asarray(channels, dtype=np.int64), np.int64)
+        return Bank(bank.filters[index], bank.bias[index])
+
+    def _placed(self, bank: Bank, geom: Geometry, out: Geometry):
+        if geom == out:
+            return bank.filters.copy()
+        filters = self.backend.zeros((bank.channels, bank.filters.shape[1], *out.rf), self.dtype)
+        (y, x), (ry, rx) = _offset(geom, out), geom.rf
+        filters[:, :, y : y + ry, x : x + rx] = bank.filters
+        return filters
+
+
+def _offset(geom: Geometry, out: Geometry) -> Pair:
+    return (geom.origin[0] - out.origin[0], geom.origin[1] - out.origin[1])
+
+
+def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):
+    """Batched substitution: per chunk of output rows, one matrix product for all kernel taps, then the
+    backend's shifted accumulation of the taps into the output filters."""
+    k, cig, ky, kx = weight.shape
+    c_img, ry, rx = d_in.shape[1:]
+    out = backend.zeros((k, c_img, *out_rf), dtype)
+    flat = d_in.reshape(d_in.shape[0], -1)
+    if cig == 1 and groups > 1:
+        _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype)
+        return out
+    taps = ky * kx
+    offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
+    limit = max(1, backend.temp_bytes // max(1, taps * flat.shape[1] * np.dtype(dtype).itemsize))
+    for group in np.unique(group_of_row):
+        rows = np.flatnonzero(group_of_row == group)
+        source = flat[group * cig : (group + 1) * cig]
+        w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
+        chunk = -(-len(rows) // -(-len(rows) // limit))  # equal chunks of at most `limit` rows
+        for start in range(0, len(rows), chunk):
+            index = rows[start : start + chunk]
+            n = len(index)
+            w_chunk = backend.asarray(w[:, :, start : start + n].reshape(taps * n, cig), dtype)
+            products = backend.matmul(w_chunk, source).reshape(taps, n, c_img, ry, rx)
+            if index[-1] - index[0] + 1 == n:  # contiguous rows: accumulate in place
+                backend.shift_add(out[index[0] : index[-1] + 1], products, offsets)
+            else:
+                part = out[backend.asarray(index, np.int64)]
+                backend.shift_add(part, products, offsets)
+                out[backend.asarray(index, np.int64)] = part
+    return out
+
+
+def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype):
+    """One input channel per group (depthwise convs, pooling): scaled shifted copies."""
+    c_img, ry, rx = shape
+    rows = len(group_of_row)
+    chunk = max(1, backend.temp_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        source = flat[backend.asarray(group_of_row[part], np.int64)].reshape(-1, c_img, ry, rx)
+        w = backend.asarray(weight[part, 0], dtype)
+        for i in range(weight.shape[2]):
+            for j in range(weight.shape[3]):
+                y, x = i * step[0], j * step[1]
+                out[part, :, y : y + ry, x : x + rx] += w[:, i, j, None, None, None] * source
+
+
+def _conv_reference(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):
+    """Plain loops over (output, input, tap): the definition, kept to test the fast kernel."""
+    k, cig, ky, kx = weight.shape
+    ry, rx = d_in.shape[2:]
+    out = backend.zeros((k, d_in.shape[1], *out_rf), dtype)
+    for row in range(k):
+        for c in range(cig):
+            source = d_in[group_of_row[row] * cig + c]
+            for i in range(ky):
+                for j in range(kx):
+                    y, x = i * step[0], j * step[1]
+                    out[row, :, y : y + ry, x : x + rx] += weight[row, c, i, j] * source
+    return out

@@ -1,0 +1,98 @@
+"""What the walker knows from geometry alone: the layer table of ``inspect``, a layer's geometry, memory needs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import FdsubError
+from ..graph.geometry import Geometry
+from ..graph.model import LAYER_OPS, Model, find_layer
+from .backend import get_backend
+from .engine import Engine
+from .values import Blocked, Tensor
+from .walker import walk
+
+MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
+
+
+@dataclass
+class Layer:
+    """One layer as listed by ``inspect`` (the JSON contract's fields)."""
+
+    name: str
+    node: str
+    op: str
+    channels: int | None
+    stride: list[int] | None
+    receptive_field: list[int] | None
+    origin: list[int] | None
+    decodable: bool
+    reason: str | None
+
+
+@dataclass
+class Summary:
+    input_name: str
+    input_shape: list[int]
+    layers: list[Layer]
+    geometries: dict[str, Geometry] = field(default_factory=dict, repr=False, compare=False)  # decodable layers'
+
+    def to_json(self) -> dict:
+        return {"input": {"name": self.input_name, "shape": self.input_shape}, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def inspect_model(model: Model) -> Summary:
+    """Every Conv, pooling and fully connected layer with its geometry and decodability."""
+    layers, geometries = [], {}
+    for node, value in walk(model, Engine(get_backend("numpy"))):
+        if node.op_type in LAYER_OPS:
+            layers.append(_layer(model, node, value))
+            if isinstance(value, Tensor):
+                geometries[node.output[0]] = value.geom
+    return Summary(model.input_name, list(model.input_shape), layers, geometries)
+
+
+def layer_geometry(model: Model, layer: str) -> Geometry:
+    """Stride, receptive field and origin of ``layer``'s output, from the walker without composing banks."""
+    node = find_layer(model, layer)
+    for current, value in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]):
+        if current is node:
+            if isinstance(value, Tensor):
+                return value.geom
+            reason = value.reason if isinstance(value, Blocked) else "it is not a feature map"
+            raise FdsubError(f"layer {node.output[0]!r} has no receptive-field geometry: {reason}")
+    raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
+
+
+def memory_problem(model, engine, targets, rows=None) -> str | None:
+    """Why decoding ``targets`` in one pass would not fit in the memory left (None when it fits): the size of
+    the filter banks alive at once is known from geometry alone, so this costs no decoding."""
+    usage = {}
+    for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
+        pass
+    need, free = usage["peak"] * MEMORY_MARGIN, engine.backend.free_bytes()
+    if need <= free:
+        return None
+    return (f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
+            f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
+            + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
+               if engine.dtype == "float32" else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
+
+
+def _largest_rf(model, engine, targets) -> int:
+    return max((max(v.geom.rf) for _, v in walk(model, engine, targets=targets) if isinstance(v, Tensor)), default=1)
+
+
+def _layer(model, node, value) -> Layer:
+    shape = model.shapes.get(node.output[0])
+    channels = int(shape[1]) if shape is not None and len(shape) > 1 else None
+    if isinstance(value, Tensor):
+        g = value.geom
+        return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf), list(g.origin), True, None)
+    reason = value.reason if isinstance(value, Blocked) else "not a feature map"
+    return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason)
+
+
+def channels_of(model, target):
+    shape = model.shapes.get(target)
+    return int(shape[1]) if shape is not None and len(shape) > 1 else None

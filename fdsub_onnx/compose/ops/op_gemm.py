@@ -1,0 +1,48 @@
+"""Fully connected layers on a flattened feature map: a convolution whose kernel covers the map."""
+
+import numpy as np
+
+from ...errors import NotDecodable
+from ..values import Layout, Tensor
+from ._rule import OpRule, attributes, constant, optional
+from ._window import apply_window
+
+
+class Gemm(OpRule):
+    def apply(self, node, inputs, ctx):
+        attrs = attributes(node)
+        if attrs.get("transA", 0):
+            raise NotDecodable("transA=1 (features as columns) is not supported")
+        matrix = constant(inputs[1], "weight matrix")
+        matrix = matrix.T if attrs.get("transB", 0) else matrix
+        bias = optional(inputs, 2)
+        bias = None if bias is None else attrs.get("beta", 1.0) * constant(bias, "bias")
+        return fully_connected(inputs[0], attrs.get("alpha", 1.0) * matrix, bias, node, ctx)
+
+
+class MatMul(OpRule):
+    def apply(self, node, inputs, ctx):
+        return fully_connected(inputs[0], constant(inputs[1], "weight matrix"), None, node, ctx)
+
+
+def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
+    """``features @ matrix + bias`` where features flatten a map [C, H, W] in C order."""
+    source, (c, h, w) = _flattened(value)
+    if matrix.ndim != 2 or matrix.shape[0] != c * h * w:
+        raise NotDecodable(f"weight matrix {list(matrix.shape)} does not take {c * h * w} features")
+    n = matrix.shape[1]
+    weight = matrix.T.reshape(n, c, h, w)
+    if bias is not None:
+        bias = np.broadcast_to(np.asarray(bias).reshape(-1), (n,))
+    return apply_window(source, node, ctx, weight, bias, 1, {})
+
+
+def _flattened(value):
+    if isinstance(value, Tensor) and value.spatial == (1, 1):
+        return value, (value.channels, 1, 1)
+    if isinstance(value, Layout):
+        source = value.source
+        size = source.channels * source.spatial[0] * source.spatial[1]
+        if value.index.ndim == 2 and value.index.shape[0] == 1 and np.array_equal(value.index.reshape(-1), np.arange(size)):
+            return source, (source.channels, *source.spatial)
+    raise NotDecodable("its input is not a feature map flattened in [C, H, W] order")

@@ -1,0 +1,52 @@
+"""What flows along the graph walker's edges: constants, decodable data tensors, layouts, blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .engine import Bank
+from ..graph.geometry import Geometry, Pair
+
+
+@dataclass
+class Const:
+    """A tensor known before any image is seen (initializer or folded subgraph)."""
+
+    value: np.ndarray
+
+
+@dataclass
+class Tensor:
+    """A data tensor [1, C, H, W] (or [1, C]) with its geometry and, when decoding, its bank.
+
+    ``rows`` is set when the bank holds only those channels (a decode target's neurons).
+    """
+
+    geom: Geometry
+    channels: int
+    spatial: Pair
+    bank: Bank | None = None
+    rows: np.ndarray | None = None
+
+    def derive(self, **changes) -> Tensor:
+        return replace(self, **changes)
+
+
+@dataclass
+class Layout:
+    """A data tensor being reshaped or transposed (e.g. a channel shuffle).
+
+    ``index[...]`` is the flat position (c*H*W + y*W + x) in ``source`` of each element.
+    """
+
+    index: np.ndarray
+    source: Tensor
+
+
+@dataclass
+class Blocked:
+    """A tensor that cannot be decoded; ``reason`` names the op, the node and why."""
+
+    reason: str

@@ -1,0 +1,1 @@
+"""Measuring decodings: prediction, fidelity, the linearized self-test, model checks, zoos, comparisons."""

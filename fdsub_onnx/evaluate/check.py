@@ -1,0 +1,404 @@
+"""`check_model`: the health of a model for decoding, as pass/fail checks for a CI job.
+
+Checks, each bounded in time by the layers and neurons it samples:
+
+- ``coverage``: the share of layers (``inspect``) that can be decoded is at least ``min_coverage``.
+- ``expected-layers`` (only when asked): the decodable layers are the expected count, or include the
+  expected names.
+- ``finite-weights``: no NaN or Inf in any float constant of the model (initializers, Constant nodes).
+- ``identity``: the `weights` identity of METHOD.md on the sampled layers. Filters decoded from the model
+  in ``weights`` mode must predict the activations of its *linearized* copy (``_linearize``), computed
+  with onnxruntime on random images: ``max |<D, patch> + beta - act| <= tolerance * max |act|`` on every
+  interior output position of the sampled neurons.
+- ``degenerate-filters``: the share of sampled decoded filters that are not finite, all zero or
+  constant over their receptive field is at most ``max_degenerate``.
+- ``dead-neurons``: in each sampled layer, the share of neurons whose response never varies over the
+  probe images (taken after the layer's activation: BatchNormalization, Relu, ... that follow it alone;
+  after a ReLU: never > 0) is at most ``max_dead``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.session import Forward
+from ..graph.prune import pruned
+from ..compose.inspect import Summary, inspect_model
+from ..modes.decode import decode
+from ..graph.model import find_layer
+from ..errors import FdsubError
+from ..data.images import open_images
+from ..data.files import write_file_atomically
+from .linearize import IDENTITY_OPS, linearized
+from .linearize import identity_error as _identity_error
+from ..graph.model import Model, load_model
+
+DEFAULT_IMAGES = "builtin:blobs:32"
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenerate-filters", "dead-neurons")
+#: ops after a layer through which the dead-neuron probe follows it to its activation (one channel in, one out)
+FOLLOWED = (set(IDENTITY_OPS) - {"Softmax"}) | {"BatchNormalization", "InstanceNormalization"}
+AFFINE = ("Add", "Sub", "Mul", "Div")
+VARIES = 1e-6  # a neuron varies when its range over the probe set exceeds this share of its layer's largest |value|
+CONSTANT = 1e-6  # a filter is constant when its range is at most this share of its largest |value|
+BATCH = 8
+
+
+@dataclass
+class Check:
+    """One check: ``status`` is pass, fail or skip; ``value`` is compared with ``limit``; ``details`` say where."""
+
+    name: str
+    status: str
+    summary: str
+    value: float | None = None
+    limit: float | None = None
+    details: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+
+@dataclass
+class CheckReport:
+    """The checks of one model, with the coverage figures they rest on."""
+
+    model: str
+    input_shape: list[int]
+    layers: int
+    decodable: int
+    blocked: list[dict]  # {"layer", "op", "reason"} of each layer that cannot be decoded
+    sampled: list[str]  # the layers decoded and probed
+    checks: list[Check]
+    seconds: float = 0.0
+
+    @property
+    def coverage(self) -> float:
+        return self.decodable / self.layers if self.layers else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    @property
+    def status(self) -> str:
+        return PASS if self.passed else FAIL
+
+    def check(self, name: str) -> Check | None:
+        """The check called ``name`` (None when it did not run)."""
+        return next((c for c in self.checks if c.name == name), None)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "status": self.status, "input_shape": self.input_shape,
+            "layers": self.layers, "decodable": self.decodable, "coverage": self.coverage,
+            "blocked": self.blocked, "sampled": self.sampled, "seconds": round(self.seconds, 3),
+            "checks": [dataclasses.asdict(c) | {"value": _finite(c.value), "seconds": round(c.seconds, 3)}
+                       for c in self.checks],
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    """A value for strict JSON: NaN and infinities become null (the summary says why)."""
+    return value if value is None or np.isfinite(value) else None
+
+
+def check_model(
+    model: Model | str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    layers: Sequence[str] | None = None,
+    sample: int = 3,
+    neurons_per_layer: int = 4,
+    max_rf: int | None = None,
+    images=DEFAULT_IMAGES,
+    preprocessing: dict | None = None,
+    min_coverage: float = 1.0,
+    max_dead: float = 0.5,
+    max_degenerate: float = 0.0,
+    tolerance: float = 1e-4,
+    expect_decodable: int | Sequence[str] | None = None,
+    dtype: str = "float32",
+    identity_images: int = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Run the checks (module docstring) on ``model`` (a Model or a path) and report each one.
+
+    ``layers`` names the layers to decode and probe; by default ``sample`` decodable layers spread
+    from the first to the deepest whose receptive field is at most ``max_rf`` pixels (default: no bound)
+    and fits inside the image at some output position (the identity needs one). ``neurons_per_layer``
+    neurons, evenly spaced, are decoded per layer. ``images`` (a spec for ``open_images``, opened with
+    ``preprocessing``, or an image set; None skips the check) are the dead-neuron probes;
+    ``identity_images`` random normal images drive the identity. A FdsubError when the model cannot be
+    checked at all (unreadable, unknown layer, decoding out of memory).
+
+    >>> report = check_model("model.onnx", sample=2, neurons_per_layer=2)     # doctest: +SKIP
+    >>> report.passed, [(c.name, c.status) for c in report.checks]            # doctest: +SKIP
+    """
+    _check_options(sample, neurons_per_layer, max_rf, min_coverage, max_dead, max_degenerate, tolerance,
+                   identity_images, dtype)
+    note = progress or (lambda message: None)
+    start = time.perf_counter()
+    if not isinstance(model, Model):
+        note(f"loading {model}")
+        model = load_model(model, input_shape)
+    summary = inspect_model(model)
+    blocked = [{"layer": lay.name, "op": lay.op, "reason": lay.reason} for lay in summary.layers if not lay.decodable]
+    checks = [_timed(_coverage, summary, min_coverage)]
+    if expect_decodable is not None:
+        checks.append(_timed(_expected, summary, expect_decodable))
+    checks.append(_timed(_finite_weights, model))
+    picked, notes = _sample(model, summary, layers, sample, max_rf)
+    with np.errstate(all="ignore"):  # NaN weights are reported by the checks, not as warnings
+        decoded = []
+        started = time.perf_counter()
+        for name in picked:
+            note(f"decoding {name}")
+            channels = next(lay.channels for lay in summary.layers if lay.name == name)
+            neurons = _spread(channels, neurons_per_layer)
+            decoded.append(decode(model, name, neurons=neurons, mode="weights", dtype=dtype))
+        spent = time.perf_counter() - started  # the decode serves both checks below
+        if picked:
+            note("checking the identity on the linearized model")
+        checks.append(_timed(_identity, model, decoded, tolerance, identity_images, seed, notes, extra=spent))
+        checks.append(_timed(_degenerate, decoded, max_degenerate))
+        if picked and images is not None:
+            note("probing for dead neurons")
+        checks.append(_timed(_dead, model, picked, images, preprocessing or {}, max_dead))
+    return CheckReport(model.path, list(model.input_shape), len(summary.layers), len(summary.layers) - len(blocked),
+                       blocked, picked, checks, time.perf_counter() - start)
+
+
+def _check_options(sample, neurons, max_rf, min_coverage, max_dead, max_degenerate, tolerance, identity_images, dtype):
+    for name, value in (("sample", sample), ("neurons per layer", neurons), ("identity images", identity_images)):
+        if int(value) != value or value < 1:
+            raise FdsubError(f"{name} must be a positive integer, got {value!r}")
+    if max_rf is not None and (int(max_rf) != max_rf or max_rf < 1):
+        raise FdsubError(f"max receptive field must be a positive number of pixels, got {max_rf!r}")
+    for name, value in (("min coverage", min_coverage), ("max dead", max_dead), ("max degenerate", max_degenerate)):
+        if not 0.0 <= value <= 1.0:
+            raise FdsubError(f"{name} is a share between 0 and 1, got {value!r}")
+    if not tolerance > 0:
+        raise FdsubError(f"tolerance must be a positive relative error such as 1e-4, got {tolerance!r}")
+    if str(dtype) not in ("float32", "float64"):
+        raise FdsubError(f"dtype must be float32 or float64, got {dtype!r}")
+
+
+def _timed(run, *args, extra: float = 0.0) -> Check:
+    start = time.perf_counter()
+    result = run(*args)
+    result.seconds = time.perf_counter() - start + extra
+    return result
+
+
+# ---- what is checked ----------------------------------------------------------------------------
+def _coverage(summary: Summary, min_coverage: float) -> Check:
+    total = len(summary.layers)
+    decodable = sum(lay.decodable for lay in summary.layers)
+    share = decodable / total if total else 0.0
+    details = [f"{lay.name} ({lay.op}): {lay.reason}" for lay in summary.layers if not lay.decodable]
+    status = PASS if total and share >= min_coverage else FAIL
+    return Check("coverage", status, f"{decodable} of {total} layers decodable", share, min_coverage, details)
+
+
+def _expected(summary: Summary, expected) -> Check:
+    decodable = [lay.name for lay in summary.layers if lay.decodable]
+    if isinstance(expected, (int, np.integer)):
+        status = PASS if len(decodable) == expected else FAIL
+        return Check("expected-layers", status, f"{len(decodable)} decodable layers, expected {expected}",
+                     float(len(decodable)), float(expected))
+    missing = [name for name in expected if name not in decodable]
+    details = [f"{name}: {'not decodable' if any(lay.name == name for lay in summary.layers) else 'no such layer'}"
+               for name in missing]
+    return Check("expected-layers", FAIL if missing else PASS,
+                 f"{len(expected) - len(missing)} of {len(expected)} expected layers decodable", details=details)
+
+
+def _finite_weights(model: Model) -> Check:
+    bad = []
+    total = 0
+    for name, value in model.constants.items():
+        value = np.asarray(value)
+        if value.dtype.kind != "f":
+            continue
+        total += 1
+        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        if nan or inf:
+            bad.append(f"{name} {list(value.shape)}: {nan} NaN, {inf} Inf")
+    summary = f"{len(bad)} of {total} float tensors hold NaN or Inf" if bad else f"{total} float tensors, all finite"
+    return Check("finite-weights", FAIL if bad else PASS, summary, float(len(bad)), 0.0, bad)
+
+
+def _identity(model: Model, decoded, tolerance, count, seed, notes) -> Check:
+    if not decoded:
+        return Check("identity", SKIP, "no layer to decode: " + "; ".join(notes), details=notes)
+    try:
+        linear = _linear_model(model, [d.layer for d in decoded])
+    except FdsubError as exc:
+        return Check("identity", SKIP, f"the model cannot be linearized: {exc}")
+    images = np.random.default_rng(seed).standard_normal((count, *model.input_shape[1:])).astype(np.float32)
+    try:
+        acts = Forward(linear, [d.layer for d in decoded])(images)
+    except FdsubError as exc:
+        return Check("identity", SKIP, f"the linearized model does not run: {exc}")
+    results = [_identity_error(d, acts[d.layer], images) for d in decoded]
+    compared = [r for r in results if r.positions]
+    details = [_identity_line(r, tolerance) for r in results]
+    if not compared:
+        return Check("identity", SKIP, "no sampled neuron has its receptive field inside the image", details=details)
+    worst = max((r.relative if np.isfinite(r.relative) else np.inf) for r in compared)
+    status = PASS if all(r.within(tolerance) for r in compared) else FAIL
+    neurons = sum(len(d.neurons) for d, r in zip(decoded, results) if r.positions)
+    summary = f"max relative error {worst:.2e} over {neurons} neurons of {len(compared)} layers"
+    return Check("identity", status, summary, float(worst), tolerance, details)
+
+
+def _identity_line(result, tolerance) -> str:
+    if not result.positions:
+        return f"{result.layer}: no output position with its receptive field inside the image"
+    if not np.isfinite(result.relative):
+        return f"{result.layer}: prediction or activation not finite"
+    line = f"{result.layer}: relative error {result.relative:.2e} on {result.positions} positions"
+    if not result.within(tolerance) and result.worst is not None:
+        image, neuron, pred, act = result.worst
+        line += f" (worst: image {image}, neuron {neuron}, predicted {pred:.6g}, actual {act:.6g})"
+    return line
+
+
+def _linear_model(model: Model, names: list[str]) -> Model:
+    """The model, computing only ``names``, with its nonlinearities replaced as ``weights`` mode reads them."""
+    return dataclasses.replace(model, proto=linearized(pruned(model.proto, names, model.input_name, batch=None)))
+
+
+def _degenerate(decoded, max_degenerate: float) -> Check:
+    total, bad = 0, []
+    for d in decoded:
+        for k, f in zip(d.neurons, np.asarray(d.filters, dtype=np.float64)):
+            total += 1
+            kind = _degenerate_kind(f)
+            if kind:
+                bad.append(f"{d.layer} neuron {k}: {kind}")
+    if not total:
+        return Check("degenerate-filters", SKIP, "no filter decoded")
+    share = len(bad) / total
+    status = PASS if share <= max_degenerate else FAIL
+    return Check("degenerate-filters", status, f"{len(bad)} of {total} decoded filters degenerate", share,
+                 max_degenerate, bad)
+
+
+def _degenerate_kind(f: np.ndarray) -> str | None:
+    """'not finite', 'all zero' or 'constant' for a degenerate filter, None otherwise."""
+    if not np.isfinite(f).all():
+        return "not finite"
+    peak = float(np.abs(f).max())
+    if peak == 0:
+        return "all zero"
+    if f.size > 1 and float(np.ptp(f)) <= CONSTANT * peak:
+        return "constant"
+    return None
+
+
+def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead: float) -> Check:
+    if images is None:
+        return Check("dead-neurons", SKIP, "no probe images")
+    if not picked:
+        return Check("dead-neurons", SKIP, "no layer to probe")
+    if isinstance(images, (str, os.PathLike)):
+        images = open_images(os.fspath(images), model.input_shape[1:], **preprocessing)
+    probes = {name: _activation_of(model, name) for name in picked}
+    forward = Forward(model, list(probes.values()))
+    low, high = {}, {}
+    for _, batch in images.batches(BATCH):
+        values = forward(batch)
+        for tensor in probes.values():
+            acts = np.asarray(values[tensor], dtype=np.float64)
+            acts = acts.reshape(acts.shape[0], acts.shape[1], -1) if acts.ndim > 1 else acts[:, None, None]
+            lo, hi = acts.min(axis=(0, 2)), acts.max(axis=(0, 2))
+            low[tensor] = np.minimum(low.get(tensor, lo), lo)
+            high[tensor] = np.maximum(high.get(tensor, hi), hi)
+    if not low:
+        return Check("dead-neurons", SKIP, "the probe image set is empty")
+    details, worst, dead_total, total = [], 0.0, 0, 0
+    for name, tensor in probes.items():
+        lo, hi = low[tensor], high[tensor]
+        scale = float(max(np.abs(lo).max(), np.abs(hi).max()))
+        dead = np.flatnonzero(~np.isfinite(hi - lo) | (hi - lo <= VARIES * scale))
+        share = len(dead) / len(lo)
+        worst, dead_total, total = max(worst, share), dead_total + len(dead), total + len(lo)
+        where = f" (after {tensor!r})" if tensor != name else ""
+        shown = ", ".join(map(str, dead[:8])) + (", ..." if len(dead) > 8 else "")
+        details.append(f"{name}{where}: {len(dead)} of {len(lo)} dead" + (f" ({shown})" if len(dead) else ""))
+    status = PASS if worst <= max_dead else FAIL
+    summary = f"{dead_total} of {total} neurons dead on {len(images)} probe images; worst layer {worst:.0%}"
+    return Check("dead-neurons", status, summary, worst, max_dead, details)
+
+
+def _activation_of(model: Model, name: str) -> str:
+    """The tensor holding ``name``'s response after its activation: followed through the per-channel and
+    elementwise ops it alone feeds (BatchNormalization, Relu, a Mul by a constant, ...)."""
+    seen = {name}
+    while True:
+        users = model.consumers.get(name, [])
+        if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
+            return name
+        node = users[0]
+        follows = node.op_type in FOLLOWED and node.input[0] == name
+        if node.op_type in AFFINE:
+            others = [i for i in node.input if i != name]
+            follows = len(others) == 1 and others[0] in model.constants and node.input[0] == name
+        if not follows or node.output[0] in seen:
+            return name
+        name = node.output[0]
+        seen.add(name)
+
+
+# ---- which layers and neurons ---------------------------------------------------------------------
+def _sample(model: Model, summary: Summary, layers, sample: int, max_rf: int | None) -> tuple[list[str], list[str]]:
+    """The layers to decode, and notes on layers left out."""
+    by_name = {lay.name: lay for lay in summary.layers}
+    if layers is not None:
+        picked, notes = [], []
+        for name in layers:
+            node = find_layer(model, name)
+            layer = by_name.get(node.output[0])
+            if layer is None:
+                raise FdsubError(f"{name!r} is not a layer (Conv, pooling or fully connected); "
+                                 "`fdsub inspect` lists them")
+            if not layer.decodable:
+                notes.append(f"{layer.name}: not decodable ({layer.reason})")
+            elif layer.channels is None:
+                notes.append(f"{layer.name}: unknown channel count")
+            elif layer.name not in picked:
+                picked.append(layer.name)
+        return picked, notes
+    fits = [lay for lay in summary.layers if lay.decodable and lay.channels and _inside(model, summary, lay)
+            and (max_rf is None or max(lay.receptive_field) <= max_rf)]
+    if not fits:
+        bound = f" of at most {max_rf} px" if max_rf is not None else ""
+        return [], [f"no decodable layer with a receptive field{bound} that fits inside the image"]
+    index = np.unique(np.round(np.linspace(0, len(fits) - 1, min(sample, len(fits)))).astype(int))
+    return [fits[i].name for i in index], []
+
+
+def _inside(model: Model, summary: Summary, layer) -> bool:
+    """Whether some output position of ``layer`` has its receptive field inside the image and the crop bounds
+    (the identity needs one)."""
+    shape = model.shapes.get(layer.name)
+    out = tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
+    return bool(summary.geometries[layer.name].interior(model.input_shape[2:], out).any())
+
+
+def _spread(channels: int, count: int) -> np.ndarray:
+    """``count`` neuron indices evenly spaced over ``channels`` (all of them when fewer)."""
+    return np.unique(np.round(np.linspace(0, channels - 1, min(count, channels))).astype(np.int64))

@@ -1,0 +1,231 @@
+"""Every decoding of some layers side by side, with fidelity: the pipeline behind ``fdsub fidelity`` and the report.
+
+``compare_layers`` runs the data passes once for all layers (fds statistics and top-N instances in two
+onnxruntime passes, ``weights`` and ``fds`` in one bottom-up walk each, the backward passes of ``local`` and
+``deconvnet`` two at a time) and scores each decoding with ``fidelity``; it computes, the report only shows.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..compose.backend import get_backend, resolve_device
+from ..compose.engine import Engine
+from ..compose.inspect import Layer, Summary, inspect_model, memory_problem
+from ..data.topn import TopN, rows_of
+from ..errors import FdsubError
+from ..graph.model import Model, find_layer
+from ..modes.decode import iter_decode, leaf_rows
+from ..modes.fds import gather_statistics, parse_select
+from ..modes.local import decode_instances
+from ..modes.nf import neuron_feature
+from ..modes.result import Decoded
+from ..neurons import parse_neurons
+from ..runtime.capture import capture_top
+from .fidelity import FIDELITY_MODES, fidelity
+
+CONV_OPS = ("Conv",)  # the layers compared by default (when decodable)
+INSTANCE_RULES = ("local", "deconvnet")  # the decodings made of per-instance backward passes
+INSTANCE_WORKERS = 2  # backward passes (local, deconvnet) run at the same time
+
+
+@dataclass
+class LayerComparison:
+    """One layer: its decodings (mode -> Decoded, same neurons), the instances they came from, their scores."""
+
+    layer: Layer
+    decoded: dict[str, Decoded]
+    found: TopN | None  # the neurons' top-N instances (None when only ``weights`` was compared)
+    scores: dict  # ``fidelity``'s result
+
+    @property
+    def mean_top_activation(self) -> list[float | None]:
+        """Each neuron's mean activation over its filled top-N slots (None where there is none)."""
+        filled = (self.found.image_index >= 0) & np.isfinite(self.found.values)
+        sums = np.where(filled, self.found.values, 0).astype(np.float64).sum(axis=1)
+        counts = filled.sum(axis=1)
+        return [float(total / count) if count else None for total, count in zip(sums, counts)]
+
+
+def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], images, holdout=None, top: int = 100,
+                   select: str = "positive", modes=FIDELITY_MODES, progress=None, device="cpu"
+                   ) -> list[LayerComparison]:
+    """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``).
+
+    ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time).
+    """
+    modes = _checked_modes(modes)
+    device = resolve_device(device)
+    targets = [layer.name for layer in layers]
+    picked = dict(zip(targets, picks))
+    rules = [m for m in INSTANCE_RULES if m in modes]
+    steps = _Steps(progress, 1 + len(rules) * len(layers) + len(layers))
+    stats_done = steps.part()
+    substitution = None
+    if "fds" in modes:
+        substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
+                                         device=device)
+    found = {}
+    if set(modes) - {"weights"}:
+        tops = dict(substitution.tops or {}) if substitution is not None else {}
+        for target in targets:  # layers that no substitution needed (pooling): captured on their own
+            if target not in tops:
+                tops[target] = capture_top(model, target, images, top=top, device=device)
+        found = {name: rows_of(tops[name], picked[name]) for name in targets}
+    stats_done(1, 1)
+    decoded = {name: {} for name in targets}
+    if "weights" in modes:
+        for d in iter_decode(model, targets, device=device, neurons=picked):
+            decoded[d.layer]["weights"] = d
+    if "fds" in modes:
+        for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device, neurons=picked):
+            decoded[d.layer]["fds"] = d
+    for (name, rule), d in _instance_decodes(model, images, found, rules, steps, device).items():
+        decoded[name][rule] = d
+    result = []
+    for layer in layers:
+        name, done = layer.name, steps.part()
+        if "nf" in modes:
+            decoded[name]["nf"] = neuron_feature(model, found[name], images)
+        ordered = {mode: decoded[name][mode] for mode in modes}
+        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device)
+        result.append(LayerComparison(layer, ordered, found.get(name), scores))
+        done(1, 1)
+    return result
+
+
+def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
+                  progress=None, device="cpu") -> dict:
+    """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N), then measure on ``holdout``:
+    ``fidelity``'s result for that one layer."""
+    modes = _checked_modes(modes)
+    target = find_layer(model, layer).output[0]
+    entry = next((lay for lay in inspect_model(model).layers if lay.name == target), None)
+    if entry is None:
+        raise FdsubError(f"{layer!r} is not a layer (Conv, pooling, Gemm or MatMul output); `fdsub inspect` lists them")
+    if not entry.decodable:
+        raise FdsubError(f"layer {target!r} is not decodable: {entry.reason}")
+    picks = [parse_neurons(neurons, entry.channels, target)]
+    return compare_layers(model, [entry], picks, images, holdout, top=top, modes=modes, progress=progress,
+                          device=device)[0].scores
+
+
+def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
+    """The named layers (a list or a comma-separated string) in graph order, each a decodable feature map;
+    by default every decodable Conv layer."""
+    listed = {layer.name: layer for layer in summary.layers}
+    if names is None:
+        chosen = [layer for layer in summary.layers if layer.decodable and layer.op in CONV_OPS]
+        if not chosen:
+            raise FdsubError(f"{model.path} has no decodable Conv layer; name layers with --layers "
+                             "(`fdsub inspect` lists them)")
+        return chosen
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
+    wanted = []
+    for name in [n for n in names if n]:
+        target = find_layer(model, name).output[0]
+        layer = listed.get(target)
+        if layer is None:
+            raise FdsubError(f"{name!r} is not a layer (Conv, pooling, Gemm or MatMul output); `fdsub inspect` lists them")
+        if not layer.decodable:
+            raise FdsubError(f"layer {target!r} is not decodable: {layer.reason}")
+        if len(model.shapes.get(target, ())) != 4:
+            raise FdsubError(f"layer {target!r} is not a feature map [N, C, H, W]; the report shows conv-like layers")
+        wanted.append(target)
+    if not wanted:
+        raise FdsubError("no layer named; give --layers like conv1,conv4 or leave it out for every Conv layer")
+    return [layer for layer in summary.layers if layer.name in wanted]
+
+
+def within_memory(model: Model, chosen: list[Layer], picks: list[np.ndarray], named: bool, device
+                   ) -> tuple[list[Layer], list[str]]:
+    """The chosen layers that one decoding pass holds in the memory left, and the names of those left out.
+
+    Named layers (``--layers``) must all fit: one error line before any work. By default the longest run of
+    layers from the first that fits is kept (the filter banks only grow with depth).
+    """
+    engine = Engine(get_backend(device.backend), "float32", "fast")
+    names = [layer.name for layer in chosen]
+    picked = dict(zip(names, picks))
+
+    def problem(count):  # decoding the first ``count`` layers, as ``iter_decode`` will (leaf layers' rows only)
+        return memory_problem(model, engine, names[:count], leaf_rows(model, names[:count], picked))
+
+    if problem(len(names)) is None:
+        return chosen, []
+    if named:
+        raise FdsubError(problem(len(names)))
+    fits, fails = 0, len(names)  # names[:fits] fit, names[:fails] do not
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        if problem(middle) is None:
+            fits = middle
+        else:
+            fails = middle
+    if fits == 0:
+        raise FdsubError(problem(1))
+    return chosen[:fits], names[fits:]
+
+
+def neurons_per_layer(selector, layers: list[Layer]) -> list[np.ndarray]:
+    """The selector checked against the widest layer, then cut to what each layer has."""
+    widest = max(layers, key=lambda layer: layer.channels)
+    picked = parse_neurons(selector, widest.channels, widest.name)
+    picks = []
+    for layer in layers:
+        own = picked[picked < layer.channels]
+        if not len(own):
+            raise FdsubError(f"none of the selected neurons is in layer {layer.name!r}, which has neurons "
+                             f"0-{layer.channels - 1}; choose lower indices or leave that layer out")
+        picks.append(own)
+    return picks
+
+
+def _checked_modes(modes) -> tuple[str, ...]:
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in FIDELITY_MODES]
+    if unknown or not modes:
+        raise FdsubError(f"unknown mode {unknown[0] if unknown else ''!r}; choose from {', '.join(FIDELITY_MODES)}")
+    return modes
+
+
+def _instance_decodes(model, images, found: dict, rules, steps, device) -> dict:
+    """``rules`` (local, deconvnet) of every layer, {(layer, rule): Decoded}: INSTANCE_WORKERS passes at a time.
+
+    The backward passes spend their time in NumPy, which releases the GIL: two threads overlap them.
+    """
+    if not rules:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=INSTANCE_WORKERS)
+    try:
+        futures = {(name, rule): pool.submit(decode_instances, model, name, images, rule=rule, instances=instances,
+                                             progress=steps.part(), device=device)
+                   for name, instances in reversed(found.items()) for rule in rules}  # big ones first
+        return {key: future.result() for key, future in futures.items()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Steps:
+    """``progress(done, total)`` over the report's steps; each ``part()`` is one step with its own
+    ``(done, total)`` callback (steps may run at the same time, in threads)."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.parts, self.lock = progress, total, [], threading.Lock()
+
+    def part(self):
+        with self.lock:
+            key = len(self.parts)
+            self.parts.append(0.0)
+
+        def update(done, total):
+            with self.lock:
+                self.parts[key] = min(done, total) / total if total else 1.0
+                if self.progress is not None:
+                    self.progress(sum(self.parts), self.total)
+
+        return update

@@ -1,0 +1,129 @@
+"""The `weights` identity of METHOD.md as a self-test: a linearized copy of a model, and the identity's error.
+
+``weights`` mode reads every elementwise nonlinearity as the identity and MaxPool as an average
+over its window. ``linearized`` builds the ONNX model that reading describes (the same rules, taken
+from the op registry), so onnxruntime can compute the activations the decoded filters must predict
+exactly: for a neuron at output position q whose receptive field lies in the image,
+``activation == sum(filters[k] * patch(q)) + bias[k]`` (``identity_error``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import FdsubError
+from .predict import predict
+from ..compose.ops import RULES
+from ..compose.ops.op_arithmetic import GATES
+from ..compose.ops.op_elementwise import Identity
+
+#: ops that ``weights`` mode reads as the identity (the registry's elementwise rules), and Softmax
+IDENTITY_OPS = tuple(sorted({name for name, rule in RULES.items() if isinstance(rule, Identity)} | {"Softmax"}))
+#: pooling ops that ``weights`` mode reads as an average over the same window
+AVERAGED = {"MaxPool": "AveragePool", "GlobalMaxPool": "GlobalAveragePool"}
+
+
+def linearized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A linear copy of ``model``: the network ``weights`` mode decodes.
+
+    Elementwise nonlinearities (Relu, LRN, Dropout, Sigmoid, ... and Softmax) become Identity on
+    their first input; x * sigmoid(x) (SiLU) becomes x; MaxPool becomes AveragePool over the same
+    window, GlobalMaxPool GlobalAveragePool. Nodes keep their names and output names. A FdsubError
+    when an op cannot be replaced (a used second output, a dilated MaxPool).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    producer = {o: node for node in graph.node for o in node.output}
+    nodes = []
+    for node in graph.node:
+        label = f"{node.op_type} node {node.name or node.output[0]!r}"
+        extra = [o for o in node.output[1:] if o in used]
+        if extra and (node.op_type in IDENTITY_OPS or node.op_type in AVERAGED):
+            raise FdsubError(f"{label}: its output(s) {extra} are used; it cannot be linearized")
+        if node.op_type in IDENTITY_OPS:
+            nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+        elif node.op_type in AVERAGED:
+            nodes.append(_averaged(node, label))
+        elif node.op_type == "Mul" and _gated_input(node, producer) is not None:
+            x = node.input[_gated_input(node, producer)]
+            nodes.append(helper.make_node("Identity", [x], [node.output[0]], name=node.name))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+def _averaged(node, label: str):
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    dilations = attrs.pop("dilations", None)
+    if dilations is not None and any(d != 1 for d in dilations):
+        raise FdsubError(f"{label} is dilated; AveragePool has no dilations before opset 19: it cannot be linearized")
+    attrs.pop("storage_order", None)
+    return helper.make_node(AVERAGED[node.op_type], [node.input[0]], [node.output[0]], name=node.name, **attrs)
+
+
+def _gated_input(node, producer) -> int | None:
+    """Index of x in x * gate(x) (SiLU, swish), the pattern ``weights`` mode reads as x."""
+    for i, j in ((0, 1), (1, 0)):
+        gate = producer.get(node.input[j])
+        if gate is not None and gate.op_type in GATES and gate.input[0] == node.input[i]:
+            return i
+    return None
+
+
+@dataclass
+class IdentityError:
+    """How far ``sum(filters * patch) + bias`` is from the activation on the interior positions of a layer.
+
+    ``relative`` is ``max_abs / scale`` (``max_abs`` when ``scale`` is 0, NaN when a value is not finite);
+    ``worst`` is (image, neuron, predicted, actual) at the largest error.
+    """
+
+    layer: str
+    relative: float
+    max_abs: float
+    scale: float
+    positions: int
+    worst: tuple[int, int, float, float] | None
+
+    def within(self, rtol: float, atol: float = 0.0) -> bool:
+        """Whether the error is at most ``rtol * scale + atol`` (False for non-finite values or no position)."""
+        return self.positions > 0 and np.isfinite(self.max_abs) and self.max_abs <= rtol * self.scale + atol
+
+
+def identity_error(decoded, activation: np.ndarray, images: np.ndarray) -> IdentityError:
+    """Compare ``decoded`` (filters of some neurons of a layer) with the layer's ``activation``.
+
+    ``activation`` is the whole layer's output [N, C, H, W] (or [N, C] for a fully connected layer) on
+    ``images`` [N, C_image, H, W]; its channels ``decoded.neurons`` are compared, in float64, on every
+    output position whose receptive field lies in the image (``positions`` of them; 0 compares nothing).
+    """
+    act = np.asarray(activation, dtype=np.float64)
+    if act.ndim == 2:
+        act = act[:, :, None, None]
+    if act.ndim != 4 or act.shape[0] != len(images):
+        raise FdsubError(f"{decoded.layer}: activation of shape {list(act.shape)} for {len(images)} images")
+    if not (len(decoded.neurons) == decoded.filters.shape[0] == len(decoded.bias)):
+        raise FdsubError(f"{decoded.layer}: {len(decoded.neurons)} neurons, filters {list(decoded.filters.shape)}, "
+                         f"bias {list(np.shape(decoded.bias))}")
+    act = act[:, np.asarray(decoded.neurons)]
+    mask = decoded.interior(images.shape[2:], act.shape[2:])
+    if not mask.any() or len(decoded.neurons) == 0:
+        return IdentityError(decoded.layer, float("nan"), float("nan"), 0.0, 0, None)
+    got, want = predict(decoded, images, act.shape[2:], mask), act[:, :, mask]
+    err = np.abs(got - want)
+    scale = float(np.abs(want).max())
+    if not np.isfinite(err).all():
+        return IdentityError(decoded.layer, float("nan"), float("nan"), scale, int(mask.sum()), None)
+    i, k, p = np.unravel_index(int(np.argmax(err)), err.shape)
+    max_abs = float(err[i, k, p])
+    return IdentityError(decoded.layer, max_abs / scale if scale else max_abs, max_abs, scale, int(mask.sum()),
+                         (int(i), int(decoded.neurons[k]), float(got[i, k, p]), float(want[i, k, p])))
+

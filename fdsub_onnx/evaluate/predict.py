@@ -1,0 +1,38 @@
+"""The one prediction routine: a decoded filter's response ``sum(filter * patch) + bias`` at output positions.
+
+Patches are cut from the zero-extended image, as the layer's padding sees it; for an output position whose
+receptive field lies inside the image this is exactly the identity of ``Decoded``'s docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..compose.backend import NumpyBackend
+
+
+def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = None) -> np.ndarray:
+    """float64 [B, K, Q_y, Q_x] at every output position, or [B, K, P] at the P positions of ``mask`` [Q_y, Q_x]."""
+    (ry, rx), (sy, sx), (oy, ox) = decoded.receptive_field, decoded.stride, decoded.origin
+    qy, qx = out_size
+    before = (max(0, -oy), max(0, -ox))
+    after = (max(0, oy + (qy - 1) * sy + ry - images.shape[2]), max(0, ox + (qx - 1) * sx + rx - images.shape[3]))
+    padded = np.pad(np.asarray(images, np.float64), ((0, 0), (0, 0), (before[0], after[0]), (before[1], after[1])))
+    y0, x0 = oy + before[0], ox + before[1]
+    windows = sliding_window_view(padded, (ry, rx), axis=(2, 3))[:, :, y0 : y0 + (qy - 1) * sy + 1 : sy,
+                                                                  x0 : x0 + (qx - 1) * sx + 1 : sx]
+    filters = np.asarray(decoded.filters, np.float64)
+    bias = np.asarray(decoded.bias, np.float64)
+    if mask is not None:
+        ys, xs = np.nonzero(mask)
+        values = np.tensordot(windows[:, :, ys, xs], filters, axes=([1, 3, 4], [1, 2, 3]))  # [B, P, K]
+        return values.transpose(0, 2, 1) + bias[None, :, None]
+    out = np.empty((len(images), qy, qx, len(filters)))
+    # tensordot copies the windows it reads: a few output rows at a time keep that copy near temp_bytes
+    # (one row of a deep VGG layer's 252x252 windows is already ~100 MB for 16 images)
+    rows = max(1, NumpyBackend.temp_bytes // max(windows[:, :, :1].size * 8, 1))
+    for start in range(0, qy, rows):
+        out[:, start : start + rows] = np.tensordot(windows[:, :, start : start + rows], filters,
+                                                    axes=([1, 4, 5], [1, 2, 3]))  # [B, rows, Q_x, K]
+    return out.transpose(0, 3, 1, 2) + bias[None, :, None, None]

@@ -1,0 +1,313 @@
+"""Model zoos: a TOML list of models to ``check``, and the onnx package's "light" models with random weights.
+
+A zoo file (``models/zoo.toml``)::
+
+    [defaults]                      # check options for every model; any entry may override them
+    images = "builtin:blobs:8"
+    neurons_per_layer = 2
+
+    [[models]]
+    name = "demo"                   # optional; default: the file name
+    path = "demo.onnx"              # relative to the zoo file, or onnx-light:NAME
+    input_shape = [1, 3, 64, 64]    # optional (needed for dynamic height/width)
+    preset = "raw"                  # preprocessing of the probe images
+    decodable = 7                   # optional: expected decodable layers, a count or a list of names
+
+``onnx-light:NAME`` is ``onnx/backend/test/data/light/light_NAME.onnx`` inside the installed onnx
+package. Those models ship without weights (every parameter is a ``ConstantOfShape`` filled with
+0.02), so they are re-randomized (``randomized``) unless ``randomize = false``; ``seed`` picks the draw.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .check import CheckReport, check_model
+from ..errors import FdsubError
+from ..graph.model import load_model
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+LIGHT_PREFIX = "onnx-light:"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+#: check_model options a zoo file may set, in [defaults] or per model
+CHECK_KEYS = ("layers", "sample", "neurons_per_layer", "max_rf", "images", "min_coverage", "max_dead",
+              "max_degenerate", "tolerance", "dtype", "identity_images")
+PREPROCESSING_KEYS = ("preset", "mean", "std", "scale", "bgr")
+MODEL_KEYS = ("name", "path", "input_shape", "decodable", "randomize", "seed", *PREPROCESSING_KEYS, *CHECK_KEYS)
+
+
+# ---- the onnx package's light models --------------------------------------------------------------
+def light_paths() -> list[str]:
+    """Paths of the light models shipped with the onnx package."""
+    return sorted(glob.glob(os.path.join(LIGHT_DIR, "*.onnx")))
+
+
+def light_name(path: str) -> str:
+    """``light_resnet50.onnx`` -> ``resnet50``."""
+    return os.path.basename(path)[: -len(".onnx")].removeprefix("light_")
+
+
+def light_path(name: str) -> str:
+    """The file of light model ``name`` (``resnet50``); a FdsubError naming the available ones otherwise."""
+    path = os.path.join(LIGHT_DIR, f"light_{name.removeprefix('light_')}.onnx")
+    if not os.path.isfile(path):
+        names = ", ".join(light_name(p) for p in light_paths()) or f"none in {LIGHT_DIR}"
+        raise FdsubError(f"{LIGHT_PREFIX}{name}: the onnx package has no such light model (available: {names})")
+    return path
+
+
+def _consumers(graph) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    uses: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, i))
+    return uses
+
+
+def _role(name: str, uses) -> tuple[str, int]:
+    """(op_type, input index) of the first consumer, looking through Unsqueeze/Reshape of a constant."""
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        users = uses.get(name, [])
+        if not users:
+            return ("", -1)
+        node, i = users[0]
+        if node.op_type in ("Unsqueeze", "Reshape", "Identity", "Cast") and i == 0:
+            name = node.output[0]
+            continue
+        return (node.op_type, i)
+    return ("", -1)
+
+
+def _random(name: str, shape: tuple[int, ...], role: tuple[str, int], seed: int, transposed: bool) -> np.ndarray:
+    """Seeded values for parameter ``name`` feeding ``role`` (stable under graph edits)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    op, i = role
+    size = int(np.prod(shape)) if shape else 1
+    if (op, i) in (("Conv", 1), ("Gemm", 1), ("MatMul", 1)):
+        if op == "Conv":
+            fan_in = size // max(1, shape[0])
+        else:
+            fan_in = shape[-1] if transposed else shape[0]
+        # uniform with variance 1/fan_in (cheaper than normal for 100M-value fc weights)
+        value = rng.random(shape, dtype=np.float32)
+        value -= np.float32(0.5)
+        value *= np.float32(np.sqrt(12.0 / max(1, fan_in)))
+    elif (op, i) in (("BatchNormalization", 1), ("BatchNormalization", 4), ("Mul", 1), ("Mul", 0), ("Div", 1)):
+        value = rng.uniform(0.5, 1.5, shape)  # scales and variances: positive, away from zero
+    else:  # biases, BN shift and mean, Add constants
+        value = 0.1 * rng.standard_normal(shape)
+    return np.asarray(value, dtype=np.float32)
+
+
+def randomized(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """The model (a path or a ModelProto, left unchanged) with every float parameter replaced by seeded random values.
+
+    Each value is drawn for the input it feeds: conv and fully connected weights uniform with
+    variance 1/fan_in, BatchNormalization scales and variances and Mul/Div constants in [0.5, 1.5],
+    biases and shifts 0.1 * N(0, 1); a parameter's values depend only on ``seed`` and its name.
+    ConstantOfShape nodes with a constant shape become initializers; existing float initializers are
+    redrawn. Each new initializer is also listed as a graph input when the model's IR version (< 4)
+    requires it.
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        model = proto
+    else:
+        model = onnx.load(os.fspath(model))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = _consumers(graph)
+    transposed = {
+        n.input[1] for n in graph.node if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+    }
+    new_values: dict[str, np.ndarray] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in inits:
+            value_attr = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value_attr is None or value_attr.data_type in FLOAT_TYPES:
+                shape = tuple(int(v) for v in numpy_helper.to_array(inits[node.input[0]]))
+                out = node.output[0]
+                new_values[out] = _random(out, shape, _role(out, uses), seed, out in transposed)
+                continue
+        kept.append(node)
+    for name, tensor in inits.items():
+        if tensor.data_type in FLOAT_TYPES:
+            shape = tuple(tensor.dims)
+            new_values[name] = _random(name, shape, _role(name, uses), seed, name in transposed)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    old = [t for t in graph.initializer if t.name not in new_values and t.name in used]
+    dropped = {t.name for t in graph.initializer} - {t.name for t in old}
+    fresh = [numpy_helper.from_array(v, n) for n, v in new_values.items() if n in used]
+    inputs = [i for i in graph.input if i.name not in dropped]
+    listed = {i.name for i in inputs}
+    if model.ir_version < 4:  # initializers must be listed as graph inputs
+        missing = [t for t in fresh if t.name not in listed]
+        inputs += [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in missing]
+    del graph.initializer[:]
+    graph.initializer.extend(old + fresh)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return model
+
+
+# ---- zoo files ----------------------------------------------------------------------------------------
+@dataclass
+class ZooModel:
+    """One entry of a zoo file, resolved: ``path`` is the file to load, ``source`` what the zoo file says."""
+
+    name: str
+    source: str
+    path: str
+    input_shape: tuple[int, ...] | None = None
+    randomize: bool = False
+    seed: int = 0
+    decodable: int | list[str] | None = None
+    preprocessing: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # keyword arguments of check_model
+
+
+@dataclass
+class ZooResult:
+    """The outcome for one zoo model: its report, or the one-line ``error`` that stopped it."""
+
+    model: ZooModel
+    report: CheckReport | None
+    error: str | None
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        return "error" if self.report is None else self.report.status
+
+    def to_json(self) -> dict:
+        out = {"name": self.model.name, "source": self.model.source, "status": self.status,
+               "seconds": round(self.seconds, 3)}
+        if self.report is None:
+            out["error"] = self.error
+        else:
+            out["report"] = self.report.to_json()
+        return out
+
+
+def read_zoo(path: str | os.PathLike) -> list[ZooModel]:
+    """The models of zoo file ``path`` (module docstring), each with its check options; a FdsubError when malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FdsubError(f"zoo file not found: {path}" if not path.exists()
+                         else f"{path} is a folder; give the zoo .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FdsubError(f"{path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"defaults", "models"}
+    if unknown:
+        raise FdsubError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; "
+                         "a zoo file has [defaults] and [[models]]")
+    defaults = data.get("defaults", {})
+    entries = data.get("models")
+    if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
+        raise FdsubError(f"{path}: list the models as [[models]] tables, each with a path")
+    _known(defaults, (*PREPROCESSING_KEYS, *CHECK_KEYS, "seed", "randomize"), f"{path} [defaults]")
+    models = [_entry(path, i, {**defaults, **entry}) for i, entry in enumerate(entries)]
+    names = [m.name for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FdsubError(f"{path}: model name(s) {', '.join(twice)} appear twice; give each a distinct name")
+    return models
+
+
+def _known(table: dict, keys, where: str) -> None:
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise FdsubError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+
+
+def _entry(zoo: Path, index: int, entry) -> ZooModel:
+    where = f"{zoo} model {index + 1}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise FdsubError(f"{where}: each [[models]] table needs path = \"file.onnx\" (or \"{LIGHT_PREFIX}NAME\")")
+    _known(entry, MODEL_KEYS, where)
+    source = entry["path"]
+    light = source.startswith(LIGHT_PREFIX)
+    if light:
+        name = source[len(LIGHT_PREFIX):]
+        path = os.path.join(LIGHT_DIR, f"light_{name.removeprefix('light_')}.onnx")  # checked when it runs
+    else:
+        path = str((zoo.parent / source) if not os.path.isabs(source) else Path(source))
+        name = Path(source).stem
+    shape = entry.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 4
+                              or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise FdsubError(f"{where}: input_shape must be four positive integers [N, C, H, W], got {shape!r}")
+    decodable = entry.get("decodable")
+    count = isinstance(decodable, int) and not isinstance(decodable, bool)
+    names = isinstance(decodable, list) and all(isinstance(v, str) for v in decodable)
+    if decodable is not None and not (count or names):
+        raise FdsubError(f"{where}: decodable is a count or a list of layer names, got {decodable!r}")
+    options = {key: entry[key] for key in CHECK_KEYS if key in entry}
+    if isinstance(options.get("layers"), str):
+        options["layers"] = [v.strip() for v in options["layers"].split(",") if v.strip()]
+    return ZooModel(
+        name=str(entry.get("name", name)), source=source, path=path,
+        input_shape=tuple(shape) if shape is not None else None,
+        randomize=bool(entry.get("randomize", light)), seed=int(entry.get("seed", 0)), decodable=decodable,
+        preprocessing={key: entry[key] for key in PREPROCESSING_KEYS if key in entry}, options=options,
+    )
+
+
+def check_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = None) -> CheckReport:
+    """Load (re-randomized when asked) and check one zoo model; a FdsubError when it cannot be checked."""
+    note = progress or (lambda message: None)
+    if entry.source.startswith(LIGHT_PREFIX):
+        light_path(entry.source[len(LIGHT_PREFIX):])
+    with tempfile.TemporaryDirectory(prefix="fdsub-zoo-") as folder:
+        path = entry.path
+        if entry.randomize:
+            if not os.path.isfile(path):
+                raise FdsubError(f"model file not found: {path}; check the path")
+            note(f"{entry.name}: randomizing the weights")
+            path = os.path.join(folder, "model.onnx")
+            onnx.save(randomized(entry.path, entry.seed), path)
+        note(f"{entry.name}: loading")
+        model = load_model(path, entry.input_shape)
+        report = check_model(
+            model, expect_decodable=entry.decodable, preprocessing=entry.preprocessing, seed=entry.seed,
+            progress=lambda message: note(f"{entry.name}: {message}"), **entry.options,
+        )
+    report.model = entry.source
+    return report
+
+
+def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None) -> list[ZooResult]:
+    """Check every model in turn; a model that cannot be checked gets its error instead of a report."""
+    results = []
+    for entry in models:
+        start = time.perf_counter()
+        try:
+            report, error = check_zoo_model(entry, progress), None
+        except FdsubError as exc:
+            report, error = None, " ".join(str(exc).splitlines())
+        results.append(ZooResult(entry, report, error, time.perf_counter() - start))
+    return results

@@ -1,0 +1,1 @@
+"""The ONNX graph: loading, layer lookup, pruning, and receptive-field geometry (the one place for window arithmetic)."""

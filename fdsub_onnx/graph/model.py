@@ -1,0 +1,228 @@
+"""Loading an ONNX file: validation, static shapes, and folding of constant subgraphs."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import FdsubError
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+FOLD_LIMIT = 4 << 30  # largest constant (bytes) produced by folding
+#: ops whose outputs are listed as layers by ``inspect``
+LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul")
+
+
+@dataclass
+class Model:
+    """A loaded network: its graph in topological order, static shapes and folded constants."""
+
+    path: str
+    proto: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]
+    opset: int
+    nodes: list  # NodeProto, topologically sorted, folded nodes removed
+    shapes: dict[str, tuple[int, ...]]
+    constants: dict[str, np.ndarray]
+    producer: dict = field(default_factory=dict)  # tensor name -> NodeProto
+    consumers: dict = field(default_factory=dict)  # tensor name -> [NodeProto]
+
+    def node_name(self, node) -> str:
+        """A readable name for a node (ONNX allows empty names)."""
+        return node.name or f"{node.op_type}:{node.output[0]}"
+
+
+def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> Model:
+    """Load ``path``, fix the input shape, infer static shapes and fold constants.
+
+    ``input_shape`` (e.g. ``(1, 3, 224, 224)``) is needed when the model's height, width
+    or channels are dynamic; a dynamic batch dimension is fixed to 1.
+    """
+    path = os.fspath(path)
+    proto = _read(path)
+    opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    name, shape = _input(proto, path, input_shape)
+    proto = _fix_input_shape(proto, name, shape)
+    shapes = _infer_shapes(proto, path)
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    nodes = _folded(_topological(proto.graph.node, path), constants, shapes, opset)
+    producer, consumers = {}, defaultdict(list)
+    for node in nodes:
+        for out in node.output:
+            producer[out] = node
+        for inp in node.input:
+            consumers[inp].append(node)
+    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers))
+
+
+
+def attributes(node) -> dict:
+    """Node attributes as Python values (bytes decoded to str)."""
+    out = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def find_layer(model: Model, name: str):
+    """The node whose output tensor (or node name) is ``name``; a clear error with suggestions otherwise."""
+    node = model.producer.get(name) or next((n for n in model.nodes if n.name == name), None)
+    if node is not None:
+        return node
+    candidates = [n.output[0] for n in model.nodes if n.op_type in LAYER_OPS]
+    close = difflib.get_close_matches(name, candidates + [n.name for n in model.nodes if n.name], n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; `fdsub inspect` lists the layers"
+    raise FdsubError(f"no layer named {name!r} in {model.path}{hint}")
+
+
+def ancestors(model: Model, targets) -> list:
+    """The nodes ``targets`` (tensor names) depend on, in graph order."""
+    wanted, stack = set(), list(targets)
+    while stack:
+        node = model.producer.get(stack.pop())
+        if node is not None and id(node) not in wanted:
+            wanted.add(id(node))
+            stack.extend(node.input)
+    return [node for node in model.nodes if id(node) in wanted]
+
+
+def _read(path: str) -> onnx.ModelProto:
+    if not os.path.exists(path):
+        raise FdsubError(f"model file not found: {path}; check the path")
+    if os.path.isdir(path):
+        raise FdsubError(f"{path} is a folder; give the .onnx file inside it")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage
+        raise FdsubError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it with torch.onnx.export, tf2onnx or paddle2onnx") from None
+    if not proto.graph.node:
+        raise FdsubError(f"{path} holds no ONNX graph (empty or not a model); export the network to ONNX first")
+    try:
+        onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:
+        raise FdsubError(f"{path}: external weight data could not be read ({exc}); keep the .data file(s) beside the model") from None
+    return proto
+
+
+def _input(proto, path, input_shape):
+    """The image input: the one graph input that is not an initializer, with a static shape."""
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    images = [i for i in inputs if len(i.type.tensor_type.shape.dim) == 4]
+    if not images:
+        found = ", ".join(f"{i.name} (rank {len(i.type.tensor_type.shape.dim)})" for i in inputs) or "none"
+        raise FdsubError(f"{path}: no image input of shape [N, C, H, W] (inputs: {found}); fdsub decodes 2-D CNNs")
+    image = images[0]
+    dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in image.type.tensor_type.shape.dim]
+    if input_shape is not None:
+        shape = tuple(int(v) for v in input_shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise FdsubError(f"--input-shape must be four positive integers N,C,H,W, got {','.join(map(str, shape))}")
+        fixed = [(a, d) for a, d in enumerate(dims) if isinstance(d, int) and a > 0 and d != shape[a]]
+        if fixed:
+            raise FdsubError(f"--input-shape {','.join(map(str, shape))} disagrees with the model's input {image.name!r} {dims}")
+        return image.name, (1, *shape[1:])
+    dynamic = [a for a, d in enumerate(dims) if not isinstance(d, int) and a > 0]
+    if dynamic:
+        shown = ", ".join(str(d) for d in dims)
+        raise FdsubError(f"input {image.name!r} has dynamic dimensions [{shown}]; pass --input-shape 1,C,H,W (e.g. 1,3,224,224), the size its images are fed at")
+    return image.name, (1, *dims[1:])
+
+
+def _fix_input_shape(proto, name, shape):
+    proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < (1 << 31) - 1 else proto
+    for inp in proto.graph.input:
+        if inp.name == name:
+            for dim, value in zip(inp.type.tensor_type.shape.dim, shape):
+                dim.Clear()
+                dim.dim_value = value
+    del proto.graph.value_info[:]
+    return proto
+
+
+def _infer_shapes(proto, path) -> dict[str, tuple[int, ...]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:
+        raise FdsubError(f"{path}: ONNX shape inference failed ({str(exc).splitlines()[0]}); check the model with onnx.checker or pass --input-shape") from None
+    shapes = {}
+    graph = inferred.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _topological(nodes, path):
+    """Nodes ordered so that each comes after the producers of its inputs."""
+    produced = {out: i for i, node in enumerate(nodes) for out in node.output}
+    order, state = [], [0] * len(nodes)
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, done = stack.pop()
+            if done:
+                state[i] = 2
+                order.append(nodes[i])
+                continue
+            if state[i]:
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            for name in nodes[i].input:
+                j = produced.get(name)
+                if j is not None and state[j] == 0:
+                    stack.append((j, False))
+                elif j is not None and state[j] == 1 and j != i:
+                    raise FdsubError(f"{path}: the graph has a cycle through {name!r}; it is not a valid ONNX model")
+    return order
+
+
+def _folded(nodes, constants, shapes, opset):
+    """Evaluate nodes whose inputs are all constant (weights from Constant, ConstantOfShape...)."""
+    from onnx.reference import ReferenceEvaluator
+
+    kept = []
+    for node in nodes:
+        value = None
+        if node.domain in STANDARD_DOMAINS and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            inputs = [n for n in node.input if n]
+            if node.op_type == "Shape" and inputs[0] in shapes and not node.attribute:
+                value = [np.array(shapes[inputs[0]], dtype=np.int64)]
+            elif all(n in constants for n in inputs) and node.op_type not in _NONDETERMINISTIC:
+                try:
+                    feeds = {n: constants[n] for n in inputs}
+                    value = ReferenceEvaluator(_single_node_model(node, feeds, opset)).run(None, feeds)
+                except Exception:
+                    value = None
+        if value is not None and sum(np.asarray(v).nbytes for v in value) <= FOLD_LIMIT:
+            for name, array in zip(node.output, value):
+                constants[name] = np.asarray(array)
+                shapes.setdefault(name, np.asarray(array).shape)
+        else:
+            kept.append(node)
+    return kept
+
+
+def _single_node_model(node, feeds, opset):
+    """A one-node model, so the reference evaluator picks the op version of the model's opset."""
+    from onnx import helper
+
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None) for n, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}

@@ -1,0 +1,393 @@
+"""Per-instance backward passes: the `local` filters (exact input gradients) and the deconvnet projections.
+
+For one instance (image, neuron k, output position q) a ReLU/MaxPool network is linear around
+the image: response = <D_local, image> + beta_local. ``D_local`` is the input gradient, got here
+by one backward pass per instance through the forward activations that onnxruntime captured,
+and ``beta_local`` collects every bias the active paths carry (so the identity is a real check,
+not a definition). The deconvnet (Zeiler & Fergus) runs the same pass with ReLU applied to the
+backward signal instead of the forward on/off mask; MaxPool switches come from the forward pass.
+
+Each rule maps (node, forward values, output gradient) to input gradients and the bias the node
+adds, batched over M instances: arrays are [M, ...]. AveragePool windows that overlap the
+padding with count_include_pad=0 are treated as interior ones (a border effect only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..compose.backend import array_module, get_backend, resolve_device
+from ..runtime.session import Forward
+from ..errors import FdsubError
+from ..graph.geometry import Window
+from ..graph.model import ancestors
+from ..graph.model import attributes
+
+RULES = ("local", "deconvnet")
+
+
+def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local",
+                       forward: Forward | None = None, device="cpu"):
+    """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``.
+
+    ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls. On ``device="gpu"``
+    the pass runs in CuPy and returns CuPy arrays.
+    """
+    if rule not in RULES:
+        raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
+    device = resolve_device(device)
+    backend = get_backend(device.backend)
+    nodes = ancestors(model, [target])
+    forward = forward if forward is not None else forward_for(model, target, device)
+    values = {name: backend.asarray(value, np.float64) for name, value in forward(images).items()}
+    seed = backend.zeros(values[target].shape, np.float64)
+    m = np.arange(len(images))
+    if seed.ndim == 4:
+        seed[m, np.asarray(neurons), positions[:, 0], positions[:, 1]] = 1.0
+    else:
+        seed.reshape(len(images), -1)[m, np.asarray(neurons)] = 1.0
+    grads, bias = {target: seed}, backend.zeros((len(images),), np.float64)
+    for node in reversed(nodes):
+        grad = grads.pop(node.output[0], None)
+        if grad is None:
+            continue
+        step = BACKWARD.get(node.op_type)
+        if step is None:
+            raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
+        is_data = [bool(name) and name not in model.constants for name in node.input]
+        ins = [(values[name] if data else model.constants.get(name)) if name else None
+               for name, data in zip(node.input, is_data)]
+        in_grads, added = step(node, ins, is_data, values[node.output[0]], grad, rule)
+        bias += added
+        for name, g in zip(node.input, in_grads):
+            if g is not None and name and name not in model.constants:
+                grads[name] = grads[name] + g if name in grads else g
+    if model.input_name not in grads:
+        raise FdsubError(f"layer {target!r} does not depend on the image input")
+    return grads[model.input_name], bias
+
+
+def forward_for(model, target: str, device="cpu") -> Forward:
+    """The onnxruntime session computing every tensor below ``target`` (the forward values a backward pass reads)."""
+    return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
+
+
+def instances_per_batch(model, target: str, most: int, backend) -> int:
+    """How many instances one backward pass to ``target`` takes: at most ``most``, fewer where a quarter of the
+    memory left (``backend.free_bytes``) cannot hold them. A quarter: the report runs two passes at once.
+
+    Per instance the pass holds every forward value below ``target`` (float32 from onnxruntime, then a float64
+    copy) and the gradients, plus temporaries of the size of the largest tensor: VGG19 at 224 needs about
+    700 MB per instance, so a fixed batch of 16 ran a 24 GB machine out of memory.
+    """
+    sizes = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
+             if o and o in model.shapes]
+    per_instance = 16 * sum(sizes) + 64 * max(sizes, default=0)
+    return int(max(1, min(most, backend.free_bytes() // 4 // max(per_instance, 1))))
+
+
+def _none_added(grad):
+    return array_module(grad).zeros(len(grad))
+
+
+def _on(grad, constant):
+    """A constant (NumPy, from the model) as float64 on the array module of ``grad``."""
+    return array_module(grad).asarray(constant, dtype=np.float64)
+
+
+# ---- the rules: (node, inputs, output, grad, rule) -> ([input grads], bias added [M]) ----------------
+def _conv(node, ins, is_data, out, grad, rule):
+    x, w = ins[0], _on(grad, ins[1])
+    attrs = attributes(node)
+    gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]), x.shape)
+    has_bias = len(ins) > 2 and ins[2] is not None
+    added = array_module(grad).einsum("mkhw,k->m", grad, _on(grad, ins[2])) if has_bias else _none_added(grad)
+    return [gx, None, None][: len(ins)], added
+
+
+def _avgpool(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    window = Window.of(attributes(node), x.shape[2:])
+    weight = array_module(grad).full((x.shape[1], 1, *window.kernel), 1.0 / np.prod(window.kernel))  # interior windows
+    return [_transposed(grad, weight, x.shape[1], window, x.shape)], _none_added(grad)
+
+
+def _transposed(grad, w, groups, window: Window, x_shape):
+    """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution.
+
+    Per group one batched GEMM gives every kernel tap's contribution, which is then added at its strided place.
+    """
+    kernel, begin = window.kernel, window.begin
+    xp = array_module(grad)
+    m, c_in, h, wd = x_shape
+    qh, qw = grad.shape[2:]
+    padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))))
+    k_out, cig = w.shape[:2]
+    kog = k_out // groups
+    for g in range(groups):
+        gout = grad[:, g * kog : (g + 1) * kog].reshape(m, kog, qh * qw)
+        taps = w[g * kog : (g + 1) * kog].transpose(2, 3, 1, 0).reshape(-1, kog)  # [kh*kw*C_in/g, K/g]
+        contrib = xp.matmul(taps, gout).reshape(m, kernel[0], kernel[1], cig, qh, qw)
+        target = padded[:, g * cig : (g + 1) * cig]
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                _tap(target, i, j, window, (qh, qw))[...] += contrib[:, i, j]
+    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+
+
+def _padded_size(size, window: Window, out_size) -> tuple[int, int]:
+    """The padded input extent (per axis) that holds every window of the output, ceil_mode's extra ones included."""
+    return tuple(max(n + b + e, span + s * (q - 1))
+                 for n, b, e, span, s, q in zip(size, window.begin, window.end, window.span, window.strides, out_size))
+
+
+def _tap(array, i, j, window: Window, out_size):
+    """The strided view [.., Qh, Qw] of a padded ``array`` that kernel tap (i, j) of every window reads."""
+    (dy, dx), (sy, sx) = window.dilations, window.strides
+    y, x = i * dy, j * dx
+    return array[..., y : y + sy * (out_size[0] - 1) + 1 : sy, x : x + sx * (out_size[1] - 1) + 1 : sx]
+
+
+def _relu(node, ins, is_data, out, grad, rule):
+    return [grad * (ins[0] > 0) if rule == "local" else array_module(grad).maximum(grad, 0)], _none_added(grad)
+
+
+def _slope(derivative):
+    """An elementwise op whose local linearization is its slope at the forward value (bias: the offset)."""
+
+    def step(node, ins, is_data, out, grad, rule):
+        d = array_module(grad).broadcast_to(derivative(array_module(grad), node, ins, out), out.shape)
+        offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
+        return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+    return step
+
+
+def _leaky(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, attributes(node).get("alpha", 0.01))
+
+
+def _prelu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, xp.asarray(ins[1], np.float64))
+
+
+def _clip_slope(xp, node, ins, out):
+    return (out == ins[0]).astype(np.float64)
+
+
+def _hard_sigmoid(xp, node, ins, out):
+    attrs = attributes(node)
+    inner = attrs.get("alpha", 0.2) * ins[0] + attrs.get("beta", 0.5)
+    return xp.where((inner > 0) & (inner < 1), attrs.get("alpha", 0.2), 0.0)
+
+
+def _hard_swish(xp, node, ins, out):
+    x = ins[0]
+    return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, x / 3 + 0.5))
+
+
+def _elu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, out + attributes(node).get("alpha", 1.0))
+
+
+def _selu(xp, node, ins, out):
+    attrs = attributes(node)
+    alpha, gamma = attrs.get("alpha", 1.67326319217681884765625), attrs.get("gamma", 1.05070102214813232421875)
+    return xp.where(ins[0] > 0, gamma, out + gamma * alpha)
+
+
+def _celu(xp, node, ins, out):
+    return xp.where(ins[0] > 0, 1.0, out / attributes(node).get("alpha", 1.0) + 1)
+
+
+def _gelu(xp, node, ins, out):
+    """x * Phi(x): Phi read off the forward value (out / x; NumPy has no erf), or the tanh form's own slope."""
+    x = ins[0]
+    if attributes(node).get("approximate", "none") == "tanh":
+        k = np.sqrt(2 / np.pi)
+        t = xp.tanh(k * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+    small = xp.abs(x) < 1e-6
+    phi = xp.where(small, 0.5, out / xp.where(small, 1.0, x))
+    return phi + x * xp.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)
+
+
+def _mish(xp, node, ins, out):
+    x = ins[0]
+    t = xp.tanh(xp.logaddexp(0, x))  # tanh(softplus(x))
+    return t + x * (1 - t**2) / (1 + xp.exp(-x))
+
+
+def _lrn(node, ins, is_data, out, grad, rule):
+    """LRN's linearization at the instance: its Jacobian across the channel window (vector-Jacobian product),
+    with the offset ``out - J x`` as the bias it adds, so that the local identity stays exact.
+
+    y_c = x_c d_c^-b with d_c = bias + a/n S_c and S_c the sum of x^2 over channels [c - lo, c + hi]."""
+    x = ins[0]
+    attrs = attributes(node)
+    size, alpha, beta, bias = int(attrs["size"]), attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    lo, hi = (size - 1) // 2, size // 2  # floor and ceil of (size - 1) / 2
+    squares = _channel_window_sum(x**2, lo, hi)
+    d = bias + alpha / size * squares
+    scale = d**-beta  # y = x * scale
+    coupling = 2 * alpha * beta / size * x * scale / d  # -dy_c/dx_c' = coupling_c * x_c' for c' in c's window
+    gx = grad * scale - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
+    offset = coupling * squares  # out - J x
+    return [gx], (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+
+def _channel_window_sum(a, lo, hi):
+    """``sum(a[:, c - lo : c + hi + 1])`` for every channel c (zeros beyond the edges): one shifted add per offset."""
+    xp = array_module(a)
+    channels = a.shape[1]
+    padded = xp.concatenate([xp.zeros_like(a[:, :lo]), a, xp.zeros_like(a[:, :hi])], axis=1)
+    total = padded[:, : channels].copy()
+    for t in range(1, lo + hi + 1):
+        total += padded[:, t : t + channels]
+    return total
+
+
+def _maxpool(node, ins, is_data, out, grad, rule):
+    """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
+    forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
+    stack of windows and no scatter with repeated indices."""
+    x, xp = ins[0], array_module(grad)
+    window = Window.of(attributes(node), x.shape[2:])
+    kernel, begin = window.kernel, window.begin
+    m, c, h, w = x.shape
+    qh, qw = out.shape[2:]
+    padded = xp.full((m, c, *_padded_size((h, w), window, (qh, qw))), -np.inf)
+    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
+    gpad, claimed = xp.zeros_like(padded), xp.zeros(out.shape, bool)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            hit = _tap(padded, i, j, window, (qh, qw)) == out
+            hit &= ~claimed  # ties: the first maximum only
+            claimed |= hit
+            _tap(gpad, i, j, window, (qh, qw))[...] += grad * hit
+    return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
+
+
+def _global_pool(node, ins, is_data, out, grad, rule):
+    x, xp = ins[0], array_module(grad)
+    if node.op_type == "GlobalAveragePool":
+        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
+    flat = x.reshape(*x.shape[:2], -1)
+    g = xp.zeros_like(flat)
+    m, c = xp.indices(flat.shape[:2])
+    g[m, c, xp.argmax(flat, axis=2)] = grad.reshape(*grad.shape[:2])  # the first maximum
+    return [g.reshape(x.shape)], _none_added(grad)
+
+
+def _batchnorm(node, ins, is_data, out, grad, rule):
+    gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
+    scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
+    shift = beta - mean * scale
+    return [grad * scale[:, None, None]], array_module(grad).einsum("mkhw,k->m", grad, shift)
+
+
+def _reduce_to(grad, shape):
+    """Sum a broadcast gradient back to an input's shape (per instance: the batch axis is kept)."""
+    shape = (1,) * (grad.ndim - len(shape)) + tuple(shape)
+    axes = tuple(a for a in range(1, grad.ndim) if shape[a] == 1 and grad.shape[a] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def _add_sub(node, ins, is_data, out, grad, rule):
+    sign = -1.0 if node.op_type == "Sub" else 1.0
+    grads, added = [], _none_added(grad)
+    for index, (x, data) in enumerate(zip(ins, is_data)):
+        factor = sign if index == 1 else 1.0
+        if data:  # a forward value, batched over instances
+            grads.append(_reduce_to(factor * grad, x.shape))
+        else:  # a constant
+            grads.append(None)
+            added = added + (factor * grad * _on(grad, x)).reshape(len(grad), -1).sum(axis=1)
+    return grads, added
+
+
+def _mul_div(node, ins, is_data, out, grad, rule):
+    a, b = ins
+    data = is_data
+    if all(data):
+        return _product_of_maps(node, a, b, grad)
+    const = _on(grad, b if data[0] else a)
+    factor = 1.0 / const if node.op_type == "Div" else const
+    x = a if data[0] else b
+    g = _reduce_to(grad * factor, x.shape)
+    return ([g, None] if data[0] else [None, g]), _none_added(grad)
+
+
+def _product_of_maps(node, a, b, grad):
+    """Two data inputs: a gate (the input broadcast over the other, e.g. squeeze-and-excitation) is held at
+    its value for the instance; equal shapes (SiLU as x * sigmoid(x)) take the product rule, whose tangent
+    plane ``a*b ~ b*da + a*db - a*b`` is exact at the instance."""
+    if node.op_type == "Div":
+        raise FdsubError(f"local mode does not support a division of two feature maps (node {node.name!r})")
+    if a.size != b.size:
+        gate_is_b = b.size < a.size
+        held = b if gate_is_b else a
+        x = a if gate_is_b else b
+        g = _reduce_to(grad * held, x.shape)
+        return ([g, None] if gate_is_b else [None, g]), _none_added(grad)
+    return [grad * b, grad * a], -(grad * a * b).reshape(len(grad), -1).sum(axis=1)
+
+
+def _reshape_like(node, ins, is_data, out, grad, rule):
+    return [grad.reshape(ins[0].shape)] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _transpose(node, ins, is_data, out, grad, rule):
+    perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
+    return [array_module(grad).transpose(grad, tuple(np.argsort(perm)))], _none_added(grad)
+
+
+def _concat(node, ins, is_data, out, grad, rule):
+    axis = attributes(node)["axis"] % grad.ndim
+    cuts = np.cumsum([x.shape[axis] for x in ins])[:-1]
+    return list(array_module(grad).split(grad, cuts.tolist(), axis=axis)), _none_added(grad)
+
+
+def _gemm(node, ins, is_data, out, grad, rule):
+    attrs = attributes(node)
+    matrix = _on(grad, ins[1])
+    matrix = matrix.T if attrs.get("transB", 0) else matrix
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        raise FdsubError("local mode does not support Gemm with transA=1")
+    alpha = attrs.get("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    g2 = grad.reshape(len(grad), -1)
+    added = _none_added(grad)
+    if node.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
+        added = (g2 * attrs.get("beta", 1.0) * _on(grad, ins[2]).reshape(1, -1)).sum(axis=1)
+    return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
+
+
+def _pad(node, ins, is_data, out, grad, rule):
+    x = ins[0]
+    attrs = attributes(node)
+    pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64)
+    if (pads < 0).any() or (len(ins) > 3 and ins[3] is not None) or attrs.get("mode", "constant") != "constant":
+        raise FdsubError("local mode supports constant Pad with non-negative pads on every axis only")
+    index = tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(x.ndim))
+    value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and np.size(ins[2]) else 0.0
+    ring = grad.copy()
+    ring[index] = 0
+    return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
+
+
+def _identity(node, ins, is_data, out, grad, rule):
+    return [grad] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+BACKWARD = {
+    "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool, "GlobalAveragePool": _global_pool,
+    "GlobalMaxPool": _global_pool, "BatchNormalization": _batchnorm, "Add": _add_sub, "Sub": _add_sub,
+    "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
+    "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
+    "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+    "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
+    "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
+    "Sigmoid": _slope(lambda xp, node, ins, out: out * (1 - out)), "Tanh": _slope(lambda xp, node, ins, out: 1 - out**2),
+    "Softplus": _slope(lambda xp, node, ins, out: 1 / (1 + xp.exp(-ins[0]))),
+    "Selu": _slope(_selu), "Celu": _slope(_celu), "Gelu": _slope(_gelu), "Mish": _slope(_mish), "LRN": _lrn,
+}

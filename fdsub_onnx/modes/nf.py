@@ -1,0 +1,74 @@
+"""The Neuron Feature comparator (Rafegas et al. 2020): the activation-weighted mean of a neuron's top-N patches.
+
+A patch is the receptive-field window of an instance (image, output position) cut from its image.
+Instance n weighs ``w_n = max(activation, 0)``: a negative activation is not evidence of what the neuron
+responds to, so it must not pull the mean (nor flip its sign); a neuron whose weights are all 0 falls back
+to equal weights. Windows reaching past the image border are not zero-filled: each pixel is averaged over
+the instances whose window holds it inside the image (weighted denominator per pixel); a pixel outside
+the image for every instance, or covered only by instances of weight 0, is 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data.topn import TopN, instance_weights
+from .result import Decoded
+from ..compose.inspect import layer_geometry
+from ..data.images import read_indices
+from ..errors import FdsubError
+from ..graph.model import Model
+
+
+def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None) -> Decoded:
+    """The Neuron Feature of each neuron of ``top`` (from ``capture_top``) as a ``Decoded`` of mode "nf".
+
+    ``filters[k]`` [C, R_y, R_x] is the weighted mean patch of neuron ``top.neurons[k]`` (see the module
+    docstring for weights and the border rule); ``bias`` is zero. ``images`` must be the set ``top`` was
+    captured on; only the images that hold an instance are read, in source order, at most ``batch_size``
+    at a time. ``progress(done, total)`` counts those images.
+
+    >>> nf = neuron_feature(model, capture_top(model, "conv3", images, top=50), images)   # doctest: +SKIP
+    >>> nf.filters.shape                                                                 # doctest: +SKIP
+    (64, 3, 18, 18)
+    """
+    geom = layer_geometry(model, top.layer)
+    if len(images) != len(top.sources):
+        raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "
+                         f"the image set has {len(images)}; give the images it was captured on")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise FdsubError(f"batch_size must be a positive integer, got {batch_size!r}")
+    weights = instance_weights(top)
+    k_neurons, c = top.values.shape[0], int(model.input_shape[1])
+    ry, rx = geom.rf
+    corners = geom.corner(top.position)  # [K, N, 2]
+    total = np.zeros((k_neurons, c, ry, rx), np.float64)
+    mass = np.zeros((k_neurons, ry, rx), np.float64)
+    rows, cols = np.nonzero(top.image_index >= 0)
+    order = np.argsort(top.image_index[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    image = top.image_index[rows, cols]
+    if image.size and image[-1] >= len(images):
+        raise FdsubError(f"the top-N result refers to image {int(image[-1])} but the image set has {len(images)}")
+    needed = np.unique(image)
+    done = 0
+    if progress is not None:
+        progress(done, len(needed))
+    for first, batch in read_indices(images, needed, batch_size):
+        lo, hi = np.searchsorted(image, [first, first + len(batch)])
+        h, w = batch.shape[2:]
+        for k, n, i in zip(rows[lo:hi], cols[lo:hi], image[lo:hi]):
+            y0, x0 = (int(v) for v in corners[k, n])
+            ya, yb, xa, xb = max(y0, 0), min(y0 + ry, h), max(x0, 0), min(x0 + rx, w)
+            if ya >= yb or xa >= xb:
+                continue  # the window misses the image entirely
+            inside = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+            total[k][(slice(None), *inside)] += weights[k, n] * batch[i - first, :, ya:yb, xa:xb]
+            mass[k][inside] += weights[k, n]
+        done += int(np.count_nonzero((needed >= first) & (needed < first + len(batch))))
+        if progress is not None:
+            progress(done, len(needed))
+    filters = np.divide(total, mass[:, None], out=np.zeros_like(total), where=mass[:, None] > 0)
+    return Decoded(filters.astype(np.float32), np.zeros(k_neurons, np.float32), np.asarray(top.neurons, np.int64),
+                   geom.stride, geom.origin, top.layer, "nf")
+

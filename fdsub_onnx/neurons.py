@@ -1,0 +1,58 @@
+"""The neuron selector, documented once and accepted everywhere.
+
+A selector is ``None`` (all neurons), an int, an iterable of ints, a ``slice``, or a
+string such as ``"0,5,10-20"`` (ranges inclusive). Order is kept, duplicates dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import FdsubError
+
+
+def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
+    """The selected neuron indices as an int64 array, checked against ``channels``."""
+    if selector is None:
+        return np.arange(channels, dtype=np.int64)
+    if isinstance(selector, slice):
+        picked = list(range(channels))[selector]
+    elif isinstance(selector, (int, np.integer)):
+        picked = [int(selector)]
+    elif isinstance(selector, str):
+        picked = _parse_spec(selector)
+    else:
+        picked = [_index(v, selector) for v in selector]
+    picked = list(dict.fromkeys(picked))
+    where = f"layer {layer!r}" if layer else "the layer"
+    if not picked:
+        raise FdsubError(f"no neurons selected; {where} has neurons 0-{channels - 1}")
+    bad = [n for n in picked if not 0 <= n < channels]
+    if bad:
+        raise FdsubError(f"neuron {bad[0]} is out of range: {where} has {channels} neurons (0-{channels - 1})")
+    return np.asarray(picked, dtype=np.int64)
+
+
+def _index(value, selector) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise FdsubError(f"neuron indices must be integers, got {value!r} in {selector!r}")
+    return int(value)
+
+
+def _parse_spec(spec: str) -> list[int]:
+    picked = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                cut = part.index("-", 1)
+                lo, hi = int(part[:cut]), int(part[cut + 1 :])
+                if hi < lo:
+                    raise ValueError
+                picked.extend(range(lo, hi + 1))
+            else:
+                picked.append(int(part))
+        except ValueError:
+            raise FdsubError(f"cannot read neuron selector {spec!r} at {part!r}; write it like 0,5,10-20") from None
+    return picked

@@ -1,0 +1,1 @@
+"""Presentation: filter grids, saved results, the HTML report and JUnit XML; renders, computes nothing."""

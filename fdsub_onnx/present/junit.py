@@ -1,0 +1,71 @@
+"""JUnit XML of ``check`` results, for CI systems: one testsuite per model, one testcase per check."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from ..data.files import write_file_atomically
+from ..errors import FdsubError
+from ..evaluate.check import FAIL, SKIP, CheckReport
+
+
+def junit_suite(report: CheckReport | None, name: str, error: str | None = None,
+                seconds: float | None = None) -> ET.Element:
+    """One ``<testsuite>``: a ``<testcase>`` per check (``<failure>``, ``<skipped>``), or one erroring ``load``.
+
+    ``seconds`` is the suite's time (default: the report's).
+    """
+    suite = ET.Element("testsuite", name=name)
+    classname = f"fdsub.check.{name}"
+    if report is None:
+        seconds = seconds or 0.0
+        case = ET.SubElement(suite, "testcase", classname=classname, name="load", time=f"{seconds:.3f}")
+        ET.SubElement(case, "error", message=error or "could not run", type="FdsubError").text = error
+        counts = {"tests": 1, "failures": 0, "errors": 1, "skipped": 0}
+    else:
+        props = ET.SubElement(suite, "properties")
+        for key, value in (("model", report.model), ("coverage", f"{report.coverage:.4f}"),
+                           ("layers", report.layers), ("decodable", report.decodable),
+                           ("sampled", ",".join(report.sampled))):
+            ET.SubElement(props, "property", name=key, value=str(value))
+        for c in report.checks:
+            case = ET.SubElement(suite, "testcase", classname=classname, name=c.name, time=f"{c.seconds:.3f}")
+            text = "\n".join([c.summary, *c.details])
+            if c.status == FAIL:
+                ET.SubElement(case, "failure", message=c.summary, type="CheckFailed").text = text
+            elif c.status == SKIP:
+                ET.SubElement(case, "skipped", message=c.summary)
+            else:
+                ET.SubElement(case, "system-out").text = text
+        seconds = report.seconds if seconds is None else seconds
+        counts = {"tests": len(report.checks), "failures": sum(c.status == FAIL for c in report.checks),
+                  "errors": 0, "skipped": sum(c.status == SKIP for c in report.checks)}
+    for key, value in counts.items():
+        suite.set(key, str(value))
+    suite.set("time", f"{seconds:.3f}")
+    return suite
+
+
+def junit_document(suites: list[ET.Element], name: str) -> ET.ElementTree:
+    """``<testsuites>`` around ``suites``, with their totals."""
+    root = ET.Element("testsuites", name=name)
+    for key in ("tests", "failures", "errors", "skipped"):
+        root.set(key, str(sum(int(s.get(key, "0")) for s in suites)))
+    root.set("time", f"{sum(float(s.get('time', '0')) for s in suites):.3f}")
+    root.extend(suites)
+    return ET.ElementTree(root)
+
+
+def check_junit_path(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a JUnit report path that names a folder."""
+    if Path(path).is_dir():
+        raise FdsubError(f"--junit {path} is a folder; give a file name such as {Path(path) / 'fdsub-check.xml'}")
+
+
+def write_junit(tree: ET.ElementTree, path: str | os.PathLike) -> Path:
+    """Write ``tree`` to ``path`` atomically: a temporary file beside it, moved into place once complete."""
+    check_junit_path(path)
+    ET.indent(tree)
+    return write_file_atomically(path, lambda f: tree.write(f, encoding="utf-8", xml_declaration=True))

@@ -1,0 +1,79 @@
+"""Saving decode results: decoded.npz and filters.png, alone or with the instances they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..data.files import write_atomically
+from ..data.topn import TopN, top_files
+from .render import filter_grid
+
+NPZ_NAME = "decoded.npz"
+PNG_NAME = "filters.png"
+
+
+def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``out_dir/decoded.npz`` and ``out_dir/filters.png``; return their paths.
+
+    The npz holds ``filters`` [K, C, R_y, R_x], ``bias`` [K], ``neurons`` [K] (int64),
+    ``stride`` and ``origin`` (int64 [2]), ``layer`` and ``mode`` (str); it loads with
+    plain ``np.load``. Both files are written into a temporary folder beside ``out_dir``
+    and moved into place with ``os.replace`` once complete: ``out_dir`` is created only
+    then, files already in it are kept, and a failure leaves nothing behind.
+    """
+    return write_atomically(out_dir, *decoded_files(decoded))
+
+
+def decoded_files(decoded) -> tuple[list[str], Callable[[Path], None]]:
+    """The names ``save_decoded`` writes and the writer that makes them in a folder (to combine with other results)."""
+    arrays = decoded_arrays(decoded)
+    image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
+
+    def write(folder: Path) -> None:
+        with open(folder / NPZ_NAME, "wb") as f:
+            np.savez(f, **arrays)
+        image.save(folder / PNG_NAME, format="PNG")
+
+    return [NPZ_NAME, PNG_NAME], write
+
+
+def decoded_arrays(decoded) -> dict[str, np.ndarray]:
+    """The npz contract's arrays, keyed by name, from a ``Decoded``."""
+    return {
+        "filters": np.ascontiguousarray(decoded.filters),
+        "bias": np.ascontiguousarray(decoded.bias),
+        "neurons": np.asarray(decoded.neurons, dtype=np.int64),
+        "stride": np.asarray(decoded.stride, dtype=np.int64).reshape(2),
+        "origin": np.asarray(decoded.origin, dtype=np.int64).reshape(2),
+        "layer": np.asarray(str(decoded.layer)),
+        "mode": np.asarray(str(decoded.mode)),
+    } | ({} if getattr(decoded, "instance_filters", None) is None else {
+        "instance_filters": np.ascontiguousarray(decoded.instance_filters),
+        "instance_bias": np.ascontiguousarray(decoded.instance_bias),
+    })
+
+
+def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
+    """Write a data-driven result (decoded.npz, filters.png) with its instances (top.npz, top.json), atomically."""
+    decoded_names, write_decoded = decoded_files(decoded)
+    top_names, write_top = top_files(top)
+
+    def write(folder: Path) -> None:
+        write_decoded(folder)
+        write_top(folder)
+
+    return write_atomically(out_dir, decoded_names + top_names, write)
+
+
+FIDELITY_JSON = "fidelity.json"
+
+
+def save_fidelity(result: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``out_dir/fidelity.json`` (``fidelity``'s result) atomically; return its path."""
+    return write_atomically(out_dir, [FIDELITY_JSON],
+                            lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))

@@ -1,0 +1,71 @@
+"""The onnxruntime wrapper every data path shares: one session computing several tensors at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..compose.backend import CPU, resolve_device
+from ..errors import FdsubError
+from ..graph.model import Model
+from ..graph.prune import pruned
+
+class Forward:
+    """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
+    the batch size (then one image at a time)."""
+
+    def __init__(self, model: Model, names: list[str], device="cpu"):
+        self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
+        self.session, self.batched, self.checked = None, False, False
+        providers = resolve_device(device).providers
+        if self.names:
+            try:
+                self.session, self.batched = session(pruned(model.proto, self.names, model.input_name, batch="N"), providers), True
+            except FdsubError:
+                self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers)
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Each tensor for the batch (and the batch itself, under the input's name)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        outs = self._batched(batch) if self.batched and len(batch) > 1 else None
+        if outs is None and not self.names:
+            outs = []
+        elif outs is None:
+            runs = [self._run(batch[i : i + 1]) for i in range(len(batch))]
+            outs = [np.concatenate([r[j] for r in runs]) for j in range(len(self.names))]
+        values = dict(zip(self.names, outs))
+        values[self.input] = batch
+        return values
+
+    def _batched(self, batch):
+        """A batched run, checked once against a run of its first image alone; None (and one image at a time
+        from then on) where the graph fixes the batch size, e.g. a Reshape to [1, -1]."""
+        try:
+            outs = self._run(batch)
+        except FdsubError:
+            outs = None
+        if outs is not None and all(o.shape[:1] == (len(batch),) for o in outs):
+            if self.checked or all(np.allclose(o[:1], one, rtol=1e-4, atol=1e-5)
+                                   for o, one in zip(outs, self._run(batch[:1]))):
+                self.checked = True
+                return outs
+        self.batched = False
+        return None
+
+    def _run(self, batch):
+        try:
+            return self.session.run(self.names, {self.input: batch})
+        except Exception as exc:
+            raise FdsubError(f"onnxruntime failed on {', '.join(map(repr, self.names[:3]))}: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def session(proto: onnx.ModelProto, providers=CPU.providers):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:
+        raise FdsubError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
