@@ -9,7 +9,7 @@ DEMO_OUT := demo-out
 # demo-model only: a Python with torch==2.13.0 (see models/train_demo.py); never needed by fdsub itself.
 TORCH_PYTHON ?= /tmp/bench/bin/python
 
-.PHONY: install chromium test test-gpu demo demo-model clean
+.PHONY: install chromium lint test test-gpu demo demo-model clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[cpu,test]"
 	touch $(STAMP)
 
-# Best effort: headless Chromium for the report's browser test (tests/test_report.py skips, with the
+# Best effort: headless Chromium for the report's browser test (tests/present/test_report.py skips, with the
 # reason, where it is missing). Installed with apt when this runs as root on Debian/Ubuntu.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
@@ -30,7 +30,12 @@ chromium:
 	               && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } \
 	|| echo "note: chromium not installed (needs root and apt-get); the browser test of the report will be skipped"
 
-test: install chromium
+# ruff (rules in pyproject.toml) and the one-way import contract (import-linter; docs/architecture.md)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+
+test: install chromium lint
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: the gpu extra (onnxruntime-gpu, CuPy) in its own venv, then the GPU tests.
@@ -38,7 +43,7 @@ test: install chromium
 test-gpu:
 	$(PYTHON) -m venv .venv-gpu
 	.venv-gpu/bin/python -m pip install -e ".[gpu,test]"
-	.venv-gpu/bin/python -m pytest -q -rs tests/test_gpu.py
+	.venv-gpu/bin/python -m pytest -q -rs tests/compose/test_gpu.py
 
 demo: install
 	$(BIN)/fdsub inspect $(DEMO_MODEL)

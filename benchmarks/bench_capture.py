@@ -22,13 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 import fdsub_onnx as fd
-from fdsub_onnx.graph.prune import pruned
-from fdsub_onnx.runtime.session import session
 from fdsub_onnx.evaluate.zoo import light_path, randomized
+from fdsub_onnx.graph.prune import pruned
+from fdsub_onnx.runtime.session import session as ort_session
 
 
 def plain(model, layer, images, batch):
-    session = session(pruned(model.proto, layer, model.input_name, batch="N"))
+    session = ort_session(pruned(model.proto, layer, model.input_name, batch="N"))
     for start in range(0, len(images), batch):
         session.run([layer], {model.input_name: images[start : start + batch]})
 
@@ -54,7 +54,8 @@ def main():
     onnx.save(randomized(light_path("resnet50")), resnet)
     cases = [("demo", os.path.join(os.path.dirname(__file__), "..", "models", "demo.onnx"), "conv4", args.images),
              ("resnet50", resnet, "r68", args.images // 4), ("resnet50", resnet, "r168", args.images // 4)]
-    table = Table(title=f"capture_top (top {args.top}, all neurons) vs plain onnxruntime, batch {args.batch}, best of {args.repeat}")
+    table = Table(title=f"capture_top (top {args.top}, all neurons) vs plain onnxruntime, batch {args.batch}, "
+                        f"best of {args.repeat}")
     for column in ("model", "layer", "images", "plain ORT (s)", "capture (s)", "images/s", "overhead"):
         table.add_column(column, justify="left" if column in ("model", "layer") else "right")
     rng = np.random.default_rng(0)
@@ -64,7 +65,8 @@ def main():
         base = best(lambda m=model, lay=layer, x=images: plain(m, lay, x, args.batch), args.repeat)
         ours = best(lambda m=model, lay=layer, x=images: fd.capture_top(m, lay, fd.ArrayImages(x), top=args.top,
                                                                         batch_size=args.batch), args.repeat)
-        table.add_row(name, layer, str(count), f"{base:.2f}", f"{ours:.2f}", f"{count / ours:.1f}", f"{ours / base:.2f}x")
+        table.add_row(name, layer, str(count), f"{base:.2f}", f"{ours:.2f}", f"{count / ours:.1f}",
+                      f"{ours / base:.2f}x")
     Console().print(table)
 
 

@@ -18,7 +18,8 @@ Run on a GPU machine (needs ``pip install -e '.[gpu,bench]'``; about 5 to 10 min
     PYTHONPATH=. python benchmarks/bench_gpu.py --threads $(nproc)   # everything, results/gpu.json
     PYTHONPATH=. python benchmarks/bench_gpu.py --parts ceilings weights --networks vgg19
     PYTHONPATH=. python benchmarks/bench_gpu.py --smoke              # tiny sizes on whatever device is there (a CPU
-                                                                     # machine too): checks the script, times nothing useful
+                                                                     # machine too): checks the script,
+                                                                     # times nothing useful
 
 Without a GPU (and without --smoke) it says so in one line and exits 2.
 """
@@ -180,7 +181,8 @@ def bench_weights(model, name: str, device: str, xp, gemm: float, cpu: bool) -> 
         reference = decode_all(model, "cpu")
         row.cpu_s = time.perf_counter() - start
         row.speedup = row.cpu_s / row.gpu_s
-        row.max_rel_err = max(float(np.abs(result[k] - v).max() / max(np.abs(v).max(), 1e-30)) for k, v in reference.items())
+        row.max_rel_err = max(float(np.abs(result[k] - v).max() / max(np.abs(v).max(), 1e-30))
+                              for k, v in reference.items())
     del result
     return row
 
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
 
     why_not = gpu_unavailable()
     if why_not and not args.smoke:
-        print(f"error: this benchmark needs a CUDA GPU ({why_not}); --smoke checks the script on a CPU", file=sys.stderr)
+        print(f"error: this benchmark needs a CUDA GPU ({why_not}); --smoke checks the script on a CPU",
+              file=sys.stderr)
         return 2
     if args.smoke:
         args.size, args.data_size, args.images, args.top, args.sample = 32, 32, 16, 4, 2
@@ -298,9 +301,9 @@ def main(argv=None) -> int:
             rows.append(bench_weights(model, name, device, xp, gemm, cpu=not args.no_cpu))
             print(f"  {name}: {rows[-1]}", file=sys.stderr)
         results["weights"] = [asdict(r) for r in rows]
-        show_table("whole-network weights decode", ["network", "layers", "neurons", "GPU fused (s)", "GPU tap by tap (s)",
-                                                     "GEMM TFLOP/s", "share of FP32 ceiling", "NumPy (s)", "speed-up",
-                                                     "max rel err"],
+        show_table("whole-network weights decode", ["network", "layers", "neurons", "GPU fused (s)",
+                                                     "GPU tap by tap (s)", "GEMM TFLOP/s", "share of FP32 ceiling",
+                                                     "NumPy (s)", "speed-up", "max rel err"],
                    [[r.network, str(r.layers), str(r.neurons), f"{r.gpu_s:.2f}", f"{r.gpu_unfused_s:.2f}",
                      f"{r.tflops:.1f}", f"{r.ceiling_share:.0%}", f"{r.cpu_s:.1f}" if r.cpu_s else "-",
                      f"{r.speedup:.1f}x" if r.speedup else "-", f"{r.max_rel_err:.1e}"] for r in rows])

@@ -44,11 +44,11 @@ _THREADS = _early_threads(sys.argv[1:])
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(_THREADS)
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import numpy as np  # noqa: E402  (after the thread variables above)
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-import fdsub_onnx as fd
+import fdsub_onnx as fd  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-3  # max relative error allowed between baseline and fdsub filters
@@ -539,9 +539,9 @@ def main(argv=None) -> int:
         )
 
     print(
-        f"fdsub: iter_decode over {len(names)} conv layers ({sum(r.channels for r in rows.values())} neurons), float32, "
-        f"{args.threads} threads (OpenBLAS kernel {openblas_core()}); baseline: {args.baseline}, {args.sample} neurons/layer; "
-        f"order {args.order}",
+        f"fdsub: iter_decode over {len(names)} conv layers ({sum(r.channels for r in rows.values())} neurons), "
+        f"float32, {args.threads} threads (OpenBLAS kernel {openblas_core()}); baseline: {args.baseline}, "
+        f"{args.sample} neurons/layer; order {args.order}",
         flush=True,
     )
     decoder = fd.iter_decode(model, layers=names, dtype="float32")
@@ -585,8 +585,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - wall
     load = {"fdsub": fd_cpu.share(), "baseline": base_cpu.share()}
     print(
-        f"wall: total {wall:.1f} s (fdsub pass {fd_cpu.wall:.1f} s, baseline measured {base_cpu.wall:.1f} s incl. warm-ups, "
-        f"model load {load_s:.2f} s, inspect {inspect_s:.2f} s); peak RSS {peak_rss:.0f} MiB"
+        f"wall: total {wall:.1f} s (fdsub pass {fd_cpu.wall:.1f} s, baseline measured {base_cpu.wall:.1f} s "
+        f"incl. warm-ups, model load {load_s:.2f} s, inspect {inspect_s:.2f} s); peak RSS {peak_rss:.0f} MiB"
     )
     print(
         f"machine load from other processes: {100 * load['fdsub']['others']:.0f}% of the CPUs during fdsub, "
@@ -595,7 +595,8 @@ def main(argv=None) -> int:
     )
     if max(v["others"] + v["steal"] for v in load.values()) > 0.10:
         print(
-            "WARNING: other processes used more than 10% of the CPUs: the timings are disturbed; rerun on a quiet machine"
+            "WARNING: other processes used more than 10% of the CPUs: the timings are disturbed; "
+            "rerun on a quiet machine"
         )
     print(
         f"overall: fdsub {total['fdsub_s']:.1f} s vs baseline {total['baseline_extrapolated_s']:.0f} s (extrapolated) "
@@ -626,7 +627,8 @@ def main(argv=None) -> int:
     if not args.no_check and total["max_rel_err"] > TOLERANCE:
         bad = [r.layer for r in ordered if max(r.max_rel_err_filter, r.max_rel_err_bias) > TOLERANCE]
         print(
-            f"FAIL: baseline gradient and fdsub filter differ by more than {TOLERANCE:g} (relative) in {', '.join(bad)}",
+            f"FAIL: baseline gradient and fdsub filter differ by more than {TOLERANCE:g} (relative) in "
+            f"{', '.join(bad)}",
             file=sys.stderr,
         )
         return 1

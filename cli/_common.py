@@ -53,7 +53,8 @@ def note_device(device) -> None:
 
 def preprocessing(preset: str, mean: str | None, std: str | None, scale: float | None, bgr: bool | None) -> dict:
     """The --preset/--mean/--std/--scale/--bgr options as keyword arguments of ``open_images``."""
-    return {"preset": preset, "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "scale": scale, "bgr": bgr}
+    return {"preset": preset, "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "scale": scale,
+            "bgr": bgr}
 
 
 def _numbers(option: str, text: str | None):
@@ -62,7 +63,8 @@ def _numbers(option: str, text: str | None):
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise FdsubError(f"{option} takes one number or one per channel, such as 0.5 or 0.485,0.456,0.406; got {text!r}") from None
+        raise FdsubError(f"{option} takes one number or one per channel, such as 0.5 or 0.485,0.456,0.406; "
+                         f"got {text!r}") from None
 
 
 def load_with_images(model: str, layer: str, images: str, prep: dict, input_shape: tuple[int, ...] | None):

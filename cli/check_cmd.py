@@ -43,7 +43,8 @@ def check(
     neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", help="Neurons decoded per layer."),
     max_rf: Optional[int] = typer.Option(
         None, "--max-rf", metavar="PX",
-        help="Without --layers: sample only layers whose receptive field is at most PX (default: any that fits the image).",
+        help="Without --layers: sample only layers whose receptive field is at most PX "
+             "(default: any that fits the image).",
     ),
     images: str = typer.Option(
         DEFAULT_IMAGES, "--images", "-i", metavar="SPEC",

@@ -24,7 +24,8 @@ def decode(
     neurons: Optional[str] = common.NEURONS,
     mode: Optional[str] = typer.Option(
         None, "--mode",
-        help="weights (data-free); fds, local or deconvnet (need --images).  [default: fds with --images, else weights]",
+        help="weights (data-free); fds, local or deconvnet (need --images).  "
+             "[default: fds with --images, else weights]",
     ),
     images: Optional[str] = typer.Option(
         None, "--images", "-i", metavar="SPEC",
@@ -70,7 +71,8 @@ def decode(
             result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device)
     folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
     with common.spinner("writing results"):
-        paths = save_decoded(result, folder) if result.instances is None else save_with_top(result, result.instances, folder)
+        paths = (save_decoded(result, folder) if result.instances is None
+                 else save_with_top(result, result.instances, folder))
     k, c, ry, rx = result.filters.shape
     sy, sx = result.stride
     typer.echo(
@@ -89,8 +91,8 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, p
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
                                              progress=progress, device=device)
         with common.spinner(f"decoding {target}"):
-            return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype, substitution=substitution,
-                                     device=device)
+            return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
+                                     substitution=substitution, device=device)
     with common.progress_bar(f"{target} top") as progress:
         instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress,
                                            device=device)

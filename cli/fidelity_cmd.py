@@ -14,7 +14,6 @@ from fdsub_onnx.cli import _common as common
 from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
 
-
 def fidelity(
     model: str = common.MODEL,
     layer: str = common.LAYER,
@@ -23,7 +22,9 @@ def fidelity(
         ..., "--holdout", metavar="SPEC", show_default=False,
         help="Held-out images the predictions are scored on (same forms as --images).",
     ),
-    top: int = typer.Option(100, "--top", help="Instances per neuron for the data modes; also the N of the top-N share."),
+    top: int = typer.Option(
+        100, "--top", help="Instances per neuron for the data modes; also the N of the top-N share.",
+    ),
     neurons: Optional[str] = common.NEURONS,
     modes: str = typer.Option(",".join(FIDELITY_MODES), "--modes", help="Decodings to compare, comma separated."),
     preset: str = common.PRESET,
@@ -46,11 +47,12 @@ def fidelity(
     held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
-        result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons, progress=progress,
-                               device=device)
+        result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
+                               progress=progress, device=device)
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
     paths = save_fidelity(result, folder)
-    table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} on {result['images']} held-out images")
+    table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} "
+                        f"on {result['images']} held-out images")
     for column in ("decoding", "mean correlation", f"mean top-{result['top']} share"):
         table.add_column(column, justify="left" if column == "decoding" else "right")
     for name, scores in result["decodings"].items():

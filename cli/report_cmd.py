@@ -22,7 +22,8 @@ def report(
         help="Layers to report (output tensor or node names).  [default: every decodable Conv layer]",
     ),
     neurons: Optional[str] = typer.Option(
-        None, "--neurons", "-n", metavar="SPEC", help="Neurons of each layer, e.g. 0-15 (indices a layer lacks are left out).  [default: all]",
+        None, "--neurons", "-n", metavar="SPEC",
+        help="Neurons of each layer, e.g. 0-15 (indices a layer lacks are left out).  [default: all]",
     ),
     top: int = typer.Option(DEFAULT_TOP, "--top", help="Instances per neuron: shown, and used by the data modes."),
     holdout: Optional[str] = typer.Option(

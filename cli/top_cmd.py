@@ -62,21 +62,25 @@ def top(
     )
     if result.skipped:
         first = ", ".join(str(s[0] if isinstance(s, list) else s) for s in result.skipped[:3])
-        typer.echo(f"  skipped {len(result.skipped)} unreadable image(s): {first}{', ...' if len(result.skipped) > 3 else ''}")
+        typer.echo(f"  skipped {len(result.skipped)} unreadable image(s): "
+                   f"{first}{', ...' if len(result.skipped) > 3 else ''}")
     for path in paths:
         typer.echo(f"  {path}")
     common.note_device(device)
 
 
 def merge(
-    parts: list[Path] = typer.Argument(..., metavar="DIR...", help="Folders written by `fdsub top --shard`.", show_default=False),
+    parts: list[Path] = typer.Argument(
+        ..., metavar="DIR...", help="Folders written by `fdsub top --shard`.", show_default=False,
+    ),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Output folder.", show_default=False),
     count: Optional[int] = typer.Option(None, "--top", help="Instances kept per neuron.  [default: as the parts]"),
 ) -> None:
     """Combine partial top-N results (shards) exactly into one; write DIR/top.npz and DIR/top.json."""
     result = merge_top([load_top(p) for p in parts], top=count)
     paths = save_top(result, out)
-    typer.echo(f"merged {len(parts)} result{'s' if len(parts) != 1 else ''} of layer {result.layer!r} over {result.images_done} images")
+    typer.echo(f"merged {len(parts)} result{'s' if len(parts) != 1 else ''} of layer {result.layer!r} "
+               f"over {result.images_done} images")
     for path in paths:
         typer.echo(f"  {path}")
 

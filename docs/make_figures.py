@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import fdsub_onnx as fd
+import fdsub_onnx as fd  # noqa: E402  (the checkout's own package)
 
 MODEL = ROOT / "models" / "demo.onnx"
 IMAGES = "builtin:glyphs:256"

@@ -237,8 +237,6 @@ class TorchModel:
     seed: int
     size: int  # input height = width
     build: Callable[[], nn.Module]
-    preset: str = "torchvision"  # zoo-modern.toml: the preprocessing its probe images get
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -249,8 +247,6 @@ class HelperModel:
     seed: int
     size: int
     build: Callable[[int, int], onnx.ModelProto]  # (seed, size) -> model
-    preset: str = "raw"
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -274,12 +270,8 @@ def torchvision_model(builder: str, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
-def _tv(name: str, seed: int, size: int = 64, note: str = "", **kwargs) -> TorchModel:
-    return TorchModel(name, seed, size, torchvision_model(name, **kwargs), note=note or _kwargs_note(kwargs))
-
-
-def _kwargs_note(kwargs: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
+def _tv(name: str, seed: int, size: int = 64, **kwargs) -> TorchModel:
+    return TorchModel(name, seed, size, torchvision_model(name, **kwargs))
 
 
 def nhwc_tf_style(seed: int, size: int) -> onnx.ModelProto:
@@ -329,20 +321,23 @@ def nhwc_tf_style(seed: int, size: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_modern_zoo")
 
 
+#: Every model with its seed. Widths are reduced only where a builder takes a width (mobilenet width_mult;
+#: MNASNet's alpha through the mnasnet0_5 builder); the others are torchvision's full networks, with 64 px
+#: inputs (inception_v3: 96) and a 10-way classifier to keep the files and the export times small.
 ZOO: tuple[TorchModel | HelperModel | QuantizedModel, ...] = (
     _tv("mobilenet_v2", 1, width_mult=0.5),
     _tv("mobilenet_v3_large", 2, width_mult=0.5),
     _tv("efficientnet_b0", 3),
     _tv("regnet_y_400mf", 4),
     _tv("shufflenet_v2_x1_0", 5),
-    _tv("mnasnet0_5", 6, note="MNASNet alpha=0.5"),
+    _tv("mnasnet0_5", 6),  # MNASNet(alpha=0.5): the builders fix alpha, mnasnet1_0 takes none
     _tv("convnext_tiny", 7),
     _tv("resnext50_32x4d", 8),
     _tv("googlenet", 9, aux_logits=False, init_weights=True),
     _tv("inception_v3", 10, size=96, aux_logits=False, init_weights=True),  # needs at least 75 px
-    TorchModel("yolo_toy", 11, 64, YoloToy, preset="raw", note="Focus, C2f (split/chunk), SPPF, PAN, Detect"),
-    TorchModel("unet_toy", 12, 64, UNetToy, preset="raw", note="ConvTranspose, bilinear and nearest Resize"),
-    HelperModel("nhwc_tf_style", 13, 64, nhwc_tf_style, note="tf2onnx-style NHWC transposes"),
+    TorchModel("yolo_toy", 11, 64, YoloToy),
+    TorchModel("unet_toy", 12, 64, UNetToy),
+    HelperModel("nhwc_tf_style", 13, 64, nhwc_tf_style),
     QuantizedModel("mobilenet_v2", "qdq", 14),
     QuantizedModel("mobilenet_v2", "qop", 14),
     QuantizedModel("mobilenet_v2", "qdyn", 14),
@@ -474,6 +469,7 @@ def quantized_jobs(spec: QuantizedModel, exporters: tuple[str, ...]) -> list[Job
     return [Job(f"{spec.source}.{spec.mode}.onnx", spec.source, make, needs=[source_file])]
 
 
+#: zoo entry type -> its jobs (each maker takes the chosen exporters; only torch models use them)
 JOB_MAKERS = {TorchModel: torch_jobs, HelperModel: helper_jobs, QuantizedModel: quantized_jobs}
 
 

@@ -1,4 +1,4 @@
-"""Shared pytest setup: `import netgen` from the tests folder, a model loader, hypothesis profiles.
+"""Shared pytest setup: `import netgen` (and the other helpers) from tests/helpers, a model loader, hypothesis profiles.
 
 Hypothesis profiles: "ci" (the default, few examples, whole suite stays fast) and "dev"
 (more examples); pick one with HYPOTHESIS_PROFILE=dev.
@@ -12,7 +12,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 

@@ -1,7 +1,7 @@
 """Array backends and devices: NumPy on the CPU, CuPy on a CUDA GPU, method for method.
 
 Arrays cross the host/device boundary only through ``asarray`` and ``to_numpy``. The op rules
-and the engine are written once against these methods (einops' backend pattern, STYLE.md); CuPy
+and the engine are written once against these methods (einops' backend pattern); CuPy
 is imported only when a GPU backend is asked for, so the CPU install never needs it.
 
 A *device* ("cpu", "gpu" or "auto") picks both the array backend of the composition and the

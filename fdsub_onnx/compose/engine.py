@@ -1,7 +1,7 @@
 """The composition engine: substitution steps on filter banks, written against a backend.
 
 A *bank* holds the decoded filters of every channel of a tensor, ``filters`` shaped
-[C, C_image, R_y, R_x], and their effective ``bias`` [C] (METHOD.md, "Composition").
+[C, C_image, R_y, R_x], and their effective ``bias`` [C] (docs/method.md, "Composition").
 Every method takes ``None`` for a bank and returns ``None``: the graph walker runs the
 same op rules for geometry alone (inspect) and for full decoding.
 """

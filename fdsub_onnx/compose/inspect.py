@@ -38,7 +38,8 @@ class Summary:
     geometries: dict[str, Geometry] = field(default_factory=dict, repr=False, compare=False)  # decodable layers'
 
     def to_json(self) -> dict:
-        return {"input": {"name": self.input_name, "shape": self.input_shape}, "layers": [asdict(layer) for layer in self.layers]}
+        return {"input": {"name": self.input_name, "shape": self.input_shape},
+                "layers": [asdict(layer) for layer in self.layers]}
 
 
 def inspect_model(model: Model) -> Summary:
@@ -76,7 +77,8 @@ def memory_problem(model, engine, targets, rows=None) -> str | None:
     return (f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
             f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
             + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
-               if engine.dtype == "float32" else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
+               if engine.dtype == "float32"
+               else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
 
 
 def _largest_rf(model, engine, targets) -> int:
@@ -88,7 +90,8 @@ def _layer(model, node, value) -> Layer:
     channels = int(shape[1]) if shape is not None and len(shape) > 1 else None
     if isinstance(value, Tensor):
         g = value.geom
-        return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf), list(g.origin), True, None)
+        return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
+                     list(g.origin), True, None)
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason)
 

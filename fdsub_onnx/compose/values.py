@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .engine import Bank
 from ..graph.geometry import Geometry, Pair
+from .engine import Bank
 
 
 @dataclass

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import NotDecodable
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
-from .values import Blocked, Const, Tensor
 from .ops import RULES
+from .values import Blocked, Const, Tensor
 
 
 class Context:

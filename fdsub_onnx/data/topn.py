@@ -49,7 +49,8 @@ class TopN:
 
 
 def instance_weights(top: TopN) -> np.ndarray:
-    """Instance weights for activation-weighted means: w = max(activation, 0) per filled slot (NaN and unfilled: 0); equal weights for a neuron whose are all 0."""
+    """Instance weights for activation-weighted means: w = max(activation, 0) per filled slot (NaN and unfilled: 0);
+    equal weights for a neuron whose are all 0."""
     filled = top.image_index >= 0
     weights = np.where(filled & (top.values > 0), top.values, 0).astype(np.float64)
     zero = weights.sum(axis=1) == 0
@@ -139,9 +140,11 @@ def load_top(path: str | os.PathLike) -> TopN:
     except FdsubError:
         raise
     except FileNotFoundError as exc:
-        raise FdsubError(f"no top-N result at {path}: {exc.filename} is missing; give a folder written by `fdsub top`") from None
+        raise FdsubError(f"no top-N result at {path}: {exc.filename} is missing; "
+                         "give a folder written by `fdsub top`") from None
     except (OSError, ValueError, EOFError) as exc:
-        raise FdsubError(f"cannot read the top-N result at {path} ({type(exc).__name__}); give a folder written by `fdsub top`") from None
+        raise FdsubError(f"cannot read the top-N result at {path} ({type(exc).__name__}); "
+                         "give a folder written by `fdsub top`") from None
     return _checked(arrays, sidecar, path)
 
 
@@ -152,7 +155,8 @@ def _checked(arrays: dict, sidecar, path) -> TopN:
     good = (values.ndim == 2 and image.shape == (k, n) and position.shape == (k, n, 2) and neurons.shape == (k,)
             and values.dtype.kind == "f" and all(a.dtype.kind in "iu" for a in (image, position, neurons)))
     if not good or not isinstance(sidecar, dict) or not isinstance(sidecar.get("sources"), list):
-        raise FdsubError(f"{path} holds a malformed top-N result (shapes values {values.shape}, image_index {image.shape}, position {position.shape}, neurons {neurons.shape})")
+        raise FdsubError(f"{path} holds a malformed top-N result (shapes values {values.shape}, "
+                         f"image_index {image.shape}, position {position.shape}, neurons {neurons.shape})")
     layer = str(arrays["layer"])
     if sidecar.get("layer", layer) != layer:
         raise FdsubError(f"{path}: top.npz is for layer {layer!r} but top.json for {sidecar.get('layer')!r}")
@@ -183,6 +187,7 @@ def resume(path: Path, signature: dict, fresh: TopN) -> TopN:
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise FdsubError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over") from None
     if meta.get("signature") != signature:
-        raise FdsubError(f"checkpoint {path} belongs to a different run (other model, layer, neurons, images or options); delete it to start over")
+        raise FdsubError(f"checkpoint {path} belongs to a different run "
+                         "(other model, layer, neurons, images or options); delete it to start over")
     sidecar = dict(meta["sidecar"], sources=fresh.sources)
     return _checked(arrays, sidecar, path)

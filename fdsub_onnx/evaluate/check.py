@@ -6,7 +6,7 @@ Checks, each bounded in time by the layers and neurons it samples:
 - ``expected-layers`` (only when asked): the decodable layers are the expected count, or include the
   expected names.
 - ``finite-weights``: no NaN or Inf in any float constant of the model (initializers, Constant nodes).
-- ``identity``: the `weights` identity of METHOD.md on the sampled layers. Filters decoded from the model
+- ``identity``: the `weights` identity of docs/method.md on the sampled layers. Filters decoded from the model
   in ``weights`` mode must predict the activations of its *linearized* copy (``_linearize``), computed
   with onnxruntime on random images: ``max |<D, patch> + beta - act| <= tolerance * max |act|`` on every
   interior output position of the sampled neurons.
@@ -22,24 +22,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..runtime.session import Forward
-from ..graph.prune import pruned
 from ..compose.inspect import Summary, inspect_model
-from ..modes.decode import decode
-from ..graph.model import find_layer
-from ..errors import FdsubError
 from ..data.images import open_images
-from ..data.files import write_file_atomically
+from ..errors import FdsubError
+from ..graph.model import Model, find_layer, load_model
+from ..graph.prune import pruned
+from ..modes.decode import decode
+from ..runtime.session import Forward
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
-from ..graph.model import Model, load_model
 
 DEFAULT_IMAGES = "builtin:blobs:32"
 PASS, FAIL, SKIP = "pass", "fail", "skip"

@@ -20,7 +20,7 @@ from ..data.topn import TopN, rows_of
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.decode import iter_decode, leaf_rows
-from ..modes.fds import gather_statistics, parse_select
+from ..modes.fds import gather_statistics
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
@@ -130,7 +130,8 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
         target = find_layer(model, name).output[0]
         layer = listed.get(target)
         if layer is None:
-            raise FdsubError(f"{name!r} is not a layer (Conv, pooling, Gemm or MatMul output); `fdsub inspect` lists them")
+            raise FdsubError(f"{name!r} is not a layer (Conv, pooling, Gemm or MatMul output); "
+                             "`fdsub inspect` lists them")
         if not layer.decodable:
             raise FdsubError(f"layer {target!r} is not decodable: {layer.reason}")
         if len(model.shapes.get(target, ())) != 4:

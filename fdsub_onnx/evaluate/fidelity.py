@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compose.backend import resolve_device
-from ..runtime.session import Forward
 from ..errors import FdsubError
+from ..runtime.session import Forward
 from .predict import predict
 
 
@@ -25,7 +24,8 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
     layer, neurons = first.layer, np.asarray(first.neurons)
     for name, decoded in decodings.items():
         if decoded.layer != layer or not np.array_equal(decoded.neurons, neurons):
-            raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; measure one layer at a time")
+            raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; "
+                             "measure one layer at a time")
     shape = model.shapes[layer]
     run = Forward(model, [layer], device)
     out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)

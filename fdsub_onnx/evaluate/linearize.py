@@ -1,4 +1,4 @@
-"""The `weights` identity of METHOD.md as a self-test: a linearized copy of a model, and the identity's error.
+"""The `weights` identity of docs/method.md as a self-test: a linearized copy of a model, and the identity's error.
 
 ``weights`` mode reads every elementwise nonlinearity as the identity and MaxPool as an average
 over its window. ``linearized`` builds the ONNX model that reading describes (the same rules, taken
@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import FdsubError
-from .predict import predict
 from ..compose.ops import RULES
 from ..compose.ops.op_arithmetic import GATES
 from ..compose.ops.op_elementwise import Identity
+from ..errors import FdsubError
+from .predict import predict
 
 #: ops that ``weights`` mode reads as the identity (the registry's elementwise rules), and Softmax
 IDENTITY_OPS = tuple(sorted({name for name, rule in RULES.items() if isinstance(rule, Identity)} | {"Softmax"}))

@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .check import CheckReport, check_model
 from ..errors import FdsubError
 from ..graph.model import load_model
+from .check import CheckReport, check_model
 
 try:
     import tomllib

@@ -56,7 +56,8 @@ class Geometry:
             kept = []
             for a in range(2):
                 first, last = max(0, -pad_begin[a]), size[a] - 1 - max(0, -pad_end[a])
-                kept.append((self.origin[a] + first * self.stride[a], self.origin[a] + last * self.stride[a] + self.rf[a]))
+                kept.append((self.origin[a] + first * self.stride[a],
+                             self.origin[a] + last * self.stride[a] + self.rf[a]))
             bounds = _intersect(bounds, tuple(kept))
         return Geometry(self.stride, self.rf, origin, bounds)
 

@@ -102,13 +102,15 @@ def _read(path: str) -> onnx.ModelProto:
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage
-        raise FdsubError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it with torch.onnx.export, tf2onnx or paddle2onnx") from None
+        raise FdsubError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+                         "export it with torch.onnx.export, tf2onnx or paddle2onnx") from None
     if not proto.graph.node:
         raise FdsubError(f"{path} holds no ONNX graph (empty or not a model); export the network to ONNX first")
     try:
         onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:
-        raise FdsubError(f"{path}: external weight data could not be read ({exc}); keep the .data file(s) beside the model") from None
+        raise FdsubError(f"{path}: external weight data could not be read ({exc}); "
+                         "keep the .data file(s) beside the model") from None
     return proto
 
 
@@ -128,12 +130,14 @@ def _input(proto, path, input_shape):
             raise FdsubError(f"--input-shape must be four positive integers N,C,H,W, got {','.join(map(str, shape))}")
         fixed = [(a, d) for a, d in enumerate(dims) if isinstance(d, int) and a > 0 and d != shape[a]]
         if fixed:
-            raise FdsubError(f"--input-shape {','.join(map(str, shape))} disagrees with the model's input {image.name!r} {dims}")
+            raise FdsubError(f"--input-shape {','.join(map(str, shape))} disagrees with the model's input "
+                             f"{image.name!r} {dims}")
         return image.name, (1, *shape[1:])
     dynamic = [a for a, d in enumerate(dims) if not isinstance(d, int) and a > 0]
     if dynamic:
         shown = ", ".join(str(d) for d in dims)
-        raise FdsubError(f"input {image.name!r} has dynamic dimensions [{shown}]; pass --input-shape 1,C,H,W (e.g. 1,3,224,224), the size its images are fed at")
+        raise FdsubError(f"input {image.name!r} has dynamic dimensions [{shown}]; "
+                         "pass --input-shape 1,C,H,W (e.g. 1,3,224,224), the size its images are fed at")
     return image.name, (1, *dims[1:])
 
 
@@ -152,12 +156,14 @@ def _infer_shapes(proto, path) -> dict[str, tuple[int, ...]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:
-        raise FdsubError(f"{path}: ONNX shape inference failed ({str(exc).splitlines()[0]}); check the model with onnx.checker or pass --input-shape") from None
+        raise FdsubError(f"{path}: ONNX shape inference failed ({str(exc).splitlines()[0]}); "
+                         "check the model with onnx.checker or pass --input-shape") from None
     shapes = {}
     graph = inferred.graph
     for info in [*graph.input, *graph.value_info, *graph.output]:
         dims = info.type.tensor_type.shape.dim
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
+        if (info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape")
+                and all(d.dim_value > 0 for d in dims)):
             shapes[info.name] = tuple(d.dim_value for d in dims)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
@@ -196,7 +202,8 @@ def _folded(nodes, constants, shapes, opset):
     kept = []
     for node in nodes:
         value = None
-        if node.domain in STANDARD_DOMAINS and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if node.domain in STANDARD_DOMAINS and not any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             inputs = [n for n in node.input if n]
             if node.op_type == "Shape" and inputs[0] in shapes and not node.attribute:
                 value = [np.array(shapes[inputs[0]], dtype=np.int64)]
@@ -219,10 +226,12 @@ def _single_node_model(node, feeds, opset):
     """A one-node model, so the reference evaluator picks the op version of the model's opset."""
     from onnx import helper
 
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None) for n, v in feeds.items()]
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+              for n, v in feeds.items()]
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 
+
 def pruned(proto: onnx.ModelProto, target, input_name: str, batch: str | None) -> onnx.ModelProto:
     """Copy of ``proto`` computing only ``target`` (a tensor name or a list: its outputs); ``batch`` names a
     dynamic batch dim."""

@@ -17,13 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..compose.backend import array_module, get_backend, resolve_device
-from ..runtime.session import Forward
-from ..errors import FdsubError
+from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
-from ..graph.model import ancestors
-from ..graph.model import attributes
-
-RULES = ("local", "deconvnet")
+from ..graph.model import ancestors, attributes
+from ..runtime.session import Forward
 
 
 def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local",
@@ -33,8 +30,9 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls. On ``device="gpu"``
     the pass runs in CuPy and returns CuPy arrays.
     """
-    if rule not in RULES:
-        raise FdsubError(f"backward rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if rule not in BACKWARD_MODES:
+        raise FdsubError(f"backward rule must be one of {', '.join(BACKWARD_MODES)}, got {rule!r}")
+    rules = BACKWARD_MODES[rule]
     device = resolve_device(device)
     backend = get_backend(device.backend)
     nodes = ancestors(model, [target])
@@ -51,13 +49,16 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
         grad = grads.pop(node.output[0], None)
         if grad is None:
             continue
-        step = BACKWARD.get(node.op_type)
+        step = rules.get(node.op_type)
         if step is None:
             raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
         is_data = [bool(name) and name not in model.constants for name in node.input]
         ins = [(values[name] if data else model.constants.get(name)) if name else None
                for name, data in zip(node.input, is_data)]
-        in_grads, added = step(node, ins, is_data, values[node.output[0]], grad, rule)
+        try:
+            in_grads, added = step(node, ins, is_data, values[node.output[0]], grad)
+        except NotDecodable as exc:
+            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: {exc}") from None
         bias += added
         for name, g in zip(node.input, in_grads):
             if g is not None and name and name not in model.constants:
@@ -95,8 +96,8 @@ def _on(grad, constant):
     return array_module(grad).asarray(constant, dtype=np.float64)
 
 
-# ---- the rules: (node, inputs, output, grad, rule) -> ([input grads], bias added [M]) ----------------
-def _conv(node, ins, is_data, out, grad, rule):
+# ---- the rules: (node, inputs, is_data, output, grad) -> ([input grads], bias added [M]) -------------
+def _conv(node, ins, is_data, out, grad):
     x, w = ins[0], _on(grad, ins[1])
     attrs = attributes(node)
     gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]), x.shape)
@@ -105,7 +106,7 @@ def _conv(node, ins, is_data, out, grad, rule):
     return [gx, None, None][: len(ins)], added
 
 
-def _avgpool(node, ins, is_data, out, grad, rule):
+def _avgpool(node, ins, is_data, out, grad):
     x = ins[0]
     window = Window.of(attributes(node), x.shape[2:])
     weight = array_module(grad).full((x.shape[1], 1, *window.kernel), 1.0 / np.prod(window.kernel))  # interior windows
@@ -148,14 +149,20 @@ def _tap(array, i, j, window: Window, out_size):
     return array[..., y : y + sy * (out_size[0] - 1) + 1 : sy, x : x + sx * (out_size[1] - 1) + 1 : sx]
 
 
-def _relu(node, ins, is_data, out, grad, rule):
-    return [grad * (ins[0] > 0) if rule == "local" else array_module(grad).maximum(grad, 0)], _none_added(grad)
+def _relu(node, ins, is_data, out, grad):
+    """The forward on/off mask: the exact local linearization."""
+    return [grad * (ins[0] > 0)], _none_added(grad)
+
+
+def _relu_deconvnet(node, ins, is_data, out, grad):
+    """Zeiler & Fergus: the backward signal itself rectified (the forward mask is not used)."""
+    return [array_module(grad).maximum(grad, 0)], _none_added(grad)
 
 
 def _slope(derivative):
     """An elementwise op whose local linearization is its slope at the forward value (bias: the offset)."""
 
-    def step(node, ins, is_data, out, grad, rule):
+    def step(node, ins, is_data, out, grad):
         d = array_module(grad).broadcast_to(derivative(array_module(grad), node, ins, out), out.shape)
         offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
         return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
@@ -184,6 +191,18 @@ def _hard_sigmoid(xp, node, ins, out):
 def _hard_swish(xp, node, ins, out):
     x = ins[0]
     return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, x / 3 + 0.5))
+
+
+def _sigmoid(xp, node, ins, out):
+    return out * (1 - out)
+
+
+def _tanh(xp, node, ins, out):
+    return 1 - out**2
+
+
+def _softplus(xp, node, ins, out):
+    return 1 / (1 + xp.exp(-ins[0]))
 
 
 def _elu(xp, node, ins, out):
@@ -218,14 +237,15 @@ def _mish(xp, node, ins, out):
     return t + x * (1 - t**2) / (1 + xp.exp(-x))
 
 
-def _lrn(node, ins, is_data, out, grad, rule):
+def _lrn(node, ins, is_data, out, grad):
     """LRN's linearization at the instance: its Jacobian across the channel window (vector-Jacobian product),
     with the offset ``out - J x`` as the bias it adds, so that the local identity stays exact.
 
     y_c = x_c d_c^-b with d_c = bias + a/n S_c and S_c the sum of x^2 over channels [c - lo, c + hi]."""
     x = ins[0]
     attrs = attributes(node)
-    size, alpha, beta, bias = int(attrs["size"]), attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    size, alpha = int(attrs["size"]), attrs.get("alpha", 1e-4)
+    beta, bias = attrs.get("beta", 0.75), attrs.get("bias", 1.0)
     lo, hi = (size - 1) // 2, size // 2  # floor and ceil of (size - 1) / 2
     squares = _channel_window_sum(x**2, lo, hi)
     d = bias + alpha / size * squares
@@ -247,7 +267,7 @@ def _channel_window_sum(a, lo, hi):
     return total
 
 
-def _maxpool(node, ins, is_data, out, grad, rule):
+def _maxpool(node, ins, is_data, out, grad):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
     forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
     stack of windows and no scatter with repeated indices."""
@@ -268,7 +288,7 @@ def _maxpool(node, ins, is_data, out, grad, rule):
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
 
 
-def _global_pool(node, ins, is_data, out, grad, rule):
+def _global_pool(node, ins, is_data, out, grad):
     x, xp = ins[0], array_module(grad)
     if node.op_type == "GlobalAveragePool":
         return [xp.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
@@ -279,7 +299,7 @@ def _global_pool(node, ins, is_data, out, grad, rule):
     return [g.reshape(x.shape)], _none_added(grad)
 
 
-def _batchnorm(node, ins, is_data, out, grad, rule):
+def _batchnorm(node, ins, is_data, out, grad):
     gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
     scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
     shift = beta - mean * scale
@@ -293,7 +313,7 @@ def _reduce_to(grad, shape):
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
-def _add_sub(node, ins, is_data, out, grad, rule):
+def _add_sub(node, ins, is_data, out, grad):
     sign = -1.0 if node.op_type == "Sub" else 1.0
     grads, added = [], _none_added(grad)
     for index, (x, data) in enumerate(zip(ins, is_data)):
@@ -306,7 +326,7 @@ def _add_sub(node, ins, is_data, out, grad, rule):
     return grads, added
 
 
-def _mul_div(node, ins, is_data, out, grad, rule):
+def _mul_div(node, ins, is_data, out, grad):
     a, b = ins
     data = is_data
     if all(data):
@@ -323,7 +343,7 @@ def _product_of_maps(node, a, b, grad):
     its value for the instance; equal shapes (SiLU as x * sigmoid(x)) take the product rule, whose tangent
     plane ``a*b ~ b*da + a*db - a*b`` is exact at the instance."""
     if node.op_type == "Div":
-        raise FdsubError(f"local mode does not support a division of two feature maps (node {node.name!r})")
+        raise NotDecodable("a division of two feature maps is not supported")
     if a.size != b.size:
         gate_is_b = b.size < a.size
         held = b if gate_is_b else a
@@ -333,22 +353,22 @@ def _product_of_maps(node, a, b, grad):
     return [grad * b, grad * a], -(grad * a * b).reshape(len(grad), -1).sum(axis=1)
 
 
-def _reshape_like(node, ins, is_data, out, grad, rule):
+def _reshape_like(node, ins, is_data, out, grad):
     return [grad.reshape(ins[0].shape)] + [None] * (len(ins) - 1), _none_added(grad)
 
 
-def _transpose(node, ins, is_data, out, grad, rule):
+def _transpose(node, ins, is_data, out, grad):
     perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
     return [array_module(grad).transpose(grad, tuple(np.argsort(perm)))], _none_added(grad)
 
 
-def _concat(node, ins, is_data, out, grad, rule):
+def _concat(node, ins, is_data, out, grad):
     axis = attributes(node)["axis"] % grad.ndim
     cuts = np.cumsum([x.shape[axis] for x in ins])[:-1]
     return list(array_module(grad).split(grad, cuts.tolist(), axis=axis)), _none_added(grad)
 
 
-def _gemm(node, ins, is_data, out, grad, rule):
+def _gemm(node, ins, is_data, out, grad):
     attrs = attributes(node)
     matrix = _on(grad, ins[1])
     matrix = matrix.T if attrs.get("transB", 0) else matrix
@@ -362,12 +382,12 @@ def _gemm(node, ins, is_data, out, grad, rule):
     return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
 
 
-def _pad(node, ins, is_data, out, grad, rule):
+def _pad(node, ins, is_data, out, grad):
     x = ins[0]
     attrs = attributes(node)
     pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64)
     if (pads < 0).any() or (len(ins) > 3 and ins[3] is not None) or attrs.get("mode", "constant") != "constant":
-        raise FdsubError("local mode supports constant Pad with non-negative pads on every axis only")
+        raise NotDecodable("only a constant Pad with non-negative pads on every axis is supported")
     index = tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(x.ndim))
     value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and np.size(ins[2]) else 0.0
     ring = grad.copy()
@@ -375,19 +395,24 @@ def _pad(node, ins, is_data, out, grad, rule):
     return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
 
 
-def _identity(node, ins, is_data, out, grad, rule):
+def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
 
 
-BACKWARD = {
-    "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool, "GlobalAveragePool": _global_pool,
-    "GlobalMaxPool": _global_pool, "BatchNormalization": _batchnorm, "Add": _add_sub, "Sub": _add_sub,
+#: ``local``: the exact linearization of each op at the instance (op type -> rule)
+LOCAL_RULES = {
+    "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool,
+    "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool, "BatchNormalization": _batchnorm,
+    "Add": _add_sub, "Sub": _add_sub,
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
     "Pad": _pad, "Identity": _identity, "Dropout": _identity,
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
-    "Sigmoid": _slope(lambda xp, node, ins, out: out * (1 - out)), "Tanh": _slope(lambda xp, node, ins, out: 1 - out**2),
-    "Softplus": _slope(lambda xp, node, ins, out: 1 / (1 + xp.exp(-ins[0]))),
+    "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),
     "Selu": _slope(_selu), "Celu": _slope(_celu), "Gelu": _slope(_gelu), "Mish": _slope(_mish), "LRN": _lrn,
 }
+#: ``deconvnet``: the local rules with the rectifiers overridden (a mode is a table of overrides)
+DECONVNET_RULES = LOCAL_RULES | {"Relu": _relu_deconvnet}
+#: the backward modes and their rule tables
+BACKWARD_MODES = {"local": LOCAL_RULES, "deconvnet": DECONVNET_RULES}

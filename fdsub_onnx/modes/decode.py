@@ -20,6 +20,7 @@ from .local import decode_instances
 from .result import Decoded
 
 MODES = ("weights", "fds", "local", "deconvnet")
+INSTANCE_MODES = ("local", "deconvnet")  # per-instance backward passes, no bottom-up composition
 
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
@@ -33,27 +34,10 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     ``device`` is "cpu", "gpu" or "auto" (``resolve_device``): where the filters are composed and
     onnxruntime runs; the result is NumPy either way.
     """
-    _check_mode(mode, dtype, kernel)
-    device = resolve_device(device)
-    node = find_layer(model, layer)
-    target = node.output[0]
-    if mode in ("local", "deconvnet"):
-        if images is None:
-            raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
-        return decode_instances(model, target, images, top=top, neurons=neurons, rule=mode, per_instance=per_instance,
-                                device=device)
-    substitution = _substitution_for(mode, model, [target], images, top, select, substitution, device)
-    channels = channels_of(model, target)
-    picked = parse_neurons(neurons, channels, target) if channels is not None else None
-    engine = Engine(get_backend(device.backend), dtype, kernel)
-    rows = {target: picked} if picked is not None and len(model.consumers.get(target, ())) <= 1 else None
-    _check_memory(model, engine, [target], rows)
-    for current, value in walk(model, engine, targets=[target], compose=True, rows=rows, substitution=substitution):
-        if current is node:
-            result = _decoded(model, node, value, neurons, engine, mode)
-            if substitution is not None and substitution.tops and target in substitution.tops:
-                result.instances = rows_of(substitution.tops[target], result.neurons)
-            return result
+    target = find_layer(model, layer).output[0]
+    for result in _decode_layers(model, [target], {target: neurons}, mode, dtype, device, kernel, images, top, select,
+                                 substitution, per_instance, one_layer=True):
+        return result
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
@@ -64,28 +48,52 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
 
     ``neurons`` maps a layer's output tensor to the neurons to return (a ``parse_neurons`` selector; default
     all). A layer that no other decoded layer reads is then composed for those neurons only: the deepest
-    layers, whose banks are the largest, cost what the neurons asked cost.
+    layers, whose banks are the largest, cost what the neurons asked cost. In ``local`` and ``deconvnet`` mode
+    each layer runs its own per-instance passes (nothing is shared between layers).
     """
     _check_mode(mode, dtype, kernel)
-    device = resolve_device(device)
     if layers is None:
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
-    if mode in ("local", "deconvnet"):  # per-instance passes: nothing to share between layers
+    yield from _decode_layers(model, targets, dict(neurons or {}), mode, dtype, device, kernel, images, top, select,
+                              substitution, False, one_layer=False)
+
+
+def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, images, top, select, substitution,
+                   per_instance, one_layer: bool) -> Iterator[Decoded]:
+    """The setup ``decode`` and ``iter_decode`` share: check, resolve, substitute, bound memory, walk once.
+
+    ``one_layer``: ``decode``'s rule for the rows composed (all of them when the layer feeds several nodes).
+    """
+    _check_mode(mode, dtype, kernel)
+    device = resolve_device(device)
+    if mode in INSTANCE_MODES:
+        if images is None:
+            raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
         for target in targets:
-            yield decode(model, target, mode=mode, images=images, top=top, device=device)
+            yield decode_instances(model, target, images, top=top, neurons=neurons.get(target), rule=mode,
+                                   per_instance=per_instance, device=device, dtype=dtype)
         return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
     engine = Engine(get_backend(device.backend), dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
-    picked = {t: parse_neurons(neurons[t], channels[t], t) for t in targets
-              if neurons and neurons.get(t) is not None and channels[t] is not None}
-    rows = leaf_rows(model, targets, picked)
+    picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in targets
+              if channels[t] is not None and (one_layer or neurons.get(t) is not None)}
+    if one_layer:
+        rows = {t: p for t, p in picked.items() if len(model.consumers.get(t, ())) <= 1} or None
+    else:
+        rows = leaf_rows(model, targets, picked)
     _check_memory(model, engine, targets, rows)
+    wanted = set(targets)
     for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution):
-        if id(node) in nodes:
-            yield _decoded(model, node, value, picked.get(node.output[0]), engine, mode)
+        target = node.output[0]
+        if target not in wanted:
+            continue
+        result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
+        if substitution is not None and substitution.tops and target in substitution.tops:
+            result.instances = rows_of(substitution.tops[target], result.neurons)
+        yield result
 
 
 def leaf_rows(model, targets, picked: dict) -> dict | None:
@@ -104,7 +112,8 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     whole = value.rows is not None or np.array_equal(picked, np.arange(value.channels))
     bank = value.bank if whole else engine.take(value.bank, picked)
     to_numpy = engine.backend.to_numpy
-    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin, node.output[0], mode, value.geom.bounds)
+    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin,
+                   node.output[0], mode, value.geom.bounds)
 
 
 def _check_memory(model, engine, targets, rows):

@@ -1,4 +1,4 @@
-"""The data-driven substitution of METHOD.md's `fds` mode: per-neuron statistics of lower activations.
+"""The data-driven substitution of docs/method.md's `fds` mode: per-neuron statistics of lower activations.
 
 For a Conv or fully connected node with weight W [K, C/g, k_y, k_x], ``a_bar[k, c, i, j]`` is the
 mean of the node's input activation (channel c, window offset (i, j)) over neuron k's top-N
@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..runtime.session import Forward
 from ..data.topn import TopN, instance_weights, start_top
-from ..runtime.capture import update_top
 from ..errors import FdsubError
 from ..graph.geometry import Window
-from ..graph.model import ancestors
-from ..graph.model import attributes
+from ..graph.model import ancestors, attributes
+from ..runtime.capture import update_top
+from ..runtime.session import Forward
 
 SELECTS = ("all", "positive", "max", "topk:K")
 SUBSTITUTED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool")  # AveragePool keeps its fixed uniform weights

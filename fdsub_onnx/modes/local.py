@@ -11,23 +11,23 @@ from __future__ import annotations
 import numpy as np
 
 from ..compose.backend import array_module, get_backend, resolve_device
-from .backward import forward_for, instance_gradients, instances_per_batch
-from ..data.topn import TopN, instance_weights
-from ..runtime.capture import capture_top
-from .result import Decoded
-from ..graph.model import find_layer
-from ..data.images import read_indices
 from ..compose.inspect import layer_geometry
+from ..data.images import read_indices
+from ..data.topn import TopN, instance_weights
+from ..graph.model import find_layer
+from ..runtime.capture import capture_top
+from .backward import forward_for, instance_gradients, instances_per_batch
+from .result import Decoded
 
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
                      per_instance: bool = False, instances: TopN | None = None, batch_size: int = 16,
-                     progress=None, device="cpu") -> Decoded:
+                     progress=None, device="cpu", dtype: str = "float32") -> Decoded:
     """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``).
 
     Instances run ``batch_size`` at a time, fewer when memory is short (``instances_per_batch``). On
     ``device="gpu"`` each batch runs its backward pass in CuPy; only the receptive-field cuts come back to
-    the host.
+    the host. The passes run in float64; ``dtype`` is that of the result.
     """
     device = resolve_device(device)
     target = find_layer(model, layer).output[0]
@@ -39,7 +39,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     weights = instance_weights(found)
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
     filters, bias = np.zeros((k_neurons, *shape)), np.zeros(k_neurons)
-    each = (np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32)) if per_instance else None
+    each = ((np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32))
+            if per_instance else None)
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
     batch_size = instances_per_batch(model, target, batch_size, backend)
@@ -66,7 +67,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         bias[:] = 0
         if each is not None:
             each[1][:] = 0
-    return Decoded(filters.astype(np.float32), bias.astype(np.float32), np.asarray(found.neurons, np.int64),
+    return Decoded(filters.astype(dtype), bias.astype(dtype), np.asarray(found.neurons, np.int64),
                    geom.stride, geom.origin, target, rule,
                    instance_filters=None if each is None else each[0],
                    instance_bias=None if each is None else each[1], instances=found)

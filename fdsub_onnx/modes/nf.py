@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.topn import TopN, instance_weights
-from .result import Decoded
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
+from ..data.topn import TopN, instance_weights
 from ..errors import FdsubError
 from ..graph.model import Model
+from .result import Decoded
 
 
 def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None) -> Decoded:

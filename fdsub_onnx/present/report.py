@@ -301,7 +301,8 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
         r = {mode: scores["decodings"][mode]["correlation"][k] for mode in FIDELITY_MODES}
         small = {mode: _pic(*shown[mode], _scaled_width(shown[mode][1][0], 48), f"{LABELS[mode]} filter",
                             f"m m-{mode}" if mode in TABS else "") for mode in shown}
-        cells = [f'<td data-v="{int(neuron)}"><a href="#{nid}" title="details of neuron {int(neuron)}">{int(neuron)}</a></td>',
+        cells = [f'<td data-v="{int(neuron)}"><a href="#{nid}" title="details of neuron {int(neuron)}">'
+                 f'{int(neuron)}</a></td>',
                  "<td>" + "".join(small[mode] for mode in TABS) + "</td>",
                  f"<td>{small['deconvnet']}</td>", f"<td>{small['nf']}</td>"]
         patch_width = _scaled_width(rx, PATCH_SHOWN)
@@ -312,9 +313,11 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
         cells.extend(_number_cell(r[mode]) for mode in FIDELITY_MODES)
         rows.append("<tr>" + "".join(cells) + "</tr>")
         details.append(_detail(lid, nid, layer, int(neuron), k, decoded, shown, scores, found, boxes, pixels, images))
-    grids = {mode: filter_grid(_block_mean(decoded[mode].filters, GRID_SIDE), labels=[str(int(n)) for n in neurons], cell=32)
+    grids = {mode: filter_grid(_block_mean(decoded[mode].filters, GRID_SIDE), labels=[str(int(n)) for n in neurons],
+                               cell=32)
              for mode in TABS}
-    grids = "".join(_img(grid, grid.width, f"{mode} filters of every neuron", f"m m-{mode}") for mode, grid in grids.items())
+    grids = "".join(_img(grid, grid.width, f"{mode} filters of every neuron", f"m m-{mode}")
+                    for mode, grid in grids.items())
     tabbed = "".join(f'<span class="m m-{m}">{m}</span>' for m in TABS)
     head = ["neuron", f"filter {tabbed}", "deconvnet", "NF", f"top {found.top} patches", "mean<br>act.",
             *(f"r<br>{LABELS[m]}" for m in FIDELITY_MODES)]
@@ -334,7 +337,8 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
 rows {oy}+{sy}q<sub>y</sub> &hellip; and columns {ox}+{sx}q<sub>x</sub> &hellip;</p>
 <div class="row">
 <table class="means"><caption>fidelity on {scores['images']} images (mean over neurons)</caption>
-<thead><tr><th>decoding</th><th>Pearson r</th><th>top-{scores['top']} share</th></tr></thead><tbody>{means}</tbody></table>
+<thead><tr><th>decoding</th><th>Pearson r</th><th>top-{scores['top']} share</th></tr></thead>\
+<tbody>{means}</tbody></table>
 <div class="grids"><div class="tabs">filters: {tabs}</div>{grids}</div>
 </div>
 <table class="neurons sortable"><thead><tr>{header}</tr></thead><tbody>
@@ -362,9 +366,11 @@ def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pi
         framed = _framed(picture, (h, w), box, _scaled_width(w, THUMB), "receptive field on " + images.sources[i])
         cards.append(
             f'<figure class="instance">{framed}'
-            f"{_crop(picture, (h, w), box, _scaled_width(rx, PATCH_MAX), 'patch')}<figcaption>#{n + 1} &middot; activation "
+            f"{_crop(picture, (h, w), box, _scaled_width(rx, PATCH_MAX), 'patch')}"
+            f"<figcaption>#{n + 1} &middot; activation "
             f"{float(found.values[k, n]):.4g}<br><span class=\"src\" title=\"{source}\">{source}</span><br>"
-            f"output ({qy}, {qx}) &rarr; rows {y0}&ndash;{y0 + ry - 1}, columns {x0}&ndash;{x0 + rx - 1}</figcaption></figure>")
+            f"output ({qy}, {qx}) &rarr; rows {y0}&ndash;{y0 + ry - 1}, columns {x0}&ndash;{x0 + rx - 1}"
+            "</figcaption></figure>")
     return f"""<div class="detail" id="{nid}"><div class="panel">
 <p class="close"><a href="#{lid}">close &times;</a></p>
 <h3>{escape(layer.name)} &middot; neuron {neuron}</h3>
@@ -393,7 +399,8 @@ def _summary(summary: Summary, chosen: list[Layer], left_out: list[str]) -> str:
                     f"<td>{geometry[0]}</td><td>{geometry[1]}</td><td>{geometry[2]}</td><td>{state}</td></tr>")
     decodable = sum(layer.decodable for layer in summary.layers)
     blocked = [layer for layer in summary.layers if not layer.decodable]
-    why = "".join(f"<li>{escape(layer.name)} ({escape(layer.op)}): {escape(str(layer.reason))}</li>" for layer in blocked)
+    why = "".join(f"<li>{escape(layer.name)} ({escape(layer.op)}): {escape(str(layer.reason))}</li>"
+                  for layer in blocked)
     left = (f"<p class='why'>Not reported, too large to decode in the memory left (name them with --layers to see "
             f"what they need): {escape(', '.join(left_out))}</p>") if left_out else ""
     return f"""<section id="summary"><h2>Model</h2>
@@ -457,20 +464,25 @@ def _fmt(value, digits: int = 3) -> str:
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 24px 48px;color:#222;background:#fafafa}
-h1{font-size:22px;margin:16px 0 4px}h2{font-size:19px;margin:0 0 4px}h2 small{font-weight:normal;color:#666;font-size:13px}
+h1{font-size:22px;margin:16px 0 4px}h2{font-size:19px;margin:0 0 4px}\
+h2 small{font-weight:normal;color:#666;font-size:13px}
 header p{margin:4px 0;max-width:1100px}nav{margin:8px 0 16px}nav a{margin-right:10px}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px 16px;margin:16px 0}
 table{border-collapse:collapse}th,td{padding:3px 8px;border-bottom:1px solid #eee;vertical-align:middle;text-align:left}
 th{background:#f0f0f0;font-weight:600;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
-th[data-sort]{cursor:pointer}th[data-sort]:hover{background:#e0e8f5}th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
+th[data-sort]{cursor:pointer}th[data-sort]:hover{background:#e0e8f5}th.asc::after{content:" \\25B2"}\
+th.desc::after{content:" \\25BC"}
 tr.blocked td{color:#a33}.why{color:#a33;margin:4px 0}
 img,.pic{image-rendering:pixelated;vertical-align:middle}
 .pic{display:inline-block;background-size:100% 100%;background-repeat:no-repeat}
 .crop{background-color:rgb(60,60,60);margin-right:1px}.framed{position:relative;margin-right:4px}
-.frame{position:absolute;box-sizing:border-box;border:2px solid #ffe600;box-shadow:0 0 0 1px #000}.geom{color:#555;margin:2px 0 8px}
+.frame{position:absolute;box-sizing:border-box;border:2px solid #ffe600;box-shadow:0 0 0 1px #000}\
+.geom{color:#555;margin:2px 0 8px}
 .row{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap;margin-bottom:12px}
-.means caption{text-align:left;font-weight:600;padding-bottom:4px}.grids img{max-width:100%;height:auto;background:#181818}
-.tabs{margin-bottom:6px}.tabs button{font:inherit;padding:2px 10px;margin-right:4px;border:1px solid #999;background:#fff;
+.means caption{text-align:left;font-weight:600;padding-bottom:4px}\
+.grids img{max-width:100%;height:auto;background:#181818}
+.tabs{margin-bottom:6px}\
+.tabs button{font:inherit;padding:2px 10px;margin-right:4px;border:1px solid #999;background:#fff;
 border-radius:4px;cursor:pointer}.tabs button.on{background:#2a5db0;color:#fff;border-color:#2a5db0}
 .layer .m{display:none}.layer[data-show=fds] .m-fds,.layer[data-show=weights] .m-weights,
 .layer[data-show=local] .m-local{display:inline-block}

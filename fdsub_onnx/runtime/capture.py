@@ -51,7 +51,8 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     first, stop = _shard_range(len(images), shard)
     given, wanted = list(_image_shape(images)), list(model.input_shape[1:])
     if given != wanted:
-        raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; pass --input-shape or resize the images")
+        raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; "
+                         "pass --input-shape or resize the images")
     run = Forward(model, [target], device)
     width = shape[3] if len(shape) == 4 else 1  # flat position -> (row, col)
     every = np.array_equal(picked, np.arange(shape[1]))  # all neurons in order: no copy of the activations
@@ -96,8 +97,10 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
                            ("neurons", head.neurons.tolist(), part.neurons.tolist()),
                            ("image sources", head.sources, part.sources)):
             if a != b:
-                shown = f"{len(a)} vs {len(b)} entries" if what == "image sources" and len(a) != len(b) else f"{short(a)} vs {short(b)}"
-                raise FdsubError(f"cannot merge top-N results with different {what} ({shown}); shards must come from the same command")
+                shown = (f"{len(a)} vs {len(b)} entries" if what == "image sources" and len(a) != len(b)
+                         else f"{short(a)} vs {short(b)}")
+                raise FdsubError(f"cannot merge top-N results with different {what} ({shown}); "
+                                 "shards must come from the same command")
     least = min(p.top for p in parts)
     top = least if top is None else top
     if not 1 <= top <= least:

@@ -10,6 +10,7 @@ from ..errors import FdsubError
 from ..graph.model import Model
 from ..graph.prune import pruned
 
+
 class Forward:
     """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
     the batch size (then one image at a time)."""
@@ -20,7 +21,8 @@ class Forward:
         providers = resolve_device(device).providers
         if self.names:
             try:
-                self.session, self.batched = session(pruned(model.proto, self.names, model.input_name, batch="N"), providers), True
+                self.session, self.batched = (
+                    session(pruned(model.proto, self.names, model.input_name, batch="N"), providers), True)
             except FdsubError:
                 self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers)
 

@@ -15,7 +15,8 @@ def apply_window(x: Tensor, node, ctx, weight: np.ndarray, bias, groups: int, at
     if len(kernel) != 2:
         raise NotDecodable(f"only 2-D windows are supported, kernel has {len(kernel)} spatial axes")
     if x.channels % groups or weight.shape[1] * groups != x.channels:
-        raise NotDecodable(f"weight shape {list(weight.shape)} with group={groups} does not match {x.channels} input channels")
+        raise NotDecodable(f"weight shape {list(weight.shape)} with group={groups} does not match "
+                           f"{x.channels} input channels")
     window = Window.of(attrs, x.spatial, kernel)
     geom = x.geom.window(window.kernel, window.strides, window.dilations, window.begin)
     rows = ctx.rows(node)

@@ -72,7 +72,8 @@ def add(inputs: list, signs: list[float], node, ctx) -> Tensor:
     channels = {x.channels for x, _ in maps}
     spatial = {x.spatial for x, _ in maps}
     if len(channels) > 1 or len(spatial) > 1:
-        raise NotDecodable(f"it broadcasts feature maps of different shapes (channels {sorted(channels)}, sizes {sorted(spatial)})")
+        raise NotDecodable(f"it broadcasts feature maps of different shapes (channels {sorted(channels)}, "
+                           f"sizes {sorted(spatial)})")
     c, rank = channels.pop(), ctx.rank(node.output[0])
     shift = sum((s * per_channel(v.value, c, rank) for v, s in zip(inputs, signs) if isinstance(v, Const)), np.zeros(c))
     banks = [x.bank if s == 1.0 else ctx.engine.affine(x.bank, s, 0.0) for x, s in maps]

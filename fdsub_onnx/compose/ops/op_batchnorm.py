@@ -12,6 +12,7 @@ class BatchNormalization(OpRule):
         if attrs.get("training_mode", 0):
             raise NotDecodable("training_mode=1 normalizes by batch statistics; export the model in eval mode")
         x = data(inputs[0])
-        gamma, beta, mean, var = (constant(v, n).astype(np.float64) for v, n in zip(inputs[1:5], ("scale", "B", "mean", "var")))
+        gamma, beta, mean, var = (constant(v, n).astype(np.float64)
+                                  for v, n in zip(inputs[1:5], ("scale", "B", "mean", "var")))
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
         return x.derive(bank=ctx.engine.affine(x.bank, scale, beta - mean * scale))

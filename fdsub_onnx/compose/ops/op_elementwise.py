@@ -1,4 +1,4 @@
-"""Elementwise nonlinearities and pass-through ops: identity in ``weights`` mode (METHOD.md).
+"""Elementwise nonlinearities and pass-through ops: identity in ``weights`` mode (docs/method.md).
 
 They keep a pending reshape (Layout) as it is, so e.g. a Relu inside a channel
 shuffle does not break it. LRN mixes neighbouring channels; it is treated as

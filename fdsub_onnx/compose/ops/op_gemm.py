@@ -43,6 +43,7 @@ def _flattened(value):
     if isinstance(value, Layout):
         source = value.source
         size = source.channels * source.spatial[0] * source.spatial[1]
-        if value.index.ndim == 2 and value.index.shape[0] == 1 and np.array_equal(value.index.reshape(-1), np.arange(size)):
+        if (value.index.ndim == 2 and value.index.shape[0] == 1
+                and np.array_equal(value.index.reshape(-1), np.arange(size))):
             return source, (source.channels, *source.spatial)
     raise NotDecodable("its input is not a feature map flattened in [C, H, W] order")

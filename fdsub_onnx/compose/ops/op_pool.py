@@ -2,7 +2,7 @@
 
 AveragePool is exact for interior neurons (count_include_pad only changes border
 windows). MaxPool, in ``weights`` mode, is an average over its window: the uniform
-switch of METHOD.md.
+switch of docs/method.md.
 """
 
 from ._rule import OpRule, attributes, data

@@ -1,4 +1,4 @@
-"""The `weights` identity (METHOD.md, property 1): on linear networks, every interior neuron's
+"""The `weights` identity (docs/method.md, property 1): on linear networks, every interior neuron's
 response equals <decoded filter, image patch> + bias, checked against onnxruntime."""
 
 from __future__ import annotations

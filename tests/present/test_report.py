@@ -27,9 +27,9 @@ HOSTILE_TENSOR = "<script>alert(1)</script>"
 HOSTILE_NODE = '"><img src=x onerror=alert(2)>'
 HOSTILE_IMAGE = "</script><!--img&'\"-->"
 SIZE = 16
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "nav", "section", "h1", "h2", "h3", "h4", "p",
-                "small", "sub", "code", "b", "br", "span", "a", "ul", "li", "div", "table", "caption", "thead", "tbody",
-                "tr", "th", "td", "img", "figure", "figcaption", "button", "script"}
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "nav", "section", "h1", "h2", "h3", "h4",
+                "p", "small", "sub", "code", "b", "br", "span", "a", "ul", "li", "div", "table", "caption", "thead",
+                "tbody", "tr", "th", "td", "img", "figure", "figcaption", "button", "script"}
 
 
 # ---- models and images -----------------------------------------------------------------------
@@ -53,7 +53,8 @@ def _hostile_net() -> onnx.ModelProto:
         helper.make_node("Relu", [HOSTILE_TENSOR], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w2"], ["out</b>"], name="second", kernel_shape=[3, 3]),
     ]
-    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info(image, TensorProto.FLOAT, [1, 3, 12, 12])],
+    graph = helper.make_graph(nodes, "hostile",
+                              [helper.make_tensor_value_info(image, TensorProto.FLOAT, [1, 3, 12, 12])],
                               [helper.make_tensor_value_info("out</b>", TensorProto.FLOAT, [1, 2, 10, 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     onnx.checker.check_model(model)
@@ -124,7 +125,8 @@ def test_report_is_one_self_contained_file(built):
             assert image.format == source[len("data:image/") : source.index(";")].upper() and min(image.size) >= 1
     tags = _tags(page)
     assert {tag for tag, _ in tags} <= ALLOWED_TAGS, {tag for tag, _ in tags} - ALLOWED_TAGS
-    assert [dict(attrs) for tag, attrs in tags if tag == "script"] == [{"type": "application/json", "id": "fdsub-data"}, {}]
+    assert [dict(attrs) for tag, attrs in tags if tag == "script"] == [
+        {"type": "application/json", "id": "fdsub-data"}, {}]
     ids = set(re.findall(r'\bid="([^"]+)"', page))
     links = re.findall(r'\bhref="([^"]*)"', page)
     assert links and all(link.startswith("#") and link[1:] in ids for link in links)
@@ -328,10 +330,13 @@ def test_report_scripts_sort_and_switch_in_chromium(built, tmp_path):
     page = built[1]
     clicks = """<script>
 var table = document.querySelector('#L0 table.neurons'), th = table.tHead.rows[0].cells[5];
-th.click(); var first = Array.from(table.tBodies[0].rows).map(function (r) { return r.cells[5].getAttribute('data-v'); });
-th.click(); var second = Array.from(table.tBodies[0].rows).map(function (r) { return r.cells[5].getAttribute('data-v'); });
+th.click(); var first = Array.from(table.tBodies[0].rows).map(function (r) { \
+return r.cells[5].getAttribute('data-v'); });
+th.click(); var second = Array.from(table.tBodies[0].rows).map(function (r) { \
+return r.cells[5].getAttribute('data-v'); });
 document.querySelector('#L0 .tabs button[data-mode=weights]').click();
-document.title = JSON.stringify({desc: first, asc: second, show: document.querySelector('#L0').getAttribute('data-show'),
+document.title = JSON.stringify({desc: first, asc: second, \
+show: document.querySelector('#L0').getAttribute('data-show'),
   shown: getComputedStyle(document.querySelector('#L0 td .m-weights')).display,
   hidden: getComputedStyle(document.querySelector('#L0 td .m-fds')).display});
 </script>"""
@@ -353,7 +358,8 @@ def test_report_patches_show_the_receptive_field_in_chromium(built, tmp_path):
     images = _images(10).array
     figures = re.findall(r'<figure class="instance">.*?</figure>', page, re.DOTALL)
     picked = figures[:: max(1, len(figures) // 4)][:4]
-    probe_body = "".join(f'<div style="height:{SIZE * 10}px">{re.search(r"<span class=.pic p[0-9]+ crop.*?</span>", f).group(0)}</div>'
+    probe_body = "".join(f'<div style="height:{SIZE * 10}px">'
+                         f'{re.search(r"<span class=.pic p[0-9]+ crop.*?</span>", f).group(0)}</div>'
                          for f in picked)
     head = page[: page.index("<body>")]
     probe = tmp_path / "patches.html"
@@ -396,8 +402,8 @@ def test_layers_too_large_for_the_memory_left(models, tmp_path, monkeypatch):
     """By default the deeper layers that cannot be decoded in the memory left are left out (page and note);
     named layers that do not fit stop the report before any work, with the decoder's one-line reason."""
     from fdsub_onnx.compose.backend import NumpyBackend, get_backend
-    from fdsub_onnx.compose.inspect import MEMORY_MARGIN
     from fdsub_onnx.compose.engine import Engine
+    from fdsub_onnx.compose.inspect import MEMORY_MARGIN
     from fdsub_onnx.compose.walker import walk
 
     model = fd.load_model(models["blocked"])

@@ -18,8 +18,9 @@ def test_explicit_preprocessing_options_are_applied(tmp_path):
     images = np.random.default_rng(0).random((10, 3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", images)
     out = tmp_path / "top"
-    result = CliRunner().invoke(app, ["top", model.path, "--layer", last, "--images", str(tmp_path / "x.npy"), "--top", "3",
-                                      "--scale", "2", "--mean", "0.5,1,1.5", "--std", "0.25", "--bgr", "--out", str(out)])
+    result = CliRunner().invoke(app, ["top", model.path, "--layer", last, "--images", str(tmp_path / "x.npy"),
+                                      "--top", "3", "--scale", "2", "--mean", "0.5,1,1.5", "--std", "0.25", "--bgr",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     by_hand = (images[:, ::-1] * 2 - np.array([0.5, 1, 1.5]).reshape(1, 3, 1, 1)) / 0.25
     want = fd.capture_top(model, last, fd.ArrayImages(by_hand.astype(np.float32)), top=3)

@@ -1,4 +1,4 @@
-"""Test helpers: the weights identity of METHOD.md, checked on interior output positions.
+"""Test helpers: the weights identity of docs/method.md, checked on interior output positions.
 
 The comparison itself is the library's (``fdsub_onnx.evaluate.linearize.identity_error``, also run by
 ``fdsub check``); ``assert_identity`` turns it into an assertion with the worst position.

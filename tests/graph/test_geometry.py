@@ -1,4 +1,4 @@
-"""Receptive-field geometry (METHOD.md, property 3): stride S, receptive field R and origin O
+"""Receptive-field geometry (docs/method.md, property 3): stride S, receptive field R and origin O
 reported by ``inspect_model`` match the pixels that actually reach each neuron in onnxruntime.
 
 The impulse probe: a network with positive weights gets one image per pixel (a one-hot

@@ -9,13 +9,14 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
+from fdsub_onnx.cli.main import app
 from fdsub_onnx.modes.backward import instance_gradients, instances_per_batch
 from fdsub_onnx.modes.local import decode_instances
-from fdsub_onnx.cli.main import app
 
 
 def _residual_net(seed: int):
-    """conv+BN+relu, maxpool, a residual block (3x3 relu path + 1x1 projection), strided conv; every rule of a ResNet."""
+    """conv+BN+relu, maxpool, a residual block (3x3 relu path + 1x1 projection), strided conv;
+    every rule of a ResNet."""
     b = NetBuilder(height=18, width=18, seed=seed)
     x = b.maxpool(b.relu(b.batchnorm(b.conv("input", 4, 3, 1, (1, 1, 1, 1)))), 2, 2)
     y = b.relu(b.add(b.relu(b.conv(x, 5, 3, 1, (1, 1, 1, 1))), b.conv(x, 5, 1)))
@@ -31,7 +32,8 @@ def _smooth_net(seed: int):
     c, h, w = b.shapes[x]
     flat = b._node("Flatten", [x], (c * h * w, 1, 1), axis=1)
     weight = b._const("fc_w", np.random.default_rng(seed).standard_normal((6, c * h * w)).astype(np.float32))
-    fc = b._node("Gemm", [flat, weight, b._const("fc_b", np.linspace(-1, 1, 6).astype(np.float32))], (6, 1, 1), transB=1)
+    fc = b._node("Gemm", [flat, weight, b._const("fc_b", np.linspace(-1, 1, 6).astype(np.float32))], (6, 1, 1),
+                 transB=1)
     b._node("Reshape", [fc, b._const("as_map", np.array([0, 6, 1, 1], np.int64))], (6, 1, 1))
     return b, fc, b.last
 
@@ -62,7 +64,7 @@ def _assert_local_identity(proto, last, images, top, folder):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_local_identity_holds_for_every_instance(seed, tmp_path):
-    """METHOD.md property 2: activation = <instance filter, patch> + instance bias, for every top-N instance."""
+    """docs/method.md property 2: activation = <instance filter, patch> + instance bias, for every top-N instance."""
     b, last = _residual_net(seed)
     images = np.random.default_rng(seed).standard_normal((12, 3, 18, 18)).astype(np.float32)
     decoded = _assert_local_identity(b.build([last]), last, images, 4, tmp_path)
@@ -86,7 +88,8 @@ GEOMETRIES = {
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_local_identity_over_window_geometries(geometry, tmp_path):
-    """The per-instance identity (METHOD.md property 2) through MaxPool and Conv backward rules of every geometry."""
+    """The per-instance identity (docs/method.md property 2) through MaxPool and Conv backward rules
+    of every geometry."""
     pool, conv = GEOMETRIES[geometry]
     b = NetBuilder(height=17, width=15, seed=3)
     x = b.maxpool(b.relu(b.conv("input", 4, 3, 1, (1, 1, 1, 1))), **pool)
@@ -98,8 +101,8 @@ def test_local_identity_over_window_geometries(geometry, tmp_path):
 
 
 def test_every_walker_op_has_a_backward_rule():
-    from fdsub_onnx.modes.backward import BACKWARD
     from fdsub_onnx.compose.ops import RULES
+    from fdsub_onnx.modes.backward import LOCAL_RULES as BACKWARD
 
     assert set(RULES) - set(BACKWARD) == set(), "ops decodable in weights mode but not in local/deconvnet mode"
 
@@ -128,7 +131,8 @@ def test_local_filters_are_input_gradients(tmp_path):
 
 
 def test_deconvnet_hand_checked_case(tmp_path):
-    """1 channel, conv 2x2 -> relu -> conv 2x2: the projection of output (0, 0) is sum relu(w2[i, j]) * w1 placed at (i, j)."""
+    """1 channel, conv 2x2 -> relu -> conv 2x2: the projection of output (0, 0) is sum relu(w2[i, j]) * w1
+    placed at (i, j)."""
     b = NetBuilder(in_channels=1, height=4, width=4, seed=0)
     h = b.relu(b.conv("input", 1, 2))
     out = b.conv(h, 1, 2)
@@ -151,7 +155,7 @@ def test_unsupported_op_in_local_mode_is_one_line(tmp_path, monkeypatch):
     """Every op the walker supports has a backward rule; one without (LRN's removed here) stops with one line."""
     from fdsub_onnx.modes import backward as _backward
 
-    monkeypatch.delitem(_backward.BACKWARD, "LRN")
+    monkeypatch.delitem(_backward.LOCAL_RULES, "LRN")
     b = NetBuilder(height=10, width=10)
     last = b.conv(b.lrn(b.conv("input", 4, 3)), 3, 3)
     model = load_proto(b.build([last]), tmp_path)
@@ -184,14 +188,16 @@ def test_cli_local_and_deconvnet(mode, tmp_path):
     ("HardSwish", {}), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("Elu", {"alpha": 0.7}), ("Softplus", {}),
     ("PRelu", None), ("Clip", None), ("Selu", {}), ("Celu", {"alpha": 0.8}), ("Gelu", {}),
     ("Gelu", {"approximate": "tanh"}), ("Mish", {}),
-    ("LRN", {"size": 3, "alpha": 0.9, "beta": 0.75, "bias": 1.0}), ("LRN", {"size": 5, "alpha": 2.0, "beta": 0.6, "bias": 0.5}),
+    ("LRN", {"size": 3, "alpha": 0.9, "beta": 0.75, "bias": 1.0}),
+    ("LRN", {"size": 5, "alpha": 2.0, "beta": 0.6, "bias": 0.5}),
 ])
 def test_local_slope_rules_linearize_exactly_at_the_instance(op, attrs, tmp_path):
     """Smooth or piecewise activations: identity at the instance, and the slope against finite differences."""
     b = NetBuilder(height=9, width=9, seed=11, opset=20 if op == "Gelu" else 18)
     x = b.conv("input", 4, 3)
     if op == "PRelu":
-        y = b._node(op, [x, b._const("slope", np.array([0.1, 0.2, -0.3, 0.5], np.float32).reshape(4, 1, 1))], b.shapes[x])
+        y = b._node(op, [x, b._const("slope", np.array([0.1, 0.2, -0.3, 0.5], np.float32).reshape(4, 1, 1))],
+                    b.shapes[x])
     elif op == "Clip":
         y = b.clip(x, -0.2, 0.3)
     else:
@@ -266,3 +272,22 @@ def test_instance_batches_shrink_to_the_memory_left(tmp_path):
     one, many = (decode_instances(model, last, images, top=3, batch_size=size, per_instance=True) for size in (1, 16))
     np.testing.assert_array_equal(one.instance_filters, many.instance_filters)
     np.testing.assert_array_equal(one.instance_bias, many.instance_bias)
+
+
+@pytest.mark.parametrize("mode", ["local", "deconvnet"])
+def test_iter_decode_honours_neurons_and_dtype_in_instance_modes(mode, tmp_path):
+    """iter_decode in local/deconvnet mode returns the neurons asked per layer, in the dtype asked, equal to decode."""
+    b, last = _residual_net(2)
+    model = load_proto(b.build(), tmp_path)
+    images = fd.ArrayImages(np.random.default_rng(3).standard_normal((6, *b.shapes["input"])).astype(np.float32))
+    first = fd.inspect_model(model).layers[0].name
+    picks = {first: [1, 3], last: "2"}
+    got = {d.layer: d for d in fd.iter_decode(model, [first, last], mode=mode, images=images, top=3, dtype="float64",
+                                             neurons=picks)}
+    assert got[first].neurons.tolist() == [1, 3] and got[last].neurons.tolist() == [2]
+    for name, neurons in picks.items():
+        assert got[name].filters.dtype == np.float64
+        alone = fd.decode(model, name, mode=mode, images=images, top=3, dtype="float64", neurons=neurons)
+        np.testing.assert_array_equal(got[name].filters, alone.filters)
+    with pytest.raises(fd.FdsubError, match="kernel"):
+        next(fd.iter_decode(model, [last], mode=mode, images=images, kernel="nope"))

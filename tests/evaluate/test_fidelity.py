@@ -12,10 +12,10 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
+from fdsub_onnx.cli.main import app
 from fdsub_onnx.evaluate.compare import compare_modes
 from fdsub_onnx.evaluate.fidelity import fidelity
 from fdsub_onnx.evaluate.predict import predict
-from fdsub_onnx.cli.main import app
 
 
 @pytest.fixture
@@ -39,8 +39,9 @@ def test_weights_decoding_of_a_linear_net_has_perfect_fidelity(linear):
     np.testing.assert_allclose(scores["correlation"], 1.0, atol=1e-6)
     assert scores["top_share"] == [1.0] * 5
     flipped = dataclasses.replace(decoded, filters=-decoded.filters, bias=-decoded.bias)
-    np.testing.assert_allclose(fidelity(model, {"flipped": flipped}, fd.ArrayImages(images))["decodings"]["flipped"]["correlation"],
-                               -1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        fidelity(model, {"flipped": flipped}, fd.ArrayImages(images))["decodings"]["flipped"]["correlation"],
+        -1.0, atol=1e-6)
 
 
 def test_predictions_in_row_chunks_match_onnxruntime(linear, monkeypatch):
@@ -80,7 +81,8 @@ def test_compare_modes_on_a_relu_net(tmp_path):
     rng = np.random.default_rng(0)
     images, holdout = (fd.ArrayImages(rng.standard_normal((n, 3, 16, 16)).astype(np.float32)) for n in (30, 20))
     result = compare_modes(model, last, images, holdout, top=5, neurons="0-2")
-    assert list(result["decodings"]) == ["weights", "fds", "local", "deconvnet", "nf"] and result["neurons"] == [0, 1, 2]
+    assert (list(result["decodings"]) == ["weights", "fds", "local", "deconvnet", "nf"]
+            and result["neurons"] == [0, 1, 2])
     for scores in result["decodings"].values():
         assert all(-1 <= r <= 1 for r in scores["correlation"]) and all(0 <= s <= 1 for s in scores["top_share"])
     with pytest.raises(fd.FdsubError, match="unknown mode 'gradcam'"):

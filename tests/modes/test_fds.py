@@ -9,8 +9,8 @@ from netgen import NetBuilder, run_ort
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
-from fdsub_onnx.modes.fds import Substitution, gather_statistics, select_contributions
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.modes.fds import Substitution, gather_statistics, select_contributions
 
 
 @pytest.fixture
@@ -46,8 +46,8 @@ def test_statistics_equal_brute_force(net):
     assert set(sub.stats) == {names["c1"], names["p1"], names["c2"], names["c3"]}
     ort = run_ort(proto, images, ["input", names["p1"], names["c2"]])
     relu_c2 = np.maximum(ort[names["c2"]], 0)
-    for layer, source, kernel, stride, pad in ((names["c2"], ort[names["p1"]], 3, 2, 1), (names["c3"], relu_c2, 3, 1, 0),
-                                              (names["c1"], images, 3, 1, 1)):
+    for layer, source, kernel, stride, pad in ((names["c2"], ort[names["p1"]], 3, 2, 1),
+                                              (names["c3"], relu_c2, 3, 1, 0), (names["c1"], images, 3, 1, 1)):
         top = sub.tops[layer]
         assert (top.image_index >= 0).all()
         for k in range(top.values.shape[0]):
@@ -124,7 +124,8 @@ def test_fds_without_images_is_refused(net):
 
 def test_decode_fds_with_images_matches_precomputed_statistics(net):
     model, _, images, names = net
-    direct = fd.decode(model, names["c3"], neurons="1,3", mode="fds", images=fd.ArrayImages(images), top=6, select="max")
+    direct = fd.decode(model, names["c3"], neurons="1,3", mode="fds", images=fd.ArrayImages(images), top=6,
+                       select="max")
     sub = gather_statistics(model, names["c3"], fd.ArrayImages(images), top=6, select="max")
     again = fd.decode(model, names["c3"], neurons="1,3", mode="fds", substitution=sub)
     np.testing.assert_array_equal(direct.filters, again.filters)
@@ -135,8 +136,9 @@ def test_cli_decode_fds_writes_filters_and_instances(net, tmp_path):
     model, _, images, names = net
     np.save(tmp_path / "images.npy", images)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["decode", model.path, "--layer", names["c3"], "--images", str(tmp_path / "images.npy"),
-                                      "--top", "5", "--neurons", "0,2", "--select", "topk:2", "--out", str(out)])
+    result = CliRunner().invoke(app, ["decode", model.path, "--layer", names["c3"],
+                                      "--images", str(tmp_path / "images.npy"), "--top", "5", "--neurons", "0,2",
+                                      "--select", "topk:2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     decoded, top = np.load(out / "decoded.npz"), np.load(out / "top.npz")
     assert str(decoded["mode"]) == "fds" and decoded["filters"].shape[0] == 2

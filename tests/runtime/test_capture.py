@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx import FdsubError
-from fdsub_onnx.runtime.capture import _best
-from fdsub_onnx.data.images import ArrayImages
 from fdsub_onnx.cli import top_cmd
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.data.images import ArrayImages
+from fdsub_onnx.runtime.capture import _best
 
 runner = CliRunner()
 
@@ -218,7 +218,8 @@ def test_save_load_round_trip(relu_net, tmp_path):
         assert data["values"].dtype == np.float32 and data["position"].dtype == np.int64
         assert str(data["layer"]) == layers[2] and int(data["per_image"]) == 2
     sidecar = json.loads(paths[1].read_text())
-    assert sidecar == {"layer": layers[2], "sources": [f"array[{i}]" for i in range(6)], "images_done": 6, "skipped": []}
+    assert sidecar == {"layer": layers[2], "sources": [f"array[{i}]" for i in range(6)], "images_done": 6,
+                       "skipped": []}
     assert_same(fd.load_top(tmp_path / "out"), result)
     assert_same(fd.load_top(paths[0]), result)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
@@ -262,7 +263,8 @@ def assert_one_error_line(result, code=2):
 def test_cli_top_and_merge(cli_files, relu_net, tmp_path):
     folder, layers = cli_files
     model, images = relu_net[0], relu_net[2]
-    common = [folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy", "--top", 5, "--batch-size", 4]
+    common = [folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy", "--top", 5,
+              "--batch-size", 4]
     result = invoke("top", *common, "--out", tmp_path / "whole")
     assert result.exit_code == 0, result.output
     assert "top 5 instances of 5 neurons" in result.output and "over 23 images" in result.output
@@ -288,7 +290,8 @@ def test_cli_top_resumes_from_its_checkpoint(cli_files, relu_net, tmp_path):
 
     loaded = fd.load_model(folder / "net.onnx")
     with pytest.raises(KeyboardInterrupt):
-        fd.capture_top(loaded, layers[2], image_set, top=5, batch_size=4, checkpoint=top_cmd.checkpoint_path(out), progress=interrupt)
+        fd.capture_top(loaded, layers[2], image_set, top=5, batch_size=4, checkpoint=top_cmd.checkpoint_path(out),
+                       progress=interrupt)
     result = invoke("top", folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy",
                     "--top", 5, "--batch-size", 4, "--out", out)
     assert result.exit_code == 0, result.output

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx import TopN
-from fdsub_onnx.data.images import ArrayImages
-from fdsub_onnx.compose.inspect import layer_geometry
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.compose.inspect import layer_geometry
+from fdsub_onnx.data.images import ArrayImages
 
 runner = CliRunner()
 # conv 3x3 pad 1 -> relu -> conv 3x3 stride 2 pad 1: S=2, R=3+2*1=5, O=-1-1=-2 (by hand, see _geometry)

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx import FdsubError
+from fdsub_onnx.cli.main import app
 from fdsub_onnx.compose import backend as _backend
-from fdsub_onnx.runtime import session as _session_module
 from fdsub_onnx.compose.backend import CPU, CupyBackend, Device, NumpyBackend, gpu_unavailable, resolve_device
 from fdsub_onnx.evaluate.compare import compare_modes
-from fdsub_onnx.cli.main import app
+from fdsub_onnx.runtime import session as _session_module
 
 NO_GPU = gpu_unavailable()
 if NO_GPU and os.environ.get("FDSUB_REQUIRE_GPU") == "1":
@@ -206,7 +206,8 @@ def test_weights_parity_on_generated_nets(dtype, rtol, fused, tmp_path, monkeypa
 def test_data_mode_parity(mode, tmp_path):
     for name, proto in relu_zoo()[:4]:
         model = load_proto(proto, tmp_path / name)
-        images = fd.ArrayImages(np.random.default_rng(1).standard_normal((10, *model.input_shape[1:])).astype(np.float32))
+        images = fd.ArrayImages(
+            np.random.default_rng(1).standard_normal((10, *model.input_shape[1:])).astype(np.float32))
         layer = proto.graph.output[-1].name
         for dtype, rtol in (("float32", 1e-4), ("float64", 1e-10)):
             cpu = fd.decode(model, layer, mode=mode, images=images, top=3, dtype=dtype, device="cpu")

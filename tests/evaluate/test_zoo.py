@@ -15,10 +15,10 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from fdsub_onnx.evaluate.zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.evaluate.zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo
 
-ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo.toml"
+ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo.toml"
 runner = CliRunner()
 
 

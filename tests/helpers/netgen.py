@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -235,12 +235,12 @@ class NetBuilder:
 
     def pad(self, x: str, pads: Pads, value: float = 0.0) -> str:
         """Constant Pad of the spatial axes; pads in (top, left, bottom, right) order."""
-        t, l, b, r = (int(p) for p in pads)
+        top, left, bottom, right = (int(p) for p in pads)
         c, h, w = self.shapes[x]
         name = self._fresh("pads")
-        inputs = [x, self._const(name, np.array([0, 0, t, l, 0, 0, b, r], np.int64)),
+        inputs = [x, self._const(name, np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)),
                   self._const(name + "_value", np.array(value, np.float32))]
-        return self._node("Pad", inputs, (c, h + t + b, w + l + r), mode="constant")
+        return self._node("Pad", inputs, (c, h + top + bottom, w + left + right), mode="constant")
 
     def lrn(self, x: str, size: int = 3) -> str:
         return self._node("LRN", [x], self.shapes[x], size=size, alpha=1e-4, beta=0.75, bias=1.0)
