@@ -38,6 +38,10 @@ STD = typer.Option(None, "--std", metavar="S[,S,S]", help="Divided by after --me
 SCALE = typer.Option(None, "--scale", help="Multiplies the 0-1 pixel values first (overrides the preset).")
 BGR = typer.Option(None, "--bgr/--rgb", help="Channel order (overrides the preset).", show_default=False)
 DEVICE = typer.Option("auto", "--device", help="cpu, gpu, or auto: the GPU when CuPy sees one, else the CPU.")
+SELECT = typer.Option(fdsub_onnx.DEFAULT_SELECT, "--select",
+                      help="fds: which lower neurons substitute: all, positive, max or topk:K.")
+WEIGHTING = typer.Option(fdsub_onnx.DEFAULT_WEIGHTING, "--weighting",
+                         help="fds: weight each lower neuron by its mean gate (slope) or mean activation.")
 
 
 def device_for(name: str):

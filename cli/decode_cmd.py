@@ -32,7 +32,8 @@ def decode(
         help="Images: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
     ),
     top: int = typer.Option(100, "--top", help="Data modes: instances per neuron."),
-    select: str = typer.Option("positive", "--select", help="fds: all, positive, max or topk:K lower neurons."),
+    select: str = common.SELECT,
+    weighting: str = common.WEIGHTING,
     per_instance: bool = typer.Option(
         False, "--per-instance", help="local/deconvnet: also write instance_filters and instance_bias.",
     ),
@@ -61,7 +62,8 @@ def decode(
             raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
         loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device)
+        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance,
+                                     dtype, device)
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
@@ -84,12 +86,13 @@ def decode(
     common.note_device(device)
 
 
-def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device):
+def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance, dtype,
+                        device):
     """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
     if mode == "fds":
         with common.progress_bar(f"{target} statistics (2 passes)") as progress:
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                             progress=progress, device=device)
+                                             progress=progress, device=device, weighting=weighting)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
                                      substitution=substitution, device=device)

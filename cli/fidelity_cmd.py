@@ -27,6 +27,8 @@ def fidelity(
     ),
     neurons: Optional[str] = common.NEURONS,
     modes: str = typer.Option(",".join(FIDELITY_MODES), "--modes", help="Decodings to compare, comma separated."),
+    select: str = common.SELECT,
+    weighting: str = common.WEIGHTING,
     preset: str = common.PRESET,
     mean: Optional[str] = common.MEAN,
     std: Optional[str] = common.STD,
@@ -38,7 +40,8 @@ def fidelity(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: str = common.DEVICE,
 ) -> None:
-    """Compare decodings of a layer: correlation with the true activation and share of the true top-N on HOLDOUT."""
+    """Compare decodings of a layer on HOLDOUT: correlation with the true activation, share of the true top-N and the
+    two-choice score; write DIR/fidelity.json and the filters scored (DIR/<mode>-decoded.npz, <mode>-filters.png)."""
     shape = common.parse_input_shape(input_shape)
     common.check_out_dir(out)
     device = common.device_for(device)
@@ -47,10 +50,11 @@ def fidelity(
     held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
-        result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
-                               progress=progress, device=device)
+        compared = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
+                                 progress=progress, device=device, select=select, weighting=weighting)
+    result = compared.scores
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
-    paths = save_fidelity(result, folder)
+    paths = save_fidelity(result, folder, compared.decoded)
     table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} "
                         f"on {result['images']} held-out images")
     for column in ("decoding", "mean correlation", f"mean top-{result['top']} share"):

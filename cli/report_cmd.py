@@ -30,7 +30,8 @@ def report(
         None, "--holdout", metavar="SPEC",
         help="Held-out images for the fidelity figures (same forms as --images).  [default: the --images]",
     ),
-    select: str = typer.Option("positive", "--select", help="fds: all, positive, max or topk:K lower neurons."),
+    select: str = common.SELECT,
+    weighting: str = common.WEIGHTING,
     preset: str = common.PRESET,
     mean: Optional[str] = common.MEAN,
     std: Optional[str] = common.STD,
@@ -58,7 +59,8 @@ def report(
     notes = []
     with common.progress_bar("report", unit="steps") as progress:
         path = make_report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
-                           select=select, progress=progress, device=device, note=notes.append)
+                           select=select, weighting=weighting, progress=progress, device=device,
+                           note=notes.append)
     typer.echo(f"report of {model} ({path.stat().st_size / 2**20:.1f} MiB): open it in a browser")
     typer.echo(f"  {path}")
     for text in notes:

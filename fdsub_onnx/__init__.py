@@ -24,7 +24,7 @@ from .evaluate.zoo import read_zoo, run_zoo
 from .graph.geometry import Geometry
 from .graph.model import Model, find_layer, load_model
 from .modes.decode import MODES, decode, iter_decode
-from .modes.fds import SELECTS, Substitution, gather_statistics
+from .modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS, Substitution, gather_statistics
 from .modes.local import decode_instances
 from .modes.nf import neuron_feature
 from .modes.result import Decoded
@@ -37,7 +37,8 @@ from .present.save import save_decoded, save_fidelity, save_with_top
 from .runtime.capture import capture_top, merge_top
 
 __all__ = [
-    "CHECK_IMAGES", "FIDELITY_MODES", "MODES", "REPORT_TOP", "SELECTS",
+    "CHECK_IMAGES", "DEFAULT_SELECT", "DEFAULT_WEIGHTING", "FIDELITY_MODES", "MODES", "REPORT_TOP", "SELECTS",
+    "WEIGHTINGS",
     "ArrayImages", "Check", "CheckReport", "Decoded", "Device", "FdsubError", "Geometry", "Layer", "LayerComparison",
     "Model", "Substitution", "Summary", "TopN",
     "capture_top", "check_junit_path", "check_model", "compare_layers", "compare_modes", "decode", "decode_instances",

@@ -20,7 +20,7 @@ from ..data.topn import TopN, rows_of
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.decode import iter_decode, leaf_rows
-from ..modes.fds import gather_statistics
+from ..modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
@@ -52,13 +52,16 @@ class LayerComparison:
 
 
 def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], images, holdout=None, top: int = 100,
-                   select: str = "positive", modes=FIDELITY_MODES, progress=None, device="cpu"
-                   ) -> list[LayerComparison]:
-    """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``).
+                   select: str = DEFAULT_SELECT, modes=FIDELITY_MODES, progress=None, device="cpu",
+                   weighting: str = DEFAULT_WEIGHTING) -> list[LayerComparison]:
+    """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``);
+    fds with the ``select`` rule and the ``weighting``.
 
     ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time).
     """
     modes = _checked_modes(modes)
+    parse_select(select)
+    parse_weighting(weighting)
     device = resolve_device(device)
     targets = [layer.name for layer in layers]
     picked = dict(zip(targets, picks))
@@ -68,7 +71,7 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     substitution = None
     if "fds" in modes:
         substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
-                                         device=device)
+                                         device=device, weighting=weighting)
     found = {}
     if set(modes) - {"weights"}:
         tops = dict(substitution.tops or {}) if substitution is not None else {}
@@ -99,9 +102,11 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
-                  progress=None, device="cpu") -> dict:
-    """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N), then measure on ``holdout``:
-    ``fidelity``'s result for that one layer."""
+                  progress=None, device="cpu", select: str = DEFAULT_SELECT,
+                  weighting: str = DEFAULT_WEIGHTING) -> LayerComparison:
+    """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N, fds with ``select`` and
+    ``weighting``), then measure on ``holdout``: the one layer's ``LayerComparison`` (``scores`` is ``fidelity``'s
+    result, ``decoded`` the filters it scored)."""
     modes = _checked_modes(modes)
     target = find_layer(model, layer).output[0]
     entry = next((lay for lay in inspect_model(model).layers if lay.name == target), None)
@@ -111,7 +116,7 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
         raise FdsubError(f"layer {target!r} is not decodable: {entry.reason}")
     picks = [parse_neurons(neurons, entry.channels, target)]
     return compare_layers(model, [entry], picks, images, holdout, top=top, modes=modes, progress=progress,
-                          device=device)[0].scores
+                          device=device, select=select, weighting=weighting)[0]
 
 
 def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:

@@ -30,7 +30,7 @@ from ..errors import FdsubError
 from ..evaluate.compare import LayerComparison, choose_layers, compare_layers, neurons_per_layer, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, load_model
-from ..modes.fds import parse_select
+from ..modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, parse_select, parse_weighting
 from .render import GAP, filter_grid
 
 REPORT_HTML = "index.html"
@@ -46,15 +46,16 @@ LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "de
 
 
 def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, layers=None, neurons=None,
-           top: int = DEFAULT_TOP, holdout=None, select: str = "positive", progress=None, device="cpu",
-           note=None) -> Path:
+           top: int = DEFAULT_TOP, holdout=None, select: str = DEFAULT_SELECT, progress=None, device="cpu",
+           note=None, weighting: str = DEFAULT_WEIGHTING) -> Path:
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
     ``open_images`` spec. ``layers``: names (output tensors or nodes) or a comma-separated string,
     default every decodable Conv layer. ``neurons``: a selector (``parse_neurons``) applied to each
     layer, keeping the indices the layer has. ``top`` instances per neuron feed the data modes and are
-    shown. Fidelity is measured on ``holdout`` when given, else on ``images``. ``progress(done, total)``
+    shown; fds uses ``select`` and ``weighting``. Fidelity is measured on ``holdout`` when given, else on
+    ``images``. ``progress(done, total)``
     counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``. By default, layers too deep to decode
     in the memory left are left out, said on the page and to ``note(text)``; named ``layers`` must all fit.
     The file is written atomically (nothing is left behind on failure).
@@ -68,6 +69,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise FdsubError(f"top must be a positive integer, got {top!r}")
     parse_select(select)
+    parse_weighting(weighting)
     device = resolve_device(device)
     model = model if isinstance(model, Model) else load_model(model)
     images = _image_set(images, model)
@@ -86,8 +88,8 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
             progress(done, steps)
 
     compared_layers = compare_layers(model, chosen, picks, images, held, top=top, select=select, progress=compared,
-                                     device=device)
-    page = render_report(model, summary, compared_layers, images, held, top, select, left_out,
+                                     device=device, weighting=weighting)
+    page = render_report(model, summary, compared_layers, images, held, top, select, left_out, weighting=weighting,
                          progress=None if progress is None else lambda done, total: progress(steps - 1 + done / total,
                                                                                             steps))
     paths = write_atomically(out, [REPORT_HTML], lambda tmp: (tmp / REPORT_HTML).write_text(page, encoding="utf-8"))
@@ -97,7 +99,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
 
 
 def render_report(model: Model, summary: Summary, compared: list[LayerComparison], images, held, top: int,
-                  select: str, left_out: list[str], progress=None) -> str:
+                  select: str, left_out: list[str], progress=None, weighting: str = DEFAULT_WEIGHTING) -> str:
     """The page of a comparison: one section per layer (computes nothing; every figure comes from ``compared``)."""
     sections, data = [], []
     pictures = _Pictures()
@@ -110,7 +112,7 @@ def render_report(model: Model, summary: Summary, compared: list[LayerComparison
         if progress is not None:
             progress(index + 1, len(compared))
     setup = {"model": model.path, "images": _describe(images), "holdout": None if held is None else _describe(held),
-             "top": int(top), "select": select, "left_out": left_out}
+             "top": int(top), "select": select, "weighting": weighting, "left_out": left_out}
     chosen = [lc.layer for lc in compared]
     return _page(setup, summary, chosen, sections, {"setup": setup, "summary": summary.to_json(), "layers": data},
                  pictures)
@@ -316,8 +318,12 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
     grids = {mode: filter_grid(_block_mean(decoded[mode].filters, GRID_SIDE), labels=[str(int(n)) for n in neurons],
                                cell=32)
              for mode in TABS}
-    grids = "".join(_img(grid, grid.width, f"{mode} filters of every neuron", f"m m-{mode}")
-                    for mode, grid in grids.items())
+    same = {}  # identical grids (fds and weights at a first layer) stored once, shown under each of their tabs
+    for mode, grid in grids.items():
+        same.setdefault(grid.tobytes() + repr(grid.size).encode(), []).append(mode)
+    grids = "".join(_img(grids[modes[0]], grids[modes[0]].width, f"{' and '.join(modes)} filters of every neuron",
+                         " ".join(["m", *(f"m-{mode}" for mode in modes)]))
+                    for modes in same.values())
     tabbed = "".join(f'<span class="m m-{m}">{m}</span>' for m in TABS)
     head = ["neuron", f"filter {tabbed}", "deconvnet", "NF", f"top {found.top} patches", "mean<br>act.",
             *(f"r<br>{LABELS[m]}" for m in FIDELITY_MODES)]
@@ -426,7 +432,8 @@ def _page(setup: dict, summary: Summary, chosen: list[Layer], sections: list[str
 <body>
 <header><h1>Filter decoding report: {escape(os.path.basename(setup['model']))}</h1>
 <p>Model <code>{escape(setup['model'])}</code>. Top {setup['top']} instances per neuron from {escape(setup['images'])};
-fds select rule <code>{escape(setup['select'])}</code>. Fidelity on {fidelity_on}.</p>
+fds select rule <code>{escape(setup['select'])}</code>, weighting <code>{escape(setup['weighting'])}</code>.
+Fidelity on {fidelity_on}.</p>
 <p>Filters: 0 is mid-gray, each scaled so its largest |value| is black or white. NF (neuron feature) and patches are
 image pixels (dark gray where a receptive field leaves the image). Click a neuron for its details, a column header
 to sort.</p>

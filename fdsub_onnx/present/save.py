@@ -29,17 +29,19 @@ def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
     return write_atomically(out_dir, *decoded_files(decoded))
 
 
-def decoded_files(decoded) -> tuple[list[str], Callable[[Path], None]]:
-    """The names ``save_decoded`` writes and the writer that makes them in a folder (to combine with other results)."""
+def decoded_files(decoded, prefix: str = "") -> tuple[list[str], Callable[[Path], None]]:
+    """The names ``save_decoded`` writes (after ``prefix``) and the writer that makes them in a folder (to combine
+    with other results)."""
     arrays = decoded_arrays(decoded)
     image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
+    npz, png = prefix + NPZ_NAME, prefix + PNG_NAME
 
     def write(folder: Path) -> None:
-        with open(folder / NPZ_NAME, "wb") as f:
+        with open(folder / npz, "wb") as f:
             np.savez(f, **arrays)
-        image.save(folder / PNG_NAME, format="PNG")
+        image.save(folder / png, format="PNG")
 
-    return [NPZ_NAME, PNG_NAME], write
+    return [npz, png], write
 
 
 def decoded_arrays(decoded) -> dict[str, np.ndarray]:
@@ -73,7 +75,14 @@ def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
 FIDELITY_JSON = "fidelity.json"
 
 
-def save_fidelity(result: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``out_dir/fidelity.json`` (``fidelity``'s result) atomically; return its path."""
-    return write_atomically(out_dir, [FIDELITY_JSON],
-                            lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))
+def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None = None) -> list[Path]:
+    """Write ``out_dir/fidelity.json`` (``fidelity``'s result) and, for each scored decoding (mode -> Decoded),
+    ``<mode>-decoded.npz`` and ``<mode>-filters.png`` (``save_decoded``'s files): what was scored, atomically."""
+    parts = [([FIDELITY_JSON], lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))]
+    parts += [decoded_files(one, f"{mode}-") for mode, one in (decoded or {}).items()]
+
+    def write(folder: Path) -> None:
+        for _, part in parts:
+            part(folder)
+
+    return write_atomically(out_dir, [name for names, _ in parts for name in names], write)

@@ -80,7 +80,7 @@ def test_compare_modes_on_a_relu_net(tmp_path):
     model = load_proto(b.build([last]), tmp_path)
     rng = np.random.default_rng(0)
     images, holdout = (fd.ArrayImages(rng.standard_normal((n, 3, 16, 16)).astype(np.float32)) for n in (30, 20))
-    result = compare_modes(model, last, images, holdout, top=5, neurons="0-2")
+    result = compare_modes(model, last, images, holdout, top=5, neurons="0-2").scores
     assert (list(result["decodings"]) == ["weights", "fds", "local", "deconvnet", "nf"]
             and result["neurons"] == [0, 1, 2])
     for scores in result["decodings"].values():
@@ -101,5 +101,16 @@ def test_cli_fidelity(linear, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "fidelity.json").read_text())
     assert set(saved["decodings"]) == {"weights", "local"} and "weights" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "local-decoded.npz", "local-filters.png",
+                                                     "weights-decoded.npz", "weights-filters.png"]
+    scored = np.load(out / "weights-decoded.npz")
+    assert str(scored["mode"]) == "weights" and scored["filters"].shape[0] == len(saved["neurons"])
+    fds = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "fds"), "--modes", "fds", "--select", "all",
+                                              "--weighting", "activation"])
+    assert fds.exit_code == 0, fds.output
+    assert str(np.load(tmp_path / "fds" / "fds-decoded.npz")["mode"]) == "fds"
+    for option, value in (("--select", "best"), ("--weighting", "mean")):
+        bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "bad"), option, value])
+        assert bad.exit_code == 2 and f"{option} must be one of" in bad.output and not (tmp_path / "bad").exists()
     bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other"), "--modes", "weights,magic"])
     assert bad.exit_code == 2 and "unknown mode 'magic'" in bad.output and not (tmp_path / "other").exists()
