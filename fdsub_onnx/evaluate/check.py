@@ -240,7 +240,8 @@ def _identity(model: Model, decoded, tolerance, count, seed, notes) -> Check:
     if not decoded:
         return Check("identity", SKIP, "no layer to decode: " + "; ".join(notes), details=notes)
     try:
-        linear = _linear_model(model, [d.layer for d in decoded])
+        gates = {mul: value for d in decoded for mul, value in d.gates.items()}  # held as they were decoded
+        linear = _linear_model(model, [d.layer for d in decoded], gates)
     except FdsubError as exc:
         return Check("identity", SKIP, f"the model cannot be linearized: {exc}")
     images = np.random.default_rng(seed).standard_normal((count, *model.input_shape[1:])).astype(np.float32)
@@ -272,9 +273,10 @@ def _identity_line(result, tolerance) -> str:
     return line
 
 
-def _linear_model(model: Model, names: list[str]) -> Model:
+def _linear_model(model: Model, names: list[str], gates: dict) -> Model:
     """The model, computing only ``names``, with its nonlinearities replaced as ``weights`` mode reads them."""
-    return dataclasses.replace(model, proto=linearized(pruned(model.proto, names, model.input_name, batch=None)))
+    proto = linearized(pruned(model.proto, names, model.input_name, batch=None), model.patterns, gates)
+    return dataclasses.replace(model, proto=proto)
 
 
 def _degenerate(decoded, max_degenerate: float) -> Check:

@@ -20,6 +20,7 @@ from ..compose.backend import array_module, get_backend, resolve_device
 from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
+from ..graph.ranges import slice_ranges, split_ranges
 from ..runtime.session import Forward
 
 
@@ -46,9 +47,16 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
         seed.reshape(len(images), -1)[m, np.asarray(neurons)] = 1.0
     grads, bias = {target: seed}, backend.zeros((len(images),), np.float64)
     for node in reversed(nodes):
-        grad = grads.pop(node.output[0], None)
-        if grad is None:
+        outs = [grads.pop(name, None) if name else None for name in node.output]
+        if all(g is None for g in outs):
             continue
+        grad = outs[0]
+        if node.op_type in MULTI_OUTPUT:  # one gradient per output (zeros for an output nothing reads)
+            grad = [g if g is not None else backend.zeros(values[name].shape, np.float64)
+                    for name, g in zip(node.output, outs)]
+        elif grad is None:
+            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
+                             "can be followed")
         step = rules.get(node.op_type)
         if step is None:
             raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
@@ -191,6 +199,10 @@ def _hard_sigmoid(xp, node, ins, out):
 def _hard_swish(xp, node, ins, out):
     x = ins[0]
     return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, x / 3 + 0.5))
+
+
+def _erf(xp, node, ins, out):
+    return 2 / np.sqrt(np.pi) * xp.exp(-ins[0] ** 2)
 
 
 def _sigmoid(xp, node, ins, out):
@@ -395,10 +407,29 @@ def _pad(node, ins, is_data, out, grad):
     return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
 
 
+def _slice(node, ins, is_data, out, grad):
+    """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
+    x, xp = ins[0], array_module(grad)
+    ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
+    index = tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape))
+    gx = xp.zeros(x.shape)
+    gx[index] = grad
+    return [gx] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _split(node, ins, is_data, out, grads):
+    """The outputs' gradients side by side along the split axis."""
+    x = ins[0]
+    axis, _ = split_ranges(attributes(node), ins[1] if len(ins) > 1 else None, x.shape, len(node.output))
+    return [array_module(grads[0]).concatenate(grads, axis=axis)] + [None] * (len(ins) - 1), _none_added(grads[0])
+
+
 def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
 
 
+#: ops whose rule takes the gradients of all their outputs (a list)
+MULTI_OUTPUT = ("Split",)
 #: ``local``: the exact linearization of each op at the instance (op type -> rule)
 LOCAL_RULES = {
     "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool,
@@ -406,7 +437,7 @@ LOCAL_RULES = {
     "Add": _add_sub, "Sub": _add_sub,
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
-    "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+    "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split, "Erf": _slope(_erf),
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),

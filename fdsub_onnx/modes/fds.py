@@ -20,6 +20,7 @@ from ..data.topn import TopN, instance_weights, start_top
 from ..errors import FdsubError
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
+from ..graph.patterns import ChannelGate
 from ..runtime.capture import update_top
 from ..runtime.session import Forward
 
@@ -82,18 +83,10 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = "pos
 
 
 def _gates(model, nodes) -> dict[str, str]:
-    """Mul nodes of two data inputs where one is a [N, C, 1, 1] gate over a map (squeeze-and-excitation):
-    Mul output -> gate tensor. In fds mode each gate is held at its mean over the images."""
-    gates = {}
-    for node in nodes:
-        if node.op_type != "Mul" or any(name in model.constants for name in node.input):
-            continue
-        shapes = [model.shapes.get(name) for name in node.input]
-        if all(s is not None and len(s) == 4 for s in shapes):
-            small = [s[2] * s[3] == 1 for s in shapes]
-            if small[0] != small[1]:
-                gates[node.output[0]] = node.input[0] if small[0] else node.input[1]
-    return gates
+    """Mul output -> gate tensor of each channel gate (squeeze-and-excitation, ``graph.patterns``) among ``nodes``.
+    In fds mode each gate is held at its mean over the images."""
+    outputs = {node.output[0] for node in nodes}
+    return {mul: p.gate for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
 
 
 def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device):

@@ -55,6 +55,10 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
     } | ({} if getattr(decoded, "instance_filters", None) is None else {
         "instance_filters": np.ascontiguousarray(decoded.instance_filters),
         "instance_bias": np.ascontiguousarray(decoded.instance_bias),
+    }) | ({} if not getattr(decoded, "gates", None) else {
+        # channel gates held while decoding: JSON {Mul output tensor: [value per channel]}
+        "gates": np.asarray(json.dumps({mul: np.asarray(v, np.float64).reshape(-1).tolist()
+                                        for mul, v in decoded.gates.items()})),
     })
 
 

@@ -27,6 +27,7 @@ from .op_gemm import Gemm, MatMul
 from .op_layout import Flatten, Reshape, Squeeze, Transpose, Unsqueeze
 from .op_pad import Pad
 from .op_pool import AveragePool, GlobalAveragePool, GlobalMaxPool, MaxPool
+from .op_slice import Slice, Split
 
 RULES = {
     cls.__name__: cls()
@@ -34,6 +35,6 @@ RULES = {
         Add, Sub, Mul, Div, Sum, BatchNormalization, Concat, Conv, Identity, Relu, LeakyRelu, PRelu, Clip,
         Sigmoid, HardSigmoid, HardSwish, Tanh, Elu, Selu, Celu, Softplus, Gelu, Mish, LRN, Dropout, Gemm, MatMul,
         Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Pad, AveragePool, MaxPool, GlobalAveragePool,
-        GlobalMaxPool,
+        GlobalMaxPool, Slice, Split,
     )
 }

@@ -6,10 +6,9 @@ import numpy as np
 
 from ...errors import NotDecodable
 from ...graph.geometry import union
+from ...graph.patterns import ChannelGate, SelfGated
 from ..values import Const, Tensor
 from ._rule import OpRule, data, per_channel
-
-GATES = ("Sigmoid", "HardSigmoid", "Tanh", "HardSwish")
 
 
 class Add(OpRule):
@@ -35,16 +34,22 @@ class Mul(OpRule):
             x, c = (b, a) if isinstance(a, Const) else (a, b)
             x = data(x)
             return scale(x, per_channel(c.value, x.channels, ctx.rank(node.output[0])), ctx)
-        gated = _self_gated(node, ctx)
-        if gated is not None:
-            return data(inputs[gated])
-        held = ctx.held_gate(node)
-        if held is not None:  # fds: the gate at its mean over the images (see _substitution)
-            x = data(a) if ctx.spatial(node.input[0]) != (1, 1) else data(b)
-            return scale(x, held, ctx)
+        pattern = ctx.pattern(node)
+        if isinstance(pattern, SelfGated):  # x * f(x): an elementwise nonlinearity of x, read as slope * x
+            x = ctx.value(pattern.x)
+            if np.all(np.asarray(pattern.slope) == 1.0) or not isinstance(x, Tensor):
+                return x
+            return scale(x, np.broadcast_to(np.asarray(pattern.slope, np.float64), (x.channels,)), ctx)
+        if isinstance(pattern, ChannelGate):  # a per-channel gate held at a value (it keeps x's geometry)
+            x = data(inputs[list(node.input).index(pattern.x)])
+            held = ctx.held_gate(node)
+            if held is None:
+                if x.bank is None:
+                    return x  # geometry only: no value needed
+                raise NotDecodable("its channel gate has no held value")
+            return scale(x, np.asarray(held, np.float64).reshape(-1), ctx)
         raise NotDecodable(
-            "it multiplies two data-dependent tensors (a multiplicative gate such as squeeze-and-excitation), "
-            "which has no data-free rule; decode it with images (fds or local mode)"
+            "it multiplies two data-dependent tensors that are neither x * f(x) nor a per-channel gate over a map"
         )
 
 
@@ -81,11 +86,3 @@ def add(inputs: list, signs: list[float], node, ctx) -> Tensor:
     bank = ctx.engine.sum(banks, [x.geom for x, _ in maps], geom)
     return maps[0][0].derive(geom=geom, bank=ctx.engine.affine(bank, 1.0, shift))
 
-
-def _self_gated(node, ctx):
-    """Index of x in x * sigmoid(x) (SiLU, swish): an elementwise nonlinearity, identity here."""
-    for i, j in ((0, 1), (1, 0)):
-        producer = ctx.producer(node.input[j])
-        if producer is not None and producer.op_type in GATES and producer.input[0] == node.input[i]:
-            return i
-    return None
