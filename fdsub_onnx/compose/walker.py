@@ -137,7 +137,10 @@ def _apply(node, inputs, ctx, model):
     if blocked is not None:
         return blocked
     label = f"{node.op_type} node {model.node_name(node)!r}"
-    rule = RULES.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+    if node.domain not in STANDARD_DOMAINS:
+        return Blocked(f"{label}: an op of the {node.domain!r} domain, not standard ONNX (for onnxruntime's quantized "
+                       "contrib ops: quantize in QDQ format, onnxruntime.quantization.QuantFormat.QDQ)")
+    rule = RULES.get(node.op_type)
     if rule is None:
         return Blocked(f"{label}: no rule for this op (`fdsub inspect` lists what is decodable)")
     try:

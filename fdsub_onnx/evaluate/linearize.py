@@ -43,6 +43,7 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     graph = out.graph
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     nodes, held = [], []
+    producer = {o: node for node in graph.node for o in node.output}
     for node in graph.node:
         label = f"{node.op_type} node {node.name or node.output[0]!r}"
         extra = [o for o in node.output[1:] if o in used]
@@ -52,6 +53,9 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
             nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
         elif node.op_type in AVERAGED:
             nodes.append(_averaged(node, label))
+        elif _dequantizes_its_quantize(node, producer):  # a QDQ pair: x, as weights mode reads it (no rounding)
+            x = producer[node.input[0]].input[0]
+            nodes.append(helper.make_node("Identity", [x], [node.output[0]], name=node.name))
         elif isinstance(patterns.get(node.output[0]), SelfGated):
             pattern = patterns[node.output[0]]
             if np.all(np.asarray(pattern.slope) == 1.0):
@@ -73,6 +77,13 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     graph.node.extend(nodes)
     graph.initializer.extend(held)
     return out
+
+
+def _dequantizes_its_quantize(node, producer) -> bool:
+    """A DequantizeLinear of a QuantizeLinear with the same scale and zero point (QDQ format around data)."""
+    quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+    return (quantize is not None and quantize.op_type == "QuantizeLinear"
+            and list(quantize.input[1:]) == list(node.input[1:]))
 
 
 def _averaged(node, label: str):

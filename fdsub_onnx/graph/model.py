@@ -15,7 +15,10 @@ from .patterns import find_patterns
 from .prepare import STANDARD_DOMAINS, prepare
 
 #: ops whose outputs are listed as layers by ``inspect``
-LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul",
+             "ConvTranspose", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")
+#: the convolution-like ones among them (what coverage figures count)
+CONV_LIKE = ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger")
 
 
 @dataclass

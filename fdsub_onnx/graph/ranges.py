@@ -45,3 +45,13 @@ def _clamped(start: int, end: int, step: int, size: int) -> tuple[int, int, int]
     start = start + size if start < 0 else start
     end = size if end >= _INT_MAX // 2 else (end + size if end < 0 else end)
     return min(max(start, 0), size), min(max(end, 0), size), step
+
+
+def reduce_axes(attrs: dict, axes, rank: int) -> set[int]:
+    """The axes a Reduce* node reduces (attribute before opset 18, else its constant input; none: all axes)."""
+    axes = attrs.get("axes", axes)
+    if axes is None or np.size(axes) == 0:
+        if attrs.get("noop_with_empty_axes", 0):
+            return set()
+        return set(range(rank))
+    return {int(a) % rank for a in np.asarray(axes).reshape(-1)}

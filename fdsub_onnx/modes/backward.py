@@ -20,7 +20,7 @@ from ..compose.backend import array_module, get_backend, resolve_device
 from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
-from ..graph.ranges import slice_ranges, split_ranges
+from ..graph.ranges import reduce_axes, slice_ranges, split_ranges
 from ..runtime.session import Forward
 
 
@@ -58,6 +58,9 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
             raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
                              "can be followed")
         step = rules.get(node.op_type)
+        if node.op_type in NO_LOCAL_RULE:
+            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: "
+                             f"{NO_LOCAL_RULE[node.op_type]}")
         if step is None:
             raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
         is_data = [bool(name) and name not in model.constants for name in node.input]
@@ -176,6 +179,16 @@ def _slope(derivative):
         return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
 
     return step
+
+
+def _quantization_scale(xp, node, ins, out):
+    """Q/DQ's scale broadcast along its axis (the offset ``out - d x`` then holds zero point and rounding)."""
+    scale = xp.asarray(ins[1], dtype=np.float64).reshape(-1)
+    if scale.size > 1:
+        shape = [1] * ins[0].ndim
+        shape[int(attributes(node).get("axis", 1)) % ins[0].ndim] = scale.size
+        scale = scale.reshape(shape)
+    return 1 / scale if node.op_type == "QuantizeLinear" else scale
 
 
 def _leaky(xp, node, ins, out):
@@ -311,6 +324,25 @@ def _global_pool(node, ins, is_data, out, grad):
     return [g.reshape(x.shape)], _none_added(grad)
 
 
+def _reduce(node, ins, is_data, out, grad):
+    """Mean and Sum spread the gradient evenly over what they reduce; Max gives it to the first maximum."""
+    x, xp = ins[0], array_module(grad)
+    axes = tuple(sorted(reduce_axes(attributes(node), ins[1] if len(ins) > 1 else None, x.ndim) - {0}))
+    kept = list(x.shape)
+    for a in axes:
+        kept[a] = 1
+    g = grad.reshape(kept)
+    if node.op_type == "ReduceMax":
+        moved = xp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+        flat = moved.reshape(*moved.shape[: x.ndim - len(axes)], -1)
+        hit = xp.zeros_like(flat)
+        xp.put_along_axis(hit, xp.argmax(flat, axis=-1)[..., None], 1.0, axis=-1)
+        mask = xp.moveaxis(hit.reshape(moved.shape), tuple(range(x.ndim - len(axes), x.ndim)), axes)
+        return [g * mask] + [None] * (len(ins) - 1), _none_added(grad)
+    count = int(np.prod([x.shape[a] for a in axes])) if node.op_type == "ReduceMean" else 1
+    return [xp.broadcast_to(g / count, x.shape).copy()] + [None] * (len(ins) - 1), _none_added(grad)
+
+
 def _batchnorm(node, ins, is_data, out, grad):
     gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
     scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
@@ -428,6 +460,8 @@ def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
 
 
+#: ops decodable in ``weights`` mode that the backward passes refuse, with the reason
+NO_LOCAL_RULE = {"QLinearConv": "QOperator convolutions have no backward rule; quantize in QDQ format"}
 #: ops whose rule takes the gradients of all their outputs (a list)
 MULTI_OUTPUT = ("Split",)
 #: ``local``: the exact linearization of each op at the instance (op type -> rule)
@@ -437,7 +471,9 @@ LOCAL_RULES = {
     "Add": _add_sub, "Sub": _add_sub,
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
-    "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split, "Erf": _slope(_erf),
+    "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split,
+    "QuantizeLinear": _slope(_quantization_scale), "DequantizeLinear": _slope(_quantization_scale),
+    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "Erf": _slope(_erf),
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),

@@ -246,3 +246,34 @@ def test_split_and_slice_in_local_mode_are_exact_per_instance(tmp_path):
             pred += decoded.instance_bias[k, n]
             want = acts[i, decoded.neurons[k], found.position[k, n, 0], found.position[k, n, 1]]
             assert abs(pred - want) <= 1e-4 * np.abs(acts).max(), (k, n, pred, want)
+
+
+# ---- quantized models ---------------------------------------------------------------------------------------
+def test_qdq_model_decodes_like_its_float_original(tmp_path):
+    """onnxruntime's static QDQ quantization of a net: the QDQ pairs around activations cancel, the int8 weights
+    fold to float; the filters equal the float model's within the weights' quantization error."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    b = NetBuilder(height=12, width=12, seed=2)
+    x = b.relu(b.conv("input", 6, 3, 1, (1, 1, 1, 1)))
+    last = b.conv(b.relu(b.conv(x, 8, 3, 2)), 5, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    images = random_images(model, 8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": images[i : i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantized = str(tmp_path / "qdq.onnx")
+    quantize_static(model.path, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    qmodel = fd.load_model(quantized)
+    assert any(n.op_type == "QuantizeLinear" for n in qmodel.nodes)
+    assert all(layer.decodable for layer in fd.inspect_model(qmodel).layers)
+    want, got = fd.decode(model, last, dtype="float64"), fd.decode(qmodel, last, dtype="float64")
+    scale = np.abs(want.filters).max()
+    assert np.abs(got.filters - want.filters).max() <= 0.05 * scale
+    assert np.abs(got.filters - want.filters).max() > 0  # the quantized weights do differ

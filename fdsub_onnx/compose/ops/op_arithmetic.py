@@ -75,6 +75,11 @@ def add(inputs: list, signs: list[float], node, ctx) -> Tensor:
     if not maps:
         raise NotDecodable("all inputs are constants")
     channels = {x.channels for x, _ in maps}
+    if len(channels) == 2 and 1 in channels:  # a one-channel map broadcast over the others (x - mean over C)
+        wide = max(channels)
+        maps = [(x if x.channels == wide else x.derive(channels=wide, bank=ctx.engine.take(x.bank, [0] * wide)), s)
+                for x, s in maps]
+        channels = {wide}
     spatial = {x.spatial for x, _ in maps}
     if len(channels) > 1 or len(spatial) > 1:
         raise NotDecodable(f"it broadcasts feature maps of different shapes (channels {sorted(channels)}, "
