@@ -12,7 +12,7 @@ import onnx
 
 from ..errors import FdsubError
 from .patterns import find_patterns
-from .prepare import STANDARD_DOMAINS, prepare
+from .prepare import STANDARD_DOMAINS, nchw_input, prepare
 
 #: ops whose outputs are listed as layers by ``inspect``
 LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul",
@@ -50,6 +50,7 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     """
     path = os.fspath(path)
     proto = _read(path)
+    nchw_input(proto)  # a TF-style NHWC image input is read as NCHW (graph.prepare)
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
     name, shape = _input(proto, path, input_shape)
     proto = _fix_input_shape(proto, name, shape)

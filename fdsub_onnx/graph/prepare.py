@@ -123,3 +123,31 @@ def _single_node_model(node, feeds, opset):
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+NHWC_TO_NCHW = [0, 3, 1, 2]
+
+
+def nchw_input(proto: onnx.ModelProto) -> str | None:
+    """Read an NHWC image input (TF exports: its only consumers are ``Transpose(perm=[0, 3, 1, 2])``) as NCHW:
+    the input takes the NCHW shape and each of those Transposes becomes an Identity, keeping its names. Images
+    are then fed as everywhere else. Returns the input's name when it was rewritten (in place)."""
+    initializers = {i.name for i in proto.graph.initializer}
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in initializers or len(dims) != 4:
+            continue
+        users = [n for n in proto.graph.node if inp.name in n.input]
+        perms = [next((list(a.ints) for a in n.attribute if a.name == "perm"), None) for n in users]
+        if not users or any(n.op_type != "Transpose" or p != NHWC_TO_NCHW for n, p in zip(users, perms)):
+            continue
+        copies = [onnx.TensorShapeProto.Dimension() for _ in range(4)]
+        for new, old in zip(copies, [dims[i] for i in NHWC_TO_NCHW]):
+            new.CopyFrom(old)
+        for dim, new in zip(dims, copies):
+            dim.CopyFrom(new)
+        for node in users:
+            node.op_type = "Identity"
+            del node.attribute[:]
+        return inp.name
+    return None

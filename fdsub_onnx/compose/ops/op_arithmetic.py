@@ -7,7 +7,7 @@ import numpy as np
 from ...errors import NotDecodable
 from ...graph.geometry import union
 from ...graph.patterns import ChannelGate, SelfGated
-from ..values import Const, Tensor
+from ..values import Const, Layout, Tensor
 from ._rule import OpRule, data, per_channel
 
 
@@ -32,6 +32,8 @@ class Mul(OpRule):
             raise NotDecodable("both inputs are constants")
         if isinstance(a, Const) or isinstance(b, Const):
             x, c = (b, a) if isinstance(a, Const) else (a, b)
+            if isinstance(x, Layout):  # e.g. a per-channel scale on an NHWC view of a map
+                return on_layout(x, c.value, scale=True, ctx=ctx)
             x = data(x)
             return scale(x, per_channel(c.value, x.channels, ctx.rank(node.output[0])), ctx)
         pattern = ctx.pattern(node)
@@ -69,8 +71,29 @@ def scale(x: Tensor, factor: np.ndarray, ctx) -> Tensor:
     return x.derive(bank=ctx.engine.affine(x.bank, factor, 0.0))
 
 
+def on_layout(layout: Layout, constant: np.ndarray, scale: bool, ctx, sign: float = 1.0) -> Layout:
+    """A constant multiplied (``scale``) or added (``sign``) elementwise to a pending reshape of a map (a tf2onnx
+    NHWC view): read through the layout's index, it must be one value per channel of the source map."""
+    index, source = layout.index, layout.source
+    values = np.broadcast_to(np.asarray(constant, np.float64), index.shape).reshape(-1)
+    per_source = np.empty(index.size)
+    per_source[index.reshape(-1)] = values
+    per_source = per_source.reshape(source.channels, -1)
+    if not np.allclose(per_source, per_source[:, :1]):
+        raise NotDecodable("its constant varies over space in the map's own layout")
+    value = per_source[:, 0]
+    bank = ctx.engine.affine(source.bank, value, 0.0) if scale else ctx.engine.affine(source.bank, 1.0, sign * value)
+    return Layout(index, source.derive(bank=bank))
+
+
 def add(inputs: list, signs: list[float], node, ctx) -> Tensor:
     """Signed sum of feature maps (aligned in image space) and per-channel constants."""
+    layouts = [v for v in inputs if isinstance(v, Layout)]
+    if len(layouts) == 1 and len(inputs) == 2 and any(isinstance(v, Const) for v in inputs):
+        const, sign = next((v, s) for v, s in zip(inputs, signs) if isinstance(v, Const))
+        if signs[list(map(id, inputs)).index(id(layouts[0]))] != 1.0:
+            raise NotDecodable("it subtracts a reshaped map from a constant")
+        return on_layout(layouts[0], const.value, scale=False, ctx=ctx, sign=sign)
     maps = [(data(v), s) for v, s in zip(inputs, signs) if not isinstance(v, Const)]
     if not maps:
         raise NotDecodable("all inputs are constants")

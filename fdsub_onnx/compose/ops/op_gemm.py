@@ -26,10 +26,14 @@ class MatMul(OpRule):
 
 
 def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
-    """``features @ matrix + bias`` where features flatten a map [C, H, W] in C order."""
-    source, (c, h, w) = _flattened(value)
+    """``features @ matrix + bias`` where features flatten a map [C, H, W] (in C order or any other)."""
+    source, (c, h, w), order = _flattened(value)
     if matrix.ndim != 2 or matrix.shape[0] != c * h * w:
         raise NotDecodable(f"weight matrix {list(matrix.shape)} does not take {c * h * w} features")
+    if order is not None:  # feature j is source position order[j]: row j of the matrix belongs there
+        placed = np.empty_like(matrix)
+        placed[order] = matrix
+        matrix = placed
     n = matrix.shape[1]
     weight = matrix.T.reshape(n, c, h, w)
     if bias is not None:
@@ -38,12 +42,14 @@ def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
 
 
 def _flattened(value):
+    """(source map, its [C, H, W], the source position of each feature or None for C order)."""
     if isinstance(value, Tensor) and value.spatial == (1, 1):
-        return value, (value.channels, 1, 1)
+        return value, (value.channels, 1, 1), None
     if isinstance(value, Layout):
         source = value.source
         size = source.channels * source.spatial[0] * source.spatial[1]
-        if (value.index.ndim == 2 and value.index.shape[0] == 1
-                and np.array_equal(value.index.reshape(-1), np.arange(size))):
-            return source, (source.channels, *source.spatial)
-    raise NotDecodable("its input is not a feature map flattened in [C, H, W] order")
+        flat = value.index.reshape(-1)
+        if value.index.ndim == 2 and value.index.shape[0] == 1 and np.array_equal(np.sort(flat), np.arange(size)):
+            # C order, or another order of the same values (an NHWC map flattened): the matrix rows follow it
+            return source, (source.channels, *source.spatial), None if np.array_equal(flat, np.arange(size)) else flat
+    raise NotDecodable("its input is not a feature map flattened into one vector per image")
