@@ -9,7 +9,7 @@ from ..graph.geometry import Geometry
 from ..graph.model import LAYER_OPS, Model, find_layer
 from .backend import get_backend
 from .engine import Engine
-from .values import Blocked, Tensor
+from .values import Blocked, Layout, Tensor
 from .walker import walk
 
 MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
@@ -93,6 +93,9 @@ def _layer(model, node, value) -> Layer:
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
                      list(g.origin), True, None)
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
+    if isinstance(value, Layout) and value.channels_last:
+        reason = ("a channels-last (NHWC) view of a map, channels on the last axis; the Conv layers around it "
+                  "decode")
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason)
 
 

@@ -38,6 +38,7 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     FdsubError when an op cannot be replaced (a used second output, a dilated MaxPool).
     """
     patterns, gates = patterns or {}, gates or {}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -53,6 +54,8 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
             nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
         elif node.op_type in AVERAGED:
             nodes.append(_averaged(node, label))
+        elif node.op_type == "LayerNormalization" and node.output[0] in gates:
+            nodes.extend(_held_layer_norm(node, float(np.asarray(gates[node.output[0]]).reshape(-1)[0]), held, opset))
         elif _dequantizes_its_quantize(node, producer):  # a QDQ pair: x, as weights mode reads it (no rounding)
             x = producer[node.input[0]].input[0]
             nodes.append(helper.make_node("Identity", [x], [node.output[0]], name=node.name))
@@ -77,6 +80,27 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     graph.node.extend(nodes)
     graph.initializer.extend(held)
     return out
+
+
+def _held_layer_norm(node, inverse_std: float, held: list, opset: int) -> list:
+    """LayerNormalization over the last axis with its 1/std held: ``(x - mean(x)) * (r * scale) + bias``."""
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    mean, centred, scaled = f"{out}::mean", f"{out}::centred", f"{out}::scaled"
+    factor = f"{out}::factor"
+    held.append(onnx.numpy_helper.from_array(np.asarray(inverse_std, np.float32), factor))
+    if opset >= 18:
+        axes = f"{out}::axes"
+        held.append(onnx.numpy_helper.from_array(np.asarray([-1], np.int64), axes))
+        reduce = helper.make_node("ReduceMean", [x, axes], [mean], name=f"{name}::mean", keepdims=1)
+    else:
+        reduce = helper.make_node("ReduceMean", [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
+    nodes = [reduce, helper.make_node("Sub", [x, mean], [centred], name=f"{name}::centre"),
+             helper.make_node("Mul", [centred, factor], [scaled], name=f"{name}::held"),
+             helper.make_node("Mul", [scaled, node.input[1]], [out + ("::gamma" if len(node.input) > 2 else "")],
+                              name=f"{name}::scale")]
+    if len(node.input) > 2 and node.input[2]:
+        nodes.append(helper.make_node("Add", [out + "::gamma", node.input[2]], [out], name=name))
+    return nodes
 
 
 def _dequantizes_its_quantize(node, producer) -> bool:

@@ -106,7 +106,7 @@ def _asymptotic_slope(x: str, nodes: list, constants: dict, shape, opset: int) -
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    c = int(shape[1])
+    shape = (1, *tuple(shape)[1:])
     inits = {n: constants[n] for node in nodes for n in node.input if n in constants}
     graph = helper.make_graph(nodes, "asymptote", [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
@@ -114,17 +114,22 @@ def _asymptotic_slope(x: str, nodes: list, constants: dict, shape, opset: int) -
     try:
         run = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
         with np.errstate(all="ignore"):  # both branches of the reference's Sigmoid overflow at large x
-            ys = [np.asarray(run.run(None, {x: np.full((1, c, 1, 1), t * LARGE, np.float32)})[0], np.float64)
+            ys = [np.asarray(run.run(None, {x: np.full(shape, t * LARGE, np.float32)})[0], np.float64)
                   for t in (1, 2, 4)]
     except Exception:
         return None
-    if any(y.size != c for y in ys):
+    if any(y.shape != shape for y in ys):
         return None
-    near, far = (ys[1] - ys[0]).reshape(-1) / LARGE, (ys[2] - ys[1]).reshape(-1) / (2 * LARGE)
+    near, far = (ys[1] - ys[0]) / LARGE, (ys[2] - ys[1]) / (2 * LARGE)
     if not (np.isfinite(near).all() and np.allclose(near, far, rtol=1e-3, atol=1e-6)):
         return None
     slope = np.round(far, 6)
-    return 1.0 if np.all(slope == 1.0) else (float(slope[0]) if np.all(slope == slope[0]) else slope)
+    if np.all(slope == slope.flat[0]):
+        return float(slope.flat[0])
+    per_channel = slope.reshape(shape[0], shape[1], -1)[0, :, 0] if len(shape) > 2 else slope.reshape(-1)
+    if len(shape) == 4 and np.array_equal(slope, np.broadcast_to(per_channel[None, :, None, None], shape)):
+        return per_channel
+    return None  # a slope varying over space: not one elementwise nonlinearity of a map
 
 
 def _channel_gate(sa, sb) -> int | None:

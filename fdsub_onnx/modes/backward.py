@@ -343,6 +343,26 @@ def _reduce(node, ins, is_data, out, grad):
     return [xp.broadcast_to(g / count, x.shape).copy()] + [None] * (len(ins) - 1), _none_added(grad)
 
 
+def _layer_norm(node, ins, is_data, out, grad):
+    """LayerNormalization over the last axis, linearized at the instance: with x^ = (x - mean) r, r = 1/std,
+    g_x = r * (g' - mean(g') - x^ mean(g' x^)) for g' = g * gamma; the offset ``out - J x`` is
+    ``beta + gamma x^ (1 - eps r^2)``, so the local identity stays exact."""
+    x, xp = ins[0], array_module(grad)
+    attrs = attributes(node)
+    if int(attrs.get("axis", -1)) % x.ndim != x.ndim - 1:
+        raise NotDecodable("only a LayerNormalization over the last axis is supported")
+    eps = attrs.get("epsilon", 1e-5)
+    gamma = _on(grad, ins[1])
+    beta = _on(grad, ins[2]) if len(ins) > 2 and ins[2] is not None else 0.0
+    centred = x - x.mean(axis=-1, keepdims=True)
+    r = 1 / xp.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+    hat = centred * r
+    g = grad * gamma
+    gx = r * (g - g.mean(axis=-1, keepdims=True) - hat * (g * hat).mean(axis=-1, keepdims=True))
+    offset = beta + gamma * hat * (1 - eps * r**2)
+    return [gx] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+
 def _batchnorm(node, ins, is_data, out, grad):
     gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
     scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
@@ -417,7 +437,9 @@ def _gemm(node, ins, is_data, out, grad):
     matrix = _on(grad, ins[1])
     matrix = matrix.T if attrs.get("transB", 0) else matrix
     if node.op_type == "Gemm" and attrs.get("transA", 0):
-        raise FdsubError("local mode does not support Gemm with transA=1")
+        raise NotDecodable("Gemm with transA=1 is not supported")
+    if node.op_type == "MatMul" and grad.ndim > 2:  # on the last axis of a map (a channels-last pointwise layer)
+        return [grad @ matrix.T, None], _none_added(grad)
     alpha = attrs.get("alpha", 1.0) if node.op_type == "Gemm" else 1.0
     g2 = grad.reshape(len(grad), -1)
     added = _none_added(grad)
@@ -473,7 +495,8 @@ LOCAL_RULES = {
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
     "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split,
     "QuantizeLinear": _slope(_quantization_scale), "DequantizeLinear": _slope(_quantization_scale),
-    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "Erf": _slope(_erf),
+    "LayerNormalization": _layer_norm, "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "Erf": _slope(_erf),
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),

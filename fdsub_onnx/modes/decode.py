@@ -16,7 +16,7 @@ from ..errors import FdsubError
 from ..graph.model import Model, ancestors, find_layer
 from ..neurons import parse_neurons
 from .fds import gather_statistics
-from .gates import channel_gates, reference_gates
+from .gates import channel_gates, layer_norms, reference_gates
 from .local import decode_instances
 from .result import Decoded
 
@@ -96,7 +96,8 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         if target not in wanted:
             continue
         result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
-        result.gates = {mul: np.asarray(gates[mul]) for mul in channel_gates(model, [target]) if mul in gates}
+        held = [*channel_gates(model, [target]), *layer_norms(model, [target])]
+        result.gates = {name: np.asarray(gates[name]) for name in held if name in gates}
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
         yield result

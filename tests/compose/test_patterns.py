@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from checks import assert_identity, load_proto, random_images
+from checks import assert_identity, assert_instance_identity, load_proto, random_images
 from netgen import NetBuilder, run_ort
 from onnx import helper
 
@@ -130,18 +130,7 @@ def test_self_gated_product_in_local_mode_is_exact_per_instance(kind, tmp_path):
     images = random_images(model, 4, seed=2)
     decoded = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=3, per_instance=True,
                         dtype="float64")
-    acts = run_ort(proto, images, [last])[last]
-    found = decoded.instances
-    padded = np.pad(images.astype(np.float64), ((0, 0), (0, 0), (20, 20), (20, 20)))
-    corner = decoded.geometry.corner(found.position) + 20
-    (ry, rx) = decoded.receptive_field
-    for k in range(len(decoded.neurons)):
-        for n in range(found.top):
-            i, (y0, x0) = found.image_index[k, n], corner[k, n]
-            pred = (decoded.instance_filters[k, n] * padded[i, :, y0:y0 + ry, x0:x0 + rx]).sum()
-            pred += decoded.instance_bias[k, n]
-            want = acts[i, decoded.neurons[k], found.position[k, n, 0], found.position[k, n, 1]]
-            assert abs(pred - want) <= 1e-4 * np.abs(acts).max(), (kind, k, n, pred, want)
+    assert_instance_identity(decoded, run_ort(proto, images, [last])[last], images, rtol=1e-4)
 
 
 def test_linearized_copy_reads_self_gated_products_and_held_gates_as_decoded(tmp_path):
@@ -233,19 +222,7 @@ def test_split_and_slice_in_local_mode_are_exact_per_instance(tmp_path):
     model = load_proto(proto, tmp_path)
     images = random_images(model, 4, seed=4)
     decoded = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=2, per_instance=True)
-    acts = run_ort(proto, images, [last])[last]
-    found = decoded.instances
-    pad = 30
-    padded = np.pad(images.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    corner = decoded.geometry.corner(found.position) + pad
-    ry, rx = decoded.receptive_field
-    for k in range(len(decoded.neurons)):
-        for n in range(found.top):
-            i, (y0, x0) = found.image_index[k, n], corner[k, n]
-            pred = (decoded.instance_filters[k, n] * padded[i, :, y0:y0 + ry, x0:x0 + rx]).sum()
-            pred += decoded.instance_bias[k, n]
-            want = acts[i, decoded.neurons[k], found.position[k, n, 0], found.position[k, n, 1]]
-            assert abs(pred - want) <= 1e-4 * np.abs(acts).max(), (k, n, pred, want)
+    assert_instance_identity(decoded, run_ort(proto, images, [last])[last], images, rtol=1e-4)
 
 
 # ---- quantized models ---------------------------------------------------------------------------------------
@@ -277,3 +254,78 @@ def test_qdq_model_decodes_like_its_float_original(tmp_path):
     scale = np.abs(want.filters).max()
     assert np.abs(got.filters - want.filters).max() <= 0.05 * scale
     assert np.abs(got.filters - want.filters).max() > 0  # the quantized weights do differ
+
+
+# ---- channels-last blocks (ConvNeXt, TF exports) ------------------------------------------------------------
+def _transpose(b: NetBuilder, x: str, perm, shape) -> str:
+    return b._node("Transpose", [x], shape, perm=list(perm))
+
+
+def _convnext_net(seed: int = 2):
+    """conv -> NHWC -> LayerNormalization -> MatMul (+bias) -> GELU (erf) -> MatMul -> NCHW -> layer scale ->
+    residual add -> conv: one ConvNeXt block."""
+    b = NetBuilder(height=12, width=12, seed=seed, opset=17)  # LayerNormalization is opset 17
+    rng = np.random.default_rng(seed)
+    x = b.conv("input", 6, 3, 1, (1, 1, 1, 1))
+    c, h, w = b.shapes[x]
+    t = _transpose(b, x, (0, 2, 3, 1), (h, w, c))  # shapes are (C, H, W)-like triples for NetBuilder
+    ln = b._node("LayerNormalization", [t, b._const("ln_g", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+                                        b._const("ln_b", 0.1 * rng.standard_normal(c).astype(np.float32))],
+                 (h, w, c), axis=-1, epsilon=1e-6)
+    up = b._node("MatMul", [ln, b._const("w_up", rng.standard_normal((c, 12)).astype(np.float32) / 3)], (h, w, 12))
+    up = b._node("Add", [up, b._const("b_up", 0.1 * rng.standard_normal(12).astype(np.float32))], (h, w, 12))
+    act = _gelu(b, up)
+    down = b._node("MatMul", [act, b._const("w_dn", rng.standard_normal((12, c)).astype(np.float32) / 4)], (h, w, c))
+    back = _transpose(b, down, (0, 3, 1, 2), (c, h, w))
+    scaled = b._node("Mul", [back, b._const("ls", rng.uniform(0.2, 0.5, (c, 1, 1)).astype(np.float32))], (c, h, w))
+    return b, b.conv(b.add(scaled, x), 4, 3)
+
+
+def test_convnext_block_decodes_and_obeys_its_identities(tmp_path):
+    """Layer norm held at the reference input's 1/std in weights mode (the linearized copy holds the same), and
+    the local mode exact per instance through LayerNormalization, channels-last MatMuls and GELU."""
+    b, last = _convnext_net()
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    assert all(layer.decodable for layer in fd.inspect_model(model).layers if layer.op == "Conv")
+    decoded = fd.decode(model, last, dtype="float64")
+    ln = next(n.output[0] for n in model.nodes if n.op_type == "LayerNormalization")
+    assert ln in decoded.gates
+    linear = linearized(model.proto, model.patterns, decoded.gates)
+    images = random_images(model, 3)
+    assert_identity(decoded, run_ort(linear, images, [last])[last], images, rtol=1e-6)
+    local = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=2, per_instance=True,
+                      dtype="float64")
+    assert_instance_identity(local, run_ort(proto, images, [last])[last], images, rtol=1e-6)
+
+
+def test_nhwc_input_and_channels_last_bias_decode_exactly(tmp_path):
+    """A TF-style graph: NHWC image input transposed to NCHW, a bias added on the NHWC view, a map flattened in
+    HWC order into Gemm. The input is read as NCHW; every layer decodes and obeys the weights identity."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((4, 3, 3, 3)), "b1": rng.standard_normal(4), "bias": rng.standard_normal(4),
+             "shape": np.array([1, -1]), "w2": rng.standard_normal((4 * 8 * 8, 5)) / 10}
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], name="c1", kernel_shape=[3, 3]),
+             helper.make_node("Transpose", ["c1"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Add", ["nhwc", "bias"], ["biased"]),
+             helper.make_node("Reshape", ["biased", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w2"], ["fc"], name="fc")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", 1, [1, 10, 10, 3])],
+                              [helper.make_tensor_value_info("fc", 1, [1, 5])],
+                              [onnx_tensor(v.astype(np.int64 if k == "shape" else np.float32), k)
+                               for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = load_proto(proto, tmp_path)
+    assert model.input_shape == (1, 3, 10, 10)
+    assert all(layer.decodable for layer in fd.inspect_model(model).layers)
+    decoded = fd.decode(model, "fc", dtype="float64")
+    images = random_images(model, 3)
+    acts = run_ort(proto, images.transpose(0, 2, 3, 1).copy(), ["fc"])["fc"]
+    assert_identity(decoded, acts, images, rtol=1e-6)
+
+
+def onnx_tensor(array, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(array, name)

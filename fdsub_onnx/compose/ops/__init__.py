@@ -25,6 +25,7 @@ from .op_elementwise import (
 )
 from .op_gemm import Gemm, MatMul
 from .op_layout import Flatten, Reshape, Squeeze, Transpose, Unsqueeze
+from .op_norm import LayerNormalization
 from .op_pad import Pad
 from .op_pool import AveragePool, GlobalAveragePool, GlobalMaxPool, MaxPool
 from .op_quantize import ConvInteger, DequantizeLinear, DynamicQuantizeLinear, QLinearConv, QuantizeLinear
@@ -42,6 +43,6 @@ RULES = {
         Sigmoid, HardSigmoid, HardSwish, Tanh, Elu, Selu, Celu, Softplus, Gelu, Mish, LRN, Dropout, Gemm, MatMul,
         Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Pad, AveragePool, MaxPool, GlobalAveragePool,
         GlobalMaxPool, Slice, Split, ReduceMean, ReduceMax, ReduceSum, QuantizeLinear, DequantizeLinear,
-        QLinearConv, DynamicQuantizeLinear, ConvInteger, Resize, Upsample, ConvTranspose,
+        QLinearConv, DynamicQuantizeLinear, ConvInteger, Resize, Upsample, ConvTranspose, LayerNormalization,
     )
 }

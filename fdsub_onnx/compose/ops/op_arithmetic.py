@@ -39,8 +39,12 @@ class Mul(OpRule):
         pattern = ctx.pattern(node)
         if isinstance(pattern, SelfGated):  # x * f(x): an elementwise nonlinearity of x, read as slope * x
             x = ctx.value(pattern.x)
-            if np.all(np.asarray(pattern.slope) == 1.0) or not isinstance(x, Tensor):
+            if np.all(np.asarray(pattern.slope) == 1.0) or not isinstance(x, (Tensor, Layout)):
                 return x
+            if isinstance(x, Layout):
+                if np.ndim(pattern.slope):
+                    raise NotDecodable("a per-channel slope on a reshaped map is not read")
+                return on_layout(x, np.asarray(pattern.slope), scale=True, ctx=ctx)
             return scale(x, np.broadcast_to(np.asarray(pattern.slope, np.float64), (x.channels,)), ctx)
         if isinstance(pattern, ChannelGate):  # a per-channel gate held at a value (it keeps x's geometry)
             x = data(inputs[list(node.input).index(pattern.x)])

@@ -6,6 +6,7 @@ from ...errors import NotDecodable
 from ..values import Layout, Tensor
 from ._rule import OpRule, attributes, constant, optional
 from ._window import apply_window
+from .op_norm import mix_channels
 
 
 class Gemm(OpRule):
@@ -22,7 +23,14 @@ class Gemm(OpRule):
 
 class MatMul(OpRule):
     def apply(self, node, inputs, ctx):
-        return fully_connected(inputs[0], constant(inputs[1], "weight matrix"), None, node, ctx)
+        matrix = constant(inputs[1], "weight matrix")
+        x = inputs[0]
+        if isinstance(x, Layout) and x.channels_last and matrix.ndim == 2 and matrix.shape[0] == x.source.channels:
+            # a pointwise linear layer on a channels-last map (ConvNeXt): a 1x1 window over its channels
+            mixed = mix_channels(x.source, matrix.T, None, ctx)
+            (h, w), c = mixed.spatial, mixed.channels
+            return Layout(np.arange(c * h * w).reshape(1, c, h, w).transpose(0, 2, 3, 1), mixed)
+        return fully_connected(x, matrix, None, node, ctx)
 
 
 def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
