@@ -46,6 +46,11 @@ def decode(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    gate_reference: Optional[str] = typer.Option(
+        None, "--gate-reference", metavar="SPEC",
+        help="weights mode: hold channel gates (squeeze-and-excitation) and layer norms at their mean over these "
+             "images.  [default: their value on the all-zeros input, the dataset mean after normalization]",
+    ),
     device: str = common.DEVICE,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
@@ -67,8 +72,11 @@ def decode(
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
         with common.spinner(f"loading {model}") as status:
             loaded = load_model(model, shape)
+            reference = None if gate_reference is None else fdsub_onnx.open_images(
+                gate_reference, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
             status.update(f"decoding {layer}")
-            result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device)
+            result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device,
+                                       gate_reference=reference)
     folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
     with common.spinner("writing results"):
         paths = (save_decoded(result, folder) if result.instances is None
@@ -81,6 +89,10 @@ def decode(
     )
     for path in paths:
         typer.echo(f"  {path}")
+    if result.gates:
+        where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
+        typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
+                   "(saved as `gates` in decoded.npz)", err=True)
     common.note_device(device)
 
 

@@ -33,17 +33,25 @@ def _print_table(summary: Summary) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     table = Table(title=f"input {summary.input_name!r} {list(summary.input_shape)}", title_justify="left")
-    for column in ("layer", "node", "op", "channels", "stride", "receptive field", "origin", "decodable"):
+    modules = any(layer.module for layer in summary.layers)  # dynamo exports: tensor names say little
+    columns = ("layer", "node", *(("module",) if modules else ()), "op", "channels", "stride", "receptive field",
+               "origin", "decodable")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for layer in summary.layers:
         table.add_row(
-            layer.name, layer.node, layer.op, _text(layer.channels), _pair(layer.stride, "x"),
-            _pair(layer.receptive_field, "x"), _pair(layer.origin, ","),
+            layer.name, layer.node, *((_text(layer.module),) if modules else ()), layer.op, _text(layer.channels),
+            _pair(layer.stride, "x"), _pair(layer.receptive_field, "x"), _pair(layer.origin, ","),
             "yes" if layer.decodable else f"no: {layer.reason}",
         )
     console.print(table, highlight=False)
     decodable = sum(layer.decodable for layer in summary.layers)
     console.print(f"{decodable} of {len(summary.layers)} layers decodable", highlight=False)
+    if summary.held:
+        kinds = sorted({h["kind"] for h in summary.held})
+        console.print(f"note: weights mode holds {len(summary.held)} data-dependent factors ({', '.join(kinds)}) at "
+                      "their value on the all-zeros input (the dataset mean after normalization); "
+                      "`fdsub decode --gate-reference IMAGES` holds them at their mean over IMAGES", highlight=False)
 
 
 def _pair(values, sep: str) -> str:

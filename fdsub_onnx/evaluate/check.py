@@ -203,7 +203,12 @@ def _coverage(summary: Summary, min_coverage: float) -> Check:
     total = len(summary.layers)
     decodable = sum(lay.decodable for lay in summary.layers)
     share = decodable / total if total else 0.0
-    details = [f"{lay.name} ({lay.op}): {lay.reason}" for lay in summary.layers if not lay.decodable]
+    blocked: dict[str, list] = {}  # one line per blocking reason (it names the node), not one per layer
+    for lay in summary.layers:
+        if not lay.decodable:
+            blocked.setdefault(lay.reason, []).append(lay)
+    details = [f"{lay[0].name} ({lay[0].op}): {reason}" if len(lay) == 1 else
+               f"{len(lay)} layers ({lay[0].name} ... {lay[-1].name}): {reason}" for reason, lay in blocked.items()]
     status = PASS if total and share >= min_coverage else FAIL
     return Check("coverage", status, f"{decodable} of {total} layers decodable", share, min_coverage, details)
 

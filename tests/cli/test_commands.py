@@ -21,7 +21,7 @@ from fdsub_onnx.cli.main import app
 runner = CliRunner()
 
 NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode"}
-LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason"}
+LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module"}
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_inspect_json_contract(nets):
     result = invoke("inspect", nets.blocked, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"input", "layers"}
+    assert set(data) == {"input", "layers", "held"} and data["held"] == []
     assert set(data["input"]) == {"name", "shape"}
     assert data["input"]["name"] == "input"
     assert data["input"]["shape"] == [1, 3, 12, 12]
