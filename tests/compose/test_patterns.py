@@ -329,3 +329,16 @@ def onnx_tensor(array, name):
     from onnx import numpy_helper
 
     return numpy_helper.from_array(array, name)
+
+
+def test_nf_fidelity_and_report_run_on_a_squeeze_excitation_net(tmp_path):
+    """Every command's pipeline passes through a channel gate: Neuron Feature, fidelity of all modes, report."""
+    b, x, gate, y, last = _se_net(seed=9)
+    model = load_proto(b.build([last]), tmp_path)
+    images = fd.ArrayImages(random_images(model, 6, seed=5))
+    top = fd.capture_top(model, last, images, top=2, neurons="0,1")
+    assert fd.neuron_feature(model, top, images).filters.shape[:2] == (2, 3)
+    scores = fd.compare_modes(model, last, images, images, top=2, neurons="0,1")
+    assert set(scores["decodings"]) == set(fd.FIDELITY_MODES)
+    page = fd.report(model, images, tmp_path / "report", layers=last, neurons="0", top=2)
+    assert page.exists() and page.stat().st_size > 1000
