@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..data.files import require_regular_file
 from ..errors import FdsubError
+from .validate import checked
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 FOLD_LIMIT = 4 << 30  # largest constant (bytes) produced by folding
@@ -46,7 +48,7 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     or channels are dynamic; a dynamic batch dimension is fixed to 1.
     """
     path = os.fspath(path)
-    proto = _read(path)
+    proto = checked(_read(path), path)
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
     name, shape = _input(proto, path, input_shape)
     proto = _fix_input_shape(proto, name, shape)
@@ -99,6 +101,7 @@ def _read(path: str) -> onnx.ModelProto:
         raise FdsubError(f"model file not found: {path}; check the path")
     if os.path.isdir(path):
         raise FdsubError(f"{path} is a folder; give the .onnx file inside it")
+    require_regular_file(path, ".onnx model file")
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage
