@@ -29,15 +29,17 @@ import numpy as np
 
 from ..compose.inspect import Summary, inspect_model
 from ..data.images import open_images
+from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer, load_model
 from ..graph.prune import pruned
+from ..graph.validate import nonfinite_weights
 from ..modes.decode import decode
 from ..runtime.session import Forward
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
 
-DEFAULT_IMAGES = "builtin:blobs:32"
+DEFAULT_IMAGES = CHECK_IMAGES
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenerate-filters", "dead-neurons")
 #: ops after a layer through which the dead-neuron probe follows it to its activation (one channel in, one out)
@@ -227,16 +229,8 @@ def _expected(summary: Summary, expected) -> Check:
 
 
 def _finite_weights(model: Model) -> Check:
-    bad = []
-    total = 0
-    for name, value in model.constants.items():
-        value = np.asarray(value)
-        if value.dtype.kind != "f":
-            continue
-        total += 1
-        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
-        if nan or inf:
-            bad.append(f"{name} {list(value.shape)}: {nan} NaN, {inf} Inf")
+    bad = [f"{name} {shape}: {nan} NaN, {inf} Inf" for name, shape, nan, inf in nonfinite_weights(model)]
+    total = sum(np.asarray(value).dtype.kind == "f" for value in model.constants.values())
     summary = f"{len(bad)} of {total} float tensors hold NaN or Inf" if bad else f"{total} float tensors, all finite"
     return Check("finite-weights", FAIL if bad else PASS, summary, float(len(bad)), 0.0, bad)
 

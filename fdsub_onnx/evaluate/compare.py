@@ -17,6 +17,7 @@ from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Engine
 from ..compose.inspect import Layer, Summary, inspect_model, memory_problem
 from ..data.topn import TopN, rows_of
+from ..defaults import DEFAULT_BATCH
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.decode import iter_decode, leaf_rows
@@ -52,11 +53,12 @@ class LayerComparison:
 
 
 def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], images, holdout=None, top: int = 100,
-                   select: str = "positive", modes=FIDELITY_MODES, progress=None, device="cpu"
-                   ) -> list[LayerComparison]:
+                   select: str = "positive", modes=FIDELITY_MODES, progress=None, device="cpu",
+                   batch_size: int = DEFAULT_BATCH) -> list[LayerComparison]:
     """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``).
 
-    ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time).
+    ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time);
+    ``batch_size`` images go through onnxruntime at a time.
     """
     modes = _checked_modes(modes)
     device = resolve_device(device)
@@ -68,13 +70,13 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     substitution = None
     if "fds" in modes:
         substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
-                                         device=device)
+                                         device=device, batch_size=batch_size)
     found = {}
     if set(modes) - {"weights"}:
         tops = dict(substitution.tops or {}) if substitution is not None else {}
         for target in targets:  # layers that no substitution needed (pooling): captured on their own
             if target not in tops:
-                tops[target] = capture_top(model, target, images, top=top, device=device)
+                tops[target] = capture_top(model, target, images, top=top, device=device, batch_size=batch_size)
         found = {name: rows_of(tops[name], picked[name]) for name in targets}
     stats_done(1, 1)
     decoded = {name: {} for name in targets}
@@ -90,16 +92,17 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     for layer in layers:
         name, done = layer.name, steps.part()
         if "nf" in modes:
-            decoded[name]["nf"] = neuron_feature(model, found[name], images)
+            decoded[name]["nf"] = neuron_feature(model, found[name], images, batch_size=batch_size)
         ordered = {mode: decoded[name][mode] for mode in modes}
-        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device)
+        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device,
+                          batch_size=batch_size)
         result.append(LayerComparison(layer, ordered, found.get(name), scores))
         done(1, 1)
     return result
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
-                  progress=None, device="cpu") -> dict:
+                  progress=None, device="cpu", select: str = "positive", batch_size: int = DEFAULT_BATCH) -> dict:
     """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N), then measure on ``holdout``:
     ``fidelity``'s result for that one layer."""
     modes = _checked_modes(modes)
@@ -110,8 +113,8 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
     if not entry.decodable:
         raise FdsubError(f"layer {target!r} is not decodable: {entry.reason}")
     picks = [parse_neurons(neurons, entry.channels, target)]
-    return compare_layers(model, [entry], picks, images, holdout, top=top, modes=modes, progress=progress,
-                          device=device)[0].scores
+    return compare_layers(model, [entry], picks, images, holdout, top=top, select=select, modes=modes,
+                          progress=progress, device=device, batch_size=batch_size)[0].scores
 
 
 def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..defaults import FIDELITY_MODES as FIDELITY_MODES  # its home was here; importers keep it
 from ..errors import FdsubError
 from ..runtime.session import Forward
 from .predict import predict
@@ -69,6 +70,4 @@ def _mean(values) -> float | None:
     values = np.asarray(values, np.float64)
     return None if np.isnan(values).all() else float(np.nanmean(values))
 
-
-FIDELITY_MODES = ("weights", "fds", "local", "deconvnet", "nf")
 

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..data.files import require_regular_file
 from ..errors import FdsubError
 from .patterns import find_patterns
 from .prepare import STANDARD_DOMAINS, nchw_input, prepare
+from .validate import checked
 
 #: ops whose outputs are listed as layers by ``inspect``
 LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul",
@@ -49,7 +51,7 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     or channels are dynamic; a dynamic batch dimension is fixed to 1.
     """
     path = os.fspath(path)
-    proto = _read(path)
+    proto = checked(_read(path), path)
     nchw_input(proto)  # a TF-style NHWC image input is read as NCHW (graph.prepare)
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
     name, shape = _input(proto, path, input_shape)
@@ -102,6 +104,7 @@ def _read(path: str) -> onnx.ModelProto:
         raise FdsubError(f"model file not found: {path}; check the path")
     if os.path.isdir(path):
         raise FdsubError(f"{path} is a folder; give the .onnx file inside it")
+    require_regular_file(path, ".onnx model file")
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage

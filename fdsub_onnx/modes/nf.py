@@ -14,7 +14,7 @@ import numpy as np
 
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
-from ..data.topn import TopN, instance_weights
+from ..data.topn import TopN, check_top_fits, instance_weights
 from ..errors import FdsubError
 from ..graph.model import Model
 from .result import Decoded
@@ -33,6 +33,7 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     (64, 3, 18, 18)
     """
     geom = layer_geometry(model, top.layer)
+    check_top_fits(top, model.shapes[top.layer])
     if len(images) != len(top.sources):
         raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "
                          f"the image set has {len(images)}; give the images it was captured on")

@@ -48,6 +48,10 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     for name, value, least in (("top", top, 1), ("per_image", per_image, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise FdsubError(f"{name} must be a positive integer, got {value!r}")
+    positions = int(np.prod(shape[2:])) if len(shape) == 4 else 1
+    if per_image > positions:
+        raise FdsubError(f"per_image (--per-image) {per_image} is more than the {positions} positions of the map of "
+                         f"{target!r}; give at most {positions}")
     first, stop = _shard_range(len(images), shard)
     given, wanted = list(_image_shape(images)), list(model.input_shape[1:])
     if given != wanted:
@@ -84,6 +88,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
         if checkpoint is not None and state.images_done > saved:
             save_checkpoint(Path(checkpoint), state, signature, images)
     state.skipped = union_notes(state.skipped, getattr(images, "skipped", []))
+    state.ranges = [[first, stop]] if stop > first else []
     return state
 
 
@@ -101,6 +106,7 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
                          else f"{short(a)} vs {short(b)}")
                 raise FdsubError(f"cannot merge top-N results with different {what} ({shown}); "
                                  "shards must come from the same command")
+    ranges = _disjoint_ranges(parts)
     least = min(p.top for p in parts)
     top = least if top is None else top
     if not 1 <= top <= least:
@@ -112,7 +118,33 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
     state = _select(state, top)
     state.images_done = sum(p.images_done for p in parts)
     state.skipped = union_notes(*(p.skipped for p in parts))
+    state.ranges = ranges
     return state
+
+
+def _disjoint_ranges(parts: list[TopN]) -> list[list[int]]:
+    """The image ranges of all parts, joined where they touch; a FdsubError when two parts share an image
+    (the same shard twice, or shards of different splits), which would count those images twice."""
+    blocks = []
+    for i, part in enumerate(parts):
+        if part.ranges is None:
+            raise FdsubError(f"part {i + 1} of the merge does not say which images it scanned (an unfinished or older "
+                             "result); run `fdsub top --shard` for it again")
+        blocks += [(int(a), int(b), i) for a, b in part.ranges]
+    blocks.sort()
+    for (a0, b0, i), (a1, b1, j) in zip(blocks, blocks[1:]):
+        if a1 < b0:
+            what = ("are one shard given twice" if (a0, b0) == (a1, b1) and parts[i].ranges == parts[j].ranges
+                    else f"overlap (images {a1}-{min(b0, b1) - 1} are in both)")
+            raise FdsubError(f"cannot merge: parts {i + 1} and {j + 1} {what}; give each shard once, "
+                             "all from one --shard split")
+    joined: list[list[int]] = []
+    for a, b, _ in blocks:
+        if joined and joined[-1][1] == a:
+            joined[-1][1] = b
+        else:
+            joined.append([a, b])
+    return joined
 
 
 # ---- the streaming top-N -------------------------------------------------------------------
