@@ -1,4 +1,4 @@
-"""What the commands share: the --input-shape option, the progress spinner and the progress bar."""
+"""What the commands share: the --input-shape and --cluster options, the progress spinner and the progress bar."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ STD = typer.Option(None, "--std", metavar="S[,S,S]", help="Divided by after --me
 SCALE = typer.Option(None, "--scale", help="Multiplies the 0-1 pixel values first (overrides the preset).")
 BGR = typer.Option(None, "--bgr/--rgb", help="Channel order (overrides the preset).", show_default=False)
 DEVICE = typer.Option("auto", "--device", help="cpu, gpu, or auto: the GPU when CuPy sees one, else the CPU.")
+CLUSTER = typer.Option(
+    None, "--cluster", metavar="local:N|tcp://HOST:PORT",
+    help="Run the passes over the images on a Dask cluster: N worker processes here, or a running scheduler "
+         "(pip install 'fdsub-onnx[dask]'); same results as one process.",
+)
 
 
 def device_for(name: str):
@@ -99,6 +104,20 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     if len(shape) != 4 or min(shape) < 1:
         raise FdsubError(f"--input-shape must be four positive integers N,C,H,W such as 1,3,224,224; got {text!r}")
     return shape
+
+
+@contextmanager
+def cluster(spec: str | None) -> Iterator[object]:
+    """The Dask client of --cluster for the block (None without the option), closed after it."""
+    if spec is None:
+        yield None
+        return
+    with spinner(f"starting {spec}" if spec.startswith("local:") else f"connecting to {spec}"):
+        client = fdsub_onnx.connect(spec)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @contextmanager

@@ -47,6 +47,7 @@ def decode(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
     device: str = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
@@ -61,10 +62,14 @@ def decode(
             raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
         loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device)
+        with common.cluster(cluster) as client:
+            result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype,
+                                         device, client)
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
+        if cluster is not None:
+            raise FdsubError(f"--cluster has no use in {mode} mode (it reads no images); leave it out")
         with common.spinner(f"loading {model}") as status:
             loaded = load_model(model, shape)
             status.update(f"decoding {layer}")
@@ -84,18 +89,19 @@ def decode(
     common.note_device(device)
 
 
-def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device):
-    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
+def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, dtype, device, client):
+    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances
+    (on the cluster: the passes over images; the per-instance backward passes run here)."""
     if mode == "fds":
         with common.progress_bar(f"{target} statistics (2 passes)") as progress:
             substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                             progress=progress, device=device)
+                                             progress=progress, device=device, client=client)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
                                      substitution=substitution, device=device)
     with common.progress_bar(f"{target} top") as progress:
         instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress,
-                                           device=device)
+                                           device=device, client=client)
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
                                 progress=progress, device=device)

@@ -37,6 +37,7 @@ def fidelity(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: str = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Compare decodings of a layer: correlation with the true activation and share of the true top-N on HOLDOUT."""
     shape = common.parse_input_shape(input_shape)
@@ -46,9 +47,9 @@ def fidelity(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
+    with common.cluster(cluster) as client, common.progress_bar(f"{target} fidelity", unit="steps") as progress:
         result = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
-                               progress=progress, device=device)
+                               progress=progress, device=device, client=client)
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
     paths = save_fidelity(result, folder)
     table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} "

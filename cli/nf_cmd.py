@@ -36,6 +36,7 @@ def nf(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: str = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Average each neuron's top-N patches, weighted by activation; write DIR/decoded.npz, filters.png and top.npz."""
     shape = common.parse_input_shape(input_shape)
@@ -46,14 +47,15 @@ def nf(
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     top = load_top(from_top) if from_top is not None else None
-    if top is None:
-        with common.progress_bar(f"{target} top") as progress:
-            top = fdsub_onnx.capture_top(loaded, target, image_set, top=DEFAULT_TOP if count is None else count,
-                                         neurons=neurons, progress=progress, device=device)
-    elif top.layer != target:
+    if top is not None and top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
-    with common.progress_bar(f"{target} nf") as progress:
-        result = fdsub_onnx.neuron_feature(loaded, top, image_set, progress=progress)
+    with common.cluster(cluster) as client:
+        if top is None:
+            with common.progress_bar(f"{target} top") as progress:
+                top = fdsub_onnx.capture_top(loaded, target, image_set, top=DEFAULT_TOP if count is None else count,
+                                             neurons=neurons, progress=progress, device=device, client=client)
+        with common.progress_bar(f"{target} nf") as progress:
+            result = fdsub_onnx.neuron_feature(loaded, top, image_set, progress=progress, client=client)
     paths = save_with_top(result, top, out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-nf")
     k, c, ry, rx = result.filters.shape
     typer.echo(f"neuron feature of {k} neuron{'s' if k != 1 else ''} of layer {target!r} "

@@ -41,6 +41,7 @@ def report(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: str = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Write DIR/index.html: decoded filters (fds, weights, local), deconvnet, Neuron Feature, top patches and fidelity.
 
@@ -56,9 +57,9 @@ def report(
         held = open_images(holdout, loaded.input_shape[1:], **prep) if holdout is not None else None
     folder = out if out is not None else DEFAULT_OUT / f"{sanitize(Path(model).stem)}-report"
     notes = []
-    with common.progress_bar("report", unit="steps") as progress:
+    with common.cluster(cluster) as client, common.progress_bar("report", unit="steps") as progress:
         path = make_report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
-                           select=select, progress=progress, device=device, note=notes.append)
+                           select=select, progress=progress, device=device, note=notes.append, client=client)
     typer.echo(f"report of {model} ({path.stat().st_size / 2**20:.1f} MiB): open it in a browser")
     typer.echo(f"  {path}")
     for text in notes:

@@ -34,6 +34,7 @@ def top(
     ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: str = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Find each neuron's strongest instances (image, position) over IMAGES; write DIR/top.npz and DIR/top.json.
 
@@ -48,10 +49,11 @@ def top(
     if out is None:
         out = DEFAULT_OUT / (sanitize(target) + (f"-shard{part[0]}of{part[1]}" if part else ""))
     checkpoint = checkpoint_path(out)
-    with common.progress_bar(f"{target}") as progress:
+    with common.cluster(cluster) as client, common.progress_bar(f"{target}") as progress:
         result = fdsub_onnx.capture_top(
             loaded, target, image_set, top=count, neurons=neurons, per_image=per_image,
             batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress, device=device,
+            client=client,
         )
     paths = save_top(result, out)
     checkpoint.unlink(missing_ok=True)

@@ -35,12 +35,14 @@ from .present.report import DEFAULT_TOP as REPORT_TOP
 from .present.report import report
 from .present.save import save_decoded, save_fidelity, save_with_top
 from .runtime.capture import capture_top, merge_top
+from .runtime.cluster import connect
 
 __all__ = [
     "CHECK_IMAGES", "FIDELITY_MODES", "MODES", "REPORT_TOP", "SELECTS",
     "ArrayImages", "Check", "CheckReport", "Decoded", "Device", "FdsubError", "Geometry", "Layer", "LayerComparison",
     "Model", "Substitution", "Summary", "TopN",
-    "capture_top", "check_junit_path", "check_model", "compare_layers", "compare_modes", "decode", "decode_instances",
+    "capture_top", "check_junit_path", "check_model", "compare_layers", "compare_modes", "connect", "decode",
+    "decode_instances",
     "fidelity", "filter_grid", "find_layer", "gather_statistics", "inspect_model", "iter_decode", "junit_document",
     "junit_suite", "layer_geometry", "load_model", "load_top", "merge_top", "neuron_feature", "open_images",
     "parse_neurons", "read_zoo", "report", "resolve_device", "run_zoo", "save_decoded", "save_fidelity", "save_top",

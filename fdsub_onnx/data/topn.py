@@ -59,11 +59,11 @@ def instance_weights(top: TopN) -> np.ndarray:
 
 
 def start_top(neurons, layer, images, per_image, top) -> TopN:
-    """An empty state: every slot unfilled."""
+    """An empty state: every slot unfilled. ``images`` None: no image names (a cluster block's partial result)."""
     k = len(neurons)
     return TopN(np.full((k, top), -np.inf, np.float32), np.full((k, top), -1, np.int64),
                  np.zeros((k, top, 2), np.int64), np.asarray(neurons, np.int64), layer,
-                 list(images.sources), 0, per_image, [])
+                 [] if images is None else list(images.sources), 0, per_image, [])
 
 
 def union_notes(*lists) -> list:
