@@ -53,13 +53,9 @@ def connect(spec: str):
         count = spec[len("local:"):]
         if not count.isdigit() or int(count) < 1:
             raise FdsubError(f"--cluster {spec}: N in local:N must be a positive integer, e.g. local:4")
-        previous = _ignore_interrupts()  # workers inherit it: Ctrl-C stops the client, which saves, not them
-        try:
-            client = distributed.Client(n_workers=int(count), threads_per_worker=1, processes=True,
-                                        dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
-        finally:
-            _restore_interrupts(previous)
-        client.register_plugin(_quiet_workers(distributed))  # and so do workers the nanny restarts
+        client = distributed.Client(n_workers=int(count), threads_per_worker=1, processes=True,
+                                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+        client.register_plugin(_quiet_workers(distributed))  # also on the workers a nanny restarts
         return client
     if spec.startswith("tcp://"):
         try:
@@ -85,25 +81,16 @@ def _distributed():
     return distributed
 
 
-def _ignore_interrupts():
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _restore_interrupts(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _quiet_workers(distributed):
-    """A worker plugin that ignores SIGINT: a Ctrl-C in the terminal reaches local workers too."""
+    """A worker plugin ignoring SIGINT: a Ctrl-C in the terminal reaches local workers too, and must stop only the
+    client, which then gathers the finished blocks for the checkpoint (a Ctrl-C while they start stops them all)."""
 
     class QuietWorkers(distributed.WorkerPlugin):
         name = "fdsub-quiet-workers"
 
         def setup(self, worker):
-            _ignore_interrupts()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     return QuietWorkers()
 

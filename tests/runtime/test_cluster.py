@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
@@ -251,6 +253,33 @@ def test_ctrl_c_leaves_the_checkpoint_top_writes(client, net, tmp_path, monkeypa
     assert_same_top(one, resumed)
     again = fd.capture_top(model, conv2, images, top=8, batch_size=8, client=client, checkpoint=checkpoint)
     assert_same_top(one, again)
+
+
+@pytest.mark.skipif(os.environ.get("FDSUB_LONG_TESTS") != "1", reason="up to a minute: FDSUB_LONG_TESTS=1")
+def test_ctrl_c_in_the_terminal_stops_the_client_not_the_local_workers(net, tmp_path):
+    """A real SIGINT to the whole process group (as a terminal's Ctrl-C) once the checkpoint exists: exit 130 with one
+    line, the checkpoint kept (the workers lived to hand back their blocks), and a rerun resumes from it."""
+    model, _, conv2, _ = net
+    out, spec = tmp_path / "out", str(tmp_path / "images.npy")
+    np.save(spec, _images(30000, seed=8).array)
+    checkpoint = tmp_path / ".out.top-checkpoint.npz"
+    command = [sys.executable, "-m", "fdsub_onnx.cli", "top", model.path, "-l", conv2, "-i", spec, "--top", "5",
+               "--batch-size", "8", "--cluster", "local:2", "-o", str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for _ in range(600):
+        if checkpoint.exists() or run.poll() is not None:
+            break
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-500:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # no worker died of it
+    with np.load(checkpoint) as saved:
+        done = json.loads(str(saved["meta"]))["sidecar"]["images_done"]
+    assert 0 < done < 30000
+    images = fd.open_images(spec, (3, 16, 16))
+    resumed = fd.capture_top(model, conv2, images, top=5, batch_size=8, checkpoint=checkpoint)
+    assert_same_top(fd.capture_top(model, conv2, images, top=5, batch_size=8), resumed)
 
 
 # ---- command line and packaging -------------------------------------------------------------------------
