@@ -1,4 +1,5 @@
-"""What the commands share: their options, output folders, warnings, the spinner and the progress bar.
+"""What the commands share: their options (--cluster among them), output folders, warnings, the Dask client,
+the spinner and the progress bar.
 
 Nothing here imports onnx: the library's names are looked up on ``fdsub_onnx`` when a command runs, so that
 ``--help`` stays fast.
@@ -58,6 +59,11 @@ SELECT = typer.Option("positive", "--select", metavar="RULE", help="fds: all, po
 INPUT_SHAPE = typer.Option(
     None, "--input-shape", metavar="N,C,H,W",
     help="Input size for models with dynamic height/width, e.g. 1,3,224,224.",
+)
+CLUSTER = typer.Option(
+    None, "--cluster", metavar="ADDRESS",
+    help="Run the passes over the images on a Dask cluster: local:N (N worker processes here) or "
+         "tcp://HOST:PORT (a running scheduler); pip install 'fdsub-onnx[dask]'. Same results as one process.",
 )
 
 
@@ -178,6 +184,20 @@ def spinner(message: str) -> Iterator[Callable[[str], None]]:
     message. Messages are plain text: a path or layer name holding ``[/]`` is not markup."""
     with Console(stderr=True).status(Text(message)) as status:
         yield lambda text: status.update(Text(text))
+
+
+@contextmanager
+def cluster(spec: str | None) -> Iterator[object]:
+    """The Dask client of --cluster for the block (None without the option), closed after it."""
+    if spec is None:
+        yield None
+        return
+    with spinner(f"starting {spec}" if spec.startswith("local:") else f"connecting to {spec}"):
+        client = fdsub_onnx.connect(spec)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 class _Rate(ProgressColumn):

@@ -101,6 +101,7 @@ def zoo(
     ),
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Check every model listed in ZOO (models/zoo.toml) and print one summary table.
 
@@ -117,8 +118,8 @@ def zoo(
                              f"it lists {', '.join(e.name for e in entries)}")
         entries = [e for e in entries if e.name in wanted]
     start = time.perf_counter()
-    with common.spinner(f"checking {len(entries)} models") as say:
-        results = fdsub_onnx.run_zoo(entries, progress=say)
+    with common.cluster(cluster) as client, common.spinner(f"checking {len(entries)} models") as say:
+        results = fdsub_onnx.run_zoo(entries, progress=say, client=client)
     seconds = time.perf_counter() - start
     if junit is not None:
         suites = [fdsub_onnx.junit_suite(r.report, r.model.name, r.error, r.seconds) for r in results]

@@ -48,6 +48,7 @@ def decode(
              "images.  [default: their value on the all-zeros input, the dataset mean after normalization]",
     ),
     device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
@@ -55,6 +56,8 @@ def decode(
     """
     shape = common.parse_input_shape(input_shape)
     mode = _mode(mode, images)
+    if cluster is not None and mode not in common.DATA_MODES:
+        raise FdsubError(f"--cluster has no use in {mode} mode (it reads no images); leave it out")
     if dtype not in DTYPES:
         raise FdsubError(f"--dtype must be float32 or float64; got {dtype!r}")
     device = common.device_for(device)
@@ -63,8 +66,9 @@ def decode(
         loaded, target, image_set = common.load_with_images(model, layer, images, prep, shape)
         folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
         too_few = common.top_warning(top, image_set)
-        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance,
-                                     batch_size, dtype, device)
+        with common.cluster(cluster) as client:
+            result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance,
+                                         batch_size, dtype, device, client)
     else:
         with common.spinner(f"loading {model}") as say:
             loaded = fdsub_onnx.load_model(model, shape)
@@ -109,18 +113,20 @@ def _mode(mode: str | None, images: str | None) -> str:
 
 
 def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, per_instance, batch_size, dtype,
-                        device):
-    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
+                        device, client):
+    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances
+    (on the cluster: the passes over images; the per-instance backward passes run here)."""
     if mode == "fds":
         with common.progress_bar(f"{target} statistics (2 passes)") as progress:
             substitution = fdsub_onnx.gather_statistics(loaded, target, image_set, top=top, select=select,
-                                                        batch_size=batch_size, progress=progress, device=device)
+                                                        batch_size=batch_size, progress=progress, device=device,
+                                                        client=client)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
                                      substitution=substitution, device=device)
     with common.progress_bar(f"{target} top") as progress:
         instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, batch_size=batch_size,
-                                           progress=progress, device=device)
+                                           progress=progress, device=device, client=client)
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return fdsub_onnx.decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance,
                                            instances=instances, progress=progress, device=device, dtype=dtype)

@@ -36,6 +36,7 @@ def fidelity(
     out: Optional[Path] = common.out_option("fdsub-out/<layer>-fidelity"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Compare decodings of a layer: correlation with the true activation and share of the true top-N on HOLDOUT."""
     shape = common.parse_input_shape(input_shape)
@@ -48,9 +49,10 @@ def fidelity(
                          f"be 1.00; give more held-out images or --top {max(1, len(held) // 2)} or lower")
     folder = common.output_folder(out, f"{common.sanitize(target)}-fidelity", "fidelity")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
+    with common.cluster(cluster) as client, common.progress_bar(f"{target} fidelity", unit="steps") as progress:
         result = fdsub_onnx.compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
-                                          select=select, batch_size=batch_size, progress=progress, device=device)
+                                          select=select, batch_size=batch_size, progress=progress, device=device,
+                                          client=client)
     paths = fdsub_onnx.save_fidelity(result, folder)
     table = Table(title=Text(f"fidelity of {len(result['neurons'])} neurons of {target!r} "
                              f"on {result['images']} held-out images"))

@@ -30,6 +30,7 @@ def nf(
     out: Optional[Path] = common.out_option("fdsub-out/<layer>-nf"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Average each neuron's top-N patches, weighted by activation; write DIR/decoded.npz, filters.png and top.npz."""
     shape = common.parse_input_shape(input_shape)
@@ -40,15 +41,17 @@ def nf(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     folder = common.output_folder(out, f"{common.sanitize(target)}-nf", "nf")
     top = fdsub_onnx.load_top(from_top) if from_top is not None else None
-    if top is None:
-        count = DEFAULT_TOP if count is None else count
-        with common.progress_bar(f"{target} top") as progress:
-            top = fdsub_onnx.capture_top(loaded, target, image_set, top=count, neurons=neurons, batch_size=batch_size,
-                                         progress=progress, device=device)
-    elif top.layer != target:
+    if top is not None and top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
-    with common.progress_bar(f"{target} nf") as progress:
-        result = fdsub_onnx.neuron_feature(loaded, top, image_set, batch_size=batch_size, progress=progress)
+    with common.cluster(cluster) as client:
+        if top is None:
+            count = DEFAULT_TOP if count is None else count
+            with common.progress_bar(f"{target} top") as progress:
+                top = fdsub_onnx.capture_top(loaded, target, image_set, top=count, neurons=neurons,
+                                             batch_size=batch_size, progress=progress, device=device, client=client)
+        with common.progress_bar(f"{target} nf") as progress:
+            result = fdsub_onnx.neuron_feature(loaded, top, image_set, batch_size=batch_size, progress=progress,
+                                               client=client)
     paths = fdsub_onnx.save_with_top(result, top, folder)
     k, c, ry, rx = result.filters.shape
     typer.echo(f"neuron feature of {common.plural(k, 'neuron')} of layer {target!r} "

@@ -38,6 +38,7 @@ def report(
     out: Optional[Path] = common.out_option("fdsub-out/<model>-report"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Write DIR/index.html: decoded filters (fds, weights, local), deconvnet, Neuron Feature, top patches and fidelity.
 
@@ -52,10 +53,10 @@ def report(
         image_set = fdsub_onnx.open_images(images, loaded.input_shape[1:], **prep)
         held = fdsub_onnx.open_images(holdout, loaded.input_shape[1:], **prep) if holdout is not None else None
     notes = []
-    with common.progress_bar("report", unit="steps") as progress:
+    with common.cluster(cluster) as client, common.progress_bar("report", unit="steps") as progress:
         path = fdsub_onnx.report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
                                  select=select, progress=progress, device=device, note=notes.append,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, client=client)
     typer.echo(f"report of {model} ({path.stat().st_size / 2**20:.1f} MiB): open {path} in a browser")
     for text in notes:
         typer.echo(f"note: {text}", err=True)

@@ -32,6 +32,7 @@ def top(
     out: Optional[Path] = common.out_option("fdsub-out/<layer>-top, or <layer>-top-shard<I>of<N>"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Find each neuron's strongest instances (image, position) over IMAGES; write DIR/top.npz and DIR/top.json.
 
@@ -46,10 +47,11 @@ def top(
     out = common.output_folder(out, default, "top")
     checkpoint = checkpoint_path(out)
     try:
-        with common.progress_bar(f"{target}") as progress:
+        with common.cluster(cluster) as client, common.progress_bar(f"{target}") as progress:
             result = fdsub_onnx.capture_top(
                 loaded, target, image_set, top=count, neurons=neurons, per_image=per_image,
                 batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress, device=device,
+                client=client,
             )
         paths = fdsub_onnx.save_top(result, out)
     except KeyboardInterrupt:

@@ -51,6 +51,7 @@ _EXPORTS = {
     "result_kind": (".present.save", "result_kind"), "save_decoded": (".present.save", "save_decoded"),
     "save_fidelity": (".present.save", "save_fidelity"), "save_with_top": (".present.save", "save_with_top"),
     "capture_top": (".runtime.capture", "capture_top"), "merge_top": (".runtime.capture", "merge_top"),
+    "connect": (".runtime.cluster", "connect"),
 }
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_TOP", "FIDELITY_MODES", "REPORT_TOP", "FdsubError"]

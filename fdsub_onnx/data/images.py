@@ -149,6 +149,8 @@ class _ImageSet:
 class ArrayImages(_ImageSet):
     """Images held in one [N, C, H, W] array (values used as they are unless a preset is given)."""
 
+    mapped: str | None = None  # the .npy file the array was opened from: pickled as that path (cluster workers)
+
     def __init__(
         self, array: np.ndarray, sources: list[str] | None = None, name: str = "array", preset: Preset | None = None
     ):
@@ -159,6 +161,21 @@ class ArrayImages(_ImageSet):
 
     def _load(self, first: int, stop: int) -> np.ndarray:
         return self.array[first:stop]
+
+    def __getstate__(self):
+        """A set opened from a .npy file travels as its path, however large; an array in memory as itself."""
+        state = dict(self.__dict__)
+        if self.mapped is not None:
+            del state["array"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.mapped is not None:
+            if not Path(self.mapped).is_file():
+                raise FdsubError(f"no image file {self.mapped} here: cluster workers read the images at the same "
+                                 "paths as the client; copy it there")
+            self.array = np.asarray(np.load(self.mapped, mmap_mode="r", allow_pickle=False), dtype=np.float32)
 
 
 class LazyImages(_ImageSet):
@@ -269,7 +286,10 @@ def _open_array(path: Path, shape: tuple[int, int, int], preset: Preset) -> Arra
         if top > 1:
             raise FdsubError(f"{path} holds {array.dtype} values up to {top} but arrays are read as 0..1 (the preset "
                              "scales from there); save x / 255 as float32, or a folder of images")
-    return ArrayImages(array, name=str(path), preset=preset)
+    images = ArrayImages(array, name=str(path), preset=preset)
+    if path.suffix.lower() == ".npy":
+        images.mapped = str(path.resolve())
+    return images
 
 
 # --- folders ----------------------------------------------------------------------------------------------

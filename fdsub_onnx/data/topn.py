@@ -74,14 +74,14 @@ def sources_digest(sources) -> str:
 
 
 def start_top(neurons, layer, images, per_image, top) -> TopN:
-    """An empty state: every slot unfilled; refused before it is made when it (and the copies a merge of
-    candidates makes) would not fit in memory."""
+    """An empty state: every slot unfilled (``images`` None: no image names, a cluster block's partial result);
+    refused before it is made when it (and the copies a merge of candidates makes) would not fit in memory."""
     k = len(neurons)
     require_memory(3.0 * k * top * SLOT_BYTES, f"keeping the top {top} instances of {k} neurons",
                    "ask for fewer instances (--top) or neurons (--neurons)")
     return TopN(np.full((k, top), -np.inf, np.float32), np.full((k, top), -1, np.int64),
                  np.zeros((k, top, 2), np.int64), np.asarray(neurons, np.int64), layer,
-                 list(images.sources), 0, per_image, [])
+                 [] if images is None else list(images.sources), 0, per_image, [])
 
 
 def union_notes(*lists) -> list:

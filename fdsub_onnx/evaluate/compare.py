@@ -54,11 +54,12 @@ class LayerComparison:
 
 def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], images, holdout=None, top: int = 100,
                    select: str = "positive", modes=FIDELITY_MODES, progress=None, device="cpu",
-                   batch_size: int = DEFAULT_BATCH) -> list[LayerComparison]:
+                   batch_size: int = DEFAULT_BATCH, client=None) -> list[LayerComparison]:
     """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``).
 
     ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time);
-    ``batch_size`` images go through onnxruntime at a time.
+    ``batch_size`` images go through onnxruntime at a time. With a Dask ``client`` the passes over images
+    (statistics, top-N, Neuron Feature, fidelity) run on the cluster.
     """
     modes = _checked_modes(modes)
     device = resolve_device(device)
@@ -70,13 +71,14 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     substitution = None
     if "fds" in modes:
         substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
-                                         device=device, batch_size=batch_size)
+                                         device=device, batch_size=batch_size, client=client)
     found = {}
     if set(modes) - {"weights"}:
         tops = dict(substitution.tops or {}) if substitution is not None else {}
         for target in targets:  # layers that no substitution needed (pooling): captured on their own
             if target not in tops:
-                tops[target] = capture_top(model, target, images, top=top, device=device, batch_size=batch_size)
+                tops[target] = capture_top(model, target, images, top=top, device=device, batch_size=batch_size,
+                                           client=client)
         found = {name: rows_of(tops[name], picked[name]) for name in targets}
     stats_done(1, 1)
     decoded = {name: {} for name in targets}
@@ -92,17 +94,18 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     for layer in layers:
         name, done = layer.name, steps.part()
         if "nf" in modes:
-            decoded[name]["nf"] = neuron_feature(model, found[name], images, batch_size=batch_size)
+            decoded[name]["nf"] = neuron_feature(model, found[name], images, batch_size=batch_size, client=client)
         ordered = {mode: decoded[name][mode] for mode in modes}
         scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device,
-                          batch_size=batch_size)
+                          batch_size=batch_size, client=client)
         result.append(LayerComparison(layer, ordered, found.get(name), scores))
         done(1, 1)
     return result
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
-                  progress=None, device="cpu", select: str = "positive", batch_size: int = DEFAULT_BATCH) -> dict:
+                  progress=None, device="cpu", select: str = "positive", batch_size: int = DEFAULT_BATCH,
+                  client=None) -> dict:
     """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N), then measure on ``holdout``:
     ``fidelity``'s result for that one layer."""
     modes = _checked_modes(modes)
@@ -114,7 +117,7 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
         raise FdsubError(f"layer {target!r} is not decodable: {entry.reason}")
     picks = [parse_neurons(neurons, entry.channels, target)]
     return compare_layers(model, [entry], picks, images, holdout, top=top, select=select, modes=modes,
-                          progress=progress, device=device, batch_size=batch_size)[0].scores
+                          progress=progress, device=device, batch_size=batch_size, client=client)[0].scores
 
 
 def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import FdsubError
 from ..graph.model import load_model
+from ..runtime.cluster import map_tasks
 from .check import CheckReport, check_model
 
 try:
@@ -350,14 +351,24 @@ def check_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = No
     return report
 
 
-def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None) -> list[ZooResult]:
-    """Check every model in turn; a model that cannot be checked gets its error instead of a report."""
-    results = []
-    for entry in models:
-        start = time.perf_counter()
-        try:
-            report, error = check_zoo_model(entry, progress), None
-        except FdsubError as exc:
-            report, error = None, " ".join(str(exc).splitlines())
-        results.append(ZooResult(entry, report, error, time.perf_counter() - start))
-    return results
+def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None, client=None) -> list[ZooResult]:
+    """Check every model in turn; a model that cannot be checked gets its error instead of a report.
+
+    With a Dask ``client`` each model is one task on the cluster (workers read the models at the same paths);
+    ``progress`` then hears of each model as it finishes.
+    """
+    if client is None:
+        return [check_zoo_entry(entry, progress) for entry in models]
+    note = progress or (lambda message: None)
+    return map_tasks(client, check_zoo_entry, [(entry,) for entry in models],
+                     done=lambda i, result: note(f"{result.model.name}: {result.status}"))
+
+
+def check_zoo_entry(entry: ZooModel, progress: Callable[[str], None] | None = None) -> ZooResult:
+    """One model's result: its report, or the error that stopped it, and how long it took."""
+    start = time.perf_counter()
+    try:
+        report, error = check_zoo_model(entry, progress), None
+    except FdsubError as exc:
+        report, error = None, " ".join(str(exc).splitlines())
+    return ZooResult(entry, report, error, time.perf_counter() - start)

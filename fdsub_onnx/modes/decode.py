@@ -26,7 +26,7 @@ INSTANCE_MODES = ("local", "deconvnet")  # per-instance backward passes, no bott
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
            kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None,
-           per_instance: bool = False, gate_reference=None) -> Decoded:
+           per_instance: bool = False, gate_reference=None, client=None) -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
 
     ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
@@ -35,18 +35,20 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     ``device`` is "cpu", "gpu" or "auto" (``resolve_device``): where the filters are composed and
     onnxruntime runs; the result is NumPy either way. In ``weights`` mode channel gates (squeeze-and-excitation)
     are held at their value on ``gate_reference`` (an image set: their mean over it; default the all-zeros input,
-    see ``modes.gates``); the values used are in ``Decoded.gates``.
+    see ``modes.gates``); the values used are in ``Decoded.gates``. With a Dask ``client`` the passes over
+    ``images`` run on the cluster (``runtime.cluster``), with the same result.
     """
     target = find_layer(model, layer).output[0]
     for result in _decode_layers(model, [target], {target: neurons}, mode, dtype, device, kernel, images, top, select,
-                                 substitution, per_instance, gate_reference, one_layer=True):
+                                 substitution, per_instance, gate_reference, one_layer=True, client=client):
         return result
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
                 device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
-                substitution=None, neurons: dict | None = None, gate_reference=None) -> Iterator[Decoded]:
+                substitution=None, neurons: dict | None = None, gate_reference=None, client=None
+                ) -> Iterator[Decoded]:
     """Decode several layers (default: every decodable layer) in one bottom-up pass, in graph order.
 
     ``neurons`` maps a layer's output tensor to the neurons to return (a ``parse_neurons`` selector; default
@@ -60,11 +62,11 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
     yield from _decode_layers(model, targets, dict(neurons or {}), mode, dtype, device, kernel, images, top, select,
-                              substitution, False, gate_reference, one_layer=False)
+                              substitution, False, gate_reference, one_layer=False, client=client)
 
 
 def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, images, top, select, substitution,
-                   per_instance, gate_reference, one_layer: bool) -> Iterator[Decoded]:
+                   per_instance, gate_reference, one_layer: bool, client=None) -> Iterator[Decoded]:
     """The setup ``decode`` and ``iter_decode`` share: check, resolve, substitute, bound memory, walk once.
 
     ``one_layer``: ``decode``'s rule for the rows composed (all of them when the layer feeds several nodes).
@@ -76,9 +78,9 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
             raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
         for target in targets:
             yield decode_instances(model, target, images, top=top, neurons=neurons.get(target), rule=mode,
-                                   per_instance=per_instance, device=device, dtype=dtype)
+                                   per_instance=per_instance, device=device, dtype=dtype, client=client)
         return
-    substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
+    substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device, client)
     gates = substitution.gates if substitution is not None else reference_gates(model, targets, gate_reference, device)
     engine = Engine(get_backend(device.backend), dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
@@ -130,7 +132,7 @@ def _check_memory(model, engine, targets, rows):
         raise FdsubError(problem)
 
 
-def _substitution_for(mode, model, targets, images, top, select, substitution, device):
+def _substitution_for(mode, model, targets, images, top, select, substitution, device, client):
     """None in ``weights`` mode; in ``fds`` mode the given substitution or one gathered from ``images``."""
     if mode != "fds":
         return None
@@ -138,7 +140,7 @@ def _substitution_for(mode, model, targets, images, top, select, substitution, d
         return substitution
     if images is None:
         raise FdsubError("fds mode needs images to select each neuron's top instances; pass --images")
-    return gather_statistics(model, targets, images, top=top, select=select, device=device)
+    return gather_statistics(model, targets, images, top=top, select=select, device=device, client=client)
 
 
 def _check_mode(mode, dtype, kernel):

@@ -11,6 +11,7 @@ weight to compose with.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,8 @@ from ..errors import FdsubError
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
 from ..graph.patterns import ChannelGate
-from ..runtime.capture import update_top
+from ..runtime.capture import merge_top, update_top
+from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import Forward
 
 SELECTS = ("all", "positive", "max", "topk:K")
@@ -62,11 +64,12 @@ def select_contributions(contrib: np.ndarray, select: str) -> np.ndarray:
 
 
 def gather_statistics(model, targets, images, top: int = 100, select: str = "positive", batch_size: int = 32,
-                      progress=None, device="cpu") -> Substitution:
+                      progress=None, device="cpu", client=None) -> Substitution:
     """Capture the top-N of every substituted node up to ``targets`` (tensor names) and average their input windows.
 
     Two onnxruntime passes over the images in all: one for every node's top-N, one for their input windows.
-    ``progress(done, total)`` counts images over both passes; ``device`` picks onnxruntime's provider.
+    ``progress(done, total)`` counts images over both passes; ``device`` picks onnxruntime's provider. With a
+    Dask ``client`` both passes run in blocks of images on the cluster, with the same statistics bit for bit.
     """
     parse_select(select)
     targets = [targets] if isinstance(targets, str) else list(targets)
@@ -77,8 +80,8 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = "pos
             raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
                              "fds needs a map or a vector")
     gates = _gates(model, ancestors(model, targets))
-    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device)
-    stats = _window_means(model, nodes, tops, images, batch_size, progress, device)
+    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client)
+    stats = _window_means(model, nodes, tops, images, batch_size, progress, device, client)
     return Substitution(stats, select, tops, means)
 
 
@@ -89,52 +92,114 @@ def _gates(model, nodes) -> dict[str, str]:
     return {mul: p.gate for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
 
 
-def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device):
+def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client):
     """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
+    options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
+    reads = names + list(gates.values())
+    done = _passed(progress, 0, len(images))
+    if client is None:
+        states, sums = _first_pass(model, images, Forward(model, reads, device), 0, len(images), **options,
+                                   progress=done)
+    else:
+        states, sums = map_blocks(client, _first_pass, model, images, reads, device, 0, len(images), batch_size,
+                                  _merge_first_passes, options, progress=done)
+    states = {name: dataclasses.replace(state, sources=list(images.sources), images_done=len(images))
+              for name, state in states.items()}
+    return states, {mul: total / len(images) for mul, total in sums.total.items()}
+
+
+def _first_pass(model, images, forward, lo, hi, names, gates, top, batch_size, progress=None):
+    """Images ``lo..hi-1`` of the first pass: the top-N of each node (without image names) and the gate sums."""
     shapes = {name: model.shapes[name] for name in names}
-    states = {name: start_top(np.arange(shapes[name][1]), name, images, 1, top) for name in names}
-    sums = {mul: 0.0 for mul in gates}
-    forward = Forward(model, names + list(gates.values()), device)
-    for first, batch in images.batches(batch_size):
+    states = {name: start_top(np.arange(shapes[name][1]), name, None, 1, top) for name in names}
+    sums = Ordered(_add_gates, {mul: 0.0 for mul in gates} if lo == 0 else None)
+    for first, batch in images.batches(batch_size, lo):
+        if first >= hi:
+            break
         values = forward(batch)
-        for mul, gate in gates.items():
-            sums[mul] = sums[mul] + np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3))
+        sums.add({mul: np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3)) for mul, gate in gates.items()})
         for name in names:
             acts = np.asarray(values[name], np.float32).reshape(len(batch), shapes[name][1], -1)
             width = shapes[name][3] if len(shapes[name]) == 4 else 1
             states[name] = update_top(states[name], acts, first, width)
         if progress is not None:
-            progress(first + len(batch), 2 * len(images))
+            progress(first + len(batch))
     for state in states.values():
-        state.images_done = len(images)
-    return states, {mul: total / len(images) for mul, total in sums.items()}
+        state.ranges = [[lo, min(hi, len(images))]]  # which images it holds, for merge_top's overlap check
+    return states, sums
 
 
-def _window_means(model, nodes, tops, images, batch_size, progress, device) -> dict[str, np.ndarray]:
+def _add_gates(total: dict, entry: dict) -> dict:
+    return {mul: total[mul] + entry[mul] for mul in total}
+
+
+def _merge_first_passes(parts):
+    states = {name: merge_top([states[name] for states, _ in parts]) for name in parts[0][0]}
+    return states, merge_ordered([sums for _, sums in parts])
+
+
+def _window_means(model, nodes, tops, images, batch_size, progress, device, client) -> dict[str, np.ndarray]:
     """Second pass: per node and neuron, the activation-weighted mean of the input window at its instances."""
-    windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
     weights = {}
     for name, found in tops.items():
         w = instance_weights(found)
         weights[name] = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
-    totals = {name: np.zeros(windows[name].stat_shape(tops[name].values.shape[0])) for name in tops}
-    forward = Forward(model, [n.input[0] for n in nodes], device)
-    for first, batch in images.batches(batch_size):
+    names = [n.output[0] for n in nodes]
+    places = {name: (tops[name].image_index, tops[name].position) for name in names}
+    options = {"names": names, "places": places, "weights": weights, "batch_size": batch_size}
+    reads = [n.input[0] for n in nodes]
+    done = _passed(progress, len(images), len(images))
+    if client is None:
+        sums = _window_pass(model, images, Forward(model, reads, device), 0, len(images), **options, progress=done)
+    else:
+        sums = map_blocks(client, _window_pass, model, images, reads, device, 0, len(images), batch_size,
+                          merge_ordered, options, progress=done)
+    return {name: total.astype(np.float32) for name, total in sums.total.items()}
+
+
+def _window_pass(model, images, forward, lo, hi, names, places, weights, batch_size, progress=None) -> Ordered:
+    """Images ``lo..hi-1`` of the second pass: per batch holding instances, their weighted windows summed per neuron
+    (batches without an instance are not read)."""
+    nodes = [model.producer[name] for name in names]
+    windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
+    sums = Ordered(_add_windows, {name: np.zeros(windows[name].stat_shape(len(weights[name]))) for name in names}
+                   if lo == 0 else None)
+    for first in range(lo, hi, batch_size):
+        stop = min(first + batch_size, len(images))
+        found = {name: np.nonzero((index >= first) & (index < stop)) for name, (index, _) in places.items()}
+        if not any(len(rows) for rows, _ in found.values()):
+            continue
+        _, batch = next(images.batches(batch_size, first))
         values = forward(batch)
+        entry = {}
         for node in nodes:
-            name, found = node.output[0], tops[node.output[0]]
-            rows, slots = np.nonzero((found.image_index >= first) & (found.image_index < first + len(batch)))
+            name, (index, position) = node.output[0], places[node.output[0]]
+            rows, slots = found[name]
             if len(rows) == 0:
                 continue
             acts = np.asarray(values[node.input[0]], np.float64).reshape(len(batch), *model.shapes[node.input[0]][1:])
-            cut = windows[name].cut(acts, rows, found.image_index[rows, slots] - first, found.position[rows, slots])
+            cut = windows[name].cut(acts, rows, index[rows, slots] - first, position[rows, slots])
             weighted = weights[name][rows, slots].reshape(-1, *[1] * (cut.ndim - 1)) * cut
             starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
-            totals[name][rows[starts]] += np.add.reduceat(weighted, starts, axis=0)
+            entry[name] = (rows[starts], np.add.reduceat(weighted, starts, axis=0))
+        sums.add(entry)
         if progress is not None:
-            progress(len(images) + first + len(batch), 2 * len(images))
-    return {name: total.astype(np.float32) for name, total in totals.items()}
+            progress(stop)
+    return sums
+
+
+def _add_windows(totals: dict, entry: dict) -> dict:
+    for name, (rows, values) in entry.items():
+        totals[name][rows] += values
+    return totals
+
+
+def _passed(progress, offset: int, count: int):
+    """``progress(done, total)`` over both passes as ``done(images reached in one pass, *ignored)``; None without."""
+    if progress is None:
+        return None
+    return lambda at, *_: progress(offset + at, 2 * count)
 
 
 class _Window:

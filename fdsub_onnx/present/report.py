@@ -48,7 +48,7 @@ LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "de
 
 def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, layers=None, neurons=None,
            top: int = DEFAULT_TOP, holdout=None, select: str = "positive", progress=None, device="cpu",
-           note=None, batch_size: int = DEFAULT_BATCH) -> Path:
+           note=None, batch_size: int = DEFAULT_BATCH, client=None) -> Path:
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
@@ -60,7 +60,8 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     By default, layers too deep to decode in the memory left are left out, said on the page and to
     ``note(text)``; named ``layers`` must all fit. A hold-out set no larger than ``top`` (every top-N share
     would be 1) is also said to ``note``.
-    The file is written atomically (nothing is left behind on failure).
+    The file is written atomically (nothing is left behind on failure). A Dask ``client`` runs the passes over
+    images on the cluster (``compare_layers``).
 
     >>> fd.report(fd.load_model("demo.onnx"), "builtin:glyphs:256", "report/", layers="conv1,conv4")  # doctest: +SKIP
     PosixPath('report/index.html')
@@ -91,7 +92,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
             progress(done, steps)
 
     compared_layers = compare_layers(model, chosen, picks, images, held, top=top, select=select, progress=compared,
-                                     device=device, batch_size=batch_size)
+                                     device=device, batch_size=batch_size, client=client)
     page = render_report(model, summary, compared_layers, images, held, top, select, left_out,
                          progress=None if progress is None else lambda done, total: progress(steps - 1 + done / total,
                                                                                             steps))

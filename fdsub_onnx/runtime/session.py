@@ -16,9 +16,10 @@ PEAK_TENSORS = 3  # tensors of one image alive at once in onnxruntime, at most (
 
 class Forward:
     """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
-    the batch size (then one image at a time)."""
+    the batch size (then one image at a time). ``threads``: onnxruntime's intra-op threads (default: its own
+    choice, every core), set on cluster workers that share a machine."""
 
-    def __init__(self, model: Model, names: list[str], device="cpu"):
+    def __init__(self, model: Model, names: list[str], device="cpu", threads: int | None = None):
         self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
         self.session, self.batched, self.checked = None, False, False
         self.image_bytes = image_bytes(model, self.names)
@@ -26,9 +27,10 @@ class Forward:
         if self.names:
             try:
                 self.session, self.batched = (
-                    session(pruned(model.proto, self.names, model.input_name, batch="N"), providers), True)
+                    session(pruned(model.proto, self.names, model.input_name, batch="N"), providers, threads), True)
             except FdsubError:
-                self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers)
+                self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers,
+                                       threads)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Each tensor for the batch (and the batch itself, under the input's name)."""
@@ -75,11 +77,13 @@ def image_bytes(model: Model, names: list[str]) -> int:
     return 4 * (int(np.prod(model.input_shape[1:], dtype=np.float64)) + sum(sizes[:PEAK_TENSORS]))
 
 
-def session(proto: onnx.ModelProto, providers=CPU.providers):
+def session(proto: onnx.ModelProto, providers=CPU.providers, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     except Exception as exc:
