@@ -113,6 +113,8 @@ def test_top_equals_one_process(client, net, monkeypatch, batches):
     monkeypatch.setattr(cluster, "MAX_BLOCK_BATCHES", batches)
     model, conv1, conv2, _ = net
     images = _images(300)
+    if batches == 1:
+        assert len(plan_blocks(0, 300, 8, 2)) > FAN_IN  # two levels of merges
     for layer, options in ((conv2, {}), (conv1, {"per_image": 3, "neurons": "1,4-5"}), (conv2, {"shard": (1, 3)})):
         one = fd.capture_top(model, layer, images, top=9, batch_size=8, **options)
         seen: list = []
@@ -120,7 +122,6 @@ def test_top_equals_one_process(client, net, monkeypatch, batches):
                              **options)
         assert_same_top(one, two)
         assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == one.images_done  # one bar over all workers
-    assert len(plan_blocks(0, 300, 8, 2)) > FAN_IN or batches != 1
 
 
 def test_fds_statistics_equal_one_process(client, net, monkeypatch):
@@ -293,6 +294,12 @@ def test_cli_top_on_a_cluster_writes_the_same_files(net, tmp_path):
         assert result.exit_code == 0, result.output
     assert_same_top(load_top(tmp_path / "here"), load_top(tmp_path / "there"))
     assert not list(tmp_path.glob(".*checkpoint*"))
+
+
+@pytest.mark.parametrize("command", ["top", "decode", "nf", "fidelity", "report", "zoo"])
+def test_every_command_with_a_pass_over_images_takes_cluster(command):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--cluster" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
