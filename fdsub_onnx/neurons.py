@@ -57,8 +57,8 @@ def _parse_spec(spec: str, channels: int, layer: str) -> list[int]:
                     raise ValueError
                 if lo < 0 or hi >= channels:
                     bad = lo if lo < 0 else max(lo, channels)  # the first index of the range past the layer
-                    raise FdsubError(f"neuron {bad} is out of range: {_where(layer)} has {channels} neurons "
-                                     f"(0-{channels - 1})")
+                    raise FdsubError(f"neuron {bad} is out of range (in {part}): {_where(layer)} has {channels} "
+                                     f"neurons (0-{channels - 1})")
                 picked.extend(range(lo, hi + 1))
             else:
                 picked.append(int(part))
