@@ -9,15 +9,15 @@ DEMO_OUT := demo-out
 # demo-model only: a Python with torch==2.13.0 (see models/train_demo.py); never needed by fdsub itself.
 TORCH_PYTHON ?= /tmp/bench/bin/python
 
-.PHONY: install chromium lint test test-gpu demo demo-model clean
+.PHONY: install chromium lint test test-gpu demo demo-model fuzz clean
 
 install: $(STAMP)
 
 # Re-installs only when pyproject.toml changes (or .venv is gone).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[cpu,test]"
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[cpu,test]"
 	touch $(STAMP)
 
 # Best effort: headless Chromium for the report's browser test (tests/present/test_report.py skips, with the
@@ -42,13 +42,17 @@ test: install chromium lint
 # FDSUB_REQUIRE_GPU=1 makes a missing GPU a failure instead of a skip.
 test-gpu:
 	$(PYTHON) -m venv .venv-gpu
-	.venv-gpu/bin/python -m pip install -e ".[gpu,test]"
+	.venv-gpu/bin/python -m pip install -q -e ".[gpu,test]"
 	.venv-gpu/bin/python -m pytest -q -rs tests/compose/test_gpu.py
 
+# The report command prints where the report is, once.
 demo: install
 	$(BIN)/fdsub inspect $(DEMO_MODEL)
 	$(BIN)/fdsub report $(DEMO_MODEL) --images $(DEMO_IMAGES) --out $(DEMO_OUT)/
-	@echo "the demo report: open $(DEMO_OUT)/index.html in a browser"
+
+# Thousands of hostile command lines through every command, with a summary by input class (README: Reliability).
+fuzz: install
+	$(BIN)/python tools/fuzz.py --cases $(or $(CASES),3000)
 
 # Retrain the bundled demo model (deterministic, about 4 minutes on one core). Needs torch:
 # make demo-model TORCH_PYTHON=/path/to/python-with-torch

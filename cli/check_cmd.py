@@ -13,19 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import fdsub_onnx
 from fdsub_onnx import CHECK_IMAGES as DEFAULT_IMAGES
-from fdsub_onnx import (
-    CheckReport,
-    FdsubError,
-    check_junit_path,
-    check_model,
-    junit_document,
-    junit_suite,
-    load_model,
-    read_zoo,
-    run_zoo,
-    write_junit,
-)
+from fdsub_onnx import FdsubError
 from fdsub_onnx.cli import _common as common
 
 JSON = typer.Option(False, "--json", help="Print one JSON object instead of the table.")
@@ -79,23 +69,23 @@ def check(
     """
     start = time.perf_counter()
     if junit is not None:
-        check_junit_path(junit)
+        fdsub_onnx.check_junit_path(junit)
     try:
         shape = common.parse_input_shape(input_shape)
-        with common.spinner(f"loading {model}") as status:
-            loaded = load_model(model, shape)
-            report = check_model(
+        with common.spinner(f"loading {model}") as say:
+            loaded = fdsub_onnx.load_model(model, shape)
+            report = fdsub_onnx.check_model(
                 loaded, layers=_names(layers), sample=sample, neurons_per_layer=neurons_per_layer, max_rf=max_rf,
                 images=images, preprocessing=common.preprocessing(preset, mean, std, scale, bgr),
                 min_coverage=min_coverage, max_dead=max_dead, max_degenerate=max_degenerate, tolerance=tolerance,
-                expect_decodable=_expected(expect_decodable), dtype=dtype, progress=status.update,
+                expect_decodable=_expected(expect_decodable), dtype=dtype, progress=say,
             )
     except FdsubError as exc:
         if junit is not None:  # CI still gets a report naming the error
-            _write_junit_quietly(junit, [junit_suite(None, model, str(exc), time.perf_counter() - start)])
+            _write_junit_quietly(junit, [fdsub_onnx.junit_suite(None, model, str(exc), time.perf_counter() - start)])
         raise
     if junit is not None:
-        write_junit(junit_document([junit_suite(report, model)], "fdsub check"), junit)
+        fdsub_onnx.write_junit(fdsub_onnx.junit_document([fdsub_onnx.junit_suite(report, model)], "fdsub check"), junit)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -111,14 +101,15 @@ def zoo(
     ),
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Check every model listed in ZOO (models/zoo.toml) and print one summary table.
 
     Exit 0 when every model passes, 1 when one fails, 2 when one cannot be checked (or ZOO cannot be read).
     """
     if junit is not None:
-        check_junit_path(junit)
-    entries = read_zoo(zoo_file)
+        fdsub_onnx.check_junit_path(junit)
+    entries = fdsub_onnx.read_zoo(zoo_file)
     if models is not None:
         wanted = _names(models) or []
         unknown = [n for n in wanted if n not in {e.name for e in entries}]
@@ -127,12 +118,12 @@ def zoo(
                              f"it lists {', '.join(e.name for e in entries)}")
         entries = [e for e in entries if e.name in wanted]
     start = time.perf_counter()
-    with common.spinner(f"checking {len(entries)} models") as status:
-        results = run_zoo(entries, progress=status.update)
+    with common.cluster(cluster) as client, common.spinner(f"checking {len(entries)} models") as say:
+        results = fdsub_onnx.run_zoo(entries, progress=say, client=client)
     seconds = time.perf_counter() - start
     if junit is not None:
-        suites = [junit_suite(r.report, r.model.name, r.error, r.seconds) for r in results]
-        write_junit(junit_document(suites, f"fdsub zoo {zoo_file}"), junit)
+        suites = [fdsub_onnx.junit_suite(r.report, r.model.name, r.error, r.seconds) for r in results]
+        fdsub_onnx.write_junit(fdsub_onnx.junit_document(suites, f"fdsub zoo {zoo_file}"), junit)
     statuses = [r.status for r in results]
     overall = "error" if "error" in statuses else "fail" if "fail" in statuses else "pass"
     if as_json:
@@ -162,23 +153,22 @@ def _expected(text: str | None):
 
 def _write_junit_quietly(path: Path, suites) -> None:
     with contextlib.suppress(FdsubError):  # the original error is the one to report
-        write_junit(junit_document(suites, "fdsub check"), path)
+        fdsub_onnx.write_junit(fdsub_onnx.junit_document(suites, "fdsub check"), path)
 
 
 # ---- output -------------------------------------------------------------------------------------
 def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return common.stdout_console()
 
 
 def _status(status: str) -> str:
     return f"[{STYLE[status]}]{status.upper()}[/]"
 
 
-def _print_report(report: CheckReport) -> None:
+def _print_report(report) -> None:
     console = _console()
-    table = Table(title=f"{report.model} (input {report.input_shape}; sampled layers: "
-                        f"{', '.join(report.sampled) or 'none'})", title_justify="left")
+    table = Table(title=escape(f"{report.model} (input {report.input_shape}; sampled layers: "
+                               f"{', '.join(report.sampled) or 'none'})"), title_justify="left")
     for column in ("check", "status", "value", "limit", "result"):
         table.add_column(column, overflow="fold", justify="right" if column in ("value", "limit") else "left")
     for c in report.checks:
@@ -186,7 +176,7 @@ def _print_report(report: CheckReport) -> None:
         text = "\n".join([c.summary, *(f"  {d}" for d in details[:10])])
         if len(details) > 10:
             text += f"\n  ... {len(details) - 10} more"
-        table.add_row(c.name, _status(c.status), _number(c.value), _number(c.limit), escape(text))
+        table.add_row(escape(c.name), _status(c.status), _number(c.value), _number(c.limit), escape(text))
     console.print(table)
     failed = [c.name for c in report.checks if c.failed]
     verdict = f"{_status('fail')}: {', '.join(failed)}" if failed else _status("pass")

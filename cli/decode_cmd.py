@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import FdsubError, decode_instances, gather_statistics, load_model, save_decoded, save_with_top
+from fdsub_onnx import FdsubError
 from fdsub_onnx.cli import _common as common
 
-DEFAULT_OUT = Path("fdsub-out")
-
-
-DATA_MODES = ("fds", "local", "deconvnet")
+# names the tests and other commands know these by
+DEFAULT_OUT = common.DEFAULT_OUT
+sanitize = common.sanitize
+DTYPES = ("float32", "float64")
+DTYPE = typer.Option("float32", "--dtype", metavar="float32|float64", help="Precision of the filters.")
 
 
 def decode(
@@ -23,87 +23,111 @@ def decode(
     layer: str = common.LAYER,
     neurons: Optional[str] = common.NEURONS,
     mode: Optional[str] = typer.Option(
-        None, "--mode",
+        None, "--mode", metavar="MODE",
         help="weights (data-free); fds, local or deconvnet (need --images).  "
              "[default: fds with --images, else weights]",
     ),
-    images: Optional[str] = typer.Option(
-        None, "--images", "-i", metavar="SPEC",
-        help="Images: a .npy/.npz array [N, C, H, W], a folder of JPEG/PNG, or builtin:glyphs|gratings|blobs.",
-    ),
-    top: int = typer.Option(100, "--top", help="Data modes: instances per neuron."),
+    images: Optional[str] = typer.Option(None, "--images", "-i", metavar="SPEC", help=common.IMAGES_HELP),
+    top: int = common.top_option("Data modes: instances per neuron."),
     select: str = common.SELECT,
     weighting: str = common.WEIGHTING,
     per_instance: bool = typer.Option(
         False, "--per-instance", help="local/deconvnet: also write instance_filters and instance_bias.",
     ),
+    batch_size: int = common.BATCH_SIZE,
     preset: str = common.PRESET,
     mean: Optional[str] = common.MEAN,
     std: Optional[str] = common.STD,
     scale: Optional[float] = common.SCALE,
     bgr: Optional[bool] = common.BGR,
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>]",
-    ),
+    out: Optional[Path] = common.out_option("fdsub-out/<layer>-<mode>"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
-    device: str = common.DEVICE,
+    dtype: str = DTYPE,
+    gate_reference: Optional[str] = typer.Option(
+        None, "--gate-reference", metavar="SPEC",
+        help="weights mode: hold channel gates (squeeze-and-excitation) and layer norms at their mean over these "
+             "images.  [default: their value on the all-zeros input, the dataset mean after normalization]",
+    ),
+    device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
     With images, also DIR/top.npz and DIR/top.json: the instances the decode used.
     """
     shape = common.parse_input_shape(input_shape)
-    common.check_out_dir(out)
+    mode = _mode(mode, images)
+    if cluster is not None and mode not in common.DATA_MODES:
+        raise FdsubError(f"--cluster has no use in {mode} mode (it reads no images); leave it out")
+    if dtype not in DTYPES:
+        raise FdsubError(f"--dtype must be float32 or float64; got {dtype!r}")
     device = common.device_for(device)
-    mode = mode or ("fds" if images is not None else "weights")
-    if mode in DATA_MODES:
-        if images is None:
-            raise FdsubError(f"--mode {mode} needs --images (a .npy/.npz array, a folder of images or builtin:glyphs)")
-        loaded, target, image_set = common.load_with_images(
-        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-        result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance,
-                                     dtype, device)
+    prep = common.preprocessing(preset, mean, std, scale, bgr)
+    if mode in common.DATA_MODES:
+        loaded, target, image_set = common.load_with_images(model, layer, images, prep, shape)
+        folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
+        too_few = common.top_warning(top, image_set)
+        with common.cluster(cluster) as client:
+            result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting,
+                                         per_instance, batch_size, dtype, device, client)
     else:
-        if images is not None:
-            raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
-        with common.spinner(f"loading {model}") as status:
-            loaded = load_model(model, shape)
-            status.update(f"decoding {layer}")
-            result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device)
-    folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
+        with common.spinner(f"loading {model}") as say:
+            loaded = fdsub_onnx.load_model(model, shape)
+            target = fdsub_onnx.find_layer(loaded, layer).output[0]
+            folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
+            too_few = None
+            reference = None if gate_reference is None else fdsub_onnx.open_images(
+                gate_reference, loaded.input_shape[1:], **prep)
+            say(f"decoding {target}")
+            result = fdsub_onnx.decode(loaded, target, neurons=neurons, mode=mode, dtype=dtype, device=device,
+                                       gate_reference=reference)
     with common.spinner("writing results"):
-        paths = (save_decoded(result, folder) if result.instances is None
-                 else save_with_top(result, result.instances, folder))
+        paths = (fdsub_onnx.save_decoded(result, folder) if result.instances is None
+                 else fdsub_onnx.save_with_top(result, result.instances, folder))
     k, c, ry, rx = result.filters.shape
     sy, sx = result.stride
     typer.echo(
-        f"decoded {k} neuron{'s' if k != 1 else ''} of layer {result.layer!r} ({result.mode} mode): "
+        f"decoded {common.plural(k, 'neuron')} of layer {result.layer!r} ({result.mode} mode): "
         f"filters [{k}, {c}, {ry}, {rx}], stride {sy}x{sx}, origin {','.join(map(str, result.origin))}"
     )
     for path in paths:
         typer.echo(f"  {path}")
+    if result.gates:
+        where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
+        typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
+                   "(saved as `gates` in decoded.npz)", err=True)
+    common.warn(too_few, common.nonfinite_warning(loaded, result.filters, "decoded filters"))
     common.note_device(device)
 
 
-def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance, dtype,
-                        device):
-    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances."""
+def _mode(mode: str | None, images: str | None) -> str:
+    """--mode checked before anything is loaded, and against --images."""
+    if mode is None:
+        return "fds" if images is not None else "weights"
+    if mode not in fdsub_onnx.MODES:
+        raise FdsubError(f"--mode {mode!r} is not a mode; choose one of {', '.join(fdsub_onnx.MODES)}")
+    if mode in common.DATA_MODES and images is None:
+        raise FdsubError(f"--mode {mode} needs --images (a folder of images, a .npy/.npz array or builtin:glyphs)")
+    if mode not in common.DATA_MODES and images is not None:
+        raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
+    return mode
+
+
+def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance, batch_size,
+                        dtype, device, client):
+    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances
+    (on the cluster: the passes over images; the per-instance backward passes run here)."""
     if mode == "fds":
         with common.progress_bar(f"{target} statistics (2 passes)") as progress:
-            substitution = gather_statistics(loaded, target, image_set, top=top, select=select,
-                                             progress=progress, device=device, weighting=weighting)
+            substitution = fdsub_onnx.gather_statistics(loaded, target, image_set, top=top, select=select,
+                                                        batch_size=batch_size, progress=progress, device=device,
+                                                        client=client, weighting=weighting)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
                                      substitution=substitution, device=device)
     with common.progress_bar(f"{target} top") as progress:
-        instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, progress=progress,
-                                           device=device)
+        instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, batch_size=batch_size,
+                                           progress=progress, device=device, client=client)
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
-        return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
-                                progress=progress, device=device)
-
-
-def sanitize(name: str) -> str:
-    """A tensor name as a safe folder name: runs of other characters become '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "layer"
+        return fdsub_onnx.decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance,
+                                           instances=instances, progress=progress, device=device, dtype=dtype)

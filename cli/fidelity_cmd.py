@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from fdsub_onnx import FIDELITY_MODES, compare_modes, open_images, save_fidelity
+import fdsub_onnx
+from fdsub_onnx import FIDELITY_MODES, FdsubError
 from fdsub_onnx.cli import _common as common
-from fdsub_onnx.cli.decode_cmd import DEFAULT_OUT, sanitize
 
 
 def fidelity(
@@ -20,49 +20,55 @@ def fidelity(
     images: str = common.IMAGES,
     holdout: str = typer.Option(
         ..., "--holdout", metavar="SPEC", show_default=False,
-        help="Held-out images the predictions are scored on (same forms as --images).",
+        help="Held-out images the predictions are scored on (same forms as --images); more than --top of them.",
     ),
-    top: int = typer.Option(
-        100, "--top", help="Instances per neuron for the data modes; also the N of the top-N share.",
-    ),
+    top: int = common.top_option("Instances per neuron for the data modes; also the N of the top-N share."),
     neurons: Optional[str] = common.NEURONS,
-    modes: str = typer.Option(",".join(FIDELITY_MODES), "--modes", help="Decodings to compare, comma separated."),
+    modes: str = typer.Option(",".join(FIDELITY_MODES), "--modes", metavar="A,B",
+                              help="Decodings to compare, comma separated."),
     select: str = common.SELECT,
     weighting: str = common.WEIGHTING,
+    batch_size: int = common.BATCH_SIZE,
     preset: str = common.PRESET,
     mean: Optional[str] = common.MEAN,
     std: Optional[str] = common.STD,
     scale: Optional[float] = common.SCALE,
     bgr: Optional[bool] = common.BGR,
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", metavar="DIR", help="Output folder.  [default: fdsub-out/<layer>-fidelity]",
-    ),
+    out: Optional[Path] = common.out_option("fdsub-out/<layer>-fidelity"),
     input_shape: Optional[str] = common.INPUT_SHAPE,
-    device: str = common.DEVICE,
+    device: Optional[str] = common.DEVICE,
+    cluster: Optional[str] = common.CLUSTER,
 ) -> None:
     """Compare decodings of a layer on HOLDOUT: correlation with the true activation, share of the true top-N and the
     two-choice score; write DIR/fidelity.json and the filters scored (DIR/<mode>-decoded.npz, <mode>-filters.png)."""
     shape = common.parse_input_shape(input_shape)
-    common.check_out_dir(out)
     device = common.device_for(device)
-    loaded, target, image_set = common.load_with_images(
-        model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-    held = open_images(holdout, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
+    prep = common.preprocessing(preset, mean, std, scale, bgr)
+    loaded, target, image_set = common.load_with_images(model, layer, images, prep, shape)
+    held = fdsub_onnx.open_images(holdout, loaded.input_shape[1:], **prep)
+    if len(held) <= top:
+        raise FdsubError(f"--holdout has {len(held)} images, not more than --top {top}: every top-{top} share would "
+                         f"be 1.00; give more held-out images or --top {max(1, len(held) // 2)} or lower")
+    folder = common.output_folder(out, f"{common.sanitize(target)}-fidelity", "fidelity")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    with common.progress_bar(f"{target} fidelity", unit="steps") as progress:
-        compared = compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
-                                 progress=progress, device=device, select=select, weighting=weighting)
+    with common.cluster(cluster) as client, common.progress_bar(f"{target} fidelity", unit="steps") as progress:
+        compared = fdsub_onnx.compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
+                                            select=select, weighting=weighting, batch_size=batch_size,
+                                            progress=progress, device=device, client=client)
     result = compared.scores
-    folder = out if out is not None else DEFAULT_OUT / f"{sanitize(target)}-fidelity"
-    paths = save_fidelity(result, folder, compared.decoded)
-    table = Table(title=f"fidelity of {len(result['neurons'])} neurons of {target!r} "
-                        f"on {result['images']} held-out images")
+    paths = fdsub_onnx.save_fidelity(result, folder, compared.decoded)
+    table = Table(title=Text(f"fidelity of {len(result['neurons'])} neurons of {target!r} "
+                             f"on {result['images']} held-out images"))
     for column in ("decoding", "mean correlation", f"mean top-{result['top']} share"):
         table.add_column(column, justify="left" if column == "decoding" else "right")
     for name, scores in result["decodings"].items():
         r = scores["mean_correlation"]
         table.add_row(name, "-" if r is None else f"{r:.3f}", f"{scores['mean_top_share']:.2f}")
-    Console().print(table)
+    common.stdout_console().print(table)
     for path in paths:
         typer.echo(f"  {path}")
+    undefined = [name for name, scores in result["decodings"].items() if scores["mean_correlation"] is None]
+    common.warn(common.top_warning(top, image_set), undefined and (
+        f"no correlation for {', '.join(undefined)}: the predictions or the activations do not vary "
+        "(or are NaN) on the held-out images"))
     common.note_device(device)

@@ -1,21 +1,74 @@
-"""The `fdsub` app: sub-commands registered here, one per module, behind one error handler."""
+"""The `fdsub` app: sub-commands registered here, one per module, behind one error handler.
+
+Every failure the user can fix ends as one line ``error: <problem>; <fix>`` and exit 2: a command's
+FdsubError, and click's own parse errors (unknown option or command, a value of the wrong type, a missing
+option), which typer would otherwise draw as a box. The help is click's plain text: flags without types,
+defaults shown, and fast, because nothing here imports onnx (``fdsub_onnx`` loads its parts on first use).
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import typer
+from typer.core import TyperGroup
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError
 from fdsub_onnx.cli import check_cmd, decode_cmd, fidelity_cmd, inspect_cmd, nf_cmd, report_cmd, top_cmd
 
+USAGE_EXIT = 2
+#: click's base error class (typer 0.12 uses click's own; later typers vendor click, with their own classes)
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Fdsub(TyperGroup):
+    """The command group, parsing in click's non-standalone mode so that its errors come back to be said in one
+    line (typer's standalone mode prints them in a box)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        for stream in (sys.stdout, sys.stderr):  # names of files that are not UTF-8 print escaped, never crash
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+        try:
+            code = super().main(args, prog_name or "fdsub", complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            code = _said("error: interrupted", 130)
+        except CLICK_ERROR as exc:
+            code = _said(parse_error(exc, self), USAGE_EXIT)
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def parse_error(exc, group) -> str:
+    """Click's message as the one ``error:`` line, with where to look for the fix."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "fdsub"
+    commands = ", ".join(group.list_commands(ctx) if ctx is not None else group.commands)
+    if message == "Missing command":
+        return f"error: no command given; choose one of {commands} (`fdsub --help` says what each does)"
+    if message.startswith("No such command"):
+        return f"error: {message}; the commands are {commands} (`fdsub --help`)"
+    return f"error: {message} (`{path} --help` lists the options)"
+
+
+def _said(line: str, code: int) -> int:
+    typer.echo(line, err=True)
+    return code
+
+
 app = typer.Typer(
     name="fdsub",
-    no_args_is_help=True,
+    cls=_Fdsub,
     add_completion=False,
-    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["--help", "-h"]},
 )
 
 
@@ -64,12 +117,16 @@ def _main(
     """Decode the neurons of a CNN exported to ONNX into image-space filters (Filter Decoding with Substitution)."""
 
 
-app.command("inspect")(guarded(inspect_cmd.inspect))
-app.command("decode")(guarded(decode_cmd.decode))
-app.command("top")(guarded(top_cmd.top))
-app.command("merge")(guarded(top_cmd.merge))
-app.command("nf")(guarded(nf_cmd.nf))
-app.command("fidelity")(guarded(fidelity_cmd.fidelity))
-app.command("check")(guarded(check_cmd.check))
-app.command("zoo")(guarded(check_cmd.zoo))
-app.command("report")(guarded(report_cmd.report))
+COMMANDS = {  # name: (function, one-line summary for `fdsub --help`)
+    "inspect": (inspect_cmd.inspect, "Layers: stride, receptive field, origin, decodable."),
+    "decode": (decode_cmd.decode, "Decode neurons into image-space filters."),
+    "top": (top_cmd.top, "Each neuron's strongest instances over images."),
+    "merge": (top_cmd.merge, "Combine `fdsub top --shard` results into one."),
+    "nf": (nf_cmd.nf, "Neuron Feature: mean of the top-N patches."),
+    "fidelity": (fidelity_cmd.fidelity, "How well each decoding predicts its neurons."),
+    "report": (report_cmd.report, "One HTML page comparing every decoding."),
+    "check": (check_cmd.check, "Check a model for decoding (CI: exit 0/1/2)."),
+    "zoo": (check_cmd.zoo, "Run `fdsub check` on every model of a zoo file."),
+}
+for _name, (_function, _summary) in COMMANDS.items():
+    app.command(_name, short_help=_summary)(guarded(_function))

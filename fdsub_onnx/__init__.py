@@ -9,42 +9,76 @@
 The package's parts, imported in one direction only (docs/architecture.md):
 ``data`` and ``graph`` -> ``compose`` -> ``runtime`` -> ``modes`` -> ``evaluate`` -> ``present`` -> ``cli``.
 Everything the command line uses is exported here.
+
+Each name is imported from its module on first use (PEP 562): ``import fdsub_onnx`` and the defaults cost
+nothing, so `fdsub --help` answers without loading onnx and onnxruntime (seconds).
 """
 
-from .compose.backend import Device, resolve_device
-from .compose.inspect import Layer, Summary, inspect_model, layer_geometry
-from .data.images import ArrayImages, open_images
-from .data.topn import TopN, load_top, save_top
-from .errors import FdsubError
-from .evaluate.check import DEFAULT_IMAGES as CHECK_IMAGES
-from .evaluate.check import Check, CheckReport, check_model
-from .evaluate.compare import LayerComparison, compare_layers, compare_modes
-from .evaluate.fidelity import FIDELITY_MODES, fidelity
-from .evaluate.zoo import read_zoo, run_zoo
-from .graph.geometry import Geometry
-from .graph.model import Model, find_layer, load_model
-from .modes.decode import MODES, decode, iter_decode
-from .modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS, Substitution, gather_statistics
-from .modes.local import decode_instances
-from .modes.nf import neuron_feature
-from .modes.result import Decoded
-from .neurons import parse_neurons
-from .present.junit import check_junit_path, junit_document, junit_suite, write_junit
-from .present.render import filter_grid
-from .present.report import DEFAULT_TOP as REPORT_TOP
-from .present.report import report
-from .present.save import save_decoded, save_fidelity, save_with_top
-from .runtime.capture import capture_top, merge_top
+from __future__ import annotations
 
-__all__ = [
-    "CHECK_IMAGES", "DEFAULT_SELECT", "DEFAULT_WEIGHTING", "FIDELITY_MODES", "MODES", "REPORT_TOP", "SELECTS",
-    "WEIGHTINGS",
-    "ArrayImages", "Check", "CheckReport", "Decoded", "Device", "FdsubError", "Geometry", "Layer", "LayerComparison",
-    "Model", "Substitution", "Summary", "TopN",
-    "capture_top", "check_junit_path", "check_model", "compare_layers", "compare_modes", "decode", "decode_instances",
-    "fidelity", "filter_grid", "find_layer", "gather_statistics", "inspect_model", "iter_decode", "junit_document",
-    "junit_suite", "layer_geometry", "load_model", "load_top", "merge_top", "neuron_feature", "open_images",
-    "parse_neurons", "read_zoo", "report", "resolve_device", "run_zoo", "save_decoded", "save_fidelity", "save_top",
-    "save_with_top", "write_junit",
-]
+import importlib
+
+from .defaults import (
+    CHECK_IMAGES,
+    DEFAULT_BATCH,
+    DEFAULT_SELECT,
+    DEFAULT_TOP,
+    DEFAULT_WEIGHTING,
+    FIDELITY_MODES,
+    REPORT_TOP,
+    SELECTS,
+    WEIGHTINGS,
+)
+from .errors import FdsubError
+
+#: public name -> (module, name there)
+_EXPORTS = {
+    "Device": (".compose.backend", "Device"), "resolve_device": (".compose.backend", "resolve_device"),
+    "Layer": (".compose.inspect", "Layer"), "Summary": (".compose.inspect", "Summary"),
+    "inspect_model": (".compose.inspect", "inspect_model"), "layer_geometry": (".compose.inspect", "layer_geometry"),
+    "ArrayImages": (".data.images", "ArrayImages"), "open_images": (".data.images", "open_images"),
+    "check_result_folder": (".data.files", "check_result_folder"),
+    "TopN": (".data.topn", "TopN"), "load_top": (".data.topn", "load_top"), "save_top": (".data.topn", "save_top"),
+    "check_top_fits": (".data.topn", "check_top_fits"),
+    "Check": (".evaluate.check", "Check"), "CheckReport": (".evaluate.check", "CheckReport"),
+    "check_model": (".evaluate.check", "check_model"),
+    "LayerComparison": (".evaluate.compare", "LayerComparison"),
+    "compare_layers": (".evaluate.compare", "compare_layers"),
+    "compare_modes": (".evaluate.compare", "compare_modes"), "fidelity": (".evaluate.fidelity", "fidelity"),
+    "read_zoo": (".evaluate.zoo", "read_zoo"), "run_zoo": (".evaluate.zoo", "run_zoo"),
+    "Geometry": (".graph.geometry", "Geometry"),
+    "Model": (".graph.model", "Model"), "find_layer": (".graph.model", "find_layer"),
+    "load_model": (".graph.model", "load_model"), "nonfinite_weights": (".graph.validate", "nonfinite_weights"),
+    "MODES": (".modes.decode", "MODES"), "decode": (".modes.decode", "decode"),
+    "iter_decode": (".modes.decode", "iter_decode"),
+    "Substitution": (".modes.fds", "Substitution"),
+    "gather_statistics": (".modes.fds", "gather_statistics"), "decode_instances": (".modes.local", "decode_instances"),
+    "neuron_feature": (".modes.nf", "neuron_feature"), "Decoded": (".modes.result", "Decoded"),
+    "parse_neurons": (".neurons", "parse_neurons"),
+    "check_junit_path": (".present.junit", "check_junit_path"), "junit_document": (".present.junit", "junit_document"),
+    "junit_suite": (".present.junit", "junit_suite"), "write_junit": (".present.junit", "write_junit"),
+    "filter_grid": (".present.render", "filter_grid"), "report": (".present.report", "report"),
+    "result_kind": (".present.save", "result_kind"), "save_decoded": (".present.save", "save_decoded"),
+    "save_fidelity": (".present.save", "save_fidelity"), "save_with_top": (".present.save", "save_with_top"),
+    "capture_top": (".runtime.capture", "capture_top"), "merge_top": (".runtime.capture", "merge_top"),
+    "connect": (".runtime.cluster", "connect"),
+}
+
+__all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING", "FIDELITY_MODES",
+           "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
+__all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Import a public name's module the first time the name is used."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,11 +20,11 @@ def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
     elif isinstance(selector, (int, np.integer)):
         picked = [int(selector)]
     elif isinstance(selector, str):
-        picked = _parse_spec(selector)
+        picked = _parse_spec(selector, channels, layer)
     else:
         picked = [_index(v, selector) for v in selector]
     picked = list(dict.fromkeys(picked))
-    where = f"layer {layer!r}" if layer else "the layer"
+    where = _where(layer)
     if not picked:
         raise FdsubError(f"no neurons selected; {where} has neurons 0-{channels - 1}")
     bad = [n for n in picked if not 0 <= n < channels]
@@ -33,13 +33,18 @@ def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
     return np.asarray(picked, dtype=np.int64)
 
 
+def _where(layer: str) -> str:
+    return f"layer {layer!r}" if layer else "the layer"
+
+
 def _index(value, selector) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise FdsubError(f"neuron indices must be integers, got {value!r} in {selector!r}")
     return int(value)
 
 
-def _parse_spec(spec: str) -> list[int]:
+def _parse_spec(spec: str, channels: int, layer: str) -> list[int]:
+    """The indices of ``spec``; a range past the layer's neurons is refused before it is listed (0-10^12)."""
     picked = []
     for part in spec.replace(" ", "").split(","):
         if not part:
@@ -50,6 +55,10 @@ def _parse_spec(spec: str) -> list[int]:
                 lo, hi = int(part[:cut]), int(part[cut + 1 :])
                 if hi < lo:
                     raise ValueError
+                if lo < 0 or hi >= channels:
+                    bad = lo if lo < 0 else max(lo, channels)  # the first index of the range past the layer
+                    raise FdsubError(f"neuron {bad} is out of range (in {part}): {_where(layer)} has {channels} "
+                                     f"neurons (0-{channels - 1})")
                 picked.extend(range(lo, hi + 1))
             else:
                 picked.append(int(part))

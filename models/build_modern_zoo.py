@@ -14,6 +14,7 @@ architectures), fdsub_onnx never does. It needs torch, torchvision, onnx, onnxru
 Usage::
 
     python models/build_modern_zoo.py OUTDIR [--only NAME,...] [--exporter torchscript|dynamo|both] [--force]
+    python models/build_modern_zoo.py --skeleton models/modern OUTDIR [--only NAME,...]
 
 Each file is written as ``OUTDIR/NAME.EXPORT.onnx`` (``mobilenet_v2.ts.onnx``, ``mobilenet_v2.dynamo.onnx``,
 ``mobilenet_v2.qdq.onnx``, ``nhwc_tf_style.onnx``...), skipped when it exists unless ``--force``. After
@@ -22,6 +23,16 @@ image, compared with the reference output (torch, onnx's reference evaluator, or
 quantized copies). One line per file: name, seconds, size, the comparison; the exit status is 1 when any
 file failed. ``--only`` takes model names (``mobilenet_v2``: all its files) or file stems
 (``mobilenet_v2.qdq``); a quantized copy builds the export it is made from when that is missing.
+
+``--skeleton DIR`` writes, instead of building, a *skeleton* of each float file of ``OUTDIR`` named by
+``SKELETON_FILES`` (or ``--only``) into ``DIR`` (``models/modern/``, committed): the graph with every float
+initializer of more than ``SKELETON_KEEP`` values reduced to its name, type and dims (no data), everything
+else (nodes, attributes, int64 shape constants, small float constants, metadata but the dynamo exporter's
+stack traces) as exported. A few hundred
+KB instead of hundreds of MB, so CI (without torch) runs the zoo: ``fdsub_onnx.evaluate.zoo.randomized``
+draws every float initializer from its dims (``randomize = true`` in ``models/zoo-modern.toml``). The
+quantized copies are not skeletonized (their int8 weights are data); tests quantize a randomized skeleton.
+The skeleton step needs only onnx (it runs after torch is imported, as the rest of this script).
 """
 
 from __future__ import annotations
@@ -50,6 +61,20 @@ EXPORTERS = {"ts": False, "dynamo": True}  # file tag -> the ``dynamo`` argument
 EXPORTER_CHOICES = {"torchscript": ("ts",), "dynamo": ("dynamo",), "both": ("ts", "dynamo")}
 CALIBRATION_IMAGES = 8  # random images onnxruntime's static quantization calibrates on
 BN_IMAGES = 8  # random images BatchNorm running statistics are measured on
+SKELETON_KEEP = 16  # float initializers of at most this many values keep their data in a skeleton
+#: node metadata a skeleton drops: the dynamo exporter's Python stack traces (a third of a dynamo skeleton, and
+#: paths into the builder's machine); ``namespace`` (the module path ``fdsub inspect`` shows) and the rest stay
+SKELETON_DROP_METADATA = ("pkg.torch.onnx.stack_trace",)
+#: the float files ``--skeleton`` writes by default: one export per architecture (TorchScript: module-path
+#: layer names), both exporters where they write different graphs that matter (SE pools as ReduceMean,
+#: chunk as Split, the Focus slices, ConvNeXt's classifier norm through as_strided); the committed
+#: models/modern/ is this list.
+SKELETON_FILES = (
+    "mobilenet_v2.ts", "mobilenet_v3_large.ts", "mobilenet_v3_large.dynamo", "efficientnet_b0.ts",
+    "efficientnet_b0.dynamo", "regnet_y_400mf.ts", "shufflenet_v2_x1_0.ts", "shufflenet_v2_x1_0.dynamo",
+    "mnasnet0_5.ts", "convnext_tiny.ts", "convnext_tiny.dynamo", "resnext50_32x4d.ts", "googlenet.ts",
+    "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "unet_toy.ts", "nhwc_tf_style",
+)
 
 
 # ---- building blocks shared by the hand-written torch models ------------------------------------------
@@ -528,14 +553,73 @@ def run(job: Job, outdir: Path, force: bool) -> bool:
     return True
 
 
+# ---- skeletons: the graphs without their weights, for CI ------------------------------------------------
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def skeleton(model: onnx.ModelProto, keep: int = SKELETON_KEEP) -> int:
+    """Strip ``model`` in place to its skeleton: each float initializer of more than ``keep`` values keeps its
+    name, data type and dims but no data, and nodes lose their ``SKELETON_DROP_METADATA`` entries; every other
+    initializer, node, attribute and metadata entry is left as it is. Returns the number of values removed.
+    The result loads with onnx.load but is not a valid model until ``fdsub_onnx.evaluate.zoo.randomized``
+    refills it (onnx.checker rejects it)."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key not in SKELETON_DROP_METADATA]
+        if len(kept) < len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    removed = 0
+    for tensor in model.graph.initializer:
+        size = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type not in FLOAT_TYPES or size <= keep:
+            continue
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise ValueError(f"{tensor.name}: external data; build with external_data=False")
+        for data in ("raw_data", "float_data", "double_data", "int32_data"):  # int32_data: float16 / bfloat16
+            tensor.ClearField(data)
+        removed += size
+    return removed
+
+
+def write_skeletons(source: Path, target: Path, stems: list[str]) -> bool:
+    """The skeleton (``skeleton``) of ``source/STEM.onnx`` as ``target/STEM.onnx`` for each stem, one line each;
+    False when a file is missing or a quantized copy is asked for."""
+    target.mkdir(parents=True, exist_ok=True)
+    ok, total = True, 0
+    for stem in stems:
+        path, out = source / f"{stem}.onnx", target / f"{stem}.onnx"
+        if any(stem.endswith(f".{spec.mode}") for spec in ZOO if isinstance(spec, QuantizedModel)):
+            print(f"{stem + '.onnx':<34} FAILED a quantized copy has no float weights to strip", flush=True)
+            ok = False
+            continue
+        if not path.is_file():
+            print(f"{stem + '.onnx':<34} FAILED {path} not found; build it first", flush=True)
+            ok = False
+            continue
+        model = onnx.load(str(path))
+        removed = skeleton(model)
+        onnx.save(model, str(out))
+        size = out.stat().st_size
+        total += size
+        print(f"{out.name:<34} {size / 1e3:8.1f} KB  ({path.stat().st_size / 1e6:.1f} MB, "
+              f"{removed:,} float values removed)", flush=True)
+    print(f"{len(stems)} skeleton(s), {total / 1e6:.2f} MB in {target}")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="folder for the .onnx files (created if missing)")
     parser.add_argument("--only", help="comma-separated model names or file stems (default: all)")
     parser.add_argument("--exporter", choices=EXPORTER_CHOICES, default="both", help="torch exporter(s) to use")
     parser.add_argument("--force", action="store_true", help="rebuild files that already exist")
+    parser.add_argument("--skeleton", type=Path, metavar="DIR",
+                        help="write the skeletons of OUTDIR's files (SKELETON_FILES, or --only's stems) into DIR "
+                             "instead of building")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    if args.skeleton is not None:
+        return 0 if write_skeletons(args.outdir, args.skeleton, only or list(SKELETON_FILES)) else 1
     jobs = select(all_jobs(EXPORTER_CHOICES[args.exporter]), only)
     args.outdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, opset {OPSET}")

@@ -20,7 +20,7 @@ weights before export), SGD and a one-cycle learning rate for 6 epochs of 20,000
 reaches 99.8 % on 4,000 held-out images (chance 2.8 %). It is exported with the TorchScript
 exporter at opset 13 with a dynamic batch dimension; the tensors are renamed conv1, relu1,
 pool1, ..., conv4, relu4, gap, flat, logits, so that ``fdsub decode models/demo.onnx --layer conv4``
-finds them. The script prints the held-out
+finds them. The script prints progress (at least every 10 s), the held-out
 accuracy and the largest difference between torch and onnxruntime outputs.
 
 PyTorch is needed only here, never by fdsub_onnx. Retrain (4-5 minutes on one CPU core):
@@ -68,6 +68,23 @@ POOL = (4, 2, 1)
 # initialisation left conv1 as 5x5 colour noise).
 INIT_SCALE = (0.01, 0.1, 0.1, 0.1)
 THREADS = 1  # one thread: no slower than two on a 2-core machine, and far faster while other jobs run
+PROGRESS_SECONDS = 10  # at most this long between two progress lines (a run takes minutes)
+
+
+class Progress:
+    """One line on stdout at most every PROGRESS_SECONDS, so that a long step never looks stuck."""
+
+    def __init__(self):
+        self.start = self.last = time.time()
+
+    def say(self, text: str, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last >= PROGRESS_SECONDS:
+            print(f"[{now - self.start:5.0f} s] {text}", flush=True)
+            self.last = now
+
+
+PROGRESS = Progress()
 
 
 def render(rng: np.random.Generator, height: int = SIZE, width: int = SIZE) -> tuple[np.ndarray, int]:
@@ -88,7 +105,12 @@ def render(rng: np.random.Generator, height: int = SIZE, width: int = SIZE) -> t
 
 def dataset(split: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` labelled images; image i of ``split`` comes from its own generator seeded (SEED, split, i)."""
-    images, labels = zip(*(render(np.random.default_rng([SEED, split, i])) for i in range(count)))
+    images, labels = [], []
+    for i in range(count):
+        image, label = render(np.random.default_rng([SEED, split, i]))
+        images.append(image)
+        labels.append(label)
+        PROGRESS.say(f"rendering images of split {split}: {i + 1}/{count}")
     return torch.from_numpy(np.stack(images)), torch.tensor(labels)
 
 
@@ -148,6 +170,7 @@ def train() -> tuple[DemoNet, tuple[torch.Tensor, torch.Tensor]]:
     steps = EPOCHS * (TRAIN_PER_EPOCH // BATCH)
     optimiser = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LR, total_steps=steps, pct_start=0.2)
+    PROGRESS.say(f"rendering {HELD_OUT} held-out images, then {EPOCHS} epochs of {TRAIN_PER_EPOCH}", force=True)
     held_out = dataset(0, HELD_OUT)
     start = time.time()
     for epoch in range(EPOCHS):
@@ -163,6 +186,8 @@ def train() -> tuple[DemoNet, tuple[torch.Tensor, torch.Tensor]]:
             optimiser.step()
             schedule.step()
             total += loss.item()
+            PROGRESS.say(f"epoch {epoch + 1}/{EPOCHS}: batch {b + 1}/{TRAIN_PER_EPOCH // BATCH}, "
+                         f"loss {total / (b + 1):.3f}")
         acc = accuracy(net, *held_out)
         print(f"epoch {epoch + 1}/{EPOCHS}: loss {total / (b + 1):.3f}, held-out accuracy {acc:.3f} "
               f"({time.time() - start:.0f} s)", flush=True)

@@ -14,7 +14,7 @@ import fdsub_onnx
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fdsub_onnx"
 #: lowest first; a module may import its own part and the parts before it
-LAYERS = ("errors", "neurons", "data", "graph", "compose", "runtime", "modes", "evaluate", "present")
+LAYERS = ("errors", "defaults", "neurons", "data", "graph", "compose", "runtime", "modes", "evaluate", "present")
 
 
 def _part(module: str) -> str | None:

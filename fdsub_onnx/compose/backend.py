@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import available_memory
 from ..errors import FdsubError
 
 DEVICES = ("cpu", "gpu", "auto")
@@ -53,14 +54,7 @@ class NumpyBackend:
 
     def free_bytes(self) -> int:
         """Memory still available to allocate (MemAvailable on Linux)."""
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 8 << 30
+        return available_memory()
 
 
 class CupyBackend(NumpyBackend):

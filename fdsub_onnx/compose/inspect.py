@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
 from ..graph.model import LAYER_OPS, Model, find_layer
+from ..graph.patterns import ChannelGate
 from .backend import get_backend
 from .engine import Engine
-from .values import Blocked, Tensor
+from .values import Blocked, Layout, Tensor
 from .walker import walk
 
 MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
@@ -28,6 +29,7 @@ class Layer:
     origin: list[int] | None
     decodable: bool
     reason: str | None
+    module: str | None = None  # the exporting framework's module path (torch's dynamo exporter records it)
 
 
 @dataclass
@@ -36,10 +38,11 @@ class Summary:
     input_shape: list[int]
     layers: list[Layer]
     geometries: dict[str, Geometry] = field(default_factory=dict, repr=False, compare=False)  # decodable layers'
+    held: list[dict] = field(default_factory=list)  # data-dependent factors weights mode holds: tensor, node, kind
 
     def to_json(self) -> dict:
         return {"input": {"name": self.input_name, "shape": self.input_shape},
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers], "held": self.held}
 
 
 def inspect_model(model: Model) -> Summary:
@@ -50,7 +53,19 @@ def inspect_model(model: Model) -> Summary:
             layers.append(_layer(model, node, value))
             if isinstance(value, Tensor):
                 geometries[node.output[0]] = value.geom
-    return Summary(model.input_name, list(model.input_shape), layers, geometries)
+    return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model))
+
+
+def _held(model: Model) -> list[dict]:
+    """Channel gates and layer norms: ``weights`` mode holds them at their value on a reference input."""
+    held = []
+    for node in model.nodes:
+        pattern = model.patterns.get(node.output[0])
+        kind = "channel gate" if isinstance(pattern, ChannelGate) else (
+            "layer norm" if node.op_type == "LayerNormalization" else None)
+        if kind:
+            held.append({"tensor": node.output[0], "node": model.node_name(node), "kind": kind})
+    return held
 
 
 def layer_geometry(model: Model, layer: str) -> Geometry:
@@ -91,9 +106,32 @@ def _layer(model, node, value) -> Layer:
     if isinstance(value, Tensor):
         g = value.geom
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
-                     list(g.origin), True, None)
+                     list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
-    return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason)
+    if isinstance(value, Layout) and value.channels_last:
+        reason = ("a channels-last (NHWC) view of a map, channels on the last axis; the Conv layers around it "
+                  "decode")
+    return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason,
+                 module_of(node))
+
+
+def module_of(node) -> str | None:
+    """The module a node came from, where the export records it: torch's dynamo exporter writes name scopes
+    (``pkg.torch.onnx.name_scopes``: ['', 'features', 'features.0', 'features.0.1', 'conv2d']) and a
+    ``namespace`` ('... /features.0: torchvision.ops.misc.Conv2dNormActivation/...'); its tensor names
+    (``getitem_3``) say nothing."""
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
+        names = [s for s in names[:-1] if s]  # the last entry names the op itself
+        if names:
+            return names[-1]
+    namespace = props.get("namespace")
+    if namespace:
+        parts = [p.split(":")[0].strip() for p in namespace.split("/") if p.split(":")[0].strip()]
+        return parts[-1] if parts else None
+    return None
 
 
 def channels_of(model, target):

@@ -44,6 +44,13 @@ class Layout:
     index: np.ndarray
     source: Tensor
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether this is the source map [1, C, H, W] seen as [1, H, W, C] (an NHWC transpose)."""
+        (h, w), c = self.source.spatial, self.source.channels
+        return self.index.shape == (1, h, w, c) and np.array_equal(
+            self.index, np.arange(c * h * w).reshape(1, c, h, w).transpose(0, 2, 3, 1))
+
 
 @dataclass
 class Blocked:

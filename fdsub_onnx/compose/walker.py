@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from ..errors import NotDecodable
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
+from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
 from .values import Blocked, Const, Tensor
 
@@ -15,9 +16,10 @@ from .values import Blocked, Const, Tensor
 class Context:
     """What an op rule may ask about the graph while it runs."""
 
-    def __init__(self, model: Model, engine, rows: dict | None, substitution=None):
+    def __init__(self, model: Model, engine, rows: dict | None, substitution=None, gates: dict | None = None,
+                 values: dict | None = None):
         self.model, self.engine, self._rows = model, engine, rows or {}
-        self._substitution = substitution
+        self._substitution, self._gates, self._values = substitution, gates or {}, values if values is not None else {}
 
     def shape(self, name: str):
         return self.model.shapes.get(name)
@@ -38,9 +40,18 @@ class Context:
     def rows(self, node):
         return self._rows.get(node.output[0])
 
+    def pattern(self, node):
+        """The export pattern ``node`` completes (``graph.patterns``: SelfGated, ChannelGate), or None."""
+        return self.model.patterns.get(node.output[0])
+
+    def value(self, name: str):
+        """The value of a tensor the walk has already computed (a pattern reads beyond its node's inputs)."""
+        return _lookup(name, self._values, self.model)
+
     def held_gate(self, node):
-        """fds: the per-channel mean of the gate a data x data Mul applies (None: no rule)."""
-        return None if self._substitution is None else self._substitution.gates.get(node.output[0])
+        """The per-channel values a ChannelGate Mul is held at: the reference input's in ``weights`` mode, the
+        mean over the images in ``fds`` (None in a geometry-only walk)."""
+        return self._gates.get(node.output[0])
 
     def substitute(self, node, weight):
         """The weight to compose ``node`` with: its own (``weights`` mode) or the substituted one (``fds``)."""
@@ -48,32 +59,44 @@ class Context:
 
 
 def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict | None = None, usage: dict | None = None,
-         substitution=None) -> Iterator:
+         substitution=None, gates: dict | None = None) -> Iterator:
     """Yield ``(node, value of its first output)`` in order; banks are freed once consumed.
 
     ``targets`` (tensor names) limits the walk to their ancestors; ``rows`` maps a target
-    to the only channels its bank needs; ``substitution`` (fds mode) supplies substituted weights;
+    to the only channels its bank needs; ``substitution`` (fds mode) supplies substituted weights; ``gates``
+    the values channel gates are held at (Mul output -> [C]; default: those of ``substitution``);
     ``usage["peak"]`` receives the largest total size
     (bytes) of the banks alive at once, known from geometry alone.
     """
     nodes = ancestors(model, targets) if targets else model.nodes
-    uses = Counter(name for node in nodes for name in node.input)
+    reads = {id(node): _reads(node, model) for node in nodes}
+    uses = Counter(name for node in nodes for name in reads[id(node)])
     c, h, w = model.input_shape[1:]
     engine.image_channels = c
     values = {model.input_name: Tensor(Geometry(), c, (h, w), engine.identity(c) if compose else None)}
-    ctx = Context(model, engine, rows, substitution)
+    if gates is None and substitution is not None:
+        gates = substitution.gates
+    ctx = Context(model, engine, rows, substitution, gates, values)
     usage = {} if usage is None else usage
     live = usage["peak"] = _bank_bytes(values[model.input_name], engine)
     for node in nodes:
         inputs = [_lookup(name, values, model) for name in node.input]
         value = _apply(node, inputs, ctx, model)
-        values[node.output[0]] = value
-        live += _bank_bytes(value, engine)
+        outputs = value if isinstance(value, list) else [value]  # a multi-output rule (Split) gives one per output
+        if isinstance(value, Blocked) and len(node.output) > 1:
+            outputs = [value] * len(node.output)
+        for index, name in enumerate(node.output):
+            if not name:
+                continue
+            if index < len(outputs) and outputs[index] is not None:
+                values[name] = outputs[index]
+                live += _bank_bytes(outputs[index], engine)
+            else:
+                values[name] = Blocked(f"{node.op_type} node {model.node_name(node)!r}: output {index} "
+                                       f"({name!r}) is not followed")
         usage["peak"] = max(usage["peak"], live)
-        for extra in node.output[1:]:
-            values[extra] = Blocked(f"{node.op_type} node {model.node_name(node)!r}: only its first output is followed")
-        yield node, value
-        for name in node.input:
+        yield node, values[node.output[0]]
+        for name in reads[id(node)]:
             uses[name] -= 1
             if uses[name] == 0 and name in values:
                 live -= _bank_bytes(values.pop(name), engine)
@@ -97,12 +120,27 @@ def _lookup(name, values, model):
     return Blocked(f"tensor {name!r} is a model input other than the image")
 
 
+def _reads(node, model) -> list[str]:
+    """The tensors a node's rule reads: its inputs, and the x of a self-gated product (``graph.patterns``)."""
+    pattern = model.patterns.get(node.output[0]) if node.output else None
+    return list(node.input) + ([pattern.x] if isinstance(pattern, SelfGated) else [])
+
+
 def _apply(node, inputs, ctx, model):
-    blocked = next((v for v in inputs if isinstance(v, Blocked)), None)
+    pattern = ctx.pattern(node)
+    needed = inputs
+    if isinstance(pattern, SelfGated):  # reads its x, not the factors (a gate's branch may hold ops without rules)
+        needed = []
+    elif isinstance(pattern, ChannelGate):  # the gate's value comes from onnxruntime, not from the walk
+        needed = [v for name, v in zip(node.input, inputs) if name == pattern.x]
+    blocked = next((v for v in needed if isinstance(v, Blocked)), None)
     if blocked is not None:
         return blocked
     label = f"{node.op_type} node {model.node_name(node)!r}"
-    rule = RULES.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+    if node.domain not in STANDARD_DOMAINS:
+        return Blocked(f"{label}: an op of the {node.domain!r} domain, not standard ONNX (for onnxruntime's quantized "
+                       "contrib ops: quantize in QDQ format, onnxruntime.quantization.QuantFormat.QDQ)")
+    rule = RULES.get(node.op_type)
     if rule is None:
         return Blocked(f"{label}: no rule for this op (`fdsub inspect` lists what is decodable)")
     try:

@@ -22,11 +22,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ..defaults import MAX_BUILTIN_IMAGES, require_memory
 from ..errors import FdsubError
+from .files import require_regular_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_BUILTIN_COUNT = 256
-SPEC_HELP = "give a folder of JPEG/PNG, a .npy/.npz array [N, C, H, W], or builtin:glyphs|gratings|blobs"
+SPEC_HELP = ("give a folder of JPEG/PNG, one image file, a .npy/.npz array [N, C, H, W], "
+             "or builtin:glyphs|gratings|blobs")
+ARRAY_SAMPLE = 64  # images of an integer array checked for 0..255 values
 _GRAY = np.array([0.299, 0.587, 0.114])  # the weights of Pillow's convert("L"), so builtins match files
 
 
@@ -57,6 +61,7 @@ def _per_channel(name: str, values: float | Sequence[float], channels: int) -> t
         vals = [float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()]
     except (TypeError, ValueError):
         raise FdsubError(f"{name} must be a number or a list of numbers, got {values!r}") from None
+    _finite(name, vals)
     if len(vals) == 1:
         return tuple(vals) * channels
     if len(vals) == 3 and channels == 1:
@@ -78,6 +83,8 @@ def resolve_preset(
     if preset not in PRESETS:
         raise FdsubError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     base = PRESETS[preset]
+    if scale is not None:
+        _finite("scale", [scale])
     resolved = Preset(
         scale=float(base.scale if scale is None else scale),
         mean=_per_channel("mean", base.mean if mean is None else mean, channels),
@@ -87,6 +94,16 @@ def resolve_preset(
     if 0.0 in resolved.std:
         raise FdsubError(f"std must not be 0, got {list(resolved.std)}")
     return resolved
+
+
+def _finite(name: str, values) -> None:
+    """Preprocessing by NaN or infinity turns every activation into NaN: refuse it (--mean, --std, --scale)."""
+    try:
+        bad = [v for v in values if not np.isfinite(float(v))]
+    except (TypeError, ValueError):
+        raise FdsubError(f"--{name} must be a number, got {values!r}") from None
+    if bad:
+        raise FdsubError(f"--{name} must be a finite number, got {bad[0]}; give a value such as 0.5")
 
 
 def is_identity(preset: Preset) -> bool:
@@ -132,6 +149,8 @@ class _ImageSet:
 class ArrayImages(_ImageSet):
     """Images held in one [N, C, H, W] array (values used as they are unless a preset is given)."""
 
+    mapped: str | None = None  # the .npy file the array was opened from: pickled as that path (cluster workers)
+
     def __init__(
         self, array: np.ndarray, sources: list[str] | None = None, name: str = "array", preset: Preset | None = None
     ):
@@ -142,6 +161,21 @@ class ArrayImages(_ImageSet):
 
     def _load(self, first: int, stop: int) -> np.ndarray:
         return self.array[first:stop]
+
+    def __getstate__(self):
+        """A set opened from a .npy file travels as its path, however large; an array in memory as itself."""
+        state = dict(self.__dict__)
+        if self.mapped is not None:
+            del state["array"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.mapped is not None:
+            if not Path(self.mapped).is_file():
+                raise FdsubError(f"no image file {self.mapped} here: cluster workers read the images at the same "
+                                 "paths as the client; copy it there")
+            self.array = np.asarray(np.load(self.mapped, mmap_mode="r", allow_pickle=False), dtype=np.float32)
 
 
 class LazyImages(_ImageSet):
@@ -175,7 +209,8 @@ def open_images(
     """Open the images named by ``spec``, sized and preprocessed for a model taking ``input_shape`` (C, H, W).
 
     ``spec`` is a folder (every .jpg/.jpeg/.png below it, sorted by relative path; each is resized so
-    it covers H x W, then centre-cropped), a ``.npy``/``.npz`` array [N, C, H, W] (not resized), or
+    it covers H x W, then centre-cropped), one such image file, a ``.npy``/``.npz`` array [N, C, H, W]
+    (not resized; integer arrays must hold 0..1, not 0..255), or
     ``builtin:glyphs``, ``builtin:gratings``, ``builtin:blobs`` with an optional count
     (``builtin:glyphs:200``, default 256), rendered deterministically.
 
@@ -194,10 +229,13 @@ def open_images(
     path = Path(spec)
     if not path.exists():
         raise FdsubError(f"no such file or folder: {spec}")
+    require_regular_file(path, "image file or folder")
     if path.is_dir():
         return _open_folder(path, (channels, height, width), pre)
     if path.suffix.lower() in (".npy", ".npz"):
         return _open_array(path, (channels, height, width), pre)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _open_files([path], (channels, height, width), pre, f"at {path}")
     raise FdsubError(f"cannot read images from {spec}: {SPEC_HELP}")
 
 
@@ -206,7 +244,10 @@ def _check_shape(input_shape) -> tuple[int, int, int]:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
         raise FdsubError(f"images need a fixed model input (C, H, W), got {shape}")
-    return int(shape[0]), int(shape[1]), int(shape[2])
+    c, h, w = (int(d) for d in shape)
+    require_memory(8.0 * c * h * w, f"one image of the model's input size {c}x{h}x{w}",
+                   "give a smaller --input-shape (or a model with a smaller input)")
+    return c, h, w
 
 
 def _need_rgb_or_gray(channels: int, what: str) -> None:
@@ -240,7 +281,15 @@ def _open_array(path: Path, shape: tuple[int, int, int], preset: Preset) -> Arra
         raise FdsubError(f"{path} holds {array.dtype} values; give real numbers {expected}")
     if len(array) == 0:
         raise FdsubError(f"{path} holds no images (shape {list(array.shape)})")
-    return ArrayImages(array, name=str(path), preset=preset)
+    if array.dtype.kind in "iub":
+        top = int(np.max(array[:ARRAY_SAMPLE]))
+        if top > 1:
+            raise FdsubError(f"{path} holds {array.dtype} values up to {top} but arrays are read as 0..1 (the preset "
+                             "scales from there); save x / 255 as float32, or a folder of images")
+    images = ArrayImages(array, name=str(path), preset=preset)
+    if path.suffix.lower() == ".npy":
+        images.mapped = str(path.resolve())
+    return images
 
 
 # --- folders ----------------------------------------------------------------------------------------------
@@ -248,11 +297,16 @@ def _open_array(path: Path, shape: tuple[int, int, int], preset: Preset) -> Arra
 
 def _open_folder(folder: Path, shape: tuple[int, int, int], preset: Preset) -> LazyImages:
     """Every JPEG/PNG below ``folder``, in relative-path order; unreadable ones go to ``skipped``."""
-    _need_rgb_or_gray(shape[0], "image files")
     found = sorted(
         (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
+    return _open_files(found, shape, preset, f"in {folder}")
+
+
+def _open_files(found: list[Path], shape: tuple[int, int, int], preset: Preset, where: str) -> LazyImages:
+    """The files of ``found`` that Pillow can read, in order; the others go to ``skipped``."""
+    _need_rgb_or_gray(shape[0], "image files")
     usable, skipped = [], []
     for p in found:
         reason = _unreadable(p)
@@ -261,8 +315,8 @@ def _open_folder(folder: Path, shape: tuple[int, int, int], preset: Preset) -> L
         else:
             skipped.append((str(p), reason))
     if not usable:
-        detail = f"{len(skipped)} could not be read" if skipped else "found none"
-        raise FdsubError(f"no usable JPEG/PNG image in {folder} ({detail})")
+        detail = f"{len(skipped)} could not be read: {skipped[0][1]}" if skipped else "found none"
+        raise FdsubError(f"no usable JPEG/PNG image {where} ({detail})")
     return LazyImages([str(p) for p in usable], lambda i: _read_image(usable[i], shape), preset, skipped)
 
 
@@ -313,9 +367,12 @@ def _open_builtin(spec: str, shape: tuple[int, int, int], preset: Preset) -> Laz
     kind = parts[1]
     count = DEFAULT_BUILTIN_COUNT
     if len(parts) == 3:
-        if not parts[2].isdigit() or int(parts[2]) < 1:
+        if not parts[2].isascii() or not parts[2].isdigit() or int(parts[2]) < 1:
             raise FdsubError(f"the count in {spec} must be a positive integer, e.g. builtin:{kind}:200")
         count = int(parts[2])
+        if count > MAX_BUILTIN_IMAGES:
+            raise FdsubError(f"the count in {spec} is too large: builtin sets hold at most {MAX_BUILTIN_IMAGES:,} "
+                             "images; give a smaller count or a folder of your own images")
     return LazyImages([f"builtin:{kind}[{i}]" for i in range(count)], lambda i: render_builtin(kind, i, shape), preset)
 
 

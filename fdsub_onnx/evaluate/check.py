@@ -29,15 +29,17 @@ import numpy as np
 
 from ..compose.inspect import Summary, inspect_model
 from ..data.images import open_images
+from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer, load_model
 from ..graph.prune import pruned
+from ..graph.validate import nonfinite_weights
 from ..modes.decode import decode
 from ..runtime.session import Forward
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
 
-DEFAULT_IMAGES = "builtin:blobs:32"
+DEFAULT_IMAGES = CHECK_IMAGES
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenerate-filters", "dead-neurons")
 #: ops after a layer through which the dead-neuron probe follows it to its activation (one channel in, one out)
@@ -203,7 +205,12 @@ def _coverage(summary: Summary, min_coverage: float) -> Check:
     total = len(summary.layers)
     decodable = sum(lay.decodable for lay in summary.layers)
     share = decodable / total if total else 0.0
-    details = [f"{lay.name} ({lay.op}): {lay.reason}" for lay in summary.layers if not lay.decodable]
+    blocked: dict[str, list] = {}  # one line per blocking reason (it names the node), not one per layer
+    for lay in summary.layers:
+        if not lay.decodable:
+            blocked.setdefault(lay.reason, []).append(lay)
+    details = [f"{lay[0].name} ({lay[0].op}): {reason}" if len(lay) == 1 else
+               f"{len(lay)} layers ({lay[0].name} ... {lay[-1].name}): {reason}" for reason, lay in blocked.items()]
     status = PASS if total and share >= min_coverage else FAIL
     return Check("coverage", status, f"{decodable} of {total} layers decodable", share, min_coverage, details)
 
@@ -222,16 +229,8 @@ def _expected(summary: Summary, expected) -> Check:
 
 
 def _finite_weights(model: Model) -> Check:
-    bad = []
-    total = 0
-    for name, value in model.constants.items():
-        value = np.asarray(value)
-        if value.dtype.kind != "f":
-            continue
-        total += 1
-        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
-        if nan or inf:
-            bad.append(f"{name} {list(value.shape)}: {nan} NaN, {inf} Inf")
+    bad = [f"{name} {shape}: {nan} NaN, {inf} Inf" for name, shape, nan, inf in nonfinite_weights(model)]
+    total = sum(np.asarray(value).dtype.kind == "f" for value in model.constants.values())
     summary = f"{len(bad)} of {total} float tensors hold NaN or Inf" if bad else f"{total} float tensors, all finite"
     return Check("finite-weights", FAIL if bad else PASS, summary, float(len(bad)), 0.0, bad)
 
@@ -240,7 +239,8 @@ def _identity(model: Model, decoded, tolerance, count, seed, notes) -> Check:
     if not decoded:
         return Check("identity", SKIP, "no layer to decode: " + "; ".join(notes), details=notes)
     try:
-        linear = _linear_model(model, [d.layer for d in decoded])
+        gates = {mul: value for d in decoded for mul, value in d.gates.items()}  # held as they were decoded
+        linear = _linear_model(model, [d.layer for d in decoded], gates)
     except FdsubError as exc:
         return Check("identity", SKIP, f"the model cannot be linearized: {exc}")
     images = np.random.default_rng(seed).standard_normal((count, *model.input_shape[1:])).astype(np.float32)
@@ -272,9 +272,10 @@ def _identity_line(result, tolerance) -> str:
     return line
 
 
-def _linear_model(model: Model, names: list[str]) -> Model:
+def _linear_model(model: Model, names: list[str], gates: dict) -> Model:
     """The model, computing only ``names``, with its nonlinearities replaced as ``weights`` mode reads them."""
-    return dataclasses.replace(model, proto=linearized(pruned(model.proto, names, model.input_name, batch=None)))
+    proto = linearized(pruned(model.proto, names, model.input_name, batch=None), model.patterns, gates)
+    return dataclasses.replace(model, proto=proto)
 
 
 def _degenerate(decoded, max_degenerate: float) -> Check:

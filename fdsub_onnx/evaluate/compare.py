@@ -17,10 +17,11 @@ from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Engine
 from ..compose.inspect import Layer, Summary, inspect_model, memory_problem
 from ..data.topn import TopN, rows_of
+from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.decode import iter_decode, leaf_rows
-from ..modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, gather_statistics, parse_select, parse_weighting
+from ..modes.fds import gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
@@ -53,11 +54,14 @@ class LayerComparison:
 
 def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], images, holdout=None, top: int = 100,
                    select: str = DEFAULT_SELECT, modes=FIDELITY_MODES, progress=None, device="cpu",
-                   weighting: str = DEFAULT_WEIGHTING) -> list[LayerComparison]:
+                   batch_size: int = DEFAULT_BATCH, client=None, weighting: str = DEFAULT_WEIGHTING
+                   ) -> list[LayerComparison]:
     """Decode ``picks[i]`` of ``layers[i]`` in each of ``modes`` and score them on ``holdout`` (default ``images``);
     fds with the ``select`` rule and the ``weighting``.
 
-    ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time).
+    ``progress(done, total)`` counts steps (fractions of steps while passes run, some at the same time);
+    ``batch_size`` images go through onnxruntime at a time. With a Dask ``client`` the passes over images
+    (statistics, top-N, Neuron Feature, fidelity) run on the cluster.
     """
     modes = _checked_modes(modes)
     parse_select(select)
@@ -71,13 +75,14 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     substitution = None
     if "fds" in modes:
         substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
-                                         device=device, weighting=weighting)
+                                         device=device, batch_size=batch_size, client=client, weighting=weighting)
     found = {}
     if set(modes) - {"weights"}:
         tops = dict(substitution.tops or {}) if substitution is not None else {}
         for target in targets:  # layers that no substitution needed (pooling): captured on their own
             if target not in tops:
-                tops[target] = capture_top(model, target, images, top=top, device=device)
+                tops[target] = capture_top(model, target, images, top=top, device=device, batch_size=batch_size,
+                                           client=client)
         found = {name: rows_of(tops[name], picked[name]) for name in targets}
     stats_done(1, 1)
     decoded = {name: {} for name in targets}
@@ -93,17 +98,18 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     for layer in layers:
         name, done = layer.name, steps.part()
         if "nf" in modes:
-            decoded[name]["nf"] = neuron_feature(model, found[name], images)
+            decoded[name]["nf"] = neuron_feature(model, found[name], images, batch_size=batch_size, client=client)
         ordered = {mode: decoded[name][mode] for mode in modes}
-        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device)
+        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device,
+                          batch_size=batch_size, client=client)
         result.append(LayerComparison(layer, ordered, found.get(name), scores))
         done(1, 1)
     return result
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
-                  progress=None, device="cpu", select: str = DEFAULT_SELECT,
-                  weighting: str = DEFAULT_WEIGHTING) -> LayerComparison:
+                  progress=None, device="cpu", select: str = DEFAULT_SELECT, batch_size: int = DEFAULT_BATCH,
+                  client=None, weighting: str = DEFAULT_WEIGHTING) -> LayerComparison:
     """Decode ``neurons`` of ``layer`` in each mode (data modes from ``images``' top-N, fds with ``select`` and
     ``weighting``), then measure on ``holdout``: the one layer's ``LayerComparison`` (``scores`` is ``fidelity``'s
     result, ``decoded`` the filters it scored)."""
@@ -115,8 +121,9 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
     if not entry.decodable:
         raise FdsubError(f"layer {target!r} is not decodable: {entry.reason}")
     picks = [parse_neurons(neurons, entry.channels, target)]
-    return compare_layers(model, [entry], picks, images, holdout, top=top, modes=modes, progress=progress,
-                          device=device, select=select, weighting=weighting)[0]
+    return compare_layers(model, [entry], picks, images, holdout, top=top, select=select, modes=modes,
+                          progress=progress, device=device, batch_size=batch_size, client=client,
+                          weighting=weighting)[0]
 
 
 def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:

@@ -9,15 +9,23 @@ does by default) that the prediction also ranks in its top-N.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from ..defaults import FIDELITY_MODES as FIDELITY_MODES  # its home was here; importers keep it
 from ..errors import FdsubError
+from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import Forward
 from .predict import predict
 
 
-def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 16, progress=None, device="cpu") -> dict:
-    """Per decoding (name -> Decoded of one layer, same neurons): correlation and top-N share per neuron."""
+def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 16, progress=None, device="cpu",
+             client=None) -> dict:
+    """Per decoding (name -> Decoded of one layer, same neurons): correlation and top-N share per neuron.
+
+    With a Dask ``client`` the images are scored in blocks on the cluster, with the same figures bit for bit.
+    """
     if not decodings:
         raise FdsubError("no decodings to measure")
     first = next(iter(decodings.values()))
@@ -26,23 +34,17 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
         if decoded.layer != layer or not np.array_equal(decoded.neurons, neurons):
             raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; "
                              "measure one layer at a time")
-    shape = model.shapes[layer]
-    run = Forward(model, [layer], device)
-    out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
-    moments = {name: np.zeros((5, len(neurons))) for name in decodings}  # sums of x, y, xx, yy, xy
-    truth_max, pred_max = [], {name: [] for name in decodings}
-    count = 0
-    for done, (_, batch) in enumerate(images.batches(batch_size)):
-        acts = np.asarray(run(batch)[layer], np.float64).reshape(len(batch), shape[1], -1)[:, neurons]
-        truth_max.append(acts.max(axis=2))
-        for name, decoded in decodings.items():
-            pred = predict(decoded, batch, out_size).reshape(len(batch), len(neurons), -1)
-            pred_max[name].append(pred.max(axis=2))
-            moments[name] += [pred.sum((0, 2)), acts.sum((0, 2)), (pred**2).sum((0, 2)), (acts**2).sum((0, 2)),
-                              (pred * acts).sum((0, 2))]
-        count += acts.shape[0] * acts.shape[2]
-        if progress is not None:
-            progress(min((done + 1) * batch_size, len(images)), len(images))
+    slim = {name: dataclasses.replace(d, instances=None, instance_filters=None, instance_bias=None)
+            for name, d in decodings.items()}  # what scoring reads (the workers get a copy)
+    options = {"decodings": slim, "batch_size": batch_size}
+    done = None if progress is None else lambda at, *_: progress(at, len(images))
+    if client is None:
+        part = _score(model, images, Forward(model, [layer], device), 0, len(images), **options, progress=done)
+    else:
+        part = map_blocks(client, _score, model, images, [layer], device, 0, len(images), batch_size, _merge_scores,
+                          options, progress=done)
+    sums, truth_max, pred_max, count = part
+    moments = sums.total
     truth = np.concatenate(truth_max)
     n = min(top, len(truth))
     true_top = _top_sets(truth, n)
@@ -59,6 +61,45 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
     return result
 
 
+def _score(model, images, forward, lo, hi, decodings, batch_size, progress=None):
+    """Images ``lo..hi-1``: the sums of the moments (in image order), each image's maxima, and the positions counted."""
+    first = next(iter(decodings.values()))
+    layer, neurons = first.layer, np.asarray(first.neurons)
+    shape = model.shapes[layer]
+    out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
+    sums = Ordered(_add_moments, {name: np.zeros((5, len(neurons))) for name in decodings} if lo == 0 else None)
+    truth_max, pred_max, count = [], {name: [] for name in decodings}, 0  # moments: sums of x, y, xx, yy, xy
+    for start, batch in images.batches(batch_size, lo):
+        if start >= hi:
+            break
+        acts = np.asarray(forward(batch)[layer], np.float64).reshape(len(batch), shape[1], -1)[:, neurons]
+        truth_max.append(acts.max(axis=2))
+        entry = {}
+        for name, decoded in decodings.items():
+            pred = predict(decoded, batch, out_size).reshape(len(batch), len(neurons), -1)
+            pred_max[name].append(pred.max(axis=2))
+            entry[name] = [pred.sum((0, 2)), acts.sum((0, 2)), (pred**2).sum((0, 2)), (acts**2).sum((0, 2)),
+                           (pred * acts).sum((0, 2))]
+        sums.add(entry)
+        count += acts.shape[0] * acts.shape[2]
+        if progress is not None:
+            progress(start + len(batch))
+    return sums, truth_max, pred_max, count
+
+
+def _add_moments(total: dict, entry: dict) -> dict:
+    for name, values in entry.items():
+        total[name] += values
+    return total
+
+
+def _merge_scores(parts):
+    sums = merge_ordered([p[0] for p in parts])
+    truth = [m for p in parts for m in p[1]]
+    pred = {name: [m for p in parts for m in p[2][name]] for name in parts[0][2]}
+    return sums, truth, pred, sum(p[3] for p in parts)
+
+
 def _top_sets(scores: np.ndarray, n: int) -> list[set]:
     """Per neuron (column), the set of the ``n`` best image indices (ties: lower index first)."""
     order = np.argsort(-scores, axis=0, kind="stable")[:n]
@@ -69,6 +110,4 @@ def _mean(values) -> float | None:
     values = np.asarray(values, np.float64)
     return None if np.isnan(values).all() else float(np.nanmean(values))
 
-
-FIDELITY_MODES = ("weights", "fds", "local", "deconvnet", "nf")
 

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import FdsubError
 from ..graph.model import load_model
+from ..runtime.cluster import map_tasks
 from .check import CheckReport, check_model
 
 try:
@@ -50,6 +51,20 @@ CHECK_KEYS = ("layers", "sample", "neurons_per_layer", "max_rf", "images", "min_
               "max_degenerate", "tolerance", "dtype", "identity_images")
 PREPROCESSING_KEYS = ("preset", "mean", "std", "scale", "bgr")
 MODEL_KEYS = ("name", "path", "input_shape", "decodable", "randomize", "seed", *PREPROCESSING_KEYS, *CHECK_KEYS)
+_NUMBER, _INT, _TEXT, _FLAG = "a number", "an integer", "a string", "true or false"
+#: the type each key takes: a description, and a test of one value
+KEY_TYPES = {
+    **dict.fromkeys(("name", "path", "preset", "images", "dtype"), _TEXT),
+    **dict.fromkeys(("seed", "sample", "neurons_per_layer", "max_rf", "identity_images"), _INT),
+    **dict.fromkeys(("scale", "min_coverage", "max_dead", "max_degenerate", "tolerance"), _NUMBER),
+    **dict.fromkeys(("randomize", "bgr"), _FLAG),
+    **dict.fromkeys(("mean", "std"), "a number or a list of numbers"),
+    "layers": "a list of layer names (or one string, comma separated)",
+    "input_shape": "four positive integers [N, C, H, W]",
+    "decodable": "a count or a list of layer names",
+}
+#: (op, input) of inputs that are not parameters: a float initializer feeding one keeps its values in ``randomized``
+STRUCTURAL = (("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Clip", 1), ("Clip", 2), ("Pad", 2))
 
 
 # ---- the onnx package's light models --------------------------------------------------------------
@@ -124,8 +139,9 @@ def randomized(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> onn
     variance 1/fan_in, BatchNormalization scales and variances and Mul/Div constants in [0.5, 1.5],
     biases and shifts 0.1 * N(0, 1); a parameter's values depend only on ``seed`` and its name.
     ConstantOfShape nodes with a constant shape become initializers; existing float initializers are
-    redrawn. Each new initializer is also listed as a graph input when the model's IR version (< 4)
-    requires it.
+    redrawn from their dims alone (their data may be missing, as in models/modern/'s skeletons), except
+    those feeding a ``STRUCTURAL`` input (Resize scales, Clip bounds), kept. Each new initializer is also
+    listed as a graph input when the model's IR version (< 4) requires it.
     """
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
@@ -151,9 +167,10 @@ def randomized(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> onn
                 continue
         kept.append(node)
     for name, tensor in inits.items():
-        if tensor.data_type in FLOAT_TYPES:
+        role = _role(name, uses)
+        if tensor.data_type in FLOAT_TYPES and role not in STRUCTURAL:
             shape = tuple(tensor.dims)
-            new_values[name] = _random(name, shape, _role(name, uses), seed, name in transposed)
+            new_values[name] = _random(name, shape, role, seed, name in transposed)
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input}
@@ -216,11 +233,16 @@ def read_zoo(path: str | os.PathLike) -> list[ZooModel]:
     path = Path(path)
     if not path.is_file():
         raise FdsubError(f"zoo file not found: {path}" if not path.exists()
-                         else f"{path} is a folder; give the zoo .toml file")
+                         else f"{path} is a folder; give the zoo .toml file" if path.is_dir()
+                         else f"{path} is not a regular file (a FIFO, socket or device); give the zoo .toml file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FdsubError(f"{path} is not valid TOML: {exc}") from None
+        raise FdsubError(f"{path} is not valid TOML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise FdsubError(f"{path} is nested too deeply to read; a zoo file holds flat [[models]] tables") from None
+    except OSError as exc:
+        raise FdsubError(f"cannot read zoo file {path}: {exc.strerror or exc}") from None
     unknown = set(data) - {"defaults", "models"}
     if unknown:
         raise FdsubError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; "
@@ -230,7 +252,8 @@ def read_zoo(path: str | os.PathLike) -> list[ZooModel]:
     if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
         raise FdsubError(f"{path}: list the models as [[models]] tables, each with a path")
     _known(defaults, (*PREPROCESSING_KEYS, *CHECK_KEYS, "seed", "randomize"), f"{path} [defaults]")
-    models = [_entry(path, i, {**defaults, **entry}) for i, entry in enumerate(entries)]
+    models = [_entry(path, i, {**defaults, **entry} if isinstance(entry, dict) else entry)
+              for i, entry in enumerate(entries)]
     names = [m.name for m in models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -249,6 +272,9 @@ def _entry(zoo: Path, index: int, entry) -> ZooModel:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         raise FdsubError(f"{where}: each [[models]] table needs path = \"file.onnx\" (or \"{LIGHT_PREFIX}NAME\")")
     _known(entry, MODEL_KEYS, where)
+    for key, value in entry.items():
+        if not _fits(key, value):
+            raise FdsubError(f"{where}: {key} = {_shown(value)} is not {KEY_TYPES[key]}")
     source = entry["path"]
     light = source.startswith(LIGHT_PREFIX)
     if light:
@@ -277,6 +303,31 @@ def _entry(zoo: Path, index: int, entry) -> ZooModel:
     )
 
 
+def _fits(key: str, value) -> bool:
+    """Whether ``value`` has the type ``KEY_TYPES[key]`` names (TOML's booleans are not numbers here)."""
+    kind = KEY_TYPES[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUMBER:
+        return number
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    if key in ("mean", "std"):
+        return number or (isinstance(value, list) and bool(value) and all(_fits("scale", v) for v in value))
+    if key in ("layers", "decodable"):
+        names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return names or (isinstance(value, str) if key == "layers" else _fits("seed", value))
+    return True  # input_shape: checked with its own message
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def check_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = None) -> CheckReport:
     """Load (re-randomized when asked) and check one zoo model; a FdsubError when it cannot be checked."""
     note = progress or (lambda message: None)
@@ -300,14 +351,24 @@ def check_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = No
     return report
 
 
-def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None) -> list[ZooResult]:
-    """Check every model in turn; a model that cannot be checked gets its error instead of a report."""
-    results = []
-    for entry in models:
-        start = time.perf_counter()
-        try:
-            report, error = check_zoo_model(entry, progress), None
-        except FdsubError as exc:
-            report, error = None, " ".join(str(exc).splitlines())
-        results.append(ZooResult(entry, report, error, time.perf_counter() - start))
-    return results
+def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None, client=None) -> list[ZooResult]:
+    """Check every model in turn; a model that cannot be checked gets its error instead of a report.
+
+    With a Dask ``client`` each model is one task on the cluster (workers read the models at the same paths);
+    ``progress`` then hears of each model as it finishes.
+    """
+    if client is None:
+        return [check_zoo_entry(entry, progress) for entry in models]
+    note = progress or (lambda message: None)
+    return map_tasks(client, check_zoo_entry, [(entry,) for entry in models],
+                     done=lambda i, result: note(f"{result.model.name}: {result.status}"))
+
+
+def check_zoo_entry(entry: ZooModel, progress: Callable[[str], None] | None = None) -> ZooResult:
+    """One model's result: its report, or the error that stopped it, and how long it took."""
+    start = time.perf_counter()
+    try:
+        report, error = check_zoo_model(entry, progress), None
+    except FdsubError as exc:
+        report, error = None, " ".join(str(exc).splitlines())
+    return ZooResult(entry, report, error, time.perf_counter() - start)

@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import NotDecodable
 
 Pair = tuple[int, int]
+_UNBOUNDED = 1 << 62  # a bound no image reaches
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,26 @@ class Geometry:
                              self.origin[a] + last * self.stride[a] + self.rf[a]))
             bounds = _intersect(bounds, tuple(kept))
         return Geometry(self.stride, self.rf, origin, bounds)
+
+    def sliced(self, start: Pair, step: Pair, count: Pair, size: Pair) -> Geometry:
+        """Geometry after keeping the positions ``start, start + step, ...`` (``count`` of them) of a grid of
+        ``size`` (a strided Slice, e.g. YOLO's Focus): ``S' = S * step``, ``O' = O + start * S``, R unchanged.
+
+        Where a dropped position held data next to the kept ones (a crop), a later padded window reads zeros
+        where that data was: ``bounds`` narrows to the kept span as for a negative Pad.
+        """
+        stride = _pair(s * t for s, t in zip(self.stride, step))
+        origin = _pair(o + a * s for o, a, s in zip(self.origin, start, self.stride))
+        kept = []
+        for a in range(2):
+            first, last = start[a], start[a] + (count[a] - 1) * step[a]
+            if first - step[a] >= 0 or last + step[a] < size[a]:
+                o, s = self.origin[a], self.stride[a]
+                kept.append((o + first * s, o + last * s + self.rf[a]))
+            else:
+                kept.append((-_UNBOUNDED, _UNBOUNDED))
+        bounds = self.bounds if kept == [(-_UNBOUNDED, _UNBOUNDED)] * 2 else _intersect(self.bounds, tuple(kept))
+        return Geometry(stride, self.rf, origin, bounds)
 
     def tap_step(self, dilation: Pair) -> Pair:
         """Image-space distance between neighbouring kernel taps."""

@@ -9,14 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from ..data.files import require_regular_file
 from ..errors import FdsubError
+from .patterns import find_patterns
+from .prepare import STANDARD_DOMAINS, nchw_input, prepare
+from .validate import checked
 
-STANDARD_DOMAINS = ("", "ai.onnx")
-FOLD_LIMIT = 4 << 30  # largest constant (bytes) produced by folding
 #: ops whose outputs are listed as layers by ``inspect``
-LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul",
+             "ConvTranspose", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")
+#: the convolution-like ones among them (what coverage figures count)
+CONV_LIKE = ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Model:
     constants: dict[str, np.ndarray]
     producer: dict = field(default_factory=dict)  # tensor name -> NodeProto
     consumers: dict = field(default_factory=dict)  # tensor name -> [NodeProto]
+    patterns: dict = field(default_factory=dict)  # Mul output -> SelfGated | ChannelGate (graph.patterns)
 
     def node_name(self, node) -> str:
         """A readable name for a node (ONNX allows empty names)."""
@@ -46,20 +51,20 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     or channels are dynamic; a dynamic batch dimension is fixed to 1.
     """
     path = os.fspath(path)
-    proto = _read(path)
+    proto = checked(_read(path), path)
+    nchw_input(proto)  # a TF-style NHWC image input is read as NCHW (graph.prepare)
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
     name, shape = _input(proto, path, input_shape)
     proto = _fix_input_shape(proto, name, shape)
-    shapes = _infer_shapes(proto, path)
-    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    nodes = _folded(_topological(proto.graph.node, path), constants, shapes, opset)
+    nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset)
     producer, consumers = {}, defaultdict(list)
     for node in nodes:
         for out in node.output:
             producer[out] = node
         for inp in node.input:
             consumers[inp].append(node)
-    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers))
+    patterns = find_patterns(nodes, producer, constants, shapes, opset)
+    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers), patterns)
 
 
 
@@ -99,6 +104,7 @@ def _read(path: str) -> onnx.ModelProto:
         raise FdsubError(f"model file not found: {path}; check the path")
     if os.path.isdir(path):
         raise FdsubError(f"{path} is a folder; give the .onnx file inside it")
+    require_regular_file(path, ".onnx model file")
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage
@@ -152,24 +158,6 @@ def _fix_input_shape(proto, name, shape):
     return proto
 
 
-def _infer_shapes(proto, path) -> dict[str, tuple[int, ...]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as exc:
-        raise FdsubError(f"{path}: ONNX shape inference failed ({str(exc).splitlines()[0]}); "
-                         "check the model with onnx.checker or pass --input-shape") from None
-    shapes = {}
-    graph = inferred.graph
-    for info in [*graph.input, *graph.value_info, *graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        if (info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape")
-                and all(d.dim_value > 0 for d in dims)):
-            shapes[info.name] = tuple(d.dim_value for d in dims)
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
-
-
 def _topological(nodes, path):
     """Nodes ordered so that each comes after the producers of its inputs."""
     produced = {out: i for i, node in enumerate(nodes) for out in node.output}
@@ -193,45 +181,3 @@ def _topological(nodes, path):
                 elif j is not None and state[j] == 1 and j != i:
                     raise FdsubError(f"{path}: the graph has a cycle through {name!r}; it is not a valid ONNX model")
     return order
-
-
-def _folded(nodes, constants, shapes, opset):
-    """Evaluate nodes whose inputs are all constant (weights from Constant, ConstantOfShape...)."""
-    from onnx.reference import ReferenceEvaluator
-
-    kept = []
-    for node in nodes:
-        value = None
-        if node.domain in STANDARD_DOMAINS and not any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            inputs = [n for n in node.input if n]
-            if node.op_type == "Shape" and inputs[0] in shapes and not node.attribute:
-                value = [np.array(shapes[inputs[0]], dtype=np.int64)]
-            elif all(n in constants for n in inputs) and node.op_type not in _NONDETERMINISTIC:
-                try:
-                    feeds = {n: constants[n] for n in inputs}
-                    value = ReferenceEvaluator(_single_node_model(node, feeds, opset)).run(None, feeds)
-                except Exception:
-                    value = None
-        if value is not None and sum(np.asarray(v).nbytes for v in value) <= FOLD_LIMIT:
-            for name, array in zip(node.output, value):
-                constants[name] = np.asarray(array)
-                shapes.setdefault(name, np.asarray(array).shape)
-        else:
-            kept.append(node)
-    return kept
-
-
-def _single_node_model(node, feeds, opset):
-    """A one-node model, so the reference evaluator picks the op version of the model's opset."""
-    from onnx import helper
-
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-              for n, v in feeds.items()]
-    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output]
-    graph = helper.make_graph([node], "fold", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                     "Bernoulli"}

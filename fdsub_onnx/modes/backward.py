@@ -20,6 +20,7 @@ from ..compose.backend import array_module, get_backend, resolve_device
 from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
+from ..graph.ranges import reduce_axes, slice_ranges, split_ranges
 from ..runtime.session import Forward
 
 
@@ -46,10 +47,20 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
         seed.reshape(len(images), -1)[m, np.asarray(neurons)] = 1.0
     grads, bias = {target: seed}, backend.zeros((len(images),), np.float64)
     for node in reversed(nodes):
-        grad = grads.pop(node.output[0], None)
-        if grad is None:
+        outs = [grads.pop(name, None) if name else None for name in node.output]
+        if all(g is None for g in outs):
             continue
+        grad = outs[0]
+        if node.op_type in MULTI_OUTPUT:  # one gradient per output (zeros for an output nothing reads)
+            grad = [g if g is not None else backend.zeros(values[name].shape, np.float64)
+                    for name, g in zip(node.output, outs)]
+        elif grad is None:
+            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
+                             "can be followed")
         step = rules.get(node.op_type)
+        if node.op_type in NO_LOCAL_RULE:
+            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: "
+                             f"{NO_LOCAL_RULE[node.op_type]}")
         if step is None:
             raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
         is_data = [bool(name) and name not in model.constants for name in node.input]
@@ -170,6 +181,16 @@ def _slope(derivative):
     return step
 
 
+def _quantization_scale(xp, node, ins, out):
+    """Q/DQ's scale broadcast along its axis (the offset ``out - d x`` then holds zero point and rounding)."""
+    scale = xp.asarray(ins[1], dtype=np.float64).reshape(-1)
+    if scale.size > 1:
+        shape = [1] * ins[0].ndim
+        shape[int(attributes(node).get("axis", 1)) % ins[0].ndim] = scale.size
+        scale = scale.reshape(shape)
+    return 1 / scale if node.op_type == "QuantizeLinear" else scale
+
+
 def _leaky(xp, node, ins, out):
     return xp.where(ins[0] > 0, 1.0, attributes(node).get("alpha", 0.01))
 
@@ -191,6 +212,10 @@ def _hard_sigmoid(xp, node, ins, out):
 def _hard_swish(xp, node, ins, out):
     x = ins[0]
     return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, x / 3 + 0.5))
+
+
+def _erf(xp, node, ins, out):
+    return 2 / np.sqrt(np.pi) * xp.exp(-ins[0] ** 2)
 
 
 def _sigmoid(xp, node, ins, out):
@@ -299,6 +324,45 @@ def _global_pool(node, ins, is_data, out, grad):
     return [g.reshape(x.shape)], _none_added(grad)
 
 
+def _reduce(node, ins, is_data, out, grad):
+    """Mean and Sum spread the gradient evenly over what they reduce; Max gives it to the first maximum."""
+    x, xp = ins[0], array_module(grad)
+    axes = tuple(sorted(reduce_axes(attributes(node), ins[1] if len(ins) > 1 else None, x.ndim) - {0}))
+    kept = list(x.shape)
+    for a in axes:
+        kept[a] = 1
+    g = grad.reshape(kept)
+    if node.op_type == "ReduceMax":
+        moved = xp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+        flat = moved.reshape(*moved.shape[: x.ndim - len(axes)], -1)
+        hit = xp.zeros_like(flat)
+        xp.put_along_axis(hit, xp.argmax(flat, axis=-1)[..., None], 1.0, axis=-1)
+        mask = xp.moveaxis(hit.reshape(moved.shape), tuple(range(x.ndim - len(axes), x.ndim)), axes)
+        return [g * mask] + [None] * (len(ins) - 1), _none_added(grad)
+    count = int(np.prod([x.shape[a] for a in axes])) if node.op_type == "ReduceMean" else 1
+    return [xp.broadcast_to(g / count, x.shape).copy()] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _layer_norm(node, ins, is_data, out, grad):
+    """LayerNormalization over the last axis, linearized at the instance: with x^ = (x - mean) r, r = 1/std,
+    g_x = r * (g' - mean(g') - x^ mean(g' x^)) for g' = g * gamma; the offset ``out - J x`` is
+    ``beta + gamma x^ (1 - eps r^2)``, so the local identity stays exact."""
+    x, xp = ins[0], array_module(grad)
+    attrs = attributes(node)
+    if int(attrs.get("axis", -1)) % x.ndim != x.ndim - 1:
+        raise NotDecodable("only a LayerNormalization over the last axis is supported")
+    eps = attrs.get("epsilon", 1e-5)
+    gamma = _on(grad, ins[1])
+    beta = _on(grad, ins[2]) if len(ins) > 2 and ins[2] is not None else 0.0
+    centred = x - x.mean(axis=-1, keepdims=True)
+    r = 1 / xp.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+    hat = centred * r
+    g = grad * gamma
+    gx = r * (g - g.mean(axis=-1, keepdims=True) - hat * (g * hat).mean(axis=-1, keepdims=True))
+    offset = beta + gamma * hat * (1 - eps * r**2)
+    return [gx] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+
 def _batchnorm(node, ins, is_data, out, grad):
     gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
     scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
@@ -373,7 +437,9 @@ def _gemm(node, ins, is_data, out, grad):
     matrix = _on(grad, ins[1])
     matrix = matrix.T if attrs.get("transB", 0) else matrix
     if node.op_type == "Gemm" and attrs.get("transA", 0):
-        raise FdsubError("local mode does not support Gemm with transA=1")
+        raise NotDecodable("Gemm with transA=1 is not supported")
+    if node.op_type == "MatMul" and grad.ndim > 2:  # on the last axis of a map (a channels-last pointwise layer)
+        return [grad @ matrix.T, None], _none_added(grad)
     alpha = attrs.get("alpha", 1.0) if node.op_type == "Gemm" else 1.0
     g2 = grad.reshape(len(grad), -1)
     added = _none_added(grad)
@@ -395,10 +461,31 @@ def _pad(node, ins, is_data, out, grad):
     return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
 
 
+def _slice(node, ins, is_data, out, grad):
+    """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
+    x, xp = ins[0], array_module(grad)
+    ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
+    index = tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape))
+    gx = xp.zeros(x.shape)
+    gx[index] = grad
+    return [gx] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _split(node, ins, is_data, out, grads):
+    """The outputs' gradients side by side along the split axis."""
+    x = ins[0]
+    axis, _ = split_ranges(attributes(node), ins[1] if len(ins) > 1 else None, x.shape, len(node.output))
+    return [array_module(grads[0]).concatenate(grads, axis=axis)] + [None] * (len(ins) - 1), _none_added(grads[0])
+
+
 def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
 
 
+#: ops decodable in ``weights`` mode that the backward passes refuse, with the reason
+NO_LOCAL_RULE = {"QLinearConv": "QOperator convolutions have no backward rule; quantize in QDQ format"}
+#: ops whose rule takes the gradients of all their outputs (a list)
+MULTI_OUTPUT = ("Split",)
 #: ``local``: the exact linearization of each op at the instance (op type -> rule)
 LOCAL_RULES = {
     "Conv": _conv, "AveragePool": _avgpool, "Sum": _add_sub, "Relu": _relu, "MaxPool": _maxpool,
@@ -406,7 +493,10 @@ LOCAL_RULES = {
     "Add": _add_sub, "Sub": _add_sub,
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
-    "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+    "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split,
+    "QuantizeLinear": _slope(_quantization_scale), "DequantizeLinear": _slope(_quantization_scale),
+    "LayerNormalization": _layer_norm, "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "Erf": _slope(_erf),
     "LeakyRelu": _slope(_leaky), "PRelu": _slope(_prelu), "Clip": _slope(_clip_slope),
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),

@@ -12,10 +12,12 @@ from ..compose.inspect import channels_of, inspect_model, memory_problem
 from ..compose.values import Blocked, Tensor
 from ..compose.walker import walk
 from ..data.topn import rows_of
+from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors, find_layer
 from ..neurons import parse_neurons
-from .fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, gather_statistics
+from .fds import gather_statistics
+from .gates import channel_gates, layer_norms, reference_gates
 from .local import decode_instances
 from .result import Decoded
 
@@ -25,26 +27,31 @@ INSTANCE_MODES = ("local", "deconvnet")  # per-instance backward passes, no bott
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
            kernel: str = "fast", images=None, top: int = 100, select: str = DEFAULT_SELECT, substitution=None,
-           per_instance: bool = False, weighting: str = DEFAULT_WEIGHTING) -> Decoded:
+           per_instance: bool = False, gate_reference=None, client=None, weighting: str = DEFAULT_WEIGHTING
+           ) -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
 
     ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
     ``select`` rule, the ``weighting``), or with a ready ``substitution`` from ``gather_statistics``. ``"local"`` and
     ``"deconvnet"`` average each neuron's per-instance filters (kept with ``per_instance``).
     ``device`` is "cpu", "gpu" or "auto" (``resolve_device``): where the filters are composed and
-    onnxruntime runs; the result is NumPy either way.
+    onnxruntime runs; the result is NumPy either way. In ``weights`` mode channel gates (squeeze-and-excitation)
+    are held at their value on ``gate_reference`` (an image set: their mean over it; default the all-zeros input,
+    see ``modes.gates``); the values used are in ``Decoded.gates``. With a Dask ``client`` the passes over
+    ``images`` run on the cluster (``runtime.cluster``), with the same result.
     """
     target = find_layer(model, layer).output[0]
     for result in _decode_layers(model, [target], {target: neurons}, mode, dtype, device, kernel, images, top, select,
-                                 substitution, per_instance, weighting, one_layer=True):
+                                 substitution, per_instance, gate_reference, one_layer=True, client=client,
+                                 weighting=weighting):
         return result
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
                 device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = DEFAULT_SELECT,
-                substitution=None, neurons: dict | None = None, weighting: str = DEFAULT_WEIGHTING
-                ) -> Iterator[Decoded]:
+                substitution=None, neurons: dict | None = None, gate_reference=None, client=None,
+                weighting: str = DEFAULT_WEIGHTING) -> Iterator[Decoded]:
     """Decode several layers (default: every decodable layer) in one bottom-up pass, in graph order.
 
     ``neurons`` maps a layer's output tensor to the neurons to return (a ``parse_neurons`` selector; default
@@ -58,11 +65,13 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
     yield from _decode_layers(model, targets, dict(neurons or {}), mode, dtype, device, kernel, images, top, select,
-                              substitution, False, weighting, one_layer=False)
+                              substitution, False, gate_reference, one_layer=False, client=client,
+                              weighting=weighting)
 
 
 def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, images, top, select, substitution,
-                   per_instance, weighting, one_layer: bool) -> Iterator[Decoded]:
+                   per_instance, gate_reference, one_layer: bool, client=None,
+                   weighting: str = DEFAULT_WEIGHTING) -> Iterator[Decoded]:
     """The setup ``decode`` and ``iter_decode`` share: check, resolve, substitute, bound memory, walk once.
 
     ``one_layer``: ``decode``'s rule for the rows composed (all of them when the layer feeds several nodes).
@@ -74,9 +83,11 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
             raise FdsubError(f"{mode} mode needs images to select each neuron's top instances; pass --images")
         for target in targets:
             yield decode_instances(model, target, images, top=top, neurons=neurons.get(target), rule=mode,
-                                   per_instance=per_instance, device=device, dtype=dtype)
+                                   per_instance=per_instance, device=device, dtype=dtype, client=client)
         return
-    substitution = _substitution_for(mode, model, targets, images, top, select, weighting, substitution, device)
+    substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device, client,
+                                     weighting)
+    gates = substitution.gates if substitution is not None else reference_gates(model, targets, gate_reference, device)
     engine = Engine(get_backend(device.backend), dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
     picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in targets
@@ -87,11 +98,14 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         rows = leaf_rows(model, targets, picked)
     _check_memory(model, engine, targets, rows)
     wanted = set(targets)
-    for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution):
+    for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution,
+                            gates=gates):
         target = node.output[0]
         if target not in wanted:
             continue
         result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
+        held = [*channel_gates(model, [target]), *layer_norms(model, [target])]
+        result.gates = {name: np.asarray(gates[name]) for name in held if name in gates}
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
         yield result
@@ -124,7 +138,7 @@ def _check_memory(model, engine, targets, rows):
         raise FdsubError(problem)
 
 
-def _substitution_for(mode, model, targets, images, top, select, weighting, substitution, device):
+def _substitution_for(mode, model, targets, images, top, select, substitution, device, client, weighting):
     """None in ``weights`` mode; in ``fds`` mode the given substitution or one gathered from ``images``."""
     if mode != "fds":
         return None
@@ -132,7 +146,8 @@ def _substitution_for(mode, model, targets, images, top, select, weighting, subs
         return substitution
     if images is None:
         raise FdsubError("fds mode needs images to select each neuron's top instances; pass --images")
-    return gather_statistics(model, targets, images, top=top, select=select, device=device, weighting=weighting)
+    return gather_statistics(model, targets, images, top=top, select=select, device=device, client=client,
+                             weighting=weighting)
 
 
 def _check_mode(mode, dtype, kernel):

@@ -15,30 +15,30 @@ times the gate there), used as the pooling weight itself. The walker's op rules 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..compose.ops.op_arithmetic import GATES
 from ..data.topn import TopN, instance_weights, start_top
+from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
-from ..runtime.capture import update_top
+from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
+from ..runtime.capture import merge_top, update_top
+from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import Forward
 from .backward import LOCAL_RULES
 
-SELECTS = ("all", "positive", "max", "topk:K")
-WEIGHTINGS = ("gate", "activation")
-DEFAULT_SELECT = "positive"  # the select rule and weighting `fds` uses unless told (README: the fidelity benchmark)
-DEFAULT_WEIGHTING = "gate"
 SUBSTITUTED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool")  # AveragePool keeps its fixed uniform weights
 #: elementwise nonlinearities: their gate is their slope at the forward value (``local``'s rule on a unit signal)
 SLOPE_OPS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-             "Celu", "Softplus", "Gelu", "Mish")
+             "Celu", "Softplus", "Gelu", "Mish", "Erf")
 #: ops that pass a gate on unchanged (linear per element, or treated as identity in fds; reshapes move it)
-PASSING_OPS = ("Identity", "Dropout", "LRN", "BatchNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+PASSING_OPS = ("Identity", "Dropout", "LRN", "BatchNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+               "QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass
@@ -76,12 +76,13 @@ def select_contributions(contrib: np.ndarray, select: str) -> np.ndarray:
 
 
 def gather_statistics(model, targets, images, top: int = 100, select: str = DEFAULT_SELECT, batch_size: int = 32,
-                      progress=None, device="cpu", weighting: str = DEFAULT_WEIGHTING) -> Substitution:
+                      progress=None, device="cpu", client=None, weighting: str = DEFAULT_WEIGHTING) -> Substitution:
     """Capture the top-N of every substituted node up to ``targets`` (tensor names) and average the gates
     (``weighting="gate"``) or activations (``"activation"``) of their input windows.
 
     Two onnxruntime passes over the images in all: one for every node's top-N, one for their input windows.
-    ``progress(done, total)`` counts images over both passes; ``device`` picks onnxruntime's provider.
+    ``progress(done, total)`` counts images over both passes; ``device`` picks onnxruntime's provider. With a
+    Dask ``client`` both passes run in blocks of images on the cluster, with the same statistics bit for bit.
     """
     parse_select(select)
     parse_weighting(weighting)
@@ -93,97 +94,139 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = DEFA
             raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
                              "fds needs a map or a vector")
     gates = _gates(model, ancestors(model, targets))
-    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device)
-    stats = _window_means(model, nodes, tops, images, batch_size, progress, device, weighting, gates)
+    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client)
+    stats = _window_means(model, nodes, tops, images, batch_size, progress, device, client, weighting, gates)
     return Substitution(stats, select, weighting, tops, means)
 
 
 def _gates(model, nodes) -> dict[str, str]:
-    """Mul nodes of two data inputs where one is a [N, C, 1, 1] gate over a map (squeeze-and-excitation):
-    Mul output -> gate tensor. In fds mode each gate is held at its mean over the images."""
-    gates = {}
-    for node in nodes:
-        if node.op_type != "Mul" or any(name in model.constants for name in node.input):
-            continue
-        shapes = [model.shapes.get(name) for name in node.input]
-        if all(s is not None and len(s) == 4 for s in shapes):
-            small = [s[2] * s[3] == 1 for s in shapes]
-            if small[0] != small[1]:
-                gates[node.output[0]] = node.input[0] if small[0] else node.input[1]
-    return gates
+    """Mul output -> gate tensor of each channel gate (squeeze-and-excitation, ``graph.patterns``) among ``nodes``.
+    In fds mode each gate is held at its mean over the images."""
+    outputs = {node.output[0] for node in nodes}
+    return {mul: p.gate for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
 
 
-def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device):
+def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client):
     """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
+    options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
+    reads = names + list(gates.values())
+    done = _passed(progress, 0, len(images))
+    if client is None:
+        states, sums = _first_pass(model, images, Forward(model, reads, device), 0, len(images), **options,
+                                   progress=done)
+    else:
+        states, sums = map_blocks(client, _first_pass, model, images, reads, device, 0, len(images), batch_size,
+                                  _merge_first_passes, options, progress=done)
+    states = {name: dataclasses.replace(state, sources=list(images.sources), images_done=len(images))
+              for name, state in states.items()}
+    return states, {mul: total / len(images) for mul, total in sums.total.items()}
+
+
+def _first_pass(model, images, forward, lo, hi, names, gates, top, batch_size, progress=None):
+    """Images ``lo..hi-1`` of the first pass: the top-N of each node (without image names) and the gate sums."""
     shapes = {name: model.shapes[name] for name in names}
-    states = {name: start_top(np.arange(shapes[name][1]), name, images, 1, top) for name in names}
-    sums = {mul: 0.0 for mul in gates}
-    forward = Forward(model, names + list(gates.values()), device)
-    for first, batch in images.batches(batch_size):
+    states = {name: start_top(np.arange(shapes[name][1]), name, None, 1, top) for name in names}
+    sums = Ordered(_add_gates, {mul: 0.0 for mul in gates} if lo == 0 else None)
+    for first, batch in images.batches(batch_size, lo):
+        if first >= hi:
+            break
         values = forward(batch)
-        for mul, gate in gates.items():
-            sums[mul] = sums[mul] + np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3))
+        sums.add({mul: np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3)) for mul, gate in gates.items()})
         for name in names:
             acts = np.asarray(values[name], np.float32).reshape(len(batch), shapes[name][1], -1)
             width = shapes[name][3] if len(shapes[name]) == 4 else 1
             states[name] = update_top(states[name], acts, first, width)
         if progress is not None:
-            progress(first + len(batch), 2 * len(images))
+            progress(first + len(batch))
     for state in states.values():
-        state.images_done = len(images)
-    return states, {mul: total / len(images) for mul, total in sums.items()}
+        state.ranges = [[lo, min(hi, len(images))]]  # which images it holds, for merge_top's overlap check
+    return states, sums
 
 
-def _window_means(model, nodes, tops, images, batch_size, progress, device, weighting, held) -> dict[str, np.ndarray]:
+def _add_gates(total: dict, entry: dict) -> dict:
+    return {mul: total[mul] + entry[mul] for mul in total}
+
+
+def _merge_first_passes(parts):
+    states = {name: merge_top([states[name] for states, _ in parts]) for name in parts[0][0]}
+    return states, merge_ordered([sums for _, sums in parts])
+
+
+def _window_means(model, nodes, tops, images, batch_size, progress, device, client, weighting, held
+                  ) -> dict[str, np.ndarray]:
     """Second pass: per node and neuron, the activation-weighted mean gate (or activation) of the input window at
     its instances. Gates are averaged over the instances whose window holds a lower unit at that offset (padding
-    has none; an offset no instance holds keeps gate 1); activations count the padding as the zeros it is."""
-    chains = {n.output[0]: _gate_chain(model, n.input[0], held) for n in nodes}
-    nodes = [n for n in nodes if n.op_type == "MaxPool" or not chains[n.output[0]][1]]  # pixels are not neurons
-    windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
+    has none; an offset no instance holds keeps gate 1); activations count the padding as the zeros it is. A node
+    that reads the image has no statistic (pixels are not neurons), except a MaxPool's switch."""
+    nodes = [n for n in nodes if n.op_type == "MaxPool" or not _gate_chain(model, n.input[0], held)[1]]
     weights = {}
     for node in nodes:
         w = instance_weights(tops[node.output[0]])
         weights[node.output[0]] = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
-    sums = {n.output[0]: [np.zeros(windows[n.output[0]].stat_shape(len(tops[n.output[0]].neurons)))] * 2
-            for n in nodes}
-    in_chains = {id(c) for n in nodes for c in chains[n.output[0]][0]} if weighting == "gate" else set()
-    chain_nodes = [c for c in model.nodes if id(c) in in_chains]  # graph order
-    wanted = [n.input[0] for n in nodes] + [t for c in chain_nodes for t in [*c.input, c.output[0]]
-                                             if t and t not in model.constants]
-    forward = Forward(model, wanted, device)
-    for first, batch in images.batches(batch_size):
+    names = [n.output[0] for n in nodes]
+    places = {name: (tops[name].image_index, tops[name].position) for name in names}
+    options = {"names": names, "places": places, "weights": weights, "batch_size": batch_size,
+               "weighting": weighting, "held": held}
+    reads = [n.input[0] for n in nodes] + [t for c in _chains(model, nodes, weighting, held)
+                                           for t in [*c.input, *c.output] if t and t not in model.constants]
+    done = _passed(progress, len(images), len(images))
+    if client is None:
+        sums = _window_pass(model, images, Forward(model, reads, device), 0, len(images), **options, progress=done)
+    else:
+        sums = map_blocks(client, _window_pass, model, images, reads, device, 0, len(images), batch_size,
+                          merge_ordered, options, progress=done)
+    if sums is None:  # no image
+        return {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: np.where(den > 0, num / den, 1.0).astype(np.float32) for name, (num, den) in sums.total.items()}
+
+
+def _window_pass(model, images, forward, lo, hi, names, places, weights, batch_size, weighting, held,
+                 progress=None) -> Ordered:
+    """Images ``lo..hi-1`` of the second pass: per batch holding instances, their weighted windows (and the weights
+    of the offsets that hold a unit) summed per neuron (batches without an instance are not read)."""
+    nodes = [model.producer[name] for name in names]
+    chain = _chains(model, nodes, weighting, held)
+    windows = {n.output[0]: _Window(model, n, model.shapes[n.input[0]]) for n in nodes}
+    shapes = {name: windows[name].stat_shape(len(weights[name])) for name in names}
+    sums = Ordered(_add_windows, {name: (np.zeros(shapes[name]), np.zeros(shapes[name])) for name in names}
+                   if lo == 0 else None)
+    for first in range(lo, hi, batch_size):
+        stop = min(first + batch_size, len(images))
+        found = {name: np.nonzero((index >= first) & (index < stop)) for name, (index, _) in places.items()}
+        if not any(len(rows) for rows, _ in found.values()):
+            continue
+        _, batch = next(images.batches(batch_size, first))
         values = forward(batch)
-        gate_maps = _gate_maps(model, chain_nodes, values, held)
+        gates = _gate_maps(model, chain, values, held)
+        entry = {}
         for node in nodes:
-            name, found = node.output[0], tops[node.output[0]]
-            rows, slots = np.nonzero((found.image_index >= first) & (found.image_index < first + len(batch)))
+            name, (index, position) = node.output[0], places[node.output[0]]
+            rows, slots = found[name]
             if len(rows) == 0:
                 continue
-            image, position = found.image_index[rows, slots] - first, found.position[rows, slots]
             acts = np.asarray(values[node.input[0]], np.float64).reshape(len(batch), *model.shapes[node.input[0]][1:])
             gate = None
             if weighting == "gate":
-                gate = gate_maps.get(node.input[0], np.ones_like(acts)).reshape(acts.shape)
-            value = _instance_values(windows[name], acts, gate, rows, image, position)
+                gate = gates[node.input[0]].reshape(acts.shape) if node.input[0] in gates else np.ones_like(acts)
+            value = _instance_values(windows[name], acts, gate, rows, index[rows, slots] - first, position[rows, slots])
             weighted = weights[name][rows, slots].reshape(-1, *[1] * (value.ndim - 1))
-            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
             inside = np.isfinite(value)
-            num, den = sums[name]
-            sums[name] = [num + _grouped(weighted * np.where(inside, value, 0), rows, starts, num),
-                          den + _grouped(weighted * inside, rows, starts, den)]
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
+            entry[name] = (rows[starts], np.add.reduceat(weighted * np.where(inside, value, 0), starts, axis=0),
+                           np.add.reduceat(weighted * inside, starts, axis=0))
+        sums.add(entry)
         if progress is not None:
-            progress(len(images) + first + len(batch), 2 * len(images))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {name: np.where(den > 0, num / den, 1.0).astype(np.float32) for name, (num, den) in sums.items()}
+            progress(stop)
+    return sums
 
 
-def _grouped(weighted, rows, starts, like):
-    """Sums of ``weighted`` per neuron row, as an array shaped like ``like`` (zeros for the other rows)."""
-    total = np.zeros_like(like)
-    total[rows[starts]] = np.add.reduceat(weighted, starts, axis=0)
-    return total
+def _add_windows(totals: dict, entry: dict) -> dict:
+    for name, (rows, values, held_weights) in entry.items():
+        totals[name][0][rows] += values
+        totals[name][1][rows] += held_weights
+    return totals
 
 
 def _instance_values(window, acts, gate, rows, image, position):
@@ -199,46 +242,45 @@ def _instance_values(window, acts, gate, rows, image, position):
     return window.cut(gate, rows, image, position, np.nan)
 
 
+# ---- gates: the slope of the nonlinearities between a lower unit and the node that reads it ------------------
+def _chains(model, nodes, weighting: str, held: dict) -> list:
+    """The nodes (graph order) whose gates reach the inputs of ``nodes``; none for the activation weighting."""
+    if weighting != "gate":
+        return []
+    inside = {id(c) for n in nodes for c in _gate_chain(model, n.input[0], held)[0]}
+    return [c for c in model.nodes if id(c) in inside]
+
+
 def _gate_chain(model, name: str, held: dict) -> tuple[list, bool]:
     """The nodes whose gates reach tensor ``name`` (back to the ops that start a gate), and whether a path from
     the image reaches it through them (then ``name`` holds pixels, not neurons)."""
     chain, pixels, stack = {}, False, [name]
     while stack:
         tensor = stack.pop()
-        if tensor == model.input_name:
-            pixels = True
+        pixels = pixels or tensor == model.input_name
         node = model.producer.get(tensor)
-        passed = None if node is None else _passed(model, node, held)
+        passed = None if node is None else _passed_inputs(model, node, held)
         if passed is not None and id(node) not in chain:
             chain[id(node)] = node
             stack.extend(passed)
     return [n for n in model.nodes if id(n) in chain], pixels
 
 
-def _passed(model, node, held: dict) -> list[str] | None:
+def _passed_inputs(model, node, held: dict) -> list[str] | None:
     """The data inputs whose gate ``node`` passes on (times its own slope); None where ``node`` starts a gate
     (a Conv, a pool, a sum of maps, any op not listed: the lower unit itself)."""
     data = [n for n in node.input if n and n not in model.constants]
-    op = node.op_type
+    op, pattern = node.op_type, model.patterns.get(node.output[0])
     if op in SLOPE_OPS or op in PASSING_OPS or op in ("Pad", "Transpose"):
         return data[:1]
     if op == "Concat":
         return data
+    if isinstance(pattern, SelfGated):  # x * f(x): one elementwise nonlinearity of x
+        return [pattern.x]
+    if isinstance(pattern, ChannelGate) and node.output[0] in held:  # a held gate: the map's gate passes
+        return [pattern.x]
     if op in ("Mul", "Div", "Add", "Sub") and len(data) == 1:  # a per-channel constant: in the bank already
         return data
-    if op == "Mul" and node.output[0] in held:  # a held SE gate: the map's gate passes
-        return [n for n in data if n != held[node.output[0]]]
-    if op == "Mul" and _self_gated(model, node) is not None:
-        return [node.input[_self_gated(model, node)]]
-    return None
-
-
-def _self_gated(model, node):
-    """Index of x in x * gate(x) (SiLU, swish), or None."""
-    for i, j in ((0, 1), (1, 0)):
-        producer = model.producer.get(node.input[j])
-        if producer is not None and producer.op_type in GATES and producer.input[0] == node.input[i]:
-            return i
     return None
 
 
@@ -248,50 +290,70 @@ def _gate_maps(model, chain: list, values: dict, held: dict) -> dict[str, np.nda
 
     def gate(name):
         if name not in gates:
-            gates[name] = np.ones(values[name].shape)
+            gates[name] = np.ones(np.shape(values[name]))
         return gates[name]
 
-    def forward(name):
-        return np.asarray(values[name], np.float64) if name not in model.constants else model.constants[name]
-
     for node in chain:
-        out, ins = forward(node.output[0]), [forward(n) if n else None for n in node.input]
-        is_data = [bool(n) and n not in model.constants for n in node.input]
-        passed = _passed(model, node, held)
-        if node.op_type in SLOPE_OPS:
-            gates[node.output[0]] = gate(passed[0]) * _slope(node, ins, is_data, out)
-        elif node.op_type == "Mul" and node.output[0] not in held and len(passed) == 1 and all(is_data):
-            x_at = _self_gated(model, node)  # SiLU: d(x g(x))/dx = g(x) + x g'(x)
-            x, g = ins[x_at], ins[1 - x_at]
-            producer = model.producer[node.input[1 - x_at]]
-            slope = g + x * _slope(producer, [x] + [forward(n) for n in producer.input[1:]],
-                                   [True] + [False] * (len(producer.input) - 1), g)
-            gates[node.output[0]] = gate(passed[0]) * slope
+        passed, out = _passed_inputs(model, node, held), node.output[0]
+        pattern = model.patterns.get(out)
+        if isinstance(pattern, SelfGated):  # its derivative over the slope the bank already carries
+            slope = np.asarray(pattern.slope, np.float64)
+            slope = slope.reshape(-1, 1, 1) if slope.ndim else slope
+            gates[out] = gate(passed[0]) * _derivative(model, _pattern_nodes(model, node), pattern.x, values) / slope
+        elif node.op_type in SLOPE_OPS:
+            gates[out] = gate(passed[0]) * _derivative(model, [node], node.input[0], values)
         elif node.op_type == "Pad":
-            gates[node.output[0]] = _padded_gate(node, gate(passed[0]), ins)
+            gates[out] = _padded_gate(node, gate(passed[0]), model.constants.get(node.input[1]) if len(node.input) > 1
+                                      else None)
         elif node.op_type == "Transpose":
-            perm = attributes(node).get("perm")
-            gates[node.output[0]] = gate(passed[0]).transpose(perm)
+            gates[out] = gate(passed[0]).transpose(attributes(node).get("perm"))
         elif node.op_type == "Concat":
-            gates[node.output[0]] = np.concatenate([gate(n) for n in passed], axis=int(attributes(node)["axis"]))
+            gates[out] = np.concatenate([gate(n) for n in passed], axis=int(attributes(node)["axis"]))
         else:  # passed unchanged: reshaped, or broadcast by a constant operand
-            g = gate(passed[0])
-            gates[node.output[0]] = g.reshape(out.shape) if g.size == out.size else np.broadcast_to(g, out.shape)
+            g, shape = gate(passed[0]), np.shape(values[out])
+            gates[out] = g.reshape(shape) if g.size == np.prod(shape) else np.broadcast_to(g, shape)
     return gates
 
 
-def _slope(node, ins, is_data, out):
-    """An elementwise op's slope at the forward value: its ``local`` rule applied to a unit backward signal."""
-    ones = np.ones(out.shape)
-    return LOCAL_RULES[node.op_type](node, ins, is_data, out, ones)[0][0]
+def _pattern_nodes(model, node) -> list:
+    """The nodes of a self-gated product ``a * b`` (both elementwise chains and the Mul), in graph order."""
+    chains = [elementwise_chain(n, model.producer, model.constants, model.shapes)[1] for n in node.input]
+    inside = {id(n) for n in chains[0] + chains[1] + [node]}
+    return [n for n in model.nodes if id(n) in inside]
 
 
-def _padded_gate(node, gate, ins):
+def _derivative(model, nodes: list, x: str, values: dict) -> np.ndarray:
+    """d out / d x through elementwise ``nodes`` (out: the last one's output): ``local``'s rules run backward
+    from a unit signal; for elementwise ops that is exactly the slope of each value."""
+    grads = {nodes[-1].output[0]: np.ones(np.shape(values[nodes[-1].output[0]]))}
+    for node in reversed(nodes):
+        grad = grads.pop(node.output[0], None)
+        if grad is None:
+            continue
+        is_data = [bool(n) and n not in model.constants for n in node.input]
+        ins = [(np.asarray(values[n], np.float64) if data else model.constants.get(n)) if n else None
+               for n, data in zip(node.input, is_data)]
+        in_grads, _ = LOCAL_RULES[node.op_type](node, ins, is_data, np.asarray(values[node.output[0]], np.float64),
+                                                grad)
+        for name, g in zip(node.input, in_grads):
+            if g is not None and name and name not in model.constants:
+                grads[name] = grads[name] + g if name in grads else g
+    return grads.get(x, np.zeros(np.shape(values[x])))
+
+
+def _padded_gate(node, gate, pads_input):
     """A Pad's gate: the input's, with NaN on the padded ring (no lower unit there); negative pads crop."""
     attrs = attributes(node)
-    pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64).reshape(2, -1)
+    pads = np.asarray(attrs["pads"] if "pads" in attrs else pads_input, np.int64).reshape(2, -1)
     grown = np.pad(gate, [(max(b, 0), max(e, 0)) for b, e in pads.T], constant_values=np.nan)
     return grown[tuple(slice(max(-b, 0), grown.shape[a] - max(-e, 0)) for a, (b, e) in enumerate(pads.T))]
+
+
+def _passed(progress, offset: int, count: int):
+    """``progress(done, total)`` over both passes as ``done(images reached in one pass, *ignored)``; None without."""
+    if progress is None:
+        return None
+    return lambda at, *_: progress(offset + at, 2 * count)
 
 
 class _Window:

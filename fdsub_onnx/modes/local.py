@@ -22,17 +22,18 @@ from .result import Decoded
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
                      per_instance: bool = False, instances: TopN | None = None, batch_size: int = 16,
-                     progress=None, device="cpu", dtype: str = "float32") -> Decoded:
+                     progress=None, device="cpu", dtype: str = "float32", client=None) -> Decoded:
     """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``).
 
     Instances run ``batch_size`` at a time, fewer when memory is short (``instances_per_batch``). On
     ``device="gpu"`` each batch runs its backward pass in CuPy; only the receptive-field cuts come back to
-    the host. The passes run in float64; ``dtype`` is that of the result.
+    the host. The passes run in float64; ``dtype`` is that of the result. A Dask ``client`` runs the capture of
+    the instances on the cluster; the backward passes (as many as instances, not images) run here.
     """
     device = resolve_device(device)
     target = find_layer(model, layer).output[0]
     found = instances if instances is not None else capture_top(model, target, images, top=top, neurons=neurons,
-                                                                device=device)
+                                                                device=device, client=client)
     geom = layer_geometry(model, target)
     k_neurons, slots = found.values.shape
     shape = (int(model.input_shape[1]), *geom.rf)

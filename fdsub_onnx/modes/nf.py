@@ -10,34 +10,41 @@ the image for every instance, or covered only by instances of weight 0, is 0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
-from ..data.topn import TopN, instance_weights
+from ..data.topn import TopN, check_top_fits, instance_weights
 from ..errors import FdsubError
 from ..graph.model import Model
+from ..runtime.cluster import map_tasks, model_ref, worker_model, worker_threads
 from .result import Decoded
 
 
-def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None) -> Decoded:
+def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None, client=None) -> Decoded:
     """The Neuron Feature of each neuron of ``top`` (from ``capture_top``) as a ``Decoded`` of mode "nf".
 
     ``filters[k]`` [C, R_y, R_x] is the weighted mean patch of neuron ``top.neurons[k]`` (see the module
     docstring for weights and the border rule); ``bias`` is zero. ``images`` must be the set ``top`` was
     captured on; only the images that hold an instance are read, in source order, at most ``batch_size``
-    at a time. ``progress(done, total)`` counts those images.
+    at a time. ``progress(done, total)`` counts those images. With a Dask ``client`` groups of neurons run on the
+    cluster (``_on_cluster``), with the same result bit for bit.
 
     >>> nf = neuron_feature(model, capture_top(model, "conv3", images, top=50), images)   # doctest: +SKIP
     >>> nf.filters.shape                                                                 # doctest: +SKIP
     (64, 3, 18, 18)
     """
     geom = layer_geometry(model, top.layer)
+    check_top_fits(top, model.shapes[top.layer])
     if len(images) != len(top.sources):
         raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "
                          f"the image set has {len(images)}; give the images it was captured on")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise FdsubError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if client is not None:
+        return _on_cluster(client, model, top, images, batch_size, progress)
     weights = instance_weights(top)
     k_neurons, c = top.values.shape[0], int(model.input_shape[1])
     ry, rx = geom.rf
@@ -72,3 +79,33 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     return Decoded(filters.astype(np.float32), np.zeros(k_neurons, np.float32), np.asarray(top.neurons, np.int64),
                    geom.stride, geom.origin, top.layer, "nf")
 
+
+
+def _on_cluster(client, model, top: TopN, images, batch_size: int, progress) -> Decoded:
+    """Groups of neurons on the workers. A neuron's sums are its own and add in the same order in a group, so the
+    groups put together are the one-process result; each group reads only the images its instances are in."""
+    groups = [g for g in np.array_split(np.arange(len(top.neurons)), 2 * worker_threads(client)) if len(g)]
+    parts = [dataclasses.replace(top, values=top.values[g], image_index=top.image_index[g], position=top.position[g],
+                                 neurons=top.neurons[g], sources=[]) for g in groups]  # names: the worker's images
+    needed = [len(np.unique(p.image_index[p.image_index >= 0])) for p in parts]
+    done = 0
+
+    def finished(index, _):
+        nonlocal done
+        done += needed[index]
+        if progress is not None:
+            progress(done, sum(needed))
+
+    if progress is not None:
+        progress(0, sum(needed))
+    results = map_tasks(client, _group, [(part, batch_size) for part in parts], shared=(model_ref(model), images),
+                        done=finished)
+    return dataclasses.replace(results[0], filters=np.concatenate([r.filters for r in results]),
+                               bias=np.concatenate([r.bias for r in results]),
+                               neurons=np.concatenate([r.neurons for r in results]))
+
+
+def _group(ref, images, top: TopN, batch_size: int) -> Decoded:
+    """One group of neurons, on a worker."""
+    return neuron_feature(worker_model(ref), dataclasses.replace(top, sources=list(images.sources)), images,
+                          batch_size)

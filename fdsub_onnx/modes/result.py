@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class Decoded:
     instance_filters: np.ndarray | None = None  # local/deconvnet --per-instance: [K, N, C, R_y, R_x]
     instance_bias: np.ndarray | None = None  # [K, N]
     instances: object = None  # the TopN a data-driven decode used (saved as top.npz)
+    gates: dict = field(default_factory=dict)  # Mul output -> per-channel value each channel gate was held at
 
     @property
     def receptive_field(self) -> tuple[int, int]:

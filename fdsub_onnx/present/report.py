@@ -24,17 +24,18 @@ from PIL import Image
 
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
-from ..data.files import write_atomically
+from ..data.files import check_result_folder, write_atomically
 from ..data.images import open_images, read_indices
+from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_TOP
 from ..errors import FdsubError
 from ..evaluate.compare import LayerComparison, choose_layers, compare_layers, neurons_per_layer, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, load_model
-from ..modes.fds import DEFAULT_SELECT, DEFAULT_WEIGHTING, parse_select, parse_weighting
+from ..modes.fds import parse_select, parse_weighting
 from .render import GAP, filter_grid
 
 REPORT_HTML = "index.html"
-DEFAULT_TOP = 16
+DEFAULT_TOP = REPORT_TOP
 TABS = ("fds", "weights", "local")  # the filter column's modes, the first one shown
 SOURCE_MAX = 256  # longest side (px) a source image is stored at (patches are cut from it by CSS)
 THUMB = 128  # about how wide (px) a source image is shown with its receptive field drawn on it
@@ -47,7 +48,7 @@ LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "de
 
 def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, layers=None, neurons=None,
            top: int = DEFAULT_TOP, holdout=None, select: str = DEFAULT_SELECT, progress=None, device="cpu",
-           note=None, weighting: str = DEFAULT_WEIGHTING) -> Path:
+           note=None, batch_size: int = DEFAULT_BATCH, client=None, weighting: str = DEFAULT_WEIGHTING) -> Path:
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
@@ -55,17 +56,19 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     default every decodable Conv layer. ``neurons``: a selector (``parse_neurons``) applied to each
     layer, keeping the indices the layer has. ``top`` instances per neuron feed the data modes and are
     shown; fds uses ``select`` and ``weighting``. Fidelity is measured on ``holdout`` when given, else on
-    ``images``. ``progress(done, total)``
-    counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``. By default, layers too deep to decode
-    in the memory left are left out, said on the page and to ``note(text)``; named ``layers`` must all fit.
-    The file is written atomically (nothing is left behind on failure).
+    ``images``. ``progress(done, total)`` counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``;
+    ``batch_size`` images per onnxruntime run.
+    By default, layers too deep to decode in the memory left are left out, said on the page and to
+    ``note(text)``; named ``layers`` must all fit. A hold-out set no larger than ``top`` (every top-N share
+    would be 1) is also said to ``note``.
+    The file is written atomically (nothing is left behind on failure). A Dask ``client`` runs the passes over
+    images on the cluster (``compare_layers``).
 
     >>> fd.report(fd.load_model("demo.onnx"), "builtin:glyphs:256", "report/", layers="conv1,conv4")  # doctest: +SKIP
     PosixPath('report/index.html')
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FdsubError(f"cannot write the report to {out}: it is a file; give a folder")
+    check_result_folder(out, "report")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise FdsubError(f"top must be a positive integer, got {top!r}")
     parse_select(select)
@@ -74,6 +77,9 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     model = model if isinstance(model, Model) else load_model(model)
     images = _image_set(images, model)
     held = _image_set(holdout, model) if holdout is not None else None
+    if note is not None and len(held if held is not None else images) <= top:
+        note(f"the fidelity set has {len(held if held is not None else images)} images, not more than top {top}: "
+             "every top-N share is 1.00 (give --holdout more images, or a lower --top)")
     summary = inspect_model(model)
     chosen = choose_layers(model, summary, layers)
     picks = neurons_per_layer(neurons, chosen)
@@ -88,11 +94,12 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
             progress(done, steps)
 
     compared_layers = compare_layers(model, chosen, picks, images, held, top=top, select=select, progress=compared,
-                                     device=device, weighting=weighting)
+                                     device=device, batch_size=batch_size, client=client, weighting=weighting)
     page = render_report(model, summary, compared_layers, images, held, top, select, left_out, weighting=weighting,
                          progress=None if progress is None else lambda done, total: progress(steps - 1 + done / total,
                                                                                             steps))
-    paths = write_atomically(out, [REPORT_HTML], lambda tmp: (tmp / REPORT_HTML).write_text(page, encoding="utf-8"))
+    paths = write_atomically(out, [REPORT_HTML], lambda tmp: (tmp / REPORT_HTML).write_text(page, encoding="utf-8"),
+                             kind="report")
     if progress is not None:
         progress(steps, steps)
     return paths[0]

@@ -17,16 +17,23 @@ NPZ_NAME = "decoded.npz"
 PNG_NAME = "filters.png"
 
 
+def result_kind(mode: str) -> str:
+    """What a result folder of ``mode``'s decoding holds, for ``write_atomically``: ``decode-weights``,
+    ``decode-fds``, ... or ``nf`` (one kind per command and mode, never mixed in one folder)."""
+    return "nf" if mode == "nf" else f"decode-{mode}"
+
+
 def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
     """Write ``out_dir/decoded.npz`` and ``out_dir/filters.png``; return their paths.
 
     The npz holds ``filters`` [K, C, R_y, R_x], ``bias`` [K], ``neurons`` [K] (int64),
     ``stride`` and ``origin`` (int64 [2]), ``layer`` and ``mode`` (str); it loads with
     plain ``np.load``. Both files are written into a temporary folder beside ``out_dir``
-    and moved into place with ``os.replace`` once complete: ``out_dir`` is created only
-    then, files already in it are kept, and a failure leaves nothing behind.
+    and moved into place once complete (``data.files.write_atomically``): ``out_dir`` is created only
+    then, an earlier result of the same mode there is replaced, one of another kind refused, other files
+    kept, and a failure leaves nothing behind.
     """
-    return write_atomically(out_dir, *decoded_files(decoded))
+    return write_atomically(out_dir, *decoded_files(decoded), kind=result_kind(decoded.mode))
 
 
 def decoded_files(decoded, prefix: str = "") -> tuple[list[str], Callable[[Path], None]]:
@@ -57,6 +64,10 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
     } | ({} if getattr(decoded, "instance_filters", None) is None else {
         "instance_filters": np.ascontiguousarray(decoded.instance_filters),
         "instance_bias": np.ascontiguousarray(decoded.instance_bias),
+    }) | ({} if not getattr(decoded, "gates", None) else {
+        # channel gates held while decoding: JSON {Mul output tensor: [value per channel]}
+        "gates": np.asarray(json.dumps({mul: np.asarray(v, np.float64).reshape(-1).tolist()
+                                        for mul, v in decoded.gates.items()})),
     })
 
 
@@ -69,7 +80,7 @@ def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
         write_decoded(folder)
         write_top(folder)
 
-    return write_atomically(out_dir, decoded_names + top_names, write)
+    return write_atomically(out_dir, decoded_names + top_names, write, kind=result_kind(decoded.mode))
 
 
 FIDELITY_JSON = "fidelity.json"
@@ -85,4 +96,4 @@ def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None
         for _, part in parts:
             part(folder)
 
-    return write_atomically(out_dir, [name for names, _ in parts for name in names], write)
+    return write_atomically(out_dir, [name for names, _ in parts for name in names], write, kind="fidelity")

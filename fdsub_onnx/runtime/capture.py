@@ -7,6 +7,7 @@ shards and resumed runs all combine exactly into the result of one uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..data.topn import TopN, resume, save_checkpoint, short, start_top, union_n
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..neurons import parse_neurons
+from . import cluster
 from .session import Forward
 
 CHECKPOINT_SECONDS = 2.0  # at most this long between checkpoint writes (and one more on the way out)
@@ -25,7 +27,7 @@ _LAST = np.iinfo(np.int64).max  # tie key of an unfilled slot: after every real 
 
 def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, per_image: int = 1,
                 batch_size: int = 32, shard: tuple[int, int] | None = None,
-                checkpoint: str | os.PathLike | None = None, progress=None, device="cpu") -> TopN:
+                checkpoint: str | os.PathLike | None = None, progress=None, device="cpu", client=None) -> TopN:
     """Scan ``images`` with onnxruntime and keep each neuron's ``top`` best instances.
 
     ``neurons`` is a selector (see ``parse_neurons``). ``per_image`` instances at most per image
@@ -35,6 +37,8 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     later call with the same path resumes after the last completed batch. ``progress(done,
     total)`` is called before the first batch and after each one, with images scanned in this shard.
     ``device`` ("cpu", "gpu", "auto") picks onnxruntime's execution provider (``resolve_device``).
+    With a Dask ``client`` (``connect``) the images are scanned in blocks on the cluster, with the same result
+    and checkpoints (``runtime.cluster``).
 
     >>> top = capture_top(model, "conv3", ArrayImages(x), top=10)     # doctest: +SKIP
     >>> top.values.shape, top.position.shape                          # doctest: +SKIP
@@ -48,43 +52,109 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     for name, value, least in (("top", top, 1), ("per_image", per_image, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise FdsubError(f"{name} must be a positive integer, got {value!r}")
+    positions = int(np.prod(shape[2:])) if len(shape) == 4 else 1
+    if per_image > positions:
+        raise FdsubError(f"per_image (--per-image) {per_image} is more than the {positions} positions of the map of "
+                         f"{target!r}; give at most {positions}")
     first, stop = _shard_range(len(images), shard)
     given, wanted = list(_image_shape(images)), list(model.input_shape[1:])
     if given != wanted:
         raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; "
                          "pass --input-shape or resize the images")
-    run = Forward(model, [target], device)
-    width = shape[3] if len(shape) == 4 else 1  # flat position -> (row, col)
-    every = np.array_equal(picked, np.arange(shape[1]))  # all neurons in order: no copy of the activations
+    scan = {"target": target, "picked": picked, "top": int(top), "per_image": int(per_image),
+            "width": shape[3] if len(shape) == 4 else 1,  # flat position -> (row, col)
+            "every": bool(np.array_equal(picked, np.arange(shape[1]))),  # all neurons in order: no copy of acts
+            "channels": shape[1], "batch_size": int(batch_size)}
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
     state = start_top(picked, target, images, int(per_image), int(top))
     if checkpoint is not None:
         state = resume(Path(checkpoint), signature, state)
+    if client is not None:
+        state = _capture_on_cluster(client, model, images, state, first, stop, scan, checkpoint, signature,
+                                    progress, device)
+    else:
+        state = _capture_here(Forward(model, [target], device), images, state, first, stop, scan, checkpoint,
+                              signature, progress)
+    state.skipped = union_notes(state.skipped, getattr(images, "skipped", []))
+    state.ranges = [[first, stop]] if stop > first else []
+    return state
+
+
+def _capture_here(run, images, state, first, stop, scan, checkpoint, signature, progress) -> TopN:
+    """The scan in this process: checkpoints every CHECKPOINT_SECONDS and on the way out."""
     total = stop - first
-    saved, last_save = state.images_done, time.monotonic()
+    latest, saved, last_save = state, state.images_done, time.monotonic()
     if progress is not None:
         progress(state.images_done, total)
+
+    def after(scanned: TopN) -> None:
+        nonlocal latest, saved, last_save
+        latest = scanned
+        if checkpoint is not None and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+            save_checkpoint(Path(checkpoint), scanned, signature, images)
+            saved, last_save = scanned.images_done, time.monotonic()
+        if progress is not None:
+            progress(scanned.images_done, total)
+
     try:
-        start = first + state.images_done
-        for index, batch in (images.batches(batch_size, start) if start < stop else ()):
-            if index >= stop:
-                break
-            batch = batch[: stop - index]
-            acts = np.asarray(run(batch)[target], np.float32).reshape(len(batch), shape[1], -1)
-            acts = acts if every else acts[:, picked]
-            state = update_top(state, acts, index, width)
-            state.images_done = index + len(batch) - first
-            if checkpoint is not None and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-                save_checkpoint(Path(checkpoint), state, signature, images)
-                saved, last_save = state.images_done, time.monotonic()
-            if progress is not None:
-                progress(state.images_done, total)
+        return _scan(run, state, images, first + state.images_done, stop, first, after, **scan)
     finally:
-        if checkpoint is not None and state.images_done > saved:
-            save_checkpoint(Path(checkpoint), state, signature, images)
-    state.skipped = union_notes(state.skipped, getattr(images, "skipped", []))
+        if checkpoint is not None and latest.images_done > saved:
+            save_checkpoint(Path(checkpoint), latest, signature, images)
+
+
+def _scan(run, state, images, start, stop, first, after, target, picked, channels, width, every, batch_size,
+          **_) -> TopN:
+    """The state after images ``start..stop-1`` (``images_done`` counted from ``first``); ``after(state)`` follows
+    each batch."""
+    for index, batch in (images.batches(batch_size, start) if start < stop else ()):
+        if index >= stop:
+            break
+        batch = batch[: stop - index]
+        acts = np.asarray(run(batch)[target], np.float32).reshape(len(batch), channels, -1)
+        acts = acts if every else acts[:, picked]
+        state = update_top(state, acts, index, width)
+        state.images_done = index + len(batch) - first
+        if after is not None:
+            after(state)
     return state
+
+
+def _top_block(model, images, forward, lo, hi, **scan) -> TopN:
+    """One block's top-N on a cluster worker (no image names: the client puts them back)."""
+    empty = start_top(scan["picked"], scan["target"], None, scan["per_image"], scan["top"])
+    state = _scan(forward, empty, images, lo, hi, lo, None, **scan)
+    state.ranges = [[lo, min(hi, len(images))]]  # which images it holds, for merge_top's overlap check
+    return state
+
+
+def _capture_on_cluster(client, model, images, state, first, stop, scan, checkpoint, signature, progress,
+                        device) -> TopN:
+    """The scan in blocks on the cluster, merged into the (resumed) ``state``; the checkpoint holds the finished
+    blocks that follow it without a gap, as a one-process run's would."""
+    resumed = state
+    if resumed.ranges is None:  # a fresh or resumed scan holds the images before its first block
+        resumed = dataclasses.replace(resumed, ranges=[[first, first + resumed.images_done]] if resumed.images_done
+                                      else [])
+
+    def whole(part: TopN) -> TopN:
+        return merge_top([resumed, dataclasses.replace(part, sources=resumed.sources)])
+
+    def save(part: TopN, end: int) -> None:
+        save_checkpoint(Path(checkpoint), whole(part), signature, images)
+
+    def done(count: int, total: int) -> None:
+        if progress is not None:
+            progress(resumed.images_done + count, stop - first)
+
+    part = cluster.map_blocks(client, _top_block, model, images, [scan["target"]], device,
+                              first + resumed.images_done, stop, scan["batch_size"], merge_top, scan,
+                              progress=done, checkpoint=None if checkpoint is None else save)
+    if part is None:
+        done(0, 0)
+        return resumed
+    return whole(part)
 
 
 def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
@@ -101,6 +171,7 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
                          else f"{short(a)} vs {short(b)}")
                 raise FdsubError(f"cannot merge top-N results with different {what} ({shown}); "
                                  "shards must come from the same command")
+    ranges = _disjoint_ranges(parts)
     least = min(p.top for p in parts)
     top = least if top is None else top
     if not 1 <= top <= least:
@@ -112,7 +183,33 @@ def merge_top(parts: list[TopN], top: int | None = None) -> TopN:
     state = _select(state, top)
     state.images_done = sum(p.images_done for p in parts)
     state.skipped = union_notes(*(p.skipped for p in parts))
+    state.ranges = ranges
     return state
+
+
+def _disjoint_ranges(parts: list[TopN]) -> list[list[int]]:
+    """The image ranges of all parts, joined where they touch; a FdsubError when two parts share an image
+    (the same shard twice, or shards of different splits), which would count those images twice."""
+    blocks = []
+    for i, part in enumerate(parts):
+        if part.ranges is None:
+            raise FdsubError(f"part {i + 1} of the merge does not say which images it scanned (an unfinished or older "
+                             "result); run `fdsub top --shard` for it again")
+        blocks += [(int(a), int(b), i) for a, b in part.ranges]
+    blocks.sort()
+    for (a0, b0, i), (a1, b1, j) in zip(blocks, blocks[1:]):
+        if a1 < b0:
+            what = ("are one shard given twice" if (a0, b0) == (a1, b1) and parts[i].ranges == parts[j].ranges
+                    else f"overlap (images {a1}-{min(b0, b1) - 1} are in both)")
+            raise FdsubError(f"cannot merge: parts {i + 1} and {j + 1} {what}; give each shard once, "
+                             "all from one --shard split")
+    joined: list[list[int]] = []
+    for a, b, _ in blocks:
+        if joined and joined[-1][1] == a:
+            joined[-1][1] = b
+        else:
+            joined.append([a, b])
+    return joined
 
 
 # ---- the streaming top-N -------------------------------------------------------------------

@@ -6,28 +6,36 @@ import numpy as np
 import onnx
 
 from ..compose.backend import CPU, resolve_device
+from ..defaults import require_memory
 from ..errors import FdsubError
-from ..graph.model import Model
+from ..graph.model import Model, ancestors
 from ..graph.prune import pruned
+
+PEAK_TENSORS = 3  # tensors of one image alive at once in onnxruntime, at most (input, output, one held for a sum)
 
 
 class Forward:
     """One onnxruntime session computing several tensors of the model at once: batched, unless the graph fixes
-    the batch size (then one image at a time)."""
+    the batch size (then one image at a time). ``threads``: onnxruntime's intra-op threads (default: its own
+    choice, every core), set on cluster workers that share a machine."""
 
-    def __init__(self, model: Model, names: list[str], device="cpu"):
+    def __init__(self, model: Model, names: list[str], device="cpu", threads: int | None = None):
         self.names, self.input = [n for n in dict.fromkeys(names) if n != model.input_name], model.input_name
         self.session, self.batched, self.checked = None, False, False
+        self.image_bytes = image_bytes(model, self.names)
         providers = resolve_device(device).providers
         if self.names:
             try:
                 self.session, self.batched = (
-                    session(pruned(model.proto, self.names, model.input_name, batch="N"), providers), True)
+                    session(pruned(model.proto, self.names, model.input_name, batch="N"), providers, threads), True)
             except FdsubError:
-                self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers)
+                self.session = session(pruned(model.proto, self.names, model.input_name, batch=None), providers,
+                                       threads)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Each tensor for the batch (and the batch itself, under the input's name)."""
+        require_memory(len(batch) * self.image_bytes, f"running {len(batch)} image(s) through the model",
+                       "use a smaller --batch-size, a smaller --input-shape or an earlier layer")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         outs = self._batched(batch) if self.batched and len(batch) > 1 else None
         if outs is None and not self.names:
@@ -62,11 +70,20 @@ class Forward:
                              f"{str(exc).splitlines()[0]}") from None
 
 
-def session(proto: onnx.ModelProto, providers=CPU.providers):
+def image_bytes(model: Model, names: list[str]) -> int:
+    """Memory onnxruntime needs per image to compute ``names``: its largest tensors (float32), before it runs."""
+    sizes = sorted((int(np.prod(model.shapes[t][1:], dtype=np.float64)) for node in ancestors(model, names)
+                    for t in node.output if t in model.shapes), reverse=True)
+    return 4 * (int(np.prod(model.input_shape[1:], dtype=np.float64)) + sum(sizes[:PEAK_TENSORS]))
+
+
+def session(proto: onnx.ModelProto, providers=CPU.providers, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     except Exception as exc:

@@ -21,7 +21,7 @@ from fdsub_onnx.cli.main import app
 runner = CliRunner()
 
 NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode"}
-LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason"}
+LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module"}
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_inspect_json_contract(nets):
     result = invoke("inspect", nets.blocked, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"input", "layers"}
+    assert set(data) == {"input", "layers", "held"} and data["held"] == []
     assert set(data["input"]) == {"name", "shape"}
     assert data["input"]["name"] == "input"
     assert data["input"]["shape"] == [1, 3, 12, 12]
@@ -145,7 +145,7 @@ def test_decode_writes_npz_and_png_contract(nets, tmp_path):
     result = invoke("decode", nets.linear, "--layer", nets.last, "--out", out)
     assert result.exit_code == 0, result.output
     assert str(out / "decoded.npz") in result.output and str(out / "filters.png") in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["decoded.npz", "filters.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".fdsub-result.json", "decoded.npz", "filters.png"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["conv"]  # no temporary folder left
     d = load_npz(out / "decoded.npz")
     assert set(d) == NPZ_KEYS
@@ -201,7 +201,7 @@ def test_decode_default_out_dir(nets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("decode", nets.linear, "--layer", nets.linear_layers[0], "--neurons", "0")
     assert result.exit_code == 0, result.output
-    folder = tmp_path / "fdsub-out" / decode_cmd.sanitize(nets.linear_layers[0])
+    folder = tmp_path / "fdsub-out" / f"{decode_cmd.sanitize(nets.linear_layers[0])}-weights"
     assert (folder / "decoded.npz").is_file() and (folder / "filters.png").is_file()
     assert os.path.join("fdsub-out", folder.name, "filters.png") in result.output
 
@@ -268,7 +268,7 @@ def test_unexpected_exception_is_one_line_unless_debug(nets, tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(decode_cmd, "save_decoded", broken)
+    monkeypatch.setattr(fdsub_onnx, "save_decoded", broken)
     out = tmp_path / "out"
     args = ("decode", nets.linear, "--layer", nets.last, "--out", out)
     line = assert_one_error_line(invoke(*args), code=1, prefix="internal error: ")

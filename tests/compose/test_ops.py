@@ -105,26 +105,6 @@ def _mul(b: NetBuilder, x: str, gate: str) -> str:
     return b._node("Mul", [x, gate], b.shapes[x])
 
 
-def test_squeeze_excitation_gate_is_not_decodable(load):
-    b = NetBuilder()
-    x = b.relu(b.conv("input", 8, 3, 1, (1, 1, 1, 1)))
-    squeeze = b.global_avgpool(x)
-    excite = b.conv(b.relu(b.conv(squeeze, 4, 1)), 8, 1)
-    gated = _mul(b, x, b.sigmoid(excite))
-    gate_node = b.last
-    after = b.conv(gated, 6, 3)
-    model = load(b.build([after]))
-    layers = {layer.name: layer for layer in fd.inspect_model(model).layers}
-    assert [layer.decodable for layer in layers.values()] == [True, True, True, True, False], list(layers)
-    assert layers[squeeze].decodable and layers[excite].decodable
-    blocked = layers[after]
-    assert not blocked.decodable
-    assert "gate" in blocked.reason and gate_node in blocked.reason and "Mul" in blocked.reason, blocked.reason
-    assert blocked.receptive_field is None and blocked.stride is None
-    with pytest.raises(fd.FdsubError, match=r"not decodable.*gate"):
-        fd.decode(model, after)
-
-
 def test_silu_is_decodable_as_identity(load):
     def build(silu: bool):
         b = NetBuilder(seed=5)

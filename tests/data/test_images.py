@@ -227,3 +227,40 @@ def test_batches_cover_start_to_end_in_order(start, size):
 def test_batches_reject_a_zero_size():
     with pytest.raises(fd.FdsubError, match="batch size"):
         next(fd.ArrayImages(np.zeros((2, 1, 1, 1))).batches(0))
+
+
+@pytest.mark.parametrize("option, value", [("mean", float("nan")), ("std", float("inf")), ("scale", float("inf")),
+                                           ("scale", float("nan")), ("mean", [0.5, float("nan"), 0.5])])
+def test_non_finite_preprocessing_is_refused(option, value):
+    """Root cause 9: --mean nan / --scale inf made every activation NaN, exit 0."""
+    with pytest.raises(fd.FdsubError, match=option):
+        fd.open_images("builtin:blobs:2", (3, 8, 8), **{option: value})
+
+
+def test_builtin_count_is_bounded_before_anything_is_made():
+    """Root cause 6: builtin:glyphs:100000000000 built a list of 10^11 names."""
+    with pytest.raises(fd.FdsubError, match="at most"):
+        fd.open_images("builtin:glyphs:100000000000", (3, 8, 8))
+
+
+def test_one_image_file_is_a_set_of_one(tmp_path):
+    save_png(tmp_path / "a.png", solid(20, 10))
+    images = fd.open_images(str(tmp_path / "a.png"), (3, 8, 8))
+    assert images.sources == [str(tmp_path / "a.png")] and next(images.batches(4))[1].shape == (1, 3, 8, 8)
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    with pytest.raises(fd.FdsubError, match="b.png"):
+        fd.open_images(str(tmp_path / "b.png"), (3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64])
+def test_integer_arrays_above_1_are_refused(tmp_path, dtype):
+    np.save(tmp_path / "x.npy", np.full((2, 3, 4, 4), 200, dtype))
+    with pytest.raises(fd.FdsubError, match="200"):
+        fd.open_images(str(tmp_path / "x.npy"), (3, 4, 4))
+    np.save(tmp_path / "y.npy", np.ones((2, 3, 4, 4), dtype))  # 0/1 masks are fine
+    assert len(fd.open_images(str(tmp_path / "y.npy"), (3, 4, 4))) == 2
+
+
+def test_huge_images_are_refused_before_they_are_made():
+    with pytest.raises(fd.FdsubError, match="GiB"):
+        fd.open_images("builtin:blobs:2", (3, 100000, 100000))

@@ -327,11 +327,11 @@ def test_linearized_silu_and_pools(load):
     silu = b._node("Mul", [x, b.sigmoid(x)], b.shapes[x])
     b._node("GlobalMaxPool", [b.maxpool(silu, 2, 2)], (4, 1, 1), layer=True)
     proto = b.build()
-    linear = linearized(proto)
+    model = load(proto)
+    linear = linearized(proto, model.patterns)  # the patterns the loaded model found (SiLU)
     ops = ["Conv", "Identity", "Identity", "AveragePool", "GlobalAveragePool"]
     assert [n.op_type for n in linear.graph.node] == ops
     assert [n.output[0] for n in linear.graph.node] == [n.output[0] for n in proto.graph.node]
-    model = load(proto)
     images = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
     act = netgen.run_ort(linear, images, [b.layers[-1]])[b.layers[-1]]
     decoded = fdsub_onnx.decode(model, b.layers[-1])

@@ -101,8 +101,8 @@ def test_cli_fidelity(linear, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "fidelity.json").read_text())
     assert set(saved["decodings"]) == {"weights", "local"} and "weights" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "local-decoded.npz", "local-filters.png",
-                                                     "weights-decoded.npz", "weights-filters.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "fidelity.json", "local-decoded.npz", "local-filters.png", "weights-decoded.npz", "weights-filters.png"]
     scored = np.load(out / "weights-decoded.npz")
     assert str(scored["mode"]) == "weights" and scored["filters"].shape[0] == len(saved["neurons"])
     fds = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "fds"), "--modes", "fds", "--select", "all",

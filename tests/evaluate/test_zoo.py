@@ -162,3 +162,26 @@ def test_junit_folder_is_refused_before_any_work(folder, tmp_path):
 def test_missing_zoo_file_exits_2(tmp_path):
     result = invoke(tmp_path / "nosuch.toml")
     assert result.exit_code == 2 and result.output.strip() == f"error: zoo file not found: {tmp_path / 'nosuch.toml'}"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[[models]]\npath = "good.onnx"\nsample = "three"\n', "model 1: sample"),
+    ('[[models]]\npath = "good.onnx"\nseed = "abc"\n', "model 1: seed"),
+    ('[[models]]\npath = "good.onnx"\nlayers = [1, 2]\n', "model 1: layers"),
+    ('[[models]]\npath = "good.onnx"\nimages = 5\n', "model 1: images"),
+    ('[defaults]\ntolerance = "tight"\n[[models]]\npath = "good.onnx"\n', "model 1: tolerance"),
+    ('[[models]]\npath = "good.onnx"\nrandomize = "yes"\n', "model 1: randomize"),
+    ('[[models]]\npath = "good.onnx"\n[[models]]\npath = "good.onnx"\nname = 7\n', "model 2: name"),
+    ('[[models]]\npath = "good.onnx"\nmean = {a = 1}\n', "model 1: mean"),
+    ('[[models]]\npath = "good.onnx"\nsample = true\n', "model 1: sample"),
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ('models = 3\n', "[[models]]"),
+    ('[[models]]\npath = ["good.onnx"]\n', "needs path"),
+], ids=["sample", "seed", "layers", "images", "defaults", "randomize", "name", "mean", "bool", "deep", "models-int",
+        "path-list"])
+def test_zoo_values_of_the_wrong_type_name_the_entry_and_key(folder, text, fragment):
+    """Root cause 8: `sample = "three"` and friends ended in internal errors."""
+    result = invoke(write_zoo(folder, text))
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert fragment in lines[0], lines[0]

@@ -98,3 +98,24 @@ def assert_identity(
         f"({result.positions} interior positions)"
     )
     return result.relative
+
+
+def assert_instance_identity(decoded: fdsub_onnx.Decoded, activation: np.ndarray, images: np.ndarray,
+                             rtol: float) -> None:
+    """The local identity of every top-N instance of a ``per_instance`` decode: activation ==
+    sum(instance filter * patch) + instance bias, the patch cut from the zero-extended image at the window's
+    corner, within ``rtol`` of max |activation|."""
+    found, (ry, rx) = decoded.instances, decoded.receptive_field
+    pad = max(ry, rx)
+    padded = np.pad(np.asarray(images, np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    corner = decoded.geometry.corner(found.position) + pad
+    scale = np.abs(activation).max()
+    for k in range(len(decoded.neurons)):
+        for n in range(found.top):
+            if found.image_index[k, n] < 0:
+                continue
+            i, (y0, x0) = found.image_index[k, n], corner[k, n]
+            pred = (decoded.instance_filters[k, n] * padded[i, :, y0:y0 + ry, x0:x0 + rx]).sum()
+            pred += decoded.instance_bias[k, n]
+            want = activation[i, decoded.neurons[k], found.position[k, n, 0], found.position[k, n, 1]]
+            assert abs(pred - want) <= rtol * scale, (decoded.layer, k, n, pred, want)

@@ -138,7 +138,8 @@ def test_cli_nf_writes_filters_and_instances(cli_files, padded, tmp_path):
     common = ("--layer", layer, "--images", folder / "images.npy")
     result = invoke("nf", folder / "net.onnx", *common, "--top", 4, "--neurons", "0-2", "--out", tmp_path / "nf")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "nf").iterdir()) == ["decoded.npz", "filters.png", "top.json", "top.npz"]
+    assert sorted(p.name for p in (tmp_path / "nf").iterdir()) == [".fdsub-result.json", "decoded.npz", "filters.png",
+                                                                   "top.json", "top.npz"]
     with np.load(tmp_path / "nf" / "decoded.npz") as data:
         assert str(data["mode"]) == "nf" and data["filters"].shape == (3, 3, *RF) and data["bias"].shape == (3,)
         assert list(data["stride"]) == list(STRIDE) and list(data["origin"]) == list(ORIGIN)

@@ -17,6 +17,7 @@ from fdsub_onnx import FdsubError
 from fdsub_onnx.cli import top_cmd
 from fdsub_onnx.cli.main import app
 from fdsub_onnx.data.images import ArrayImages
+from fdsub_onnx.data.topn import sources_digest
 from fdsub_onnx.runtime.capture import _best
 
 runner = CliRunner()
@@ -163,8 +164,11 @@ def test_merge_rejects_mismatched_parts(relu_net):
     b = fd.capture_top(model, layers[2], ArrayImages(images[:5]), top=3, neurons="0-2")
     with pytest.raises(FdsubError, match="different neurons"):
         fd.merge_top([a, b])
+    halves = [fd.capture_top(model, layers[2], ArrayImages(images[:5]), top=3, shard=(i, 2)) for i in range(2)]
     with pytest.raises(FdsubError, match="cannot merge into top 4"):
-        fd.merge_top([a, a], top=4)
+        fd.merge_top(halves, top=4)
+    with pytest.raises(FdsubError, match="parts 1 and 2 are one shard given twice"):
+        fd.merge_top([a, a])
     with pytest.raises(FdsubError, match="nothing to merge"):
         fd.merge_top([])
 
@@ -218,8 +222,9 @@ def test_save_load_round_trip(relu_net, tmp_path):
         assert data["values"].dtype == np.float32 and data["position"].dtype == np.int64
         assert str(data["layer"]) == layers[2] and int(data["per_image"]) == 2
     sidecar = json.loads(paths[1].read_text())
-    assert sidecar == {"layer": layers[2], "sources": [f"array[{i}]" for i in range(6)], "images_done": 6,
-                       "skipped": []}
+    sources = [f"array[{i}]" for i in range(6)]
+    assert sidecar == {"layer": layers[2], "sources": sources, "sources_digest": sources_digest(sources),
+                       "images_done": 6, "ranges": [[0, 6]], "skipped": []}
     assert_same(fd.load_top(tmp_path / "out"), result)
     assert_same(fd.load_top(paths[0]), result)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left

@@ -26,6 +26,11 @@ def apply_window(x: Tensor, node, ctx, weight: np.ndarray, bias, groups: int, at
 
 
 def uniform_window(channels: int, kernel) -> np.ndarray:
-    """Depthwise weights 1/(k_y*k_x): average pooling as a convolution."""
+    """Depthwise weights 1/(k_y*k_x): average pooling as a convolution.
+
+    A read-only broadcast view: geometry alone needs only its shape, so a huge window costs no memory there.
+    """
     kernel = tuple(int(k) for k in kernel)
-    return np.full((channels, 1, *kernel), 1.0 / np.prod(kernel))
+    if min(kernel, default=1) < 1:
+        raise NotDecodable(f"kernel {list(kernel)} has an empty axis")
+    return np.broadcast_to(np.float64(1.0 / np.prod(kernel, dtype=np.float64)), (channels, 1, *kernel))

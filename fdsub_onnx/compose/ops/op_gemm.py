@@ -6,6 +6,7 @@ from ...errors import NotDecodable
 from ..values import Layout, Tensor
 from ._rule import OpRule, attributes, constant, optional
 from ._window import apply_window
+from .op_norm import mix_channels
 
 
 class Gemm(OpRule):
@@ -22,14 +23,25 @@ class Gemm(OpRule):
 
 class MatMul(OpRule):
     def apply(self, node, inputs, ctx):
-        return fully_connected(inputs[0], constant(inputs[1], "weight matrix"), None, node, ctx)
+        matrix = constant(inputs[1], "weight matrix")
+        x = inputs[0]
+        if isinstance(x, Layout) and x.channels_last and matrix.ndim == 2 and matrix.shape[0] == x.source.channels:
+            # a pointwise linear layer on a channels-last map (ConvNeXt): a 1x1 window over its channels
+            mixed = mix_channels(x.source, matrix.T, None, ctx)
+            (h, w), c = mixed.spatial, mixed.channels
+            return Layout(np.arange(c * h * w).reshape(1, c, h, w).transpose(0, 2, 3, 1), mixed)
+        return fully_connected(x, matrix, None, node, ctx)
 
 
 def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
-    """``features @ matrix + bias`` where features flatten a map [C, H, W] in C order."""
-    source, (c, h, w) = _flattened(value)
+    """``features @ matrix + bias`` where features flatten a map [C, H, W] (in C order or any other)."""
+    source, (c, h, w), order = _flattened(value)
     if matrix.ndim != 2 or matrix.shape[0] != c * h * w:
         raise NotDecodable(f"weight matrix {list(matrix.shape)} does not take {c * h * w} features")
+    if order is not None:  # feature j is source position order[j]: row j of the matrix belongs there
+        placed = np.empty_like(matrix)
+        placed[order] = matrix
+        matrix = placed
     n = matrix.shape[1]
     weight = matrix.T.reshape(n, c, h, w)
     if bias is not None:
@@ -38,12 +50,14 @@ def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
 
 
 def _flattened(value):
+    """(source map, its [C, H, W], the source position of each feature or None for C order)."""
     if isinstance(value, Tensor) and value.spatial == (1, 1):
-        return value, (value.channels, 1, 1)
+        return value, (value.channels, 1, 1), None
     if isinstance(value, Layout):
         source = value.source
         size = source.channels * source.spatial[0] * source.spatial[1]
-        if (value.index.ndim == 2 and value.index.shape[0] == 1
-                and np.array_equal(value.index.reshape(-1), np.arange(size))):
-            return source, (source.channels, *source.spatial)
-    raise NotDecodable("its input is not a feature map flattened in [C, H, W] order")
+        flat = value.index.reshape(-1)
+        if value.index.ndim == 2 and value.index.shape[0] == 1 and np.array_equal(np.sort(flat), np.arange(size)):
+            # C order, or another order of the same values (an NHWC map flattened): the matrix rows follow it
+            return source, (source.channels, *source.spatial), None if np.array_equal(flat, np.arange(size)) else flat
+    raise NotDecodable("its input is not a feature map flattened into one vector per image")

@@ -1,0 +1,66 @@
+"""Slice and Split: channel ranges (ShuffleNet's chunk, YOLO's C2f split) and strided spatial slices (Focus).
+
+A channel range keeps those rows of the bank; a spatial range ``start:end:step`` keeps the grid positions
+``start + q * step``, which changes only the geometry (``Geometry.sliced``): the filters stay the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import NotDecodable
+from ...graph.ranges import slice_ranges, split_ranges
+from ..values import Tensor
+from ._rule import OpRule, attributes, constant, data, optional
+
+
+class Slice(OpRule):
+    def apply(self, node, inputs, ctx):
+        x = data(inputs[0])
+        shape = ctx.shape(node.input[0])
+        if shape is None:
+            raise NotDecodable("the shape of its input is unknown")
+        attrs = attributes(node)
+        given = [None] * 4  # before opset 10 the range is in the attributes
+        if "starts" not in attrs:
+            given = [None if optional(inputs, i) is None else constant(inputs[i], what)
+                     for i, what in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))]
+        return take_ranges(x, slice_ranges(attrs, *given, shape), shape, node.output[0], ctx)
+
+
+class Split(OpRule):
+    def apply(self, node, inputs, ctx):
+        x = data(inputs[0])
+        shape = ctx.shape(node.input[0])
+        if shape is None:
+            raise NotDecodable("the shape of its input is unknown")
+        split = optional(inputs, 1)
+        axis, ranges = split_ranges(attributes(node), None if split is None else constant(split, "split sizes"),
+                                    shape, len(node.output))
+        return [take_ranges(x, {axis: (b, e, 1)}, shape, name, ctx) if name else None
+                for (b, e), name in zip(ranges, node.output)]
+
+
+def take_ranges(x: Tensor, ranges: dict, shape, out_name: str, ctx) -> Tensor:
+    """``x`` with axis ``a`` cut to ``range(*ranges[a])`` for each axis in ``ranges`` (batch untouched)."""
+    rank = len(shape)
+    for axis, (start, stop, step) in ranges.items():
+        if step < 1:
+            raise NotDecodable(f"it steps by {step} on axis {axis}; only forward steps are supported")
+        if axis == 0 and (start, stop, step) != (0, shape[0], 1):
+            raise NotDecodable("it slices the batch axis")
+    value = x
+    if 1 in ranges and ranges[1] != (0, shape[1], 1):
+        if x.rows is not None:
+            raise NotDecodable("it slices the channels of a decode target")
+        channels = np.arange(*ranges[1])
+        value = value.derive(bank=ctx.engine.take(value.bank, channels), channels=len(channels))
+    spatial = [ranges.get(a, (0, shape[a], 1)) for a in (2, 3)] if rank == 4 else []
+    if spatial and any(r != (0, shape[a], 1) for r, a in zip(spatial, (2, 3))):
+        start, step = tuple(r[0] for r in spatial), tuple(r[2] for r in spatial)
+        count = tuple(len(range(*r)) for r in spatial)
+        value = value.derive(geom=value.geom.sliced(start, step, count, tuple(shape[2:4])))
+    elif rank != 4 and any(a > 1 for a in ranges):
+        raise NotDecodable(f"it slices axis {max(ranges)} of a rank-{rank} tensor")
+    return value.derive(spatial=ctx.spatial(out_name))
+

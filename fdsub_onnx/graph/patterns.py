@@ -1,0 +1,142 @@
+"""Export patterns that the op rules read as one unit, found once when a model is loaded.
+
+- ``SelfGated``: a product ``a * b`` whose two factors are both elementwise functions of one tensor x
+  (SiLU/Swish ``x * Sigmoid(x)``, HardSwish ``x * HardSigmoid(x)`` or ``x * Clip(x + 3, 0, 6) / 6``, Mish
+  ``x * Tanh(Softplus(x))``, GELU ``(x * 0.5) * (1 + Erf(x / sqrt 2))``). It is an elementwise nonlinearity
+  of x, which ``weights`` mode reads as its linear asymptote ``slope * x`` for large x (1 for SiLU, GELU,
+  Mish, HardSwish; 6 for ``x * Clip(x + 3, 0, 6)`` before its ``/ 6``), evaluated once with onnx's
+  reference evaluator; ``local`` mode follows its product and chain rules exactly.
+- ``ChannelGate``: a product of a feature map [N, C, H, W] and a data-dependent per-channel gate
+  [N, C, 1, 1] (squeeze-and-excitation, channel attention). Broadcast over the map, it does not change the
+  map's geometry; ``weights`` mode holds it at its value for a reference input, ``fds`` at its mean over
+  the images, ``local`` at each instance's own value.
+
+An elementwise function of x is a chain of unary elementwise ops and of Add/Sub/Mul/Div with a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: unary ops that keep the shape and act on each value alone
+ELEMENTWISE = frozenset({
+    "Abs", "Celu", "Clip", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "Mish",
+    "Neg", "Relu", "Selu", "Sigmoid", "Softplus", "Softsign", "Tanh",
+})
+#: binary ops that are elementwise in their data input when the other input is a constant
+WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
+
+@dataclass(frozen=True)
+class SelfGated:
+    """``output = a * b`` with a and b elementwise functions of ``x``; ``slope`` (per channel [C], or a
+    scalar) is the product's slope for large x, so that it reads as ``slope * x`` in ``weights`` mode."""
+
+    x: str
+    slope: np.ndarray | float = 1.0
+
+    def __eq__(self, other):
+        return isinstance(other, SelfGated) and self.x == other.x and np.array_equal(self.slope, other.slope)
+
+    __hash__ = None
+
+
+@dataclass(frozen=True)
+class ChannelGate:
+    """``output = x * gate``: ``x`` a feature map, ``gate`` [N, C, 1, 1] computed from the data."""
+
+    x: str
+    gate: str
+
+
+def find_patterns(nodes, producer: dict, constants: dict, shapes: dict, opset: int = 17) -> dict:
+    """Output tensor of each Mul node that forms a pattern -> its ``SelfGated`` or ``ChannelGate``."""
+    found = {}
+    order = {id(node): i for i, node in enumerate(nodes)}
+    for node in nodes:
+        if node.op_type != "Mul" or len(node.input) != 2 or any(n in constants for n in node.input):
+            continue
+        a, b = node.input
+        sa, sb, so = shapes.get(a), shapes.get(b), shapes.get(node.output[0])
+        if sa is not None and sa == sb == so:
+            (root, chain), (other, chain_b) = (elementwise_chain(n, producer, constants, shapes) for n in (a, b))
+            slope = _asymptotic_slope(root, sorted({id(n): n for n in chain + chain_b + [node]}.values(),
+                                                   key=lambda n: order[id(n)]), constants, sa, opset)
+            if root == other and slope is not None:
+                found[node.output[0]] = SelfGated(root, slope)
+                continue
+        gate = _channel_gate(sa, sb)
+        if gate is not None:
+            found[node.output[0]] = ChannelGate(x=(a, b)[1 - gate], gate=(a, b)[gate])
+    return found
+
+
+def elementwise_chain(name: str, producer: dict, constants: dict, shapes: dict) -> tuple[str, list]:
+    """(x, nodes): the tensor that ``name`` is an elementwise function of, following the chain back as far as it
+    goes, and the nodes of that chain."""
+    seen, chain = set(), []
+    while name not in seen:
+        seen.add(name)
+        node = producer.get(name)
+        if node is None or shapes.get(node.output[0]) is None:
+            return name, chain
+        if node.op_type in ELEMENTWISE and node.input:
+            data = [n for n in node.input[:1]]
+        elif node.op_type in WITH_CONSTANT and len(node.input) == 2:
+            data = [n for n in node.input if n not in constants]
+            if node.op_type == "Pow" and data != [node.input[0]]:
+                return name, chain
+        else:
+            return name, chain
+        if len(data) != 1 or shapes.get(data[0]) != shapes.get(node.output[0]):
+            return name, chain
+        chain.append(node)
+        name = data[0]
+    return name, chain
+
+
+LARGE = 1000.0  # "large x" for the asymptote: every saturating gate of real exports is flat there
+
+
+def _asymptotic_slope(x: str, nodes: list, constants: dict, shape, opset: int) -> np.ndarray | float | None:
+    """The slope per channel of the elementwise function ``nodes`` compute from ``x``, for large x (None when it
+    is not asymptotically linear, e.g. x * x): f(2L) - f(L) over L, checked against f(4L) - f(2L)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    shape = (1, *tuple(shape)[1:])
+    inits = {n: constants[n] for node in nodes for n in node.input if n in constants}
+    graph = helper.make_graph(nodes, "asymptote", [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in inits.items()])
+    try:
+        run = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+        with np.errstate(all="ignore"):  # both branches of the reference's Sigmoid overflow at large x
+            ys = [np.asarray(run.run(None, {x: np.full(shape, t * LARGE, np.float32)})[0], np.float64)
+                  for t in (1, 2, 4)]
+    except Exception:
+        return None
+    if any(y.shape != shape for y in ys):
+        return None
+    near, far = (ys[1] - ys[0]) / LARGE, (ys[2] - ys[1]) / (2 * LARGE)
+    if not (np.isfinite(near).all() and np.allclose(near, far, rtol=1e-3, atol=1e-6)):
+        return None
+    slope = np.round(far, 6)
+    if np.all(slope == slope.flat[0]):
+        return float(slope.flat[0])
+    per_channel = slope.reshape(shape[0], shape[1], -1)[0, :, 0] if len(shape) > 2 else slope.reshape(-1)
+    if len(shape) == 4 and np.array_equal(slope, np.broadcast_to(per_channel[None, :, None, None], shape)):
+        return per_channel
+    return None  # a slope varying over space: not one elementwise nonlinearity of a map
+
+
+def _channel_gate(sa, sb) -> int | None:
+    """Which input (0 or 1) is a per-channel gate over the other, a map; None when neither is."""
+    if sa is None or sb is None or len(sa) != 4 or len(sb) != 4:
+        return None
+    small = [int(np.prod(s[2:])) == 1 for s in (sa, sb)]
+    if small[0] == small[1] or sa[1] != sb[1]:
+        return None
+    return 0 if small[0] else 1

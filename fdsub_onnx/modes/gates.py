@@ -1,0 +1,60 @@
+"""Channel gates held in ``weights`` mode: each gate's value on a reference input, from onnxruntime on the model.
+
+A squeeze-and-excitation gate multiplies a map by per-channel values computed from the data; a data-free
+decoding needs one value per channel. The default reference is the input that is all zeros, i.e. the
+dataset mean once the preset's normalization is applied; a set of images instead holds each gate at its
+mean over them. The ``check`` identity runs on a linearized copy with the same held values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FdsubError
+from ..graph.model import Model, ancestors
+from ..graph.patterns import ChannelGate
+from ..runtime.session import Forward
+
+REFERENCE = "the input that is all zeros after normalization (the dataset mean)"
+
+
+def channel_gates(model: Model, targets) -> dict[str, ChannelGate]:
+    """The channel gates (Mul output -> ChannelGate) that ``targets`` (tensor names) depend on."""
+    outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
+    return {mul: p for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
+
+
+def layer_norms(model: Model, targets) -> dict[str, object]:
+    """The LayerNormalization nodes (output -> node) that ``targets`` depend on: their 1/std is held too."""
+    return {n.output[0]: n for n in ancestors(model, list(targets)) if n.op_type == "LayerNormalization"}
+
+
+def _inverse_std(node, x: np.ndarray) -> np.ndarray:
+    """Per image, LayerNormalization's 1/sqrt(var + eps) over the last axis, averaged over the positions."""
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    x = np.asarray(x, np.float64)
+    return (1 / np.sqrt(x.var(axis=-1) + eps)).reshape(len(x), -1).mean(axis=1)
+
+
+def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Mul output -> per-channel value [C] of every channel gate below ``targets``: on the all-zeros input, or
+    (``reference``, an image set) the mean over its images."""
+    gates, norms = channel_gates(model, targets), layer_norms(model, targets)
+    if not gates and not norms:
+        return {}
+    forward = Forward(model, [p.gate for p in gates.values()] + [n.input[0] for n in norms.values()], device)
+
+    def held(values, count) -> dict[str, np.ndarray]:  # per image: [count, C] gates, [count, 1] inverse stds
+        out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in gates.items()}
+        return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in norms.items()}
+
+    if reference is None:
+        return {name: v[0] for name, v in held(forward(np.zeros((1, *model.input_shape[1:]), np.float32)), 1).items()}
+    sums, count = {name: 0.0 for name in [*gates, *norms]}, 0
+    for _, batch in reference.batches(batch_size):
+        for name, v in held(forward(batch), len(batch)).items():
+            sums[name] = sums[name] + v.sum(axis=0)
+        count += len(batch)
+    if count == 0:
+        raise FdsubError("the gate reference image set is empty; give at least one image")
+    return {mul: total / count for mul, total in sums.items()}
