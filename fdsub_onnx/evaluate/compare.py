@@ -7,6 +7,7 @@ onnxruntime passes, ``weights`` and ``fds`` in one bottom-up walk each, the back
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..data.topn import TopN, rows_of
 from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
+from ..modes.backward import deconvnet_is_local
 from ..modes.decode import iter_decode, leaf_rows
 from ..modes.fds import gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
@@ -213,14 +215,21 @@ def _instance_decodes(model, images, found: dict, rules, steps, device) -> dict:
     """
     if not rules:
         return {}
+    shared = {name for name in found if "local" in rules and deconvnet_is_local(model, name)}  # one pass for both
     pool = ThreadPoolExecutor(max_workers=INSTANCE_WORKERS)
     try:
         futures = {(name, rule): pool.submit(decode_instances, model, name, images, rule=rule, instances=instances,
                                              progress=steps.part(), device=device)
-                   for name, instances in reversed(found.items()) for rule in rules}  # big ones first
-        return {key: future.result() for key, future in futures.items()}
+                   for name, instances in reversed(found.items()) for rule in rules
+                   if not (rule == "deconvnet" and name in shared)}  # big ones first
+        done = {key: future.result() for key, future in futures.items()}
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    for name in shared & {name for name, rule in futures if rule == "local"}:
+        local = done[(name, "local")]
+        done[(name, "deconvnet")] = dataclasses.replace(local, bias=np.zeros_like(local.bias), mode="deconvnet")
+        steps.part()(1, 1)
+    return done
 
 
 class _Steps:

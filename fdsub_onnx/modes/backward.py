@@ -79,6 +79,12 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     return grads[model.input_name], bias
 
 
+def deconvnet_is_local(model, target: str) -> bool:
+    """Whether every op below ``target`` has one rule in both tables (no rectifier): deconvnet then projects what
+    ``local`` does, with bias 0, and one backward pass serves both."""
+    return all(DECONVNET_RULES.get(n.op_type) is LOCAL_RULES.get(n.op_type) for n in ancestors(model, [target]))
+
+
 def forward_for(model, target: str, device="cpu") -> Forward:
     """The onnxruntime session computing every tensor below ``target`` (the forward values a backward pass reads)."""
     return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
@@ -167,7 +173,23 @@ def _relu(node, ins, is_data, out, grad):
 
 def _relu_deconvnet(node, ins, is_data, out, grad):
     """Zeiler & Fergus: the backward signal itself rectified (the forward mask is not used)."""
-    return [array_module(grad).maximum(grad, 0)], _none_added(grad)
+    return [array_module(grad).maximum(grad, 0)] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _leaky_deconvnet(node, ins, is_data, out, grad):
+    """A leaky rectifier applied to the backward signal: g where g > 0, alpha * g below (the forward is not used)."""
+    xp = array_module(grad)
+    alpha = xp.asarray(ins[1], np.float64) if node.op_type == "PRelu" else attributes(node).get("alpha", 0.01)
+    return [xp.where(grad > 0, grad, alpha * grad)] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _clip_deconvnet(node, ins, is_data, out, grad):
+    """A Clip whose lower bound is 0 (ReLU6) is a rectifier: the backward signal rectified; any other Clip keeps
+    its forward slope (``local``)."""
+    low = attributes(node).get("min") if len(ins) < 2 or ins[1] is None else float(np.asarray(ins[1]).reshape(-1)[0])
+    if low is not None and float(low) == 0.0:
+        return _relu_deconvnet(node, ins, is_data, out, grad)
+    return LOCAL_RULES["Clip"](node, ins, is_data, out, grad)
 
 
 def _slope(derivative):
@@ -503,6 +525,7 @@ LOCAL_RULES = {
     "Selu": _slope(_selu), "Celu": _slope(_celu), "Gelu": _slope(_gelu), "Mish": _slope(_mish), "LRN": _lrn,
 }
 #: ``deconvnet``: the local rules with the rectifiers overridden (a mode is a table of overrides)
-DECONVNET_RULES = LOCAL_RULES | {"Relu": _relu_deconvnet}
+DECONVNET_RULES = LOCAL_RULES | {"Relu": _relu_deconvnet, "Clip": _clip_deconvnet, "LeakyRelu": _leaky_deconvnet,
+                                 "PRelu": _leaky_deconvnet}
 #: the backward modes and their rule tables
 BACKWARD_MODES = {"local": LOCAL_RULES, "deconvnet": DECONVNET_RULES}

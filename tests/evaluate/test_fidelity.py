@@ -114,3 +114,26 @@ def test_cli_fidelity(linear, tmp_path):
         assert bad.exit_code == 2 and f"{option} must be one of" in bad.output and not (tmp_path / "bad").exists()
     bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other"), "--modes", "weights,magic"])
     assert bad.exit_code == 2 and "unknown mode 'magic'" in bad.output and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+def test_deconvnet_reuses_the_local_pass_only_without_a_rectifier(tmp_path, monkeypatch, rectified):
+    """Without a rectifier (tanh here) deconvnet is local with bias 0: one backward pass serves both. With ReLU6
+    (Clip 0..6) the two passes run and differ (property 7 in the comparison)."""
+    from fdsub_onnx.evaluate import compare
+
+    b = NetBuilder(height=10, width=10, seed=4)
+    x = b.conv("input", 4, 3)
+    last = b.conv(b.clip(x, 0.0, 6.0) if rectified else b.tanh(x), 3, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    calls = []
+    real = compare.decode_instances
+    monkeypatch.setattr(compare, "decode_instances", lambda *a, **k: calls.append(k["rule"]) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    images, holdout = (fd.ArrayImages(rng.standard_normal((n, 3, 10, 10)).astype(np.float32)) for n in (12, 10))
+    result = compare_modes(model, last, images, holdout, modes=["local", "deconvnet"], top=4)
+    local, deconvnet = result.decoded["local"], result.decoded["deconvnet"]
+    assert sorted(calls) == (["deconvnet", "local"] if rectified else ["local"])
+    assert deconvnet.mode == "deconvnet" and not deconvnet.bias.any()
+    differ = np.abs(local.filters - deconvnet.filters).max() > 1e-3 * np.abs(local.filters).max()
+    assert differ == rectified

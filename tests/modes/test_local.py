@@ -153,6 +153,57 @@ def test_deconvnet_hand_checked_case(tmp_path):
     assert not np.allclose(local, grads) or (w2 > 0).all()
 
 
+def _rectifier(b, x, kind):
+    """``x`` through one rectifier: ReLU6 written as Clip(0, 6), LeakyRelu (alpha 0.2) or PRelu (slope 0.3)."""
+    if kind == "relu6":
+        return b.clip(x, 0.0, 6.0)
+    if kind == "leaky":
+        return b.leaky_relu(x, 0.2)
+    slope = b._const(b._fresh("slope"), np.full((1, 1, 1), 0.3, np.float32))
+    return b._node("PRelu", [x, slope], b.shapes[x])
+
+
+@pytest.mark.parametrize("kind, negative", [("relu6", 0.0), ("leaky", 0.2), ("prelu", 0.3)])
+def test_deconvnet_rectifies_at_every_rectifier(tmp_path, kind, negative):
+    """Property 7: at Clip(0, 6) (ReLU6), LeakyRelu and PRelu the deconvnet applies the rectifier to the backward
+    signal itself: the projection of output (0, 0) is sum f(w2[i, j]) * w1 placed at (i, j), f(g) = g for g > 0
+    and ``negative`` * g below; `local` follows the forward slope instead, so they differ where w2 < 0."""
+    b = NetBuilder(in_channels=1, height=4, width=4, seed=0)
+    h = _rectifier(b, b.conv("input", 1, 2), kind)
+    out = b.conv(h, 1, 2)
+    model = load_proto(b.build([out]), tmp_path)
+    conv1 = next(n for n in model.nodes if n.op_type == "Conv")
+    w1 = model.constants[conv1.input[1]][0, 0].astype(np.float64)
+    w2 = model.constants[model.producer[out].input[1]][0, 0].astype(np.float64)
+    assert (w2 < 0).any() and (w2 > 0).any()  # a negative backward signal reaches the rectifier
+    image = np.random.default_rng(1).standard_normal((1, 1, 4, 4))
+    grads, _ = instance_gradients(model, out, image, np.array([0]), np.array([[0, 0]]), rule="deconvnet")
+    want = np.zeros((4, 4))
+    for i in range(2):
+        for j in range(2):
+            want[i : i + 2, j : j + 2] += (w2[i, j] if w2[i, j] > 0 else negative * w2[i, j]) * w1
+    np.testing.assert_allclose(grads[0, 0], want, rtol=1e-6, atol=1e-7)
+    local, _ = instance_gradients(model, out, image, np.array([0]), np.array([[0, 0]]), rule="local")
+    pre = run_ort(b.build([conv1.output[0]]), image, [conv1.output[0]])[conv1.output[0]][0, 0]
+    forward = np.where((pre > 0) & ((pre <= 6) if kind == "relu6" else True), 1.0, negative)  # local's slopes
+    local_want = np.zeros((4, 4))
+    for i in range(2):
+        for j in range(2):
+            local_want[i : i + 2, j : j + 2] += w2[i, j] * forward[i, j] * w1
+    np.testing.assert_allclose(local[0, 0], local_want, rtol=1e-6, atol=1e-7)
+    assert np.abs(local - grads).max() > 1e-3 * np.abs(want).max()  # they differ
+
+
+def test_clip_that_is_no_rectifier_keeps_its_slope_in_deconvnet(tmp_path):
+    """Clip(-1, 1) (a hard tanh) does not rectify: deconvnet follows its forward slope, as local does."""
+    b = NetBuilder(in_channels=1, height=4, width=4, seed=0)
+    out = b.conv(b.clip(b.conv("input", 1, 2), -1.0, 1.0), 1, 2)
+    model = load_proto(b.build([out]), tmp_path)
+    image = np.random.default_rng(1).standard_normal((1, 1, 4, 4))
+    args = (model, out, image, np.array([0]), np.array([[0, 0]]))
+    np.testing.assert_array_equal(instance_gradients(*args, rule="deconvnet")[0], instance_gradients(*args)[0])
+
+
 def test_unsupported_op_in_local_mode_is_one_line(tmp_path, monkeypatch):
     """Every op the walker supports has a backward rule; one without (LRN's removed here) stops with one line."""
     from fdsub_onnx.modes import backward as _backward
