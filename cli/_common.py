@@ -150,6 +150,34 @@ def nonfinite_warning(model, values, what: str) -> str | None:
     return f"{bad} value(s) of the {what} are NaN or Inf: {cause}"
 
 
+def degenerate_warnings(model, decoded, fix: str) -> tuple[list[str], bool]:
+    """Warnings naming the neurons whose filters are degenerate and why, and whether the composition overflowed
+    (the result is unusable: the command exits 1; NaN weights are the model's, warned about only). ``fix``: what
+    keeps the composition finite."""
+    kinds = decoded.degenerate
+    named = {kind: [str(int(n)) for n, k in zip(decoded.neurons, kinds) if k == kind] for kind in ("not finite",
+                                                                                                   "all zero")}
+    texts, overflow = [], False
+    if named["not finite"]:
+        weights = fdsub_onnx.nonfinite_weights(model)
+        overflow = not weights and bool(np.isinf(decoded.filters).any() or np.isinf(decoded.bias).any() or (
+            np.abs(decoded.filters[np.isfinite(decoded.filters)]).max(initial=0) > 1e30))
+        cause = (nonfinite_warning(model, decoded.filters, "decoded filters") if weights else
+                 f"the composition overflowed {decoded.filters.dtype} (values past "
+                 f"{np.finfo(decoded.filters.dtype).max:.1e}); {fix}" if overflow else
+                 "the images drive activations to NaN (check --preset, --mean, --std, --scale)")
+        texts.append(f"{plural(len(named['not finite']), 'filter')} of {decoded.layer!r} not finite (neurons "
+                     f"{_listed(named['not finite'])}): {cause}")
+    if named["all zero"]:
+        texts.append(f"{plural(len(named['all zero']), 'filter')} of {decoded.layer!r} all zero (neurons "
+                     f"{_listed(named['all zero'])}): nothing of the layers below was kept (--select)")
+    return texts, overflow
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 # ---- output folders --------------------------------------------------------------------------------
 def output_folder(out: Path | None, default: str, kind: str) -> Path:
     """``--out``, or ``fdsub-out/<default>``; refused before any work when a result of ``kind`` cannot go there

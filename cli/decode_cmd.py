@@ -96,8 +96,13 @@ def decode(
         where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
         typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
                    "(saved as `gates` in decoded.npz)", err=True)
-    common.warn(too_few, common.nonfinite_warning(loaded, result.filters, "decoded filters"))
+    fix = ("--weighting activation carries each layer's scale into the next: use --weighting gate, or --dtype float64"
+           if mode == "fds" and weighting == "activation" else "--dtype float64 holds more")
+    degenerate, unusable = common.degenerate_warnings(loaded, result, fix)
+    common.warn(too_few, *degenerate)
     common.note_device(device)
+    if unusable:
+        raise typer.Exit(1)
 
 
 def _mode(mode: str | None, images: str | None) -> str:

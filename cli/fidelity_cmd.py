@@ -59,16 +59,23 @@ def fidelity(
     paths = fdsub_onnx.save_fidelity(result, folder, compared.decoded)
     table = Table(title=Text(f"fidelity of {len(result['neurons'])} neurons of {target!r} "
                              f"on {result['images']} held-out images"))
-    for column in ("decoding", "mean correlation", f"mean top-{result['top']} share"):
+    for column in ("decoding", "mean correlation", f"mean top-{result['top']} share", "mean two-choice", "degenerate"):
         table.add_column(column, justify="left" if column == "decoding" else "right")
     for name, scores in result["decodings"].items():
-        r = scores["mean_correlation"]
-        table.add_row(name, "-" if r is None else f"{r:.3f}", f"{scores['mean_top_share']:.2f}")
+        table.add_row(name, *(_shown(scores[key], digits) for key, digits in (
+            ("mean_correlation", 3), ("mean_top_share", 2), ("mean_two_choice", 3))),
+            str(sum(kind is not None for kind in scores["degenerate"])))
     common.stdout_console().print(table)
     for path in paths:
         typer.echo(f"  {path}")
     undefined = [name for name, scores in result["decodings"].items() if scores["mean_correlation"] is None]
+    degenerate = [text for name, d in compared.decoded.items()
+                  for text in common.degenerate_warnings(loaded, d, "see `fdsub decode --help`")[0]]
     common.warn(common.top_warning(top, image_set), undefined and (
         f"no correlation for {', '.join(undefined)}: the predictions or the activations do not vary "
-        "(or are NaN) on the held-out images"))
+        "(or are NaN) on the held-out images"), *degenerate)
     common.note_device(device)
+
+
+def _shown(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

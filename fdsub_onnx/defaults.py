@@ -16,6 +16,8 @@ SELECTS = ("all", "positive", "max", "topk:K")  # fds: which lower neurons subst
 WEIGHTINGS = ("gate", "activation")  # fds: each lower neuron weighted by its mean gate, or its mean activation
 DEFAULT_SELECT = "positive"  # fds unless told (README: the fidelity benchmark)
 DEFAULT_WEIGHTING = "gate"
+#: the decodings in the order benchmarks/bench_fidelity.py ranks them on a real network (best first, README)
+BENCHMARK_RANKING = ("weights", "local", "fds", "deconvnet", "nf")
 CHECK_IMAGES = "builtin:blobs:32"  # probe images of `fdsub check`
 MAX_BUILTIN_IMAGES = 1_000_000  # builtin:KIND:COUNT; their names alone are ~100 MB there
 FALLBACK_MEMORY = 8 << 30  # when the memory left cannot be read

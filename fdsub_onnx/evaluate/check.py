@@ -35,6 +35,7 @@ from ..graph.model import Model, find_layer, load_model
 from ..graph.prune import pruned
 from ..graph.validate import nonfinite_weights
 from ..modes.decode import decode
+from ..modes.result import degenerate_kind
 from ..runtime.session import Forward
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
@@ -46,7 +47,6 @@ CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenera
 FOLLOWED = (set(IDENTITY_OPS) - {"Softmax"}) | {"BatchNormalization", "InstanceNormalization"}
 AFFINE = ("Add", "Sub", "Mul", "Div")
 VARIES = 1e-6  # a neuron varies when its range over the probe set exceeds this share of its layer's largest |value|
-CONSTANT = 1e-6  # a filter is constant when its range is at most this share of its largest |value|
 BATCH = 8
 
 
@@ -283,7 +283,7 @@ def _degenerate(decoded, max_degenerate: float) -> Check:
     for d in decoded:
         for k, f in zip(d.neurons, np.asarray(d.filters, dtype=np.float64)):
             total += 1
-            kind = _degenerate_kind(f)
+            kind = degenerate_kind(f, constant=True)
             if kind:
                 bad.append(f"{d.layer} neuron {k}: {kind}")
     if not total:
@@ -292,18 +292,6 @@ def _degenerate(decoded, max_degenerate: float) -> Check:
     status = PASS if share <= max_degenerate else FAIL
     return Check("degenerate-filters", status, f"{len(bad)} of {total} decoded filters degenerate", share,
                  max_degenerate, bad)
-
-
-def _degenerate_kind(f: np.ndarray) -> str | None:
-    """'not finite', 'all zero' or 'constant' for a degenerate filter, None otherwise."""
-    if not np.isfinite(f).all():
-        return "not finite"
-    peak = float(np.abs(f).max())
-    if peak == 0:
-        return "all zero"
-    if f.size > 1 and float(np.ptp(f)) <= CONSTANT * peak:
-        return "constant"
-    return None
 
 
 def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead: float) -> Check:

@@ -1,10 +1,14 @@
 """Fidelity: how well a decoded filter predicts its neuron on held-out images.
 
 For each neuron, the prediction at every output position is ``sum(filter * patch) + bias`` with
-the patch cut from the zero-extended image (as the layer's padding sees it). Two figures:
-the Pearson correlation of prediction and true activation over all (image, position) pairs,
-and the share of the true top-N images (each image scored by its maximum, as ``capture_top``
-does by default) that the prediction also ranks in its top-N.
+the patch cut from the zero-extended image (as the layer's padding sees it). Three figures:
+the Pearson correlation of prediction and true activation over all (image, position) pairs;
+the share of the true top-N images (each image scored by its maximum, as ``capture_top``
+does by default) that the prediction also ranks in its top-N; and the two-choice score, the automated
+form of Borowski et al.'s psychophysics (ICLR 2021): over every pair of images whose true maxima differ,
+the share where the prediction ranks the one with the higher maximum higher (ties count 1/2; chance 0.5).
+A degenerate filter (not finite, all zero: ``Decoded.degenerate``) predicts nothing: its neuron is named,
+with no score, instead of scoring rounding noise or index tie-breaking.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
         if decoded.layer != layer or not np.array_equal(decoded.neurons, neurons):
             raise FdsubError(f"decoding {name!r} is of layer {decoded.layer!r} / other neurons; "
                              "measure one layer at a time")
-    slim = {name: dataclasses.replace(d, instances=None, instance_filters=None, instance_bias=None)
-            for name, d in decodings.items()}  # what scoring reads (the workers get a copy)
+    broken = {name: d.degenerate for name, d in decodings.items()}
+    slim = {name: _scorable(d, broken[name]) for name, d in decodings.items()}  # what scoring reads (workers: a copy)
     options = {"decodings": slim, "batch_size": batch_size}
     done = None if progress is None else lambda at, *_: progress(at, len(images))
     if client is None:
@@ -54,11 +58,45 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
         cov, vx, vy = sxy - sx * sy / count, sxx - sx**2 / count, syy - sy**2 / count
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where((vx > 0) & (vy > 0), cov / np.sqrt(vx * vy), np.nan)
-        pred_top = _top_sets(np.concatenate(pred_max[name]), n)
-        share = [len(a & b) / n for a, b in zip(true_top, pred_top)]
-        result["decodings"][name] = {"correlation": [None if np.isnan(v) else float(v) for v in r], "top_share": share,
-                                     "mean_correlation": _mean(r), "mean_top_share": float(np.mean(share))}
+        predicted = np.concatenate(pred_max[name])
+        share = np.array([len(a & b) / n for a, b in zip(true_top, _top_sets(predicted, n))])
+        two = two_choice(truth, predicted)
+        bad = np.array([kind is not None for kind in broken[name]], bool)
+        r, share, two = (np.where(bad, np.nan, v) for v in (r, share, two))
+        result["decodings"][name] = {
+            "correlation": _listed(r), "top_share": _listed(share), "two_choice": _listed(two),
+            "degenerate": broken[name], "mean_correlation": _mean(r), "mean_top_share": _mean(share),
+            "mean_two_choice": _mean(two)}
     return result
+
+
+def two_choice(truth: np.ndarray, predicted: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Per neuron (column of [images, K]), the share of image pairs with different true scores that the prediction
+    orders the same way (a tie in the prediction counts 1/2); NaN where every true score is the same."""
+    won, pairs = np.zeros(truth.shape[1]), np.zeros(truth.shape[1])
+    for start in range(0, len(truth), rows):  # rows of the pair matrix at a time: memory stays rows x images
+        t = np.sign(truth[start : start + rows, None] - truth[None])  # [rows, images, K]
+        q = np.sign(predicted[start : start + rows, None] - predicted[None])
+        above = t > 0
+        won += (above * (q > 0)).sum((0, 1)) + 0.5 * (above * (q == 0)).sum((0, 1))
+        pairs += above.sum((0, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, won / pairs, np.nan)
+
+
+def _scorable(decoded, broken: list):
+    """What scoring reads: the filters, with zeros (no arithmetic on inf or NaN) where they are degenerate."""
+    bad = np.array([kind is not None for kind in broken], bool)
+    filters, bias = decoded.filters, decoded.bias
+    if bad.any():
+        filters = np.where(bad[:, None, None, None], 0, filters).astype(filters.dtype)
+        bias = np.where(bad, 0, bias).astype(bias.dtype)
+    return dataclasses.replace(decoded, filters=filters, bias=bias, instances=None, instance_filters=None,
+                               instance_bias=None)
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def _score(model, images, forward, lo, hi, decodings, batch_size, progress=None):

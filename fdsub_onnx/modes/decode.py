@@ -98,8 +98,8 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         rows = leaf_rows(model, targets, picked)
     _check_memory(model, engine, targets, rows)
     wanted = set(targets)
-    for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution,
-                            gates=gates):
+    for node, value in _quiet(walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution,
+                                   gates=gates)):
         target = node.output[0]
         if target not in wanted:
             continue
@@ -109,6 +109,17 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
         yield result
+
+
+def _quiet(steps: Iterator) -> Iterator:
+    """The walk's steps with NumPy's overflow warnings off: a filter that overflows ends up not finite, which
+    ``Decoded.degenerate`` names per neuron (the CLI warns with the cause), instead of raw RuntimeWarnings."""
+    while True:
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = next(steps, None)
+        if step is None:
+            return
+        yield step
 
 
 def leaf_rows(model, targets, picked: dict) -> dict | None:

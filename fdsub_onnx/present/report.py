@@ -26,7 +26,7 @@ from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
 from ..data.files import check_result_folder, write_atomically
 from ..data.images import open_images, read_indices
-from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_TOP
+from ..defaults import BENCHMARK_RANKING, DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_TOP
 from ..errors import FdsubError
 from ..evaluate.compare import LayerComparison, choose_layers, compare_layers, neurons_per_layer, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
@@ -36,7 +36,8 @@ from .render import GAP, filter_grid
 
 REPORT_HTML = "index.html"
 DEFAULT_TOP = REPORT_TOP
-TABS = ("fds", "weights", "local")  # the filter column's modes, the first one shown
+#: the filter column's modes, the first one shown: the one the fidelity benchmark ranks best (README)
+TABS = tuple(mode for mode in BENCHMARK_RANKING if mode in ("fds", "weights", "local"))
 SOURCE_MAX = 256  # longest side (px) a source image is stored at (patches are cut from it by CSS)
 THUMB = 128  # about how wide (px) a source image is shown with its receptive field drawn on it
 PATCH_MAX = 64  # longest side (px) a Neuron Feature is stored at, and about how wide a detail view shows a patch
@@ -339,7 +340,9 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
                      for c, h in enumerate(head))
     means = "".join(
         f"<tr><td>{LABELS[m]}</td>{_number_cell(scores['decodings'][m]['mean_correlation'])}"
-        f"{_number_cell(scores['decodings'][m]['mean_top_share'], 2)}</tr>" for m in FIDELITY_MODES)
+        f"{_number_cell(scores['decodings'][m]['mean_top_share'], 2)}"
+        f"{_number_cell(scores['decodings'][m]['mean_two_choice'])}"
+        f"{_degenerate_cell(scores['decodings'][m]['degenerate'], neurons)}</tr>" for m in FIDELITY_MODES)
     tabs = "".join(f'<button type="button" data-mode="{m}"{" class=on" if m == TABS[0] else ""}>{m}</button>'
                    for m in TABS)
     return f"""
@@ -350,7 +353,8 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
 rows {oy}+{sy}q<sub>y</sub> &hellip; and columns {ox}+{sx}q<sub>x</sub> &hellip;</p>
 <div class="row">
 <table class="means"><caption>fidelity on {scores['images']} images (mean over neurons)</caption>
-<thead><tr><th>decoding</th><th>Pearson r</th><th>top-{scores['top']} share</th></tr></thead>\
+<thead><tr><th>decoding</th><th>Pearson r</th><th>top-{scores['top']} share</th><th>two-choice</th>
+<th>degenerate</th></tr></thead>\
 <tbody>{means}</tbody></table>
 <div class="grids"><div class="tabs">filters: {tabs}</div>{grids}</div>
 </div>
@@ -370,7 +374,8 @@ def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pi
         share = scores["decodings"][mode]["top_share"][k]
         figures.append(f"<figure>{_pic(picture, size, _scaled_width(size[0], FILTER_MAX), f'{LABELS[mode]} filter')}"
                        f"<figcaption><b>{LABELS[mode]}</b><br>bias {float(decoded[mode].bias[k]):.3g}<br>r {_fmt(r)}"
-                       f" &middot; top share {_fmt(share, 2)}</figcaption></figure>")
+                       f" &middot; top share {_fmt(share, 2)}"
+                       f"{_why(scores['decodings'][mode]['degenerate'][k])}</figcaption></figure>")
     cards = []
     for n, i, qy, qx, box in boxes:
         y0, x0, ry, rx = box
@@ -465,6 +470,17 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _degenerate_cell(kinds: list, neurons) -> str:
+    """How many neurons' filters are degenerate (named in the cell's title), never left out silently."""
+    bad = [f"{int(n)}: {kind}" for n, kind in zip(neurons, kinds) if kind is not None]
+    title = f' title="{escape("; ".join(bad))}"' if bad else ""
+    return f'<td class="num"{title} data-v="{len(bad)}">{len(bad)}</td>'
+
+
+def _why(kind) -> str:
+    return "" if kind is None else f"<br><b>degenerate: {escape(kind)}</b> (not scored)"
 
 
 def _number_cell(value, digits: int = 3) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -71,7 +72,44 @@ def test_correlation_and_share_match_a_direct_computation(linear):
         true_top = set(np.argsort(-acts[:, k].reshape(24, -1).max(1), kind="stable")[:6])
         pred_top = set(np.argsort(-pred[:, k].reshape(24, -1).max(1), kind="stable")[:6])
         assert scores["top_share"][k] == len(true_top & pred_top) / 6
-    assert 0 < min(scores["correlation"]) < 1
+        t, q = acts[:, k].reshape(24, -1).max(1), pred[:, k].reshape(24, -1).max(1)
+        pairs = [(i, j) for i in range(24) for j in range(24) if t[i] > t[j]]  # the two-choice test, pair by pair
+        won = sum(1.0 if q[i] > q[j] else 0.5 if q[i] == q[j] else 0.0 for i, j in pairs)
+        assert abs(scores["two_choice"][k] - won / len(pairs)) < 1e-12
+    assert 0 < min(scores["correlation"]) < 1 and 0.5 < min(scores["two_choice"]) < 1
+    assert scores["degenerate"] == [None, None]
+
+
+def test_two_choice_is_one_for_an_exact_filter_and_blind_to_scale_and_offset(linear):
+    model, _, last = linear
+    images = fd.ArrayImages(np.random.default_rng(3).standard_normal((16, 3, 14, 14)).astype(np.float32))
+    decoded = fd.decode(model, last, dtype="float64")
+    noisy = dataclasses.replace(decoded, filters=decoded.filters + np.random.default_rng(5).normal(
+        0, np.abs(decoded.filters).max(), decoded.filters.shape))
+    scaled = dataclasses.replace(noisy, filters=3 * noisy.filters, bias=3 * noisy.bias - 7)
+    scores = fidelity(model, {"weights": decoded, "noisy": noisy, "scaled": scaled}, images, top=4)["decodings"]
+    assert scores["weights"]["two_choice"] == [1.0] * 5 and scores["weights"]["mean_two_choice"] == 1.0
+    assert scores["scaled"]["two_choice"] == scores["noisy"]["two_choice"] and min(scores["noisy"]["two_choice"]) < 1
+
+
+def test_degenerate_filters_are_reported_per_neuron_not_scored(linear):
+    """An all-zero or a non-finite filter predicts nothing: its neuron is named degenerate, with no score (not the
+    rounding noise or index tie-breaking it would otherwise get), and the means are over the other neurons."""
+    model, _, last = linear
+    images = fd.ArrayImages(np.random.default_rng(4).standard_normal((16, 3, 14, 14)).astype(np.float32))
+    decoded = fd.decode(model, last, dtype="float64")
+    filters, bias = decoded.filters.copy(), decoded.bias.copy()
+    filters[1], filters[3, 0, 0, 0], bias[4] = 0.0, np.inf, np.nan
+    broken = dataclasses.replace(decoded, filters=filters, bias=bias)
+    assert broken.degenerate == [None, "all zero", None, "not finite", "not finite"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw NumPy RuntimeWarning on the way
+        scores = fidelity(model, {"broken": broken}, images, top=4)["decodings"]["broken"]
+    assert scores["degenerate"] == broken.degenerate
+    for key in ("correlation", "top_share", "two_choice"):
+        assert [v is None for v in scores[key]] == [False, True, False, True, True], key
+    assert abs(scores["mean_correlation"] - 1.0) < 1e-9 and scores["mean_top_share"] == 1.0
+    assert scores["mean_two_choice"] == 1.0
 
 
 def test_compare_modes_on_a_relu_net(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -339,3 +341,26 @@ def test_gates_through_silu_pad_and_concat(tmp_path):
     for k in range(4):
         want = _brute_window_mean(gate, top, k, 3, 1, 0, gates=True)
         np.testing.assert_allclose(sub.stats[last][k], want, rtol=1e-5, atol=1e-6, err_msg=f"neuron {k}")
+
+
+def test_overflow_is_a_named_warning_not_a_runtime_warning(tmp_path):
+    """--weighting activation multiplies each layer's activation scale into the next: with images of 1e30 the
+    composition overflows float32. The library stays quiet (no NumPy RuntimeWarning) and names the neurons
+    (``Decoded.degenerate``); the CLI warns with the cause and exits 1. The gate weighting stays finite."""
+    b = NetBuilder(height=10, width=10, seed=3, positive=True)
+    last = b.conv(b.relu(b.conv(b.relu(b.conv("input", 4, 3)), 4, 3)), 2, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    images = (np.random.default_rng(0).uniform(0.5, 1, (6, 3, 10, 10)) * 1e30).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blown = fd.decode(model, last, mode="fds", images=fd.ArrayImages(images), top=3, weighting="activation")
+        kept = fd.decode(model, last, mode="fds", images=fd.ArrayImages(images), top=3, weighting="gate")
+    assert blown.degenerate == ["not finite", "not finite"] and kept.degenerate == [None, None]
+    args = ["decode", model.path, "--layer", last, "--images", str(tmp_path / "images.npy"), "--top", "3"]
+    result = CliRunner().invoke(app, [*args, "--weighting", "activation", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 1, result.output
+    assert "warning: 2 filters of" in result.output and "overflowed float32" in result.output
+    assert "--weighting gate" in result.output and "RuntimeWarning" not in result.output
+    fine = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "g")])
+    assert fine.exit_code == 0 and "warning" not in fine.output, fine.output

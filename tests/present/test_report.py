@@ -190,6 +190,19 @@ def test_report_figures_match_the_library(built, models):
     assert len(cells) == 3 * 6  # mean activation and 5 correlations per neuron
     np.testing.assert_allclose(float(cells[0]), want[0], rtol=1e-9)
     np.testing.assert_allclose(float(cells[1]), 1.0, atol=1e-6)
+    means = page[page.index('<table class="means"'):]
+    means = means[: means.index("</table>")]
+    assert "two-choice" in means and "degenerate" in means
+    weights = re.search(r"<tr><td>weights</td>((?:<td[^>]*>[^<]*</td>){4})</tr>", means).group(1)
+    shown = re.findall(r'data-v="([^"]*)"', weights)
+    assert float(shown[2]) == first["fidelity"]["decodings"]["weights"]["mean_two_choice"] and shown[3] == "0"
+
+
+def test_report_opens_on_the_decoding_the_benchmark_ranks_best(built):
+    from fdsub_onnx.defaults import BENCHMARK_RANKING
+
+    best = next(mode for mode in BENCHMARK_RANKING if mode in ("fds", "weights", "local"))
+    assert f'data-show="{best}"' in built[1] and f'data-mode="{best}" class=on' in built[1]
 
 
 def test_report_progress_reaches_the_end(built):
