@@ -277,8 +277,10 @@ def cascade(model, targets, decoded, args, images):
             inits[name].CopyFrom(numpy_helper.from_array(fresh, name))
         path = CACHE / f"randomized-{step}.onnx"
         onnx.save(proto, str(path))
-        again, _ = decode_all(fd.load_model(str(path)), targets, args.neurons, images, args.top)
-        for t in targets:
+        changed = {n.output[0] for n in nodes}
+        affected = [t for t in targets if changed & {n.output[0] for n in ancestors(model, [t])}]
+        again, _ = decode_all(fd.load_model(str(path)), affected, args.neurons, images, args.top)  # the others: same
+        for t in affected:
             for name in RANDOMIZED:
                 a, b = (np.asarray(d[t][name].filters, np.float64).reshape(len(d[t][name].filters), -1)
                         for d in (base, again))
