@@ -9,15 +9,18 @@ import numpy as np
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import KERNELS, Engine
 from ..compose.inspect import channels_of, inspect_model, memory_problem
+from ..compose.linearize import linear_model
 from ..compose.values import Blocked, Tensor
 from ..compose.walker import walk
 from ..data.topn import rows_of
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors, find_layer
 from ..neurons import parse_neurons
+from .adjoint import decode_at
 from .fds import gather_statistics
 from .gates import channel_gates, layer_norms, reference_gates
 from .local import decode_instances
+from .plan import ROUTES, plan_layer
 from .result import Decoded
 
 MODES = ("weights", "fds", "local", "deconvnet")
@@ -26,7 +29,8 @@ INSTANCE_MODES = ("local", "deconvnet")  # per-instance backward passes, no bott
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
            kernel: str = "fast", images=None, top: int = 100, select: str = "positive", substitution=None,
-           per_instance: bool = False, gate_reference=None) -> Decoded:
+           per_instance: bool = False, gate_reference=None, position=None, route: str = "auto",
+           progress=None) -> Decoded:
     """Decode the selected neurons (see ``parse_neurons``) of ``layer`` into image-space filters.
 
     ``mode="fds"`` substitutes with statistics of ``images`` (each neuron's ``top`` instances, the
@@ -36,23 +40,31 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     onnxruntime runs; the result is NumPy either way. In ``weights`` mode channel gates (squeeze-and-excitation)
     are held at their value on ``gate_reference`` (an image set: their mean over it; default the all-zeros input,
     see ``modes.gates``); the values used are in ``Decoded.gates``.
+
+    ``weights`` mode decodes at ``position`` (qy, qx) of the layer's output map (default its centre, ``centre``),
+    by the route ``plan_layer`` finds cheapest (``route="auto"``) or the one named ("bottom-up", "adjoint",
+    "meet"); ``Decoded.plan`` says which. ``progress(done, total)`` follows a long decode.
     """
     target = find_layer(model, layer).output[0]
     for result in _decode_layers(model, [target], {target: neurons}, mode, dtype, device, kernel, images, top, select,
-                                 substitution, per_instance, gate_reference, one_layer=True):
+                                 substitution, per_instance, gate_reference, one_layer=True,
+                                 positions={target: position}, route=route, progress=progress):
         return result
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
                 device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
-                substitution=None, neurons: dict | None = None, gate_reference=None) -> Iterator[Decoded]:
+                substitution=None, neurons: dict | None = None, gate_reference=None, positions: dict | None = None,
+                route: str = "auto", progress=None) -> Iterator[Decoded]:
     """Decode several layers (default: every decodable layer) in one bottom-up pass, in graph order.
 
     ``neurons`` maps a layer's output tensor to the neurons to return (a ``parse_neurons`` selector; default
     all). A layer that no other decoded layer reads is then composed for those neurons only: the deepest
     layers, whose banks are the largest, cost what the neurons asked cost. In ``local`` and ``deconvnet`` mode
-    each layer runs its own per-instance passes (nothing is shared between layers).
+    each layer runs its own per-instance passes (nothing is shared between layers). In ``weights`` mode each
+    layer is planned as in ``decode`` (``positions``: layer -> (qy, qx), default the centres); the layers
+    planned bottom-up share the one pass.
     """
     _check_mode(mode, dtype, kernel)
     if layers is None:
@@ -60,16 +72,20 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
     yield from _decode_layers(model, targets, dict(neurons or {}), mode, dtype, device, kernel, images, top, select,
-                              substitution, False, gate_reference, one_layer=False)
+                              substitution, False, gate_reference, one_layer=False, positions=dict(positions or {}),
+                              route=route, progress=progress)
 
 
 def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, images, top, select, substitution,
-                   per_instance, gate_reference, one_layer: bool) -> Iterator[Decoded]:
-    """The setup ``decode`` and ``iter_decode`` share: check, resolve, substitute, bound memory, walk once.
+                   per_instance, gate_reference, one_layer: bool, positions: dict, route: str = "auto",
+                   progress=None) -> Iterator[Decoded]:
+    """The setup ``decode`` and ``iter_decode`` share: check, resolve, substitute, plan, bound memory, walk once.
 
     ``one_layer``: ``decode``'s rule for the rows composed (all of them when the layer feeds several nodes).
     """
     _check_mode(mode, dtype, kernel)
+    if route not in ROUTES:
+        raise FdsubError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     device = resolve_device(device)
     if mode in INSTANCE_MODES:
         if images is None:
@@ -80,27 +96,111 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device)
     gates = substitution.gates if substitution is not None else reference_gates(model, targets, gate_reference, device)
-    engine = Engine(get_backend(device.backend), dtype, kernel)
+    backend = get_backend(device.backend)
+    engine = Engine(backend, dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
-    picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in targets
+    plans, linear = {}, None
+    if mode == "weights":
+        linear = linear_model(model, gates)
+        for t in targets:
+            if channels[t] is not None:
+                position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
+                plans[t] = plan_layer(model, linear, t, parse_neurons(neurons.get(t), channels[t], t), position,
+                                      dtype, backend, route)
+    bottom = [t for t in targets if t not in plans or plans[t].route == "bottom-up"]
+    picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in bottom
               if channels[t] is not None and (one_layer or neurons.get(t) is not None)}
     if one_layer:
         rows = {t: p for t, p in picked.items() if len(model.consumers.get(t, ())) <= 1} or None
     else:
-        rows = leaf_rows(model, targets, picked)
-    _check_memory(model, engine, targets, rows)
-    wanted = set(targets)
-    for node, value in walk(model, engine, targets=targets, compose=True, rows=rows, substitution=substitution,
-                            gates=gates):
-        target = node.output[0]
-        if target not in wanted:
-            continue
-        result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
+        rows = leaf_rows(model, bottom, picked)
+    steps = _Progress(progress, sum(plans[t].neurons if plans.get(t) and t not in bottom else 1 for t in targets))
+    walked = iter(())
+    if bottom:
+        _check_memory(model, engine, bottom, rows)
+        walked = walk(model, engine, targets=bottom, compose=True, rows=rows, substitution=substitution, gates=gates)
+    for target in targets:
+        plan = plans.get(target)
+        if target in bottom:
+            node, value = next((n, v) for n, v in walked if n.output[0] == target)
+            result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
+            steps.add(1)
+        else:
+            result = _adjoint_decoded(model, linear, target, neurons.get(target), plan, gates, dtype, device, steps)
+        if plan is not None:
+            result.position, result.plan = plan.position, plan
         held = [*channel_gates(model, [target]), *layer_norms(model, [target])]
         result.gates = {name: np.asarray(gates[name]) for name in held if name in gates}
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
         yield result
+
+
+def centre(model, target) -> tuple[int, int]:
+    """The centre ((Q_y - 1) // 2, (Q_x - 1) // 2) of a layer's output map ((0, 0) for a vector)."""
+    shape = model.shapes.get(target)
+    if shape is None or len(shape) != 4:
+        return (0, 0)
+    return ((shape[2] - 1) // 2, (shape[3] - 1) // 2)
+
+
+def _position(model, target, position) -> tuple[int, int]:
+    shape = model.shapes.get(target)
+    size = tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
+    try:
+        qy, qx = (int(v) for v in position)
+    except (TypeError, ValueError):
+        raise FdsubError(f"position must be two integers (row, column), got {position!r}") from None
+    if not (0 <= qy < size[0] and 0 <= qx < size[1]):
+        raise FdsubError(f"position ({qy}, {qx}) is outside the {size[0]}x{size[1]} output map of {target!r}; "
+                         f"choose rows 0-{size[0] - 1} and columns 0-{size[1] - 1}")
+    return qy, qx
+
+
+def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device, steps) -> Decoded:
+    """A layer decoded by the adjoint route (or meeting bottom-up banks at ``plan.split``)."""
+    value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[target]) if n.output[0] == target),
+                 None)
+    geom = value.geom if isinstance(value, Tensor) else None
+    picked = parse_neurons(neurons, channels_of(model, target), target)
+    filters, bias, corner, crop = decode_at(model, linear, target, picked, plan.position, geom, dtype, device,
+                                            split=plan.split, batch=plan.batch, gates=gates,
+                                            progress=steps.part(len(picked)))
+    if geom is None:  # after an upsampling: the filter holds at its position, its corner given as the origin
+        return Decoded(filters, bias, picked, (0, 0), corner, target, "weights", None, position=plan.position,
+                       exact_at="position")
+    interior = bool(geom.interior(model.input_shape[2:], _spatial(model, target))[plan.position])
+    origin = (corner[0] - plan.position[0] * geom.stride[0], corner[1] - plan.position[1] * geom.stride[1])
+    return Decoded(filters, bias, picked, geom.stride, origin, target, "weights", geom.bounds,
+                   position=plan.position, exact_at="interior" if interior else "position", crop=crop,
+                   field=geom.rf)
+
+
+class _Progress:
+    """``progress(done, total)`` over a decode's steps: a bottom-up layer is one, an adjoint layer one per seed."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, max(total, 1), 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def part(self, count: int):
+        start = self.done
+
+        def update(done, total):
+            self.done = start + done
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+
+        return update
+
+
+def _spatial(model, name):
+    shape = model.shapes.get(name)
+    return tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
 
 
 def leaf_rows(model, targets, picked: dict) -> dict | None:
@@ -119,8 +219,13 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     whole = value.rows is not None or np.array_equal(picked, np.arange(value.channels))
     bank = value.bank if whole else engine.take(value.bank, picked)
     to_numpy = engine.backend.to_numpy
-    return Decoded(to_numpy(bank.filters), to_numpy(bank.bias), picked, value.geom.stride, value.geom.origin,
-                   node.output[0], mode, value.geom.bounds)
+    geom = value.geom
+    (y0, y1), (x0, x1) = geom.image_span(model.input_shape[2:], _spatial(model, node.output[0]))
+    filters = to_numpy(bank.filters)
+    if (y0, x0, y1, x1) != (0, 0, *geom.rf):  # only what can meet a pixel is kept
+        filters = np.ascontiguousarray(filters[:, :, y0:y1, x0:x1])
+    return Decoded(filters, to_numpy(bank.bias), picked, geom.stride, (geom.origin[0] + y0, geom.origin[1] + x0),
+                   node.output[0], mode, geom.bounds, crop=(y0, x0), field=geom.rf)
 
 
 def _check_memory(model, engine, targets, rows):
