@@ -52,12 +52,22 @@ def decode(
              "images.  [default: their value on the all-zeros input, the dataset mean after normalization]",
     ),
     device: str = common.DEVICE,
+    position: Optional[str] = typer.Option(
+        None, "--position", metavar="QY,QX",
+        help="weights mode: the output position to decode at (row,column of the layer's map).  [default: its centre]",
+    ),
+    route: str = typer.Option(
+        "auto", "--route",
+        help="weights mode: auto (the cheapest that is exact and fits), bottom-up, adjoint or meet.",
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say which route decoded the layer, and its cost."),
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
     With images, also DIR/top.npz and DIR/top.json: the instances the decode used.
     """
     shape = common.parse_input_shape(input_shape)
+    at = _parse_position(position)
     common.check_out_dir(out)
     device = common.device_for(device)
     mode = mode or ("fds" if images is not None else "weights")
@@ -70,13 +80,13 @@ def decode(
     else:
         if images is not None:
             raise FdsubError(f"--images has no use in {mode} mode; leave it out or use --mode fds")
-        with common.spinner(f"loading {model}") as status:
+        with common.spinner(f"loading {model}"):
             loaded = load_model(model, shape)
             reference = None if gate_reference is None else fdsub_onnx.open_images(
                 gate_reference, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
-            status.update(f"decoding {layer}")
+        with common.progress_bar(f"decoding {layer}", unit="steps") as progress:
             result = fdsub_onnx.decode(loaded, layer, neurons=neurons, mode=mode, dtype=dtype, device=device,
-                                       gate_reference=reference)
+                                       gate_reference=reference, position=at, route=route, progress=progress)
     folder = out if out is not None else DEFAULT_OUT / sanitize(result.layer)
     with common.spinner("writing results"):
         paths = (save_decoded(result, folder) if result.instances is None
@@ -89,6 +99,12 @@ def decode(
     )
     for path in paths:
         typer.echo(f"  {path}")
+    if result.position is not None:
+        where = ("every position whose receptive field lies in the image" if result.exact_at == "interior"
+                 else "this position only")
+        typer.echo(f"decoded at output position {','.join(map(str, result.position))}; the filters hold at {where}")
+    if verbose and result.plan is not None:
+        typer.echo(f"route: {result.plan.describe()}", err=True)
     if result.gates:
         where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
         typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
@@ -111,6 +127,16 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, p
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
                                 progress=progress, device=device)
+
+
+def _parse_position(text: str | None):
+    if text is None:
+        return None
+    try:
+        qy, qx = (int(v) for v in text.split(","))
+    except ValueError:
+        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3), got {text!r}") from None
+    return qy, qx
 
 
 def sanitize(name: str) -> str:

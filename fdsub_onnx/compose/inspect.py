@@ -30,6 +30,7 @@ class Layer:
     decodable: bool
     reason: str | None
     module: str | None = None  # the exporting framework's module path (torch's dynamo exporter records it)
+    per_position: bool = False  # decodable one output position at a time only (after an upsampling; no geometry)
 
 
 @dataclass
@@ -108,6 +109,9 @@ def _layer(model, node, value) -> Layer:
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
                      list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
+    if isinstance(value, Blocked) and value.per_position:
+        return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, True, reason,
+                     module_of(node), per_position=True)
     if isinstance(value, Layout) and value.channels_last:
         reason = ("a channels-last (NHWC) view of a map, channels on the last axis; the Conv layers around it "
                   "decode")

@@ -36,14 +36,14 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     (``gates``: Mul output -> [C], as ``modes.gates.reference_gates`` gives); MaxPool becomes AveragePool
     over the same window (its padding not counted: the max is never a padded value), GlobalMaxPool
     GlobalAveragePool, ReduceMax ReduceMean. Nodes keep their names and output names. A FdsubError when
-    an op cannot be replaced (a used second output, a dilated MaxPool).
+    an op cannot be replaced (a used second output, a dilated MaxPool before opset 19).
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     nodes, held = _linear_nodes(list(graph.node), patterns or {}, gates or {}, opset,
-                                {o.name for o in graph.output})
+                                {o.name for o in graph.output}, dilated_ok=opset >= 19)
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(onnx.numpy_helper.from_array(v, n) for n, v in held.items())
@@ -56,7 +56,7 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
     Built from the loaded node list, so the weights are shared, not copied; the few tensors a held layer
     norm adds get their shapes here.
     """
-    nodes, held = _linear_nodes(model.nodes, model.patterns, gates or {}, model.opset, set())
+    nodes, held = _linear_nodes(model.nodes, model.patterns, gates or {}, model.opset, set(), dilated_ok=True)
     shapes, constants = dict(model.shapes), dict(model.constants) | held
     for node in nodes:
         for name in node.output:
@@ -73,8 +73,10 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
                                consumers=dict(consumers), patterns={})
 
 
-def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs: set) -> tuple[list, dict]:
-    """The linearized node list and the constants it adds (name -> array)."""
+def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs: set,
+                  dilated_ok: bool = False) -> tuple[list, dict]:
+    """The linearized node list and the constants it adds (name -> array); ``dilated_ok``: a dilated MaxPool
+    becomes a dilated AveragePool (which onnxruntime runs from opset 19)."""
     used = {name for node in nodes for name in node.input} | outputs
     producer = {o: node for node in nodes for o in node.output}
     linear, held = [], {}
@@ -86,7 +88,7 @@ def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs:
         if node.op_type in IDENTITY_OPS:
             linear.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
         elif node.op_type in AVERAGED:
-            linear.append(_averaged(node, label))
+            linear.append(_averaged(node, label, dilated_ok))
         elif node.op_type == "LayerNormalization" and node.output[0] in gates:
             linear.extend(_held_layer_norm(node, float(np.asarray(gates[node.output[0]]).reshape(-1)[0]), held,
                                            opset))
@@ -140,10 +142,12 @@ def _dequantizes_its_quantize(node, producer) -> bool:
             and list(quantize.input[1:]) == list(node.input[1:]))
 
 
-def _averaged(node, label: str):
+def _averaged(node, label: str, dilated_ok: bool):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     dilations = attrs.pop("dilations", None)
-    if dilations is not None and any(d != 1 for d in dilations):
+    if dilations is not None and any(d != 1 for d in dilations) and dilated_ok:
+        attrs["dilations"] = dilations
+    elif dilations is not None and any(d != 1 for d in dilations):
         raise FdsubError(f"{label} is dilated; AveragePool has no dilations before opset 19: it cannot be linearized")
     attrs.pop("storage_order", None)
     inputs = list(node.input) if node.op_type.startswith("Reduce") else [node.input[0]]  # a Reduce's axes input

@@ -167,32 +167,41 @@ def _transposed(grad, w, groups, window: Window, x_shape):
 
     Per group and block of kernel taps, one GEMM over all M instances and positions at once
     (``[taps*C_in/g, K/g] x [K/g, M*Q]``: batched per instance the products would be too small for BLAS); each
-    tap's product is then added at its strided place. Depthwise windows (pooling) are scaled strided adds.
+    tap's product is then added at its strided place. The work runs channel-major ([C, M, H, W] in memory) and
+    the result is that memory seen as [M, C, H, W]: the next convolution's GEMM reads it without a copy, and
+    elementwise rules keep its layout. Depthwise windows (pooling) are scaled strided adds.
     """
     kernel, begin = window.kernel, window.begin
     xp = array_module(grad)
     m, c_in, h, wd = x_shape
     qh, qw = grad.shape[2:]
-    padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
     k_out, cig = w.shape[:2]
     kog = k_out // groups
     taps = [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
     if cig == 1 and kog == 1:
+        padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
         for i, j in taps:
             _tap(padded, i, j, window, (qh, qw))[...] += grad * w[None, :, 0, i, j, None, None]
         return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+    pointwise = (len(taps) == 1 and groups == 1 and window.strides == (1, 1) and (qh, qw) == (h, wd)
+                 and tuple(begin) == (0, 0))
+    padded = None if pointwise else xp.zeros((c_in, m, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
     block = max(1, TEMP_BYTES // max(1, cig * m * qh * qw * grad.itemsize))
     for g in range(groups):
         gout = xp.ascontiguousarray(grad[:, g * kog : (g + 1) * kog].transpose(1, 0, 2, 3)).reshape(kog, -1)
         wg = w[g * kog : (g + 1) * kog]
-        target = padded[:, g * cig : (g + 1) * cig]
+        if pointwise:  # a 1x1 convolution: the product is the gradient
+            return xp.matmul(wg[:, :, 0, 0].T, gout).reshape(c_in, m, h, wd).transpose(1, 0, 2, 3)
+        target = padded[g * cig : (g + 1) * cig]
         for start in range(0, len(taps), block):
             chosen = taps[start : start + block]
             left = xp.concatenate([wg[:, :, i, j].T for i, j in chosen])  # [taps*C_in/g, K/g]
             contrib = xp.matmul(left, gout).reshape(len(chosen), cig, m, qh, qw)
             for t, (i, j) in enumerate(chosen):
-                _tap(target, i, j, window, (qh, qw))[...] += contrib[t].transpose(1, 0, 2, 3)
-    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+                _tap(target, i, j, window, (qh, qw))[...] += contrib[t]
+    if padded is None:
+        padded = xp.zeros((c_in, m, h, wd), grad.dtype)
+    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd].transpose(1, 0, 2, 3)
 
 
 def _padded_size(size, window: Window, out_size) -> tuple[int, int]:

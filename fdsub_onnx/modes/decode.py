@@ -101,7 +101,10 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
     channels = {t: channels_of(model, t) for t in targets}
     plans, linear = {}, None
     if mode == "weights":
-        linear = linear_model(model, gates)
+        try:
+            linear = linear_model(model, gates)
+        except FdsubError as exc:  # e.g. a MaxPool whose indices are used: bottom-up only
+            linear = str(exc)
         for t in targets:
             if channels[t] is not None:
                 position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
@@ -182,10 +185,8 @@ class _Progress:
     def __init__(self, progress, total: int):
         self.progress, self.total, self.done = progress, max(total, 1), 0
 
-    def add(self, count: int) -> None:
+    def add(self, count: int) -> None:  # quick steps: counted, not shown on their own
         self.done += count
-        if self.progress is not None:
-            self.progress(self.done, self.total)
 
     def part(self, count: int):
         start = self.done

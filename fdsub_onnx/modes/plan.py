@@ -106,12 +106,14 @@ class _Layer:
     values: dict  # tensor -> walker value (geometry only)
     node_flops: dict  # id(node) -> bottom-up FLOPs of that node, all channels
     blocked: str | None  # why bottom-up cannot reach the layer
+    per_position: bool = False  # only because of an upsampling: the adjoint can
 
 
-def plan_layer(model: Model, linear: Model, target: str, neurons: np.ndarray, position, dtype, backend,
+def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarray, position, dtype, backend,
                route: str = "auto") -> Plan:
     """The plan for ``neurons`` of ``target`` at ``position`` (see the module docstring); ``route`` forces one
-    ("meet" picks the best split). A FdsubError when no route can decode it in the memory left."""
+    ("meet" picks the best split). ``linear`` is ``compose.linearize.linear_model``'s network, or why there
+    is none (no adjoint then). A FdsubError when no route can decode it in the memory left."""
     if route not in ROUTES:
         raise FdsubError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     itemsize = np.dtype(dtype).itemsize
@@ -127,11 +129,13 @@ def plan_layer(model: Model, linear: Model, target: str, neurons: np.ndarray, po
     result_bytes = k * per_neuron
     estimates, options, seed = {}, [], None
 
+    if info.blocked is not None and not info.per_position:
+        raise FdsubError(f"layer {target!r} is not decodable: {info.blocked}")
     if info.blocked is not None:
         estimates["bottom-up"] = info.blocked
-    elif not interior:
+    elif not interior and route != "bottom-up":
         estimates["bottom-up"] = "not exact at this position (its receptive field reads padding)"
-    else:
+    else:  # asked for by name at a border position, it gives the filters of the interior positions
         costs = Costs(dtype)
         usage = {}
         for _ in walk(model, costs, targets=[target], rows={target: neurons}, usage=usage):
@@ -139,7 +143,7 @@ def plan_layer(model: Model, linear: Model, target: str, neurons: np.ndarray, po
         estimates["bottom-up"] = (costs.flops, usage["peak"] + result_bytes)
         options.append(("bottom-up", None, None, costs.flops, usage["peak"] + result_bytes))
 
-    adjoint_problem = _adjoint_problem(linear, target)
+    adjoint_problem = linear if isinstance(linear, str) else _adjoint_problem(linear, target)
     if adjoint_problem is not None:
         estimates["adjoint"] = adjoint_problem
     else:
@@ -182,7 +186,7 @@ def _survey(model, target, dtype) -> _Layer:
     if isinstance(value, Tensor):
         return _Layer(target, value.geom, values, node_flops, None)
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
-    return _Layer(target, None, values, node_flops, reason)
+    return _Layer(target, None, values, node_flops, reason, isinstance(value, Blocked) and value.per_position)
 
 
 def _adjoint_problem(linear, target) -> str | None:

@@ -148,12 +148,22 @@ def test_unsupported_op_blocks_only_later_layers(load):
     layers = {layer.name: layer for layer in fd.inspect_model(model).layers}
     assert list(layers) == [first, second, third, fourth]
     assert layers[first].decodable and layers[second].decodable
-    for name in (third, fourth):
-        assert not layers[name].decodable, name
+    assert not layers[first].per_position and not layers[second].per_position
+    for name in (third, fourth):  # after the upsampling: one position at a time (the adjoint), no geometry
+        assert layers[name].decodable and layers[name].per_position, name
+        assert layers[name].receptive_field is None
         assert "Resize" in layers[name].reason and up in layers[name].reason, layers[name].reason
-    with pytest.raises(fd.FdsubError, match=f"not decodable.*Resize.*{up}"):
-        fd.decode(model, fourth)
+    with pytest.raises(fd.FdsubError, match="cannot be decoded by the bottom-up route"):
+        fd.decode(model, fourth, route="bottom-up")
+    decoded = fd.decode(model, fourth)
+    assert decoded.plan.route == "adjoint" and decoded.exact_at == "position" and tuple(decoded.stride) == (0, 0)
     assert fd.decode(model, second).filters.shape[0] == 4
+    blocked = NetBuilder(height=10, width=10)
+    soft = blocked._node("Softmax", [blocked.conv("input", 4, 3)], (4, 8, 8), axis=1)
+    last = blocked.conv(soft, 2, 3)
+    model = load(blocked.build([last]))
+    with pytest.raises(fd.FdsubError, match="not decodable.*Softmax"):
+        fd.decode(model, last)
 
 
 # ---- input shapes ----------------------------------------------------------------------------
@@ -388,7 +398,8 @@ def test_decode_refuses_banks_larger_than_free_memory(small_model, monkeypatch):
 
     model, last = small_model
     monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: 1024)
-    with pytest.raises(fd.FdsubError, match=r"needs about .* GiB of filter banks .* but 0\.0 GiB is free"):
+    with pytest.raises(fd.FdsubError, match=r"does not fit in the 1\.0 KiB free \(bottom-up: needs about .*; "
+                                            r"adjoint: one seed needs"):
         fd.decode(model, last)
-    with pytest.raises(fd.FdsubError, match="GiB"):
+    with pytest.raises(fd.FdsubError, match="does not fit"):
         next(fd.iter_decode(model))

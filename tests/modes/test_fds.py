@@ -89,8 +89,8 @@ def test_constant_statistics_with_select_all_reduce_to_weights(net):
     stats = {names["c1"]: np.full((4, 3, 3, 3), a), names["c2"]: np.full((6, 4, 3, 3), a),
              names["c3"]: np.full((5, 6, 3, 3), a), names["p1"]: np.full((4, 1, 2, 2), 0.25)}
     fds = fd.decode(model, names["c3"], mode="fds", dtype="float64", substitution=Substitution(stats, "all"))
-    weights = fd.decode(model, names["c3"], dtype="float64")
-    assert fds.mode == "fds" and fds.filters.shape == weights.filters.shape
+    weights = fd.decode(model, names["c3"], dtype="float64", route="bottom-up")  # fds is bottom-up: its filters
+    assert fds.mode == "fds" and fds.filters.shape == weights.filters.shape  # hold at interior positions
     np.testing.assert_allclose(fds.filters, a**3 * weights.filters, rtol=1e-10, atol=1e-12)
     other = fd.decode(model, names["c3"], mode="fds", dtype="float64", substitution=Substitution(stats, "positive"))
     assert not np.allclose(other.filters, fds.filters)  # the selection changes something
