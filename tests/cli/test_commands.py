@@ -22,7 +22,8 @@ runner = CliRunner()
 
 NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode", "position", "exact_at", "crop",
             "receptive_field"}
-LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module", "per_position"}
+LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module",
+              "per_position"}
 
 
 # ---- models ------------------------------------------------------------------------------
