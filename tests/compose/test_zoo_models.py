@@ -151,3 +151,40 @@ def test_zoo_densenet_classifier_decodes_by_the_adjoint(zoo_file, monkeypatch):
     assert decoded.filters.shape == (2, 3, 224, 224) and tuple(decoded.field) == (2263, 2263)
     assert tuple(decoded.origin) == (0, 0) and decoded.exact_at == "position"
     assert np.isfinite(decoded.filters).all() and (np.abs(decoded.filters).reshape(2, -1).max(axis=1) > 0).all()
+
+
+def _mid_layer(model, limit: int = 100):
+    """The deepest Conv whose receptive field is at most ``limit`` px and whose centre position is interior."""
+    from fdsub_onnx.modes.decode import centre
+
+    chosen = None
+    for layer in fd.inspect_model(model).layers:
+        if layer.op != "Conv" or not layer.decodable or max(layer.receptive_field) > limit:
+            continue
+        shape = model.shapes[layer.name]
+        if fd.layer_geometry(model, layer.name).interior((224, 224), shape[2:])[centre(model, layer.name)]:
+            chosen = layer.name
+    assert chosen is not None
+    return chosen
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_zoo_adjoint_equals_bottom_up_and_holds_at_the_border(name, zoo_file):
+    """On every zoo topology (linearized by weights mode itself): at an interior position the adjoint gives the
+    bottom-up filters (float64, 1e-5); at the corner of the deepest Conv, whose field reads padding, it
+    satisfies the identity against onnxruntime on the linearized model."""
+    model = fd.load_model(zoo_file(name))
+    mid = _mid_layer(model)
+    up = fd.decode(model, mid, neurons="0-1", dtype="float64", route="bottom-up")
+    down = fd.decode(model, mid, neurons="0-1", dtype="float64", route="adjoint")
+    assert up.filters.shape == down.filters.shape and tuple(up.origin) == tuple(down.origin)
+    scale = np.abs(up.filters).max()
+    assert scale > 0
+    assert np.abs(up.filters - down.filters).max() <= 1e-5 * scale, name
+    assert np.abs(up.bias - down.bias).max() <= 1e-5 * max(scale, np.abs(up.bias).max()), name
+    deepest = [layer.name for layer in fd.inspect_model(model).layers if layer.op == "Conv" and layer.decodable][-1]
+    corner = fd.decode(model, deepest, neurons=0, dtype="float64", position=(0, 0))
+    assert corner.exact_at == "position" and corner.plan.route in ("adjoint", "meet"), corner.plan.describe()
+    proto = truncated(linearized(model.proto, model.patterns, {}), [deepest])
+    images = random_images(model, 2, seed=9)
+    assert_identity(corner, run_ort(proto, images, [deepest])[deepest], images, rtol=1e-5, atol=1e-9)
