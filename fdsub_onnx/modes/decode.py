@@ -17,7 +17,7 @@ from ..errors import FdsubError
 from ..graph.model import Model, ancestors, find_layer
 from ..neurons import parse_neurons
 from .adjoint import decode_at
-from .fds import gather_statistics
+from .fds import gather_statistics, substituted
 from .gates import channel_gates, layer_norms, reference_gates
 from .local import decode_instances
 from .plan import ROUTES, plan_layer
@@ -100,36 +100,45 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
     engine = Engine(backend, dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
     plans, linear = {}, None
-    if mode == "weights":
-        try:
-            linear = linear_model(model, gates)
-        except FdsubError as exc:  # e.g. a MaxPool whose indices are used: bottom-up only
-            linear = str(exc)
+    if mode in ("weights", "fds"):
+        linear = _linear(model, gates, substitution)
         for t in targets:
-            if channels[t] is not None:
-                position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
-                plans[t] = plan_layer(model, linear, t, parse_neurons(neurons.get(t), channels[t], t), position,
-                                      dtype, backend, route)
+            if channels[t] is None:
+                continue
+            wanted = parse_neurons(neurons.get(t), channels[t], t)
+            if mode == "fds" and route == "auto" and not memory_problem(model, engine, [t], {t: wanted}):
+                continue  # fds is bottom-up by definition; the adjoint only where its banks do not fit
+            position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
+            plans[t] = plan_layer(model, linear, t, wanted, position, dtype, backend, route)
     bottom = [t for t in targets if t not in plans or plans[t].route == "bottom-up"]
     picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in bottom
               if channels[t] is not None and (one_layer or neurons.get(t) is not None)}
     if one_layer:
         rows = {t: p for t, p in picked.items() if len(model.consumers.get(t, ())) <= 1} or None
+        groups = [(bottom, rows)] if bottom else []
+        if bottom:
+            _check_memory(model, engine, bottom, rows)
     else:
-        rows = leaf_rows(model, bottom, picked)
+        groups = _walk_groups(model, engine, bottom, picked)
     steps = _Progress(progress, sum(plans[t].neurons if plans.get(t) and t not in bottom else 1 for t in targets))
-    walked = iter(())
-    if bottom:
-        _check_memory(model, engine, bottom, rows)
-        walked = walk(model, engine, targets=bottom, compose=True, rows=rows, substitution=substitution, gates=gates)
+    group_of = {t: i for i, (group, _) in enumerate(groups) for t in group}
+    walked, current = None, None
     for target in targets:
         plan = plans.get(target)
         if target in bottom:
+            if group_of[target] != current:  # the next bottom-up pass (the last one's banks are freed first)
+                if walked is not None:
+                    walked.close()
+                current = group_of[target]
+                group, group_rows = groups[current]
+                walked = walk(model, engine, targets=group, compose=True, rows=group_rows, substitution=substitution,
+                              gates=gates)
             node, value = next((n, v) for n, v in walked if n.output[0] == target)
             result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
             steps.add(1)
         else:
-            result = _adjoint_decoded(model, linear, target, neurons.get(target), plan, gates, dtype, device, steps)
+            result = _adjoint_decoded(model, linear, target, neurons.get(target), plan, gates, dtype, device, steps,
+                                      mode)
         if plan is not None:
             result.position, result.plan = plan.position, plan
         held = [*channel_gates(model, [target]), *layer_norms(model, [target])]
@@ -160,7 +169,17 @@ def _position(model, target, position) -> tuple[int, int]:
     return qy, qx
 
 
-def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device, steps) -> Decoded:
+def _linear(model, gates, substitution):
+    """The network the adjoint differentiates: the linearized model (``weights``), with the substituted weights
+    (``fds``); or why there is none (bottom-up only then)."""
+    try:
+        linear = linear_model(model, gates)
+    except FdsubError as exc:  # e.g. a MaxPool whose indices are used
+        return str(exc)
+    return linear if substitution is None else substituted(linear, substitution)
+
+
+def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device, steps, mode) -> Decoded:
     """A layer decoded by the adjoint route (or meeting bottom-up banks at ``plan.split``)."""
     value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[target]) if n.output[0] == target),
                  None)
@@ -170,11 +189,11 @@ def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device,
                                             split=plan.split, batch=plan.batch, gates=gates,
                                             progress=steps.part(len(picked)))
     if geom is None:  # after an upsampling: the filter holds at its position, its corner given as the origin
-        return Decoded(filters, bias, picked, (0, 0), corner, target, "weights", None, position=plan.position,
+        return Decoded(filters, bias, picked, (0, 0), corner, target, mode, None, position=plan.position,
                        exact_at="position")
     interior = bool(geom.interior(model.input_shape[2:], _spatial(model, target))[plan.position])
     origin = (corner[0] - plan.position[0] * geom.stride[0], corner[1] - plan.position[1] * geom.stride[1])
-    return Decoded(filters, bias, picked, geom.stride, origin, target, "weights", geom.bounds,
+    return Decoded(filters, bias, picked, geom.stride, origin, target, mode, geom.bounds,
                    position=plan.position, exact_at="interior" if interior else "position", crop=crop,
                    field=geom.rf)
 
@@ -202,6 +221,26 @@ class _Progress:
 def _spatial(model, name):
     shape = model.shapes.get(name)
     return tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
+
+
+def _walk_groups(model, engine, bottom: list, picked: dict) -> list[tuple[list, dict | None]]:
+    """The bottom-up layers in runs (graph order) that one pass each holds in memory, with the rows of each run:
+    one pass for all when it fits, else as many layers per pass as fit (the lower banks are composed again)."""
+    if not bottom:
+        return []
+    if not memory_problem(model, engine, bottom, leaf_rows(model, bottom, picked)):
+        return [(bottom, leaf_rows(model, bottom, picked))]
+    groups, current = [], []
+    for t in bottom:
+        if current and not memory_problem(model, engine, current + [t], leaf_rows(model, current + [t], picked)):
+            current.append(t)
+            continue
+        if current:
+            groups.append((current, leaf_rows(model, current, picked)))
+        _check_memory(model, engine, [t], leaf_rows(model, [t], picked))
+        current = [t]
+    groups.append((current, leaf_rows(model, current, picked)))
+    return groups
 
 
 def leaf_rows(model, targets, picked: dict) -> dict | None:

@@ -190,3 +190,26 @@ def test_planner_picks_the_cheaper_route_and_says_why(load):
     one = fd.decode(model, last, neurons=0, position=border_positions(model, last)[0]).plan
     assert one.route == "adjoint" and isinstance(one.estimates["bottom-up"], str)
     assert "adjoint" in one.describe() and "bottom-up: not exact" in one.describe()
+
+
+@pytest.mark.parametrize("case", ["relu_chain", "relu_residual", "maxpool_variants", "mixed_nonlinear"])
+@pytest.mark.parametrize("select", ["all", "positive", "max"])
+def test_fds_by_the_adjoint_equals_bottom_up(case, select, load):
+    """fds composes a linear network with substituted weights: the adjoint over that network (MaxPool as its mean
+    switch) gives the bottom-up fds filters at interior positions."""
+    model = load(cases()[case])
+    images = fd.ArrayImages(np.random.default_rng(3).standard_normal((12, *model.input_shape[1:])).astype("float32"))
+    names = layers_of(model)
+    sub = fd.gather_statistics(model, names, images, top=4, select=select)
+    checked = 0
+    for name in names:
+        inside = interior_positions(model, name)
+        if not inside:
+            continue
+        q = inside[len(inside) // 2]
+        up = fd.decode(model, name, mode="fds", dtype="float64", substitution=sub)
+        down = fd.decode(model, name, mode="fds", dtype="float64", substitution=sub, route="adjoint", position=q)
+        assert up.plan is None and down.plan.route == "adjoint" and down.mode == "fds"
+        assert_same(up, down, 1e-5, f"{case}/{name} fds {select} at {q}")
+        checked += 1
+    assert checked

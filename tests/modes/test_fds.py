@@ -79,7 +79,12 @@ def test_fully_connected_statistic_is_the_mean_input_vector(tmp_path):
         w = w if w.sum() > 0 else np.ones_like(w)
         want = (w[:, None] * flat_acts[top.image_index[k]]).sum(0) / w.sum()
         np.testing.assert_allclose(sub.stats[fc][k], want, rtol=1e-5, atol=1e-6)
-    assert fd.decode(model, fc, mode="fds", substitution=sub).filters.shape == (4, 3, 8, 8)
+    up = fd.decode(model, fc, mode="fds", substitution=sub, dtype="float64")
+    assert up.filters.shape == (4, 3, 8, 8)
+    down = fd.decode(model, fc, mode="fds", substitution=sub, dtype="float64", route="adjoint")  # substituted matrix
+    assert down.plan.route == "adjoint" and np.abs(up.filters).max() > 0
+    np.testing.assert_allclose(down.filters, up.filters, rtol=1e-6, atol=1e-7 * np.abs(up.filters).max())
+    np.testing.assert_allclose(down.bias, up.bias, rtol=1e-6, atol=1e-9)
 
 
 def test_constant_statistics_with_select_all_reduce_to_weights(net):
