@@ -42,7 +42,8 @@ def _print_table(summary: Summary) -> None:
         table.add_row(
             layer.name, layer.node, *((_text(layer.module),) if modules else ()), layer.op, _text(layer.channels),
             _pair(layer.stride, "x"), _pair(layer.receptive_field, "x"), _pair(layer.origin, ","),
-            "yes" if layer.decodable else f"no: {layer.reason}",
+            ("per position (after an upsampling)" if layer.per_position else "yes") if layer.decodable
+            else f"no: {layer.reason}",
         )
     console.print(table, highlight=False)
     decodable = sum(layer.decodable for layer in summary.layers)

@@ -23,10 +23,11 @@ from .evaluate.fidelity import FIDELITY_MODES, fidelity
 from .evaluate.zoo import read_zoo, run_zoo
 from .graph.geometry import Geometry
 from .graph.model import Model, find_layer, load_model
-from .modes.decode import MODES, decode, iter_decode
+from .modes.decode import MODES, decode, iter_decode, plan_decode
 from .modes.fds import SELECTS, Substitution, gather_statistics
 from .modes.local import decode_instances
 from .modes.nf import neuron_feature
+from .modes.plan import ROUTES, Plan
 from .modes.result import Decoded
 from .neurons import parse_neurons
 from .present.junit import check_junit_path, junit_document, junit_suite, write_junit
@@ -37,13 +38,13 @@ from .present.save import save_decoded, save_fidelity, save_with_top
 from .runtime.capture import capture_top, merge_top
 
 __all__ = [
-    "CHECK_IMAGES", "FIDELITY_MODES", "MODES", "REPORT_TOP", "SELECTS",
+    "CHECK_IMAGES", "FIDELITY_MODES", "MODES", "REPORT_TOP", "ROUTES", "SELECTS",
     "ArrayImages", "Check", "CheckReport", "Decoded", "Device", "FdsubError", "Geometry", "Layer", "LayerComparison",
-    "Model", "Substitution", "Summary", "TopN",
+    "Model", "Plan", "Substitution", "Summary", "TopN",
     "capture_top", "check_junit_path", "check_model", "compare_layers", "compare_modes", "decode", "decode_instances",
     "fidelity", "filter_grid", "find_layer", "gather_statistics", "inspect_model", "iter_decode", "junit_document",
     "junit_suite", "layer_geometry", "load_model", "load_top", "merge_top", "neuron_feature", "open_images",
-    "parse_neurons", "read_zoo", "report", "resolve_device", "run_zoo", "save_decoded", "save_fidelity", "save_top",
-    "save_with_top", "write_junit",
+    "parse_neurons", "plan_decode", "read_zoo", "report", "resolve_device", "run_zoo", "save_decoded",
+    "save_fidelity", "save_top", "save_with_top", "write_junit",
 ]
 __version__ = "0.1.0"

@@ -99,17 +99,8 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
     backend = get_backend(device.backend)
     engine = Engine(backend, dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
-    plans, linear = {}, None
-    if mode in ("weights", "fds"):
-        linear = _linear(model, gates, substitution)
-        for t in targets:
-            if channels[t] is None:
-                continue
-            wanted = parse_neurons(neurons.get(t), channels[t], t)
-            if mode == "fds" and route == "auto" and not memory_problem(model, engine, [t], {t: wanted}):
-                continue  # fds is bottom-up by definition; the adjoint only where its banks do not fit
-            position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
-            plans[t] = plan_layer(model, linear, t, wanted, position, dtype, backend, route)
+    linear = _linear(model, gates, substitution)
+    plans = _plans(model, linear, engine, targets, neurons, positions, mode, route)
     bottom = [t for t in targets if t not in plans or plans[t].route == "bottom-up"]
     picked = {t: parse_neurons(neurons.get(t), channels[t], t) for t in bottom
               if channels[t] is not None and (one_layer or neurons.get(t) is not None)}
@@ -167,6 +158,38 @@ def _position(model, target, position) -> tuple[int, int]:
         raise FdsubError(f"position ({qy}, {qx}) is outside the {size[0]}x{size[1]} output map of {target!r}; "
                          f"choose rows 0-{size[0] - 1} and columns 0-{size[1] - 1}")
     return qy, qx
+
+
+def plan_decode(model: Model, layers, neurons=None, positions: dict | None = None, dtype: str = "float32",
+                device="cpu", route: str = "auto", gate_reference=None) -> dict:
+    """Layer -> ``Plan``: how ``weights`` mode would decode ``neurons`` (one selector for every layer, or a dict per
+    layer) of ``layers`` at ``positions`` (default their centres), with its estimates; nothing is decoded. A
+    FdsubError for a layer that no route decodes in the memory left."""
+    _check_mode("weights", dtype, "fast")
+    device = resolve_device(device)
+    targets = [find_layer(model, name).output[0] for name in layers]
+    neurons = neurons if isinstance(neurons, dict) else {t: neurons for t in targets}
+    gates = reference_gates(model, targets, gate_reference, device)
+    engine = Engine(get_backend(device.backend), dtype)
+    return _plans(model, _linear(model, gates, None), engine, targets, neurons, dict(positions or {}), "weights",
+                  route)
+
+
+def _plans(model, linear, engine, targets, neurons: dict, positions: dict, mode, route) -> dict:
+    """The plan of each target (weights: every one; fds: those whose bottom-up banks do not fit, or a route named)."""
+    plans = {}
+    if mode not in ("weights", "fds"):
+        return plans
+    for t in targets:
+        channels = channels_of(model, t)
+        if channels is None:
+            continue
+        wanted = parse_neurons(neurons.get(t), channels, t)
+        if mode == "fds" and route == "auto" and not memory_problem(model, engine, [t], {t: wanted}):
+            continue  # fds is bottom-up by definition; the adjoint only where its banks do not fit
+        position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
+        plans[t] = plan_layer(model, linear, t, wanted, position, engine.dtype, engine.backend, route)
+    return plans
 
 
 def _linear(model, gates, substitution):
