@@ -82,19 +82,30 @@ def layer_geometry(model: Model, layer: str) -> Geometry:
 
 
 def memory_problem(model, engine, targets, rows=None) -> str | None:
-    """Why decoding ``targets`` in one pass would not fit in the memory left (None when it fits): the size of
-    the filter banks alive at once is known from geometry alone, so this costs no decoding."""
+    """Why decoding ``targets`` bottom-up in one pass would not fit in the memory left (None when it fits): the
+    size of the filter banks alive at once is known from geometry alone, so this costs no decoding. The advice
+    says whether fewer neurons would help: it does not when the lower layers' banks alone are too large."""
+    need, free = _peak(model, engine, targets, rows) * MEMORY_MARGIN, engine.backend.free_bytes()
+    if need <= free:
+        return None
+    last = targets[-1]
+    one = dict(rows or {}) | {last: [0]}
+    fewer = _peak(model, engine, targets, one) * MEMORY_MARGIN <= free
+    advice = ("decode fewer neurons of it" if fewer else
+              "fewer neurons will not help (the lower layers' banks alone do not fit); decode it in weights mode, "
+              "whose adjoint route needs no banks, or an earlier layer")
+    if engine.dtype != "float32":
+        advice = "use --dtype float32, or " + advice
+    return (f"decoding {last!r} bottom-up needs about {need / 2**30:.1f} GiB of filter banks (receptive fields "
+            f"of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; {advice}, "
+            "or use a machine with more memory")
+
+
+def _peak(model, engine, targets, rows) -> int:
     usage = {}
     for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
         pass
-    need, free = usage["peak"] * MEMORY_MARGIN, engine.backend.free_bytes()
-    if need <= free:
-        return None
-    return (f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
-            f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
-            + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
-               if engine.dtype == "float32"
-               else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
+    return usage["peak"]
 
 
 def _largest_rf(model, engine, targets) -> int:
