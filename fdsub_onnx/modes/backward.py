@@ -44,6 +44,19 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     return grads[model.input_name], bias
 
 
+def image_gradients(model, target: str, values: dict, neurons, positions, rule: str = "local", nodes=None):
+    """As ``instance_gradients`` for M instances of one image, whose forward ``values`` (tensor -> [1, ...], on
+    the backend, in the pass's dtype) they share: the masks and switches are read once, broadcast over them."""
+    first = values[target]
+    seed = one_hot(get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy"),
+                   (len(neurons), *first.shape[1:]), neurons, positions, first.dtype)
+    nodes = nodes if nodes is not None else ancestors(model, [target])
+    grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
+    if model.input_name not in grads:
+        raise FdsubError(f"layer {target!r} does not depend on the image input")
+    return grads[model.input_name], bias
+
+
 def one_hot(backend, shape, neurons, positions, dtype):
     """Seeds [M, C, H, W] (or [M, C]): a 1 at channel ``neurons[m]`` and position ``positions[m]`` of row m."""
     seed = backend.zeros(shape, dtype)
@@ -72,7 +85,7 @@ def backward(model, nodes: list, values, grads: dict, rules: dict, label: str):
             continue
         grad = outs[0]
         if node.op_type in MULTI_OUTPUT:  # one gradient per output (zeros for an output nothing reads)
-            grad = [g if g is not None else xp.zeros(values[name].shape, first.dtype)
+            grad = [g if g is not None else xp.zeros(_batched(values[name], first), first.dtype)
                     for name, g in zip(node.output, outs)]
         elif grad is None:
             raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
@@ -102,18 +115,25 @@ def forward_for(model, target: str, device="cpu") -> Forward:
     return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
 
 
-def instances_per_batch(model, target: str, most: int, backend) -> int:
-    """How many instances one backward pass to ``target`` takes: at most ``most``, fewer where a quarter of the
-    memory left (``backend.free_bytes``) cannot hold them. A quarter: the report runs two passes at once.
-
-    Per instance the pass holds every forward value below ``target`` (float32 from onnxruntime, then a float64
-    copy) and the gradients, plus temporaries of the size of the largest tensor: VGG19 at 224 needs about
-    700 MB per instance, so a fixed batch of 16 ran a 24 GB machine out of memory.
-    """
+def per_image_bytes(model, target: str, itemsize: int) -> tuple[int, int]:
+    """(bytes of one image's forward values below ``target``: float32 from onnxruntime plus their copy in the pass's
+    dtype, bytes of one instance's backward pass: about three of its largest gradients alive with temporaries)."""
     sizes = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
              if o and o in model.shapes]
-    per_instance = 16 * sum(sizes) + 64 * max(sizes, default=0)
-    return int(max(1, min(most, backend.free_bytes() // 4 // max(per_instance, 1))))
+    return (4 + itemsize) * sum(sizes), 4 * itemsize * max(sizes, default=1)
+
+
+def instances_per_batch(model, target: str, most: int, backend) -> int:
+    """How many instances one backward pass to ``target`` takes when each carries its own forward values: at most
+    ``most``, fewer where a quarter of the memory left (``backend.free_bytes``) cannot hold them. A quarter: the
+    report runs two passes at once. VGG19 at 224 needs about 700 MB per instance in float64."""
+    image, instance = per_image_bytes(model, target, 8)
+    return int(max(1, min(most, backend.free_bytes() // 4 // max(image + instance, 1))))
+
+
+def _batched(x, grad) -> tuple:
+    """``x``'s shape for the batch of ``grad``: forward values may be one image's, shared by its instances."""
+    return (len(grad), *x.shape[1:])
 
 
 def _none_added(grad):
@@ -129,7 +149,8 @@ def _on(grad, constant):
 def _conv(node, ins, is_data, out, grad):
     x, w = ins[0], _on(grad, ins[1])
     attrs = attributes(node)
-    gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]), x.shape)
+    gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]),
+                     _batched(x, grad))
     has_bias = len(ins) > 2 and ins[2] is not None
     added = array_module(grad).einsum("mkhw,k->m", grad, _on(grad, ins[2])) if has_bias else _none_added(grad)
     return [gx, None, None][: len(ins)], added
@@ -144,7 +165,7 @@ def _avgpool(node, ins, is_data, out, grad):
     counts = window_counts(window, x.shape[2:], grad.shape[2:], bool(attrs.get("count_include_pad", 0)))
     weight = xp.ones((x.shape[1], 1, *window.kernel), grad.dtype)
     scaled = grad * xp.asarray(1.0 / counts, grad.dtype)
-    return [_transposed(scaled, weight, x.shape[1], window, x.shape)], _none_added(grad)
+    return [_transposed(scaled, weight, x.shape[1], window, _batched(x, grad))], _none_added(grad)
 
 
 def window_counts(window: Window, in_size, out_size, include_pad: bool) -> np.ndarray:
@@ -351,41 +372,47 @@ def _channel_window_sum(a, lo, hi):
 
 def _maxpool(node, ins, is_data, out, grad):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
-    forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
-    stack of windows and no scatter with repeated indices."""
+    forward output). The switches are found once on the forward values (tap by tap through strided views of the
+    padded input), as flat indices; one weighted ``bincount`` then scatters every instance's gradient, repeated
+    indices (overlapping windows) adding up."""
     x, xp = ins[0], array_module(grad)
     window = Window.of(attributes(node), x.shape[2:])
     kernel, begin = window.kernel, window.begin
-    m, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     qh, qw = out.shape[2:]
-    padded = xp.full((m, c, *_padded_size((h, w), window, (qh, qw))), -np.inf, x.dtype)
+    size = _padded_size((h, w), window, (qh, qw))
+    padded = xp.full((len(x), c, *size), -np.inf, x.dtype)
     padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
-    gpad, claimed = xp.zeros(padded.shape, grad.dtype), xp.zeros(out.shape, bool)
+    flat = xp.arange(size[0] * size[1]).reshape(size)
+    switch = xp.full(out.shape, -1, np.int64)  # flat index in the padded plane of each window's switch
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            hit = _tap(padded, i, j, window, (qh, qw)) == out
-            hit &= ~claimed  # ties: the first maximum only
-            claimed |= hit
-            _tap(gpad, i, j, window, (qh, qw))[...] += grad * hit
+            hit = (_tap(padded, i, j, window, (qh, qw)) == out) & (switch < 0)  # ties: the first maximum only
+            switch = xp.where(hit, _tap(flat, i, j, window, (qh, qw)), switch)
+    m, plane = len(grad), size[0] * size[1]
+    base = (xp.arange(m)[:, None] * c + xp.arange(c)[None, :]) * plane  # [M, C]: where each instance's plane starts
+    index = xp.broadcast_to(switch, (m, c, qh, qw)) + base[:, :, None, None]
+    gpad = xp.bincount(index.reshape(-1), weights=grad.reshape(-1), minlength=m * c * plane)
+    gpad = gpad.reshape(m, c, *size).astype(grad.dtype, copy=False)
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
 
 
 def _global_pool(node, ins, is_data, out, grad):
     x, xp = ins[0], array_module(grad)
     if node.op_type == "GlobalAveragePool":
-        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
+        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), _batched(x, grad)).copy()], _none_added(grad)
     flat = x.reshape(*x.shape[:2], -1)
-    g = xp.zeros(flat.shape, grad.dtype)
-    m, c = xp.indices(flat.shape[:2])
-    g[m, c, xp.argmax(flat, axis=2)] = grad.reshape(*grad.shape[:2])  # the first maximum
-    return [g.reshape(x.shape)], _none_added(grad)
+    g = xp.zeros((len(grad), *flat.shape[1:]), grad.dtype)
+    m, c = xp.indices(g.shape[:2])
+    g[m, c, xp.broadcast_to(xp.argmax(flat, axis=2), g.shape[:2])] = grad.reshape(*grad.shape[:2])  # first maximum
+    return [g.reshape(_batched(x, grad))], _none_added(grad)
 
 
 def _reduce(node, ins, is_data, out, grad):
     """Mean and Sum spread the gradient evenly over what they reduce; Max gives it to the first maximum."""
     x, xp = ins[0], array_module(grad)
     axes = tuple(sorted(reduce_axes(attributes(node), ins[1] if len(ins) > 1 else None, x.ndim) - {0}))
-    kept = list(x.shape)
+    kept = list(_batched(x, grad))
     for a in axes:
         kept[a] = 1
     g = grad.reshape(kept)
@@ -397,7 +424,7 @@ def _reduce(node, ins, is_data, out, grad):
         mask = xp.moveaxis(hit.reshape(moved.shape), tuple(range(x.ndim - len(axes), x.ndim)), axes)
         return [g * mask] + [None] * (len(ins) - 1), _none_added(grad)
     count = int(np.prod([x.shape[a] for a in axes])) if node.op_type == "ReduceMean" else 1
-    return [xp.broadcast_to(g / count, x.shape).copy()] + [None] * (len(ins) - 1), _none_added(grad)
+    return [xp.broadcast_to(g / count, _batched(x, grad)).copy()] + [None] * (len(ins) - 1), _none_added(grad)
 
 
 def _layer_norm(node, ins, is_data, out, grad):
@@ -475,7 +502,7 @@ def _product_of_maps(node, a, b, grad):
 
 
 def _reshape_like(node, ins, is_data, out, grad):
-    return [grad.reshape(ins[0].shape)] + [None] * (len(ins) - 1), _none_added(grad)
+    return [grad.reshape(_batched(ins[0], grad))] + [None] * (len(ins) - 1), _none_added(grad)
 
 
 def _transpose(node, ins, is_data, out, grad):
@@ -502,7 +529,7 @@ def _gemm(node, ins, is_data, out, grad):
     added = _none_added(grad)
     if node.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
         added = (g2 * attrs.get("beta", 1.0) * _on(grad, ins[2]).reshape(1, -1)).sum(axis=1)
-    return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
+    return [(alpha * g2 @ matrix.T).reshape(_batched(ins[0], grad)), None, None][: len(ins)], added
 
 
 def _pad(node, ins, is_data, out, grad):
@@ -511,7 +538,7 @@ def _pad(node, ins, is_data, out, grad):
     pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64)
     if (pads < 0).any() or (len(ins) > 3 and ins[3] is not None) or attrs.get("mode", "constant") != "constant":
         raise NotDecodable("only a constant Pad with non-negative pads on every axis is supported")
-    index = tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(x.ndim))
+    index = (slice(None),) + tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(1, x.ndim))
     value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and np.size(ins[2]) else 0.0
     ring = grad.copy()
     ring[index] = 0
@@ -522,8 +549,8 @@ def _slice(node, ins, is_data, out, grad):
     """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
     x, xp = ins[0], array_module(grad)
     ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
-    index = tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape))
-    gx = xp.zeros(x.shape, grad.dtype)
+    index = (slice(None),) + tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape) if a)
+    gx = xp.zeros(_batched(x, grad), grad.dtype)
     gx[index] = grad
     return [gx] + [None] * (len(ins) - 1), _none_added(grad)
 
