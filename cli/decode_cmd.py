@@ -126,7 +126,7 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, p
                                            device=device)
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance, instances=instances,
-                                progress=progress, device=device)
+                                progress=progress, device=device, dtype=dtype)
 
 
 def _parse_position(text: str | None):
