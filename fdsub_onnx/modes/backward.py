@@ -372,29 +372,38 @@ def _channel_window_sum(a, lo, hi):
 
 def _maxpool(node, ins, is_data, out, grad):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
-    forward output). The switches are found once on the forward values (tap by tap through strided views of the
-    padded input), as flat indices; one weighted ``bincount`` then scatters every instance's gradient, repeated
-    indices (overlapping windows) adding up."""
+    forward output). The switches are found once on the forward values (``maxpool_switches``); one weighted
+    ``bincount`` then scatters every instance's gradient, repeated indices (overlapping windows) adding up."""
     x, xp = ins[0], array_module(grad)
     window = Window.of(attributes(node), x.shape[2:])
-    kernel, begin = window.kernel, window.begin
     c, h, w = x.shape[1:]
     qh, qw = out.shape[2:]
     size = _padded_size((h, w), window, (qh, qw))
-    padded = xp.full((len(x), c, *size), -np.inf, x.dtype)
-    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
-    flat = xp.arange(size[0] * size[1]).reshape(size)
-    switch = xp.full(out.shape, -1, np.int64)  # flat index in the padded plane of each window's switch
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            hit = (_tap(padded, i, j, window, (qh, qw)) == out) & (switch < 0)  # ties: the first maximum only
-            switch = xp.where(hit, _tap(flat, i, j, window, (qh, qw)), switch)
+    switch = maxpool_switches(x, out, window)
     m, plane = len(grad), size[0] * size[1]
     base = (xp.arange(m)[:, None] * c + xp.arange(c)[None, :]) * plane  # [M, C]: where each instance's plane starts
     index = xp.broadcast_to(switch, (m, c, qh, qw)) + base[:, :, None, None]
     gpad = xp.bincount(index.reshape(-1), weights=grad.reshape(-1), minlength=m * c * plane)
     gpad = gpad.reshape(m, c, *size).astype(grad.dtype, copy=False)
+    begin = window.begin
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
+
+
+def maxpool_switches(x, out, window: Window):
+    """[B, C, Q_y, Q_x]: the flat index, in the padded input plane (``_padded_size``), of each window's first
+    maximum (onnxruntime's switch: the first tap equal to the output), tap by tap through strided views."""
+    xp = array_module(x)
+    (h, w), (qh, qw), begin = x.shape[2:], out.shape[2:], window.begin
+    size = _padded_size((h, w), window, (qh, qw))
+    padded = xp.full((len(x), x.shape[1], *size), -np.inf, x.dtype)
+    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
+    flat = xp.arange(size[0] * size[1]).reshape(size)
+    switch = xp.full(out.shape, -1, np.int64)
+    for i in range(window.kernel[0]):
+        for j in range(window.kernel[1]):
+            hit = (_tap(padded, i, j, window, (qh, qw)) == out) & (switch < 0)  # ties: the first maximum only
+            switch = xp.where(hit, _tap(flat, i, j, window, (qh, qw)), switch)
+    return xp.maximum(switch, 0)  # none only where no gradient flows (a NaN window)
 
 
 def _global_pool(node, ins, is_data, out, grad):

@@ -16,7 +16,8 @@ from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
 from ..graph.model import ancestors, find_layer
 from ..runtime.capture import capture_top
-from .backward import forward_for, image_gradients, per_image_bytes
+from .backward import BACKWARD_MODES, forward_for, image_gradients, per_image_bytes
+from .cone import cone_gradients, cones
 from .result import Decoded
 
 
@@ -49,6 +50,11 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     per_pass = int(max(1, min(batch_size, (room - image_bytes) // max(instance_bytes, 1))))
     images_at_once = int(max(1, min(8, room // 2 // max(image_bytes, 1))))
     nodes = ancestors(model, [target])
+    cone = cones(model, nodes, target)
+    image = None if cone is None else cone.get(model.input_name)
+    if image is None or (image.ratio, image.start, image.size) != (tuple(geom.stride), tuple(geom.origin),
+                                                                    tuple(geom.rf)):
+        cone = None  # not a chain of windowed and elementwise ops: whole maps
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -67,9 +73,14 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
             own = {name: backend.asarray(v[b : b + 1], dtype) for name, v in values.items()}
             for lo in range(start, end, per_pass):
                 r, c = rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)]
-                grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c], rule,
-                                                 nodes)
-                cut = backend.to_numpy(_receptive_fields(grads, found.position[r, c], geom))
+                if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
+                    cut, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                                  BACKWARD_MODES[rule], rule, nodes, cone)
+                else:
+                    grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                                     rule, nodes)
+                    cut = _receptive_fields(grads, found.position[r, c], geom)
+                cut = backend.to_numpy(cut)
                 offsets = backend.to_numpy(offsets)
                 if len(np.unique(r)) == len(r):  # one instance per neuron and image (the default): no repeats
                     filters[r] += weights[r, c, None, None, None] * cut
