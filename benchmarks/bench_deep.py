@@ -294,15 +294,51 @@ def local_rows(args, folder: Path) -> list[dict]:
     return [row]
 
 
+def plan_rows(folder: Path) -> list[dict]:
+    """Every decodable layer of every light-zoo topology, all neurons, planned at its centre (geometry only): the
+    routes taken, the largest peak estimate, and the layers no route decodes in the memory left (none, on 24 GiB)."""
+    import onnx
+
+    import fdsub_onnx as fd
+    from fdsub_onnx.evaluate.zoo import light_name, light_paths, randomized
+
+    rows = []
+    for light in light_paths():
+        name = light_name(light)
+        path = folder / f"{name}.onnx"
+        if not path.exists():
+            onnx.save(randomized(light, 0), str(path))
+        model = fd.load_model(str(path), (1, 3, 224, 224))
+        layers = [layer.name for layer in fd.inspect_model(model).layers if layer.decodable]
+        routes, peak, refused, t = {}, 0.0, [], time.perf_counter()
+        for layer in layers:
+            try:
+                plan = fd.plan_decode(model, [layer])[layer]
+            except fd.FdsubError as exc:
+                refused.append(f"{layer}: {exc}")
+                continue
+            routes[plan.route] = routes.get(plan.route, 0) + 1
+            peak = max(peak, plan.peak_bytes)
+        rows.append({"model": name, "layers": len(layers), "routes": routes, "peak_gib": peak / 2**30,
+                     "refused": refused, "plan_seconds": time.perf_counter() - t})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _cell(result: dict, scale: float = 1.0) -> tuple[str, str]:
     if "error" in result:
         return ("-", result["error"][:60])
     return (f"{result['seconds'] * scale:.2f}" + (" *" if scale != 1 else ""), f"{result['peak_mib'] / 1024:.2f}")
 
 
-def print_tables(deep: list[dict], local: list[dict]):
+def print_tables(deep: list[dict], local: list[dict], plans: list[dict]):
     from bench_weights_vgg19 import show_table  # noqa: E402  (the benchmarks' shared table)
 
+    if plans:
+        show_table("every decodable layer, all neurons, planned at its centre on this machine's free memory",
+                   ["model", "layers", "routes", "largest peak GiB", "refused", "planning s"],
+                   [[r["model"], str(r["layers"]), ", ".join(f"{k} {v}" for k, v in sorted(r["routes"].items())),
+                     f"{r['peak_gib']:.2f}", str(len(r["refused"])), f"{r['plan_seconds']:.1f}"] for r in plans])
     if deep:
         body = []
         for r in deep:
@@ -327,8 +363,8 @@ def print_tables(deep: list[dict], local: list[dict]):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="resnet50,densenet121,inception_v2,local",
-                        help="comma-separated: resnet50, densenet121, inception_v2, local")
+    parser.add_argument("--only", default="resnet50,densenet121,inception_v2,local,plan",
+                        help="comma-separated: resnet50, densenet121, inception_v2, local, plan (every zoo layer)")
     parser.add_argument("--chunk", type=int, default=128, help="neurons measured for the all-neurons rows")
     parser.add_argument("--top", type=int, default=100, help="local: instances per neuron")
     parser.add_argument("--today-root", help="local: a checkout of the previous version to time against")
@@ -340,17 +376,20 @@ def main(argv=None) -> int:
         print(json.dumps(job_local(spec) if "top" in spec else job_deep(spec)))
         return 0
     only = args.only.split(",")
-    deep, local = [], []
+    deep, local, plans = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if "plan" in only:
+            plans = plan_rows(folder)
         for name in DEEP:
             if name in only:
                 deep += deep_rows(name, args, folder)
         if "local" in only:
             local = local_rows(args, folder)
-    print_tables(deep, local)
+    print_tables(deep, local, plans)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"deep": deep, "local": local, "threads": THREADS}, indent=1) + "\n")
+    args.json.write_text(json.dumps({"deep": deep, "local": local, "plan": plans, "threads": THREADS}, indent=1)
+                         + "\n")
     print(f"wrote {args.json}")
     return 0
 
