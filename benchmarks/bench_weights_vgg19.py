@@ -605,7 +605,8 @@ def main(argv=None) -> int:
         f"{args.sample} neurons/layer; order {args.order}",
         flush=True,
     )
-    decoder = fd.iter_decode(model, layers=names, dtype="float32")
+    # the interior filters (the baseline's centre neuron is interior on its enlarged input): bottom-up for all
+    decoder = fd.iter_decode(model, layers=names, dtype="float32", positions="interior")
     pending = []
     while True:
         with fd_cpu:

@@ -54,7 +54,8 @@ def decode(
     device: str = common.DEVICE,
     position: Optional[str] = typer.Option(
         None, "--position", metavar="QY,QX",
-        help="weights mode: the output position to decode at (row,column of the layer's map).  [default: its centre]",
+        help="weights mode: the output position to decode at (row,column of the layer's map), or 'interior': the "
+             "filter of every position whose receptive field lies in the image.  [default: the map's centre]",
     ),
     route: str = typer.Option(
         "auto", "--route",
@@ -130,12 +131,12 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, p
 
 
 def _parse_position(text: str | None):
-    if text is None:
-        return None
+    if text is None or text == "interior":
+        return text
     try:
         qy, qx = (int(v) for v in text.split(","))
     except ValueError:
-        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3), got {text!r}") from None
+        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3) or 'interior', got {text!r}") from None
     return qy, qx
 
 

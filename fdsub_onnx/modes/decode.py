@@ -41,8 +41,9 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
     are held at their value on ``gate_reference`` (an image set: their mean over it; default the all-zeros input,
     see ``modes.gates``); the values used are in ``Decoded.gates``.
 
-    ``weights`` mode decodes at ``position`` (qy, qx) of the layer's output map (default its centre, ``centre``),
-    by the route ``plan_layer`` finds cheapest (``route="auto"``) or the one named ("bottom-up", "adjoint",
+    ``weights`` mode decodes at ``position`` (qy, qx) of the layer's output map (default its centre, ``centre``;
+    ``"interior"``: the filter of the interior positions, translation-invariant, as bottom-up composes it), by
+    the route ``plan_layer`` finds cheapest (``route="auto"``) or the one named ("bottom-up", "adjoint",
     "meet"); ``Decoded.plan`` says which. ``progress(done, total)`` follows a long decode.
     """
     target = find_layer(model, layer).output[0]
@@ -55,7 +56,7 @@ def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype:
 
 def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "weights", dtype: str = "float32",
                 device="cpu", kernel: str = "fast", images=None, top: int = 100, select: str = "positive",
-                substitution=None, neurons: dict | None = None, gate_reference=None, positions: dict | None = None,
+                substitution=None, neurons: dict | None = None, gate_reference=None, positions: dict | str | None = None,
                 route: str = "auto", progress=None) -> Iterator[Decoded]:
     """Decode several layers (default: every decodable layer) in one bottom-up pass, in graph order.
 
@@ -64,15 +65,16 @@ def iter_decode(model: Model, layers: Iterable[str] | None = None, mode: str = "
     layers, whose banks are the largest, cost what the neurons asked cost. In ``local`` and ``deconvnet`` mode
     each layer runs its own per-instance passes (nothing is shared between layers). In ``weights`` mode each
     layer is planned as in ``decode`` (``positions``: layer -> (qy, qx), default the centres); the layers
-    planned bottom-up share the one pass.
+    planned bottom-up share the one pass; ``positions="interior"`` asks every layer for its interior filter.
     """
     _check_mode(mode, dtype, kernel)
     if layers is None:
         layers = [layer.name for layer in inspect_model(model).layers if layer.decodable]
     nodes = {id(find_layer(model, name)) for name in layers}
     targets = [n.output[0] for n in model.nodes if id(n) in nodes]
+    positions = {t: positions for t in targets} if isinstance(positions, str) else dict(positions or {})
     yield from _decode_layers(model, targets, dict(neurons or {}), mode, dtype, device, kernel, images, top, select,
-                              substitution, False, gate_reference, one_layer=False, positions=dict(positions or {}),
+                              substitution, False, gate_reference, one_layer=False, positions=positions,
                               route=route, progress=progress)
 
 
@@ -147,13 +149,15 @@ def centre(model, target) -> tuple[int, int]:
     return ((shape[2] - 1) // 2, (shape[3] - 1) // 2)
 
 
-def _position(model, target, position) -> tuple[int, int]:
+def _position(model, target, position) -> tuple[int, int] | str:
+    if isinstance(position, str) and position == "interior":
+        return position
     shape = model.shapes.get(target)
     size = tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
     try:
         qy, qx = (int(v) for v in position)
     except (TypeError, ValueError):
-        raise FdsubError(f"position must be two integers (row, column), got {position!r}") from None
+        raise FdsubError(f"position must be two integers (row, column) or 'interior', got {position!r}") from None
     if not (0 <= qy < size[0] and 0 <= qx < size[1]):
         raise FdsubError(f"position ({qy}, {qx}) is outside the {size[0]}x{size[1]} output map of {target!r}; "
                          f"choose rows 0-{size[0] - 1} and columns 0-{size[1] - 1}")

@@ -113,7 +113,10 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
                route: str = "auto") -> Plan:
     """The plan for ``neurons`` of ``target`` at ``position`` (see the module docstring); ``route`` forces one
     ("meet" picks the best split). ``linear`` is ``compose.linearize.linear_model``'s network, or why there
-    is none (no adjoint then). A FdsubError when no route can decode it in the memory left."""
+    is none (no adjoint then). ``position="interior"`` asks for the filter of the interior positions: any route
+    at the interior position nearest the centre, or bottom-up alone where no position is interior (a field
+    larger than the image: the filter the neuron has on a larger image). A FdsubError when no route can decode
+    it in the memory left."""
     if route not in ROUTES:
         raise FdsubError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     itemsize = np.dtype(dtype).itemsize
@@ -122,6 +125,20 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     k = len(neurons)
     c = int(model.input_shape[1])
     out_size = _spatial(model, target)
+    nowhere = None  # why only bottom-up can give what is asked
+    if isinstance(position, str):
+        if info.geom is None:
+            raise FdsubError(f"layer {target!r} has no interior filter: {info.blocked}; decode it at a position")
+        inside = np.argwhere(info.geom.interior(model.input_shape[2:], out_size))
+        middle = np.asarray([(n - 1) // 2 for n in out_size])
+        if len(inside):
+            position = tuple(int(v) for v in inside[np.argmin(np.abs(inside - middle).max(axis=1))])
+        else:
+            position = tuple(int(v) for v in middle)
+            nowhere = "no position is interior: only bottom-up composes the interior filter"
+            if route not in ("auto", "bottom-up"):
+                raise FdsubError(f"layer {target!r}: {nowhere}")
+            route = "bottom-up"
     interior = info.geom is not None and bool(info.geom.interior(model.input_shape[2:], out_size)[tuple(position)])
     span = (info.geom.image_span(model.input_shape[2:], out_size) if info.geom is not None
             else ((0, model.input_shape[2]), (0, model.input_shape[3])))
@@ -143,7 +160,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         estimates["bottom-up"] = (costs.flops, usage["peak"] + result_bytes)
         options.append(("bottom-up", None, None, costs.flops, usage["peak"] + result_bytes))
 
-    adjoint_problem = linear if isinstance(linear, str) else _adjoint_problem(linear, target)
+    adjoint_problem = nowhere or (linear if isinstance(linear, str) else _adjoint_problem(linear, target))
     if adjoint_problem is not None:
         estimates["adjoint"] = adjoint_problem
     else:

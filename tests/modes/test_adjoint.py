@@ -213,3 +213,23 @@ def test_fds_by_the_adjoint_equals_bottom_up(case, select, load):
         assert_same(up, down, 1e-5, f"{case}/{name} fds {select} at {q}")
         checked += 1
     assert checked
+
+
+def test_interior_position_asks_for_the_translation_invariant_filter(load):
+    """``position="interior"``: where no position is interior (a field larger than the image) only bottom-up gives
+    that filter; where one is, any route at the interior position nearest the centre."""
+    from netgen import NetBuilder
+
+    b = NetBuilder(height=9, width=9)
+    x = b.conv(b.conv("input", 4, 3, 1, (1, 1, 1, 1)), 4, 5, 1, (2, 2, 2, 2))
+    last = b.conv(x, 3, 5, 1, (2, 2, 2, 2))  # R = 11 > 9: no interior position
+    model = load(b.build([b.last, x]))
+    nowhere = fd.decode(model, last, position="interior", dtype="float64")
+    assert nowhere.plan.route == "bottom-up" and nowhere.exact_at == "interior"
+    assert "only bottom-up" in nowhere.plan.estimates["adjoint"]
+    assert not nowhere.interior(model.input_shape[2:], out_size(model, last)).any()
+    with pytest.raises(fd.FdsubError, match="only bottom-up"):
+        fd.decode(model, last, position="interior", route="adjoint")
+    somewhere = fd.decode(model, x, position="interior", dtype="float64", route="adjoint")
+    assert somewhere.exact_at == "interior" and somewhere.position in interior_positions(model, x)
+    assert_same(fd.decode(model, x, position="interior", dtype="float64", route="bottom-up"), somewhere, 1e-5, x)
