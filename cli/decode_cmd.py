@@ -50,6 +50,16 @@ def decode(
     ),
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
+    position: Optional[str] = typer.Option(
+        None, "--position", metavar="QY,QX",
+        help="weights mode: the output position to decode at (row,column of the layer's map), or 'interior': the "
+             "filter of every position whose receptive field lies in the image.  [default: the map's centre]",
+    ),
+    route: str = typer.Option(
+        "auto", "--route",
+        help="weights mode: auto (the cheapest that is exact and fits), bottom-up, adjoint or meet.",
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say which route decoded the layer, and its cost."),
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
@@ -61,6 +71,7 @@ def decode(
         raise FdsubError(f"--cluster has no use in {mode} mode (it reads no images); leave it out")
     if dtype not in DTYPES:
         raise FdsubError(f"--dtype must be float32 or float64; got {dtype!r}")
+    at = _parse_position(position)
     device = common.device_for(device)
     prep = common.preprocessing(preset, mean, std, scale, bgr)
     if mode in common.DATA_MODES:
@@ -71,16 +82,16 @@ def decode(
             result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting,
                                          per_instance, batch_size, dtype, device, client)
     else:
-        with common.spinner(f"loading {model}") as say:
+        with common.spinner(f"loading {model}"):
             loaded = fdsub_onnx.load_model(model, shape)
             target = fdsub_onnx.find_layer(loaded, layer).output[0]
             folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
             too_few = None
             reference = None if gate_reference is None else fdsub_onnx.open_images(
                 gate_reference, loaded.input_shape[1:], **prep)
-            say(f"decoding {target}")
+        with common.progress_bar(f"decoding {target}", unit="steps") as progress:
             result = fdsub_onnx.decode(loaded, target, neurons=neurons, mode=mode, dtype=dtype, device=device,
-                                       gate_reference=reference)
+                                       gate_reference=reference, position=at, route=route, progress=progress)
     with common.spinner("writing results"):
         paths = (fdsub_onnx.save_decoded(result, folder) if result.instances is None
                  else fdsub_onnx.save_with_top(result, result.instances, folder))
@@ -92,6 +103,12 @@ def decode(
     )
     for path in paths:
         typer.echo(f"  {path}")
+    if result.position is not None:
+        where = ("every position whose receptive field lies in the image" if result.exact_at == "interior"
+                 else "this position only")
+        typer.echo(f"decoded at output position {','.join(map(str, result.position))}; the filters hold at {where}")
+    if verbose and result.plan is not None:
+        typer.echo(f"route: {result.plan.describe()}", err=True)
     if result.gates:
         where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
         typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
@@ -136,3 +153,13 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, w
     with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
         return fdsub_onnx.decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance,
                                            instances=instances, progress=progress, device=device, dtype=dtype)
+
+
+def _parse_position(text: str | None):
+    if text is None or text == "interior":
+        return text
+    try:
+        qy, qx = (int(v) for v in text.split(","))
+    except ValueError:
+        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3) or 'interior', got {text!r}") from None
+    return qy, qx

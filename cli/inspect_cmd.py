@@ -39,7 +39,8 @@ def _print_table(summary) -> None:
                "origin", "decodable")
     rows = [(layer.name, layer.node, *((_text(layer.module),) if modules else ()), layer.op, _text(layer.channels),
              _pair(layer.stride, "x"), _pair(layer.receptive_field, "x"), _pair(layer.origin, ","),
-             "yes" if layer.decodable else f"no: {layer.reason}") for layer in summary.layers]
+             ("per position (after an upsampling)" if layer.per_position else "yes") if layer.decodable
+             else f"no: {layer.reason}") for layer in summary.layers]
     table = Table(title=Text(f"input {summary.input_name!r} {list(summary.input_shape)}"), title_justify="left")
     for column in headers[:-1]:
         table.add_column(column, no_wrap=True)

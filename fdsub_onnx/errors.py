@@ -7,3 +7,8 @@ class FdsubError(Exception):
 
 class NotDecodable(Exception):
     """Raised by an op rule: this node cannot be composed; the message says why."""
+
+
+class PhaseDependent(NotDecodable):
+    """Raised by an op rule: after this node a neuron's filter depends on its output position (an upsampling), so
+    bottom-up banks cannot hold it; the adjoint route decodes it one position at a time."""

@@ -30,6 +30,7 @@ class Layer:
     decodable: bool
     reason: str | None
     module: str | None = None  # the exporting framework's module path (torch's dynamo exporter records it)
+    per_position: bool = False  # decodable one output position at a time only (after an upsampling; no geometry)
 
 
 @dataclass
@@ -81,19 +82,30 @@ def layer_geometry(model: Model, layer: str) -> Geometry:
 
 
 def memory_problem(model, engine, targets, rows=None) -> str | None:
-    """Why decoding ``targets`` in one pass would not fit in the memory left (None when it fits): the size of
-    the filter banks alive at once is known from geometry alone, so this costs no decoding."""
+    """Why decoding ``targets`` bottom-up in one pass would not fit in the memory left (None when it fits): the
+    size of the filter banks alive at once is known from geometry alone, so this costs no decoding. The advice
+    says whether fewer neurons would help: it does not when the lower layers' banks alone are too large."""
+    need, free = _peak(model, engine, targets, rows) * MEMORY_MARGIN, engine.backend.free_bytes()
+    if need <= free:
+        return None
+    last = targets[-1]
+    one = dict(rows or {}) | {last: [0]}
+    fewer = _peak(model, engine, targets, one) * MEMORY_MARGIN <= free
+    advice = ("decode fewer neurons of it" if fewer else
+              "fewer neurons will not help (the lower layers' banks alone do not fit); decode it in weights mode, "
+              "whose adjoint route needs no banks, or an earlier layer")
+    if engine.dtype != "float32":
+        advice = "use --dtype float32, or " + advice
+    return (f"decoding {last!r} bottom-up needs about {need / 2**30:.1f} GiB of filter banks (receptive fields "
+            f"of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; {advice}, "
+            "or use a machine with more memory")
+
+
+def _peak(model, engine, targets, rows) -> int:
     usage = {}
     for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
         pass
-    need, free = usage["peak"] * MEMORY_MARGIN, engine.backend.free_bytes()
-    if need <= free:
-        return None
-    return (f"decoding {', '.join(map(repr, targets[-1:]))} needs about {need / 2**30:.1f} GiB of filter banks "
-            f"(receptive fields of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; "
-            + ("decode an earlier layer or fewer neurons, or use a machine with more memory"
-               if engine.dtype == "float32"
-               else "use --dtype float32, decode an earlier layer, or use a machine with more memory"))
+    return usage["peak"]
 
 
 def _largest_rf(model, engine, targets) -> int:
@@ -108,6 +120,9 @@ def _layer(model, node, value) -> Layer:
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
                      list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
+    if isinstance(value, Blocked) and value.per_position:
+        return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, True, reason,
+                     module_of(node), per_position=True)
     if isinstance(value, Layout) and value.channels_last:
         reason = ("a channels-last (NHWC) view of a map, channels on the last axis; the Conv layers around it "
                   "decode")

@@ -54,6 +54,10 @@ class Layout:
 
 @dataclass
 class Blocked:
-    """A tensor that cannot be decoded; ``reason`` names the op, the node and why."""
+    """A tensor that cannot be decoded; ``reason`` names the op, the node and why.
+
+    ``per_position``: bottom-up cannot decode it, but the adjoint route can, one output position at a time (it
+    follows an upsampling, ``PhaseDependent``)."""
 
     reason: str
+    per_position: bool = False

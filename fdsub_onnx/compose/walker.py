@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from ..errors import NotDecodable
+from ..errors import NotDecodable, PhaseDependent
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
 from ..graph.patterns import ChannelGate, SelfGated
@@ -133,10 +133,10 @@ def _apply(node, inputs, ctx, model):
         needed = []
     elif isinstance(pattern, ChannelGate):  # the gate's value comes from onnxruntime, not from the walk
         needed = [v for name, v in zip(node.input, inputs) if name == pattern.x]
-    blocked = next((v for v in needed if isinstance(v, Blocked)), None)
-    if blocked is not None:
-        return blocked
     label = f"{node.op_type} node {model.node_name(node)!r}"
+    blocked = [v for v in needed if isinstance(v, Blocked)]
+    if blocked and (not all(v.per_position for v in blocked) or node.op_type in RULES):
+        return next((v for v in blocked if not v.per_position), blocked[0])
     if node.domain not in STANDARD_DOMAINS:
         return Blocked(f"{label}: an op of the {node.domain!r} domain, not standard ONNX (for onnxruntime's quantized "
                        "contrib ops: quantize in QDQ format, onnxruntime.quantization.QuantFormat.QDQ)")
@@ -145,6 +145,8 @@ def _apply(node, inputs, ctx, model):
         return Blocked(f"{label}: no rule for this op (`fdsub inspect` lists what is decodable)")
     try:
         return rule.apply(node, inputs, ctx)
+    except PhaseDependent as exc:
+        return Blocked(f"{label}: {exc}", per_position=True)
     except NotDecodable as exc:
         return Blocked(f"{label}: {exc}")
     except (KeyError, IndexError, ValueError, TypeError) as exc:

@@ -134,8 +134,9 @@ def check_model(
     """Run the checks (module docstring) on ``model`` (a Model or a path) and report each one.
 
     ``layers`` names the layers to decode and probe; by default ``sample`` decodable layers spread
-    from the first to the deepest whose receptive field is at most ``max_rf`` pixels (default: no bound)
-    and fits inside the image at some output position (the identity needs one). ``neurons_per_layer``
+    from the first to the deepest whose receptive field is at most ``max_rf`` pixels (default: no bound; a
+    layer whose field never fits inside the image is decoded at its centre by the adjoint route, whose
+    filter holds there). ``neurons_per_layer``
     neurons, evenly spaced, are decoded per layer. ``images`` (a spec for ``open_images``, opened with
     ``preprocessing``, or an image set; None skips the check) are the dead-neuron probes;
     ``identity_images`` random normal images drive the identity. A FdsubError when the model cannot be
@@ -367,21 +368,13 @@ def _sample(model: Model, summary: Summary, layers, sample: int, max_rf: int | N
             elif layer.name not in picked:
                 picked.append(layer.name)
         return picked, notes
-    fits = [lay for lay in summary.layers if lay.decodable and lay.channels and _inside(model, summary, lay)
-            and (max_rf is None or max(lay.receptive_field) <= max_rf)]
+    fits = [lay for lay in summary.layers if lay.decodable and lay.channels
+            and (max_rf is None or (lay.receptive_field is not None and max(lay.receptive_field) <= max_rf))]
     if not fits:
-        bound = f" of at most {max_rf} px" if max_rf is not None else ""
-        return [], [f"no decodable layer with a receptive field{bound} that fits inside the image"]
+        bound = f" with a receptive field of at most {max_rf} px" if max_rf is not None else ""
+        return [], [f"no decodable layer{bound}"]
     index = np.unique(np.round(np.linspace(0, len(fits) - 1, min(sample, len(fits)))).astype(int))
     return [fits[i].name for i in index], []
-
-
-def _inside(model: Model, summary: Summary, layer) -> bool:
-    """Whether some output position of ``layer`` has its receptive field inside the image and the crop bounds
-    (the identity needs one)."""
-    shape = model.shapes.get(layer.name)
-    out = tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
-    return bool(summary.geometries[layer.name].interior(model.input_shape[2:], out).any())
 
 
 def _spread(channels: int, count: int) -> np.ndarray:

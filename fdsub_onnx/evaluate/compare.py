@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..compose.backend import get_backend, resolve_device
-from ..compose.engine import Engine
-from ..compose.inspect import Layer, Summary, inspect_model, memory_problem
+from ..compose.backend import resolve_device
+from ..compose.inspect import Layer, Summary, inspect_model
 from ..data.topn import TopN, rows_of
 from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.backward import deconvnet_is_local
-from ..modes.decode import iter_decode, leaf_rows
+from ..modes.decode import iter_decode, plan_decode
 from ..modes.fds import gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
@@ -133,7 +132,8 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
     by default every decodable Conv layer."""
     listed = {layer.name: layer for layer in summary.layers}
     if names is None:
-        chosen = [layer for layer in summary.layers if layer.decodable and layer.op in CONV_OPS]
+        chosen = [layer for layer in summary.layers if layer.decodable and layer.op in CONV_OPS
+                  and not layer.per_position]
         if not chosen:
             raise FdsubError(f"{model.path} has no decodable Conv layer; name layers with --layers "
                              "(`fdsub inspect` lists them)")
@@ -148,6 +148,9 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
                              "`fdsub inspect` lists them")
         if not layer.decodable:
             raise FdsubError(f"layer {target!r} is not decodable: {layer.reason}")
+        if layer.per_position:
+            raise FdsubError(f"layer {target!r} is decoded one position at a time ({layer.reason}); the report "
+                             "compares layers whose receptive field is the same at every position")
         if len(model.shapes.get(target, ())) != 4:
             raise FdsubError(f"layer {target!r} is not a feature map [N, C, H, W]; the report shows conv-like layers")
         wanted.append(target)
@@ -158,32 +161,25 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
 
 def within_memory(model: Model, chosen: list[Layer], picks: list[np.ndarray], named: bool, device
                    ) -> tuple[list[Layer], list[str]]:
-    """The chosen layers that one decoding pass holds in the memory left, and the names of those left out.
+    """The chosen layers that some route decodes in the memory left (``plan_decode``), and the names of the others.
 
-    Named layers (``--layers``) must all fit: one error line before any work. By default the longest run of
-    layers from the first that fits is kept (the filter banks only grow with depth).
+    Bottom-up banks grow with depth, but the adjoint route needs only a batch of gradients, so every layer it
+    can reach fits; what is left out is said. Named layers (``--layers``) must all fit: one error line before
+    any work.
     """
-    engine = Engine(get_backend(device.backend), "float32", "fast")
-    names = [layer.name for layer in chosen]
-    picked = dict(zip(names, picks))
-
-    def problem(count):  # decoding the first ``count`` layers, as ``iter_decode`` will (leaf layers' rows only)
-        return memory_problem(model, engine, names[:count], leaf_rows(model, names[:count], picked))
-
-    if problem(len(names)) is None:
-        return chosen, []
-    if named:
-        raise FdsubError(problem(len(names)))
-    fits, fails = 0, len(names)  # names[:fits] fit, names[:fails] do not
-    while fails - fits > 1:
-        middle = (fits + fails) // 2
-        if problem(middle) is None:
-            fits = middle
-        else:
-            fails = middle
-    if fits == 0:
-        raise FdsubError(problem(1))
-    return chosen[:fits], names[fits:]
+    kept, left_out = [], []
+    for layer, pick in zip(chosen, picks):
+        try:
+            plan_decode(model, [layer.name], neurons=pick, device=device)
+        except FdsubError:
+            if named:
+                raise
+            left_out.append(layer.name)
+            continue
+        kept.append(layer)
+    if not kept and left_out:
+        plan_decode(model, [chosen[0].name], neurons=picks[0], device=device)  # raises with the reason
+    return kept, left_out
 
 
 def neurons_per_layer(selector, layers: list[Layer]) -> list[np.ndarray]:

@@ -6,6 +6,8 @@ receptive field lies inside the image this is exactly the identity of ``Decoded`
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -13,8 +15,16 @@ from ..compose.backend import NumpyBackend
 
 
 def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = None) -> np.ndarray:
-    """float64 [B, K, Q_y, Q_x] at every output position, or [B, K, P] at the P positions of ``mask`` [Q_y, Q_x]."""
+    """float64 [B, K, Q_y, Q_x] at every output position, or [B, K, P] at the P positions of ``mask`` [Q_y, Q_x].
+
+    A stride of 0 (a filter decoded at one position after an upsampling) puts the same window at every position.
+    """
     (ry, rx), (sy, sx), (oy, ox) = decoded.receptive_field, decoded.stride, decoded.origin
+    if 0 in (sy, sx):
+        one = dataclasses.replace(decoded, stride=(1, 1), exact_at="interior")
+        values = predict(one, images, (1, 1))
+        full = np.broadcast_to(values, (*values.shape[:2], *tuple(out_size)))
+        return full[:, :, mask] if mask is not None else full
     qy, qx = out_size
     before = (max(0, -oy), max(0, -ox))
     after = (max(0, oy + (qy - 1) * sy + ry - images.shape[2]), max(0, ox + (qx - 1) * sx + rx - images.shape[3]))

@@ -90,6 +90,22 @@ class Geometry:
         """The image-space corner ``O + q*S`` (y, x) of the window of each output position q (``[..., 2]``)."""
         return np.asarray(self.origin, np.int64) + np.asarray(positions, np.int64) * np.asarray(self.stride, np.int64)
 
+    def image_span(self, image_size, out_size) -> tuple[Pair, Pair]:
+        """Per axis, the part ``[u0, u1)`` of the receptive field that overlaps the image ``[0, n)`` for some output
+        position q in ``[0, Q)``: ``u0 = max(0, -O - (Q - 1) S)``, ``u1 = min(R, n - O)``. Example: R = 2263,
+        O = -1021, S = 32, Q = 7 on a 224 image gives [829, 1245), 416 of the 2263 columns."""
+        return tuple((max(0, -o - (q - 1) * s), max(min(r, n - o), max(0, -o - (q - 1) * s) + 1))
+                     for o, s, r, q, n in zip(self.origin, self.stride, self.rf, out_size, image_size))
+
+    def cone(self, window: tuple[Pair, Pair], out_size) -> tuple[Pair, Pair]:
+        """Per axis, the positions ``[p0, p1)`` of this tensor's grid (clipped to ``[0, Q)``) whose receptive field
+        lies inside the image-space ``window`` ((start, size) per axis): what a neuron with that window reads."""
+        span = []
+        for (start, size), o, s, r, q in zip(window, self.origin, self.stride, self.rf, out_size):
+            first, last = -((o - start) // s), (start + size - r - o) // s  # ceil and floor
+            span.append((max(0, first), max(max(0, first), min(q, last + 1))))
+        return tuple(span)
+
     def interior(self, image_size, out_size) -> np.ndarray:
         """Boolean [Q_y, Q_x] mask of the output positions whose window lies inside the image and ``bounds``."""
         masks = []

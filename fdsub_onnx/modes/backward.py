@@ -21,62 +21,93 @@ from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
 from ..graph.ranges import reduce_axes, slice_ranges, split_ranges
-from ..runtime.session import Forward
+from ..runtime.session import Forward, session
 
 
 def instance_gradients(model, target: str, images: np.ndarray, neurons, positions, rule: str = "local",
-                       forward: Forward | None = None, device="cpu"):
+                       forward: Forward | None = None, device="cpu", dtype="float64"):
     """Input gradients [M, C, H, W] and local biases [M] of neuron ``neurons[m]`` at ``positions[m]`` on ``images[m]``.
 
     ``forward`` (from ``forward_for``) reuses one onnxruntime session across calls. On ``device="gpu"``
-    the pass runs in CuPy and returns CuPy arrays.
+    the pass runs in CuPy and returns CuPy arrays. ``dtype`` is that of the pass (float64 or float32).
     """
     if rule not in BACKWARD_MODES:
         raise FdsubError(f"backward rule must be one of {', '.join(BACKWARD_MODES)}, got {rule!r}")
-    rules = BACKWARD_MODES[rule]
     device = resolve_device(device)
     backend = get_backend(device.backend)
-    nodes = ancestors(model, [target])
     forward = forward if forward is not None else forward_for(model, target, device)
-    values = {name: backend.asarray(value, np.float64) for name, value in forward(images).items()}
-    seed = backend.zeros(values[target].shape, np.float64)
-    m = np.arange(len(images))
+    values = {name: backend.asarray(value, dtype) for name, value in forward(images).items()}
+    seed = one_hot(backend, values[target].shape, neurons, positions, dtype)
+    grads, bias = backward(model, ancestors(model, [target]), values, {target: seed}, BACKWARD_MODES[rule], rule)
+    if model.input_name not in grads:
+        raise FdsubError(f"layer {target!r} does not depend on the image input")
+    return grads[model.input_name], bias
+
+
+def image_gradients(model, target: str, values: dict, neurons, positions, rule: str = "local", nodes=None):
+    """As ``instance_gradients`` for M instances of one image, whose forward ``values`` (tensor -> [1, ...], on
+    the backend, in the pass's dtype) they share: the masks and switches are read once, broadcast over them."""
+    first = values[target]
+    seed = one_hot(get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy"),
+                   (len(neurons), *first.shape[1:]), neurons, positions, first.dtype)
+    nodes = nodes if nodes is not None else ancestors(model, [target])
+    grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
+    if model.input_name not in grads:
+        raise FdsubError(f"layer {target!r} does not depend on the image input")
+    return grads[model.input_name], bias
+
+
+def one_hot(backend, shape, neurons, positions, dtype):
+    """Seeds [M, C, H, W] (or [M, C]): a 1 at channel ``neurons[m]`` and position ``positions[m]`` of row m."""
+    seed = backend.zeros(shape, dtype)
+    m = np.arange(shape[0])
     if seed.ndim == 4:
+        positions = np.asarray(positions, np.int64).reshape(-1, 2)
         seed[m, np.asarray(neurons), positions[:, 0], positions[:, 1]] = 1.0
     else:
-        seed.reshape(len(images), -1)[m, np.asarray(neurons)] = 1.0
-    grads, bias = {target: seed}, backend.zeros((len(images),), np.float64)
+        seed.reshape(shape[0], -1)[m, np.asarray(neurons)] = 1.0
+    return seed
+
+
+def backward(model, nodes: list, values, grads: dict, rules: dict, label: str):
+    """Run ``rules`` backwards over ``nodes`` (graph order), from the seeded ``grads`` (tensor -> [M, ...]).
+
+    ``values`` maps a tensor to its forward value [M, ...] (read through ``values[name]``, so a mapping that
+    makes them on demand works). Returns the gradients left, those of the tensors the nodes read but do
+    not produce (the image, or the tensor a pass stops at), and the bias [M] the nodes add.
+    """
+    first = next(iter(grads.values()))
+    xp = array_module(first)
+    bias = xp.zeros((len(first),), first.dtype)
     for node in reversed(nodes):
         outs = [grads.pop(name, None) if name else None for name in node.output]
         if all(g is None for g in outs):
             continue
         grad = outs[0]
         if node.op_type in MULTI_OUTPUT:  # one gradient per output (zeros for an output nothing reads)
-            grad = [g if g is not None else backend.zeros(values[name].shape, np.float64)
+            grad = [g if g is not None else xp.zeros(_batched(values[name], first), first.dtype)
                     for name, g in zip(node.output, outs)]
         elif grad is None:
-            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
+            raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "
                              "can be followed")
         step = rules.get(node.op_type)
         if node.op_type in NO_LOCAL_RULE:
-            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: "
+            raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: "
                              f"{NO_LOCAL_RULE[node.op_type]}")
         if step is None:
-            raise FdsubError(f"{rule} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
+            raise FdsubError(f"{label} mode does not support op {node.op_type} (node {model.node_name(node)!r}) yet")
         is_data = [bool(name) and name not in model.constants for name in node.input]
         ins = [(values[name] if data else model.constants.get(name)) if name else None
                for name, data in zip(node.input, is_data)]
         try:
             in_grads, added = step(node, ins, is_data, values[node.output[0]], grad)
         except NotDecodable as exc:
-            raise FdsubError(f"{rule} mode: {node.op_type} node {model.node_name(node)!r}: {exc}") from None
+            raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: {exc}") from None
         bias += added
         for name, g in zip(node.input, in_grads):
             if g is not None and name and name not in model.constants:
                 grads[name] = grads[name] + g if name in grads else g
-    if model.input_name not in grads:
-        raise FdsubError(f"layer {target!r} does not depend on the image input")
-    return grads[model.input_name], bias
+    return grads, bias
 
 
 def deconvnet_is_local(model, target: str) -> bool:
@@ -90,67 +121,114 @@ def forward_for(model, target: str, device="cpu") -> Forward:
     return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
 
 
-def instances_per_batch(model, target: str, most: int, backend) -> int:
-    """How many instances one backward pass to ``target`` takes: at most ``most``, fewer where a quarter of the
-    memory left (``backend.free_bytes``) cannot hold them. A quarter: the report runs two passes at once.
-
-    Per instance the pass holds every forward value below ``target`` (float32 from onnxruntime, then a float64
-    copy) and the gradients, plus temporaries of the size of the largest tensor: VGG19 at 224 needs about
-    700 MB per instance, so a fixed batch of 16 ran a 24 GB machine out of memory.
-    """
+def per_image_bytes(model, target: str, itemsize: int) -> tuple[int, int]:
+    """(bytes of one image's forward values below ``target``: float32 from onnxruntime plus their copy in the pass's
+    dtype, bytes of one instance's backward pass: about three of its largest gradients alive with temporaries)."""
     sizes = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
              if o and o in model.shapes]
-    per_instance = 16 * sum(sizes) + 64 * max(sizes, default=0)
-    return int(max(1, min(most, backend.free_bytes() // 4 // max(per_instance, 1))))
+    return (4 + itemsize) * sum(sizes), 4 * itemsize * max(sizes, default=1)
+
+
+def instances_per_batch(model, target: str, most: int, backend) -> int:
+    """How many instances one backward pass to ``target`` takes when each carries its own forward values: at most
+    ``most``, fewer where a quarter of the memory left (``backend.free_bytes``) cannot hold them. A quarter: the
+    report runs two passes at once. VGG19 at 224 needs about 700 MB per instance in float64."""
+    image, instance = per_image_bytes(model, target, 8)
+    return int(max(1, min(most, backend.free_bytes() // 4 // max(image + instance, 1))))
+
+
+def _batched(x, grad) -> tuple:
+    """``x``'s shape for the batch of ``grad``: forward values may be one image's, shared by its instances."""
+    return (len(grad), *x.shape[1:])
 
 
 def _none_added(grad):
-    return array_module(grad).zeros(len(grad))
+    return array_module(grad).zeros(len(grad), grad.dtype)
 
 
 def _on(grad, constant):
-    """A constant (NumPy, from the model) as float64 on the array module of ``grad``."""
-    return array_module(grad).asarray(constant, dtype=np.float64)
+    """A constant (NumPy, from the model) in the dtype and on the array module of ``grad``."""
+    return array_module(grad).asarray(constant, dtype=grad.dtype)
 
 
 # ---- the rules: (node, inputs, is_data, output, grad) -> ([input grads], bias added [M]) -------------
 def _conv(node, ins, is_data, out, grad):
     x, w = ins[0], _on(grad, ins[1])
     attrs = attributes(node)
-    gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]), x.shape)
+    gx = _transposed(grad, w, int(attrs.get("group", 1)), Window.of(attrs, x.shape[2:], w.shape[2:]),
+                     _batched(x, grad))
     has_bias = len(ins) > 2 and ins[2] is not None
     added = array_module(grad).einsum("mkhw,k->m", grad, _on(grad, ins[2])) if has_bias else _none_added(grad)
     return [gx, None, None][: len(ins)], added
 
 
 def _avgpool(node, ins, is_data, out, grad):
-    x = ins[0]
-    window = Window.of(attributes(node), x.shape[2:])
-    weight = array_module(grad).full((x.shape[1], 1, *window.kernel), 1.0 / np.prod(window.kernel))  # interior windows
-    return [_transposed(grad, weight, x.shape[1], window, x.shape)], _none_added(grad)
+    """Each window's gradient spread evenly over its taps: over all k*k of them, or (``count_include_pad=0``, the
+    default) over those inside the input, as onnxruntime divides border windows."""
+    x, xp = ins[0], array_module(grad)
+    attrs = attributes(node)
+    window = Window.of(attrs, x.shape[2:])
+    counts = window_counts(window, x.shape[2:], grad.shape[2:], bool(attrs.get("count_include_pad", 0)))
+    weight = xp.ones((x.shape[1], 1, *window.kernel), grad.dtype)
+    scaled = grad * xp.asarray(1.0 / counts, grad.dtype)
+    return [_transposed(scaled, weight, x.shape[1], window, _batched(x, grad))], _none_added(grad)
+
+
+def window_counts(window: Window, in_size, out_size, include_pad: bool) -> np.ndarray:
+    """[Q_y, Q_x]: how many taps of each window an average divides by (those inside the input, or inside the
+    padded input with ``include_pad``; a ceil_mode window's taps beyond the end pad never count)."""
+    per_axis = []
+    for n, q, k, s, d, b, e in zip(in_size, out_size, window.kernel, window.strides, window.dilations, window.begin,
+                                   window.end):
+        lo, hi = (-b, n + e) if include_pad else (0, n)
+        taps = np.arange(q)[:, None] * s - b + np.arange(k)[None, :] * d
+        per_axis.append(((taps >= lo) & (taps < hi)).sum(axis=1))
+    return np.maximum(np.outer(*per_axis), 1)
+
+
+TEMP_BYTES = 256 << 20  # bound on the tap products one GEMM of ``_transposed`` makes
 
 
 def _transposed(grad, w, groups, window: Window, x_shape):
     """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution.
 
-    Per group one batched GEMM gives every kernel tap's contribution, which is then added at its strided place.
+    Per group and block of kernel taps, one GEMM over all M instances and positions at once
+    (``[taps*C_in/g, K/g] x [K/g, M*Q]``: batched per instance the products would be too small for BLAS); each
+    tap's product is then added at its strided place. The work runs channel-major ([C, M, H, W] in memory) and
+    the result is that memory seen as [M, C, H, W]: the next convolution's GEMM reads it without a copy, and
+    elementwise rules keep its layout. Depthwise windows (pooling) are scaled strided adds.
     """
     kernel, begin = window.kernel, window.begin
     xp = array_module(grad)
     m, c_in, h, wd = x_shape
     qh, qw = grad.shape[2:]
-    padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))))
     k_out, cig = w.shape[:2]
     kog = k_out // groups
+    taps = [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+    if cig == 1 and kog == 1:
+        padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
+        for i, j in taps:
+            _tap(padded, i, j, window, (qh, qw))[...] += grad * w[None, :, 0, i, j, None, None]
+        return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+    pointwise = (len(taps) == 1 and groups == 1 and window.strides == (1, 1) and (qh, qw) == (h, wd)
+                 and tuple(begin) == (0, 0))
+    padded = None if pointwise else xp.zeros((c_in, m, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
+    block = max(1, TEMP_BYTES // max(1, cig * m * qh * qw * grad.itemsize))
     for g in range(groups):
-        gout = grad[:, g * kog : (g + 1) * kog].reshape(m, kog, qh * qw)
-        taps = w[g * kog : (g + 1) * kog].transpose(2, 3, 1, 0).reshape(-1, kog)  # [kh*kw*C_in/g, K/g]
-        contrib = xp.matmul(taps, gout).reshape(m, kernel[0], kernel[1], cig, qh, qw)
-        target = padded[:, g * cig : (g + 1) * cig]
-        for i in range(kernel[0]):
-            for j in range(kernel[1]):
-                _tap(target, i, j, window, (qh, qw))[...] += contrib[:, i, j]
-    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
+        gout = xp.ascontiguousarray(grad[:, g * kog : (g + 1) * kog].transpose(1, 0, 2, 3)).reshape(kog, -1)
+        wg = w[g * kog : (g + 1) * kog]
+        if pointwise:  # a 1x1 convolution: the product is the gradient
+            return xp.matmul(wg[:, :, 0, 0].T, gout).reshape(c_in, m, h, wd).transpose(1, 0, 2, 3)
+        target = padded[g * cig : (g + 1) * cig]
+        for start in range(0, len(taps), block):
+            chosen = taps[start : start + block]
+            left = xp.concatenate([wg[:, :, i, j].T for i, j in chosen])  # [taps*C_in/g, K/g]
+            contrib = xp.matmul(left, gout).reshape(len(chosen), cig, m, qh, qw)
+            for t, (i, j) in enumerate(chosen):
+                _tap(target, i, j, window, (qh, qw))[...] += contrib[t]
+    if padded is None:
+        padded = xp.zeros((c_in, m, h, wd), grad.dtype)
+    return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd].transpose(1, 0, 2, 3)
 
 
 def _padded_size(size, window: Window, out_size) -> tuple[int, int]:
@@ -179,14 +257,14 @@ def _relu_deconvnet(node, ins, is_data, out, grad):
 def _leaky_deconvnet(node, ins, is_data, out, grad):
     """A leaky rectifier applied to the backward signal: g where g > 0, alpha * g below (the forward is not used)."""
     xp = array_module(grad)
-    alpha = xp.asarray(ins[1], np.float64) if node.op_type == "PRelu" else attributes(node).get("alpha", 0.01)
+    alpha = xp.asarray(ins[1], grad.dtype) if node.op_type == "PRelu" else attributes(node).get("alpha", 0.01)
     return [xp.where(grad > 0, grad, alpha * grad)] + [None] * (len(ins) - 1), _none_added(grad)
 
 
 def _clip_deconvnet(node, ins, is_data, out, grad):
     """A Clip whose lower bound is 0 (ReLU6) is a rectifier: the backward signal rectified; any other Clip keeps
     its forward slope (``local``)."""
-    low = attributes(node).get("min") if len(ins) < 2 or ins[1] is None else float(np.asarray(ins[1]).reshape(-1)[0])
+    low = attributes(node).get("min") if len(ins) < 2 or ins[1] is None else float(ins[1].reshape(-1)[0])
     if low is not None and float(low) == 0.0:
         return _relu_deconvnet(node, ins, is_data, out, grad)
     return LOCAL_RULES["Clip"](node, ins, is_data, out, grad)
@@ -205,7 +283,7 @@ def _slope(derivative):
 
 def _quantization_scale(xp, node, ins, out):
     """Q/DQ's scale broadcast along its axis (the offset ``out - d x`` then holds zero point and rounding)."""
-    scale = xp.asarray(ins[1], dtype=np.float64).reshape(-1)
+    scale = xp.asarray(ins[1], dtype=out.dtype).reshape(-1)
     if scale.size > 1:
         shape = [1] * ins[0].ndim
         shape[int(attributes(node).get("axis", 1)) % ins[0].ndim] = scale.size
@@ -218,11 +296,11 @@ def _leaky(xp, node, ins, out):
 
 
 def _prelu(xp, node, ins, out):
-    return xp.where(ins[0] > 0, 1.0, xp.asarray(ins[1], np.float64))
+    return xp.where(ins[0] > 0, 1.0, xp.asarray(ins[1], out.dtype))
 
 
 def _clip_slope(xp, node, ins, out):
-    return (out == ins[0]).astype(np.float64)
+    return (out == ins[0]).astype(out.dtype)
 
 
 def _hard_sigmoid(xp, node, ins, out):
@@ -316,53 +394,68 @@ def _channel_window_sum(a, lo, hi):
 
 def _maxpool(node, ins, is_data, out, grad):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
-    forward output), found and scattered tap by tap through strided views of the padded input: no [.., k*k]
-    stack of windows and no scatter with repeated indices."""
+    forward output). The switches are found once on the forward values (``maxpool_switches``); one weighted
+    ``bincount`` then scatters every instance's gradient, repeated indices (overlapping windows) adding up."""
     x, xp = ins[0], array_module(grad)
     window = Window.of(attributes(node), x.shape[2:])
-    kernel, begin = window.kernel, window.begin
-    m, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     qh, qw = out.shape[2:]
-    padded = xp.full((m, c, *_padded_size((h, w), window, (qh, qw))), -np.inf)
-    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
-    gpad, claimed = xp.zeros_like(padded), xp.zeros(out.shape, bool)
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            hit = _tap(padded, i, j, window, (qh, qw)) == out
-            hit &= ~claimed  # ties: the first maximum only
-            claimed |= hit
-            _tap(gpad, i, j, window, (qh, qw))[...] += grad * hit
+    size = _padded_size((h, w), window, (qh, qw))
+    switch = maxpool_switches(x, out, window)
+    m, plane = len(grad), size[0] * size[1]
+    base = (xp.arange(m)[:, None] * c + xp.arange(c)[None, :]) * plane  # [M, C]: where each instance's plane starts
+    index = xp.broadcast_to(switch, (m, c, qh, qw)) + base[:, :, None, None]
+    gpad = xp.bincount(index.reshape(-1), weights=grad.reshape(-1), minlength=m * c * plane)
+    gpad = gpad.reshape(m, c, *size).astype(grad.dtype, copy=False)
+    begin = window.begin
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
+
+
+def maxpool_switches(x, out, window: Window):
+    """[B, C, Q_y, Q_x]: the flat index, in the padded input plane (``_padded_size``), of each window's first
+    maximum (onnxruntime's switch: the first tap equal to the output), tap by tap through strided views."""
+    xp = array_module(x)
+    (h, w), (qh, qw), begin = x.shape[2:], out.shape[2:], window.begin
+    size = _padded_size((h, w), window, (qh, qw))
+    padded = xp.full((len(x), x.shape[1], *size), -np.inf, x.dtype)
+    padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w] = x
+    flat = xp.arange(size[0] * size[1]).reshape(size)
+    switch = xp.full(out.shape, -1, np.int64)
+    for i in range(window.kernel[0]):
+        for j in range(window.kernel[1]):
+            hit = (_tap(padded, i, j, window, (qh, qw)) == out) & (switch < 0)  # ties: the first maximum only
+            switch = xp.where(hit, _tap(flat, i, j, window, (qh, qw)), switch)
+    return xp.maximum(switch, 0)  # none only where no gradient flows (a NaN window)
 
 
 def _global_pool(node, ins, is_data, out, grad):
     x, xp = ins[0], array_module(grad)
     if node.op_type == "GlobalAveragePool":
-        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), x.shape).copy()], _none_added(grad)
+        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), _batched(x, grad)).copy()], _none_added(grad)
     flat = x.reshape(*x.shape[:2], -1)
-    g = xp.zeros_like(flat)
-    m, c = xp.indices(flat.shape[:2])
-    g[m, c, xp.argmax(flat, axis=2)] = grad.reshape(*grad.shape[:2])  # the first maximum
-    return [g.reshape(x.shape)], _none_added(grad)
+    g = xp.zeros((len(grad), *flat.shape[1:]), grad.dtype)
+    m, c = xp.indices(g.shape[:2])
+    g[m, c, xp.broadcast_to(xp.argmax(flat, axis=2), g.shape[:2])] = grad.reshape(*grad.shape[:2])  # first maximum
+    return [g.reshape(_batched(x, grad))], _none_added(grad)
 
 
 def _reduce(node, ins, is_data, out, grad):
     """Mean and Sum spread the gradient evenly over what they reduce; Max gives it to the first maximum."""
     x, xp = ins[0], array_module(grad)
     axes = tuple(sorted(reduce_axes(attributes(node), ins[1] if len(ins) > 1 else None, x.ndim) - {0}))
-    kept = list(x.shape)
+    kept = list(_batched(x, grad))
     for a in axes:
         kept[a] = 1
     g = grad.reshape(kept)
     if node.op_type == "ReduceMax":
         moved = xp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
         flat = moved.reshape(*moved.shape[: x.ndim - len(axes)], -1)
-        hit = xp.zeros_like(flat)
+        hit = xp.zeros(flat.shape, grad.dtype)
         xp.put_along_axis(hit, xp.argmax(flat, axis=-1)[..., None], 1.0, axis=-1)
         mask = xp.moveaxis(hit.reshape(moved.shape), tuple(range(x.ndim - len(axes), x.ndim)), axes)
         return [g * mask] + [None] * (len(ins) - 1), _none_added(grad)
     count = int(np.prod([x.shape[a] for a in axes])) if node.op_type == "ReduceMean" else 1
-    return [xp.broadcast_to(g / count, x.shape).copy()] + [None] * (len(ins) - 1), _none_added(grad)
+    return [xp.broadcast_to(g / count, _batched(x, grad)).copy()] + [None] * (len(ins) - 1), _none_added(grad)
 
 
 def _layer_norm(node, ins, is_data, out, grad):
@@ -440,7 +533,7 @@ def _product_of_maps(node, a, b, grad):
 
 
 def _reshape_like(node, ins, is_data, out, grad):
-    return [grad.reshape(ins[0].shape)] + [None] * (len(ins) - 1), _none_added(grad)
+    return [grad.reshape(_batched(ins[0], grad))] + [None] * (len(ins) - 1), _none_added(grad)
 
 
 def _transpose(node, ins, is_data, out, grad):
@@ -467,7 +560,7 @@ def _gemm(node, ins, is_data, out, grad):
     added = _none_added(grad)
     if node.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
         added = (g2 * attrs.get("beta", 1.0) * _on(grad, ins[2]).reshape(1, -1)).sum(axis=1)
-    return [(alpha * g2 @ matrix.T).reshape(ins[0].shape), None, None][: len(ins)], added
+    return [(alpha * g2 @ matrix.T).reshape(_batched(ins[0], grad)), None, None][: len(ins)], added
 
 
 def _pad(node, ins, is_data, out, grad):
@@ -476,7 +569,7 @@ def _pad(node, ins, is_data, out, grad):
     pads = np.asarray(attrs["pads"] if "pads" in attrs else ins[1], np.int64)
     if (pads < 0).any() or (len(ins) > 3 and ins[3] is not None) or attrs.get("mode", "constant") != "constant":
         raise NotDecodable("only a constant Pad with non-negative pads on every axis is supported")
-    index = tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(x.ndim))
+    index = (slice(None),) + tuple(slice(int(pads[a]), int(pads[a]) + x.shape[a]) for a in range(1, x.ndim))
     value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and np.size(ins[2]) else 0.0
     ring = grad.copy()
     ring[index] = 0
@@ -487,8 +580,8 @@ def _slice(node, ins, is_data, out, grad):
     """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
     x, xp = ins[0], array_module(grad)
     ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
-    index = tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape))
-    gx = xp.zeros(x.shape)
+    index = (slice(None),) + tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape) if a)
+    gx = xp.zeros(_batched(x, grad), grad.dtype)
     gx[index] = grad
     return [gx] + [None] * (len(ins) - 1), _none_added(grad)
 
@@ -502,6 +595,133 @@ def _split(node, ins, is_data, out, grads):
 
 def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def _conv_transpose(node, ins, is_data, out, grad):
+    """The gradient of a transposed convolution is the convolution of the output gradient with the same kernel."""
+    x, w = ins[0], _on(grad, ins[1])  # w [C_in, C_out/g, k_y, k_x]
+    attrs = attributes(node)
+    window = transposed_window(attrs, x.shape[2:], out.shape[2:], w.shape[2:])
+    gx = _correlated(grad, w, int(attrs.get("group", 1)), window, x.shape[2:])
+    has_bias = len(ins) > 2 and ins[2] is not None
+    added = array_module(grad).einsum("mkhw,k->m", grad, _on(grad, ins[2])) if has_bias else _none_added(grad)
+    return [gx, None, None][: len(ins)], added
+
+
+def transposed_window(attrs: dict, in_size, out_size, kernel) -> Window:
+    """A ConvTranspose's window as seen from its output: input position i, tap t writes output i*s - p + t*d. The
+    leading pad p is ``pads`` or, with ``output_shape`` or ``auto_pad`` SAME_*, the total padding
+    ``(n_in - 1)*s + output_padding + (k - 1)*d + 1 - n_out`` split as onnxruntime does (the larger half last for
+    SAME_UPPER, first otherwise)."""
+    kernel = tuple(int(k) for k in kernel)
+    strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
+    extra = tuple(attrs.get("output_padding", (0, 0)))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+    begin = tuple(int(p) for p in pads[:2])
+    if "output_shape" in attrs or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max(0, (n - 1) * s + op + (k - 1) * d + 1 - q)
+                 for n, s, op, k, d, q in zip(in_size, strides, extra, kernel, dilations, out_size)]
+        begin = tuple(t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total)
+    elif auto_pad == "VALID":
+        begin = (0, 0)
+    end = tuple(max(0, (n - 1) * s + (k - 1) * d + 1 - b - q)
+                for n, s, k, d, b, q in zip(in_size, strides, kernel, dilations, begin, out_size))
+    return Window(kernel, strides, dilations, begin, end)
+
+
+def _correlated(grad, w, groups, window: Window, out_size):
+    """``out[m, c, i, j] = sum_{o, ki, kj} w[c, o, ki, kj] * grad_pad[m, o, i*s + ki*d, j*s + kj*d]``: the
+    convolution (no flip) of ``grad`` [M, K, Q_y, Q_x], padded by ``window.begin``/``end``, with ``w``
+    [C, K/g, k_y, k_x]; one GEMM per group and block of taps over all instances and positions."""
+    xp = array_module(grad)
+    m, k_out, qh, qw = grad.shape
+    begin = window.begin
+    size = [max(b + q + e, s * (n - 1) + span)
+            for b, q, e, s, n, span in zip(begin, (qh, qw), window.end, window.strides, out_size, window.span)]
+    padded = xp.zeros((m, k_out, *size), grad.dtype)
+    padded[:, :, begin[0] : begin[0] + qh, begin[1] : begin[1] + qw] = grad
+    c, kog = w.shape[:2]
+    cig = c // groups
+    taps = [(i, j) for i in range(window.kernel[0]) for j in range(window.kernel[1])]
+    result = xp.zeros((m, c, *out_size), grad.dtype)
+    block = max(1, TEMP_BYTES // max(1, kog * m * out_size[0] * out_size[1] * grad.itemsize))
+    for g in range(groups):
+        source = padded[:, g * kog : (g + 1) * kog]
+        wg = w[g * cig : (g + 1) * cig]
+        total = 0
+        for start in range(0, len(taps), block):
+            chosen = taps[start : start + block]
+            cols = xp.concatenate([_tap(source, i, j, window, out_size).transpose(1, 0, 2, 3).reshape(kog, -1)
+                                   for i, j in chosen])  # [taps*K/g, M*H*W]
+            left = xp.concatenate([wg[:, :, i, j] for i, j in chosen], axis=1)  # [C/g, taps*K/g]
+            total = total + xp.matmul(left, cols)
+        result[:, g * cig : (g + 1) * cig] = total.reshape(cig, m, *out_size).transpose(1, 0, 2, 3)
+    return result
+
+
+def _resize(node, ins, is_data, out, grad):
+    """Resize and Upsample are linear in their input, one interpolation matrix per spatial axis (nearest, linear
+    and cubic are separable): the gradient is ``A_y^T grad A_x``. The matrices are onnxruntime's own, read off
+    impulses (``resize_matrices``), so every mode and phase is onnxruntime's."""
+    x, xp = ins[0], array_module(grad)
+    if tuple(out.shape[:2]) != tuple(x.shape[:2]):
+        raise NotDecodable("it resizes the batch or channel axis")
+    a_y, a_x = resize_matrices(node, [None if v is None or d else np.asarray(v) for v, d in zip(ins, is_data)],
+                               tuple(x.shape[2:]), tuple(out.shape[2:]))
+    g = xp.matmul(xp.asarray(a_y.T, grad.dtype), grad)  # [M, C, H_in, W_out]
+    return [xp.matmul(g, xp.asarray(a_x, grad.dtype))] + [None] * (len(ins) - 1), _none_added(grad)
+
+
+def resize_matrices(node, constants: list, in_size, out_size) -> tuple[np.ndarray, np.ndarray]:
+    """``(A_y [H_out, H_in], A_x [W_out, W_in])`` of a Resize/Upsample node: onnxruntime run once on row and
+    column impulses (an input [H_in + W_in, 1, H_in, W_in]), cached per node and size."""
+    key = (node.SerializeToString(), tuple(None if c is None else (c.tobytes(), c.shape, str(c.dtype))
+                                            for c in constants[1:]), in_size, out_size)
+    if key not in _RESIZE_CACHE:
+        _RESIZE_CACHE[key] = _resize_impulses(node, constants, in_size, out_size)
+    return _RESIZE_CACHE[key]
+
+
+_RESIZE_CACHE: dict = {}
+
+
+def _resize_impulses(node, constants, in_size, out_size):
+    from onnx import TensorProto, helper, numpy_helper
+
+    (h, w), (qh, qw) = in_size, out_size
+    batch = h + w
+    inputs, inits = ["x"], []
+    for index, (name, value) in enumerate(zip(node.input[1:], constants[1:]), start=1):
+        if not name:
+            inputs.append("")
+            continue
+        value = np.asarray(value)
+        if node.op_type == "Resize" and index == 3 and value.size == 4:  # sizes [N, C, H, W]: this batch
+            value = np.asarray([batch, 1, *value[2:]], value.dtype)
+        inits.append(numpy_helper.from_array(value, f"c{index}"))
+        inputs.append(f"c{index}")
+    one = helper.make_node(node.op_type, inputs, ["y"], **{a.name: helper.get_attribute_value(a)
+                                                          for a in node.attribute})
+    graph = helper.make_graph([one], "impulses", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    attrs = attributes(node)
+    opset = 9 if node.op_type == "Upsample" else 10 if len(node.input) == 2 else (
+        11 if attrs.get("coordinate_transformation_mode") == "tf_half_pixel_for_nn" else 19)
+    impulses = np.zeros((batch, 1, h, w), np.float32)
+    impulses[np.arange(h), 0, np.arange(h), :] = 1.0
+    impulses[h + np.arange(w), 0, :, np.arange(w)] = 1.0
+    try:
+        y = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])).run(
+            None, {"x": impulses})[0]
+    except FdsubError as exc:
+        raise NotDecodable(str(exc)) from None
+    if y.shape != (batch, 1, qh, qw):
+        raise NotDecodable(f"resizing impulses gave shape {list(y.shape)}, not [{batch}, 1, {qh}, {qw}]")
+    a_y, a_x = y[:h, 0, :, 0].T.astype(np.float64), y[h:, 0, 0, :].T.astype(np.float64)
+    if not (np.allclose(a_y.sum(axis=1), 1, atol=1e-5) and np.allclose(a_x.sum(axis=1), 1, atol=1e-5)):
+        raise NotDecodable("its interpolation weights do not sum to 1 (an extrapolation value or crop-and-resize)")
+    return a_y, a_x
 
 
 #: ops decodable in ``weights`` mode that the backward passes refuse, with the reason
@@ -523,6 +743,7 @@ LOCAL_RULES = {
     "HardSigmoid": _slope(_hard_sigmoid), "HardSwish": _slope(_hard_swish), "Elu": _slope(_elu),
     "Sigmoid": _slope(_sigmoid), "Tanh": _slope(_tanh), "Softplus": _slope(_softplus),
     "Selu": _slope(_selu), "Celu": _slope(_celu), "Gelu": _slope(_gelu), "Mish": _slope(_mish), "LRN": _lrn,
+    "Resize": _resize, "Upsample": _resize, "ConvTranspose": _conv_transpose,
 }
 #: ``deconvnet``: the local rules with the rectifiers overridden (a mode is a table of overrides)
 DECONVNET_RULES = LOCAL_RULES | {"Relu": _relu_deconvnet, "Clip": _clip_deconvnet, "LeakyRelu": _leaky_deconvnet,

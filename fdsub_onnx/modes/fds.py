@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper
 
 from ..data.topn import TopN, instance_weights, start_top
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
-from ..graph.model import ancestors, attributes
+from ..graph.model import Model, ancestors, attributes
 from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
@@ -420,3 +421,42 @@ def parse_select(select: str) -> int | None:
         if k >= 1:
             return k
     raise FdsubError(f"--select must be one of {', '.join(SELECTS)} (K a positive integer); got {select!r}")
+
+
+def substituted(linear: Model, substitution: Substitution) -> Model | str:
+    """The linearized network with each substituted node's weight replaced as bottom-up fds composes it, so the
+    adjoint route decodes ``fds`` too: a Conv's weight becomes ``select(W * a_bar)``, a MaxPool (an average in
+    ``linear``) a depthwise Conv with its mean switch, a fully connected layer's matrix the substituted one.
+    A string says why it cannot (a fully connected layer on a map flattened in another order than C)."""
+    nodes, constants = [], dict(linear.constants)
+    for node in linear.nodes:
+        stat = substitution.stats.get(node.output[0]) if node.output else None
+        if stat is None:
+            nodes.append(node)
+            continue
+        name = f"{node.output[0]}::substituted"
+        attrs = attributes(node)
+        if node.op_type == "Conv":
+            constants[name] = substitution.weight(node, np.asarray(linear.constants[node.input[1]], np.float64))
+            nodes.append(helper.make_node("Conv", [node.input[0], name, *node.input[2:]], list(node.output),
+                                          name=node.name, **attrs))
+        elif node.op_type == "AveragePool":  # a MaxPool of the model: the mean switch as depthwise weights
+            channels = linear.shapes[node.input[0]][1]
+            constants[name] = np.asarray(stat, np.float64).reshape(channels, 1, *attrs["kernel_shape"])
+            kept = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+            nodes.append(helper.make_node("Conv", [node.input[0], name], list(node.output), name=node.name,
+                                          group=int(channels), **kept))
+        elif node.op_type in ("Gemm", "MatMul") and len(linear.shapes.get(node.input[0], ())) == 2:
+            matrix = np.asarray(linear.constants[node.input[1]], np.float64)
+            if node.op_type == "Gemm":
+                matrix = attrs.get("alpha", 1.0) * (matrix.T if attrs.get("transB", 0) else matrix)
+            n = matrix.shape[1]
+            weight = substitution.weight(node, matrix.T.reshape(n, -1, 1, 1))
+            constants[name] = np.ascontiguousarray(weight.reshape(n, -1).T)
+            inputs = [node.input[0], name, *node.input[2:3]]
+            kept = {"beta": attrs["beta"]} if node.op_type == "Gemm" and "beta" in attrs else {}
+            nodes.append(helper.make_node(node.op_type, inputs, list(node.output), name=node.name, **kept))
+        else:
+            return f"the fds statistics of {node.op_type} node {linear.node_name(node)!r} have no data-free form here"
+    return dataclasses.replace(linear, nodes=nodes, constants=constants,
+                               producer={o: n for n in nodes for o in n.output})

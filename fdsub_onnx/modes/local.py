@@ -14,21 +14,23 @@ from ..compose.backend import array_module, get_backend, resolve_device
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
-from ..graph.model import find_layer
+from ..graph.model import ancestors, find_layer
 from ..runtime.capture import capture_top
-from .backward import forward_for, instance_gradients, instances_per_batch
+from .backward import BACKWARD_MODES, forward_for, image_gradients, per_image_bytes
+from .cone import cone_gradients, cones
 from .result import Decoded
 
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
-                     per_instance: bool = False, instances: TopN | None = None, batch_size: int = 16,
+                     per_instance: bool = False, instances: TopN | None = None, batch_size: int = 128,
                      progress=None, device="cpu", dtype: str = "float32", client=None) -> Decoded:
     """Decode ``neurons`` of ``layer`` from their ``top`` instances on ``images`` (or the given ``instances``).
 
-    Instances run ``batch_size`` at a time, fewer when memory is short (``instances_per_batch``). On
-    ``device="gpu"`` each batch runs its backward pass in CuPy; only the receptive-field cuts come back to
-    the host. The passes run in float64; ``dtype`` is that of the result. A Dask ``client`` runs the capture of
-    the instances on the cluster; the backward passes (as many as instances, not images) run here.
+    Instances are taken image by image: onnxruntime runs once per image, and that image's instances (up to
+    ``batch_size``, fewer when memory is short) share its forward values in one GEMM-shaped backward pass.
+    On ``device="gpu"`` the passes run in CuPy; only the receptive-field cuts come back to the host. The
+    passes and the result are in ``dtype`` (float32, or float64 on request). A Dask ``client`` runs the capture
+    of the instances on the cluster; the backward passes (as many as instances, not images) run here.
     """
     device = resolve_device(device)
     target = find_layer(model, layer).output[0]
@@ -44,26 +46,54 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
             if per_instance else None)
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
-    batch_size = instances_per_batch(model, target, batch_size, backend)
-    to_numpy = backend.to_numpy
+    image_bytes, instance_bytes = per_image_bytes(model, target, np.dtype(dtype).itemsize)
+    room = backend.free_bytes() // 4  # a quarter: the report runs two passes at once
+    per_pass = int(max(1, min(batch_size, (room - image_bytes) // max(instance_bytes, 1))))
+    images_at_once = int(max(1, min(8, room // 2 // max(image_bytes, 1))))
+    nodes = ancestors(model, [target])
+    cone = cones(model, nodes, target)
+    image = None if cone is None else cone.get(model.input_name)
+    if image is None or (image.ratio, image.start, image.size) != (tuple(geom.stride), tuple(geom.origin),
+                                                                    tuple(geom.rf)):
+        cone = None  # not a chain of windowed and elementwise ops: whole maps
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
-    for start in range(0, len(rows), batch_size):
-        r, c = rows[start : start + batch_size], cols[start : start + batch_size]
-        index = found.image_index[r, c]
+    index = found.image_index[rows, cols]
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])  # each image's first instance
+    bounds = list(zip(starts, np.r_[starts[1:], len(rows)]))
+    done = 0
+    for block in range(0, len(bounds), images_at_once):
+        spans = bounds[block : block + images_at_once]
+        wanted = [int(index[start]) for start, _ in spans]
         loaded = {}
-        for first, batch in read_indices(images, np.unique(index), batch_size):
+        for first, batch in read_indices(images, np.asarray(wanted), len(wanted)):
             loaded.update({first + i: image for i, image in enumerate(batch)})
-        grads, offsets = instance_gradients(model, target, np.stack([loaded[i] for i in index]), found.neurons[r],
-                                            found.position[r, c], rule, forward, device)
-        cut, offsets = to_numpy(_receptive_fields(grads, found.position[r, c], geom)), to_numpy(offsets)
-        np.add.at(filters, r, weights[r, c, None, None, None] * cut)
-        np.add.at(bias, r, weights[r, c] * offsets)
-        if each is not None:
-            each[0][r, c], each[1][r, c] = cut, offsets
-        if progress is not None:
-            progress(min(start + batch_size, len(rows)), len(rows))
+        values = forward(np.stack([loaded[i] for i in wanted]))
+        for b, (start, end) in enumerate(spans):
+            own = {name: backend.asarray(v[b : b + 1], dtype) for name, v in values.items()}
+            for lo in range(start, end, per_pass):
+                r, c = rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)]
+                if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
+                    cut, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                                  BACKWARD_MODES[rule], rule, nodes, cone)
+                else:
+                    grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                                     rule, nodes)
+                    cut = _receptive_fields(grads, found.position[r, c], geom)
+                cut = backend.to_numpy(cut)
+                offsets = backend.to_numpy(offsets)
+                if len(np.unique(r)) == len(r):  # one instance per neuron and image (the default): no repeats
+                    filters[r] += weights[r, c, None, None, None] * cut
+                    bias[r] += weights[r, c] * offsets
+                else:
+                    np.add.at(filters, r, weights[r, c, None, None, None] * cut)
+                    np.add.at(bias, r, weights[r, c] * offsets)
+                if each is not None:
+                    each[0][r, c], each[1][r, c] = cut, offsets
+                done += len(r)
+                if progress is not None:
+                    progress(done, len(rows))
     if rule != "local":
         bias[:] = 0
         if each is not None:
@@ -76,10 +106,11 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
 
 def _receptive_fields(grads: np.ndarray, positions: np.ndarray, geom) -> np.ndarray:
     """[M, C, R_y, R_x]: each gradient's window ``[O + q*S, O + q*S + R)``, zero outside the image."""
-    ry, rx = geom.rf
+    (ry, rx), (h, w) = geom.rf, grads.shape[2:]
     xp = array_module(grads)
-    padded = xp.pad(grads, ((0, 0), (0, 0), (ry, ry), (rx, rx)))
-    out = xp.empty((len(grads), grads.shape[1], ry, rx))
-    for m, (y, x) in enumerate(geom.corner(positions) + (ry, rx)):
-        out[m] = padded[m, :, y : y + ry, x : x + rx]
+    out = xp.zeros((len(grads), grads.shape[1], ry, rx), grads.dtype)
+    for m, (y, x) in enumerate(geom.corner(positions)):
+        y0, y1, x0, x1 = max(y, 0), min(y + ry, h), max(x, 0), min(x + rx, w)
+        if y1 > y0 and x1 > x0:
+            out[m, :, y0 - y : y1 - y, x0 - x : x1 - x] = grads[m, :, y0:y1, x0:x1]
     return out

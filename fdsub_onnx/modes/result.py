@@ -13,8 +13,14 @@ from ..graph.geometry import Geometry
 class Decoded:
     """Decoded filters of some neurons of one layer.
 
-    For neuron ``neurons[k]`` at output position (qy, qx) whose receptive field lies in
-    the image: response = sum(filters[k] * image[:, oy+qy*sy : oy+qy*sy+ry, ox+qx*sx : ox+qx*sx+rx]) + bias[k].
+    For neuron ``neurons[k]`` at output position (qy, qx) whose receptive field lies in the image (``exact_at``
+    "interior"), or at ``position`` alone (``exact_at`` "position": a position whose field reads padding, or a
+    layer after an upsampling, whose ``stride`` is then (0, 0)), with the image zero-extended beyond its border:
+    response = sum(filters[k] * image[:, oy+qy*sy : oy+qy*sy+ry, ox+qx*sx : ox+qx*sx+rx]) + bias[k].
+
+    ``filters`` may hold only part of the receptive field: the rows and columns that overlap the image for some
+    output position (``crop`` is the offset of that part in the field of size ``field``; ``origin`` is that of
+    the part held). The formula is the same: what was left out never meets a pixel.
     """
 
     filters: np.ndarray  # [K, C_image, R_y, R_x]
@@ -29,6 +35,11 @@ class Decoded:
     instance_bias: np.ndarray | None = None  # [K, N]
     instances: object = None  # the TopN a data-driven decode used (saved as top.npz)
     gates: dict = field(default_factory=dict)  # Mul output -> per-channel value each channel gate was held at
+    position: tuple[int, int] | None = None  # the output position a weights decode was made at
+    exact_at: str = "interior"  # where the formula holds: "interior" positions, or "position" alone
+    crop: tuple[int, int] = (0, 0)  # offset of ``filters`` in the receptive field
+    field: tuple[int, int] | None = None  # the whole receptive field (None: that of ``filters``)
+    plan: object = None  # how a weights decode was computed (``modes.plan.Plan``)
 
     @property
     def receptive_field(self) -> tuple[int, int]:
@@ -36,8 +47,10 @@ class Decoded:
 
     @property
     def geometry(self) -> Geometry:
-        """The layer's geometry as these filters carry it (stride, receptive field, origin, crop bounds)."""
-        return Geometry(tuple(self.stride), self.receptive_field, tuple(self.origin), self.bounds)
+        """The layer's geometry (stride, whole receptive field, its origin, crop bounds)."""
+        rf = tuple(self.field) if self.field is not None else self.receptive_field
+        origin = (self.origin[0] - self.crop[0], self.origin[1] - self.crop[1])
+        return Geometry(tuple(self.stride), rf, origin, self.bounds)
 
     @property
     def degenerate(self) -> list[str | None]:
@@ -46,7 +59,12 @@ class Decoded:
         return [degenerate_kind(f, b) for f, b in zip(self.filters, self.bias)]
 
     def interior(self, image_size, out_size) -> np.ndarray:
-        """Boolean [Q_y, Q_x] mask of output positions whose receptive field lies in the image (and bounds)."""
+        """Boolean [Q_y, Q_x] mask of the output positions where the formula holds: those whose receptive field
+        lies in the image (and bounds), or ``position`` alone."""
+        if self.exact_at == "position":
+            mask = np.zeros(tuple(out_size), bool)
+            mask[tuple(self.position)] = True
+            return mask
         return self.geometry.interior(image_size, out_size)
 
 

@@ -87,7 +87,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     chosen, left_out = within_memory(model, chosen, picks, layers is not None, device)
     picks = picks[: len(chosen)]
     if left_out and note is not None:
-        note(f"left out {', '.join(left_out)}: {left_out[0]!r} and deeper need more memory than is free")
+        note(f"left out {', '.join(left_out)}: no route decodes them in the memory left")
     steps = 2 + 3 * len(chosen)  # compare_layers' 1 + 3 per layer, then the page
 
     def compared(done, total):
@@ -408,10 +408,11 @@ def _summary(summary: Summary, chosen: list[Layer], left_out: list[str]) -> str:
         name = escape(layer.name)
         if layer.name in reported:
             name = f'<a href="#L{reported[layer.name]}">{name}</a>'
-        geometry = ("", "", "") if not layer.decodable else (
+        geometry = ("", "", "") if not layer.decodable or layer.stride is None else (
             "&times;".join(map(str, layer.stride)), "&times;".join(map(str, layer.receptive_field)),
             ", ".join(map(str, layer.origin)))
-        state = "yes" if layer.decodable else f"no: {escape(str(layer.reason))}"
+        state = ("per position" if layer.per_position else "yes") if layer.decodable else (
+            f"no: {escape(str(layer.reason))}")
         rows.append(f'<tr class="{"ok" if layer.decodable else "blocked"}"><td>{name}</td><td>{escape(layer.node)}</td>'
                     f"<td>{escape(layer.op)}</td><td>{'' if layer.channels is None else layer.channels}</td>"
                     f"<td>{geometry[0]}</td><td>{geometry[1]}</td><td>{geometry[2]}</td><td>{state}</td></tr>")

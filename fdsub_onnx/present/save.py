@@ -61,7 +61,15 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
         "origin": np.asarray(decoded.origin, dtype=np.int64).reshape(2),
         "layer": np.asarray(str(decoded.layer)),
         "mode": np.asarray(str(decoded.mode)),
-    } | ({} if getattr(decoded, "instance_filters", None) is None else {
+    } | ({} if getattr(decoded, "position", None) is None else {
+        # weights mode: the output position decoded at, and where the filters hold ("interior" or "position")
+        "position": np.asarray(decoded.position, dtype=np.int64).reshape(2),
+        "exact_at": np.asarray(str(decoded.exact_at)),
+    }) | ({} if tuple(getattr(decoded, "crop", (0, 0))) == (0, 0) and getattr(decoded, "field", None) is None else {
+        # filters cut to what can meet the image: their offset in the whole receptive field, and its size
+        "crop": np.asarray(decoded.crop, dtype=np.int64).reshape(2),
+        "receptive_field": np.asarray(decoded.field, dtype=np.int64).reshape(2),
+    }) | ({} if getattr(decoded, "instance_filters", None) is None else {
         "instance_filters": np.ascontiguousarray(decoded.instance_filters),
         "instance_bias": np.ascontiguousarray(decoded.instance_bias),
     }) | ({} if not getattr(decoded, "gates", None) else {

@@ -20,8 +20,10 @@ from fdsub_onnx.cli.main import app
 
 runner = CliRunner()
 
-NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode"}
-LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module"}
+NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode", "position", "exact_at", "crop",
+            "receptive_field"}
+LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module",
+              "per_position"}
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -152,9 +154,10 @@ def test_decode_writes_npz_and_png_contract(nets, tmp_path):
     assert d["filters"].dtype == np.float32 and d["filters"].shape == (4, 3, 8, 8)
     assert d["bias"].dtype == np.float32 and d["bias"].shape == (4,)
     assert np.issubdtype(d["neurons"].dtype, np.integer) and d["neurons"].tolist() == [0, 1, 2, 3]
-    for key, want in (("stride", [2, 2]), ("origin", [-1, -1])):
+    for key, want in (("stride", [2, 2]), ("origin", [-1, -1]), ("position", [2, 2]), ("crop", [0, 0]),
+                      ("receptive_field", [8, 8])):
         assert np.issubdtype(d[key].dtype, np.integer) and d[key].shape == (2,) and d[key].tolist() == want
-    for key, want in (("layer", nets.last), ("mode", "weights")):
+    for key, want in (("layer", nets.last), ("mode", "weights"), ("exact_at", "interior")):
         assert d[key].dtype.kind == "U" and d[key].shape == () and str(d[key]) == want
     with Image.open(out / "filters.png") as image:
         assert image.format == "PNG" and image.mode == "RGB"

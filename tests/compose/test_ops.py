@@ -148,12 +148,22 @@ def test_unsupported_op_blocks_only_later_layers(load):
     layers = {layer.name: layer for layer in fd.inspect_model(model).layers}
     assert list(layers) == [first, second, third, fourth]
     assert layers[first].decodable and layers[second].decodable
-    for name in (third, fourth):
-        assert not layers[name].decodable, name
+    assert not layers[first].per_position and not layers[second].per_position
+    for name in (third, fourth):  # after the upsampling: one position at a time (the adjoint), no geometry
+        assert layers[name].decodable and layers[name].per_position, name
+        assert layers[name].receptive_field is None
         assert "Resize" in layers[name].reason and up in layers[name].reason, layers[name].reason
-    with pytest.raises(fd.FdsubError, match=f"not decodable.*Resize.*{up}"):
-        fd.decode(model, fourth)
+    with pytest.raises(fd.FdsubError, match="cannot be decoded by the bottom-up route"):
+        fd.decode(model, fourth, route="bottom-up")
+    decoded = fd.decode(model, fourth)
+    assert decoded.plan.route == "adjoint" and decoded.exact_at == "position" and tuple(decoded.stride) == (0, 0)
     assert fd.decode(model, second).filters.shape[0] == 4
+    blocked = NetBuilder(height=10, width=10)
+    soft = blocked._node("Softmax", [blocked.conv("input", 4, 3)], (4, 8, 8), axis=1)
+    last = blocked.conv(soft, 2, 3)
+    model = load(blocked.build([last]))
+    with pytest.raises(fd.FdsubError, match="not decodable.*Softmax"):
+        fd.decode(model, last)
 
 
 # ---- input shapes ----------------------------------------------------------------------------
@@ -388,7 +398,47 @@ def test_decode_refuses_banks_larger_than_free_memory(small_model, monkeypatch):
 
     model, last = small_model
     monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: 1024)
-    with pytest.raises(fd.FdsubError, match=r"needs about .* GiB of filter banks .* but 0\.0 GiB is free"):
+    with pytest.raises(fd.FdsubError, match=r"does not fit in the 1\.0 KiB free \(bottom-up: needs about .*; "
+                                            r"adjoint: one seed needs"):
         fd.decode(model, last)
-    with pytest.raises(fd.FdsubError, match="GiB"):
+    with pytest.raises(fd.FdsubError, match="does not fit"):
         next(fd.iter_decode(model))
+
+
+def test_memory_advice_says_whether_fewer_neurons_help(load, monkeypatch):
+    """Bottom-up: a wide last layer over a narrow lower one is helped by fewer neurons; a narrow last layer over a
+    wide lower one is not (the lower banks dominate, as EfficientNet's blocks.15 showed). The adjoint: its filters
+    scale with the neurons asked, and the advice says how many fit."""
+    from fdsub_onnx.compose import backend as _backend
+    from fdsub_onnx.compose.engine import Engine
+    from fdsub_onnx.compose.inspect import MEMORY_MARGIN, memory_problem
+
+    engine = Engine(_backend.NumpyBackend(), "float32")
+
+    def need(model, target, rows):
+        return memory_problem.__globals__["_peak"](model, engine, [target], rows) * MEMORY_MARGIN
+
+    wide_top = NetBuilder(height=12, width=12)
+    last = wide_top.conv(wide_top.conv("input", 2, 3), 64, 3)
+    model = load(wide_top.build([last]))
+    all_rows, one_row = need(model, last, None), need(model, last, {last: [0]})
+    monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: int((all_rows + one_row) / 2))
+    assert "decode fewer neurons" in memory_problem(model, engine, [last])
+    wide_bottom = NetBuilder(height=12, width=12)
+    last = wide_bottom.conv(wide_bottom.conv("input", 64, 3), 2, 3)
+    model = load(wide_bottom.build([last]))
+    one_row = need(model, last, {last: [0]})
+    monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: int(one_row / 2))
+    assert "fewer neurons will not help" in memory_problem(model, engine, [last])
+    b = NetBuilder(height=24, width=24)
+    last = b.conv(b.conv("input", 2, 3, 1, (1, 1, 1, 1)), 64, 3, 1, (1, 1, 1, 1))
+    model = load(b.build([last]))
+    monkeypatch.undo()
+    one = fd.decode(model, last, neurons=0, position=(0, 0))  # a border position: the adjoint only
+    assert one.plan.route == "adjoint" and isinstance(one.plan.estimates["bottom-up"], str)
+    filter_bytes = one.filters[0].nbytes
+    monkeypatch.setattr(_backend.NumpyBackend, "free_bytes",
+                        lambda self: int(MEMORY_MARGIN * (one.plan.peak_bytes + 3.5 * filter_bytes)))
+    with pytest.raises(fd.FdsubError, match=r"decode at most 4 neurons at a time"):
+        fd.decode(model, last, position=(0, 0))
+    assert fd.decode(model, last, neurons="0-3", position=(0, 0)).filters.shape[0] == 4

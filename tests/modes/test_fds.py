@@ -131,7 +131,12 @@ def test_fully_connected_statistic_is_the_mean_input_vector(tmp_path, weighting)
         w = w if w.sum() > 0 else np.ones_like(w)
         want = (w[:, None] * flat_acts[top.image_index[k]]).sum(0) / w.sum()
         np.testing.assert_allclose(sub.stats[fc][k], want, rtol=1e-5, atol=1e-6)
-    assert fd.decode(model, fc, mode="fds", substitution=sub).filters.shape == (4, 3, 8, 8)
+    up = fd.decode(model, fc, mode="fds", substitution=sub, dtype="float64")
+    assert up.filters.shape == (4, 3, 8, 8)
+    down = fd.decode(model, fc, mode="fds", substitution=sub, dtype="float64", route="adjoint")  # substituted matrix
+    assert down.plan.route == "adjoint" and np.abs(up.filters).max() > 0
+    np.testing.assert_allclose(down.filters, up.filters, rtol=1e-6, atol=1e-7 * np.abs(up.filters).max())
+    np.testing.assert_allclose(down.bias, up.bias, rtol=1e-6, atol=1e-9)
 
 
 def test_constant_statistics_with_select_all_reduce_to_weights(net):
@@ -141,8 +146,8 @@ def test_constant_statistics_with_select_all_reduce_to_weights(net):
     stats = {names["c1"]: np.full((4, 3, 3, 3), a), names["c2"]: np.full((6, 4, 3, 3), a),
              names["c3"]: np.full((5, 6, 3, 3), a), names["p1"]: np.full((4, 1, 2, 2), 0.25)}
     fds = fd.decode(model, names["c3"], mode="fds", dtype="float64", substitution=Substitution(stats, "all"))
-    weights = fd.decode(model, names["c3"], dtype="float64")
-    assert fds.mode == "fds" and fds.filters.shape == weights.filters.shape
+    weights = fd.decode(model, names["c3"], dtype="float64", route="bottom-up")  # fds is bottom-up: its filters
+    assert fds.mode == "fds" and fds.filters.shape == weights.filters.shape  # hold at interior positions
     np.testing.assert_allclose(fds.filters, a**3 * weights.filters, rtol=1e-10, atol=1e-12)
     other = fd.decode(model, names["c3"], mode="fds", dtype="float64", substitution=Substitution(stats, "positive"))
     assert not np.allclose(other.filters, fds.filters)  # the selection changes something
@@ -242,7 +247,7 @@ def test_first_layer_fds_is_its_weights(net, select, weighting):
     model, _, images, names = net
     fds = fd.decode(model, names["c1"], mode="fds", dtype="float64", images=fd.ArrayImages(images), top=5,
                     select=select, weighting=weighting)
-    weights = fd.decode(model, names["c1"], dtype="float64")
+    weights = fd.decode(model, names["c1"], dtype="float64", route="bottom-up")
     np.testing.assert_allclose(fds.filters, weights.filters, rtol=1e-12, atol=0)
     np.testing.assert_allclose(fds.bias, weights.bias, rtol=1e-12, atol=0)
 
@@ -255,7 +260,7 @@ def test_linear_network_fds_all_is_weights_at_every_layer(name, proto, tmp_path)
     layers = [layer.name for layer in fd.inspect_model(model).layers if layer.decodable]
     fds = {d.layer: d for d in fd.iter_decode(model, layers, mode="fds", dtype="float64", images=images, top=4,
                                               select="all")}
-    weights = {d.layer: d for d in fd.iter_decode(model, layers, dtype="float64")}
+    weights = {d.layer: d for d in fd.iter_decode(model, layers, dtype="float64", route="bottom-up")}
     assert set(fds) == set(weights) == set(layers)
     for layer in layers:
         scale = np.abs(weights[layer].filters).max()
@@ -286,7 +291,7 @@ def test_all_on_relu_network_fds_all_equals_local_and_weights(tmp_path):
     images = fd.ArrayImages(np.random.default_rng(0).uniform(0, 1, (10, 3, 12, 12)))
     assert all((run_ort(proto, images.array, [c])[c] > 0).all() for c in layers[:2])  # the premise
     for layer in layers:
-        weights = fd.decode(model, layer, dtype="float64")
+        weights = fd.decode(model, layer, dtype="float64", route="bottom-up")
         for mode, select in (("fds", "all"), ("local", "all")):
             other = fd.decode(model, layer, mode=mode, dtype="float64", images=images, top=4, select=select)
             scale = np.abs(weights.filters).max()
@@ -314,7 +319,7 @@ def test_units_off_in_every_image_change_fds_as_removing_them(tmp_path):
     fds = {d.layer: d for d in fd.iter_decode(model, [c2, c3], mode="fds", dtype="float64", images=images, top=4,
                                               select="all")}
     for layer in (c2, c3):
-        want = fd.decode(pruned, layer, dtype="float64")
+        want = fd.decode(pruned, layer, dtype="float64", route="bottom-up")
         scale = np.abs(want.filters).max()
         np.testing.assert_allclose(fds[layer].filters, want.filters, rtol=1e-9, atol=1e-12 * scale, err_msg=layer)
         np.testing.assert_allclose(fds[layer].bias, want.bias, rtol=1e-9, atol=1e-9, err_msg=layer)

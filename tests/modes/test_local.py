@@ -344,3 +344,51 @@ def test_iter_decode_honours_neurons_and_dtype_in_instance_modes(mode, tmp_path)
         np.testing.assert_array_equal(got[name].filters, alone.filters)
     with pytest.raises(fd.FdsubError, match="kernel"):
         next(fd.iter_decode(model, [last], mode=mode, images=images, kernel="nope"))
+
+
+def _cone_nets() -> dict:
+    """The ReLU zoo, the window geometries above, and average pools dividing at the border after a Pad."""
+    from netgen import relu_zoo
+
+    nets = dict(relu_zoo())
+    for name, (pool, conv) in GEOMETRIES.items():
+        b = NetBuilder(height=17, width=15, seed=3)
+        x = b.maxpool(b.relu(b.conv("input", 4, 3, 1, (1, 1, 1, 1))), **pool)
+        nets[name] = b.build([b.conv(b.relu(b.conv(x, 8, **{"kernel": 3, **conv})), 3, 2)])
+    b = NetBuilder(height=14, width=13, seed=5)
+    x = b.avgpool(b.pad(b.relu(b.conv("input", 4, 3)), (1, 2, 0, 1)), 3, 2, (1, 1, 1, 1), count_include_pad=0)
+    x = b.avgpool(b.relu(b.conv(x, 4, 3, 1, (1, 1, 1, 1))), 2, 1, (1, 0, 0, 1), count_include_pad=1)
+    nets["avgpool_borders"] = b.build([b.conv(x, 3, 2)])
+    return nets
+
+
+CONE_NETS = sorted(_cone_nets())
+
+
+@pytest.mark.parametrize("case", CONE_NETS)
+@pytest.mark.parametrize("rule", ["local", "deconvnet"])
+def test_cone_passes_equal_whole_map_passes(case, rule, tmp_path, monkeypatch):
+    """Restricted to each instance's receptive-field cone (paddings, ceil_mode and dilated pools, average pools
+    dividing at the border, LRN...), the passes give the whole-map instance filters and biases."""
+    from fdsub_onnx.modes import cone as _cone
+    from fdsub_onnx.modes import local as _local
+
+    proto = _cone_nets()[case]
+    model = load_proto(proto, tmp_path)
+    layers = [layer.name for layer in fd.inspect_model(model).layers if layer.op in ("Conv", "MaxPool")]
+    images = fd.ArrayImages(np.random.default_rng(4).standard_normal((10, *model.input_shape[1:])).astype("float32"))
+    checked = 0
+    for name in layers:
+        found = _cone.cones(model, fd.graph.model.ancestors(model, [name]), name)
+        if found is None:
+            continue
+        cut = decode_instances(model, name, images, top=4, rule=rule, per_instance=True, dtype="float64")
+        with monkeypatch.context() as patch:
+            patch.setattr(_local, "cones", lambda *args: None)
+            whole = decode_instances(model, name, images, top=4, rule=rule, per_instance=True, dtype="float64")
+        scale = np.abs(whole.instance_filters).max()
+        assert scale > 0
+        np.testing.assert_allclose(cut.instance_filters, whole.instance_filters, rtol=1e-9, atol=1e-12 * scale)
+        np.testing.assert_allclose(cut.instance_bias, whole.instance_bias, rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked, f"{case}: no layer has a cone form"

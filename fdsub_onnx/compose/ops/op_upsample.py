@@ -1,11 +1,12 @@
-"""Resize, Upsample, ConvTranspose: refused with their reason (FPN necks, U-Nets, segmentation heads).
+"""Resize, Upsample, ConvTranspose (FPN necks, U-Nets, segmentation heads): decoded per position, not bottom-up.
 
 After an upsampling by s, neighbouring output positions read the same input positions in a pattern that
 repeats every s steps: a neuron's filter depends on the phase of its output position. Bottom-up composition
-holds one filter per channel, so it cannot represent that; the layers below still decode.
+holds one filter per channel, so it cannot represent that (``PhaseDependent``); the adjoint route decodes
+these layers at one position at a time (``modes.adjoint``), and the layers below still decode bottom-up.
 """
 
-from ...errors import NotDecodable
+from ...errors import PhaseDependent as NotDecodable
 from ._rule import OpRule
 
 PHASE = ("a neuron's filter after it depends on the phase of its output position (upsampling repeats input "

@@ -1,0 +1,235 @@
+"""The adjoint route of `weights` mode (docs/method.md, "Routes"): at interior positions it gives the bottom-up
+filters; at every position, border included, it satisfies the identity against onnxruntime on the linearized
+network; meeting bottom-up banks at a split tensor gives the same filters."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from checks import assert_identity, random_images
+from hypothesis import assume, given
+from netgen import linear_zoo, random_linear_dag, relu_zoo, run_ort
+from zoo import linearized
+
+import fdsub_onnx as fd
+from fdsub_onnx.modes.plan import _cuts
+
+
+@functools.cache
+def cases() -> dict:
+    return dict(linear_zoo() + relu_zoo())
+
+
+CASES = list(cases())
+
+
+def linear_copy(proto):
+    """The linearized network for onnxruntime; a dilated MaxPool needs AveragePool's dilations (opset 19)."""
+    try:
+        return linearized(proto, {}, {})
+    except fd.FdsubError:
+        newer = onnx.ModelProto()
+        newer.CopyFrom(proto)
+        newer.opset_import[0].version = 19
+        return linearized(newer, {}, {})
+
+
+def layers_of(model):
+    return [layer.name for layer in fd.inspect_model(model).layers if layer.decodable]
+
+
+def out_size(model, name):
+    shape = model.shapes[name]
+    return tuple(shape[2:]) if len(shape) == 4 else (1, 1)
+
+
+def interior_positions(model, name):
+    geom = fd.layer_geometry(model, name)
+    return [tuple(int(v) for v in q) for q in np.argwhere(geom.interior(model.input_shape[2:], out_size(model, name)))]
+
+
+def border_positions(model, name):
+    geom = fd.layer_geometry(model, name)
+    inside = geom.interior(model.input_shape[2:], out_size(model, name))
+    qy, qx = inside.shape
+    corners = {(0, 0), (0, qx - 1), (qy - 1, 0), (qy - 1, qx - 1), (0, qx // 2), (qy // 2, 0)}
+    return sorted(q for q in corners if not inside[q])
+
+
+def assert_same(a: fd.Decoded, b: fd.Decoded, rtol: float, what: str) -> float:
+    assert a.filters.shape == b.filters.shape, (what, a.filters.shape, b.filters.shape)
+    assert (tuple(a.origin), tuple(a.stride), tuple(a.crop)) == (tuple(b.origin), tuple(b.stride), tuple(b.crop)), what
+    scale = max(np.abs(a.filters).max(), np.abs(a.bias).max(), 1e-300)
+    err = max(np.abs(a.filters - b.filters).max(), np.abs(a.bias - b.bias).max()) / scale
+    assert np.abs(a.filters).max() > 0, f"{what}: all-zero filters compare equal to anything"
+    assert err <= rtol, f"{what}: adjoint and bottom-up differ by {err:.3e} (relative)"
+    return err
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adjoint_equals_bottom_up_at_interior_positions(case, load):
+    model = load(cases()[case])
+    checked = 0
+    for name in layers_of(model):
+        inside = interior_positions(model, name)
+        if not inside:
+            continue
+        q = inside[len(inside) // 2]
+        up = fd.decode(model, name, dtype="float64", route="bottom-up", position=q)
+        down = fd.decode(model, name, dtype="float64", route="adjoint", position=q)
+        assert (up.plan.route, down.plan.route, down.exact_at) == ("bottom-up", "adjoint", "interior")
+        assert_same(up, down, 1e-5, f"{case}/{name} at {q}")
+        checked += 1
+    assert checked, f"{case}: no layer has an interior position"
+
+
+@given(random_linear_dag())
+def test_adjoint_equals_bottom_up_on_random_dags(load, proto):
+    model = load(proto)
+    pairs = []
+    for name in [o.name for o in proto.graph.output]:
+        try:
+            inside = interior_positions(model, name)
+        except fd.FdsubError:
+            continue
+        if inside:
+            pairs.append((name, inside[0]))
+    assume(pairs)
+    for name, q in pairs:
+        up = fd.decode(model, name, dtype="float64", route="bottom-up", position=q)
+        down = fd.decode(model, name, dtype="float64", route="adjoint", position=q)
+        assert_same(up, down, 1e-5, f"{name} at {q}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adjoint_identity_at_border_positions(case, load):
+    """Padding inside the network: only the adjoint holds there; checked against the linearized model."""
+    proto = cases()[case]
+    model = load(proto)
+    linear = linear_copy(proto)
+    images = random_images(model, 3, seed=5)
+    layers = layers_of(model)
+    acts = run_ort(linear, images, layers)
+    checked = 0
+    for name in layers:
+        for q in border_positions(model, name)[:3]:
+            decoded = fd.decode(model, name, dtype="float64", route="adjoint", position=q)
+            assert decoded.exact_at == "position" and decoded.position == q
+            assert_identity(decoded, acts[name], images, rtol=1e-5)
+            checked += 1
+    if not checked:  # nets without padding
+        pytest.skip(f"{case}: every position is interior")
+
+
+def test_border_filter_differs_from_the_interior_one(load):
+    """A padded chain: at its corner the true filter reads zeros where bottom-up assumes data, so the two
+    differ there, and only the adjoint's satisfies the identity (a check that could not fail would pass both)."""
+    proto = cases()["pad_then_conv"] if "pad_then_conv" in cases() else cases()["chain3"]
+    model = load(proto)
+    name = layers_of(model)[-1]
+    q = border_positions(model, name)[0]
+    images = random_images(model, 3, seed=6)
+    act = run_ort(linear_copy(proto), images, [name])[name]
+    down = fd.decode(model, name, dtype="float64", route="adjoint", position=q)
+    assert_identity(down, act, images, rtol=1e-5)
+    up = fd.decode(model, name, dtype="float64", route="bottom-up")
+    forced = fd.Decoded(up.filters, up.bias, up.neurons, up.stride, up.origin, up.layer, up.mode, up.bounds,
+                        position=q, exact_at="position", crop=up.crop, field=up.field)
+    with pytest.raises(AssertionError, match="weights identity broken"):
+        assert_identity(forced, act, images, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["residual_projection", "concat_receptive_fields", "chain3", "relu_residual"])
+def test_meet_in_the_middle_equals_bottom_up(case, load, monkeypatch):
+    """Every cut tensor with the position's reads in its interior: bottom-up banks there, the adjoint above."""
+    from fdsub_onnx.modes import plan as _plan
+
+    model = load(cases()[case])
+    name = layers_of(model)[-1]
+    inside = interior_positions(model, name)
+    assert inside, f"{case}: {name} has no interior position"
+    q = inside[len(inside) // 2]
+    up = fd.decode(model, name, dtype="float64", route="bottom-up", position=q)
+    cuts = [c for c in _cuts(model, fd.graph.model.ancestors(model, [name])) if c != name]
+    assert cuts, f"{case}: no cut tensor below {name}"
+    met = 0
+    for cut in cuts:
+        monkeypatch.setattr(_plan, "_cuts", lambda model, nodes, cut=cut: [cut])
+        try:
+            mid = fd.decode(model, name, dtype="float64", route="meet", position=q)
+        except fd.FdsubError as exc:
+            assert "interior" in str(exc) or "bank" in str(exc), exc
+            continue
+        assert mid.plan.split == cut
+        assert_same(up, mid, 1e-5, f"{case}/{name} meeting at {cut}")
+        met += 1
+    assert met, f"{case}: no split was exact at {q}"
+
+
+def test_default_position_is_the_centre_and_recorded(load, tmp_path):
+    model = load(cases()["chain3"])
+    name = layers_of(model)[-1]
+    qy, qx = out_size(model, name)
+    decoded = fd.decode(model, name)
+    assert decoded.position == ((qy - 1) // 2, (qx - 1) // 2)
+    fd.save_decoded(decoded, tmp_path / "out")
+    saved = np.load(tmp_path / "out" / "decoded.npz")
+    assert tuple(saved["position"]) == decoded.position and str(saved["exact_at"]) == decoded.exact_at
+    with pytest.raises(fd.FdsubError, match="outside the"):
+        fd.decode(model, name, position=(qy, 0))
+
+
+def test_planner_picks_the_cheaper_route_and_says_why(load):
+    model = load(cases()["chain3"])
+    first, last = layers_of(model)[0], layers_of(model)[-1]
+    plan = fd.decode(model, first).plan
+    assert plan.route == "bottom-up" and plan.flops <= plan.estimates["adjoint"][0]
+    one = fd.decode(model, last, neurons=0, position=border_positions(model, last)[0]).plan
+    assert one.route == "adjoint" and isinstance(one.estimates["bottom-up"], str)
+    assert "adjoint" in one.describe() and "bottom-up: not exact" in one.describe()
+
+
+@pytest.mark.parametrize("case", ["relu_chain", "relu_residual", "maxpool_variants", "mixed_nonlinear"])
+@pytest.mark.parametrize("select", ["all", "positive", "max"])
+def test_fds_by_the_adjoint_equals_bottom_up(case, select, load):
+    """fds composes a linear network with substituted weights: the adjoint over that network (MaxPool as its mean
+    switch) gives the bottom-up fds filters at interior positions."""
+    model = load(cases()[case])
+    images = fd.ArrayImages(np.random.default_rng(3).standard_normal((12, *model.input_shape[1:])).astype("float32"))
+    names = layers_of(model)
+    sub = fd.gather_statistics(model, names, images, top=4, select=select)
+    checked = 0
+    for name in names:
+        inside = interior_positions(model, name)
+        if not inside:
+            continue
+        q = inside[len(inside) // 2]
+        up = fd.decode(model, name, mode="fds", dtype="float64", substitution=sub)
+        down = fd.decode(model, name, mode="fds", dtype="float64", substitution=sub, route="adjoint", position=q)
+        assert up.plan is None and down.plan.route == "adjoint" and down.mode == "fds"
+        assert_same(up, down, 1e-5, f"{case}/{name} fds {select} at {q}")
+        checked += 1
+    assert checked
+
+
+def test_interior_position_asks_for_the_translation_invariant_filter(load):
+    """``position="interior"``: where no position is interior (a field larger than the image) only bottom-up gives
+    that filter; where one is, any route at the interior position nearest the centre."""
+    from netgen import NetBuilder
+
+    b = NetBuilder(height=9, width=9)
+    x = b.conv(b.conv("input", 4, 3, 1, (1, 1, 1, 1)), 4, 5, 1, (2, 2, 2, 2))
+    last = b.conv(x, 3, 5, 1, (2, 2, 2, 2))  # R = 11 > 9: no interior position
+    model = load(b.build([b.last, x]))
+    nowhere = fd.decode(model, last, position="interior", dtype="float64")
+    assert nowhere.plan.route == "bottom-up" and nowhere.exact_at == "interior"
+    assert "only bottom-up" in nowhere.plan.estimates["adjoint"]
+    assert not nowhere.interior(model.input_shape[2:], out_size(model, last)).any()
+    with pytest.raises(fd.FdsubError, match="only bottom-up"):
+        fd.decode(model, last, position="interior", route="adjoint")
+    somewhere = fd.decode(model, x, position="interior", dtype="float64", route="adjoint")
+    assert somewhere.exact_at == "interior" and somewhere.position in interior_positions(model, x)
+    assert_same(fd.decode(model, x, position="interior", dtype="float64", route="bottom-up"), somewhere, 1e-5, x)
