@@ -5,11 +5,15 @@ on integers from the quantization parameters of its inputs and output; dynamic q
 (``DynamicQuantizeLinear -> ConvInteger/MatMulInteger -> Cast -> Mul`` by the scales) computes the input's scale
 from each image. Neither is an op with filters, but each stands for a float op:
 
-- a QOperator node becomes ``DequantizeLinear`` of its data inputs, the float op with dequantized constant
-  weights and bias, and ``QuantizeLinear`` of its output: the QDQ format, which the rules read as affine maps
-  whose pairs cancel (as for a model quantized in QDQ format);
+- a QOperator node becomes the float op with dequantized constant weights and bias on float inputs, its output
+  clipped to the range its quantization holds (that is where a fused ReLU or ReLU6 went); the QuantizeLinear of
+  the image becomes that Clip, the DequantizeLinear of a result an Identity. Only the rounding is dropped.
+  (Rewriting to the QDQ format instead, DequantizeLinear -> float op -> QuantizeLinear, reads the same in
+  ``weights`` mode, but onnxruntime fuses such sandwiches back into integer kernels, so the values it reports
+  for the float tensors are not the float op's, and local mode's per-instance identity breaks by 1-3%.)
+  Every QOperator node is rewritten or none is (a float tensor must not reach an integer op);
 - a dynamic chain becomes the float op on the float input with the dequantized weights (the per-image rounding
-  of the input is dropped: with no fixed scale, there is no QDQ pair to keep), its bias ``Add`` folded in.
+  of the input is dropped), its bias ``Add`` folded in.
 
 The model is rewritten in place before preparation, so that onnxruntime (fds, local, the check identity) runs
 the same float copy the walker reads. A node whose parameters are not constant stays as it is (the walker then
@@ -39,6 +43,9 @@ QOPERATOR = {
     "QLinearConcat": ("Concat", None, (0, 1), None, None),  # (y scale, y zero point, then x, scale, zero point...)
 }
 INTEGER = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}
+#: ops that move quantized values without reading them as numbers (they work on float values alike)
+_LAYOUT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity", "Slice", "Split",
+           "Gather", "DepthToSpace", "SpaceToDepth")
 _DROPPED_ATTRIBUTES = ("channels_last",)
 
 
@@ -52,11 +59,22 @@ def dequantize(proto: onnx.ModelProto) -> list[dict]:
     for node in list(proto.graph.node):
         replaced = graph.qoperator(node) if node.op_type in QOPERATOR else (
             graph.integer(node) if node.op_type in INTEGER else None)
+        if replaced is None and node.op_type in QOPERATOR:
+            return []  # a QOperator node left as it is: its neighbours must stay quantized too
         if replaced is not None:
             records.append({"node": node.name or f"{node.op_type}:{node.output[0]}", "op": node.op_type,
                             "as": replaced})
+    if any(r["op"] in QOPERATOR for r in records) and not graph.float_boundaries():
+        return []
     graph.write()
     return records
+
+
+def dequantized_note(records: list[dict]) -> str:
+    """What ``inspect``, ``decode`` and ``check`` say about a rewritten model (one line)."""
+    ops = ", ".join(sorted({r["op"] for r in records}))
+    return (f"the model is quantized: {len(records)} nodes ({ops}) are read as float ops with dequantized weights; "
+            "every mode and the check identity run on that float copy (activation rounding aside)")
 
 
 class _Graph:
@@ -75,10 +93,12 @@ class _Graph:
                 self.consumers[name].append(node)
         self.names = set(self.values) | set(self.producer) | {i.name for i in proto.graph.input}
         self.replacement, self.removed, self.helpers = {}, set(), set()  # id(node) -> new nodes; ids dropped
-        self.initializers, self.dequantized, self.pending = [], {}, []  # pending: DequantizeLinear nodes made
+        self.initializers = []
 
     # ---- QOperator -------------------------------------------------------------------------------------------
     def qoperator(self, node) -> str | None:
+        """The float op on the (now float) inputs, its output clipped to the range the output's quantization can
+        hold (a ReLU or ReLU6 fused into the quantized op lives there); None where a parameter is not constant."""
         op, data, (ys, yz), weight, bias = QOPERATOR[node.op_type]
         ins = list(node.input) + [""] * 10
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _DROPPED_ATTRIBUTES}
@@ -87,32 +107,71 @@ class _Graph:
             return None
         if data is None:  # QLinearConcat: the inputs come in threes after the output's parameters
             data = [(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
-        inputs = [self._dequantized_data(ins[v], ins[s], ins[z]) for v, s, z in data]
+        inputs = [ins[v] for v, _, _ in data]
         if weight is not None:
             w, x_scale = self._weight(node, ins, weight), self.value(ins[1])
-            if w is None:
-                if op == "MatMul":  # two data inputs: both dequantized (the walker then says why it blocks)
-                    w = self._dequantized_data(*(ins[i] for i in weight))
-                else:
-                    return None
-            inputs.append(w)
+            if w is None and op != "MatMul":
+                return None
+            inputs.append(ins[weight[0]] if w is None else w)  # MatMul of two data inputs: both float now
             if bias is not None and ins[bias]:
                 scale = self.value(ins[weight[1]])
                 if self.value(ins[bias]) is None or scale is None or x_scale is None:
                     return None
                 inputs.append(self._initializer(ins[bias], self.value(ins[bias]) * x_scale.reshape(-1)[0]
                                                 * np.asarray(scale).reshape(-1)))
-        new, self.pending = self.pending, []
         out = node.output[0]
         if not ins[ys]:  # QGemm without output scale: a float output
-            new.append(helper.make_node(op, inputs, [out], name=node.name, **attrs))
-        else:
-            floating = self._fresh(out[: -len("_quantized")] if out.endswith("_quantized") else out + "_float")
-            new.append(helper.make_node(op, inputs, [floating], name=node.name, **attrs))
-            new.append(helper.make_node("QuantizeLinear", [floating, ins[ys], *([ins[yz]] if ins[yz] else [])],
-                                        [out], name=f"{node.name or out}/quantize"))
-        self.replacement[id(node)] = new
+            self.replacement[id(node)] = [helper.make_node(op, inputs, [out], name=node.name, **attrs)]
+            return op
+        clip = self._clip(ins[ys], ins[yz], out, name=f"{node.name or out}/saturate")
+        if clip is None:
+            return None
+        floating = self._fresh(out[: -len("_quantized")] if out.endswith("_quantized") else out + "_float")
+        clip.input[0] = floating
+        self.replacement[id(node)] = [helper.make_node(op, inputs, [floating], name=node.name, **attrs), clip]
         return op
+
+    def _clip(self, scale: str, zero: str, out: str, name: str):
+        """``Clip(?, lo, hi) -> out``: the float range a quantization (scale, zero point) holds."""
+        scale, zero = self.value(scale), self.value(zero) if zero else np.zeros(1, np.uint8)
+        if scale is None or zero is None or np.size(scale) != 1:
+            return None
+        info = np.iinfo(np.asarray(zero).dtype)
+        s, z = float(np.asarray(scale).reshape(-1)[0]), float(np.asarray(zero).reshape(-1)[0])
+        lo, hi = (self._initializer(f"{out}_{end}", (q - z) * s) for end, q in (("min", info.min), ("max", info.max)))
+        return helper.make_node("Clip", ["", lo, hi], [out], name=name)
+
+    def float_boundaries(self) -> bool:
+        """QuantizeLinear of data as the Clip to its range, DequantizeLinear of data as Identity (every quantized
+        tensor now holds float values); False where a tensor holding quantized values reaches an op that is
+        neither rewritten nor indifferent to the number type (then nothing is rewritten)."""
+        quantized = {n.output[0] for n in self.proto.graph.node
+                     if (n.op_type in QOPERATOR and not (n.op_type == "QGemm" and len(n.input) < 8))
+                     or (n.op_type == "QuantizeLinear" and self.value(n.input[0]) is None)}
+        for node in self.proto.graph.node:  # graph order: a layout op passes quantized values on
+            if node.op_type in _LAYOUT and node.input and node.input[0] in quantized:
+                quantized.update(node.output)
+        for node in self.proto.graph.node:
+            reads = [n for n in node.input if n in quantized]
+            if not reads or node.op_type in QOPERATOR or node.op_type in _LAYOUT:
+                continue
+            if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+                self.replacement[id(node)] = [helper.make_node("Identity", [node.input[0]], list(node.output[:1]),
+                                                               name=node.name)]
+            else:
+                return False
+        for node in self.proto.graph.node:
+            if node.op_type == "QuantizeLinear" and node.output[0] in quantized:
+                clip = self._clip(node.input[1], node.input[2] if len(node.input) > 2 else "", node.output[0],
+                                  node.name or f"{node.output[0]}/saturate")
+                if clip is None:
+                    return False
+                clip.input[0] = node.input[0]
+                self.replacement[id(node)] = [clip]
+        for output in self.proto.graph.output:
+            if output.name in quantized:
+                output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return True
 
     def _weight(self, node, ins, weight) -> str | None:
         """A constant integer weight as a float initializer (per-channel scales along the output axis)."""
@@ -124,16 +183,6 @@ class _Graph:
         else:
             axis = 0 if node.op_type == "QLinearConv" else w.ndim - 1
         return self._initializer(ins[weight[0]], _dequantized(w, scale, zero, axis))
-
-    def _dequantized_data(self, name: str, scale: str, zero: str) -> str:
-        """A DequantizeLinear of a quantized data tensor (one per tensor and parameters, shared)."""
-        key = (name, scale, zero)
-        if key not in self.dequantized:
-            out = self._fresh(f"{name}_dequantized")
-            self.pending.append(helper.make_node("DequantizeLinear", [name, scale, *([zero] if zero else [])],
-                                                 [out], name=f"{out}/dequantize"))
-            self.dequantized[key] = out
-        return self.dequantized[key]
 
     # ---- dynamic quantization --------------------------------------------------------------------------------
     def integer(self, node) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
+from quantize import QUANTIZED, quantize
 
 import fdsub_onnx
 from fdsub_onnx.evaluate.zoo import FLOAT_TYPES, ZooResult, check_zoo_model, randomized
@@ -123,56 +123,41 @@ def test_conv_like_layers_decode(name):
 
 
 # ---- (c) a QDQ-quantized copy decodes like the float model ------------------------------------------------
-class RandomImages:
-    """onnxruntime's CalibrationDataReader protocol over seeded random images."""
-
-    def __init__(self, name: str, shape, count: int = 8, seed: int = 14):
-        self.feeds = iter([{name: np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)}
-                           for i in range(count)])
-
-    def get_next(self):
-        return next(self.feeds, None)
-
-
-def quantize_qdq(source: Path, target: Path) -> None:
-    from onnxruntime import quantization as q  # noqa: PLC0415 - imported only here: a heavy module
-
-    inp = onnx.load(str(source), load_external_data=False).graph.input[0]
-    shape = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim)
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # quiet "please consider pre-processing before quantization"
-    try:
-        q.quantize_static(str(source), str(target), RandomImages(inp.name, shape), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-
-
-def test_qdq_copy_decodes_like_the_float_model(tmp_path):
+@pytest.mark.parametrize("fmt", list(QUANTIZED))
+def test_quantized_copy_decodes_like_the_float_model(fmt, tmp_path):
+    """QDQ (folded weights, cancelling pairs), QOperator and dynamic quantization (rewritten to float ops at
+    load, graph.dequantize): every conv decodes, to the float model's filters within the weights' quantization
+    error; local mode runs on the rewritten copy."""
     source, float_model = load_randomized(QDQ_MODEL, tmp_path)
-    quantize_qdq(source, tmp_path / "qdq.onnx")
-    proto = onnx.load(str(tmp_path / "qdq.onnx"))
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer), "int8 weights"
-    qdq = fdsub_onnx.load_model(tmp_path / "qdq.onnx")
+    quantize(source, tmp_path / f"{fmt}.onnx", fmt)
+    proto = onnx.load(str(tmp_path / f"{fmt}.onnx"))
+    ops, rewritten = QUANTIZED[fmt]
+    assert ops <= {n.op_type for n in proto.graph.node}
+    assert any(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in proto.graph.initializer)
+    quantized = fdsub_onnx.load_model(tmp_path / f"{fmt}.onnx")
+    summary = fdsub_onnx.inspect_model(quantized)
+    assert bool(summary.dequantized) == rewritten and bool(summary.to_json()["dequantized"]) == rewritten
     float_convs = [lay for lay in fdsub_onnx.inspect_model(float_model).layers if lay.op == "Conv"]
-    convs = [lay for lay in fdsub_onnx.inspect_model(qdq).layers if lay.op == "Conv"]
+    convs = [lay for lay in summary.layers if lay.op == "Conv"]
     assert len(convs) == len(float_convs) == 52
     assert [lay.name for lay in convs if not lay.decodable] == []
-    # the quantizer renames the outputs of Conv + Clip pairs; the projection convs keep their names
+    # the quantizers rename the outputs of Conv + Clip pairs; the projection convs keep their names
     names = {lay.name for lay in float_convs}
     common = [lay for lay in convs if lay.name in names and max(lay.receptive_field) <= QDQ_MAX_RF]
     assert len(common) >= 3
     for lay in (common[0], common[len(common) // 2], common[-1]):
         neurons = [0, lay.channels // 2, lay.channels - 1]
         want = fdsub_onnx.decode(float_model, lay.name, neurons=neurons, mode="weights", dtype="float64")
-        got = fdsub_onnx.decode(qdq, lay.name, neurons=neurons, mode="weights", dtype="float64")
+        got = fdsub_onnx.decode(quantized, lay.name, neurons=neurons, mode="weights", dtype="float64")
         assert got.filters.shape == want.filters.shape
         assert np.array_equal(got.stride, want.stride) and np.array_equal(got.origin, want.origin)
         diff, scale = np.abs(got.filters - want.filters).max(), np.abs(want.filters).max()
-        print(f"\n{lay.name}: rf {lay.receptive_field}, max |qdq - float| = {diff / scale:.2%} of max |filter|")
+        print(f"\n{fmt} {lay.name}: rf {lay.receptive_field}, max |quantized - float| = {diff / scale:.2%} of max "
+              "|filter|")
         assert 0 < diff <= QDQ_TOLERANCE * scale, lay.name  # int8 weights: close, but not the float filter
+    local = fdsub_onnx.decode(quantized, common[1].name, neurons=[0, 1], mode="local", top=2,
+                              images=fdsub_onnx.ArrayImages(images_of(quantized, 4, seed=3)))
+    assert local.filters.shape[:2] == (2, 3) and np.isfinite(local.filters).all()
 
 
 # ---- (d) local mode on a squeeze-and-excitation network ----------------------------------------------------
