@@ -3,8 +3,10 @@
 The skeletons are torch (TorchScript and dynamo exporter) and tf2onnx-style exports of current CNNs with their
 float weights stripped (models/build_modern_zoo.py --skeleton); every test re-randomizes them with the entry's
 seed. Checked here: every zoo entry passes every check of ``fdsub check`` (a); the share of convolution-like
-layers that decode (b); a QDQ-quantized copy (onnxruntime's quantize_static) decodes like the float model (c);
-``local`` mode's per-instance identity on a squeeze-and-excitation network against onnxruntime (d).
+layers that decode (b); quantized copies (onnxruntime.quantization: QDQ, QOperator, dynamic) decode like the
+float model (c);
+``local`` mode's per-instance identity on a squeeze-and-excitation network against onnxruntime (d); every mode
+on a dynamo export behind an SE gate (e).
 About 60 s on 2 cores; FDSUB_LONG=1 adds a deeper identity run over every model.
 """
 
@@ -42,6 +44,8 @@ CONV_LIKE_BARS = {"yolo_toy.ts": 27 / 63, "yolo_toy.dynamo": 27 / 63, "unet_toy.
 QDQ_MODEL, QDQ_MAX_RF, QDQ_TOLERANCE = "mobilenet_v2.ts", 64, 0.05
 LOCAL_MODEL = "mobilenet_v3_large.ts"
 LOCAL_LAYER = "/features/features.5/block/block.3/block.3.0/Conv_output_0"  # behind the SE gates of blocks 4, 5
+DYNAMO_MODEL, DYNAMO_GATE = "mobilenet_v3_large.dynamo", "mul"  # its first SE gate (features.4.block.2)
+DYNAMO_LAYER = "getitem_33"  # features.4.block.3.1, the projection conv behind that gate
 
 
 @functools.cache
@@ -187,6 +191,29 @@ def test_local_instances_hold_the_identity_behind_se_gates(tmp_path):
             pred = (decoded.instance_filters[k, n] * padded[i, :, y0:y0 + ry, x0:x0 + rx]).sum()
             pred += decoded.instance_bias[k, n]
             assert abs(pred - act[i, neuron, qy, qx]) <= 1e-3 * scale, (k, n, pred, act[i, neuron, qy, qx])
+
+
+# ---- (e) every mode on a dynamo export with squeeze-and-excitation gates ---------------------------------------
+def test_every_mode_runs_on_a_dynamo_export_behind_se_gates(tmp_path):
+    """weights (the gate held), fds, local, deconvnet, nf, fidelity and report on the dynamo export of
+    mobilenet_v3_large (SE pools written as ReduceMean), at a layer behind its first SE gate."""
+    _, model = load_randomized(DYNAMO_MODEL, tmp_path)
+    assert DYNAMO_GATE in {h["tensor"] for h in fdsub_onnx.inspect_model(model).held}
+    images = fdsub_onnx.ArrayImages(images_of(model, 6, seed=4))
+    shape = (2, 3, *fdsub_onnx.layer_geometry(model, DYNAMO_LAYER).rf)
+    for mode in ("weights", "fds", "local", "deconvnet"):
+        decoded = fdsub_onnx.decode(model, DYNAMO_LAYER, neurons=[0, 5], mode=mode, top=2,
+                                    images=None if mode == "weights" else images)
+        assert decoded.filters.shape == shape and np.isfinite(decoded.filters).all(), mode
+        assert np.abs(decoded.filters).max() > 0, mode
+    assert DYNAMO_GATE in fdsub_onnx.decode(model, DYNAMO_LAYER, neurons=[0]).gates
+    top = fdsub_onnx.capture_top(model, DYNAMO_LAYER, images, top=2, neurons="0,5")
+    nf = fdsub_onnx.neuron_feature(model, top, images).filters
+    assert nf.shape == shape and np.isfinite(nf).all()
+    scores = fdsub_onnx.compare_modes(model, DYNAMO_LAYER, images, images, top=2, neurons="0,5").scores
+    assert set(scores["decodings"]) == set(fdsub_onnx.FIDELITY_MODES)
+    page = fdsub_onnx.report(model, images, tmp_path / "report", layers=DYNAMO_LAYER, neurons="0", top=2)
+    assert page.exists() and DYNAMO_LAYER in page.read_text()
 
 
 # ---- FDSUB_LONG=1: a deeper identity run ------------------------------------------------------------------
