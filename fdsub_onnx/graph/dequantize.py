@@ -57,8 +57,11 @@ def dequantize(proto: onnx.ModelProto) -> list[dict]:
     graph = _Graph(proto)
     records = []
     for node in list(proto.graph.node):
-        replaced = graph.qoperator(node) if node.op_type in QOPERATOR else (
-            graph.integer(node) if node.op_type in INTEGER else None)
+        try:
+            replaced = graph.qoperator(node) if node.op_type in QOPERATOR else (
+                graph.integer(node) if node.op_type in INTEGER else None)
+        except (ValueError, IndexError, TypeError):  # parameters that do not fit their tensors: left as they are
+            replaced = None
         if replaced is None and node.op_type in QOPERATOR:
             return []  # a QOperator node left as it is: its neighbours must stay quantized too
         if replaced is not None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from checks import assert_instance_identity, random_images, save_proto
 from clirun import invoke
 from netgen import NetBuilder
+from onnx import numpy_helper
 from quantize import quantize
 
 import fdsub_onnx as fd
@@ -82,3 +84,21 @@ def test_a_float_model_is_not_rewritten(tmp_path):
     model = fd.load_model(save_proto(tmp_path, "float.onnx", proto))
     assert model.dequantized == [] and fd.inspect_model(model).to_json()["dequantized"] == []
     assert [n.op_type for n in model.proto.graph.node] == [n.op_type for n in proto.graph.node]
+
+
+def test_parameters_that_do_not_fit_leave_the_model_as_it_is(quantized, tmp_path):
+    """A weight scale or zero point of the wrong size: a QOperator graph is not rewritten at all (a float tensor
+    must not reach an integer op), a dynamic chain stays as it is; the model loads and inspect says what blocks."""
+    fmt, _, _, path = quantized
+    proto = onnx.load(str(path))
+    conv = next(n for n in proto.graph.node if n.op_type in ("QLinearConv", "ConvInteger"))
+    if fmt == "qop":  # two weight scales for six output channels
+        scale = next(i for i in proto.graph.initializer if i.name == conv.input[4])
+        scale.CopyFrom(numpy_helper.from_array(np.full(2, 0.01, np.float32), scale.name))
+    else:  # two weight zero points for six output channels
+        zero = next(i for i in proto.graph.initializer if i.name == conv.input[3])
+        zero.CopyFrom(numpy_helper.from_array(np.zeros(2, numpy_helper.to_array(zero).dtype), zero.name))
+    model = fd.load_model(save_proto(tmp_path, "broken.onnx", proto))
+    assert all(r["node"] != conv.name for r in model.dequantized)
+    blocked = [layer for layer in fd.inspect_model(model).layers if not layer.decodable]
+    assert blocked and all(layer.reason for layer in blocked)
