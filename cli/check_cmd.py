@@ -90,6 +90,8 @@ def check(
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         _print_report(report)
+    if loaded.dequantized:
+        typer.echo(f"note: {fdsub_onnx.dequantized_note(loaded.dequantized)}", err=True)
     if not report.passed:
         raise typer.Exit(1)
 

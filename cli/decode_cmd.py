@@ -113,6 +113,8 @@ def decode(
         where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
         typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
                    "(saved as `gates` in decoded.npz)", err=True)
+    if loaded.dequantized:
+        typer.echo(f"note: {fdsub_onnx.dequantized_note(loaded.dequantized)}", err=True)
     fix = ("--weighting activation carries each layer's scale into the next: use --weighting gate, or --dtype float64"
            if mode == "fds" and weighting == "activation" else "--dtype float64 holds more")
     degenerate, unusable = common.degenerate_warnings(loaded, result, fix)

@@ -60,6 +60,8 @@ def _print_table(summary) -> None:
         console.print(Text(f"note: weights mode holds {len(summary.held)} data-dependent factors ({', '.join(kinds)}) "
                            "at their value on the all-zeros input (the dataset mean after normalization); "
                            "`fdsub decode --gate-reference IMAGES` holds them at their mean over IMAGES"))
+    if summary.dequantized:
+        console.print(Text(f"note: {fdsub_onnx.dequantized_note(summary.dequantized)}"))
 
 
 def _pair(values, sep: str) -> str:

@@ -46,7 +46,7 @@ _EXPORTS = {
     "compare_layers": (".evaluate.compare", "compare_layers"),
     "compare_modes": (".evaluate.compare", "compare_modes"), "fidelity": (".evaluate.fidelity", "fidelity"),
     "read_zoo": (".evaluate.zoo", "read_zoo"), "run_zoo": (".evaluate.zoo", "run_zoo"),
-    "Geometry": (".graph.geometry", "Geometry"),
+    "dequantized_note": (".graph.dequantize", "dequantized_note"), "Geometry": (".graph.geometry", "Geometry"),
     "Model": (".graph.model", "Model"), "find_layer": (".graph.model", "find_layer"),
     "load_model": (".graph.model", "load_model"), "nonfinite_weights": (".graph.validate", "nonfinite_weights"),
     "MODES": (".modes.decode", "MODES"), "decode": (".modes.decode", "decode"),

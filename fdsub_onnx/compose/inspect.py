@@ -40,10 +40,12 @@ class Summary:
     layers: list[Layer]
     geometries: dict[str, Geometry] = field(default_factory=dict, repr=False, compare=False)  # decodable layers'
     held: list[dict] = field(default_factory=list)  # data-dependent factors weights mode holds: tensor, node, kind
+    dequantized: list[dict] = field(default_factory=list)  # quantized nodes read as float ops: node, op, as
 
     def to_json(self) -> dict:
         return {"input": {"name": self.input_name, "shape": self.input_shape},
-                "layers": [asdict(layer) for layer in self.layers], "held": self.held}
+                "layers": [asdict(layer) for layer in self.layers], "held": self.held,
+                "dequantized": self.dequantized}
 
 
 def inspect_model(model: Model) -> Summary:
@@ -54,7 +56,8 @@ def inspect_model(model: Model) -> Summary:
             layers.append(_layer(model, node, value))
             if isinstance(value, Tensor):
                 geometries[node.output[0]] = value.geom
-    return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model))
+    return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model),
+                   list(model.dequantized))
 
 
 def _held(model: Model) -> list[dict]:

@@ -12,6 +12,7 @@ import onnx
 
 from ..data.files import require_regular_file
 from ..errors import FdsubError
+from .dequantize import dequantize
 from .patterns import find_patterns
 from .prepare import STANDARD_DOMAINS, nchw_input, prepare
 from .validate import checked
@@ -38,6 +39,7 @@ class Model:
     producer: dict = field(default_factory=dict)  # tensor name -> NodeProto
     consumers: dict = field(default_factory=dict)  # tensor name -> [NodeProto]
     patterns: dict = field(default_factory=dict)  # Mul output -> SelfGated | ChannelGate (graph.patterns)
+    dequantized: list = field(default_factory=list)  # QOperator / dynamic nodes rewritten to float (graph.dequantize)
 
     def node_name(self, node) -> str:
         """A readable name for a node (ONNX allows empty names)."""
@@ -56,6 +58,7 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
     name, shape = _input(proto, path, input_shape)
     proto = _fix_input_shape(proto, name, shape)
+    dequantized = dequantize(proto)  # QOperator and dynamic quantization as float ops (graph.dequantize)
     nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset)
     producer, consumers = {}, defaultdict(list)
     for node in nodes:
@@ -64,7 +67,8 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
         for inp in node.input:
             consumers[inp].append(node)
     patterns = find_patterns(nodes, producer, constants, shapes, opset)
-    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers), patterns)
+    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers), patterns,
+                 dequantized)
 
 
 

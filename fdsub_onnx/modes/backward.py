@@ -593,6 +593,24 @@ def _split(node, ins, is_data, out, grads):
     return [array_module(grads[0]).concatenate(grads, axis=axis)] + [None] * (len(ins) - 1), _none_added(grads[0])
 
 
+def _gather(node, ins, is_data, out, grad):
+    """The gradient added back at the position each index took (a repeated index collects every copy's)."""
+    x, xp, m = ins[0], array_module(grad), len(grad)
+    if is_data[1]:
+        raise NotDecodable("its indices are computed from the image")
+    shape = (x.shape[0] // m, *x.shape[1:])  # one image's input (a tensor without batch axis is stacked on axis 0)
+    axis = attributes(node).get("axis", 0) % len(shape)
+    index = np.asarray(ins[1], np.int64).reshape(-1) % shape[axis]
+    pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+    g, gx = grad.reshape(m, pre, len(index), post), xp.zeros((m, pre, shape[axis], post))
+    rest = np.arange(len(index))
+    while rest.size:  # one round per copy of the most repeated index (one for a permutation)
+        _, first = np.unique(index[rest], return_index=True)
+        gx[:, :, xp.asarray(index[rest[first]])] += g[:, :, xp.asarray(rest[first])]
+        rest = np.delete(rest, first)
+    return [gx.reshape(x.shape), None], _none_added(grad)
+
+
 def _identity(node, ins, is_data, out, grad):
     return [grad] + [None] * (len(ins) - 1), _none_added(grad)
 
@@ -736,6 +754,7 @@ LOCAL_RULES = {
     "Mul": _mul_div, "Div": _mul_div, "Reshape": _reshape_like, "Flatten": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Transpose": _transpose, "Concat": _concat, "Gemm": _gemm, "MatMul": _gemm,
     "Pad": _pad, "Identity": _identity, "Dropout": _identity, "Slice": _slice, "Split": _split,
+    "Gather": _gather,
     "QuantizeLinear": _slope(_quantization_scale), "DequantizeLinear": _slope(_quantization_scale),
     "LayerNormalization": _layer_norm, "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
     "Erf": _slope(_erf),

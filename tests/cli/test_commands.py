@@ -89,7 +89,7 @@ def test_inspect_json_contract(nets):
     result = invoke("inspect", nets.blocked, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"input", "layers", "held"} and data["held"] == []
+    assert set(data) == {"input", "layers", "held", "dequantized"} and data["held"] == data["dequantized"] == []
     assert set(data["input"]) == {"name", "shape"}
     assert data["input"]["name"] == "input"
     assert data["input"]["shape"] == [1, 3, 12, 12]

@@ -3,8 +3,10 @@
 The skeletons are torch (TorchScript and dynamo exporter) and tf2onnx-style exports of current CNNs with their
 float weights stripped (models/build_modern_zoo.py --skeleton); every test re-randomizes them with the entry's
 seed. Checked here: every zoo entry passes every check of ``fdsub check`` (a); the share of convolution-like
-layers that decode (b); a QDQ-quantized copy (onnxruntime's quantize_static) decodes like the float model (c);
-``local`` mode's per-instance identity on a squeeze-and-excitation network against onnxruntime (d).
+layers that decode (b); quantized copies (onnxruntime.quantization: QDQ, QOperator, dynamic) decode like the
+float model (c);
+``local`` mode's per-instance identity on a squeeze-and-excitation network against onnxruntime (d); every mode
+on a dynamo export behind an SE gate (e).
 About 60 s on 2 cores; FDSUB_LONG=1 adds a deeper identity run over every model.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
+from quantize import QUANTIZED, quantize
 
 import fdsub_onnx
 from fdsub_onnx.evaluate.zoo import FLOAT_TYPES, ZooResult, check_zoo_model, randomized
@@ -39,6 +41,8 @@ BOTH_EXPORTERS = ("mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0",
 QDQ_MODEL, QDQ_MAX_RF, QDQ_TOLERANCE = "mobilenet_v2.ts", 64, 0.05
 LOCAL_MODEL = "mobilenet_v3_large.ts"
 LOCAL_LAYER = "/features/features.5/block/block.3/block.3.0/Conv_output_0"  # behind the SE gates of blocks 4, 5
+DYNAMO_MODEL, DYNAMO_GATE = "mobilenet_v3_large.dynamo", "mul"  # its first SE gate (features.4.block.2)
+DYNAMO_LAYER = "getitem_33"  # features.4.block.3.1, the projection conv behind that gate
 
 
 @functools.cache
@@ -121,56 +125,41 @@ def test_conv_like_layers_decode(name):
 
 
 # ---- (c) a QDQ-quantized copy decodes like the float model ------------------------------------------------
-class RandomImages:
-    """onnxruntime's CalibrationDataReader protocol over seeded random images."""
-
-    def __init__(self, name: str, shape, count: int = 8, seed: int = 14):
-        self.feeds = iter([{name: np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)}
-                           for i in range(count)])
-
-    def get_next(self):
-        return next(self.feeds, None)
-
-
-def quantize_qdq(source: Path, target: Path) -> None:
-    from onnxruntime import quantization as q  # noqa: PLC0415 - imported only here: a heavy module
-
-    inp = onnx.load(str(source), load_external_data=False).graph.input[0]
-    shape = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim)
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # quiet "please consider pre-processing before quantization"
-    try:
-        q.quantize_static(str(source), str(target), RandomImages(inp.name, shape), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-
-
-def test_qdq_copy_decodes_like_the_float_model(tmp_path):
+@pytest.mark.parametrize("fmt", list(QUANTIZED))
+def test_quantized_copy_decodes_like_the_float_model(fmt, tmp_path):
+    """QDQ (folded weights, cancelling pairs), QOperator and dynamic quantization (rewritten to float ops at
+    load, graph.dequantize): every conv decodes, to the float model's filters within the weights' quantization
+    error; local mode runs on the rewritten copy."""
     source, float_model = load_randomized(QDQ_MODEL, tmp_path)
-    quantize_qdq(source, tmp_path / "qdq.onnx")
-    proto = onnx.load(str(tmp_path / "qdq.onnx"))
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer), "int8 weights"
-    qdq = fdsub_onnx.load_model(tmp_path / "qdq.onnx")
+    quantize(source, tmp_path / f"{fmt}.onnx", fmt)
+    proto = onnx.load(str(tmp_path / f"{fmt}.onnx"))
+    ops, rewritten = QUANTIZED[fmt]
+    assert ops <= {n.op_type for n in proto.graph.node}
+    assert any(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in proto.graph.initializer)
+    quantized = fdsub_onnx.load_model(tmp_path / f"{fmt}.onnx")
+    summary = fdsub_onnx.inspect_model(quantized)
+    assert bool(summary.dequantized) == rewritten and bool(summary.to_json()["dequantized"]) == rewritten
     float_convs = [lay for lay in fdsub_onnx.inspect_model(float_model).layers if lay.op == "Conv"]
-    convs = [lay for lay in fdsub_onnx.inspect_model(qdq).layers if lay.op == "Conv"]
+    convs = [lay for lay in summary.layers if lay.op == "Conv"]
     assert len(convs) == len(float_convs) == 52
     assert [lay.name for lay in convs if not lay.decodable] == []
-    # the quantizer renames the outputs of Conv + Clip pairs; the projection convs keep their names
+    # the quantizers rename the outputs of Conv + Clip pairs; the projection convs keep their names
     names = {lay.name for lay in float_convs}
     common = [lay for lay in convs if lay.name in names and max(lay.receptive_field) <= QDQ_MAX_RF]
     assert len(common) >= 3
     for lay in (common[0], common[len(common) // 2], common[-1]):
         neurons = [0, lay.channels // 2, lay.channels - 1]
         want = fdsub_onnx.decode(float_model, lay.name, neurons=neurons, mode="weights", dtype="float64")
-        got = fdsub_onnx.decode(qdq, lay.name, neurons=neurons, mode="weights", dtype="float64")
+        got = fdsub_onnx.decode(quantized, lay.name, neurons=neurons, mode="weights", dtype="float64")
         assert got.filters.shape == want.filters.shape
         assert np.array_equal(got.stride, want.stride) and np.array_equal(got.origin, want.origin)
         diff, scale = np.abs(got.filters - want.filters).max(), np.abs(want.filters).max()
-        print(f"\n{lay.name}: rf {lay.receptive_field}, max |qdq - float| = {diff / scale:.2%} of max |filter|")
+        print(f"\n{fmt} {lay.name}: rf {lay.receptive_field}, max |quantized - float| = {diff / scale:.2%} of max "
+              "|filter|")
         assert 0 < diff <= QDQ_TOLERANCE * scale, lay.name  # int8 weights: close, but not the float filter
+    local = fdsub_onnx.decode(quantized, common[1].name, neurons=[0, 1], mode="local", top=2,
+                              images=fdsub_onnx.ArrayImages(images_of(quantized, 4, seed=3)))
+    assert local.filters.shape[:2] == (2, 3) and np.isfinite(local.filters).all()
 
 
 # ---- (d) local mode on a squeeze-and-excitation network ----------------------------------------------------
@@ -200,6 +189,29 @@ def test_local_instances_hold_the_identity_behind_se_gates(tmp_path):
             pred = (decoded.instance_filters[k, n] * padded[i, :, y0:y0 + ry, x0:x0 + rx]).sum()
             pred += decoded.instance_bias[k, n]
             assert abs(pred - act[i, neuron, qy, qx]) <= 1e-3 * scale, (k, n, pred, act[i, neuron, qy, qx])
+
+
+# ---- (e) every mode on a dynamo export with squeeze-and-excitation gates ---------------------------------------
+def test_every_mode_runs_on_a_dynamo_export_behind_se_gates(tmp_path):
+    """weights (the gate held), fds, local, deconvnet, nf, fidelity and report on the dynamo export of
+    mobilenet_v3_large (SE pools written as ReduceMean), at a layer behind its first SE gate."""
+    _, model = load_randomized(DYNAMO_MODEL, tmp_path)
+    assert DYNAMO_GATE in {h["tensor"] for h in fdsub_onnx.inspect_model(model).held}
+    images = fdsub_onnx.ArrayImages(images_of(model, 6, seed=4))
+    shape = (2, 3, *fdsub_onnx.layer_geometry(model, DYNAMO_LAYER).rf)
+    for mode in ("weights", "fds", "local", "deconvnet"):
+        decoded = fdsub_onnx.decode(model, DYNAMO_LAYER, neurons=[0, 5], mode=mode, top=2,
+                                    images=None if mode == "weights" else images)
+        assert decoded.filters.shape == shape and np.isfinite(decoded.filters).all(), mode
+        assert np.abs(decoded.filters).max() > 0, mode
+    assert DYNAMO_GATE in fdsub_onnx.decode(model, DYNAMO_LAYER, neurons=[0]).gates
+    top = fdsub_onnx.capture_top(model, DYNAMO_LAYER, images, top=2, neurons="0,5")
+    nf = fdsub_onnx.neuron_feature(model, top, images).filters
+    assert nf.shape == shape and np.isfinite(nf).all()
+    scores = fdsub_onnx.compare_modes(model, DYNAMO_LAYER, images, images, top=2, neurons="0,5").scores
+    assert set(scores["decodings"]) == set(fdsub_onnx.FIDELITY_MODES)
+    page = fdsub_onnx.report(model, images, tmp_path / "report", layers=DYNAMO_LAYER, neurons="0", top=2)
+    assert page.exists() and DYNAMO_LAYER in page.read_text()
 
 
 # ---- FDSUB_LONG=1: a deeper identity run ------------------------------------------------------------------

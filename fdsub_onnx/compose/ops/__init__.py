@@ -23,6 +23,7 @@ from .op_elementwise import (
     Softplus,
     Tanh,
 )
+from .op_gather import Gather
 from .op_gemm import Gemm, MatMul
 from .op_layout import Flatten, Reshape, Squeeze, Transpose, Unsqueeze
 from .op_norm import LayerNormalization
@@ -44,5 +45,6 @@ RULES = {
         Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Pad, AveragePool, MaxPool, GlobalAveragePool,
         GlobalMaxPool, Slice, Split, ReduceMean, ReduceMax, ReduceSum, QuantizeLinear, DequantizeLinear,
         QLinearConv, DynamicQuantizeLinear, ConvInteger, Resize, Upsample, ConvTranspose, LayerNormalization,
+        Gather,
     )
 }

@@ -2,10 +2,10 @@
 
 ``QuantizeLinear`` is ``x / scale + zero_point`` and ``DequantizeLinear`` is ``(x - zero_point) * scale``,
 per tensor or per channel; a QDQ pair around an activation therefore cancels, and a weight behind a
-``DequantizeLinear`` is folded to float when the model is loaded. ``QLinearConv`` (QOperator format) is
-the dequantized convolution between the two maps: its filters decode in the quantized units of its output.
-``ConvInteger`` after ``DynamicQuantizeLinear`` is refused with the reason: the dynamic scale is computed
-from each input.
+``DequantizeLinear`` is folded to float when the model is loaded. QOperator graphs and dynamic quantization
+chains are rewritten to float ops at load (graph/dequantize.py); what reaches these rules is what that pass
+left: ``QLinearConv`` is then the dequantized convolution between the two maps (its filters decode in the
+quantized units of its output), and ``ConvInteger`` after ``DynamicQuantizeLinear`` is refused with the reason.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ class QLinearConv(OpRule):
 class DynamicQuantizeLinear(OpRule):
     def apply(self, node, inputs, ctx):
         raise NotDecodable("dynamic quantization computes its scale from each input, so no filter holds for all "
-                           "inputs; quantize statically (QDQ format) or decode the float model")
+                           "inputs, and this chain is not DynamicQuantizeLinear -> ConvInteger/MatMulInteger -> Cast "
+                           "-> Mul(scales) with constant weights, which is read as a float op; quantize statically "
+                           "or decode the float model")
 
 
 class ConvInteger(DynamicQuantizeLinear):
