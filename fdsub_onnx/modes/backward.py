@@ -598,17 +598,20 @@ def _gather(node, ins, is_data, out, grad):
     x, xp, m = ins[0], array_module(grad), len(grad)
     if is_data[1]:
         raise NotDecodable("its indices are computed from the image")
-    shape = (x.shape[0] // m, *x.shape[1:])  # one image's input (a tensor without batch axis is stacked on axis 0)
-    axis = attributes(node).get("axis", 0) % len(shape)
+    axis = attributes(node).get("axis", 0) % x.ndim
+    if axis == 0 or x.shape[0] not in (1, m):
+        raise NotDecodable("a Gather over a tensor without its batch axis has no backward rule yet")
+    shape = x.shape[1:]  # one instance's input; the forward value may be one image's, shared by its instances
+    axis -= 1
     index = np.asarray(ins[1], np.int64).reshape(-1) % shape[axis]
     pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
-    g, gx = grad.reshape(m, pre, len(index), post), xp.zeros((m, pre, shape[axis], post))
+    g, gx = grad.reshape(m, pre, len(index), post), xp.zeros((m, pre, shape[axis], post), grad.dtype)
     rest = np.arange(len(index))
     while rest.size:  # one round per copy of the most repeated index (one for a permutation)
         _, first = np.unique(index[rest], return_index=True)
         gx[:, :, xp.asarray(index[rest[first]])] += g[:, :, xp.asarray(rest[first])]
         rest = np.delete(rest, first)
-    return [gx.reshape(x.shape), None], _none_added(grad)
+    return [gx.reshape(_batched(x, grad)), None], _none_added(grad)
 
 
 def _identity(node, ins, is_data, out, grad):
