@@ -34,7 +34,8 @@ def check(
     max_rf: Optional[int] = typer.Option(
         None, "--max-rf", metavar="PX",
         help="Without --layers: sample only layers whose receptive field is at most PX "
-             "(default: any that fits the image).",
+             "(default: any that fits the image); layers decoded per position (after an upsampling) are sampled "
+             "whatever PX.",
     ),
     images: str = typer.Option(
         DEFAULT_IMAGES, "--images", "-i", metavar="SPEC",

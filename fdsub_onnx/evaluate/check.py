@@ -136,7 +136,8 @@ def check_model(
     ``layers`` names the layers to decode and probe; by default ``sample`` decodable layers spread
     from the first to the deepest whose receptive field is at most ``max_rf`` pixels (default: no bound; a
     layer whose field never fits inside the image is decoded at its centre by the adjoint route, whose
-    filter holds there). ``neurons_per_layer``
+    filter holds there; layers after an upsampling, decoded per position, are sampled whatever ``max_rf``).
+    ``neurons_per_layer``
     neurons, evenly spaced, are decoded per layer. ``images`` (a spec for ``open_images``, opened with
     ``preprocessing``, or an image set; None skips the check) are the dead-neuron probes;
     ``identity_images`` random normal images drive the identity. A FdsubError when the model cannot be
@@ -369,7 +370,8 @@ def _sample(model: Model, summary: Summary, layers, sample: int, max_rf: int | N
                 picked.append(layer.name)
         return picked, notes
     fits = [lay for lay in summary.layers if lay.decodable and lay.channels
-            and (max_rf is None or (lay.receptive_field is not None and max(lay.receptive_field) <= max_rf))]
+            and (max_rf is None or lay.per_position  # decoded by the adjoint at one position: cheap at any depth
+                 or (lay.receptive_field is not None and max(lay.receptive_field) <= max_rf))]
     if not fits:
         bound = f" with a receptive field of at most {max_rf} px" if max_rf is not None else ""
         return [], [f"no decodable layer{bound}"]

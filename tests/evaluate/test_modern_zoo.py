@@ -225,3 +225,14 @@ def test_model_identity_on_more_layers(name):
     report = check_zoo_model(entry)
     print(f"\n{name}: {len(report.sampled)} layers, {time.perf_counter() - start:.1f} s")
     assert report.status == "pass", [f"{c.name}: {c.summary}" for c in report.checks if c.failed]
+
+
+@pytest.mark.parametrize("name", ["yolo_toy.ts", "unet_toy.ts"])
+def test_check_samples_the_layers_after_an_upsampling(name, tmp_path):
+    """The zoo's ``max_rf`` bounds the bottom-up cost; layers decoded per position (after Resize/ConvTranspose)
+    are sampled too, so the identity is checked above the upsampling (it was not while ``max_rf`` excluded them)."""
+    report = zoo_result(name).report
+    _, model = load_randomized(name, tmp_path)
+    per_position = {lay.name for lay in fdsub_onnx.inspect_model(model).layers if lay.per_position}
+    assert per_position and set(report.sampled) & per_position, report.sampled
+    assert next(c for c in report.checks if c.name == "identity").status == "pass"
