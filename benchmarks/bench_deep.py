@@ -151,7 +151,13 @@ def torch_gradients(run, shape, neurons, position, chunk: int, how: str = "is_gr
 
 # ---- jobs (each in its own process) ----------------------------------------------------------------------
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. VmHWM, not ru_maxrss: at exec Linux carries the parent's high-water
+    mark into ru_maxrss (a job started by a parent holding 3.4 GB reported 3.4 GB before doing anything)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def job_deep(spec: dict) -> dict:
