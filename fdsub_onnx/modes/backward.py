@@ -212,6 +212,8 @@ def _transposed(grad, w, groups, window: Window, x_shape):
         return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
     pointwise = (len(taps) == 1 and groups == 1 and window.strides == (1, 1) and (qh, qw) == (h, wd)
                  and tuple(begin) == (0, 0))
+    if not pointwise and window.strides == (1, 1) and kog < cig:
+        return _transposed_gather(grad, w, groups, window, x_shape, taps)
     padded = None if pointwise else xp.zeros((c_in, m, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
     block = max(1, TEMP_BYTES // max(1, cig * m * qh * qw * grad.itemsize))
     for g in range(groups):
@@ -229,6 +231,36 @@ def _transposed(grad, w, groups, window: Window, x_shape):
     if padded is None:
         padded = xp.zeros((c_in, m, h, wd), grad.dtype)
     return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd].transpose(1, 0, 2, 3)
+
+
+def _transposed_gather(grad, w, groups, window: Window, x_shape, taps):
+    """``_transposed`` for stride 1 when a layer widens (K/g < C_in/g, e.g. DenseNet's 3x3 convs): each input
+    position gathers its taps from the zero-padded gradient, ``dx[u] = sum_t w[t] g[u + begin - t*d]``, one GEMM
+    ``[C_in/g, taps*K/g] x [taps*K/g, M*H*W]`` per block of taps on shifted views of the (narrower) gradient,
+    instead of a product per tap the width of the input scattered back with strided adds."""
+    xp = array_module(grad)
+    m, c_in, h, wd = x_shape
+    qh, qw = grad.shape[2:]
+    k_out, cig = w.shape[:2]
+    kog = k_out // groups
+    (sy, sx), (by, bx), (dy, dx) = window.span, window.begin, window.dilations
+    out = xp.empty((c_in, m, h, wd), grad.dtype)
+    block = max(1, TEMP_BYTES // max(1, kog * m * h * wd * grad.itemsize))
+    for g in range(groups):
+        gpad = xp.zeros((kog, m, sy - 1 + max(qh, h + by), sx - 1 + max(qw, wd + bx)), grad.dtype)
+        gpad[:, :, sy - 1 : sy - 1 + qh, sx - 1 : sx - 1 + qw] = grad[:, g * kog : (g + 1) * kog].transpose(1, 0, 2, 3)
+        wg, target = w[g * kog : (g + 1) * kog], out[g * cig : (g + 1) * cig].reshape(cig, -1)
+        for start in range(0, len(taps), block):
+            chosen = taps[start : start + block]
+            views = [gpad[:, :, by + sy - 1 - i * dy : by + sy - 1 - i * dy + h,
+                          bx + sx - 1 - j * dx : bx + sx - 1 - j * dx + wd] for i, j in chosen]
+            right = xp.stack(views).reshape(len(chosen) * kog, -1)  # [taps*K/g, M*H*W]
+            left = xp.concatenate([wg[:, :, i, j].T for i, j in chosen], axis=1)  # [C_in/g, taps*K/g]
+            if start == 0:
+                xp.matmul(left, right, out=target)
+            else:
+                target += xp.matmul(left, right)
+    return out.transpose(1, 0, 2, 3)
 
 
 def _padded_size(size, window: Window, out_size) -> tuple[int, int]:
@@ -498,10 +530,11 @@ def _add_sub(node, ins, is_data, out, grad):
     for index, (x, data) in enumerate(zip(ins, is_data)):
         factor = sign if index == 1 else 1.0
         if data:  # a forward value, batched over instances
-            grads.append(_reduce_to(factor * grad, x.shape))
-        else:  # a constant
+            grads.append(_reduce_to(grad if factor == 1.0 else -grad, x.shape))
+        else:  # a constant: the gradient summed over the axes it is broadcast on first (one read of the map)
             grads.append(None)
-            added = added + (factor * grad * _on(grad, x)).reshape(len(grad), -1).sum(axis=1)
+            summed = _reduce_to(grad, x.shape)
+            added = added + factor * (summed * _on(grad, x)).reshape(len(grad), -1).sum(axis=1)
     return grads, added
 
 
