@@ -57,6 +57,7 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
     norm adds get their shapes here.
     """
     nodes, held = _linear_nodes(model.nodes, model.patterns, gates or {}, model.opset, set(), dilated_ok=True)
+    nodes = _merged_affine(nodes, dict(model.constants) | held, held)
     shapes, constants = dict(model.shapes), dict(model.constants) | held
     for node in nodes:
         for name in node.output:
@@ -112,6 +113,48 @@ def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs:
         else:
             linear.append(node)
     return linear, held
+
+
+#: per-channel affine ops by a constant that a BatchNormalization in front of them absorbs: (scale, shift) of y = x op c
+_ABSORBED = {"Mul": lambda c: (c, 0.0), "Div": lambda c: (1.0 / c, 0.0), "Add": lambda c: (1.0, c),
+             "Sub": lambda c: (1.0, -c)}
+
+
+def _merged_affine(nodes: list, constants: dict, held: dict) -> list:
+    """``nodes`` with each Mul/Div/Add/Sub by a per-channel constant that alone reads a BatchNormalization's output
+    merged into that BatchNormalization (Caffe's Scale layer, DenseNet's BN -> Mul -> Add): the same affine map in
+    one node, so a backward pass makes one sweep over the map instead of three. Exact; the merged parameters go
+    into ``held``. The ONNX copy (``linearized``) keeps the original nodes."""
+    readers = defaultdict(int)
+    for node in nodes:
+        for name in node.input:
+            readers[name] += 1
+    merged, by_output = [], {}  # BatchNormalization output -> its index in ``merged``
+    for node in nodes:
+        at = by_output.get(node.input[0]) if node.op_type in _ABSORBED and len(node.input) == 2 else None
+        bn = None if at is None else merged[at]
+        const = constants.get(node.input[1]) if bn is not None else None
+        channels = None if const is None else np.asarray(constants[bn.input[1]]).size
+        if const is None or readers[node.input[0]] != 1 or np.asarray(const).size not in (1, channels) or (
+                np.asarray(const).size == channels > 1 and np.asarray(const).squeeze().shape != (channels,)):
+            if node.op_type == "BatchNormalization" and not any(node.output[1:]):
+                by_output[node.output[0]] = len(merged)
+            merged.append(node)
+            continue
+        c = np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,))
+        scale, shift = (np.broadcast_to(np.asarray(v, np.float64), (channels,)) for v in _ABSORBED[node.op_type](c))
+        gamma, beta = (np.asarray(constants[name], np.float64) for name in bn.input[1:3])
+        names = (f"{node.output[0]}::gamma", f"{node.output[0]}::beta")
+        held[names[0]] = gamma * scale  # float64: the float64 pass stays exact; float32 passes cast it
+        held[names[1]] = beta * scale + shift
+        constants.update(zip(names, (held[names[0]], held[names[1]])))
+        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        fused = helper.make_node("BatchNormalization", [bn.input[0], *names, *bn.input[3:5]], [node.output[0]],
+                                 name=node.name or bn.name, **{k: v for k, v in attrs.items() if k == "epsilon"})
+        merged[at] = fused
+        del by_output[bn.output[0]]
+        by_output[node.output[0]] = at
+    return merged
 
 
 def _held_layer_norm(node, inverse_std: float, held: dict, opset: int) -> list:

@@ -233,3 +233,29 @@ def test_interior_position_asks_for_the_translation_invariant_filter(load):
     somewhere = fd.decode(model, x, position="interior", dtype="float64", route="adjoint")
     assert somewhere.exact_at == "interior" and somewhere.position in interior_positions(model, x)
     assert_same(fd.decode(model, x, position="interior", dtype="float64", route="bottom-up"), somewhere, 1e-5, x)
+
+
+def test_affine_chains_merge_into_their_batchnorm_exactly(load):
+    """Caffe's Scale after BatchNormalization (DenseNet: BN -> Mul -> Add) is one affine node in the network the
+    adjoint differentiates, with the same filters as bottom-up; a BN whose output is read twice is left alone."""
+    from netgen import NetBuilder
+
+    from fdsub_onnx.compose.linearize import linear_model
+
+    b = NetBuilder(height=12, width=12, seed=5)
+    x = b.conv("input", 6, 3, pads=(1, 1, 1, 1))
+    scaled = b.affine_const(b.affine_const(b.affine_const(b.affine_const(b.batchnorm(x), "Mul"), "Add"), "Sub"),
+                            "Div")
+    shared = b.batchnorm(b.conv(b.relu(scaled), 5, 3, pads=(1, 1, 1, 1)))
+    last = b.conv(b.add(b.affine_const(shared, "Mul"), shared), 4, 3)
+    model = load(b.build([last]))
+    ops = [n.op_type for n in linear_model(model).nodes]
+    assert ops.count("BatchNormalization") == 2 and ops.count("Div") == 0 and ops.count("Sub") == 0, ops
+    assert ops.count("Mul") == 1, "the Mul after the BN read twice is not merged"
+    interior = interior_positions(model, last)[0]
+    assert_same(fd.decode(model, last, dtype="float64", route="adjoint", position=interior),
+                fd.decode(model, last, dtype="float64", route="bottom-up", position=interior), 1e-12, "interior")
+    images = random_images(model, 3, seed=1)
+    acts = run_ort(linear_copy(b.build([last])), images, [last])[last]
+    for q in border_positions(model, last)[:3]:
+        assert_identity(fd.decode(model, last, dtype="float64", route="adjoint", position=q), acts, images, rtol=1e-5)
