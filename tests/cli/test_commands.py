@@ -10,15 +10,12 @@ import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
 import pytest
 from checks import save_proto, softmax_between_convs
+from clirun import assert_one_error_line, invoke
 from PIL import Image
-from typer.testing import CliRunner
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError, filter_grid, save_decoded
 from fdsub_onnx.cli import decode_cmd
-from fdsub_onnx.cli.main import app
-
-runner = CliRunner()
 
 NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode", "position", "exact_at", "crop",
             "receptive_field"}
@@ -54,25 +51,6 @@ class Nets:
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     return Nets(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("FDSUB_DEBUG", raising=False)
-
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
-
-
-def assert_one_error_line(result, code=2, prefix="error: "):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == code, result.output
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith(prefix), result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
 
 
 # ---- inspect -----------------------------------------------------------------------------

@@ -15,19 +15,6 @@ from mutations import ACCEPTED, REFUSED, base_model, renamed
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("errors")
-    (folder / "net.onnx").write_bytes(base_model().SerializeToString())
-    np.save(folder / "images.npy", np.random.default_rng(1).random((6, 3, 16, 16)).astype(np.float32))
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("FDSUB_DEBUG", raising=False)
-
-
 # ---- root cause 5: parse errors -----------------------------------------------------------
 @pytest.mark.parametrize("args, fragment", [
     (["decode", "{net}", "--layer", "c2", "--frobnicate"], "--frobnicate"),

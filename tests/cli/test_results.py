@@ -8,20 +8,6 @@ import json
 import numpy as np
 import pytest
 from clirun import assert_one_error_line, invoke
-from mutations import base_model
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("results")
-    (folder / "net.onnx").write_bytes(base_model().SerializeToString())
-    np.save(folder / "images.npy", np.random.default_rng(1).random((6, 3, 16, 16)).astype(np.float32))
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("FDSUB_DEBUG", raising=False)
 
 
 def _top(files, out, *extra):
