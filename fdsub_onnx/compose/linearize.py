@@ -9,16 +9,16 @@ same tensors, without copying the weights (the adjoint route differentiates it).
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import FdsubError
-from ..graph.model import Model
+from ..errors import FdsubError, NotDecodable
+from ..graph.model import Model, wiring
 from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
+from .ops._rule import per_channel
 from .ops.op_elementwise import Identity
 
 #: ops that ``weights`` mode reads as the identity (the registry's elementwise rules), and Softmax
@@ -57,21 +57,16 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
     norm adds get their shapes here.
     """
     nodes, held = _linear_nodes(model.nodes, model.patterns, gates or {}, model.opset, set(), dilated_ok=True)
-    nodes = _merged_affine(nodes, dict(model.constants) | held, held)
+    nodes = _merged_affine(nodes, dict(model.constants) | held, held, model.shapes)
     shapes, constants = dict(model.shapes), dict(model.constants) | held
     for node in nodes:
         for name in node.output:
             if name and name not in shapes and node.input[0] in shapes:
                 shape = shapes[node.input[0]]
                 shapes[name] = (*shape[:-1], 1) if node.op_type == "ReduceMean" else shape
-    producer, consumers = {}, defaultdict(list)
-    for node in nodes:
-        for name in node.output:
-            producer[name] = node
-        for name in node.input:
-            consumers[name].append(node)
+    producer, consumers = wiring(nodes)
     return dataclasses.replace(model, nodes=nodes, shapes=shapes, constants=constants, producer=producer,
-                               consumers=dict(consumers), patterns={})
+                               consumers=consumers, patterns={})
 
 
 def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs: set,
@@ -120,29 +115,35 @@ _ABSORBED = {"Mul": lambda c: (c, 0.0), "Div": lambda c: (1.0 / c, 0.0), "Add": 
              "Sub": lambda c: (1.0, -c)}
 
 
-def _merged_affine(nodes: list, constants: dict, held: dict) -> list:
+def _per_channel(const, channels: int, rank: int) -> np.ndarray | None:
+    """A constant as one value per channel [C] (``ops._rule.per_channel``) when it broadcasts over a rank-``rank``
+    map [N, C, ...] as such; else None."""
+    if const is None or rank < 2:
+        return None
+    try:
+        return per_channel(const, channels, rank)
+    except NotDecodable:
+        return None
+
+
+def _merged_affine(nodes: list, constants: dict, held: dict, shapes: dict) -> list:
     """``nodes`` with each Mul/Div/Add/Sub by a per-channel constant that alone reads a BatchNormalization's output
     merged into that BatchNormalization (Caffe's Scale layer, DenseNet's BN -> Mul -> Add): the same affine map in
     one node, so a backward pass makes one sweep over the map instead of three. Exact; the merged parameters go
     into ``held``. The ONNX copy (``linearized``) keeps the original nodes."""
-    readers = defaultdict(int)
-    for node in nodes:
-        for name in node.input:
-            readers[name] += 1
+    readers = wiring(nodes)[1]
     merged, by_output = [], {}  # BatchNormalization output -> its index in ``merged``
     for node in nodes:
         at = by_output.get(node.input[0]) if node.op_type in _ABSORBED and len(node.input) == 2 else None
         bn = None if at is None else merged[at]
-        const = constants.get(node.input[1]) if bn is not None else None
-        channels = None if const is None else np.asarray(constants[bn.input[1]]).size
-        if const is None or readers[node.input[0]] != 1 or np.asarray(const).size not in (1, channels) or (
-                np.asarray(const).size == channels > 1 and np.asarray(const).squeeze().shape != (channels,)):
+        c = None if bn is None or len(readers[node.input[0]]) != 1 else _per_channel(
+            constants.get(node.input[1]), np.asarray(constants[bn.input[1]]).size, len(shapes.get(node.input[0], ())))
+        if c is None:
             if node.op_type == "BatchNormalization" and not any(node.output[1:]):
                 by_output[node.output[0]] = len(merged)
             merged.append(node)
             continue
-        c = np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,))
-        scale, shift = (np.broadcast_to(np.asarray(v, np.float64), (channels,)) for v in _ABSORBED[node.op_type](c))
+        scale, shift = _ABSORBED[node.op_type](c)  # [C] or a scalar each
         gamma, beta = (np.asarray(constants[name], np.float64) for name in bn.input[1:3])
         names = (f"{node.output[0]}::gamma", f"{node.output[0]}::beta")
         held[names[0]] = gamma * scale  # float64: the float64 pass stays exact; float32 passes cast it

@@ -60,16 +60,22 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     proto = _fix_input_shape(proto, name, shape)
     dequantized = dequantize(proto)  # QOperator and dynamic quantization as float ops (graph.dequantize)
     nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset)
+    producer, consumers = wiring(nodes)
+    patterns = find_patterns(nodes, producer, constants, shapes, opset)
+    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, consumers, patterns,
+                 dequantized)
+
+
+
+def wiring(nodes) -> tuple[dict, dict]:
+    """(tensor -> the node writing it, tensor -> the nodes reading it, in order) of a node list."""
     producer, consumers = {}, defaultdict(list)
     for node in nodes:
         for out in node.output:
             producer[out] = node
         for inp in node.input:
             consumers[inp].append(node)
-    patterns = find_patterns(nodes, producer, constants, shapes, opset)
-    return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, dict(consumers), patterns,
-                 dequantized)
-
+    return producer, dict(consumers)
 
 
 def attributes(node) -> dict:

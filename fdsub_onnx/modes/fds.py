@@ -26,7 +26,7 @@ from ..data.topn import TopN, instance_weights, start_top
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
-from ..graph.model import Model, ancestors, attributes
+from ..graph.model import Model, ancestors, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
@@ -458,5 +458,5 @@ def substituted(linear: Model, substitution: Substitution) -> Model | str:
             nodes.append(helper.make_node(node.op_type, inputs, list(node.output), name=node.name, **kept))
         else:
             return f"the fds statistics of {node.op_type} node {linear.node_name(node)!r} have no data-free form here"
-    return dataclasses.replace(linear, nodes=nodes, constants=constants,
-                               producer={o: n for n in nodes for o in n.output})
+    producer, consumers = wiring(nodes)
+    return dataclasses.replace(linear, nodes=nodes, constants=constants, producer=producer, consumers=consumers)

@@ -259,3 +259,19 @@ def test_affine_chains_merge_into_their_batchnorm_exactly(load):
     acts = run_ort(linear_copy(b.build([last])), images, [last])[last]
     for q in border_positions(model, last)[:3]:
         assert_identity(fd.decode(model, last, dtype="float64", route="adjoint", position=q), acts, images, rtol=1e-5)
+
+
+def test_a_constant_broadcast_over_the_width_is_not_merged_into_the_batchnorm(load):
+    """A [C]-shaped constant on a [N, C, H, W] map broadcasts over W, not over the channels (here W == C): no
+    per-channel scale, so the linearized network keeps it as its own node (decode refuses the layers above it)."""
+    from netgen import NetBuilder
+
+    from fdsub_onnx.compose.linearize import linear_model
+
+    b = NetBuilder(height=10, width=8, seed=6)
+    x = b.batchnorm(b.conv("input", 8, 3, pads=(1, 1, 1, 1)))
+    c, h, w = b.shapes[x]
+    assert w == c
+    weighted = b._node("Mul", [x, b._const("over_width", np.linspace(0.5, 2.0, w).astype(np.float32))], (c, h, w))
+    model = load(b.build([b.conv(weighted, 4, 3)]))
+    assert [n.op_type for n in linear_model(model).nodes] == ["Conv", "BatchNormalization", "Mul", "Conv"]

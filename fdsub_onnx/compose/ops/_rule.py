@@ -38,6 +38,14 @@ def data(value) -> Tensor:
     raise NotDecodable("expected a feature map input, got a constant")
 
 
+def known_shape(ctx, name: str) -> tuple:
+    """The shape of tensor ``name``; a rule that needs it cannot go on without it."""
+    shape = ctx.shape(name)
+    if shape is None:
+        raise NotDecodable("the shape of its input is unknown")
+    return shape
+
+
 def optional(inputs: list, i: int):
     """Input i, or None when it is absent or empty."""
     return inputs[i] if len(inputs) > i else None

@@ -13,15 +13,13 @@ import numpy as np
 
 from ...errors import NotDecodable
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, constant
+from ._rule import OpRule, attributes, constant, known_shape
 from .op_layout import as_layout, settle
 
 
 class Gather(OpRule):
     def apply(self, node, inputs, ctx):
-        shape = ctx.shape(node.input[0])
-        if shape is None:
-            raise NotDecodable("the shape of its input is unknown")
+        shape = known_shape(ctx, node.input[0])
         axis = int(attributes(node).get("axis", 0))
         if not -len(shape) <= axis < len(shape):
             raise NotDecodable(f"its axis {axis} is out of range for a rank-{len(shape)} input")

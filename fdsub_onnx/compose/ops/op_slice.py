@@ -11,15 +11,13 @@ import numpy as np
 from ...errors import NotDecodable
 from ...graph.ranges import slice_ranges, split_ranges
 from ..values import Tensor
-from ._rule import OpRule, attributes, constant, data, optional
+from ._rule import OpRule, attributes, constant, data, known_shape, optional
 
 
 class Slice(OpRule):
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
-        shape = ctx.shape(node.input[0])
-        if shape is None:
-            raise NotDecodable("the shape of its input is unknown")
+        shape = known_shape(ctx, node.input[0])
         attrs = attributes(node)
         given = [None] * 4  # before opset 10 the range is in the attributes
         if "starts" not in attrs:
@@ -31,9 +29,7 @@ class Slice(OpRule):
 class Split(OpRule):
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
-        shape = ctx.shape(node.input[0])
-        if shape is None:
-            raise NotDecodable("the shape of its input is unknown")
+        shape = known_shape(ctx, node.input[0])
         split = optional(inputs, 1)
         axis, ranges = split_ranges(attributes(node), None if split is None else constant(split, "split sizes"),
                                     shape, len(node.output))
