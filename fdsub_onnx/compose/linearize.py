@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from ..errors import FdsubError, NotDecodable
-from ..graph.model import Model, wiring
+from ..graph.model import Model, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
 from .ops._rule import per_channel
@@ -149,13 +149,69 @@ def _merged_affine(nodes: list, constants: dict, held: dict, shapes: dict) -> li
         held[names[0]] = gamma * scale  # float64: the float64 pass stays exact; float32 passes cast it
         held[names[1]] = beta * scale + shift
         constants.update(zip(names, (held[names[0]], held[names[1]])))
-        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        attrs = attributes(bn)
         fused = helper.make_node("BatchNormalization", [bn.input[0], *names, *bn.input[3:5]], [node.output[0]],
                                  name=node.name or bn.name, **{k: v for k, v in attrs.items() if k == "epsilon"})
         merged[at] = fused
         del by_output[bn.output[0]]
         by_output[node.output[0]] = at
     return merged
+
+
+def folded(linear: Model, keep, dtype) -> Model:
+    """``linear`` (``linear_model``'s network) with each BatchNormalization folded into the convolution beside it,
+    for a backward pass: no sweep over the map for its per-channel scale. Exact in value, biases included.
+
+    A BatchNormalization that alone reads a Conv's output scales that Conv's filters and bias; one read alone
+    (through Identity nodes) by a 1x1 Conv without padding scales that Conv's input channels, its shift becoming
+    bias. Tensors in ``keep`` (the seeded layer, a tensor a pass stops at) stay; the folded weights are ``dtype``.
+    """
+    readers, constants = wiring(linear.nodes)[1], dict(linear.constants)
+
+    def only_reader(name):
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and name not in keep else None
+
+    def affine(bn):  # (s, t) of y = s x + t per channel, or None
+        if (bn is None or bn.op_type != "BatchNormalization" or len(bn.input) < 5 or any(bn.output[1:])
+                or not all(name in constants for name in bn.input[1:5])):
+            return None
+        gamma, beta, mean, var = (np.asarray(constants[name], np.float64).reshape(-1) for name in bn.input[1:5])
+        s = gamma / np.sqrt(var + attributes(bn).get("epsilon", 1e-5))
+        return s, beta - mean * s
+
+    replaced, dropped = {}, set()  # id(Conv) -> its folded copy; ids of the nodes folded away
+    for conv in linear.nodes:
+        if conv.op_type != "Conv" or conv.input[1] not in constants:
+            continue
+        attrs = attributes(conv)
+        w = np.asarray(constants[conv.input[1]], np.float64)
+        b = np.asarray(constants[conv.input[2]], np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        x, out = conv.input[0], conv.output[0]
+        before, chain = linear.producer.get(x), []  # BN -> Identity* -> a 1x1 Conv
+        while before is not None and before.op_type == "Identity" and only_reader(before.output[0]) is not None:
+            chain.append(before)
+            before = linear.producer.get(before.input[0])
+        st = affine(before) if before is not None and only_reader(before.output[0]) is not None else None
+        if (st is not None and id(before) not in dropped and st[0].size == w.shape[1] and w.shape[2:] == (1, 1)
+                and int(attrs.get("group", 1)) == 1 and not any(attrs.get("pads", ()))):
+            s, t = st
+            w, b, x = w * s[None, :, None, None], b + w[:, :, 0, 0] @ t, before.input[0]
+            dropped |= {id(before)} | {id(n) for n in chain}
+        after = only_reader(out)  # Conv -> BN
+        st = affine(after)
+        if st is not None and st[0].size == w.shape[0]:
+            s, t = st
+            w, b, out = w * s[:, None, None, None], b * s + t, after.output[0]
+            dropped.add(id(after))
+        if x == conv.input[0] and out == conv.output[0]:
+            continue
+        names = (f"{out}::folded_w", f"{out}::folded_b")
+        constants[names[0]], constants[names[1]] = w.astype(dtype), np.broadcast_to(b, w.shape[:1]).astype(dtype)
+        replaced[id(conv)] = helper.make_node("Conv", [x, *names], [out], name=conv.name, **attrs)
+    nodes = [replaced.get(id(n), n) for n in linear.nodes if id(n) not in dropped]
+    producer, consumers = wiring(nodes)
+    return dataclasses.replace(linear, nodes=nodes, constants=constants, producer=producer, consumers=consumers)
 
 
 def _held_layer_norm(node, inverse_std: float, held: dict, opset: int) -> list:
@@ -187,7 +243,7 @@ def _dequantizes_its_quantize(node, producer) -> bool:
 
 
 def _averaged(node, label: str, dilated_ok: bool):
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     dilations = attrs.pop("dilations", None)
     if dilations is not None and any(d != 1 for d in dilations) and dilated_ok:
         attrs["dilations"] = dilations

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Bank, Engine
+from ..compose.linearize import folded
 from ..compose.values import Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError, NotDecodable
@@ -73,6 +74,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
     ``position`` with respect to the image (or to ``stop``) [m, C, H, W], and their bias [m] (what the nodes
     between contribute). ``batch`` seeds per pass (default all)."""
     neurons = np.asarray(neurons, np.int64)
+    linear = folded(linear, {target, stop}, dtype)
     nodes = ancestors(linear, [target])
     source = linear.input_name
     if stop is not None:

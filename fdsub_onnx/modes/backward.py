@@ -14,6 +14,8 @@ padding with count_include_pad=0 are treated as interior ones (a border effect o
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..compose.backend import array_module, get_backend, resolve_device
@@ -106,8 +108,22 @@ def backward(model, nodes: list, values, grads: dict, rules: dict, label: str):
         bias += added
         for name, g in zip(node.input, in_grads):
             if g is not None and name and name not in model.constants:
-                grads[name] = grads[name] + g if name in grads else g
+                _accumulate(grads, name, g)
     return grads, bias
+
+
+def _accumulate(grads: dict, name: str, g) -> None:
+    """``grads[name] += g``: in place when nothing else can see ``grads[name]``'s memory (no other reference to
+    it or to a view of its buffer; a rule may hand one gradient to several inputs), else into a new array. In
+    place, a sum over a wide map makes no new map (whose pages the system would fault in again)."""
+    have = grads.get(name)
+    if have is None:
+        grads[name] = g
+    elif (have.shape == g.shape and have.dtype == g.dtype and getattr(have.flags, "writeable", True)
+          and sys.getrefcount(have) == 3 and (have.base is None or sys.getrefcount(have.base) == 2)):
+        have += g  # the references: the dict, ``have``, getrefcount's argument; the base's: have's, the argument
+    else:
+        grads[name] = have + g
 
 
 def deconvnet_is_local(model, target: str) -> bool:
@@ -169,8 +185,9 @@ def _avgpool(node, ins, is_data, out, grad):
     attrs = attributes(node)
     window = Window.of(attrs, x.shape[2:])
     counts = window_counts(window, x.shape[2:], grad.shape[2:], bool(attrs.get("count_include_pad", 0)))
-    weight = xp.ones((x.shape[1], 1, *window.kernel), grad.dtype)
-    scaled = grad * xp.asarray(1.0 / counts, grad.dtype)
+    even = bool((counts == counts.flat[0]).all())  # one divisor: it goes into the weight, not a pass over the map
+    weight = xp.full((x.shape[1], 1, *window.kernel), 1.0 / counts.flat[0] if even else 1.0, grad.dtype)
+    scaled = grad if even else grad * xp.asarray(1.0 / counts, grad.dtype)
     return [_transposed(scaled, weight, x.shape[1], window, _batched(x, grad))], _none_added(grad)
 
 
@@ -205,10 +222,24 @@ def _transposed(grad, w, groups, window: Window, x_shape):
     k_out, cig = w.shape[:2]
     kog = k_out // groups
     taps = [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+    if cig == 1 and kog == 1 and _tiles(window, (h, wd), (qh, qw)):  # windows side by side: one broadcast product
+        tiled = grad[:, :, :, None, :, None] * w[None, :, 0, None, :, None, :]  # [M, C, Q_y, k_y, Q_x, k_x]
+        return tiled.reshape(x_shape)
     if cig == 1 and kog == 1:
-        padded = xp.zeros((m, c_in, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
-        for i, j in taps:
-            _tap(padded, i, j, window, (qh, qw))[...] += grad * w[None, :, 0, i, j, None, None]
+        size = _padded_size((h, wd), window, (qh, qw))
+        padded = _zeros_as(grad, (m, c_in, *size))
+        one = w.ravel()[0]
+        if bool((w == one).all()):  # pooling, one weight for every tap: spread along x, then whole rows along y
+            (sy, sx), (dy, dx) = window.strides, window.dilations
+            rows = _zeros_as(grad, (m, c_in, qh, size[1]))
+            scaled = grad if one == 1 else grad * one
+            for j in range(kernel[1]):
+                rows[..., j * dx : j * dx + sx * (qw - 1) + 1 : sx] += scaled
+            for i in range(kernel[0]):
+                padded[:, :, i * dy : i * dy + sy * (qh - 1) + 1 : sy] += rows
+        else:
+            for i, j in taps:
+                _tap(padded, i, j, window, (qh, qw))[...] += grad * w[None, :, 0, i, j, None, None]
         return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd]
     pointwise = (len(taps) == 1 and groups == 1 and window.strides == (1, 1) and (qh, qw) == (h, wd)
                  and tuple(begin) == (0, 0))
@@ -261,6 +292,21 @@ def _transposed_gather(grad, w, groups, window: Window, x_shape, taps):
             else:
                 target += xp.matmul(left, right)
     return out.transpose(1, 0, 2, 3)
+
+
+def _zeros_as(grad, shape):
+    """Zeros [M, C, ...] laid out in memory as ``grad`` is (channel-major after a GEMM, ``_transposed``), so that
+    elementwise passes between the two walk both in memory order."""
+    xp = array_module(grad)
+    if grad.ndim == 4 and grad.strides[1] > grad.strides[0]:
+        return xp.zeros((shape[1], shape[0], *shape[2:]), grad.dtype).transpose(1, 0, 2, 3)
+    return xp.zeros(shape, grad.dtype)
+
+
+def _tiles(window: Window, size, out_size) -> bool:
+    """Whether the windows tile the input exactly: stride = kernel, no dilation, no padding, no input left over."""
+    return (window.strides == window.kernel and window.dilations == (1, 1) and not any(window.begin)
+            and all(q * k == n for q, k, n in zip(out_size, window.kernel, size)))
 
 
 def _padded_size(size, window: Window, out_size) -> tuple[int, int]:
@@ -463,7 +509,7 @@ def maxpool_switches(x, out, window: Window):
 def _global_pool(node, ins, is_data, out, grad):
     x, xp = ins[0], array_module(grad)
     if node.op_type == "GlobalAveragePool":
-        return [xp.broadcast_to(grad / np.prod(x.shape[2:]), _batched(x, grad)).copy()], _none_added(grad)
+        return [xp.broadcast_to(grad / int(np.prod(x.shape[2:])), _batched(x, grad)).copy()], _none_added(grad)
     flat = x.reshape(*x.shape[:2], -1)
     g = xp.zeros((len(grad), *flat.shape[1:]), grad.dtype)
     m, c = xp.indices(g.shape[:2])

@@ -275,3 +275,80 @@ def test_a_constant_broadcast_over_the_width_is_not_merged_into_the_batchnorm(lo
     weighted = b._node("Mul", [x, b._const("over_width", np.linspace(0.5, 2.0, w).astype(np.float32))], (c, h, w))
     model = load(b.build([b.conv(weighted, 4, 3)]))
     assert [n.op_type for n in linear_model(model).nodes] == ["Conv", "BatchNormalization", "Mul", "Conv"]
+
+
+def test_batchnorms_fold_into_the_convolutions_beside_them_exactly(load):
+    """For the backward pass a BatchNormalization is folded into its Conv (Conv -> BN: the Conv's filters and bias
+    scaled; BN -> ReLU -> 1x1 Conv: the Conv's input channels scaled, the shift a bias): the same filters and
+    biases as bottom-up, which folds nothing; a BN before a padded 3x3 Conv, one read twice and the seeded layer's
+    stay."""
+    from netgen import NetBuilder
+
+    from fdsub_onnx.compose.linearize import folded, linear_model
+
+    b = NetBuilder(height=12, width=12, seed=7)
+    first = b.conv("input", 6, 3, pads=(1, 1, 1, 1))  # -> BN: folded into it
+    both = b.conv(b.relu(b.batchnorm(first)), 5, 1)
+    cat = b.concat([first, both])  # read twice: by the next concat and by a BN that a 1x1 Conv reads
+    pointwise = b.conv(b.relu(b.batchnorm(cat)), 4, 1)  # input-side fold
+    before_padded = b.conv(b.relu(b.batchnorm(b.concat([pointwise, first]))), 4, 3, pads=(1, 1, 1, 1))  # stays
+    twice = b.batchnorm(b.concat([cat, before_padded]))
+    last = b.batchnorm(b.conv(b.add(b.affine_const(twice, "Mul"), twice), 3, 1))
+    model = load(b.build([last]))
+    linear = linear_model(model)
+    conv_out = linear.producer[last].input[0]
+    ops = [n.op_type for n in folded(linear, {conv_out}, np.float64).nodes]
+    assert ops.count("BatchNormalization") == 3, ops  # before the padded Conv, read twice, after the kept layer
+    assert [n.op_type for n in folded(linear, {last}, np.float64).nodes].count("BatchNormalization") == 2
+    for name in (conv_out, both, pointwise, before_padded):
+        interior = interior_positions(model, name)[0]
+        assert_same(fd.decode(model, name, dtype="float64", route="adjoint", position=interior),
+                    fd.decode(model, name, dtype="float64", route="bottom-up", position=interior), 1e-12, name)
+    images = random_images(model, 3, seed=2)
+    acts = run_ort(linear_copy(b.build([conv_out])), images, [conv_out])[conv_out]
+    for q in border_positions(model, conv_out)[:3]:
+        assert_identity(fd.decode(model, conv_out, dtype="float64", route="adjoint", position=q), acts, images,
+                        rtol=1e-5)
+
+
+def test_a_float32_pass_stays_float32(load):
+    """Every rule keeps the pass's dtype: the division of a global pool by its size (a NumPy integer) once turned
+    the rest of a float32 pass into float64, at twice the time."""
+    from netgen import NetBuilder
+
+    from fdsub_onnx.compose.backend import get_backend
+    from fdsub_onnx.compose.linearize import linear_model
+    from fdsub_onnx.modes.adjoint import gradients
+
+    b = NetBuilder(height=12, width=12, seed=8)
+    x = b.batchnorm(b.conv("input", 6, 3, pads=(1, 1, 1, 1)))
+    x = b.concat([b.avgpool(x, (2, 2), (2, 2)), b.maxpool(x, (3, 3), (2, 2), pads=(1, 1, 0, 0))])
+    last = b.conv(b.global_avgpool(b.conv(x, 5, 3, pads=(1, 1, 1, 1))), 4, 1)
+    model = load(b.build([last]))
+    for dtype in (np.float32, np.float64):
+        (_, grad, bias), = gradients(linear_model(model), last, [0, 3], (0, 0), get_backend("numpy"), dtype)
+        assert (grad.dtype, bias.dtype) == (dtype, dtype)
+
+
+def test_gradients_add_in_place_only_where_nothing_else_sees_the_memory():
+    """A backward pass sums into a gradient in place only when no other gradient shares its memory: one a rule
+    handed to two inputs (Add), or a view beside another view of the same buffer (Concat's split), stays as it
+    was; an exclusive one is summed into without a new array."""
+    from fdsub_onnx.modes.backward import _accumulate
+
+    shared = np.ones((2, 3))
+    grads = {"a": shared, "b": shared}
+    _accumulate(grads, "a", np.ones((2, 3)))
+    assert (shared == 1).all() and (grads["a"] == 2).all() and grads["b"] is shared
+    buffer = np.ones((4, 3))
+    left, right = buffer[:2], buffer[2:]
+    grads = {"left": left}
+    _accumulate(grads, "left", np.ones((2, 3)))
+    assert (right == 1).all() and (buffer == 1).all() and (grads["left"] == 2).all()
+    del left, grads
+    own = {"x": np.ones((2, 3))}
+    before = own["x"]
+    del before
+    first = id(own["x"])
+    _accumulate(own, "x", np.ones((2, 3)))
+    assert id(own["x"]) == first and (own["x"] == 2).all()
