@@ -204,16 +204,18 @@ def window_counts(window: Window, in_size, out_size, include_pad: bool) -> np.nd
 
 
 TEMP_BYTES = 256 << 20  # bound on the tap products one GEMM of ``_transposed`` makes
+CACHE_BYTES = 8 << 20  # the tap products ``_transposed`` aims to keep in cache between its GEMM and their adds
 
 
 def _transposed(grad, w, groups, window: Window, x_shape):
     """The gradient of a (grouped) convolution with ``w`` with respect to its input: the transposed convolution.
 
-    Per group and block of kernel taps, one GEMM over all M instances and positions at once
-    (``[taps*C_in/g, K/g] x [K/g, M*Q]``: batched per instance the products would be too small for BLAS); each
-    tap's product is then added at its strided place. The work runs channel-major ([C, M, H, W] in memory) and
-    the result is that memory seen as [M, C, H, W]: the next convolution's GEMM reads it without a copy, and
-    elementwise rules keep its layout. Depthwise windows (pooling) are scaled strided adds.
+    Per group and run of instances, one GEMM over their positions and every kernel tap
+    (``[taps*C_in/g, K/g] x [K/g, m*Q]``: per instance alone the products would be too small for BLAS; the run
+    is as long as keeps its products in cache, ``CACHE_BYTES``, about twice as fast on 224-px maps as all at
+    once); each tap's product is then added at its strided place. The work runs channel-major ([C, M, H, W] in
+    memory) and the result is that memory seen as [M, C, H, W]: the next convolution's GEMM reads it without a
+    copy, and elementwise rules keep its layout. Depthwise windows (pooling) are scaled strided adds.
     """
     kernel, begin = window.kernel, window.begin
     xp = array_module(grad)
@@ -246,19 +248,24 @@ def _transposed(grad, w, groups, window: Window, x_shape):
     if not pointwise and window.strides == (1, 1) and kog < cig:
         return _transposed_gather(grad, w, groups, window, x_shape, taps)
     padded = None if pointwise else xp.zeros((c_in, m, *_padded_size((h, wd), window, (qh, qw))), grad.dtype)
-    block = max(1, TEMP_BYTES // max(1, cig * m * qh * qw * grad.itemsize))
+    q = qh * qw
+    images = max(1, CACHE_BYTES // max(1, len(taps) * cig * q * grad.itemsize))  # per GEMM, its products in cache
+    block = max(1, TEMP_BYTES // max(1, cig * min(images, m) * q * grad.itemsize))
     for g in range(groups):
         gout = xp.ascontiguousarray(grad[:, g * kog : (g + 1) * kog].transpose(1, 0, 2, 3)).reshape(kog, -1)
         wg = w[g * kog : (g + 1) * kog]
         if pointwise:  # a 1x1 convolution: the product is the gradient
             return xp.matmul(wg[:, :, 0, 0].T, gout).reshape(c_in, m, h, wd).transpose(1, 0, 2, 3)
         target = padded[g * cig : (g + 1) * cig]
-        for start in range(0, len(taps), block):
-            chosen = taps[start : start + block]
-            left = xp.concatenate([wg[:, :, i, j].T for i, j in chosen])  # [taps*C_in/g, K/g]
-            contrib = xp.matmul(left, gout).reshape(len(chosen), cig, m, qh, qw)
-            for t, (i, j) in enumerate(chosen):
-                _tap(target, i, j, window, (qh, qw))[...] += contrib[t]
+        blocks = [taps[start : start + block] for start in range(0, len(taps), block)]
+        lefts = [(chosen, xp.concatenate([wg[:, :, i, j].T for i, j in chosen])) for chosen in blocks]
+        for m0 in range(0, m, images):
+            m1 = min(m, m0 + images)
+            part = target[:, m0:m1]
+            for chosen, left in lefts:
+                contrib = xp.matmul(left, gout[:, m0 * q : m1 * q]).reshape(len(chosen), cig, m1 - m0, qh, qw)
+                for t, (i, j) in enumerate(chosen):
+                    _tap(part, i, j, window, (qh, qw))[...] += contrib[t]
     if padded is None:
         padded = xp.zeros((c_in, m, h, wd), grad.dtype)
     return padded[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + wd].transpose(1, 0, 2, 3)
