@@ -162,7 +162,7 @@ class _ConePass:
 
     def __init__(self, model, found: dict, positions: np.ndarray, rules: dict, values: dict):
         self.model, self.found, self.positions, self.base, self.values = model, found, positions, rules, values
-        self.unpadded = {}
+        self.unpadded, self.offsets = {}, {}
 
     def rules(self) -> dict:
         return {op: self._step for op in self.base}
@@ -190,29 +190,40 @@ class _ConePass:
         return placed, added
 
     def _maxpool(self, node, out_cone: Cone, in_cone: Cone, grad):
-        """MaxPool on cones: the switches found once on the image's whole maps (``maxpool_switches``), read at
-        each instance's output cone, scattered into its input cone by one ``bincount``."""
+        """MaxPool on cones: the switches found once on the image's whole maps (``maxpool_switches``) as offsets
+        from each window's first tap, read at each instance's output cone; in the input cone, which holds the
+        pool's padding, window q starts at ``q * s``, so one weighted ``bincount`` over ``start + offset``
+        scatters every instance's gradient, repeated indices (overlapping windows) adding up."""
         xp = array_module(grad)
         x, y = self.values[node.input[0]], self.values[node.output[0]]
         window = Window.of(attributes(node), tuple(x.shape[2:]))
-        padded_width = _padded_size(tuple(x.shape[2:]), window, tuple(y.shape[2:]))[1]
-        switch = maxpool_switches(x, y, window)[0]  # [C, Q_y, Q_x], shared by the instances of the image
-        rows, cols = switch // padded_width - window.begin[0], switch % padded_width - window.begin[1]
+        ny, nx = in_cone.size
+        offset, none = self._switch_offsets(node, x, y, window, nx)  # [C, Q_y, Q_x]
         m, c = len(grad), x.shape[1]
         out_at = out_cone.corners(self.positions)[:m]
         qy = np.clip(out_at[:, :1] + np.arange(out_cone.size[0])[None], 0, y.shape[2] - 1)  # [M, n_y]
         qx = np.clip(out_at[:, 1:] + np.arange(out_cone.size[1])[None], 0, y.shape[3] - 1)
-        qy, qx = xp.asarray(qy)[:, :, None], xp.asarray(qx)[:, None, :]
-        in_at = xp.asarray(in_cone.corners(self.positions)[:m])
-        local_y = rows[:, qy, qx] - in_at[None, :, 0, None, None]  # [C, M, n_y, n_x] in each input cone
-        local_x = cols[:, qy, qx] - in_at[None, :, 1, None, None]
-        ny, nx = in_cone.size
-        valid = (local_y >= 0) & (local_y < ny) & (local_x >= 0) & (local_x < nx)
-        flat = xp.where(valid, local_y * nx + local_x, 0)
-        flat = flat + (xp.arange(c)[:, None] * m + xp.arange(m)[None, :])[:, :, None, None] * (ny * nx)
-        weights = xp.where(valid, grad.transpose(1, 0, 2, 3), 0)
-        gx = xp.bincount(flat.reshape(-1), weights=weights.reshape(-1), minlength=c * m * ny * nx)
-        return gx.reshape(c, m, ny, nx).transpose(1, 0, 2, 3).astype(grad.dtype, copy=False)
+        channel = xp.arange(c)[None, :, None, None]
+        local = offset[channel, xp.asarray(qy)[:, None, :, None], xp.asarray(qx)[:, None, None, :]]  # [M, C, n_y, n_x]
+        start = (np.arange(out_cone.size[0])[:, None] * window.strides[0] * nx
+                 + np.arange(out_cone.size[1])[None, :] * window.strides[1])
+        flat = local + (xp.asarray(start)[None, None] + (xp.arange(m * c) * (ny * nx)).reshape(m, c, 1, 1))
+        weights = xp.where(local >= 0, grad, 0) if none else grad
+        gx = xp.bincount(flat.reshape(-1), weights=weights.reshape(-1), minlength=m * c * ny * nx)
+        return gx.reshape(m, c, ny, nx).astype(grad.dtype, copy=False)
+
+    def _switch_offsets(self, node, x, y, window: Window, width: int):
+        """([C, Q_y, Q_x] the offset ``i*d*width + j*d`` in an input cone of ``width`` columns of each window's
+        first maximum from its first tap, whether any window has none (NaN: offset -1)), once per pass."""
+        if (id(node), width) not in self.offsets:
+            xp = array_module(x)
+            padded = _padded_size(tuple(x.shape[2:]), window, tuple(y.shape[2:]))[1]
+            switch = maxpool_switches(x, y, window)[0]
+            qy, qx = xp.indices(switch.shape[1:])
+            dy, dx = switch // padded - qy * window.strides[0], switch % padded - qx * window.strides[1]
+            ok = (dy >= 0) & (dy < window.span[0]) & (dx >= 0) & (dx < window.span[1])
+            self.offsets[id(node), width] = xp.where(ok, dy * width + dx, -1), not bool(ok.all())
+        return self.offsets[id(node), width]
 
     @staticmethod
     def _part(value, cone: Cone, part: Cone):
