@@ -19,6 +19,7 @@ from ..graph.model import Model, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
 from .ops._rule import per_channel
+from .ops.op_batchnorm import scale_shift
 from .ops.op_elementwise import Identity
 
 #: ops that ``weights`` mode reads as the identity (the registry's elementwise rules), and Softmax
@@ -176,9 +177,7 @@ def folded(linear: Model, keep, dtype) -> Model:
         if (bn is None or bn.op_type != "BatchNormalization" or len(bn.input) < 5 or any(bn.output[1:])
                 or not all(name in constants for name in bn.input[1:5])):
             return None
-        gamma, beta, mean, var = (np.asarray(constants[name], np.float64).reshape(-1) for name in bn.input[1:5])
-        s = gamma / np.sqrt(var + attributes(bn).get("epsilon", 1e-5))
-        return s, beta - mean * s
+        return scale_shift(bn, *(np.asarray(constants[name], np.float64).reshape(-1) for name in bn.input[1:5]))
 
     replaced, dropped = {}, set()  # id(Conv) -> its folded copy; ids of the nodes folded away
     for conv in linear.nodes:

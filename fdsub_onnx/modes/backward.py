@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from ..compose.backend import array_module, get_backend, resolve_device
+from ..compose.ops.op_batchnorm import scale_shift
 from ..errors import FdsubError, NotDecodable
 from ..graph.geometry import Window
 from ..graph.model import ancestors, attributes
@@ -564,9 +565,7 @@ def _layer_norm(node, ins, is_data, out, grad):
 
 
 def _batchnorm(node, ins, is_data, out, grad):
-    gamma, beta, mean, var = (_on(grad, v) for v in ins[1:5])
-    scale = gamma / array_module(grad).sqrt(var + attributes(node).get("epsilon", 1e-5))
-    shift = beta - mean * scale
+    scale, shift = scale_shift(node, *(_on(grad, v) for v in ins[1:5]), xp=array_module(grad))
     return [grad * scale[:, None, None]], array_module(grad).einsum("mkhw,k->m", grad, shift)
 
 
