@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from ..errors import FdsubError, NotDecodable
-from ..graph.model import Model, attributes, wiring
+from ..graph.model import Model, ancestors, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
 from .ops._rule import per_channel
@@ -165,7 +165,8 @@ def folded(linear: Model, keep, dtype) -> Model:
 
     A BatchNormalization that alone reads a Conv's output scales that Conv's filters and bias; one read alone
     (through Identity nodes) by a 1x1 Conv without padding scales that Conv's input channels, its shift becoming
-    bias. Tensors in ``keep`` (the seeded layer, a tensor a pass stops at) stay; the folded weights are ``dtype``.
+    bias. Only the nodes below ``keep`` (the seeded layer, a tensor a pass stops at) are folded, and those tensors
+    stay; the folded weights are ``dtype``.
     """
     readers, constants = wiring(linear.nodes)[1], dict(linear.constants)
 
@@ -180,7 +181,7 @@ def folded(linear: Model, keep, dtype) -> Model:
         return scale_shift(bn, *(np.asarray(constants[name], np.float64).reshape(-1) for name in bn.input[1:5]))
 
     replaced, dropped = {}, set()  # id(Conv) -> its folded copy; ids of the nodes folded away
-    for conv in linear.nodes:
+    for conv in ancestors(linear, [name for name in keep if name]):  # the pass's nodes: a report folds per layer
         if conv.op_type != "Conv" or conv.input[1] not in constants:
             continue
         attrs = attributes(conv)
