@@ -347,8 +347,6 @@ def test_gradients_add_in_place_only_where_nothing_else_sees_the_memory():
     assert (right == 1).all() and (buffer == 1).all() and (grads["left"] == 2).all()
     del left, grads
     own = {"x": np.ones((2, 3))}
-    before = own["x"]
-    del before
     first = id(own["x"])
     _accumulate(own, "x", np.ones((2, 3)))
     assert id(own["x"]) == first and (own["x"] == 2).all()
