@@ -150,6 +150,22 @@ def torch_gradients(run, shape, neurons, position, chunk: int, how: str = "is_gr
 
 
 # ---- jobs (each in its own process) ----------------------------------------------------------------------
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (/proc/stat: user, nice, system, idle, iowait, irq, softirq, steal...)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def _stolen_share(before: list[int]) -> float:
+    """The share of the CPU time since ``before`` that the hypervisor gave to other guests (steal): on a shared
+    VM a run's wall time grows with it, so the tables print it beside each time."""
+    after = _cpu_ticks()
+    spent = [b - a for a, b in zip(before, after)]
+    return float(spent[7] / max(sum(spent), 1)) if len(spent) > 7 else float("nan")
+
+
 def _rss_mib() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: at exec Linux carries the parent's high-water
     mark into ru_maxrss (a job started by a parent holding 3.4 GB reported 3.4 GB before doing anything)."""
@@ -219,6 +235,7 @@ def job_local(spec: dict) -> dict:
     images = fd.open_images("builtin:glyphs:256", model.input_shape[1:])
     found = fd.capture_top(model, "conv4", images, top=spec["top"])
     loaded = _rss_mib()
+    ticks = _cpu_ticks()
     t = time.perf_counter()
     if spec["side"] == "torch":
         import torch
@@ -241,7 +258,7 @@ def job_local(spec: dict) -> dict:
         np.save(spec["save"], decoded.filters)
         result = {}
     result.update(seconds=time.perf_counter() - t, loaded_mib=loaded, peak_mib=_rss_mib(),
-                  instances=int((found.image_index >= 0).sum()))
+                  instances=int((found.image_index >= 0).sum()), stolen=_stolen_share(ticks))
     return result
 
 
@@ -359,11 +376,11 @@ def print_tables(deep: list[dict], local: list[dict], plans: list[dict]):
                    ["layer", "neurons", "route", "fdsub s", "GiB", "bottom-up s", "GiB", "torch batched s", "GiB",
                     "torch / fdsub", "max rel err"], body)
     for r in local:
-        body = [[side, *_cell(r[key])] for side, key in (("fdsub now", "now"), ("fdsub before", "today"),
-                                                         ("torch batched (real net)", "torch"))]
+        sides = (("fdsub now", "now"), ("fdsub before", "today"), ("torch batched (real net)", "torch"))
+        body = [[side, *_cell(r[key]), f"{100 * r[key].get('stolen', float('nan')):.0f}%"] for side, key in sides]
         show_table(f"local mode, demo conv4, top 100 of builtin:glyphs:256, {r['now'].get('instances', '?')} "
                    f"instances; now vs before: max rel diff {r['now'].get('max_rel_diff_vs_today', float('nan')):.1e}",
-                   ["side", "seconds", "peak GiB"], body)
+                   ["side", "seconds", "peak GiB", "CPU stolen by the VM host"], body)
 
 
 def main(argv=None) -> int:

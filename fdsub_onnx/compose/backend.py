@@ -10,6 +10,11 @@ onnxruntime execution providers of capture (``resolve_device``).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +31,11 @@ class NumpyBackend:
     name = "numpy"
     xp = np
     temp_bytes = 256 << 20  # bound on one temporary of the composition kernels (cache-friendly on a CPU)
+
+    @property
+    def workers(self) -> int:
+        """Independent passes to run at once (``ordered_map``): one per core this process may use."""
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def asarray(self, array, dtype):
         return np.ascontiguousarray(array, dtype=dtype)
@@ -65,6 +75,7 @@ class CupyBackend(NumpyBackend):
     """
 
     name = "cupy"
+    workers = 1  # one GPU: its passes queue on one stream anyway
 
     def __init__(self, fused: bool = True):
         self.xp = _import_cupy()
@@ -134,6 +145,41 @@ def _shift_add_kernel(cp):
 _KERNEL = None
 
 BACKENDS = {"numpy": NumpyBackend, "cupy": CupyBackend}
+
+
+def ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
+    """``map(fn, jobs)`` with ``workers`` jobs at a time in threads, results in job order (so that sums over
+    them add up in one order), jobs drawn from ``jobs`` only as results are taken (a job may hold a forward
+    pass's values). NumPy's loops and BLAS release the GIL; each worker's BLAS runs one thread, the cores
+    being the workers' (two passes of small GEMMs at once on 2 cores beat one pass with 2 BLAS threads).
+
+    BLAS's thread count is process-wide, and threadpoolctl lets only one thread set it: a call that overlaps
+    another, or that runs where another thread holds BLAS's setting, runs its jobs one by one instead."""
+    if workers <= 1 or not _PARALLEL.acquire(blocking=False):
+        yield from map(fn, jobs)
+        return
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):
+            if any(pool["num_threads"] > 1 for pool in threadpool_info() if pool["user_api"] == "blas"):
+                yield from map(fn, jobs)
+                return
+            pool, pending = ThreadPoolExecutor(workers), deque()
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(fn, job))
+                    if len(pending) > workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # on an error, the jobs not started are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        _PARALLEL.release()
+
+
+_PARALLEL = threading.Lock()  # held by the one ``ordered_map`` that runs in parallel
 
 
 def get_backend(name: str = "numpy"):

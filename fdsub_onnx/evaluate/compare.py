@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,6 @@ from .fidelity import FIDELITY_MODES, fidelity
 
 CONV_OPS = ("Conv",)  # the layers compared by default (when decodable)
 INSTANCE_RULES = ("local", "deconvnet")  # the decodings made of per-instance backward passes
-INSTANCE_WORKERS = 2  # backward passes (local, deconvnet) run at the same time
 
 
 @dataclass
@@ -205,23 +203,13 @@ def _checked_modes(modes) -> tuple[str, ...]:
 
 
 def _instance_decodes(model, images, found: dict, rules, steps, device) -> dict:
-    """``rules`` (local, deconvnet) of every layer, {(layer, rule): Decoded}: INSTANCE_WORKERS passes at a time.
-
-    The backward passes spend their time in NumPy, which releases the GIL: two threads overlap them.
-    """
-    if not rules:
-        return {}
+    """``rules`` (local, deconvnet) of every layer, {(layer, rule): Decoded}, one after the other: each decode runs
+    its passes on every core (``decode_instances``)."""
     shared = {name for name in found if "local" in rules and deconvnet_is_local(model, name)}  # one pass for both
-    pool = ThreadPoolExecutor(max_workers=INSTANCE_WORKERS)
-    try:
-        futures = {(name, rule): pool.submit(decode_instances, model, name, images, rule=rule, instances=instances,
-                                             progress=steps.part(), device=device)
-                   for name, instances in reversed(found.items()) for rule in rules
-                   if not (rule == "deconvnet" and name in shared)}  # big ones first
-        done = {key: future.result() for key, future in futures.items()}
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    for name in shared & {name for name, rule in futures if rule == "local"}:
+    done = {(name, rule): decode_instances(model, name, images, rule=rule, instances=instances, progress=steps.part(),
+                                           device=device)
+            for name, instances in found.items() for rule in rules if not (rule == "deconvnet" and name in shared)}
+    for name in shared & {name for name, rule in done if rule == "local"}:
         local = done[(name, "local")]
         done[(name, "deconvnet")] = dataclasses.replace(local, bias=np.zeros_like(local.bias), mode="deconvnet")
         steps.part()(1, 1)

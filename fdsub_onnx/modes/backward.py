@@ -480,8 +480,8 @@ def _channel_window_sum(a, lo, hi):
 
 def _maxpool(node, ins, is_data, out, grad):
     """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
-    forward output). The switches are found once on the forward values (``maxpool_switches``); one weighted
-    ``bincount`` then scatters every instance's gradient, repeated indices (overlapping windows) adding up."""
+    forward output). The switches are found once on the forward values (``maxpool_switches``); one
+    ``scatter_sum`` then puts every instance's gradient there, repeated indices (overlapping windows) adding up."""
     x, xp = ins[0], array_module(grad)
     window = Window.of(attributes(node), x.shape[2:])
     c, h, w = x.shape[1:]
@@ -491,10 +491,20 @@ def _maxpool(node, ins, is_data, out, grad):
     m, plane = len(grad), size[0] * size[1]
     base = (xp.arange(m)[:, None] * c + xp.arange(c)[None, :]) * plane  # [M, C]: where each instance's plane starts
     index = xp.broadcast_to(switch, (m, c, qh, qw)) + base[:, :, None, None]
-    gpad = xp.bincount(index.reshape(-1), weights=grad.reshape(-1), minlength=m * c * plane)
-    gpad = gpad.reshape(m, c, *size).astype(grad.dtype, copy=False)
+    gpad = scatter_sum(index, grad, m * c * plane).reshape(m, c, *size)
     begin = window.begin
     return [gpad[:, :, begin[0] : begin[0] + h, begin[1] : begin[1] + w]], _none_added(grad)
+
+
+def scatter_sum(index, weights, size: int):
+    """[size] of ``weights`` summed at their flat ``index`` (repeats add up), in the weights' dtype: ``add.at``
+    on NumPy (float32 stays float32, three times as fast as ``bincount``'s float64), ``bincount`` on CuPy."""
+    xp = array_module(weights)
+    if xp is not np:
+        return xp.bincount(index.reshape(-1), weights=weights.reshape(-1), minlength=size).astype(weights.dtype)
+    total = np.zeros(size, weights.dtype)
+    np.add.at(total, index.reshape(-1), weights.reshape(-1))
+    return total
 
 
 def maxpool_switches(x, out, window: Window):

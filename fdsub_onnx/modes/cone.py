@@ -28,7 +28,7 @@ from onnx import helper
 from ..compose.backend import array_module
 from ..graph.geometry import Window
 from ..graph.model import attributes
-from .backward import LOCAL_RULES, _padded_size, backward, maxpool_switches
+from .backward import LOCAL_RULES, _padded_size, backward, maxpool_switches, scatter_sum
 
 WINDOW_OPS = ("Conv", "AveragePool", "MaxPool")
 #: ops on one grid whose rule reads and writes its maps position by position (any channel mixing is 1x1)
@@ -132,29 +132,51 @@ def _pad_read(model, node, out: Cone, data) -> dict | None:
     return {data[0]: Cone(out.ratio, (out.start[0] - pads[2], out.start[1] - pads[3]), out.size, tuple(x[2:]))}
 
 
-class _Cut(dict):
-    """Each forward value cut to every instance's cone: [M, C, n_y, n_x], zeros where the cone leaves the map."""
+#: ops whose rule on cones reads only the shapes of its forward values: windows and Pad (the gradient alone),
+#: MaxPool (its switches come from the whole maps)
+SHAPES_ONLY = ("Conv", "AveragePool", "MaxPool", "Pad")
 
-    def __init__(self, values: dict, found: dict, positions: np.ndarray):
+
+def read_values(nodes: list) -> set[str]:
+    """The tensors whose values some rule of a cone pass over ``nodes`` reads (a Relu: its input, not its output)."""
+    read = set()
+    for node in nodes:
+        if node.op_type not in SHAPES_ONLY:
+            read.update(node.input if node.op_type == "Relu" else [*node.input, *node.output])
+    return read
+
+
+class _Cut(dict):
+    """Each forward value cut to every instance's cone: [M, C, n_y, n_x], zeros where the cone leaves the map. A
+    value no rule reads (``read_values``) is not cut: it is NaN of that shape, without memory, so that a rule
+    reading it after all makes NaN filters, not quietly wrong ones."""
+
+    def __init__(self, values: dict, found: dict, positions: np.ndarray, read: set):
         super().__init__()
-        self.values, self.found, self.positions = values, found, positions
+        self.values, self.found, self.positions, self.read = values, found, positions, read
 
     def __missing__(self, name):
         value, cone = self.values[name], self.found.get(name)
         if cone is None or value.ndim != 4:
             return value
-        xp = array_module(value)
-        (ny, nx), corners = cone.size, cone.corners(self.positions)
-        lo = np.minimum(corners.min(axis=0), 0)
-        hi = np.maximum(corners.max(axis=0) + cone.size - np.asarray(value.shape[2:]), 0)
-        padded = xp.pad(value[0], ((0, 0), (-lo[0], hi[0]), (-lo[1], hi[1])))
-        windows = sliding_window_view(padded, (ny, nx), axis=(1, 2)) if xp is np else None
-        if windows is not None:
-            cut = windows[:, corners[:, 0] - lo[0], corners[:, 1] - lo[1]].transpose(1, 0, 2, 3)
-        else:  # CuPy: one slice per instance
-            cut = xp.stack([padded[:, y - lo[0] : y - lo[0] + ny, x - lo[1] : x - lo[1] + nx] for y, x in corners])
-        self[name] = cut = xp.ascontiguousarray(cut)
+        if name not in self.read:
+            xp = array_module(value)
+            return xp.broadcast_to(xp.asarray(np.nan, value.dtype), (len(self.positions), value.shape[1], *cone.size))
+        self[name] = cut = windows_at(value[0], cone.corners(self.positions), cone.size)
         return cut
+
+
+def windows_at(plane, corners: np.ndarray, size) -> object:
+    """[M, C, n_y, n_x]: the windows of ``plane`` [C, Y, X] at ``corners`` [M, 2], zeros where they leave it."""
+    xp = array_module(plane)
+    (ny, nx) = size
+    lo = np.minimum(corners.min(axis=0), 0)
+    hi = np.maximum(corners.max(axis=0) + np.asarray(size) - np.asarray(plane.shape[1:]), 0)
+    padded = xp.pad(plane, ((0, 0), (-lo[0], hi[0]), (-lo[1], hi[1])))
+    if xp is np:
+        cut = sliding_window_view(padded, (ny, nx), axis=(1, 2))[:, corners[:, 0] - lo[0], corners[:, 1] - lo[1]]
+        return np.ascontiguousarray(cut.transpose(1, 0, 2, 3))
+    return xp.stack([padded[:, y - lo[0] : y - lo[0] + ny, x - lo[1] : x - lo[1] + nx] for y, x in corners])
 
 
 class _ConePass:
@@ -171,11 +193,15 @@ class _ConePass:
         rule, out_cone = self.base[node.op_type], self.found[node.output[0]]
         demands = reads(self.model, node, out_cone)
         xp = array_module(grad)
+        # whether the rule's gradients need zeroing where the cones leave the map: a rule position by position
+        # keeps the zeros its output's gradient has there
+        mask = node.op_type not in ALIGNED_OPS
         if node.op_type == "Pad":  # the same values on a shifted grid; what the pad added has no gradient
             grads, added = [grad] + [None] * (len(ins) - 1), xp.zeros(len(grad), grad.dtype)
         elif node.op_type == "MaxPool" and self.base[node.op_type] is LOCAL_RULES["MaxPool"]:
             grads, added = [self._maxpool(node, out_cone, demands[node.input[0]], grad)], xp.zeros(len(grad),
                                                                                                  grad.dtype)
+            mask = False  # the switches lie in the map
         else:
             cut = [self._part(v, self.found[name], demands[name]) if name in demands else v
                    for name, v in zip(node.input, ins)]
@@ -185,32 +211,28 @@ class _ConePass:
             if node.op_type == "AveragePool":  # each window divides by its taps inside the map, as onnxruntime
                 grad = grad * xp.asarray(self._average_scale(node, out_cone, len(grad)), grad.dtype)
             grads, added = rule(self._unpadded(node) if node.op_type in WINDOW_OPS else node, cut, is_data, out, grad)
-        placed = [self._placed(g, demands[name], self.found[name]) if g is not None and name in demands else g
-                  for name, g in zip(node.input, grads)]
+        placed = [self._placed(g, demands[name], self.found[name], mask) if g is not None and name in demands
+                  else g for name, g in zip(node.input, grads)]
         return placed, added
 
     def _maxpool(self, node, out_cone: Cone, in_cone: Cone, grad):
         """MaxPool on cones: the switches found once on the image's whole maps (``maxpool_switches``) as offsets
         from each window's first tap, read at each instance's output cone; in the input cone, which holds the
-        pool's padding, window q starts at ``q * s``, so one weighted ``bincount`` over ``start + offset``
-        scatters every instance's gradient, repeated indices (overlapping windows) adding up."""
+        pool's padding, window q starts at ``q * s``, so one ``scatter_sum`` over ``start + offset`` puts every
+        instance's gradient there, repeated indices (overlapping windows) adding up."""
         xp = array_module(grad)
         x, y = self.values[node.input[0]], self.values[node.output[0]]
         window = Window.of(attributes(node), tuple(x.shape[2:]))
         ny, nx = in_cone.size
         offset, none = self._switch_offsets(node, x, y, window, nx)  # [C, Q_y, Q_x]
         m, c = len(grad), x.shape[1]
-        out_at = out_cone.corners(self.positions)[:m]
-        qy = np.clip(out_at[:, :1] + np.arange(out_cone.size[0])[None], 0, y.shape[2] - 1)  # [M, n_y]
-        qx = np.clip(out_at[:, 1:] + np.arange(out_cone.size[1])[None], 0, y.shape[3] - 1)
-        channel = xp.arange(c)[None, :, None, None]
-        local = offset[channel, xp.asarray(qy)[:, None, :, None], xp.asarray(qx)[:, None, None, :]]  # [M, C, n_y, n_x]
+        # outside the map the cut reads offset 0, a real tap: the gradient there is zero (``_placed``)
+        local = windows_at(offset, out_cone.corners(self.positions)[:m], out_cone.size)  # [M, C, n_y, n_x]
         start = (np.arange(out_cone.size[0])[:, None] * window.strides[0] * nx
                  + np.arange(out_cone.size[1])[None, :] * window.strides[1])
         flat = local + (xp.asarray(start)[None, None] + (xp.arange(m * c) * (ny * nx)).reshape(m, c, 1, 1))
         weights = xp.where(local >= 0, grad, 0) if none else grad
-        gx = xp.bincount(flat.reshape(-1), weights=weights.reshape(-1), minlength=m * c * ny * nx)
-        return gx.reshape(m, c, ny, nx).astype(grad.dtype, copy=False)
+        return scatter_sum(xp.maximum(flat, 0) if none else flat, weights, m * c * ny * nx).reshape(m, c, ny, nx)
 
     def _switch_offsets(self, node, x, y, window: Window, width: int):
         """([C, Q_y, Q_x] the offset ``i*d*width + j*d`` in an input cone of ``width`` columns of each window's
@@ -231,8 +253,9 @@ class _ConePass:
         (y, x), (ny, nx) = (p - c for p, c in zip(part.start, cone.start)), part.size
         return value[:, :, y : y + ny, x : x + nx]
 
-    def _placed(self, g, part: Cone, cone: Cone):
-        """A gradient over ``part`` put back in ``cone``, zero where the cone leaves the map."""
+    def _placed(self, g, part: Cone, cone: Cone, mask: bool = True):
+        """A gradient over ``part`` put back in ``cone``, zero where the cone leaves the map (``mask``: made so;
+        else it already is)."""
         xp = array_module(g)
         (y, x), (ny, nx) = (p - c for p, c in zip(part.start, cone.start)), part.size
         if part.size == cone.size:
@@ -240,8 +263,8 @@ class _ConePass:
         else:
             full = xp.zeros((len(g), g.shape[1], *cone.size), g.dtype)
             full[:, :, y : y + ny, x : x + nx] = g
-        inside = self._inside(cone, len(g))
-        return full if inside.all() else full * xp.asarray(inside[:, None], g.dtype)
+        inside = self._inside(cone, len(g)) if mask else None
+        return full if inside is None or inside.all() else full * xp.asarray(inside[:, None], g.dtype)
 
     def _inside(self, cone: Cone, m: int) -> np.ndarray:
         """[M, n_y, n_x]: which positions of each instance's cone lie in the map."""
@@ -293,5 +316,6 @@ def cone_gradients(model, target: str, values: dict, neurons, positions, rules: 
     seed = xp.zeros((len(neurons), first.shape[1], 1, 1), first.dtype)
     seed[np.arange(len(neurons)), np.asarray(neurons), 0, 0] = 1.0
     cone_pass = _ConePass(model, found, positions, rules, values)
-    grads, bias = backward(model, nodes, _Cut(values, found, positions), {target: seed}, cone_pass.rules(), label)
+    cut = _Cut(values, found, positions, read_values(nodes))
+    grads, bias = backward(model, nodes, cut, {target: seed}, cone_pass.rules(), label)
     return grads[model.input_name], bias

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compose.backend import array_module, get_backend, resolve_device
+from ..compose.backend import array_module, get_backend, ordered_map, resolve_device
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
@@ -46,8 +46,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
             if per_instance else None)
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
+    workers = backend.workers
     image_bytes, instance_bytes = per_image_bytes(model, target, np.dtype(dtype).itemsize)
-    room = backend.free_bytes() // 4  # a quarter: the report runs two passes at once
+    room = backend.free_bytes() // 4 // workers  # a quarter: the report runs two passes at once
     per_pass = int(max(1, min(batch_size, (room - image_bytes) // max(instance_bytes, 1))))
     images_at_once = int(max(1, min(8, room // 2 // max(image_bytes, 1))))
     nodes = ancestors(model, [target])
@@ -62,38 +63,45 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     index = found.image_index[rows, cols]
     starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])  # each image's first instance
     bounds = list(zip(starts, np.r_[starts[1:], len(rows)]))
+
+    def passes():
+        """(rows, slots, forward values) of each pass: a run of one image's instances."""
+        for block in range(0, len(bounds), images_at_once):
+            spans = bounds[block : block + images_at_once]
+            wanted = [int(index[start]) for start, _ in spans]
+            loaded = {}
+            for first, batch in read_indices(images, np.asarray(wanted), len(wanted)):
+                loaded.update({first + i: image for i, image in enumerate(batch)})
+            values = forward(np.stack([loaded[i] for i in wanted]))
+            for b, (start, end) in enumerate(spans):
+                own = {name: backend.asarray(v[b : b + 1], dtype) for name, v in values.items()}
+                for lo in range(start, end, per_pass):
+                    yield rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)], own
+
+    def run(job):
+        r, c, own = job
+        if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
+            cut, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                          BACKWARD_MODES[rule], rule, nodes, cone)
+        else:
+            grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c], rule,
+                                             nodes)
+            cut = _receptive_fields(grads, found.position[r, c], geom)
+        return r, c, backend.to_numpy(cut), backend.to_numpy(offsets)
+
     done = 0
-    for block in range(0, len(bounds), images_at_once):
-        spans = bounds[block : block + images_at_once]
-        wanted = [int(index[start]) for start, _ in spans]
-        loaded = {}
-        for first, batch in read_indices(images, np.asarray(wanted), len(wanted)):
-            loaded.update({first + i: image for i, image in enumerate(batch)})
-        values = forward(np.stack([loaded[i] for i in wanted]))
-        for b, (start, end) in enumerate(spans):
-            own = {name: backend.asarray(v[b : b + 1], dtype) for name, v in values.items()}
-            for lo in range(start, end, per_pass):
-                r, c = rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)]
-                if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
-                    cut, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
-                                                  BACKWARD_MODES[rule], rule, nodes, cone)
-                else:
-                    grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c],
-                                                     rule, nodes)
-                    cut = _receptive_fields(grads, found.position[r, c], geom)
-                cut = backend.to_numpy(cut)
-                offsets = backend.to_numpy(offsets)
-                if len(np.unique(r)) == len(r):  # one instance per neuron and image (the default): no repeats
-                    filters[r] += weights[r, c, None, None, None] * cut
-                    bias[r] += weights[r, c] * offsets
-                else:
-                    np.add.at(filters, r, weights[r, c, None, None, None] * cut)
-                    np.add.at(bias, r, weights[r, c] * offsets)
-                if each is not None:
-                    each[0][r, c], each[1][r, c] = cut, offsets
-                done += len(r)
-                if progress is not None:
-                    progress(done, len(rows))
+    for r, c, cut, offsets in ordered_map(run, passes(), workers):
+        if len(np.unique(r)) == len(r):  # one instance per neuron and image (the default): no repeats
+            filters[r] += weights[r, c, None, None, None] * cut
+            bias[r] += weights[r, c] * offsets
+        else:
+            np.add.at(filters, r, weights[r, c, None, None, None] * cut)
+            np.add.at(bias, r, weights[r, c] * offsets)
+        if each is not None:
+            each[0][r, c], each[1][r, c] = cut, offsets
+        done += len(r)
+        if progress is not None:
+            progress(done, len(rows))
     if rule != "local":
         bias[:] = 0
         if each is not None:

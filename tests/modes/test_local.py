@@ -392,3 +392,21 @@ def test_cone_passes_equal_whole_map_passes(case, rule, tmp_path, monkeypatch):
         np.testing.assert_allclose(cut.instance_bias, whole.instance_bias, rtol=1e-9, atol=1e-12)
         checked += 1
     assert checked, f"{case}: no layer has a cone form"
+
+
+def test_passes_on_two_workers_give_the_one_worker_filters(tmp_path, monkeypatch):
+    """Passes run on every core (``ordered_map``) and add up in image order: the filters, biases and instance
+    filters are those of one pass after the other, from any number of workers."""
+    from fdsub_onnx.compose.backend import NumpyBackend
+
+    b, last = _residual_net(7)
+    model = load_proto(b.build([last]), tmp_path)
+    images = fd.ArrayImages(np.random.default_rng(8).standard_normal((12, *model.input_shape[1:])).astype("float32"))
+    got = {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(NumpyBackend, "workers", workers)
+        got[workers] = decode_instances(model, last, images, top=6, per_instance=True, batch_size=2, dtype="float64")
+    for workers in (2, 3):
+        np.testing.assert_allclose(got[workers].filters, got[1].filters, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got[workers].bias, got[1].bias, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got[workers].instance_filters, got[1].instance_filters, rtol=1e-12, atol=1e-15)

@@ -1,0 +1,78 @@
+"""``ordered_map``: passes on every core, results in job order, BLAS held to one thread meanwhile."""
+
+import threading
+import time
+
+import pytest
+from threadpoolctl import threadpool_info
+
+from fdsub_onnx.compose.backend import ordered_map
+
+
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_results_come_in_job_order_when_later_jobs_finish_first():
+    def slow_first(job):
+        time.sleep(0.02 * (5 - job))
+        return job * job
+
+    assert list(ordered_map(slow_first, range(6), workers=3)) == [0, 1, 4, 9, 16, 25]
+
+
+def test_jobs_are_drawn_only_as_results_are_taken():
+    drawn = []
+
+    def jobs():
+        for job in range(20):
+            drawn.append(job)
+            yield job
+
+    results = ordered_map(lambda job: job, jobs(), workers=2)
+    for taken, _ in enumerate(results, start=1):
+        assert len(drawn) <= taken + 2  # the workers' jobs and the one whose result is next
+
+
+def test_an_error_in_a_job_reaches_the_caller_and_the_jobs_not_started_are_dropped():
+    ran = []
+
+    def fails_at_two(job):
+        ran.append(job)
+        if job == 2:
+            raise ValueError("job 2")
+        time.sleep(0.01)
+        return job
+
+    with pytest.raises(ValueError, match="job 2"):
+        list(ordered_map(fails_at_two, range(50), workers=2))
+    assert len(ran) < 10
+
+
+def test_blas_runs_one_thread_inside_and_its_setting_comes_back_after():
+    before = _blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("BLAS runs one thread here already")
+    inside = list(ordered_map(lambda job: (_blas_threads(), threading.current_thread()), range(4), workers=2))
+    assert all(threads == [1] * len(before) for threads, _ in inside)
+    assert all(thread is not threading.current_thread() for _, thread in inside)
+    assert _blas_threads() == before
+
+
+def test_a_call_that_overlaps_a_parallel_one_runs_its_jobs_one_by_one():
+    entered, leave = threading.Event(), threading.Event()
+
+    def holds(job):
+        entered.set()
+        assert leave.wait(10)
+        return job
+
+    first = threading.Thread(target=lambda: list(ordered_map(holds, [0], workers=2)))
+    first.start()
+    assert entered.wait(10)
+    try:
+        threads = list(ordered_map(lambda job: threading.current_thread(), range(3), workers=2))
+    finally:
+        leave.set()
+        first.join()
+    assert threads == [threading.current_thread()] * 3
