@@ -146,12 +146,15 @@ def per_image_bytes(model, target: str, itemsize: int) -> tuple[int, int]:
     return (4 + itemsize) * sum(sizes), 4 * itemsize * max(sizes, default=1)
 
 
-def instances_per_batch(model, target: str, most: int, backend) -> int:
-    """How many instances one backward pass to ``target`` takes when each carries its own forward values: at most
-    ``most``, fewer where a quarter of the memory left (``backend.free_bytes``) cannot hold them. A quarter: the
-    report runs two passes at once. VGG19 at 224 needs about 700 MB per instance in float64."""
-    image, instance = per_image_bytes(model, target, 8)
-    return int(max(1, min(most, backend.free_bytes() // 4 // max(image + instance, 1))))
+def pass_sizes(model, target: str, most: int, backend, itemsize: int, workers: int = 1) -> tuple[int, int]:
+    """(instances per backward pass, images per onnxruntime run) of a decode whose passes each carry their own
+    cut of the forward values: at most ``most`` instances and 8 images, fewer where a quarter of the memory left
+    (``backend.free_bytes``), shared by the ``workers`` passes that run at once, cannot hold them. VGG19 at 224
+    needs about 700 MB per instance in float64."""
+    image, instance = per_image_bytes(model, target, itemsize)
+    room = backend.free_bytes() // 4 // max(workers, 1)
+    return (int(max(1, min(most, (room - image) // max(instance, 1)))),
+            int(max(1, min(8, room // 2 // max(image, 1)))))
 
 
 def _batched(x, grad) -> tuple:
@@ -205,7 +208,7 @@ def window_counts(window: Window, in_size, out_size, include_pad: bool) -> np.nd
 
 
 TEMP_BYTES = 256 << 20  # bound on the tap products one GEMM of ``_transposed`` makes
-CACHE_BYTES = 8 << 20  # the tap products ``_transposed`` aims to keep in cache between its GEMM and their adds
+CACHE_BYTES = 2 << 20  # the tap products ``_transposed`` keeps in a core's L2 cache between its GEMM and adds
 
 
 def _transposed(grad, w, groups, window: Window, x_shape):
@@ -213,10 +216,11 @@ def _transposed(grad, w, groups, window: Window, x_shape):
 
     Per group and run of instances, one GEMM over their positions and every kernel tap
     (``[taps*C_in/g, K/g] x [K/g, m*Q]``: per instance alone the products would be too small for BLAS; the run
-    is as long as keeps its products in cache, ``CACHE_BYTES``, about twice as fast on 224-px maps as all at
-    once); each tap's product is then added at its strided place. The work runs channel-major ([C, M, H, W] in
-    memory) and the result is that memory seen as [M, C, H, W]: the next convolution's GEMM reads it without a
-    copy, and elementwise rules keep its layout. Depthwise windows (pooling) are scaled strided adds.
+    is as long as keeps its products in a core's L2 cache, ``CACHE_BYTES``: on 224-px maps twice as fast as all
+    at once, on the demo's cones 1.3-1.6x faster than runs of 8 MB); each tap's product is then added at its
+    strided place. The work runs channel-major ([C, M, H, W] in memory) and the result is that memory seen as
+    [M, C, H, W]: the next convolution's GEMM reads it without a copy, and elementwise rules keep its layout.
+    Depthwise windows (pooling) are scaled strided adds.
     """
     kernel, begin = window.kernel, window.begin
     xp = array_module(grad)

@@ -16,7 +16,7 @@ from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
 from ..graph.model import ancestors, find_layer
 from ..runtime.capture import capture_top
-from .backward import BACKWARD_MODES, forward_for, image_gradients, per_image_bytes
+from .backward import BACKWARD_MODES, forward_for, image_gradients, pass_sizes
 from .cone import cone_gradients, cones
 from .result import Decoded
 
@@ -47,10 +47,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
     workers = backend.workers
-    image_bytes, instance_bytes = per_image_bytes(model, target, np.dtype(dtype).itemsize)
-    room = backend.free_bytes() // 4 // workers  # a quarter: the report runs two passes at once
-    per_pass = int(max(1, min(batch_size, (room - image_bytes) // max(instance_bytes, 1))))
-    images_at_once = int(max(1, min(8, room // 2 // max(image_bytes, 1))))
+    per_pass, images_at_once = pass_sizes(model, target, batch_size, backend, np.dtype(dtype).itemsize, workers)
     nodes = ancestors(model, [target])
     cone = cones(model, nodes, target)
     image = None if cone is None else cone.get(model.input_name)
