@@ -28,9 +28,10 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
 
     Instances are taken image by image: onnxruntime runs once per image, and that image's instances (up to
     ``batch_size``, fewer when memory is short) share its forward values in one GEMM-shaped backward pass.
-    The passes run on every core at once (``ordered_map``) and are added up in image order. On ``device="gpu"`` the passes run in CuPy; only the receptive-field cuts come back to the host. The
-    passes and the result are in ``dtype`` (float32, or float64 on request). A Dask ``client`` runs the capture
-    of the instances on the cluster; the backward passes (as many as instances, not images) run here.
+    The passes run on every core at once (``ordered_map``) and are added up in image order. On
+    ``device="gpu"`` they run in CuPy; only the receptive-field cuts come back to the host. The passes and the
+    result are in ``dtype`` (float32, or float64 on request). A Dask ``client`` runs the capture of the
+    instances on the cluster; the backward passes (as many as instances, not images) run here.
     """
     device = resolve_device(device)
     target = find_layer(model, layer).output[0]
