@@ -150,22 +150,6 @@ def torch_gradients(run, shape, neurons, position, chunk: int, how: str = "is_gr
 
 
 # ---- jobs (each in its own process) ----------------------------------------------------------------------
-def _cpu_ticks() -> list[int]:
-    """The machine's CPU time counters (/proc/stat: user, nice, system, idle, iowait, irq, softirq, steal...)."""
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return []
-
-
-def _stolen_share(before: list[int]) -> float:
-    """The share of the CPU time since ``before`` that the hypervisor gave to other guests (steal): on a shared
-    VM a run's wall time grows with it, so the tables print it beside each time."""
-    after = _cpu_ticks()
-    spent = [b - a for a, b in zip(before, after)]
-    return float(spent[7] / max(sum(spent), 1)) if len(spent) > 7 else float("nan")
-
-
 def _rss_mib() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: at exec Linux carries the parent's high-water
     mark into ru_maxrss (a job started by a parent holding 3.4 GB reported 3.4 GB before doing anything)."""
@@ -234,31 +218,34 @@ def job_local(spec: dict) -> dict:
     model = fd.load_model(str(ROOT / "models" / "demo.onnx"))
     images = fd.open_images("builtin:glyphs:256", model.input_shape[1:])
     found = fd.capture_top(model, "conv4", images, top=spec["top"])
-    loaded = _rss_mib()
-    ticks = _cpu_ticks()
-    t = time.perf_counter()
-    if spec["side"] == "torch":
-        import torch
+    from bench_weights_vgg19 import CpuMonitor  # noqa: E402  (the benchmarks' shared steal counter)
 
-        torch.set_num_threads(int(THREADS))
-        run = torch_program(model, model.nodes, "conv4")
-        rows, cols = np.nonzero(found.image_index >= 0)
-        for image in np.unique(found.image_index[rows, cols]):
-            mine = found.image_index[rows, cols] == image
-            x = torch.from_numpy(np.ascontiguousarray(images.batches(1, start=int(image)).__next__()[1][:1]))
-            x.requires_grad_(True)
-            y = run(x)
-            seeds = torch.zeros(int(mine.sum()), *y.shape)
-            for i, (r, c) in enumerate(zip(rows[mine], cols[mine])):
-                seeds[(i, 0, found.neurons[r], *found.position[r, c])] = 1.0
-            torch.autograd.grad(y, x, seeds, is_grads_batched=True)
-        result = {}
-    else:
-        decoded = fd.decode_instances(model, "conv4", images, instances=found, rule="local")
-        np.save(spec["save"], decoded.filters)
-        result = {}
-    result.update(seconds=time.perf_counter() - t, loaded_mib=loaded, peak_mib=_rss_mib(),
-                  instances=int((found.image_index >= 0).sum()), stolen=_stolen_share(ticks))
+    loaded = _rss_mib()
+    with CpuMonitor() as monitor:  # the share of the CPU the VM host gives other guests: wall time grows with it
+        t = time.perf_counter()
+        if spec["side"] == "torch":
+            import torch
+
+            torch.set_num_threads(int(THREADS))
+            run = torch_program(model, model.nodes, "conv4")
+            rows, cols = np.nonzero(found.image_index >= 0)
+            for image in np.unique(found.image_index[rows, cols]):
+                mine = found.image_index[rows, cols] == image
+                x = torch.from_numpy(np.ascontiguousarray(images.batches(1, start=int(image)).__next__()[1][:1]))
+                x.requires_grad_(True)
+                y = run(x)
+                seeds = torch.zeros(int(mine.sum()), *y.shape)
+                for i, (r, c) in enumerate(zip(rows[mine], cols[mine])):
+                    seeds[(i, 0, found.neurons[r], *found.position[r, c])] = 1.0
+                torch.autograd.grad(y, x, seeds, is_grads_batched=True)
+            result = {}
+        else:
+            decoded = fd.decode_instances(model, "conv4", images, instances=found, rule="local")
+            np.save(spec["save"], decoded.filters)
+            result = {}
+        seconds = time.perf_counter() - t
+    result.update(seconds=seconds, loaded_mib=loaded, peak_mib=_rss_mib(),
+                  instances=int((found.image_index >= 0).sum()), stolen=monitor.share()["steal"])
     return result
 
 

@@ -35,7 +35,7 @@ class NumpyBackend:
     @property
     def workers(self) -> int:
         """Independent passes to run at once (``ordered_map``): one per core this process may use."""
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return usable_cores()
 
     def asarray(self, array, dtype):
         return np.ascontiguousarray(array, dtype=dtype)
@@ -145,6 +145,11 @@ def _shift_add_kernel(cp):
 _KERNEL = None
 
 BACKENDS = {"numpy": NumpyBackend, "cupy": CupyBackend}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:

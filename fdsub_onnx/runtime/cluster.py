@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import urlparse
 
+from ..compose.backend import usable_cores
 from ..errors import FdsubError
 from ..graph.model import Model, load_model
 from .session import Forward
@@ -183,8 +184,7 @@ def worker_forward(ref: ModelRef, model: Model, names, device, slots: dict[str, 
 def _threads(slots: dict[str, int]) -> int:
     from distributed import get_worker
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, slots.get(urlparse(get_worker().address).hostname, 1)))
+    return max(1, usable_cores() // max(1, slots.get(urlparse(get_worker().address).hostname, 1)))
 
 
 # ---- plans and order-keeping sums ----------------------------------------------------------------------
