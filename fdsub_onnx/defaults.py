@@ -6,6 +6,10 @@ It imports nothing heavy, so `fdsub --help` shows these values without loading o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
+
 from .errors import FdsubError
 
 DEFAULT_TOP = 100  # instances per neuron: top, nf, decode's data modes, fidelity
@@ -21,6 +25,9 @@ BENCHMARK_RANKING = ("local", "fds", "nf", "weights", "deconvnet")  # by mean tw
 CHECK_IMAGES = "builtin:blobs:32"  # probe images of `fdsub check`
 MAX_BUILTIN_IMAGES = 1_000_000  # builtin:KIND:COUNT; their names alone are ~100 MB there
 FALLBACK_MEMORY = 8 << 30  # when the memory left cannot be read
+BUDGET_CAP = 4 << 30  # the default memory budget: at most this much ...
+BUDGET_SHARE = 0.6  # ... and at most this share of the memory available when it is asked
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("memory_budget", default=None)
 
 
 def available_memory() -> int:
@@ -35,11 +42,57 @@ def available_memory() -> int:
     return FALLBACK_MEMORY
 
 
+def memory_budget() -> int:
+    """Bytes a command may use: the budget set by ``budget`` (``--memory-budget``), else the smaller of
+    BUDGET_CAP and BUDGET_SHARE of the memory available now (not the machine's total: other processes count)."""
+    given = _BUDGET.get()
+    if given is not None:
+        return given
+    return int(min(BUDGET_CAP, BUDGET_SHARE * available_memory()))
+
+
+@contextlib.contextmanager
+def budget(nbytes: int | str | None):
+    """Within the block, ``memory_budget()`` is ``nbytes`` (bytes, or text such as "6G"; None keeps the default).
+
+    >>> with budget("2G"):                                 # doctest: +SKIP
+    ...     fd.decode(model, "conv4", mode="fds", images=photos)
+    """
+    token = _BUDGET.set(None if nbytes is None else parse_bytes(nbytes))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_bytes(text: int | str) -> int:
+    """``4G``, ``512M``, ``2.5GiB`` or a number of bytes (units are powers of 1024) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise FdsubError(f"--memory-budget must be a size such as 4G, 512M or 2.5GiB; got {str(text)!r}")
+    nbytes = float(match.group(1)) * _UNITS[unit]
+    if not 1 << 20 <= nbytes < 1 << 60:
+        raise FdsubError(f"--memory-budget must be at least 1M; got {str(text)!r}")
+    return int(nbytes)
+
+
+def budget_text() -> str:
+    """How the budget in force was set, for refusals: the knob that changes it is named."""
+    if _BUDGET.get() is not None:
+        return f"the memory budget of {_gib(memory_budget())} (--memory-budget)"
+    return (f"the memory budget of {_gib(memory_budget())} (the smaller of {_gib(BUDGET_CAP)} and "
+            f"{BUDGET_SHARE:.0%} of the {_gib(available_memory())} available; --memory-budget to change)")
+
+
 def require_memory(nbytes: float, what: str, fix: str) -> None:
-    """A FdsubError saying ``what`` needs ``nbytes`` when that is more than the memory left."""
-    free = available_memory()
-    if nbytes > free:
-        raise FdsubError(f"{what} needs about {_gib(nbytes)} but {_gib(free)} is free; {fix}")
+    """A FdsubError saying ``what`` needs ``nbytes`` when that is more than the memory budget."""
+    if nbytes > memory_budget():
+        raise FdsubError(f"{what} needs about {_gib(nbytes)}, over {budget_text()}; {fix}")
 
 
 def _gib(nbytes: float) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..defaults import available_memory
+from ..defaults import memory_budget
 from ..errors import FdsubError
 
 DEVICES = ("cpu", "gpu", "auto")
@@ -63,8 +63,8 @@ class NumpyBackend:
             out[:, :, y : y + ry, x : x + rx] += block
 
     def free_bytes(self) -> int:
-        """Memory still available to allocate (MemAvailable on Linux)."""
-        return available_memory()
+        """Memory a decode may still allocate: the memory budget (``defaults.memory_budget``)."""
+        return memory_budget()
 
 
 class CupyBackend(NumpyBackend):

@@ -100,8 +100,8 @@ def memory_problem(model, engine, targets, rows=None) -> str | None:
     if engine.dtype != "float32":
         advice = "use --dtype float32, or " + advice
     return (f"decoding {last!r} bottom-up needs about {need / 2**30:.1f} GiB of filter banks (receptive fields "
-            f"of up to {_largest_rf(model, engine, targets)} px) but {free / 2**30:.1f} GiB is free; {advice}, "
-            "or use a machine with more memory")
+            f"of up to {_largest_rf(model, engine, targets)} px) but the memory budget is {free / 2**30:.1f} GiB; "
+            f"{advice}, or raise --memory-budget on a machine with more memory")
 
 
 def _peak(model, engine, targets, rows) -> int:

@@ -30,7 +30,7 @@ from ..graph.model import Model, ancestors, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
-from ..runtime.session import Forward
+from ..runtime.session import Forward, fitting_batch, tensor_values
 from .backward import LOCAL_RULES
 
 SUBSTITUTED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool")  # AveragePool keeps its fixed uniform weights
@@ -107,11 +107,50 @@ def _gates(model, nodes) -> dict[str, str]:
     return {mul: p.gate for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
 
 
+#: bytes per value of one image that a pass holds: onnxruntime's output and NumPy's copy of it (float32 each) ...
+FETCHED_BYTES = 8
+#: ... and, in the second pass, a float64 gate map of every chain tensor with the temporaries of its derivative,
+#: and the float64 window inputs of the node being cut (values, gates, their padded copy)
+GATE_BYTES, CUT_BYTES = 16, 24
+FIX = "use fewer neurons or an earlier layer, or raise --memory-budget on a machine with more memory"
+
+
+def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int, int]:
+    """Bytes per image of the first and the second pass of ``gather_statistics`` over ``targets``: a pass over
+    images holds one batch of these at once, whatever the number of images."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
+    gates = _gates(model, ancestors(model, targets))
+    windowed = _windowed(model, nodes, gates)
+    return (FETCHED_BYTES * tensor_values(model, [n.output[0] for n in nodes] + list(gates.values())),
+            _window_bytes(model, windowed, _chains(model, windowed, weighting, gates)))
+
+
+def _windowed(model, nodes, held) -> list:
+    """The nodes that get a statistic: all but those reading the image (pixels are not neurons), MaxPool kept."""
+    return [n for n in nodes if n.op_type == "MaxPool" or not _gate_chain(model, n.input[0], held)[1]]
+
+
+def _window_bytes(model, nodes, chain) -> int:
+    """Bytes per image of the second pass: what onnxruntime fetches, the gate maps, the widest cut."""
+    widest = max((tensor_values(model, [n.input[0]]) for n in nodes), default=0)
+    return (FETCHED_BYTES * tensor_values(model, _window_reads(model, nodes, chain)) + CUT_BYTES * widest
+            + GATE_BYTES * tensor_values(model, [c.output[0] for c in chain]))
+
+
+def _window_reads(model, nodes, chain) -> list[str]:
+    """What the second pass asks onnxruntime for: the nodes' inputs and every tensor of their gate chains."""
+    return [n.input[0] for n in nodes] + [t for c in chain for t in [*c.input, *c.output] if t and t not in
+                                          model.constants]
+
+
 def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client):
     """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
-    options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
     reads = names + list(gates.values())
+    batch_size = fitting_batch(FETCHED_BYTES * tensor_values(model, reads), batch_size,
+                               "the first pass of the fds statistics", FIX)
+    options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
     done = _passed(progress, 0, len(images))
     if client is None:
         states, sums = _first_pass(model, images, Forward(model, reads, device), 0, len(images), **options,
@@ -132,17 +171,21 @@ def _first_pass(model, images, forward, lo, hi, names, gates, top, batch_size, p
     for first, batch in images.batches(batch_size, lo):
         if first >= hi:
             break
-        values = forward(batch)
-        sums.add({mul: np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3)) for mul, gate in gates.items()})
-        for name in names:
-            acts = np.asarray(values[name], np.float32).reshape(len(batch), shapes[name][1], -1)
-            width = shapes[name][3] if len(shapes[name]) == 4 else 1
-            states[name] = update_top(states[name], acts, first, width)
+        sums.add(_first_entry(forward(batch), states, shapes, gates, first))
         if progress is not None:
             progress(first + len(batch))
     for state in states.values():
         state.ranges = [[lo, min(hi, len(images))]]  # which images it holds, for merge_top's overlap check
     return states, sums
+
+
+def _first_entry(values, states, shapes, gates, first) -> dict:
+    """One batch of the first pass: ``states`` updated in place, the gate sums returned (its own function, so the
+    batch's forward values do not outlive it)."""
+    for name, state in states.items():
+        acts = np.asarray(values[name], np.float32).reshape(len(values[name]), shapes[name][1], -1)
+        states[name] = update_top(state, acts, first, shapes[name][3] if len(shapes[name]) == 4 else 1)
+    return {mul: np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3)) for mul, gate in gates.items()}
 
 
 def _add_gates(total: dict, entry: dict) -> dict:
@@ -160,17 +203,19 @@ def _window_means(model, nodes, tops, images, batch_size, progress, device, clie
     its instances. Gates are averaged over the instances whose window holds a lower unit at that offset (padding
     has none; an offset no instance holds keeps gate 1); activations count the padding as the zeros it is. A node
     that reads the image has no statistic (pixels are not neurons), except a MaxPool's switch."""
-    nodes = [n for n in nodes if n.op_type == "MaxPool" or not _gate_chain(model, n.input[0], held)[1]]
+    nodes = _windowed(model, nodes, held)
     weights = {}
     for node in nodes:
         w = instance_weights(tops[node.output[0]])
         weights[node.output[0]] = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
     names = [n.output[0] for n in nodes]
     places = {name: (tops[name].image_index, tops[name].position) for name in names}
+    chain = _chains(model, nodes, weighting, held)
+    reads = _window_reads(model, nodes, chain)
+    batch_size = fitting_batch(_window_bytes(model, nodes, chain), batch_size, "the second pass of the fds statistics",
+                               FIX)
     options = {"names": names, "places": places, "weights": weights, "batch_size": batch_size,
                "weighting": weighting, "held": held}
-    reads = [n.input[0] for n in nodes] + [t for c in _chains(model, nodes, weighting, held)
-                                           for t in [*c.input, *c.output] if t and t not in model.constants]
     done = _passed(progress, len(images), len(images))
     if client is None:
         sums = _window_pass(model, images, Forward(model, reads, device), 0, len(images), **options, progress=done)
@@ -199,28 +244,36 @@ def _window_pass(model, images, forward, lo, hi, names, places, weights, batch_s
         if not any(len(rows) for rows, _ in found.values()):
             continue
         _, batch = next(images.batches(batch_size, first))
-        values = forward(batch)
-        gates = _gate_maps(model, chain, values, held)
-        entry = {}
-        for node in nodes:
-            name, (index, position) = node.output[0], places[node.output[0]]
-            rows, slots = found[name]
-            if len(rows) == 0:
-                continue
-            acts = np.asarray(values[node.input[0]], np.float64).reshape(len(batch), *model.shapes[node.input[0]][1:])
-            gate = None
-            if weighting == "gate":
-                gate = gates[node.input[0]].reshape(acts.shape) if node.input[0] in gates else np.ones_like(acts)
-            value = _instance_values(windows[name], acts, gate, rows, index[rows, slots] - first, position[rows, slots])
-            weighted = weights[name][rows, slots].reshape(-1, *[1] * (value.ndim - 1))
-            inside = np.isfinite(value)
-            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
-            entry[name] = (rows[starts], np.add.reduceat(weighted * np.where(inside, value, 0), starts, axis=0),
-                           np.add.reduceat(weighted * inside, starts, axis=0))
+        entry = _window_entry(model, nodes, forward(batch), found, places, windows, weights, first, weighting, chain,
+                              held)
         sums.add(entry)
         if progress is not None:
             progress(stop)
     return sums
+
+
+def _window_entry(model, nodes, values, found, places, windows, weights, first, weighting, chain, held) -> dict:
+    """One batch's weighted window sums per node: (neuron rows, sum of weighted values, sum of weights). A function
+    of its own so that nothing of one batch (its forward values, gate maps, cuts) outlives it into the next."""
+    gates = _gate_maps(model, chain, values, held)
+    entry = {}
+    for node in nodes:
+        name, (index, position) = node.output[0], places[node.output[0]]
+        rows, slots = found[name]
+        if len(rows) == 0:
+            continue
+        shape = (len(values[model.input_name]), *model.shapes[node.input[0]][1:])
+        acts = np.asarray(values[node.input[0]], np.float64).reshape(shape)
+        gate = None
+        if weighting == "gate":
+            gate = gates[node.input[0]].reshape(shape) if node.input[0] in gates else np.ones(shape)
+        value = _instance_values(windows[name], acts, gate, rows, index[rows, slots] - first, position[rows, slots])
+        weighted = weights[name][rows, slots].reshape(-1, *[1] * (value.ndim - 1))
+        inside = np.isfinite(value)
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come sorted from np.nonzero
+        entry[name] = (rows[starts], np.add.reduceat(weighted * np.where(inside, value, 0), starts, axis=0),
+                       np.add.reduceat(weighted * inside, starts, axis=0))
+    return entry
 
 
 def _add_windows(totals: dict, entry: dict) -> dict:

@@ -116,7 +116,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     is none (no adjoint then). ``position="interior"`` asks for the filter of the interior positions: any route
     at the interior position nearest the centre, or bottom-up alone where no position is interior (a field
     larger than the image: the filter the neuron has on a larger image). A FdsubError when no route can decode
-    it in the memory left."""
+    it in the memory budget."""
     if route not in ROUTES:
         raise FdsubError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     itemsize = np.dtype(dtype).itemsize
@@ -280,12 +280,13 @@ def _memory_advice(target, estimates, free, k, seed, per_neuron) -> str:
     fewer neurons help it; bottom-up banks do not shrink with the neurons."""
     parts = "; ".join(f"{route}: {est if isinstance(est, str) else 'needs about ' + _bytes(est[1])}"
                       for route, est in estimates.items())
-    advice = "use --dtype float32 or a machine with more memory"
+    advice = "use --dtype float32, or raise --memory-budget on a machine with more memory"
     if seed is not None:
         fit = int((free - seed) // max(per_neuron, 1))
         if 1 <= fit < k:
             advice = f"decode at most {fit} neurons at a time (each filter needs {_bytes(per_neuron)}), or " + advice
-    return f"decoding {target!r} does not fit in the {_bytes(free * MEMORY_MARGIN)} free ({parts}); {advice}"
+    return (f"decoding {target!r} does not fit in the memory budget of {_bytes(free * MEMORY_MARGIN)} ({parts}); "
+            f"{advice}")
 
 
 def _spatial(model, name):

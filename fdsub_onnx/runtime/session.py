@@ -6,12 +6,14 @@ import numpy as np
 import onnx
 
 from ..compose.backend import CPU, resolve_device
-from ..defaults import require_memory
+from ..defaults import budget_text, memory_budget, require_memory
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
 from ..graph.prune import pruned
 
 PEAK_TENSORS = 3  # tensors of one image alive at once in onnxruntime, at most (input, output, one held for a sum)
+PASS_SHARE = 0.75  # of the memory budget, what one batch of a pass over images may hold (the rest: the process,
+#                    the model, onnxruntime's session, the state kept across batches)
 
 
 class Forward:
@@ -77,11 +79,28 @@ def image_bytes(model: Model, names: list[str]) -> int:
     return 4 * (int(np.prod(model.input_shape[1:], dtype=np.float64)) + sum(sizes[:PEAK_TENSORS]))
 
 
+def tensor_values(model: Model, names) -> int:
+    """Values per image of the tensors ``names`` (those of unknown shape count 0)."""
+    return sum(int(np.prod(model.shapes[t][1:], dtype=np.float64)) for t in dict.fromkeys(names)
+               if t in model.shapes)
+
+
+def fitting_batch(per_image: float, batch_size: int, what: str, fix: str) -> int:
+    """The largest batch up to ``batch_size`` whose working set (``per_image`` bytes each) fits in PASS_SHARE of
+    the memory budget: the peak of a pass over images is one batch's, whatever the number of images. A FdsubError
+    when one image does not fit."""
+    room = PASS_SHARE * memory_budget()
+    if per_image > room:
+        raise FdsubError(f"{what} needs about {per_image / 2**30:,.2f} GiB per image, over {budget_text()}; {fix}")
+    return int(max(1, min(batch_size, room // max(per_image, 1))))
+
+
 def session(proto: onnx.ModelProto, providers=CPU.providers, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
+    options.enable_cpu_mem_arena = False  # the arena keeps its largest batch's tensors for the session's life
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     try:

@@ -398,8 +398,8 @@ def test_decode_refuses_banks_larger_than_free_memory(small_model, monkeypatch):
 
     model, last = small_model
     monkeypatch.setattr(_backend.NumpyBackend, "free_bytes", lambda self: 1024)
-    with pytest.raises(fd.FdsubError, match=r"does not fit in the 1\.0 KiB free \(bottom-up: needs about .*; "
-                                            r"adjoint: one seed needs"):
+    with pytest.raises(fd.FdsubError, match=r"does not fit in the memory budget of 1\.0 KiB "
+                                            r"\(bottom-up: needs about .*; adjoint: one seed needs"):
         fd.decode(model, last)
     with pytest.raises(fd.FdsubError, match="does not fit"):
         next(fd.iter_decode(model))
