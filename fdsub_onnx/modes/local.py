@@ -1,16 +1,20 @@
 """`local` and `deconvnet` modes: each top-N instance's own filter from a backward pass, then their mean.
 
 An instance's filter is its input gradient (``local``) or deconvnet projection cut to the neuron's
-receptive field (zeros where the field leaves the image); the neuron's filter is the mean over its
-instances weighted by activation (``instance_weights``), and so is its bias (``local``; zero for
-``deconvnet``, whose projection is not a linearization).
+receptive field (zeros where the field leaves the image). The neuron's filter is the mean of its instance
+filters weighted by activation (``instance_weights``) *per pixel*, over the instances whose window holds that
+pixel inside the image (``windows.PixelMean``, as the Neuron Feature): the padding at a border instance is no
+evidence that the filter is 0 there, so a linear first layer decodes to its weights wherever its instances
+lie (docs/method.md property 8); a pixel no instance holds inside the image is 0. The bias, one number per
+instance, is the weighted mean over all instances (``local``; zero for ``deconvnet``, whose projection is not
+a linearization).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..compose.backend import array_module, get_backend, ordered_map, resolve_device
+from ..compose.backend import get_backend, ordered_map, resolve_device
 from ..compose.inspect import layer_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
@@ -19,6 +23,7 @@ from ..runtime.capture import capture_top
 from .backward import BACKWARD_MODES, forward_for, image_gradients, pass_sizes
 from .cone import cone_gradients, cones
 from .result import Decoded
+from .windows import PixelMean, cut
 
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
@@ -42,7 +47,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     shape = (int(model.input_shape[1]), *geom.rf)
     weights = instance_weights(found)
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
-    filters, bias = np.zeros((k_neurons, *shape)), np.zeros(k_neurons)
+    filters, bias = PixelMean(k_neurons, shape[0], geom.rf, model.input_shape[2:]), np.zeros(k_neurons)
     each = ((np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32))
             if per_instance else None)
     forward = forward_for(model, target, device)
@@ -79,24 +84,20 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     def run(job):
         r, c, own = job
         if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
-            cut, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
-                                          BACKWARD_MODES[rule], rule, nodes, cone)
+            windows, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
+                                              BACKWARD_MODES[rule], rule, nodes, cone)
         else:
             grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c], rule,
                                              nodes)
-            cut = _receptive_fields(grads, found.position[r, c], geom)
-        return r, c, backend.to_numpy(cut), backend.to_numpy(offsets)
+            windows = cut(grads, geom.corner(found.position[r, c]), geom.rf)
+        return r, c, backend.to_numpy(windows), backend.to_numpy(offsets)
 
     done = 0
-    for r, c, cut, offsets in ordered_map(run, passes(), workers):
-        if len(np.unique(r)) == len(r):  # one instance per neuron and image (the default): no repeats
-            filters[r] += weights[r, c, None, None, None] * cut
-            bias[r] += weights[r, c] * offsets
-        else:
-            np.add.at(filters, r, weights[r, c, None, None, None] * cut)
-            np.add.at(bias, r, weights[r, c] * offsets)
+    for r, c, windows, offsets in ordered_map(run, passes(), workers):
+        filters.add(r, geom.corner(found.position[r, c]), weights[r, c], windows)
+        np.add.at(bias, r, weights[r, c] * offsets)
         if each is not None:
-            each[0][r, c], each[1][r, c] = cut, offsets
+            each[0][r, c], each[1][r, c] = windows, offsets
         done += len(r)
         if progress is not None:
             progress(done, len(rows))
@@ -104,19 +105,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         bias[:] = 0
         if each is not None:
             each[1][:] = 0
-    return Decoded(filters.astype(dtype), bias.astype(dtype), np.asarray(found.neurons, np.int64),
+    return Decoded(filters.mean().astype(dtype), bias.astype(dtype), np.asarray(found.neurons, np.int64),
                    geom.stride, geom.origin, target, rule,
                    instance_filters=None if each is None else each[0],
                    instance_bias=None if each is None else each[1], instances=found)
 
-
-def _receptive_fields(grads: np.ndarray, positions: np.ndarray, geom) -> np.ndarray:
-    """[M, C, R_y, R_x]: each gradient's window ``[O + q*S, O + q*S + R)``, zero outside the image."""
-    (ry, rx), (h, w) = geom.rf, grads.shape[2:]
-    xp = array_module(grads)
-    out = xp.zeros((len(grads), grads.shape[1], ry, rx), grads.dtype)
-    for m, (y, x) in enumerate(geom.corner(positions)):
-        y0, y1, x0, x1 = max(y, 0), min(y + ry, h), max(x, 0), min(x + rx, w)
-        if y1 > y0 and x1 > x0:
-            out[m, :, y0 - y : y1 - y, x0 - x : x1 - x] = grads[m, :, y0:y1, x0:x1]
-    return out

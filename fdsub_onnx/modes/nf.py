@@ -4,8 +4,9 @@ A patch is the receptive-field window of an instance (image, output position) cu
 Instance n weighs ``w_n = max(activation, 0)``: a negative activation is not evidence of what the neuron
 responds to, so it must not pull the mean (nor flip its sign); a neuron whose weights are all 0 falls back
 to equal weights. Windows reaching past the image border are not zero-filled: each pixel is averaged over
-the instances whose window holds it inside the image (weighted denominator per pixel); a pixel outside
-the image for every instance, or covered only by instances of weight 0, is 0.
+the instances whose window holds it inside the image (weighted denominator per pixel, ``windows.PixelMean``,
+the same mean as `local`'s); a pixel outside the image for every instance, or covered only by instances of
+weight 0, is 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..errors import FdsubError
 from ..graph.model import Model
 from ..runtime.cluster import map_tasks, model_ref, worker_model, worker_threads
 from .result import Decoded
+from .windows import PixelMean, cut
 
 
 def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None, client=None) -> Decoded:
@@ -46,11 +48,9 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     if client is not None:
         return _on_cluster(client, model, top, images, batch_size, progress)
     weights = instance_weights(top)
-    k_neurons, c = top.values.shape[0], int(model.input_shape[1])
-    ry, rx = geom.rf
+    k_neurons = top.values.shape[0]
     corners = geom.corner(top.position)  # [K, N, 2]
-    total = np.zeros((k_neurons, c, ry, rx), np.float64)
-    mass = np.zeros((k_neurons, ry, rx), np.float64)
+    mean = PixelMean(k_neurons, int(model.input_shape[1]), geom.rf, model.input_shape[2:])
     rows, cols = np.nonzero(top.image_index >= 0)
     order = np.argsort(top.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -63,20 +63,13 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
         progress(done, len(needed))
     for first, batch in read_indices(images, needed, batch_size):
         lo, hi = np.searchsorted(image, [first, first + len(batch)])
-        h, w = batch.shape[2:]
-        for k, n, i in zip(rows[lo:hi], cols[lo:hi], image[lo:hi]):
-            y0, x0 = (int(v) for v in corners[k, n])
-            ya, yb, xa, xb = max(y0, 0), min(y0 + ry, h), max(x0, 0), min(x0 + rx, w)
-            if ya >= yb or xa >= xb:
-                continue  # the window misses the image entirely
-            inside = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
-            total[k][(slice(None), *inside)] += weights[k, n] * batch[i - first, :, ya:yb, xa:xb]
-            mass[k][inside] += weights[k, n]
+        for k, n, i in zip(rows[lo:hi], cols[lo:hi], image[lo:hi]):  # one at a time: a batch's windows may be many
+            mean.add([k], corners[k, n], weights[k, n : n + 1], cut(batch[i - first : i - first + 1], corners[k, n],
+                                                                    geom.rf))
         done += int(np.count_nonzero((needed >= first) & (needed < first + len(batch))))
         if progress is not None:
             progress(done, len(needed))
-    filters = np.divide(total, mass[:, None], out=np.zeros_like(total), where=mass[:, None] > 0)
-    return Decoded(filters.astype(np.float32), np.zeros(k_neurons, np.float32), np.asarray(top.neurons, np.int64),
+    return Decoded(mean.mean().astype(np.float32), np.zeros(k_neurons, np.float32), np.asarray(top.neurons, np.int64),
                    geom.stride, geom.origin, top.layer, "nf")
 
 

@@ -46,6 +46,28 @@ def _padded_patches(images, decoded, positions):
                      for i, (qy, qx) in positions])
 
 
+def _inside(decoded, positions, size) -> np.ndarray:
+    """[M, R_y, R_x]: 1 where the window of each output position (qy, qx) lies inside the image of ``size``."""
+    (ry, rx), (sy, sx), (oy, ox) = decoded.receptive_field, decoded.stride, decoded.origin
+    ys = oy + np.asarray(positions)[:, 0, None] * sy + np.arange(ry)
+    xs = ox + np.asarray(positions)[:, 1, None] * sx + np.arange(rx)
+    return (((ys >= 0) & (ys < size[0]))[:, :, None] & ((xs >= 0) & (xs < size[1]))[:, None, :]).astype(np.float64)
+
+
+def _pixel_mean(decoded, size) -> np.ndarray:
+    """Reference, one neuron at a time: each pixel of the filter is the activation-weighted mean of the instance
+    filters over the instances whose window holds that pixel inside the image; 0 where none does."""
+    top, out = decoded.instances, np.zeros(decoded.filters.shape)
+    for k in range(len(top.neurons)):
+        filled = top.image_index[k] >= 0
+        w = np.where(filled & (top.values[k] > 0), top.values[k], 0).astype(np.float64)
+        w = w if w.sum() > 0 else filled.astype(np.float64)
+        mass = (w[:, None, None] * _inside(decoded, top.position[k], size)).sum(0)
+        total = (w[:, None, None, None] * decoded.instance_filters[k]).sum(0)
+        out[k] = np.divide(total, mass, out=np.zeros_like(total), where=mass > 0)
+    return out
+
+
 def _assert_local_identity(proto, last, images, top, folder):
     """Decode ``last`` in local mode (per instance) and check activation = <instance filter, patch> + instance bias
     against onnxruntime for every top instance; return the decoding."""
@@ -68,11 +90,72 @@ def test_local_identity_holds_for_every_instance(seed, tmp_path):
     b, last = _residual_net(seed)
     images = np.random.default_rng(seed).standard_normal((12, 3, 18, 18)).astype(np.float32)
     decoded = _assert_local_identity(b.build([last]), last, images, 4, tmp_path)
-    top = decoded.instances
-    # the filter is the activation-weighted mean of the instance filters
-    w = np.maximum(top.values, 0)
-    mean = (w[:, :, None, None, None] * decoded.instance_filters).sum(1) / w.sum(1)[:, None, None, None]
-    np.testing.assert_allclose(decoded.filters, mean, rtol=1e-4, atol=1e-6)
+    # the filter is the activation-weighted mean of the instance filters, per pixel over those inside the image
+    np.testing.assert_allclose(decoded.filters, _pixel_mean(decoded, images.shape[2:]), rtol=1e-4, atol=1e-6)
+
+
+def _corner_images(count: int, size: int, seed: int) -> np.ndarray:
+    """Faint noise with strong noise in one corner of each image (the four corners in turn): the strongest
+    responses, and so the top instances, lie at the border."""
+    rng = np.random.default_rng(seed)
+    images = 0.05 * rng.standard_normal((count, 3, size, size))
+    for i in range(count):
+        rows = slice(0, 4) if i % 4 < 2 else slice(size - 4, size)
+        cols = slice(0, 4) if i % 2 == 0 else slice(size - 4, size)
+        images[i, :, rows, cols] = 3 * rng.standard_normal((3, 4, 4))
+    return images.astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", ["local", "deconvnet"])
+@pytest.mark.parametrize("conv", [{"kernel": 3, "pads": (1, 1, 1, 1)},
+                                  {"kernel": 5, "stride": 2, "pads": (2, 1, 2, 3)}], ids=["3x3", "5x5_s2_asym"])
+def test_first_layer_local_equals_weights_at_the_border(rule, conv, tmp_path):
+    """docs/method.md property 8: on a network whose first layer is linear, its `local` (and `deconvnet`) filter is
+    its `weights` filter, whatever the positions of its top instances: the part of a border instance's window in the
+    padding does not pull the mean toward 0. The top instances here are mostly at the border (bright corners)."""
+    b = NetBuilder(height=14, width=14, seed=5)
+    first = b.conv("input", 6, **conv)
+    last = b.conv(b.maxpool(b.relu(first), 2, 2), 4, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    images = _corner_images(24, 14, seed=6)
+    local = fd.decode(model, first, mode=rule, images=fd.ArrayImages(images), top=6, per_instance=True)
+    weights = fd.decode(model, first, mode="weights", position="interior")
+    top = local.instances
+    inside = np.stack([_inside(local, p, (14, 14)) for p in top.position])  # [K, N, R_y, R_x]
+    border = (inside.min(axis=(2, 3)) == 0) & (top.values > 0)
+    assert border.any(axis=1).all(), "every neuron should have a top instance at the border"
+    covered = inside.max(axis=1) > 0  # [K, R_y, R_x]: a pixel no instance holds inside the image is 0
+    assert covered.mean() > 0.9
+    want = np.where(covered[:, None], weights.filters[local.neurons], 0)
+    scale = np.abs(weights.filters).max()
+    np.testing.assert_allclose(local.filters, want, rtol=1e-5, atol=1e-6 * scale)
+    if rule == "local":
+        np.testing.assert_allclose(local.bias, weights.bias[local.neurons], rtol=1e-5, atol=1e-6)
+    else:
+        assert not local.bias.any()
+
+
+def test_border_pixels_average_over_the_instances_inside_the_image(tmp_path):
+    """Two hand-placed instances of one neuron (weights 3 and 1; 5x5 windows): the first's window has its two top
+    rows above the image, the second's is inside. Those two rows are the second's filter alone; the other rows
+    are the weighted mean of both (what the whole mean would give everywhere, with the padding counted as 0)."""
+    import dataclasses
+
+    b = NetBuilder(in_channels=1, height=6, width=6, seed=2)
+    last = b.conv(b.relu(b.conv("input", 2, 3, 1, (1, 1, 1, 1))), 1, 3, 1, (1, 1, 1, 1))
+    model = load_proto(b.build([last]), tmp_path)
+    images = fd.ArrayImages(np.random.default_rng(3).standard_normal((2, 1, 6, 6)).astype(np.float32))
+    found = fd.capture_top(model, last, images, top=2, neurons=[0])
+    found = dataclasses.replace(found, values=np.array([[3.0, 1.0]], np.float32), image_index=np.array([[0, 1]]),
+                                position=np.array([[[0, 2], [3, 2]]]))
+    decoded = decode_instances(model, last, images, instances=found, per_instance=True, dtype="float64")
+    assert decoded.receptive_field == (5, 5) and decoded.origin == (-2, -2)
+    first, second = decoded.instance_filters[0]
+    assert not first[:, :2].any() and np.abs(second[:, :2]).max() > 0  # rows above the image: zeros, evidence
+    np.testing.assert_allclose(decoded.filters[0, :, :2], second[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(decoded.filters[0, :, 2:], (3 * first[:, 2:] + second[:, 2:]) / 4, rtol=1e-6)
+    np.testing.assert_allclose(decoded.bias[0], (3 * decoded.instance_bias[0, 0] + decoded.instance_bias[0, 1]) / 4,
+                               rtol=1e-6)
 
 
 # Window geometries of the backward rules: overlapping, padded, ceil_mode, dilated and auto-padded MaxPools, and

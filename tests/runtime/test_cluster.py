@@ -150,6 +150,25 @@ def test_nf_and_fidelity_equal_one_process(client, net):
     assert fd.fidelity(model, decodings, held, top=5) == fd.fidelity(model, decodings, held, top=5, client=client)
 
 
+@pytest.mark.parametrize("rule", ["local", "deconvnet"])
+def test_local_and_deconvnet_equal_one_process(client, net, rule):
+    """With a client (the capture of the instances on the cluster) local/deconvnet give the one-process filters, bit
+    for bit, border instances (averaged per pixel) included; and conv1's filters are its weights (property 8)."""
+    model, conv1, conv2, _ = net
+    images = _images(60, seed=4)
+    for layer in (conv1, conv2):
+        one = fd.decode_instances(model, layer, images, top=5, rule=rule)
+        two = fd.decode_instances(model, layer, images, top=5, rule=rule, client=client)
+        assert one.filters.tobytes() == two.filters.tobytes() and one.bias.tobytes() == two.bias.tobytes()
+        assert_same_top(one.instances, two.instances)
+    top, (ry, rx) = one.instances, one.receptive_field
+    corners = one.geometry.corner(top.position)
+    assert ((corners < 0) | (corners + (ry, rx) > (16, 16))).any()  # some of conv2's instances are at the border
+    first = fd.decode_instances(model, conv1, images, top=5, rule=rule, client=client)
+    np.testing.assert_allclose(first.filters, fd.decode(model, conv1, position="interior").filters, rtol=1e-5,
+                               atol=1e-6)
+
+
 def _no_seconds(value):
     if isinstance(value, dict):
         return {k: _no_seconds(v) for k, v in value.items() if k != "seconds"}
