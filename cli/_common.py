@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +21,9 @@ import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Column
 from rich.text import Text
@@ -209,12 +209,90 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 # ---- progress --------------------------------------------------------------------------------------
+# When stderr is a terminal, rich draws a spinner or a bar in place. Anywhere else (a pipe, `2>log`, CI) progress is
+# plain lines: a stage's start, then at most one line every PROGRESS_INTERVAL seconds while it advances, then its end.
+# A failed stage writes no end line: its `error:` line follows. A spinner (a stage that counts nothing) says nothing
+# unless it runs past SPINNER_GRACE seconds, so that bad input found early (the model, the layer, the neurons, the
+# images) still ends in its one `error:` line; a progress bar starts at its first callback, which the library makes
+# only once the work begins, after checking its input.
+PROGRESS_INTERVAL = 10.0  # seconds between two plain progress lines of one stage
+SPINNER_GRACE = 5.0  # seconds a spinner waits before writing its start line when stderr is not a terminal
+
+
 @contextmanager
-def spinner(message: str) -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr while the block runs (shown only on a terminal); yields ``say(text)`` to change its
-    message. Messages are plain text: a path or layer name holding ``[/]`` is not markup."""
-    with Console(stderr=True).status(Text(message)) as status:
+def spinner(message: str, console: Console | None = None) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr while the block runs; yields ``say(text)`` to change its message. Messages are plain text:
+    a path or layer name holding ``[/]`` is not markup. Not on a terminal: plain lines (see ``_PlainSpinner``)."""
+    shown = console or Console(stderr=True)
+    if not shown.is_terminal:
+        with _PlainSpinner(message, shown.file) as say:
+            yield say
+        return
+    with shown.status(Text(message)) as status:
         yield lambda text: status.update(Text(text))
+
+
+class _PlainSpinner:
+    """A spinner as lines: ``loading m.onnx`` once it has run SPINNER_GRACE seconds, then what ``say`` tells at most
+    every PROGRESS_INTERVAL seconds (the latest message), and ``loading m.onnx: done in 7.2 s`` when the block ends
+    without an error. A block over within the grace writes nothing: a quick load followed by bad input still ends
+    in one `error:` line."""
+
+    def __init__(self, message: str, file):
+        self.message, self.file = message, file
+        self.pending: str | None = None
+        self.started = self.last = 0.0
+        self.shown = False
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> Callable[[str], None]:
+        self.started = time.monotonic()
+        self.ticker.start()
+        return self.say
+
+    def __exit__(self, kind, *_) -> None:
+        self.stop.set()
+        self.ticker.join()
+        spent = time.monotonic() - self.started
+        with self.lock:
+            if kind is None and spent >= SPINNER_GRACE:
+                self._start()
+            if kind is None and self.shown:
+                _line(self.file, f"{self.message}: done in {_duration(spent)}")
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.pending = text
+            if self.shown and time.monotonic() - self.last >= PROGRESS_INTERVAL:
+                self._flush()
+
+    def _tick(self) -> None:
+        if self.stop.wait(SPINNER_GRACE):
+            return
+        with self.lock:
+            self._start()
+            self._flush()
+        while not self.stop.wait(max(PROGRESS_INTERVAL, 0.05)):
+            with self.lock:
+                self._flush()
+
+    def _start(self) -> None:
+        if not self.shown:
+            self.shown = True
+            self.last = time.monotonic()
+            _line(self.file, self.message)
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            self.last = time.monotonic()
+            _line(self.file, self.pending)
+            self.pending = None
+
+
+def _line(file, text: str) -> None:
+    """One plain progress line (no markup, no escape codes, no carriage return)."""
+    print(" ".join(text.split()), file=file, flush=True)
 
 
 @contextmanager
@@ -231,15 +309,67 @@ def cluster(spec: str | None) -> Iterator[object]:
         client.close()
 
 
+def _count(value: float) -> str:
+    """A count of units: whole as an integer, a fraction of steps (a report's passes) with one decimal."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _rate(per_second: float) -> str:
+    """Units per second, readable when slow: 12.3, 0.052 (never 0.0 while something advances)."""
+    return f"{per_second:,.1f}" if per_second >= 1 else f"{per_second:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    """26 s, 4 min 05 s, 1 h 05 min."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _remaining(done: float, first: float, total: float, elapsed: float, estimate: float | None) -> float | None:
+    """Seconds left: from the rate once something advanced, else from ``estimate`` (total seconds), else unknown."""
+    if done > first and elapsed > 0:
+        return (total - done) * elapsed / (done - first)
+    if estimate is not None:
+        return max(0.0, estimate - elapsed)
+    return None
+
+
+class _Done(ProgressColumn):
+    """``done/total`` (fractions of steps shown, so that a slow step is seen to move)."""
+
+    def render(self, task) -> Text:
+        return Text("" if task.total is None else f"{_count(task.completed)}/{_count(task.total)}")
+
+
 class _Rate(ProgressColumn):
     """Items (images, layers) per second since the bar appeared (a resumed run does not count what it skipped)."""
 
     def render(self, task) -> Text:
         done = task.completed - task.fields.get("first", 0)
         elapsed = task.elapsed or 0.0
-        rate = f"{done / elapsed:,.1f}" if elapsed > 0 and done > 0 else "-"
+        rate = _rate(done / elapsed) if elapsed > 0 and done > 0 else "-"
         unit = task.fields.get("unit", "images")
         return Text(f"{rate} {UNITS.get(unit, unit)}/s")
+
+
+class _Remaining(ProgressColumn):
+    """Time left: rich's own from the recent rate, else from the rate since the start or the caller's estimate."""
+
+    def render(self, task) -> Text:
+        left = task.time_remaining
+        if left is None and task.total is not None:
+            left = _remaining(task.completed, task.fields.get("first", 0), task.total, task.elapsed or 0.0,
+                              task.fields.get("estimate"))
+        if left is None:
+            return Text("-:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
 
 
 def _label(text: str) -> str:
@@ -248,34 +378,122 @@ def _label(text: str) -> str:
 
 
 @contextmanager
-def progress_bar(description: str, unit: str = "images",
-                 console: Console | None = None) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback drawing a bar on stderr (a terminal only), started at its first call.
+def progress_bar(description: str, unit: str = "images", console: Console | None = None,
+                 estimate: float | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a bar on stderr, started at its first call (or as a pulsing bar
+    when none came SPINNER_GRACE seconds in: a bottom-up decode counts no steps).
 
-    Starting late keeps errors raised before any work to their one line, and a pipe or log file gets no bar.
-    The label is plain text (a layer named ``[/]`` is not markup) and cut so that the bar fits 80 columns.
+    Starting late keeps errors raised before any work to their one line. The label is plain text (a layer named
+    ``[/]`` is not markup) and cut so that the bar fits 80 columns. ``estimate``: the stage's expected seconds in
+    all, if the caller can tell (a cost model), for the time left before the first units are done. Not on a
+    terminal (a pipe, a log file): plain lines instead (``_PlainBar``).
     """
-    progress = None
-    task = None
+    shown = console or Console(stderr=True)
+    if not shown.is_terminal:
+        bar = _PlainBar(description, unit, estimate, shown.file)
+        finished = False
+        try:
+            yield bar.update
+            finished = True
+        finally:
+            bar.close(finished)
+        return
+    progress = task = None
+    counted = False  # whether a callback came (the bar may have been opened by the timer, counting nothing)
+    lock = threading.Lock()
+
+    def open_bar(done, total) -> None:
+        nonlocal progress, task
+        progress = Progress(
+            TextColumn("{task.description}", markup=False, table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=12), _Done(), _Rate(), _Remaining(), console=shown,
+        )
+        progress.start()
+        task = progress.add_task(_label(description), total=total, completed=done, first=done, unit=unit,
+                                 estimate=estimate)
 
     def update(done: int, total: int) -> None:
-        nonlocal progress, task
-        if progress is None:
-            shown = console or Console(stderr=True)
-            progress = Progress(
-                TextColumn("{task.description}", markup=False, table_column=Column(no_wrap=True)),
-                BarColumn(bar_width=12), MofNCompleteColumn(), _Rate(), TimeRemainingColumn(),
-                console=shown, disable=not shown.is_terminal,
-            )
-            progress.start()
-            task = progress.add_task(_label(description), total=total, completed=done, first=done, unit=unit)
-        progress.update(task, completed=done, total=total)
+        nonlocal counted
+        with lock:
+            if progress is None:
+                open_bar(done, total)
+            elif not counted:  # opened by the timer: the rate counts from here
+                progress.update(task, first=done)
+            counted = True
+            progress.update(task, completed=done, total=total)
 
+    def waiting() -> None:  # no callback SPINNER_GRACE seconds in (a decode counting no steps): a pulsing bar
+        with lock:
+            if progress is None:
+                open_bar(0, None)
+
+    timer = threading.Timer(SPINNER_GRACE, waiting)
+    timer.daemon = True
+    timer.start()
     try:
         yield update
     finally:
-        if progress is not None:
-            progress.stop()
+        timer.cancel()
+        with lock:
+            if progress is not None:
+                progress.stop()
+
+
+class _PlainBar:
+    """A progress bar as lines: ``fds statistics: 0/320 images`` at the first call, ``..: 96/320 images, 12.3
+    images/s, ETA 18 s`` at most every PROGRESS_INTERVAL seconds, ``..: 320/320 images in 26 s`` at the end. A stage
+    whose first call has not come SPINNER_GRACE seconds in (a decode reporting no steps) is said as a spinner's."""
+
+    def __init__(self, description: str, unit: str, estimate: float | None, file):
+        self.description, self.unit, self.estimate, self.file = description, unit, estimate, file
+        self.opened = time.monotonic()
+        self.started: float | None = None
+        self.first = self.done = self.total = 0
+        self.last = 0.0
+        self.announced = False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(SPINNER_GRACE, self._announce)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def update(self, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.done, self.total = done, total
+            if self.started is None:
+                self.started, self.first, self.last = now, done, now
+                left = _remaining(done, done, total, 0.0, self.estimate)
+                self._say("" if left is None else f", ETA {_duration(left)}")
+            elif now - self.last >= PROGRESS_INTERVAL:
+                self.last = now
+                elapsed = now - self.started
+                rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+                left = _remaining(done, self.first, total, elapsed, self.estimate)
+                self._say(f", {_rate(rate)} {self.unit}/s" + ("" if left is None else f", ETA {_duration(left)}"))
+
+    def close(self, finished: bool) -> None:
+        """The end line when the block finished (none after an error: its one line follows)."""
+        self.timer.cancel()
+        with self.lock:
+            spent = _duration(time.monotonic() - self.opened)
+            if finished and self.started is not None:
+                self._say(f" in {spent}")
+            elif finished and time.monotonic() - self.opened >= SPINNER_GRACE:
+                self._announce_unlocked()
+            if finished and self.started is None and self.announced:
+                _line(self.file, f"{self.description}: done in {spent}")
+
+    def _announce(self) -> None:
+        with self.lock:
+            self._announce_unlocked()
+
+    def _announce_unlocked(self) -> None:
+        if self.started is None and not self.announced:
+            self.announced = True
+            _line(self.file, self.description)
+
+    def _say(self, tail: str) -> None:
+        _line(self.file, f"{self.description}: {_count(self.done)}/{_count(self.total)} {self.unit}{tail}")
 
 
 def plural(count: int, word: str) -> str:

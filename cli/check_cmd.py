@@ -73,7 +73,7 @@ def check(
         fdsub_onnx.check_junit_path(junit)
     try:
         shape = common.parse_input_shape(input_shape)
-        with common.spinner(f"loading {model}") as say:
+        with common.spinner(f"checking {model}") as say:
             loaded = fdsub_onnx.load_model(model, shape)
             report = fdsub_onnx.check_model(
                 loaded, layers=_names(layers), sample=sample, neurons_per_layer=neurons_per_layer, max_rf=max_rf,
