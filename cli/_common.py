@@ -29,7 +29,7 @@ from rich.table import Column
 from rich.text import Text
 
 import fdsub_onnx
-from fdsub_onnx import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_TOP, DEFAULT_WEIGHTING, FdsubError
+from fdsub_onnx import DEFAULT_BATCH, DEFAULT_GRID, DEFAULT_SELECT, DEFAULT_TOP, DEFAULT_WEIGHTING, FdsubError
 
 DEFAULT_OUT = Path("fdsub-out")
 DATA_MODES = ("fds", "local", "deconvnet")
@@ -70,6 +70,10 @@ CLUSTER = typer.Option(
 )
 
 
+GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1,
+                    help="Neurons drawn in the filters PNG: the first N decoded (decoded.npz holds them all).")
+
+
 def top_option(help: str, default: int | None = DEFAULT_TOP):
     """``--top N`` (a positive integer), with its own help and default."""
     return typer.Option(default, "--top", metavar="N", min=1, help=help)
@@ -101,6 +105,20 @@ def warn(*texts: str | None) -> None:
     for text in texts:
         if text:
             typer.echo(f"warning: {' '.join(text.split())}", err=True)
+
+
+def grid_note(name: str, decoded, grid: int) -> str | None:
+    """The note saying that the PNG ``name`` draws fewer of ``decoded``'s neurons than it holds, and how to see more
+    (``--grid``, or nothing when PIL's image size limit is what stops it); None when it draws them all."""
+    count, field = len(decoded.neurons), decoded.filters.shape[2:]
+    shown = fdsub_onnx.grid_cells(count, field, grid)
+    if shown == count:
+        return None
+    fit = fdsub_onnx.grid_cells(count, field)
+    if fit > shown:
+        return f"{name} shows {shown} of {count} neurons; --grid {fit} for more"
+    return (f"{name} shows {shown} of {count} neurons: more cells of {field[0]}x{field[1]} pixels would pass PIL's "
+            "image size limit (decoded.npz holds them all)")
 
 
 # ---- images ---------------------------------------------------------------------------------------

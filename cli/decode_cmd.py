@@ -59,6 +59,7 @@ def decode(
         "auto", "--route",
         help="weights mode: auto (the cheapest that is exact and fits), bottom-up, adjoint or meet.",
     ),
+    grid: int = common.GRID,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say which route decoded the layer, and its cost."),
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
@@ -93,8 +94,8 @@ def decode(
             result = fdsub_onnx.decode(loaded, target, neurons=neurons, mode=mode, dtype=dtype, device=device,
                                        gate_reference=reference, position=at, route=route, progress=progress)
     with common.spinner("writing results"):
-        paths = (fdsub_onnx.save_decoded(result, folder) if result.instances is None
-                 else fdsub_onnx.save_with_top(result, result.instances, folder))
+        paths = (fdsub_onnx.save_decoded(result, folder, grid) if result.instances is None
+                 else fdsub_onnx.save_with_top(result, result.instances, folder, grid))
     k, c, ry, rx = result.filters.shape
     sy, sx = result.stride
     typer.echo(
@@ -107,6 +108,9 @@ def decode(
         where = ("every position whose receptive field lies in the image" if result.exact_at == "interior"
                  else "this position only")
         typer.echo(f"decoded at output position {','.join(map(str, result.position))}; the filters hold at {where}")
+    shown = common.grid_note("filters.png", result, grid)
+    if shown:
+        typer.echo(f"note: {shown}", err=True)
     if verbose and result.plan is not None:
         typer.echo(f"route: {result.plan.describe()}", err=True)
     if result.gates:

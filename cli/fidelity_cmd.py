@@ -35,6 +35,7 @@ def fidelity(
     scale: Optional[float] = common.SCALE,
     bgr: Optional[bool] = common.BGR,
     out: Optional[Path] = common.out_option("fdsub-out/<layer>-fidelity"),
+    grid: int = common.GRID,
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
@@ -56,7 +57,7 @@ def fidelity(
                                             select=select, weighting=weighting, batch_size=batch_size,
                                             progress=progress, device=device, client=client)
     result = compared.scores
-    paths = fdsub_onnx.save_fidelity(result, folder, compared.decoded)
+    paths = fdsub_onnx.save_fidelity(result, folder, compared.decoded, grid)
     table = Table(title=Text(f"fidelity of {len(result['neurons'])} neurons of {target!r} "
                              f"on {result['images']} held-out images"))
     for column in ("decoding", "mean correlation", f"mean top-{result['top']} share", "mean two-choice", "degenerate"):
@@ -68,6 +69,13 @@ def fidelity(
     common.stdout_console().print(table)
     for path in paths:
         typer.echo(f"  {path}")
+    shown = {}  # one note for the PNGs that show the same share
+    for mode, one in compared.decoded.items():
+        if text := common.grid_note("{name}", one, grid):
+            shown.setdefault(text, []).append(mode)
+    for text, drawn in shown.items():
+        name = "*-filters.png" if len(drawn) == len(compared.decoded) else f"{'/'.join(drawn)}-filters.png"
+        typer.echo(f"note: {text.replace('{name}', name)}", err=True)
     undefined = [name for name, scores in result["decodings"].items() if scores["mean_correlation"] is None]
     degenerate = [text for name, d in compared.decoded.items()
                   for text in common.degenerate_warnings(loaded, d, "see `fdsub decode --help`")[0]]

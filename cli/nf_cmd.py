@@ -28,6 +28,7 @@ def nf(
         None, "--from-top", metavar="DIR", help="Use the instances of a `fdsub top` result instead of capturing them.",
     ),
     out: Optional[Path] = common.out_option("fdsub-out/<layer>-nf"),
+    grid: int = common.GRID,
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
@@ -52,12 +53,15 @@ def nf(
         with common.progress_bar(f"{target} nf") as progress:
             result = fdsub_onnx.neuron_feature(loaded, top, image_set, batch_size=batch_size, progress=progress,
                                                client=client)
-    paths = fdsub_onnx.save_with_top(result, top, folder)
+    paths = fdsub_onnx.save_with_top(result, top, folder, grid)
     k, c, ry, rx = result.filters.shape
     typer.echo(f"neuron feature of {common.plural(k, 'neuron')} of layer {target!r} "
                f"over the top {top.top} instances: filters [{k}, {c}, {ry}, {rx}]")
     for path in paths:
         typer.echo(f"  {path}")
+    shown = common.grid_note("filters.png", result, grid)
+    if shown:
+        typer.echo(f"note: {shown}", err=True)
     common.warn(common.top_warning(top.top, image_set) if from_top is None else None,
                 common.nonfinite_warning(loaded, result.filters, "neuron features"))
     common.note_device(device)

@@ -21,6 +21,7 @@ import importlib
 from .defaults import (
     CHECK_IMAGES,
     DEFAULT_BATCH,
+    DEFAULT_GRID,
     DEFAULT_SELECT,
     DEFAULT_TOP,
     DEFAULT_WEIGHTING,
@@ -58,15 +59,16 @@ _EXPORTS = {
     "parse_neurons": (".neurons", "parse_neurons"),
     "check_junit_path": (".present.junit", "check_junit_path"), "junit_document": (".present.junit", "junit_document"),
     "junit_suite": (".present.junit", "junit_suite"), "write_junit": (".present.junit", "write_junit"),
-    "filter_grid": (".present.render", "filter_grid"), "report": (".present.report", "report"),
+    "filter_grid": (".present.render", "filter_grid"), "grid_cells": (".present.render", "grid_cells"),
+    "report": (".present.report", "report"),
     "result_kind": (".present.save", "result_kind"), "save_decoded": (".present.save", "save_decoded"),
     "save_fidelity": (".present.save", "save_fidelity"), "save_with_top": (".present.save", "save_with_top"),
     "capture_top": (".runtime.capture", "capture_top"), "merge_top": (".runtime.capture", "merge_top"),
     "connect": (".runtime.cluster", "connect"),
 }
 
-__all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING", "FIDELITY_MODES",
-           "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
+__all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING",
+           "FIDELITY_MODES", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
 __all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
 

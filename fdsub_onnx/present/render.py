@@ -21,20 +21,26 @@ def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: 
     are shown as RGB, 1 channel as gray, any other count as the gray mean over channels.
     Filters are enlarged by nearest neighbour so a cell is at least ``cell`` pixels, and
     laid out in a grid as square as possible; ``labels`` (one per filter) go under each cell.
+    The image never passes PIL's ``Image.MAX_IMAGE_PIXELS`` (``grid_fit``): cells get smaller, then only the
+    first ``grid_cells`` filters are drawn, and a single filter too large even at 1 pixel is block-averaged.
     """
     filters = np.asarray(filters)
     if filters.ndim != 4 or 0 in filters.shape:
         raise ValueError(f"filter_grid expects a non-empty [K, C, R_y, R_x] array, got shape {filters.shape}")
     if labels is not None and len(labels) != len(filters):
         raise ValueError(f"filter_grid got {len(labels)} labels for {len(filters)} filters")
-    tiles = _to_rgb8(filters)  # [K, R_y, R_x, 3]
+    lh = LABEL_HEIGHT if labels is not None else 0
+    count, scale = grid_fit(len(filters), filters.shape[2:], cell, labels is not None)
+    filters, labels = filters[:count], None if labels is None else list(labels)[:count]
+    factor, side = 1, max(filters.shape[2:])
+    while factor < side and _pixels(1, -(-filters.shape[2] // factor), -(-filters.shape[3] // factor), lh) > _limit():
+        factor += 1
+    tiles = _to_rgb8(block_mean(filters, factor))  # [K, R_y, R_x, 3]
     count, ry, rx = tiles.shape[:3]
-    scale = max(1, math.ceil(cell / max(ry, rx)))
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     th, tw = ry * scale, rx * scale
-    lh = LABEL_HEIGHT if labels is not None else 0
     canvas = np.empty((GAP + rows * (th + lh + GAP), GAP + cols * (tw + GAP), 3), np.uint8)
     canvas[:] = BACKGROUND
     for k, tile in enumerate(tiles):
@@ -44,6 +50,58 @@ def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: 
     if labels is not None:
         _draw_labels(image, labels, cols, th, tw, lh)
     return image
+
+
+def grid_fit(count: int, field: Sequence[int], cell: int = 48, labelled: bool = True) -> tuple[int, int]:
+    """How many of ``count`` filters of ``field`` (R_y, R_x) ``filter_grid`` draws, and its scale (screen pixels
+    per filter pixel): the least that makes a cell ``cell`` pixels, lowered until the grid fits under PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (read now; None: no limit); when even 1-pixel cells do not fit, the first filters
+    that do (at least one: ``filter_grid`` block-averages a filter larger than the limit).
+
+    >>> grid_fit(512, (435, 435))  # resnet18's last conv: 1 pixel per filter pixel, 441 cells under 89.5 Mpixel
+    (441, 1)
+    """
+    ry, rx = (int(v) for v in field)
+    lh = LABEL_HEIGHT if labelled else 0
+    scale = max(1, math.ceil(cell / max(ry, rx)))
+    if count < 1:
+        return 0, scale
+    while scale > 1 and _pixels(count, ry * scale, rx * scale, lh) > _limit():
+        scale -= 1
+    if _pixels(count, ry, rx, lh) <= _limit():
+        return count, scale
+    fit, over = 1, count  # the grid of ``fit`` cells fits or is the one cell; ``over`` cells do not fit
+    while over - fit > 1:
+        mid = (fit + over) // 2
+        fit, over = (mid, over) if _pixels(mid, ry, rx, lh) <= _limit() else (fit, mid)
+    return fit, 1
+
+
+def grid_cells(count: int, field: Sequence[int], most: int | None = None, labelled: bool = True) -> int:
+    """How many cells a grid of the first ``most`` (None: all) of ``count`` filters of ``field`` shows."""
+    return grid_fit(count if most is None else min(count, most), field, labelled=labelled)[0]
+
+
+def block_mean(filters: np.ndarray, factor: int) -> np.ndarray:
+    """Filters [K, C, R_y, R_x] averaged over ``factor`` x ``factor`` blocks (the last ones padded with 0)."""
+    if factor == 1:
+        return filters
+    ry, rx = filters.shape[2:]
+    padded = np.pad(filters, ((0, 0), (0, 0), (0, -ry % factor), (0, -rx % factor)))
+    k, c, h, w = padded.shape
+    return padded.reshape(k, c, h // factor, factor, w // factor, factor).mean(axis=(3, 5))
+
+
+def _limit() -> float:
+    """PIL's limit on an image's pixels, past which it warns (DecompressionBombWarning); inf when unset."""
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else Image.MAX_IMAGE_PIXELS
+
+
+def _pixels(count: int, th: int, tw: int, lh: int) -> int:
+    """Pixels of a grid of ``count`` cells of th x tw (labels lh high), laid out as ``filter_grid`` does."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    return (GAP + rows * (th + lh + GAP)) * (GAP + cols * (tw + GAP))
 
 
 def _to_rgb8(filters: np.ndarray) -> np.ndarray:

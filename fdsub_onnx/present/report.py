@@ -32,7 +32,7 @@ from ..evaluate.compare import LayerComparison, choose_layers, compare_layers, n
 from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, load_model
 from ..modes.fds import parse_select, parse_weighting
-from .render import GAP, filter_grid
+from .render import GAP, block_mean, filter_grid
 
 REPORT_HTML = "index.html"
 DEFAULT_TOP = REPORT_TOP
@@ -270,13 +270,7 @@ def _filter_image(filters: np.ndarray) -> Image.Image:
 
 def _block_mean(filters: np.ndarray, side: int) -> np.ndarray:
     """Filters [K, C, R_y, R_x] averaged over f x f blocks (f the least that brings both sides to at most ``side``)."""
-    ry, rx = filters.shape[2:]
-    f = -(-max(ry, rx) // side)
-    if f == 1:
-        return filters
-    padded = np.pad(filters, ((0, 0), (0, 0), (0, -ry % f), (0, -rx % f)))
-    k, c, h, w = padded.shape
-    return padded.reshape(k, c, h // f, f, w // f, f).mean(axis=(3, 5))
+    return block_mean(filters, -(-max(filters.shape[2:]) // side))
 
 
 def _scaled_width(width: int, target: int) -> int:

@@ -11,6 +11,8 @@ import numpy as np
 
 from ..data.files import write_atomically
 from ..data.topn import TopN, top_files
+from ..defaults import DEFAULT_GRID
+from ..errors import FdsubError
 from .render import filter_grid
 
 NPZ_NAME = "decoded.npz"
@@ -23,24 +25,29 @@ def result_kind(mode: str) -> str:
     return "nf" if mode == "nf" else f"decode-{mode}"
 
 
-def save_decoded(decoded, out_dir: str | os.PathLike) -> list[Path]:
+def save_decoded(decoded, out_dir: str | os.PathLike, grid: int | None = DEFAULT_GRID) -> list[Path]:
     """Write ``out_dir/decoded.npz`` and ``out_dir/filters.png``; return their paths.
 
-    The npz holds ``filters`` [K, C, R_y, R_x], ``bias`` [K], ``neurons`` [K] (int64),
+    The PNG draws the first ``grid`` neurons (None: all), as many as fit PIL's size limit (``grid_cells``). The npz
+    holds every neuron: it holds ``filters`` [K, C, R_y, R_x], ``bias`` [K], ``neurons`` [K] (int64),
     ``stride`` and ``origin`` (int64 [2]), ``layer`` and ``mode`` (str); it loads with
     plain ``np.load``. Both files are written into a temporary folder beside ``out_dir``
     and moved into place once complete (``data.files.write_atomically``): ``out_dir`` is created only
     then, an earlier result of the same mode there is replaced, one of another kind refused, other files
     kept, and a failure leaves nothing behind.
     """
-    return write_atomically(out_dir, *decoded_files(decoded), kind=result_kind(decoded.mode))
+    return write_atomically(out_dir, *decoded_files(decoded, grid=grid), kind=result_kind(decoded.mode))
 
 
-def decoded_files(decoded, prefix: str = "") -> tuple[list[str], Callable[[Path], None]]:
+def decoded_files(decoded, prefix: str = "",
+                  grid: int | None = DEFAULT_GRID) -> tuple[list[str], Callable[[Path], None]]:
     """The names ``save_decoded`` writes (after ``prefix``) and the writer that makes them in a folder (to combine
-    with other results)."""
+    with other results); the PNG draws the first ``grid`` neurons (None: all)."""
+    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1):
+        raise FdsubError(f"grid must be a positive number of cells or None (all), got {grid!r}")
     arrays = decoded_arrays(decoded)
-    image = filter_grid(arrays["filters"], labels=[str(n) for n in arrays["neurons"]])
+    shown = slice(None, grid)
+    image = filter_grid(arrays["filters"][shown], labels=[str(n) for n in arrays["neurons"][shown]])
     npz, png = prefix + NPZ_NAME, prefix + PNG_NAME
 
     def write(folder: Path) -> None:
@@ -79,9 +86,10 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
     })
 
 
-def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
-    """Write a data-driven result (decoded.npz, filters.png) with its instances (top.npz, top.json), atomically."""
-    decoded_names, write_decoded = decoded_files(decoded)
+def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike, grid: int | None = DEFAULT_GRID) -> list[Path]:
+    """Write a data-driven result (decoded.npz, filters.png of the first ``grid`` neurons) with its instances (top.npz,
+    top.json), atomically."""
+    decoded_names, write_decoded = decoded_files(decoded, grid=grid)
     top_names, write_top = top_files(top)
 
     def write(folder: Path) -> None:
@@ -94,11 +102,13 @@ def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike) -> list[Path]:
 FIDELITY_JSON = "fidelity.json"
 
 
-def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None = None) -> list[Path]:
+def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None = None,
+                  grid: int | None = DEFAULT_GRID) -> list[Path]:
     """Write ``out_dir/fidelity.json`` (``fidelity``'s result) and, for each scored decoding (mode -> Decoded),
-    ``<mode>-decoded.npz`` and ``<mode>-filters.png`` (``save_decoded``'s files): what was scored, atomically."""
+    ``<mode>-decoded.npz`` and ``<mode>-filters.png`` (``save_decoded``'s files, ``grid`` as there): what was
+    scored, atomically."""
     parts = [([FIDELITY_JSON], lambda tmp: (tmp / FIDELITY_JSON).write_text(json.dumps(result, indent=1)))]
-    parts += [decoded_files(one, f"{mode}-") for mode, one in (decoded or {}).items()]
+    parts += [decoded_files(one, f"{mode}-", grid) for mode, one in (decoded or {}).items()]
 
     def write(folder: Path) -> None:
         for _, part in parts:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import warnings
 
 import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
@@ -40,6 +42,11 @@ class Nets:
         d.conv(d.conv("input", 4, 3, 2), 4, 3)
         self.dynamic = save_proto(folder, "dynamic.onnx", d.build())
         self.dynamic_last = d.layers[-1]
+
+        w = netgen.NetBuilder(height=16, width=16, seed=3)
+        w.conv("input", 80, 3)  # more neurons than filters.png draws by default
+        self.wide = save_proto(folder, "wide.onnx", w.build())
+        self.wide_layer = w.layers[-1]
 
         self.blocked = save_proto(folder, "blocked.onnx", softmax_between_convs())
         self.garbage = folder / "garbage.onnx"
@@ -140,6 +147,63 @@ def test_decode_writes_npz_and_png_contract(nets, tmp_path):
     with Image.open(out / "filters.png") as image:
         assert image.format == "PNG" and image.mode == "RGB"
         assert min(image.size) >= 48
+
+
+def _notes(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("note:")]
+
+
+def test_decode_draws_64_of_many_neurons_and_says_so(nets, tmp_path):
+    """Issue 23: every neuron in decoded.npz, the first DEFAULT_GRID in filters.png, one note naming --grid."""
+    result = invoke("decode", nets.wide, "--layer", nets.wide_layer, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert load_npz(tmp_path / "o" / "decoded.npz")["filters"].shape == (80, 3, 3, 3)
+    assert _notes(result) == ["note: filters.png shows 64 of 80 neurons; --grid 80 for more"]
+    with Image.open(tmp_path / "o" / "filters.png") as image:  # 8 x 8 cells of 48 px, labelled
+        assert image.size == filter_grid(np.ones((64, 3, 3, 3)), labels=["0"] * 64).size == (2 + 8 * 50, 2 + 8 * 62)
+
+
+@pytest.mark.parametrize("grid, cols, rows, note", [
+    (80, 9, 9, None), (1000, 9, 9, None), (10, 4, 3, "note: filters.png shows 10 of 80 neurons; --grid 80 for more")])
+def test_decode_grid_sets_the_cells_drawn(nets, tmp_path, grid, cols, rows, note):
+    result = invoke("decode", nets.wide, "--layer", nets.wide_layer, "--out", tmp_path / "o", "--grid", grid)
+    assert result.exit_code == 0, result.output
+    assert _notes(result) == ([note] if note else [])
+    with Image.open(tmp_path / "o" / "filters.png") as image:  # cells of 48 px, labelled
+        assert image.size == (2 + cols * 50, 2 + rows * 62)
+
+
+def test_nf_and_fidelity_draw_grid_cells_and_say_so(nets, files, tmp_path):
+    nf = invoke("nf", nets.wide, "--layer", nets.wide_layer, "--images", files / "images.npy", "--top", 1,
+                "--out", tmp_path / "nf")
+    assert nf.exit_code == 0, nf.output
+    assert _notes(nf) == ["note: filters.png shows 64 of 80 neurons; --grid 80 for more"]
+    fidelity = invoke("fidelity", files / "net.onnx", "--layer", "c2", "--images", files / "images.npy",
+                      "--holdout", "builtin:blobs:5", "--modes", "weights,nf", "--top", 2, "--grid", 2,
+                      "--out", tmp_path / "fid")
+    assert fidelity.exit_code == 0, fidelity.output
+    assert _notes(fidelity) == ["note: *-filters.png shows 2 of 6 neurons; --grid 6 for more"]
+    for mode in ("weights", "nf"):
+        assert load_npz(tmp_path / "fid" / f"{mode}-decoded.npz")["filters"].shape[0] == 6
+        with Image.open(tmp_path / "fid" / f"{mode}-filters.png") as image:
+            assert image.size[0] == 2 + 2 * (image.size[1] - 2 - 12)  # one row of two square labelled cells
+
+
+def test_decode_keeps_filters_png_under_pil_limit(nets, tmp_path, monkeypatch):
+    """Issue 23: a 9478x9754 filters.png made PIL warn (DecompressionBombWarning); cells shrink, then fewer are drawn,
+    and the note says it is PIL's limit (a --grid would not help)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = invoke("decode", nets.wide, "--layer", nets.wide_layer, "--out", tmp_path / "o", "--grid", 80)
+        assert result.exit_code == 0, result.output
+        assert "DecompressionBomb" not in result.output
+        with Image.open(tmp_path / "o" / "filters.png") as image:
+            assert image.width * image.height <= 5_000
+    shown = fdsub_onnx.grid_cells(80, (3, 3))
+    assert 0 < shown < 80
+    assert _notes(result) == [f"note: filters.png shows {shown} of 80 neurons: more cells of 3x3 pixels would pass "
+                              "PIL's image size limit (decoded.npz holds them all)"]
 
 
 def test_decode_npz_satisfies_response_formula(nets, tmp_path):
@@ -298,6 +362,19 @@ def test_one_file_written_atomically(tmp_path):
     assert path.read_bytes() == b"done" and sorted(p.name for p in path.parent.iterdir()) == ["state.bin"]
 
 
+def test_save_decoded_grid_draws_the_first_neurons(tmp_path):
+    paths = save_decoded(_decoded(k=5), tmp_path / "a", grid=2)
+    assert load_npz(paths[0])["filters"].shape[0] == 5
+    with Image.open(paths[1]) as image:
+        assert image.size == filter_grid(np.ones((2, 3, 5, 5)), labels=["0", "1"]).size
+    with Image.open(save_decoded(_decoded(k=5), tmp_path / "b", grid=None)[1]) as image:
+        assert image.size == filter_grid(np.ones((5, 3, 5, 5)), labels=["0"] * 5).size
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(FdsubError, match="grid must be a positive"):
+            save_decoded(_decoded(), tmp_path / "c", grid=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_save_decoded_failure_leaves_nothing(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -337,6 +414,29 @@ def test_filter_grid_layout_upscales_and_labels():
         filter_grid(np.ones((5, 3, 4, 4)), labels=["0"])
     with pytest.raises(ValueError):
         filter_grid(np.ones((3, 4, 4)))
+
+
+@pytest.mark.parametrize("limit, count, labels, shape, cells", [
+    (20_000, 16, True, (20, 20), 16),  # smaller cells: 20 px (1 per filter pixel) instead of 60
+    (5_000, 16, True, (20, 20), 6),  # not even 1-pixel cells fit: the first 6 filters
+    (500, 1, True, (100, 100), 1),  # one filter larger than the limit: block-averaged
+    (500, 3, False, (1, 300), 1),
+])
+def test_filter_grid_fits_pil_limit(monkeypatch, limit, count, labels, shape, cells):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    filters = np.random.default_rng(0).standard_normal((count, 3, *shape))
+    names = [str(i) for i in range(count)] if labels else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning fails the test
+        image = filter_grid(filters, labels=names)
+        assert image.width * image.height <= limit
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        with Image.open(buffer) as back:
+            back.load()
+    assert fdsub_onnx.grid_cells(count, shape, labelled=labels) == cells
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: every cell, 48 px at least
+    assert fdsub_onnx.grid_cells(count, shape, labelled=labels) == count
 
 
 def test_cli_is_the_subpackage_fdsub_onnx_cli():

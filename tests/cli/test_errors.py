@@ -26,6 +26,8 @@ from PIL import Image
     (["decode"], "MODEL"),
     (["merge"], "DIR"),
     (["decode", "{net}", "--layer"], "--layer"),
+    (["decode", "{net}", "--layer", "c2", "--grid", "abc"], "Invalid value for '--grid'"),
+    (["nf", "{net}", "--layer", "c2", "--images", "{images}", "--grid", "2.5"], "Invalid value for '--grid'"),
 ])
 def test_parse_errors_are_one_error_line(files, args, fragment):
     args = [a.format(net=files / "net.onnx", images=files / "images.npy") for a in args]
@@ -104,6 +106,8 @@ def test_a_fifo_model_or_image_file_is_refused_at_once(files, tmp_path):
     (["--select", "topk:0"], "topk"),
     (["--top", "0"], "--top"),
     (["--top", "-3"], "--top"),
+    (["--grid", "0"], "Invalid value for '--grid'"),  # not "No such option"
+    (["--grid", "-3"], "Invalid value for '--grid'"),
     (["--batch-size", "0"], "--batch-size"),
 ])
 def test_nonsense_options_are_refused(files, tmp_path, extra, fragment):
@@ -171,6 +175,8 @@ def test_options_are_the_same_across_commands(command):
     text = invoke(command, "--help").output
     for option in ("--batch-size", "--device", "--preset", "--input-shape", "--out", "--top"):
         assert option in text, f"{command} lacks {option}"
+    if command in ("decode", "nf", "fidelity"):  # the commands that write filter PNGs
+        assert "--grid" in text
     if command in ("decode", "fidelity", "report"):
         assert "--select" in text
 
