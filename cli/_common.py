@@ -37,7 +37,7 @@ BAR_LABEL = 20  # characters of a progress bar's label: the bar fits 80 columns 
 UNITS = {"images": "img", "instances": "inst"}  # short names in the rate column
 
 MODEL = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_default=False)
-NEURONS = typer.Option(None, "--neurons", "-n", metavar="SPEC", help="Neurons, e.g. 0,5,10-20.  [default: all]")
+NEURONS = typer.Option(None, "--neurons", "-n", metavar="SPEC", help="Neurons, e.g. 0,5,10-20, or all.  [default: all]")
 LAYER = typer.Option(
     ..., "--layer", "-l", metavar="NAME", show_default=False,
     help="Output tensor name of the layer (node names work too); `fdsub inspect` lists them.",

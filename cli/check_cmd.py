@@ -27,7 +27,8 @@ def check(
     model: str = common.MODEL,
     layers: Optional[str] = typer.Option(
         None, "--layers", "-l", metavar="NAMES",
-        help="Layers to decode and probe, comma separated (default: --sample layers from the first to the deepest).",
+        help="Layers to decode and probe, comma separated, or all: every decodable layer "
+             "(default: --sample layers from the first to the deepest).",
     ),
     sample: int = typer.Option(3, "--sample", help="Without --layers: how many decodable layers, evenly spread."),
     neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", help="Neurons decoded per layer."),

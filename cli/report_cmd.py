@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import REPORT_TOP
+from fdsub_onnx import REPORT_LAYERS, REPORT_NEURONS, REPORT_TOP
 from fdsub_onnx.cli import _common as common
 
 
@@ -17,11 +17,13 @@ def report(
     images: str = common.IMAGES,
     layers: Optional[str] = typer.Option(
         None, "--layers", "-l", metavar="A,B",
-        help="Layers to report (output tensor or node names).  [default: every decodable Conv layer]",
+        help=f"Layers to report (output tensor or node names), or all: every decodable Conv layer.  "
+             f"[default: {REPORT_LAYERS} Conv layers from the first to the deepest]",
     ),
     neurons: Optional[str] = typer.Option(
         None, "--neurons", "-n", metavar="SPEC",
-        help="Neurons of each layer, e.g. 0-15 (indices a layer lacks are left out).  [default: all]",
+        help=f"Neurons of each layer, e.g. 0-31 (indices a layer lacks are left out), or all.  "
+             f"[default: the first {REPORT_NEURONS}]",
     ),
     top: int = common.top_option("Instances per neuron: shown, and used by the data modes.", REPORT_TOP),
     holdout: Optional[str] = typer.Option(

@@ -26,6 +26,8 @@ from .defaults import (
     DEFAULT_TOP,
     DEFAULT_WEIGHTING,
     FIDELITY_MODES,
+    REPORT_LAYERS,
+    REPORT_NEURONS,
     REPORT_TOP,
     SELECTS,
     WEIGHTINGS,
@@ -44,6 +46,7 @@ _EXPORTS = {
     "Check": (".evaluate.check", "Check"), "CheckReport": (".evaluate.check", "CheckReport"),
     "check_model": (".evaluate.check", "check_model"),
     "LayerComparison": (".evaluate.compare", "LayerComparison"),
+    "ReportChoice": (".evaluate.compare", "ReportChoice"), "choose_report": (".evaluate.compare", "choose_report"),
     "compare_layers": (".evaluate.compare", "compare_layers"),
     "compare_modes": (".evaluate.compare", "compare_modes"), "fidelity": (".evaluate.fidelity", "fidelity"),
     "read_zoo": (".evaluate.zoo", "read_zoo"), "run_zoo": (".evaluate.zoo", "run_zoo"),
@@ -68,7 +71,7 @@ _EXPORTS = {
 }
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING",
-           "FIDELITY_MODES", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
+           "FIDELITY_MODES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
 __all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
 

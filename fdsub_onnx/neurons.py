@@ -1,7 +1,8 @@
 """The neuron selector, documented once and accepted everywhere.
 
-A selector is ``None`` (all neurons), an int, an iterable of ints, a ``slice``, or a
-string such as ``"0,5,10-20"`` (ranges inclusive). Order is kept, duplicates dropped.
+A selector is ``None`` or ``"all"`` (all neurons), an int, an iterable of ints, a ``slice``, or a
+string such as ``"0,5,10-20"`` (ranges inclusive). Order is kept, duplicates dropped. (The report reads
+``None`` as its sample, ``REPORT_NEURONS`` of each layer, and ``"all"`` as every neuron.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ import numpy as np
 
 from .errors import FdsubError
 
+ALL = "all"  # the keyword of --neurons all and --layers all: every one
+
+
+def means_all(selector) -> bool:
+    """Whether ``selector`` (of neurons or layers) is the keyword ``all``, alone or as the one name of a list."""
+    if isinstance(selector, (list, tuple)) and len(selector) == 1:
+        selector = selector[0]
+    return isinstance(selector, str) and selector.strip() == ALL
+
 
 def parse_neurons(selector, channels: int, layer: str = "") -> np.ndarray:
     """The selected neuron indices as an int64 array, checked against ``channels``."""
-    if selector is None:
+    if selector is None or means_all(selector):
         return np.arange(channels, dtype=np.int64)
     if isinstance(selector, slice):
         picked = list(range(channels))[selector]
@@ -63,5 +73,6 @@ def _parse_spec(spec: str, channels: int, layer: str) -> list[int]:
             else:
                 picked.append(int(part))
         except ValueError:
-            raise FdsubError(f"cannot read neuron selector {spec!r} at {part!r}; write it like 0,5,10-20") from None
+            raise FdsubError(f"cannot read neuron selector {spec!r} at {part!r}; write it like 0,5,10-20 or all"
+                             ) from None
     return picked

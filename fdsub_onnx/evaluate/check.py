@@ -36,7 +36,9 @@ from ..graph.prune import pruned
 from ..graph.validate import nonfinite_weights
 from ..modes.decode import decode
 from ..modes.result import degenerate_kind
+from ..neurons import means_all
 from ..runtime.session import Forward
+from .compare import spread
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
 
@@ -133,10 +135,10 @@ def check_model(
 ) -> CheckReport:
     """Run the checks (module docstring) on ``model`` (a Model or a path) and report each one.
 
-    ``layers`` names the layers to decode and probe; by default ``sample`` decodable layers spread
-    from the first to the deepest whose receptive field is at most ``max_rf`` pixels (default: no bound; a
-    layer whose field never fits inside the image is decoded at its centre by the adjoint route, whose
-    filter holds there; layers after an upsampling, decoded per position, are sampled whatever ``max_rf``).
+    ``layers`` names the layers to decode and probe (``"all"``: every decodable layer); by default ``sample``
+    decodable layers spread from the first to the deepest whose receptive field is at most ``max_rf`` pixels
+    (default: no bound; a layer whose field never fits inside the image is decoded at its centre by the adjoint
+    route, whose filter holds there; layers after an upsampling, decoded per position, are sampled whatever ``max_rf``).
     ``neurons_per_layer``
     neurons, evenly spaced, are decoded per layer. ``images`` (a spec for ``open_images``, opened with
     ``preprocessing``, or an image set; None skips the check) are the dead-neuron probes;
@@ -354,7 +356,8 @@ def _activation_of(model: Model, name: str) -> str:
 def _sample(model: Model, summary: Summary, layers, sample: int, max_rf: int | None) -> tuple[list[str], list[str]]:
     """The layers to decode, and notes on layers left out."""
     by_name = {lay.name: lay for lay in summary.layers}
-    if layers is not None:
+    every = means_all(layers)
+    if layers is not None and not every:
         picked, notes = [], []
         for name in layers:
             node = find_layer(model, name)
@@ -370,13 +373,15 @@ def _sample(model: Model, summary: Summary, layers, sample: int, max_rf: int | N
                 picked.append(layer.name)
         return picked, notes
     fits = [lay for lay in summary.layers if lay.decodable and lay.channels
-            and (max_rf is None or lay.per_position  # decoded by the adjoint at one position: cheap at any depth
+            and (every or max_rf is None
+                 or lay.per_position  # decoded by the adjoint at one position: cheap at any depth
                  or (lay.receptive_field is not None and max(lay.receptive_field) <= max_rf))]
     if not fits:
         bound = f" with a receptive field of at most {max_rf} px" if max_rf is not None else ""
         return [], [f"no decodable layer{bound}"]
-    index = np.unique(np.round(np.linspace(0, len(fits) - 1, min(sample, len(fits)))).astype(int))
-    return [fits[i].name for i in index], []
+    if every:
+        return [lay.name for lay in fits], []
+    return [fits[i].name for i in spread(len(fits), sample)], []
 
 
 def _spread(channels: int, count: int) -> np.ndarray:

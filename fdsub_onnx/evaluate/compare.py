@@ -16,7 +16,7 @@ import numpy as np
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
 from ..data.topn import TopN, rows_of
-from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING
+from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_LAYERS, REPORT_NEURONS
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.backward import deconvnet_is_local
@@ -25,7 +25,7 @@ from ..modes.fds import gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
-from ..neurons import parse_neurons
+from ..neurons import ALL, means_all, parse_neurons
 from ..runtime.capture import capture_top
 from .fidelity import FIDELITY_MODES, fidelity
 
@@ -125,11 +125,71 @@ def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top:
                           weighting=weighting)[0]
 
 
+@dataclass
+class ReportChoice:
+    """The layers a report shows (graph order), the neurons of each, and how many layers it chose from."""
+
+    layers: list[Layer]
+    picks: list[np.ndarray]
+    candidates: int  # the decodable Conv layers a report without --layers chooses from
+    note: str | None  # what the default sample left out, in one line; None when it shows every one
+
+
+def choose_report(model: Model, layers=None, neurons=None, summary: Summary | None = None,
+                  max_layers: int = REPORT_LAYERS, max_neurons: int = REPORT_NEURONS) -> ReportChoice:
+    """The layers and neurons of a report: ``layers`` named (a list or a comma-separated string) or ``"all"``
+    (every decodable Conv layer), ``neurons`` a selector (``parse_neurons``, ``"all"`` for every neuron) cut to
+    what each layer has.
+
+    By default a sample that finishes on any model: ``max_layers`` of the decodable Conv layers, the first, the
+    deepest and the others evenly spaced between them in graph order (all of them when there are fewer), and the
+    first ``max_neurons`` neurons of each; ``note`` says what that left out.
+
+    >>> choice = fd.choose_report(fd.load_model("demo.onnx"))                        # doctest: +SKIP
+    >>> [layer.name for layer in choice.layers], [len(p) for p in choice.picks]      # doctest: +SKIP
+    (['conv1', 'conv2', 'conv3', 'conv4'], [16, 16, 16, 16])
+    """
+    for value, what in ((max_layers, "max_layers"), (max_neurons, "max_neurons")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise FdsubError(f"{what} must be a positive integer, got {value!r}")
+    summary = inspect_model(model) if summary is None else summary
+    chosen = choose_layers(model, summary, layers)
+    candidates = len(chosen)
+    if layers is None:
+        chosen = [chosen[i] for i in spread(candidates, max_layers)]
+    if neurons is None:
+        picks = [np.arange(min(max_neurons, layer.channels), dtype=np.int64) for layer in chosen]
+    else:
+        picks = neurons_per_layer(neurons, chosen)
+    fewer_layers = len(chosen) < candidates
+    fewer_neurons = neurons is None and any(layer.channels > max_neurons for layer in chosen)
+    note = None
+    if fewer_layers or fewer_neurons:
+        shown = (f"{len(chosen)} of {candidates} decodable Conv layers ({', '.join(la.name for la in chosen)})"
+                 if fewer_layers else f"{'the' if candidates == 1 else 'all'} {_layers(candidates)}"
+                 if layers is None or means_all(layers) else _layers(len(chosen), "named"))
+        first = "neuron 0" if max_neurons == 1 else f"neurons 0-{max_neurons - 1}"
+        each = f" x {first} of each" if fewer_neurons else ""
+        flags = " ".join(f"--{flag} {ALL}" for flag, cut in (("layers", fewer_layers), ("neurons", fewer_neurons))
+                         if cut)
+        note = f"report of {shown}{each}; {flags} for every one"
+    return ReportChoice(chosen, picks, candidates, note)
+
+
+def spread(count: int, most: int) -> list[int]:
+    """``most`` positions of ``count`` (all when fewer): the first, the last and the others evenly spaced between."""
+    return sorted({int(i) for i in np.round(np.linspace(0, count - 1, min(most, count)))})
+
+
+def _layers(count: int, kind: str = "decodable Conv") -> str:
+    return f"{count} {kind} layer{'' if count == 1 else 's'}"
+
+
 def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
     """The named layers (a list or a comma-separated string) in graph order, each a decodable feature map;
-    by default every decodable Conv layer."""
+    every decodable Conv layer when ``names`` is None or ``"all"``."""
     listed = {layer.name: layer for layer in summary.layers}
-    if names is None:
+    if names is None or means_all(names):
         chosen = [layer for layer in summary.layers if layer.decodable and layer.op in CONV_OPS
                   and not layer.per_position]
         if not chosen:
@@ -153,7 +213,7 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
             raise FdsubError(f"layer {target!r} is not a feature map [N, C, H, W]; the report shows conv-like layers")
         wanted.append(target)
     if not wanted:
-        raise FdsubError("no layer named; give --layers like conv1,conv4 or leave it out for every Conv layer")
+        raise FdsubError("no layer named; give --layers like conv1,conv4 or --layers all for every Conv layer")
     return [layer for layer in summary.layers if layer.name in wanted]
 
 

@@ -28,10 +28,11 @@ from ..data.files import check_result_folder, write_atomically
 from ..data.images import open_images, read_indices
 from ..defaults import BENCHMARK_RANKING, DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_TOP
 from ..errors import FdsubError
-from ..evaluate.compare import LayerComparison, choose_layers, compare_layers, neurons_per_layer, within_memory
+from ..evaluate.compare import LayerComparison, choose_report, compare_layers, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, load_model
 from ..modes.fds import parse_select, parse_weighting
+from ..neurons import means_all
 from .render import GAP, block_mean, filter_grid
 
 REPORT_HTML = "index.html"
@@ -53,13 +54,15 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
-    ``open_images`` spec. ``layers``: names (output tensors or nodes) or a comma-separated string,
-    default every decodable Conv layer. ``neurons``: a selector (``parse_neurons``) applied to each
-    layer, keeping the indices the layer has. ``top`` instances per neuron feed the data modes and are
+    ``open_images`` spec. ``layers``: names (output tensors or nodes) or a comma-separated string, ``"all"``
+    for every decodable Conv layer. ``neurons``: a selector (``parse_neurons``, ``"all"`` for every neuron)
+    applied to each layer, keeping the indices the layer has. By default a sample (``choose_report``):
+    ``REPORT_LAYERS`` Conv layers from the first to the deepest, the first ``REPORT_NEURONS`` neurons of each,
+    said on the page and to ``note``. ``top`` instances per neuron feed the data modes and are
     shown; fds uses ``select`` and ``weighting``. Fidelity is measured on ``holdout`` when given, else on
     ``images``. ``progress(done, total)`` counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``;
     ``batch_size`` images per onnxruntime run.
-    By default, layers too deep to decode in the memory left are left out, said on the page and to
+    Unless named, layers too deep to decode in the memory left are left out, said on the page and to
     ``note(text)``; named ``layers`` must all fit. A hold-out set no larger than ``top`` (every top-N share
     would be 1) is also said to ``note``.
     The file is written atomically (nothing is left behind on failure). A Dask ``client`` runs the passes over
@@ -82,10 +85,13 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
         note(f"the fidelity set has {len(held if held is not None else images)} images, not more than top {top}: "
              "every top-N share is 1.00 (give --holdout more images, or a lower --top)")
     summary = inspect_model(model)
-    chosen = choose_layers(model, summary, layers)
-    picks = neurons_per_layer(neurons, chosen)
-    chosen, left_out = within_memory(model, chosen, picks, layers is not None, device)
-    picks = picks[: len(chosen)]
+    choice = choose_report(model, layers, neurons, summary)
+    if choice.note is not None and note is not None:
+        note(choice.note)
+    named = layers is not None and not means_all(layers)
+    chosen, left_out = within_memory(model, choice.layers, choice.picks, named, device)
+    kept = {layer.name for layer in chosen}
+    picks = [pick for layer, pick in zip(choice.layers, choice.picks) if layer.name in kept]
     if left_out and note is not None:
         note(f"left out {', '.join(left_out)}: no route decodes them in the memory left")
     steps = 2 + 3 * len(chosen)  # compare_layers' 1 + 3 per layer, then the page
@@ -97,6 +103,7 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     compared_layers = compare_layers(model, chosen, picks, images, held, top=top, select=select, progress=compared,
                                      device=device, batch_size=batch_size, client=client, weighting=weighting)
     page = render_report(model, summary, compared_layers, images, held, top, select, left_out, weighting=weighting,
+                         sample=choice.note,
                          progress=None if progress is None else lambda done, total: progress(steps - 1 + done / total,
                                                                                             steps))
     paths = write_atomically(out, [REPORT_HTML], lambda tmp: (tmp / REPORT_HTML).write_text(page, encoding="utf-8"),
@@ -107,8 +114,10 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
 
 
 def render_report(model: Model, summary: Summary, compared: list[LayerComparison], images, held, top: int,
-                  select: str, left_out: list[str], progress=None, weighting: str = DEFAULT_WEIGHTING) -> str:
-    """The page of a comparison: one section per layer (computes nothing; every figure comes from ``compared``)."""
+                  select: str, left_out: list[str], progress=None, weighting: str = DEFAULT_WEIGHTING,
+                  sample: str | None = None) -> str:
+    """The page of a comparison: one section per layer (computes nothing; every figure comes from ``compared``);
+    ``sample`` says what a default sample left out (``ReportChoice.note``)."""
     sections, data = [], []
     pictures = _Pictures()
     pixels = _Pixels(images, pictures)
@@ -120,7 +129,8 @@ def render_report(model: Model, summary: Summary, compared: list[LayerComparison
         if progress is not None:
             progress(index + 1, len(compared))
     setup = {"model": model.path, "images": _describe(images), "holdout": None if held is None else _describe(held),
-             "top": int(top), "select": select, "weighting": weighting, "left_out": left_out}
+             "top": int(top), "select": select, "weighting": weighting, "left_out": left_out,
+             "sample": sample}
     chosen = [lc.layer for lc in compared]
     return _page(setup, summary, chosen, sections, {"setup": setup, "summary": summary.to_json(), "layers": data},
                  pictures)
@@ -440,7 +450,7 @@ def _page(setup: dict, summary: Summary, chosen: list[Layer], sections: list[str
 <header><h1>Filter decoding report: {escape(os.path.basename(setup['model']))}</h1>
 <p>Model <code>{escape(setup['model'])}</code>. Top {setup['top']} instances per neuron from {escape(setup['images'])};
 fds select rule <code>{escape(setup['select'])}</code>, weighting <code>{escape(setup['weighting'])}</code>.
-Fidelity on {fidelity_on}.</p>
+Fidelity on {fidelity_on}.</p>{_sample_line(setup["sample"])}
 <p>Filters: 0 is mid-gray, each scaled so its largest |value| is black or white. NF (neuron feature) and patches are
 image pixels (dark gray where a receptive field leaves the image). Click a neuron for its details, a column header
 to sort.</p>
@@ -451,6 +461,13 @@ to sort.</p>
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _sample_line(sample: str | None) -> str:
+    """The default sample's note, as a sentence of the header (nothing when every layer and neuron is shown)."""
+    if sample is None:
+        return ""
+    return f'\n<p class="sample">{escape(sample[0].upper() + sample[1:])}.</p>'
 
 
 def _json_island(data) -> str:

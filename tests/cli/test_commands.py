@@ -242,6 +242,16 @@ def test_decode_neuron_selection_and_node_name(nets, tmp_path):
     np.testing.assert_allclose(d["filters"], full.filters[[3, 0, 1]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("command", ["decode", "top"])
+def test_neurons_all_keyword(nets, tmp_path, command):
+    """--neurons all: every neuron of the layer, as leaving --neurons out does for these commands."""
+    extra = ["--images", "builtin:blobs:4", "--top", "2"] if command == "top" else []
+    result = invoke(command, nets.linear, "--layer", nets.last, "--neurons", "all", *extra, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    name = "top.npz" if command == "top" else "decoded.npz"
+    assert load_npz(tmp_path / "o" / name)["neurons"].tolist() == [0, 1, 2, 3]
+
+
 def test_decode_default_out_dir(nets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("decode", nets.linear, "--layer", nets.linear_layers[0], "--neurons", "0")

@@ -31,6 +31,9 @@ import fdsub_onnx as fd
         (slice(None), list(range(24))),
         (slice(-2, None), [22, 23]),
         (None, list(range(24))),
+        ("all", list(range(24))),  # --neurons all
+        (" all ", list(range(24))),
+        (["all"], list(range(24))),
     ],
 )
 def test_parse_neurons(selector, expected):

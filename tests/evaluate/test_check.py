@@ -292,6 +292,14 @@ def test_check_model_api(nets):
     assert report.sampled == [nets.good_layers[1]] and report.check("dead-neurons").status == "skip"
 
 
+def test_layers_all_checks_every_decodable_layer(nets):
+    """--layers all: every decodable layer, whatever --sample and --max-rf (those bound the default sample)."""
+    result = invoke(nets.good, *FAST, "--json", "--layers", "all", "--sample", "2", "--max-rf", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sampled"] == nets.good_layers
+    assert check_model(str(nets.good), images=None, layers="all").sampled == nets.good_layers
+
+
 def test_layers_left_out_by_max_rf(nets):
     report = check_model(str(nets.good), max_rf=1, images=None)
     assert report.sampled == [] and report.passed

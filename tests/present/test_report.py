@@ -61,6 +61,15 @@ def _hostile_net() -> onnx.ModelProto:
     return model
 
 
+def _deep_net(convs: int = 10, channels: int = 17) -> onnx.ModelProto:
+    """``convs`` 3x3 convs (ReLU between them) of ``channels`` each: more layers and neurons than the report samples."""
+    b = netgen.NetBuilder(height=12, width=12, seed=7)
+    x = "input"
+    for index in range(convs):
+        x = b.conv(x if index == 0 else b.relu(x), channels, 3, 1, (1, 1, 1, 1))
+    return b.build()
+
+
 def _images(count: int, size: int = SIZE, seed: int = 0, sources=None) -> fd.ArrayImages:
     array = np.random.default_rng(seed).uniform(0, 1, (count, 3, size, size)).astype(np.float32)
     return fd.ArrayImages(array, sources=sources)
@@ -70,7 +79,7 @@ def _images(count: int, size: int = SIZE, seed: int = 0, sources=None) -> fd.Arr
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report-models")
     paths = {}
-    for name, proto in (("blocked", _blocked_net()), ("hostile", _hostile_net())):
+    for name, proto in (("blocked", _blocked_net()), ("hostile", _hostile_net()), ("deep", _deep_net())):
         paths[name] = folder / f"{name}.onnx"
         onnx.save(proto, str(paths[name]))
     return paths
@@ -238,6 +247,71 @@ def test_report_layers_and_neurons_options(models, tmp_path):
     assert page.count('<figure class="instance">') == 3  # fewer images than --top: the slots left are not shown
 
 
+# ---- what a report shows by default ---------------------------------------------------------------
+def _convs(model) -> list[str]:
+    return [layer.name for layer in fd.inspect_model(model).layers if layer.op == "Conv" and layer.decodable]
+
+
+def test_default_report_samples_layers_spread_over_the_depth_and_16_neurons(models):
+    model = fd.load_model(models["deep"])
+    convs = _convs(model)
+    assert len(convs) == 10 and (fd.REPORT_LAYERS, fd.REPORT_NEURONS) == (6, 16)
+    choice = fd.choose_report(model)
+    names = [layer.name for layer in choice.layers]
+    assert names == [convs[i] for i in (0, 2, 4, 5, 7, 9)]  # the first, the deepest, evenly spaced between
+    assert choice.candidates == 10 and [pick.tolist() for pick in choice.picks] == [list(range(16))] * 6
+    assert choice.note == (f"report of 6 of 10 decodable Conv layers ({', '.join(names)}) x neurons 0-15 of each; "
+                           "--layers all --neurons all for every one")
+
+
+def test_report_keywords_all_give_every_layer_and_neuron(models):
+    model = fd.load_model(models["deep"])
+    convs = _convs(model)
+    every = fd.choose_report(model, layers="all", neurons="all")
+    assert [layer.name for layer in every.layers] == convs and every.note is None
+    assert [pick.tolist() for pick in every.picks] == [list(range(17))] * 10
+    layers_all = fd.choose_report(model, layers="all")
+    assert len(layers_all.layers) == 10 and all(len(pick) == 16 for pick in layers_all.picks)
+    assert layers_all.note == ("report of all 10 decodable Conv layers x neurons 0-15 of each; "
+                               "--neurons all for every one")
+    neurons_all = fd.choose_report(model, neurons="all")
+    assert len(neurons_all.layers) == 6 and all(len(pick) == 17 for pick in neurons_all.picks)
+    assert neurons_all.note.endswith("; --layers all for every one") and "neurons 0-15" not in neurons_all.note
+    named = fd.choose_report(model, layers=f"{convs[3]},{convs[1]}")
+    assert [layer.name for layer in named.layers] == [convs[1], convs[3]]
+    assert named.note == "report of 2 named layers x neurons 0-15 of each; --neurons all for every one"
+    assert fd.choose_report(model, layers=convs[1], neurons="0-2").note is None
+
+
+def test_report_of_a_small_model_shows_every_layer(models):
+    """Fewer decodable layers than REPORT_LAYERS, fewer neurons than REPORT_NEURONS: all of them, nothing said."""
+    model = fd.load_model(models["blocked"])
+    choice = fd.choose_report(model)
+    assert [layer.name for layer in choice.layers] == _convs(model)
+    assert [pick.tolist() for pick in choice.picks] == [[0, 1, 2, 3]] * 2 and choice.note is None
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 6, 7, 10, 13, 81])
+def test_layer_sample_is_evenly_spread(count):
+    from fdsub_onnx.evaluate.compare import spread
+
+    picked = spread(count, 6)
+    assert len(picked) == min(count, 6) and picked[0] == 0 and picked[-1] == count - 1
+    gaps = np.diff(picked)
+    assert (gaps >= 1).all() and (len(gaps) == 0 or gaps.max() - gaps.min() <= 1)
+
+
+def test_report_with_every_layer_and_neuron(models, tmp_path):
+    """``layers="all", neurons="all"``: the report of every decodable Conv layer and neuron, as before the sample."""
+    model = fd.load_model(models["deep"])
+    notes = []
+    page = fd.report(model, _images(4, 12), tmp_path / "r", layers="all", neurons="all", top=1,
+                     note=notes.append).read_text(encoding="utf-8")
+    assert re.findall(r'<section class="layer" id="(L\d+)"', page) == [f"L{i}" for i in range(10)]
+    assert page.count('<div class="detail"') == 10 * 17 and 'class="sample"' not in page
+    assert _json_island(page)["setup"]["sample"] is None and notes == []
+
+
 @pytest.mark.parametrize("case", ["blocked_layer", "not_a_layer", "neurons_out_of_range", "top_zero", "out_is_file"])
 def test_report_api_errors(models, tmp_path, case):
     model = fd.load_model(models["blocked"])
@@ -277,6 +351,20 @@ def test_cli_report_writes_index(models, tmp_path):
     assert result.output.count(str(out / "index.html")) == 1  # `make demo` names the report once
     assert sorted(p.name for p in out.iterdir()) == [".fdsub-result.json", "index.html"]
     assert "fidelity on 5 images" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_cli_report_default_sample_says_what_it_picked(models, tmp_path):
+    out = tmp_path / "rep"
+    result = invoke("report", models["deep"], "--images", "builtin:blobs:4", "--top", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    want = fd.choose_report(fd.load_model(models["deep"])).note
+    assert [line for line in result.stderr.splitlines() if "report of" in line] == [f"note: {want}"]
+    assert "--layers all --neurons all" not in result.stdout
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r'<section class="layer" id="(L\d+)"', page) == [f"L{i}" for i in range(6)]
+    assert page.count('<div class="detail"') == 6 * 16
+    assert f'<p class="sample">{html.escape("R" + want[1:])}.</p>' in page
+    assert _json_island(page)["setup"]["sample"] == want
 
 
 BAD = {
