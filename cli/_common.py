@@ -229,12 +229,11 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 # ---- progress --------------------------------------------------------------------------------------
 # When stderr is a terminal, rich draws a spinner or a bar in place. Anywhere else (a pipe, `2>log`, CI) progress is
 # plain lines: a stage's start, then at most one line every PROGRESS_INTERVAL seconds while it advances, then its end.
-# A failed stage writes no end line: its `error:` line follows. A spinner (a stage that counts nothing) says nothing
-# unless it runs past SPINNER_GRACE seconds, so that bad input found early (the model, the layer, the neurons, the
-# images) still ends in its one `error:` line; a progress bar starts at its first callback, which the library makes
-# only once the work begins, after checking its input.
+# A failed stage writes no end line: its `error:` line follows. A stage (spinner or bar) says nothing unless it runs
+# past SPINNER_GRACE seconds, so that bad input found after a quick stage (the neurons, a result folder that cannot
+# be written) still ends in its one `error:` line.
 PROGRESS_INTERVAL = 10.0  # seconds between two plain progress lines of one stage
-SPINNER_GRACE = 5.0  # seconds a spinner waits before writing its start line when stderr is not a terminal
+SPINNER_GRACE = 5.0  # seconds a stage runs before its first plain line (stderr not a terminal)
 
 
 @contextmanager
@@ -458,19 +457,21 @@ def progress_bar(description: str, unit: str = "images", console: Console | None
 
 
 class _PlainBar:
-    """A progress bar as lines: ``fds statistics: 0/320 images`` at the first call, ``..: 96/320 images, 12.3
-    images/s, ETA 18 s`` at most every PROGRESS_INTERVAL seconds, ``..: 320/320 images in 26 s`` at the end. A stage
-    whose first call has not come SPINNER_GRACE seconds in (a decode reporting no steps) is said as a spinner's."""
+    """A progress bar as lines, once the stage has run SPINNER_GRACE seconds: ``fds statistics: 96/320 images, 12.3
+    images/s, ETA 18 s``, again at most every PROGRESS_INTERVAL seconds, and ``..: 320/320 images in 26 s`` at the
+    end. A quick stage says nothing, so bad input found after it (a result folder that cannot be written) still
+    ends in one `error:` line. A stage that has counted nothing by then (a decode reporting no steps) is said as a
+    spinner's."""
 
     def __init__(self, description: str, unit: str, estimate: float | None, file):
         self.description, self.unit, self.estimate, self.file = description, unit, estimate, file
         self.opened = time.monotonic()
-        self.started: float | None = None
+        self.started: float | None = None  # the first call
         self.first = self.done = self.total = 0
         self.last = 0.0
-        self.announced = False
+        self.shown = self.counted = False  # a line said; a line with counts said
         self.lock = threading.Lock()
-        self.timer = threading.Timer(SPINNER_GRACE, self._announce)
+        self.timer = threading.Timer(SPINNER_GRACE, self._grace)
         self.timer.daemon = True
         self.timer.start()
 
@@ -479,36 +480,45 @@ class _PlainBar:
             now = time.monotonic()
             self.done, self.total = done, total
             if self.started is None:
-                self.started, self.first, self.last = now, done, now
-                left = _remaining(done, done, total, 0.0, self.estimate)
-                self._say("" if left is None else f", ETA {_duration(left)}")
-            elif now - self.last >= PROGRESS_INTERVAL:
-                self.last = now
-                elapsed = now - self.started
-                rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
-                left = _remaining(done, self.first, total, elapsed, self.estimate)
-                self._say(f", {_rate(rate)} {self.unit}/s" + ("" if left is None else f", ETA {_duration(left)}"))
+                self.started, self.first = now, done
+            if not self.shown and now - self.opened >= SPINNER_GRACE:
+                self._show(now)
+            elif self.shown and (not self.counted or now - self.last >= PROGRESS_INTERVAL):
+                self.last, self.counted = now, True
+                self._say(self._pace(now))
 
     def close(self, finished: bool) -> None:
-        """The end line when the block finished (none after an error: its one line follows)."""
+        """The end line when the block finished and something was said (none after an error: its line follows)."""
         self.timer.cancel()
         with self.lock:
+            if not (finished and self.shown):
+                return
             spent = _duration(time.monotonic() - self.opened)
-            if finished and self.started is not None:
-                self._say(f" in {spent}")
-            elif finished and time.monotonic() - self.opened >= SPINNER_GRACE:
-                self._announce_unlocked()
-            if finished and self.started is None and self.announced:
+            if self.started is None:
                 _line(self.file, f"{self.description}: done in {spent}")
+            else:
+                self._say(f" in {spent}")
 
-    def _announce(self) -> None:
+    def _grace(self) -> None:
         with self.lock:
-            self._announce_unlocked()
+            if not self.shown:
+                self._show(time.monotonic())
 
-    def _announce_unlocked(self) -> None:
-        if self.started is None and not self.announced:
-            self.announced = True
+    def _show(self, now: float) -> None:
+        self.shown, self.last = True, now
+        if self.started is None:
             _line(self.file, self.description)
+        else:
+            self.counted = True
+            self._say(self._pace(now))
+
+    def _pace(self, now: float) -> str:
+        """``, 12.3 images/s, ETA 18 s`` (the rate once something advanced, the ETA once it can be told)."""
+        elapsed = now - self.started
+        moved = self.done > self.first and elapsed > 0
+        left = _remaining(self.done, self.first, self.total, elapsed, self.estimate)
+        return ((f", {_rate((self.done - self.first) / elapsed)} {self.unit}/s" if moved else "")
+                + ("" if left is None else f", ETA {_duration(left)}"))
 
     def _say(self, tail: str) -> None:
         _line(self.file, f"{self.description}: {_count(self.done)}/{_count(self.total)} {self.unit}{tail}")
