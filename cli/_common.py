@@ -70,6 +70,13 @@ CLUSTER = typer.Option(
 )
 
 
+MEMORY_BUDGET = typer.Option(
+    None, "--memory-budget", metavar="SIZE",
+    help="Memory this command may use, e.g. 6G or 512M; a request over it is refused before any work.  "
+         "[default: the smaller of 4 GiB and 60% of the memory available now]",
+)
+# --memory-budget is applied by cli.main.guarded around the whole command
+PLAN = typer.Option(False, "--plan", help="Print the cost plan (peak memory and time of each stage) and exit.")
 GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1,
                     help="Neurons drawn in the filters PNG: the first N decoded (decoded.npz holds them all).")
 
@@ -82,6 +89,18 @@ def top_option(help: str, default: int | None = DEFAULT_TOP):
 def out_option(default: str):
     """``--out DIR``, saying where results go without it."""
     return typer.Option(None, "--out", "-o", metavar="DIR", help=f"Output folder.  [default: {default}]")
+
+
+# ---- budget and plan --------------------------------------------------------------------------
+def planned(plan: bool, cost, fix: str) -> bool:
+    """With --plan: print the cost plan, and the command is done (True). Otherwise refuse, in one line and before
+    any work, a plan over the memory budget (``fix``: the knobs that bring it under)."""
+    if plan:
+        for line in cost.lines():
+            typer.echo(line)
+        return True
+    cost.require(fix)
+    return False
 
 
 # ---- devices ------------------------------------------------------------------------------------

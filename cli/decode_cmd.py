@@ -15,6 +15,7 @@ from fdsub_onnx.cli import _common as common
 DEFAULT_OUT = common.DEFAULT_OUT
 sanitize = common.sanitize
 DTYPES = ("float32", "float64")
+FIX = "decode fewer --neurons, lower --top or --batch-size, or use --cluster"
 DTYPE = typer.Option("float32", "--dtype", metavar="float32|float64", help="Precision of the filters.")
 
 
@@ -61,6 +62,8 @@ def decode(
     ),
     grid: int = common.GRID,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say which route decoded the layer, and its cost."),
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Decode neurons of a layer of MODEL into filters over the image; write DIR/decoded.npz and DIR/filters.png.
 
@@ -79,6 +82,10 @@ def decode(
         loaded, target, image_set = common.load_with_images(model, layer, images, prep, shape)
         folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
         too_few = common.top_warning(top, image_set)
+        cost = fdsub_onnx.estimate_decode(loaded, target, neurons, mode, len(image_set), top=top, batch_size=batch_size,
+                                          dtype=dtype)
+        if common.planned(plan, cost, FIX):
+            return
         with common.cluster(cluster) as client:
             result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting,
                                          per_instance, batch_size, dtype, device, client)
@@ -90,6 +97,9 @@ def decode(
             too_few = None
             reference = None if gate_reference is None else fdsub_onnx.open_images(
                 gate_reference, loaded.input_shape[1:], **prep)
+        cost = fdsub_onnx.estimate_decode(loaded, target, neurons, mode, dtype=dtype, position=at, route=route)
+        if common.planned(plan, cost, FIX):
+            return
         with common.progress_bar(f"decoding {target}", unit="steps") as progress:
             result = fdsub_onnx.decode(loaded, target, neurons=neurons, mode=mode, dtype=dtype, device=device,
                                        gate_reference=reference, position=at, route=route, progress=progress)

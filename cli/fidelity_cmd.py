@@ -39,6 +39,8 @@ def fidelity(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Compare decodings of a layer on HOLDOUT: correlation with the true activation, share of the true top-N and the
     two-choice score; write DIR/fidelity.json and the filters scored (DIR/<mode>-decoded.npz, <mode>-filters.png)."""
@@ -52,6 +54,10 @@ def fidelity(
                          f"be 1.00; give more held-out images or --top {max(1, len(held) // 2)} or lower")
     folder = common.output_folder(out, f"{common.sanitize(target)}-fidelity", "fidelity")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    cost = fdsub_onnx.estimate_compare(loaded, [target], neurons, len(image_set), top=top, holdout=len(held),
+                                       modes=chosen, batch_size=batch_size, command="fidelity")
+    if common.planned(plan, cost, "score fewer --neurons or --modes, lower --top or --batch-size, or use --cluster"):
+        return
     with common.cluster(cluster) as client, common.progress_bar(f"{target} fidelity", unit="steps") as progress:
         compared = fdsub_onnx.compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
                                             select=select, weighting=weighting, batch_size=batch_size,

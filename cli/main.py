@@ -73,7 +73,8 @@ app = typer.Typer(
 
 
 def guarded(command):
-    """Wrap a command: a FdsubError becomes `error: <message>` (exit 2), anything else one line (exit 1).
+    """Wrap a command: a FdsubError becomes `error: <message>` (exit 2), anything else one line (exit 1); a
+    command's ``--memory-budget`` holds while it runs.
 
     With FDSUB_DEBUG=1 an unexpected exception is re-raised with its traceback.
     """
@@ -81,7 +82,8 @@ def guarded(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with fdsub_onnx.budget(kwargs.get("memory_budget")):
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except FdsubError as exc:

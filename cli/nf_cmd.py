@@ -32,6 +32,8 @@ def nf(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Average each neuron's top-N patches, weighted by activation; write DIR/decoded.npz, filters.png and top.npz."""
     shape = common.parse_input_shape(input_shape)
@@ -44,6 +46,11 @@ def nf(
     top = fdsub_onnx.load_top(from_top) if from_top is not None else None
     if top is not None and top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
+    cost = (fdsub_onnx.estimate_nf(loaded, target, neurons, len(image_set), DEFAULT_TOP if count is None else count,
+                                   batch_size) if top is None else
+            fdsub_onnx.estimate_nf(loaded, target, top.neurons, 0, top.top, batch_size))
+    if common.planned(plan, cost, "ask for fewer --neurons, a lower --top or --batch-size, or use --cluster"):
+        return
     with common.cluster(cluster) as client:
         if top is None:
             count = DEFAULT_TOP if count is None else count

@@ -42,6 +42,8 @@ def report(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Write DIR/index.html: decoded filters (fds, weights, local), deconvnet, Neuron Feature, top patches and fidelity.
 
@@ -55,6 +57,10 @@ def report(
         loaded = fdsub_onnx.load_model(model, shape)
         image_set = fdsub_onnx.open_images(images, loaded.input_shape[1:], **prep)
         held = fdsub_onnx.open_images(holdout, loaded.input_shape[1:], **prep) if holdout is not None else None
+        cost = fdsub_onnx.estimate_compare(loaded, layers, neurons, len(image_set), top=top,
+                                           holdout=0 if held is None else len(held), batch_size=batch_size)
+    if common.planned(plan, cost, "report fewer --layers or --neurons, lower --top or --batch-size, or use --cluster"):
+        return
     notes = []
     with common.cluster(cluster) as client, common.progress_bar("report", unit="steps") as progress:
         path = fdsub_onnx.report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,

@@ -33,6 +33,8 @@ def top(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     device: Optional[str] = common.DEVICE,
     cluster: Optional[str] = common.CLUSTER,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Find each neuron's strongest instances (image, position) over IMAGES; write DIR/top.npz and DIR/top.json.
 
@@ -45,6 +47,9 @@ def top(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
     default = f"{common.sanitize(target)}-top" + (f"-shard{part[0]}of{part[1]}" if part else "")
     out = common.output_folder(out, default, "top")
+    cost = fdsub_onnx.estimate_top(loaded, target, neurons, len(image_set), top=count, batch_size=batch_size)
+    if common.planned(plan, cost, "ask for fewer --neurons, a lower --top or --batch-size, or use --shard"):
+        return
     checkpoint = checkpoint_path(out)
     try:
         with common.cluster(cluster) as client, common.progress_bar(f"{target} top") as progress:

@@ -31,6 +31,9 @@ from .defaults import (
     REPORT_TOP,
     SELECTS,
     WEIGHTINGS,
+    budget,
+    memory_budget,
+    parse_bytes,
 )
 from .errors import FdsubError
 
@@ -48,13 +51,17 @@ _EXPORTS = {
     "LayerComparison": (".evaluate.compare", "LayerComparison"),
     "ReportChoice": (".evaluate.compare", "ReportChoice"), "choose_report": (".evaluate.compare", "choose_report"),
     "compare_layers": (".evaluate.compare", "compare_layers"),
-    "compare_modes": (".evaluate.compare", "compare_modes"), "fidelity": (".evaluate.fidelity", "fidelity"),
+    "compare_modes": (".evaluate.compare", "compare_modes"),
+    "estimate_compare": (".evaluate.compare", "estimate_compare"), "fidelity": (".evaluate.fidelity", "fidelity"),
     "read_zoo": (".evaluate.zoo", "read_zoo"), "run_zoo": (".evaluate.zoo", "run_zoo"),
     "dequantized_note": (".graph.dequantize", "dequantized_note"), "Geometry": (".graph.geometry", "Geometry"),
     "Model": (".graph.model", "Model"), "find_layer": (".graph.model", "find_layer"),
     "load_model": (".graph.model", "load_model"), "nonfinite_weights": (".graph.validate", "nonfinite_weights"),
     "MODES": (".modes.decode", "MODES"), "decode": (".modes.decode", "decode"),
     "iter_decode": (".modes.decode", "iter_decode"), "plan_decode": (".modes.decode", "plan_decode"),
+    "CostPlan": (".modes.cost", "CostPlan"), "Stage": (".modes.cost", "Stage"),
+    "estimate_decode": (".modes.cost", "estimate_decode"), "estimate_top": (".modes.cost", "estimate_top"),
+    "estimate_nf": (".modes.cost", "estimate_nf"),
     "ROUTES": (".modes.plan", "ROUTES"), "Plan": (".modes.plan", "Plan"),
     "Substitution": (".modes.fds", "Substitution"),
     "gather_statistics": (".modes.fds", "gather_statistics"), "decode_instances": (".modes.local", "decode_instances"),
@@ -71,7 +78,8 @@ _EXPORTS = {
 }
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING",
-           "FIDELITY_MODES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError"]
+           "FIDELITY_MODES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError",
+           "budget", "memory_budget", "parse_bytes"]
 __all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
 

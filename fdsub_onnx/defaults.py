@@ -99,4 +99,6 @@ def require_memory(nbytes: float, what: str, fix: str) -> None:
 
 
 def _gib(nbytes: float) -> str:
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:,.0f} MiB"
     return f"{nbytes / 2**30:,.1f} GiB" if nbytes < 2**70 else f"{nbytes:.1e} bytes"

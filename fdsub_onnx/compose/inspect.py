@@ -88,12 +88,12 @@ def memory_problem(model, engine, targets, rows=None) -> str | None:
     """Why decoding ``targets`` bottom-up in one pass would not fit in the memory left (None when it fits): the
     size of the filter banks alive at once is known from geometry alone, so this costs no decoding. The advice
     says whether fewer neurons would help: it does not when the lower layers' banks alone are too large."""
-    need, free = _peak(model, engine, targets, rows) * MEMORY_MARGIN, engine.backend.free_bytes()
+    need, free = bank_peak(model, engine, targets, rows) * MEMORY_MARGIN, engine.backend.free_bytes()
     if need <= free:
         return None
     last = targets[-1]
     one = dict(rows or {}) | {last: [0]}
-    fewer = _peak(model, engine, targets, one) * MEMORY_MARGIN <= free
+    fewer = bank_peak(model, engine, targets, one) * MEMORY_MARGIN <= free
     advice = ("decode fewer neurons of it" if fewer else
               "fewer neurons will not help (the lower layers' banks alone do not fit); decode it in weights mode, "
               "whose adjoint route needs no banks, or an earlier layer")
@@ -104,7 +104,8 @@ def memory_problem(model, engine, targets, rows=None) -> str | None:
             f"{advice}, or raise --memory-budget on a machine with more memory")
 
 
-def _peak(model, engine, targets, rows) -> int:
+def bank_peak(model, engine, targets, rows=None) -> int:
+    """Bytes of the filter banks alive at once when ``targets`` are composed bottom-up in one pass."""
     usage = {}
     for _ in walk(model, engine, targets=targets, rows=rows, usage=usage):
         pass

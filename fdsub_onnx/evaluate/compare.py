@@ -16,11 +16,22 @@ import numpy as np
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
 from ..data.topn import TopN, rows_of
-from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_LAYERS, REPORT_NEURONS
+from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_TOP, DEFAULT_WEIGHTING, REPORT_LAYERS, REPORT_NEURONS
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.backward import deconvnet_is_local
-from ..modes.decode import iter_decode, plan_decode
+from ..modes.cost import (
+    CostPlan,
+    base_bytes,
+    capture_stage,
+    fds_stages,
+    fidelity_stage,
+    filters_bytes,
+    instance_stage,
+    nf_stage,
+    weights_stage,
+)
+from ..modes.decode import iter_decode, leaf_rows, plan_decode
 from ..modes.fds import gather_statistics, parse_select, parse_weighting
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
@@ -104,6 +115,33 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
         result.append(LayerComparison(layer, ordered, found.get(name), scores))
         done(1, 1)
     return result
+
+
+def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, top: int = DEFAULT_TOP,
+                     holdout: int = 0, modes=FIDELITY_MODES, batch_size: int = DEFAULT_BATCH,
+                     command: str = "report") -> CostPlan:
+    """The cost of ``compare_layers`` (``report``, ``fidelity``) over ``images`` (and ``holdout``, 0: scored on the
+    images), stage by stage as it runs them, before any work; the layers and neurons as ``choose_report`` picks
+    them. Every decoding is kept until the end (the page shows them all): they count at every stage."""
+    modes = _checked_modes(modes)
+    choice = choose_report(model, layers, neurons)
+    targets = [layer.name for layer in choice.layers]
+    picked = dict(zip(targets, choice.picks))
+    instances = {t: len(picked[t]) * min(top, images) for t in targets}
+    stages = []
+    if "fds" in modes:
+        stages += fds_stages(model, targets, images, leaf_rows(model, targets, picked), batch_size)
+    elif set(modes) - {"weights"}:
+        stages += [capture_stage(model, t, images, batch_size) for t in targets]
+    if "weights" in modes:
+        stages += [weights_stage(plan) for plan in plan_decode(model, targets, neurons=picked).values()]
+    stages += [instance_stage(model, t, instances[t], rule) for rule in INSTANCE_RULES if rule in modes
+               for t in targets]
+    if "nf" in modes:
+        stages += [nf_stage(model, t, len(picked[t]), min(images, instances[t]), batch_size) for t in targets]
+    stages += [fidelity_stage(model, t, len(picked[t]), len(modes), holdout or images, batch_size) for t in targets]
+    kept = len(modes) * sum(filters_bytes(model, t, len(picked[t])) for t in targets)
+    return CostPlan(command, stages, base_bytes(model) + kept, notes=[choice.note] if choice.note else [])
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,

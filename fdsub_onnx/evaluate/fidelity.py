@@ -74,14 +74,22 @@ def two_choice(truth: np.ndarray, predicted: np.ndarray, rows: int = 256) -> np.
     """Per neuron (column of [images, K]), the share of image pairs with different true scores that the prediction
     orders the same way (a tie in the prediction counts 1/2); NaN where every true score is the same."""
     won, pairs = np.zeros(truth.shape[1]), np.zeros(truth.shape[1])
-    for start in range(0, len(truth), rows):  # rows of the pair matrix at a time: memory stays rows x images
-        t = np.sign(truth[start : start + rows, None] - truth[None])  # [rows, images, K]
-        q = np.sign(predicted[start : start + rows, None] - predicted[None])
-        above = t > 0
-        won += (above * (q > 0)).sum((0, 1)) + 0.5 * (above * (q == 0)).sum((0, 1))
-        pairs += above.sum((0, 1))
+    for start in range(0, len(truth), rows):  # tiles of the pair matrix: memory rows x rows, whatever the images
+        for col in range(0, len(truth), rows):
+            tile = (slice(start, start + rows), slice(col, col + rows))
+            tile_won, tile_pairs = _pairs_won(truth[tile[0]], truth[tile[1]], predicted[tile[0]], predicted[tile[1]])
+            won += tile_won
+            pairs += tile_pairs
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pairs > 0, won / pairs, np.nan)
+
+
+def _pairs_won(truth_a, truth_b, predicted_a, predicted_b) -> tuple[np.ndarray, np.ndarray]:
+    """One tile of the pair matrix: per neuron, the pairs (a, b) with a truly above b that the prediction orders so
+    (ties 1/2), and those pairs (a function of its own: a tile's temporaries do not outlive it into the next)."""
+    above = truth_a[:, None] > truth_b[None]  # [a, b, K]
+    q = predicted_a[:, None] - predicted_b[None]
+    return (above & (q > 0)).sum((0, 1)) + 0.5 * (above & (q == 0)).sum((0, 1)), above.sum((0, 1))
 
 
 def _scorable(decoded, broken: list):

@@ -30,7 +30,7 @@ from ..graph.model import Model, ancestors, attributes, wiring
 from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
-from ..runtime.session import Forward, fitting_batch, tensor_values
+from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, tensor_values
 from .backward import LOCAL_RULES
 
 SUBSTITUTED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool")  # AveragePool keeps its fixed uniform weights
@@ -107,10 +107,9 @@ def _gates(model, nodes) -> dict[str, str]:
     return {mul: p.gate for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
 
 
-#: bytes per value of one image that a pass holds: onnxruntime's output and NumPy's copy of it (float32 each) ...
-FETCHED_BYTES = 8
-#: ... and, in the second pass, a float64 gate map of every chain tensor with the temporaries of its derivative,
-#: and the float64 window inputs of the node being cut (values, gates, their padded copy)
+#: bytes per value of one image that the second pass holds beside what it fetches (FETCHED_BYTES): a float64 gate
+#: map of every chain tensor with the temporaries of its derivative, and the float64 window inputs of the node being
+#: cut (values, gates, their padded copy)
 GATE_BYTES, CUT_BYTES = 16, 24
 FIX = "use fewer neurons or an earlier layer, or raise --memory-budget on a machine with more memory"
 

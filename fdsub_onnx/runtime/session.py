@@ -12,6 +12,7 @@ from ..graph.model import Model, ancestors
 from ..graph.prune import pruned
 
 PEAK_TENSORS = 3  # tensors of one image alive at once in onnxruntime, at most (input, output, one held for a sum)
+FETCHED_BYTES = 8  # per value of a tensor a pass asks for: onnxruntime's float32 output and NumPy's copy of it
 PASS_SHARE = 0.75  # of the memory budget, what one batch of a pass over images may hold (the rest: the process,
 #                    the model, onnxruntime's session, the state kept across batches)
 

@@ -1,0 +1,254 @@
+"""What a command will cost before it runs: the peak memory and the time of each of its stages.
+
+Every command is a sequence of stages (a pass over images, a composition, a pass per instance); the process's
+peak is its resident base plus the largest stage's working set, and its time the sum of the stages'. Each
+estimate is computed with the same sizing function the stage itself uses to choose its batches
+(``fitting_batch``, ``fds.pass_bytes``, ``backward.pass_sizes``, the bank walk, the route planner), so what is
+planned is what runs: a plan over the memory budget is refused before any work (``CostPlan.require``).
+Times come from FLOP counts and the rates below (this project's 2-core machine: docs/plan.md); they are a
+first ETA that the progress lines then correct.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..compose.backend import get_backend, usable_cores
+from ..compose.engine import Engine
+from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, layer_geometry, memory_problem
+from ..compose.walker import walk
+from ..data.topn import SLOT_BYTES
+from ..defaults import DEFAULT_BATCH, DEFAULT_TOP, DEFAULT_WEIGHTING, budget_text, memory_budget
+from ..errors import FdsubError
+from ..graph.model import Model, ancestors, find_layer
+from ..neurons import parse_neurons
+from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
+from .backward import pass_sizes, per_image_bytes
+from .decode import plan_decode
+from .fds import pass_bytes
+from .plan import Costs, forward_flops
+
+#: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
+#: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md)
+FORWARD_RATE, COMPOSE_RATE = 4e9, 8e9
+#: the process before a command allocates: Python, NumPy, onnx and onnxruntime loaded
+PROCESS_BYTES = 180 << 20
+
+
+@dataclass
+class Stage:
+    """One stage of a command: its working set above the process's base, its time, and what its progress counts."""
+
+    what: str
+    peak_bytes: float
+    seconds: float
+    count: int = 0
+    unit: str = "images"
+
+
+@dataclass
+class CostPlan:
+    """A command's stages and what they add up to, against the memory budget."""
+
+    command: str
+    stages: list[Stage]
+    base_bytes: float
+    budget: int = field(default_factory=memory_budget)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.base_bytes + max((s.peak_bytes for s in self.stages), default=0.0)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(s.seconds for s in self.stages))
+
+    @property
+    def peak_stage(self) -> Stage | None:
+        return max(self.stages, key=lambda s: s.peak_bytes, default=None)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget
+
+    def lines(self) -> list[str]:
+        """The plan as text: one line per stage, then the total against the budget."""
+        out = [f"{self.command}: about {_bytes(self.peak_bytes)} at the peak, {_seconds(self.seconds)} "
+               f"({'fits' if self.fits else 'does not fit'} in {budget_text()})"]
+        out += [f"  {s.what}: {_bytes(s.peak_bytes)} above the base, {_seconds(s.seconds)}" for s in self.stages]
+        out.append(f"  base (the process and the model): {_bytes(self.base_bytes)}")
+        return out + [f"  note: {n}" for n in self.notes]
+
+    def require(self, fix: str) -> None:
+        """Refuse, in one line and before any work, a plan whose peak is over the memory budget."""
+        if not self.fits:
+            stage = self.peak_stage
+            raise FdsubError(f"{self.command} needs about {_bytes(self.peak_bytes)} at its peak ({stage.what}), "
+                             f"over {budget_text()}; {fix}")
+
+
+def base_bytes(model: Model) -> float:
+    """The process, the model as loaded, and onnxruntime's copy of its weights."""
+    weights = sum(np.asarray(v).nbytes for v in model.constants.values())
+    size = os.path.getsize(model.path) if model.path and os.path.exists(model.path) else weights
+    return PROCESS_BYTES + size + 2 * weights
+
+
+def forward_seconds(model: Model, targets, count: int) -> float:
+    """onnxruntime's time for ``count`` images through the graph below ``targets``."""
+    flops = sum(forward_flops(model, n) for n in ancestors(model, list(targets)))
+    return count * flops / (FORWARD_RATE * usable_cores())
+
+
+def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
+    """``capture_top``: batches of images through onnxruntime, the layer's activations fetched."""
+    per_image = image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
+    batch = fitting_batch(per_image, batch_size, "the top-N capture", "use a smaller --batch-size")
+    return Stage(f"top-N capture of {target!r} over {count} images", batch * per_image,
+                 forward_seconds(model, [target], count), count)
+
+
+def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batch_size: int = DEFAULT_BATCH,
+               weighting: str = DEFAULT_WEIGHTING, dtype: str = "float32") -> list[Stage]:
+    """``gather_statistics``'s two passes over the images, then the bottom-up composition of the substituted
+    banks (the adjoint's where they do not fit: see ``weights_stage``)."""
+    first, second = pass_bytes(model, targets, weighting)
+    nodes = [n.output[0] for n in ancestors(model, list(targets)) if n.op_type in ("Conv", "Gemm", "MatMul")]
+    stages = []
+    for label, per_image in (("first", first), ("second", second)):
+        batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics",
+                              "use fewer neurons or an earlier layer")
+        stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
+                            batch * per_image, forward_seconds(model, nodes or targets, count), count))
+    stages.append(compose_stage(model, targets, rows, dtype, "fds"))
+    return stages
+
+
+def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: str) -> Stage:
+    """The bottom-up composition of ``targets``' banks (``rows``: target -> neurons composed)."""
+    engine = Engine(get_backend("numpy"), dtype)
+    targets = list(targets)
+    if memory_problem(model, engine, targets, rows):
+        return Stage(f"{mode} composition of {len(targets)} layer(s) by the adjoint (the banks do not fit)",
+                     0.0, 0.0)
+    costs = Costs(dtype)  # an engine that counts instead of composing
+    for _ in walk(model, costs, targets=targets, compose=True, rows=rows):
+        pass
+    return Stage(f"{mode} composition of {len(targets)} layer(s), bottom-up",
+                 bank_peak(model, engine, targets, rows) * MEMORY_MARGIN, costs.flops / COMPOSE_RATE)
+
+
+def weights_stage(plan, mode: str = "weights") -> Stage:
+    """One layer decoded by the route its ``Plan`` chose."""
+    return Stage(f"{mode} decode of {plan.layer!r} ({plan.route}, {plan.neurons} neurons)", plan.peak_bytes,
+                 plan.flops / (COMPOSE_RATE * usable_cores()), plan.neurons, "neurons")
+
+
+def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",
+                   most: int = 128) -> Stage:
+    """``decode_instances``: one onnxruntime run per image, one backward pass per run of its instances, as many
+    passes at once as cores; the cut of each instance's field restricts it (its cone)."""
+    backend = get_backend("numpy")
+    itemsize = np.dtype(dtype).itemsize
+    workers = backend.workers
+    per_pass, images_at_once = pass_sizes(model, target, most, backend, itemsize, workers)
+    image, instance = per_image_bytes(model, target, itemsize)
+    peak = images_at_once * image + workers * (image + per_pass * instance)
+    flops = 2 * sum(forward_flops(model, n) for n in ancestors(model, [target]))
+    return Stage(f"{rule} passes of {target!r}: {instances} instances", peak,
+                 instances * flops * _cone_share(model, target) / (COMPOSE_RATE * max(workers, 1)), instances,
+                 "instances")
+
+
+def _cone_share(model, target) -> float:
+    """The share of a whole-image pass that one instance's cone covers: its receptive field over the image."""
+    rf = layer_geometry(model, target).rf
+    size = model.input_shape[2:]
+    return float(min(1.0, max(0.05, (rf[0] * rf[1]) / (size[0] * size[1]))))
+
+
+def nf_stage(model: Model, target: str, neurons: int, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
+    """``neuron_feature``: the images holding instances, read in batches; per-pixel sums per neuron."""
+    rf = layer_geometry(model, target).rf
+    channels = int(model.input_shape[1])
+    sums = 2 * 8 * neurons * channels * rf[0] * rf[1]
+    batch = min(batch_size, max(count, 1))
+    return Stage(f"Neuron Feature of {target!r}", sums + 8 * batch * tensor_values(model, [model.input_name]),
+                 count * 1e-3, count)
+
+
+def fidelity_stage(model: Model, target: str, neurons: int, decodings: int, count: int, batch_size: int = 16
+                   ) -> Stage:
+    """``fidelity``: hold-out images through onnxruntime, every decoding's prediction at every position."""
+    shape = model.shapes[target]
+    positions = int(np.prod(shape[2:])) if len(shape) == 4 else 1
+    rf = layer_geometry(model, target).rf
+    channels = int(model.input_shape[1])
+    per_image = (image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
+                 + 8 * 3 * neurons * positions + 8 * channels * (model.input_shape[2] + rf[0])
+                 * (model.input_shape[3] + rf[1]))
+    flops = 2 * decodings * neurons * positions * channels * rf[0] * rf[1]
+    return Stage(f"fidelity of {target!r} over {count} images, {decodings} decodings",
+                 batch_size * per_image + NUMPY_TEMP,
+                 forward_seconds(model, [target], count) + count * flops / (COMPOSE_RATE * usable_cores()), count)
+
+
+NUMPY_TEMP = 64 << 20  # a prediction's windows are copied a few rows at a time (NumpyBackend.temp_bytes)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def filters_bytes(model: Model, target: str, neurons: int, itemsize: int = 4) -> float:
+    """What a result holds: ``neurons`` filters over the layer's receptive field cut to the image."""
+    rf = [min(r, s) for r, s in zip(layer_geometry(model, target).rf, model.input_shape[2:])]
+    return float(neurons) * int(model.input_shape[1]) * rf[0] * rf[1] * itemsize
+
+
+def estimate_decode(model: Model, layer: str, neurons=None, mode: str = "weights", images: int = 0,
+                    top: int = DEFAULT_TOP, batch_size: int = DEFAULT_BATCH, dtype: str = "float32", position=None,
+                    route: str = "auto") -> CostPlan:
+    """The cost of ``decode`` (``images``: how many the data modes read), before any work."""
+    target = find_layer(model, layer).output[0]
+    picked = parse_neurons(neurons, channels_of(model, target), target)
+    k = len(picked)
+    if mode == "weights":
+        plan = plan_decode(model, [target], neurons=picked, positions={target: position}, dtype=dtype,
+                           route=route)[target]
+        stages = [weights_stage(plan)]
+    elif mode == "fds":
+        stages = fds_stages(model, [target], images, {target: picked}, batch_size, dtype=dtype)
+    else:
+        stages = [capture_stage(model, target, images, batch_size),
+                  instance_stage(model, target, k * min(top, images), mode, dtype, k)]
+    result = Stage(f"the {k} filters of {target!r} (decoded.npz)", 2 * filters_bytes(model, target, k, 8), 0.0)
+    return CostPlan(f"decode --mode {mode}", stages + [result], base_bytes(model))
+
+
+def estimate_top(model: Model, layer: str, neurons=None, images: int = 0, top: int = DEFAULT_TOP,
+                 batch_size: int = DEFAULT_BATCH) -> CostPlan:
+    """The cost of ``capture_top``: the scan, and the instances kept (and the copies a merge makes)."""
+    target = find_layer(model, layer).output[0]
+    k = len(parse_neurons(neurons, channels_of(model, target), target))
+    scan = capture_stage(model, target, images, batch_size)
+    scan.peak_bytes += 3.0 * k * top * SLOT_BYTES
+    return CostPlan("top", [scan], base_bytes(model))
+
+
+def estimate_nf(model: Model, layer: str, neurons=None, images: int = 0, top: int = DEFAULT_TOP,
+                batch_size: int = DEFAULT_BATCH) -> CostPlan:
+    """The cost of ``nf``: the top-N scan, then the Neuron Feature of each neuron."""
+    target = find_layer(model, layer).output[0]
+    k = len(parse_neurons(neurons, channels_of(model, target), target))
+    return CostPlan("nf", [*estimate_top(model, target, neurons, images, top, batch_size).stages,
+                           nf_stage(model, target, k, min(images, k * top), batch_size)], base_bytes(model))

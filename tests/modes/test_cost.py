@@ -1,0 +1,132 @@
+"""The memory budget and the cost plan (docs/plan.md): the budget's default and scope, batches sized to it, the
+estimates against what the passes allocate, and the refusal before any work (library and command line)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+from checks import load_proto
+from clirun import assert_one_error_line, invoke
+from netgen import NetBuilder
+
+import fdsub_onnx as fd
+from fdsub_onnx import defaults
+from fdsub_onnx.modes.fds import gather_statistics, pass_bytes
+from fdsub_onnx.runtime.session import PASS_SHARE, fitting_batch
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    """conv -> relu -> maxpool -> conv -> relu -> conv -> relu -> conv on 64x64 images."""
+    b = NetBuilder(height=64, width=64, seed=5)
+    c1 = b.conv("input", 16, 3, 1, (1, 1, 1, 1))
+    c2 = b.conv(b.maxpool(b.relu(c1), 2, 2), 32, 3, 1, (1, 1, 1, 1))
+    c3 = b.conv(b.relu(c2), 32, 3, 1, (1, 1, 1, 1))
+    c4 = b.conv(b.relu(c3), 16, 3)
+    return load_proto(b.build([c4]), tmp_path_factory.mktemp("cost")), c4
+
+
+def test_the_budget_is_the_smaller_of_4_gib_and_60_percent_of_the_memory_available(monkeypatch):
+    monkeypatch.setattr(defaults, "available_memory", lambda: 20 * GiB)
+    assert fd.memory_budget() == 4 * GiB
+    monkeypatch.setattr(defaults, "available_memory", lambda: 5 * GiB)
+    assert fd.memory_budget() == int(0.6 * 5 * GiB)
+    with fd.budget("6G"):
+        assert fd.memory_budget() == 6 * GiB
+        with fd.budget(None):  # None keeps the default
+            assert fd.memory_budget() == int(0.6 * 5 * GiB)
+    assert fd.memory_budget() == int(0.6 * 5 * GiB)  # only inside its block
+
+
+@pytest.mark.parametrize(("text", "nbytes"), [("4G", 4 * GiB), ("512M", 512 * MiB), ("2.5GiB", int(2.5 * GiB)),
+                                              ("1.5 gb", int(1.5 * GiB)), (str(3 * MiB), 3 * MiB), ("1T", 1 << 40)])
+def test_sizes_read_as_powers_of_1024(text, nbytes):
+    assert fd.parse_bytes(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["", "4x", "-1G", "G", "nan", "1e9", "0.5M", "4 G B", "inf"])
+def test_sizes_that_are_not_sizes_are_refused(text):
+    with pytest.raises(fd.FdsubError, match="--memory-budget must be"):
+        fd.parse_bytes(text)
+
+
+def test_a_pass_takes_the_largest_batch_its_budget_holds():
+    with fd.budget("100M"):
+        room = PASS_SHARE * 100 * MiB
+        assert fitting_batch(room / 10, 32, "x", "y") == 10
+        assert fitting_batch(room / 100, 32, "x", "y") == 32  # never more than asked
+        assert fitting_batch(room, 32, "x", "y") == 1
+        with pytest.raises(fd.FdsubError, match=r"^the scan needs about .* per image, over the memory budget of "
+                                                r"100 MiB \(--memory-budget\); fewer$"):
+            fitting_batch(room * 1.01, 32, "the scan", "fewer")
+
+
+def test_the_fds_estimate_bounds_what_its_passes_allocate(net):
+    """Each pass's estimate (a batch of its per-image working set) is at least what NumPy allocates at its peak, and
+    not uselessly more (onnxruntime's own buffers, which tracemalloc does not see, are in the estimate too)."""
+    model, last = net
+    images = fd.open_images("builtin:blobs:96", (3, 64, 64))
+    estimate = max(pass_bytes(model, [last])) * 32
+    tracemalloc.start()
+    try:
+        gather_statistics(model, [last], images, top=20)
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert allocated <= estimate <= 2.5 * allocated, (allocated / MiB, estimate / MiB)
+
+
+def test_a_smaller_budget_takes_smaller_batches_and_the_same_statistics(net):
+    model, last = net
+    images = fd.open_images("builtin:blobs:40", (3, 64, 64))
+    one = gather_statistics(model, [last], images, top=10)
+    with fd.budget(int(4 * max(pass_bytes(model, [last])) / PASS_SHARE)):  # batches of 4
+        two = gather_statistics(model, [last], images, top=10)
+    assert one.stats.keys() == two.stats.keys()
+    for name in one.stats:
+        assert abs(one.stats[name] - two.stats[name]).max() <= 1e-12
+
+
+def test_a_plan_over_the_budget_is_refused_with_its_knobs(net):
+    model, last = net
+    plan = fd.estimate_decode(model, last, None, "local", 1000, top=100)
+    assert plan.fits and plan.peak_bytes > plan.base_bytes and plan.seconds > 0
+    with fd.budget("64M"):
+        plan = fd.estimate_decode(model, last, None, "local", 1000, top=100)
+        assert not plan.fits
+        with pytest.raises(fd.FdsubError, match=r"^decode --mode local needs about .* at its peak \(.*\), over the "
+                                                r"memory budget of 64 MiB \(--memory-budget\); fewer$"):
+            plan.require("fewer")
+
+
+def test_plan_prints_the_stages_and_writes_nothing(net, tmp_path):
+    model, last = net
+    out = tmp_path / "out"
+    for command in (["decode", model.path, "--layer", last, "--images", "builtin:blobs:20", "--top", 5],
+                    ["decode", model.path, "--layer", last],
+                    ["top", model.path, "--layer", last, "--images", "builtin:blobs:20"],
+                    ["nf", model.path, "--layer", last, "--images", "builtin:blobs:20"],
+                    ["fidelity", model.path, "--layer", last, "--images", "builtin:blobs:20", "--holdout",
+                     "builtin:gratings:20", "--top", 5],
+                    ["report", model.path, "--images", "builtin:blobs:20", "--top", 5]):
+        result = invoke(*command, "--plan", "--out", out)
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert "at the peak" in lines[0] and "fits in the memory budget" in lines[0], lines
+        assert any("base (the process and the model)" in line for line in lines), lines
+        assert not out.exists()
+
+
+def test_memory_budget_refuses_in_one_line_and_writes_nothing(net, tmp_path):
+    model, last = net
+    out = tmp_path / "out"
+    result = invoke("decode", model.path, "--layer", last, "--images", "builtin:blobs:20", "--mode", "local",
+                    "--memory-budget", "8M", "--out", out)
+    line = assert_one_error_line(result)
+    assert "over the memory budget of 8 MiB (--memory-budget)" in line and "--neurons" in line, line
+    assert not out.exists()
+    assert "--memory-budget must be" in assert_one_error_line(
+        invoke("top", model.path, "--layer", last, "--images", "builtin:blobs:4", "--memory-budget", "lots"))
