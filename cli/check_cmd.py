@@ -63,6 +63,8 @@ def check(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Check MODEL for decoding: coverage, weights identity, NaN/Inf weights, dead neurons, degenerate filters.
 
@@ -74,11 +76,18 @@ def check(
         fdsub_onnx.check_junit_path(junit)
     try:
         shape = common.parse_input_shape(input_shape)
-        with common.spinner(f"checking {model}") as say:
+        with common.spinner(f"loading {model}"):
             loaded = fdsub_onnx.load_model(model, shape)
+            probes = fdsub_onnx.open_images(images, loaded.input_shape[1:],
+                                            **common.preprocessing(preset, mean, std, scale, bgr))
+            cost = fdsub_onnx.estimate_check(loaded, _names(layers), sample, neurons_per_layer, max_rf, len(probes),
+                                             dtype=dtype)
+        if common.planned(plan, cost, "check fewer --layers or a smaller --sample or --neurons-per-layer"):
+            return
+        with common.spinner(f"checking {model}") as say:
             report = fdsub_onnx.check_model(
                 loaded, layers=_names(layers), sample=sample, neurons_per_layer=neurons_per_layer, max_rf=max_rf,
-                images=images, preprocessing=common.preprocessing(preset, mean, std, scale, bgr),
+                images=probes,
                 min_coverage=min_coverage, max_dead=max_dead, max_degenerate=max_degenerate, tolerance=tolerance,
                 expect_decodable=_expected(expect_decodable), dtype=dtype, progress=say,
             )
@@ -106,6 +115,8 @@ def zoo(
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,
     cluster: Optional[str] = common.CLUSTER,
+    memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Check every model listed in ZOO (models/zoo.toml) and print one summary table.
 
@@ -121,6 +132,10 @@ def zoo(
             raise FdsubError(f"no model named {', '.join(map(repr, unknown))} in {zoo_file}; "
                              f"it lists {', '.join(e.name for e in entries)}")
         entries = [e for e in entries if e.name in wanted]
+    with common.spinner(f"planning {len(entries)} models"):
+        cost = fdsub_onnx.estimate_zoo(entries)
+    if common.planned(plan, cost, "check fewer --models, or lower sample / neurons_per_layer in the zoo file"):
+        return
     start = time.perf_counter()
     with common.cluster(cluster) as client, common.spinner(f"checking {len(entries)} models") as say:
         results = fdsub_onnx.run_zoo(entries, progress=say, client=client)

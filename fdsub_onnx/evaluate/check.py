@@ -34,10 +34,11 @@ from ..errors import FdsubError
 from ..graph.model import Model, find_layer, load_model
 from ..graph.prune import pruned
 from ..graph.validate import nonfinite_weights
-from ..modes.decode import decode
+from ..modes.cost import CostPlan, Stage, base_bytes, forward_seconds, weights_stage
+from ..modes.decode import decode, plan_decode
 from ..modes.result import degenerate_kind
 from ..neurons import means_all
-from ..runtime.session import Forward
+from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, image_bytes, tensor_values
 from .compare import spread
 from .linearize import IDENTITY_OPS, linearized
 from .linearize import identity_error as _identity_error
@@ -183,16 +184,21 @@ def check_model(
 
 
 def _check_options(sample, neurons, max_rf, min_coverage, max_dead, max_degenerate, tolerance, identity_images, dtype):
-    for name, value in (("sample", sample), ("neurons per layer", neurons), ("identity images", identity_images)):
-        if int(value) != value or value < 1:
-            raise FdsubError(f"{name} must be a positive integer, got {value!r}")
-    if max_rf is not None and (int(max_rf) != max_rf or max_rf < 1):
-        raise FdsubError(f"max receptive field must be a positive number of pixels, got {max_rf!r}")
+    _check_sizes(sample, neurons, max_rf, identity_images, dtype)
     for name, value in (("min coverage", min_coverage), ("max dead", max_dead), ("max degenerate", max_degenerate)):
         if not 0.0 <= value <= 1.0:
             raise FdsubError(f"{name} is a share between 0 and 1, got {value!r}")
     if not tolerance > 0:
         raise FdsubError(f"tolerance must be a positive relative error such as 1e-4, got {tolerance!r}")
+
+
+def _check_sizes(sample, neurons, max_rf, identity_images, dtype):
+    """The options that size the work (``estimate_check`` reads them too)."""
+    for name, value in (("sample", sample), ("neurons per layer", neurons), ("identity images", identity_images)):
+        if int(value) != value or value < 1:
+            raise FdsubError(f"{name} must be a positive integer, got {value!r}")
+    if max_rf is not None and (int(max_rf) != max_rf or max_rf < 1):
+        raise FdsubError(f"max receptive field must be a positive number of pixels, got {max_rf!r}")
     if str(dtype) not in ("float32", "float64"):
         raise FdsubError(f"dtype must be float32 or float64, got {dtype!r}")
 
@@ -298,6 +304,36 @@ def _degenerate(decoded, max_degenerate: float) -> Check:
                  max_degenerate, bad)
 
 
+def estimate_check(model: Model, layers=None, sample: int = 3, neurons_per_layer: int = 4, max_rf: int | None = None,
+                   images: int = 32, identity_images: int = 2, dtype: str = "float32") -> CostPlan:
+    """The cost of ``check_model`` with these options (``images``: how many dead-neuron probes), before any work:
+    the sampled layers' weights decodes, the identity's run of the linearized model, the probe pass."""
+    _check_sizes(sample, neurons_per_layer, max_rf, identity_images, dtype)
+    summary = inspect_model(model)
+    picked, _ = _sample(model, summary, layers, sample, max_rf)
+    channels = {lay.name: lay.channels for lay in summary.layers}
+    neurons = {name: _spread(channels[name], neurons_per_layer) for name in picked}
+    stages = [weights_stage(plan) for plan in plan_decode(model, picked, neurons=neurons, dtype=dtype).values()]
+    if picked:
+        stages.append(Stage(f"identity over {identity_images} images", identity_images * (
+            image_bytes(model, picked) + FETCHED_BYTES * tensor_values(model, picked)),
+            forward_seconds(model, picked, identity_images), identity_images))
+        probes = [_activation_of(model, name) for name in picked]
+        per_image = _probe_bytes(model, probes)
+        stages.append(Stage(f"dead-neuron probe over {images} images",
+                            fitting_batch(per_image, BATCH, "the dead-neuron probe", PROBE_FIX) * per_image,
+                            forward_seconds(model, probes, images), images))
+    return CostPlan("check", stages, base_bytes(model))
+
+
+PROBE_FIX = "check fewer --layers, or raise --memory-budget"
+
+
+def _probe_bytes(model: Model, probes: list[str]) -> int:
+    """Bytes per probe image: onnxruntime's tensors and the probed activations fetched, in float64 once."""
+    return image_bytes(model, probes) + (FETCHED_BYTES + 8) * tensor_values(model, probes)
+
+
 def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead: float) -> Check:
     if images is None:
         return Check("dead-neurons", SKIP, "no probe images")
@@ -308,7 +344,8 @@ def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead
     probes = {name: _activation_of(model, name) for name in picked}
     forward = Forward(model, list(probes.values()))
     low, high = {}, {}
-    for _, batch in images.batches(BATCH):
+    batch_size = fitting_batch(_probe_bytes(model, list(probes.values())), BATCH, "the dead-neuron probe", PROBE_FIX)
+    for _, batch in images.batches(batch_size):
         values = forward(batch)
         for tensor in probes.values():
             acts = np.asarray(values[tensor], dtype=np.float64)

@@ -33,10 +33,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..data.images import open_images
+from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
-from ..graph.model import load_model
+from ..graph.model import Model, load_model
+from ..modes.cost import PROCESS_BYTES, CostPlan, Stage
 from ..runtime.cluster import map_tasks
-from .check import CheckReport, check_model
+from .check import CheckReport, check_model, estimate_check
 
 try:
     import tomllib
@@ -331,24 +334,48 @@ def _shown(value) -> str:
 def check_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = None) -> CheckReport:
     """Load (re-randomized when asked) and check one zoo model; a FdsubError when it cannot be checked."""
     note = progress or (lambda message: None)
-    if entry.source.startswith(LIGHT_PREFIX):
-        light_path(entry.source[len(LIGHT_PREFIX):])
     with tempfile.TemporaryDirectory(prefix="fdsub-zoo-") as folder:
-        path = entry.path
-        if entry.randomize:
-            if not os.path.isfile(path):
-                raise FdsubError(f"model file not found: {path}; check the path")
-            note(f"{entry.name}: randomizing the weights")
-            path = os.path.join(folder, "model.onnx")
-            onnx.save(randomized(entry.path, entry.seed), path)
-        note(f"{entry.name}: loading")
-        model = load_model(path, entry.input_shape)
+        model = _load_entry(entry, folder, note)
         report = check_model(
             model, expect_decodable=entry.decodable, preprocessing=entry.preprocessing, seed=entry.seed,
             progress=lambda message: note(f"{entry.name}: {message}"), **entry.options,
         )
     report.model = entry.source
     return report
+
+
+def _load_entry(entry: ZooModel, folder: str, note: Callable[[str], None]) -> Model:
+    """The entry's model, re-randomized into ``folder`` when asked."""
+    if entry.source.startswith(LIGHT_PREFIX):
+        light_path(entry.source[len(LIGHT_PREFIX):])
+    path = entry.path
+    if entry.randomize:
+        if not os.path.isfile(path):
+            raise FdsubError(f"model file not found: {path}; check the path")
+        note(f"{entry.name}: randomizing the weights")
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(randomized(entry.path, entry.seed), path)
+    note(f"{entry.name}: loading")
+    return load_model(path, entry.input_shape)
+
+
+def estimate_zoo(models: list[ZooModel]) -> CostPlan:
+    """The cost of ``run_zoo`` in one process: each model's check in turn, each peak with its own model loaded."""
+    stages = []
+    for entry in models:
+        try:
+            with tempfile.TemporaryDirectory(prefix="fdsub-zoo-") as folder:
+                model = _load_entry(entry, folder, lambda message: None)
+                options = {k: entry.options[k] for k in ("layers", "sample", "neurons_per_layer", "max_rf", "dtype")
+                           if k in entry.options}
+                probes = entry.options.get("images", CHECK_IMAGES)
+                count = 0 if probes is None else len(open_images(probes, model.input_shape[1:], **entry.preprocessing))
+                plan = estimate_check(model, images=count, **options)
+            stages.append(Stage(f"check of {entry.name}", plan.peak_bytes - PROCESS_BYTES, plan.seconds))
+        except FdsubError as exc:  # the run reports it for this model and goes on with the others
+            stages.append(Stage(f"check of {entry.name}: cannot be checked ({' '.join(str(exc).splitlines())})",
+                                0.0, 0.0))
+    return CostPlan("zoo", stages, PROCESS_BYTES)
 
 
 def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None, client=None) -> list[ZooResult]:

@@ -111,8 +111,9 @@ def test_plan_prints_the_stages_and_writes_nothing(net, tmp_path):
                     ["nf", model.path, "--layer", last, "--images", "builtin:blobs:20"],
                     ["fidelity", model.path, "--layer", last, "--images", "builtin:blobs:20", "--holdout",
                      "builtin:gratings:20", "--top", 5],
-                    ["report", model.path, "--images", "builtin:blobs:20", "--top", 5]):
-        result = invoke(*command, "--plan", "--out", out)
+                    ["report", model.path, "--images", "builtin:blobs:20", "--top", 5],
+                    ["check", model.path, "--junit", out / "junit.xml"]):
+        result = invoke(*command, "--plan", *(["--out", out] if command[0] != "check" else []))
         assert result.exit_code == 0, result.output
         lines = result.stdout.splitlines()
         assert "at the peak" in lines[0] and "fits in the memory budget" in lines[0], lines
@@ -130,3 +131,15 @@ def test_memory_budget_refuses_in_one_line_and_writes_nothing(net, tmp_path):
     assert not out.exists()
     assert "--memory-budget must be" in assert_one_error_line(
         invoke("top", model.path, "--layer", last, "--images", "builtin:blobs:4", "--memory-budget", "lots"))
+
+
+def test_zoo_plans_each_model_and_one_that_cannot_be_checked(net, tmp_path):
+    model, _ = net
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text(f'[defaults]\nimages = "builtin:blobs:4"\n[[models]]\nname = "net"\npath = "{model.path}"\n'
+                   f'[[models]]\npath = "missing.onnx"\n')
+    result = invoke("zoo", zoo, "--plan")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("zoo: about ") and any("check of net:" in line for line in lines), lines
+    assert any("check of missing: cannot be checked (model file not found" in line for line in lines), lines
