@@ -88,7 +88,7 @@ def decode(
             return
         with common.cluster(cluster) as client:
             result = _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting,
-                                         per_instance, batch_size, dtype, device, client)
+                                         per_instance, batch_size, dtype, device, client, cost)
     else:
         with common.spinner(f"loading {model}"):
             loaded = fdsub_onnx.load_model(model, shape)
@@ -152,21 +152,23 @@ def _mode(mode: str | None, images: str | None) -> str:
 
 
 def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, weighting, per_instance, batch_size,
-                        dtype, device, client):
-    """The data modes, each with a progress bar: fds over its substituted layers, local/deconvnet over instances
-    (on the cluster: the passes over images; the per-instance backward passes run here)."""
+                        dtype, device, client, cost):
+    """The data modes, each with a progress bar (its first time left from the ``cost`` plan's stages): fds over its
+    substituted layers, local/deconvnet over instances (on the cluster: the passes over images; the per-instance
+    backward passes run here)."""
+    seconds = [stage.seconds for stage in cost.stages]
     if mode == "fds":
-        with common.progress_bar(f"{target} statistics (2 passes)") as progress:
+        with common.progress_bar(f"{target} statistics (2 passes)", estimate=seconds[0] + seconds[1]) as progress:
             substitution = fdsub_onnx.gather_statistics(loaded, target, image_set, top=top, select=select,
                                                         batch_size=batch_size, progress=progress, device=device,
                                                         client=client, weighting=weighting)
         with common.spinner(f"decoding {target}"):
             return fdsub_onnx.decode(loaded, target, neurons=neurons, mode="fds", dtype=dtype,
                                      substitution=substitution, device=device)
-    with common.progress_bar(f"{target} top") as progress:
+    with common.progress_bar(f"{target} top", estimate=seconds[0]) as progress:
         instances = fdsub_onnx.capture_top(loaded, target, image_set, top=top, neurons=neurons, batch_size=batch_size,
                                            progress=progress, device=device, client=client)
-    with common.progress_bar(f"{target} {mode}", unit="instances") as progress:
+    with common.progress_bar(f"{target} {mode}", unit="instances", estimate=seconds[1]) as progress:
         return fdsub_onnx.decode_instances(loaded, target, image_set, rule=mode, per_instance=per_instance,
                                            instances=instances, progress=progress, device=device, dtype=dtype)
 

@@ -58,7 +58,8 @@ def fidelity(
                                        modes=chosen, batch_size=batch_size, command="fidelity")
     if common.planned(plan, cost, "score fewer --neurons or --modes, lower --top or --batch-size, or use --cluster"):
         return
-    with common.cluster(cluster) as client, common.progress_bar(f"{target} fidelity", unit="steps") as progress:
+    with (common.cluster(cluster) as client,
+          common.progress_bar(f"{target} fidelity", unit="steps", estimate=cost.seconds) as progress):
         compared = fdsub_onnx.compare_modes(loaded, target, image_set, held, modes=chosen, top=top, neurons=neurons,
                                             select=select, weighting=weighting, batch_size=batch_size,
                                             progress=progress, device=device, client=client)

@@ -54,10 +54,10 @@ def nf(
     with common.cluster(cluster) as client:
         if top is None:
             count = DEFAULT_TOP if count is None else count
-            with common.progress_bar(f"{target} top") as progress:
+            with common.progress_bar(f"{target} top", estimate=cost.stages[0].seconds) as progress:
                 top = fdsub_onnx.capture_top(loaded, target, image_set, top=count, neurons=neurons,
                                              batch_size=batch_size, progress=progress, device=device, client=client)
-        with common.progress_bar(f"{target} nf") as progress:
+        with common.progress_bar(f"{target} nf", estimate=cost.stages[-1].seconds) as progress:
             result = fdsub_onnx.neuron_feature(loaded, top, image_set, batch_size=batch_size, progress=progress,
                                                client=client)
     paths = fdsub_onnx.save_with_top(result, top, folder, grid)

@@ -62,7 +62,8 @@ def report(
     if common.planned(plan, cost, "report fewer --layers or --neurons, lower --top or --batch-size, or use --cluster"):
         return
     notes = []
-    with common.cluster(cluster) as client, common.progress_bar("report", unit="steps") as progress:
+    with (common.cluster(cluster) as client,
+          common.progress_bar("report", unit="steps", estimate=cost.seconds) as progress):
         path = fdsub_onnx.report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
                                  select=select, weighting=weighting, progress=progress, device=device,
                                  note=notes.append,

@@ -52,7 +52,7 @@ def top(
         return
     checkpoint = checkpoint_path(out)
     try:
-        with common.cluster(cluster) as client, common.progress_bar(f"{target} top") as progress:
+        with common.cluster(cluster) as client, common.progress_bar(f"{target} top", estimate=cost.seconds) as progress:
             result = fdsub_onnx.capture_top(
                 loaded, target, image_set, top=count, neurons=neurons, per_image=per_image,
                 batch_size=batch_size, shard=part, checkpoint=checkpoint, progress=progress, device=device,
