@@ -189,6 +189,8 @@ def job_deep(spec: dict) -> dict:
             scale = np.abs(grads).max()
             result["max_rel_err"] = float(np.abs(canvas[: len(grads)] - grads).max() / scale)
     else:
+        estimate = fd.estimate_decode(model, layer, neurons, "weights", position=position, route=spec["route"])
+        result["estimate_mib"] = estimate.peak_bytes / 2**20  # the cost plan's peak, made before the decode
         t = time.perf_counter()
         decoded = fd.decode(model, layer, neurons=neurons, route=spec["route"], position=position)
         result["seconds"] = time.perf_counter() - t

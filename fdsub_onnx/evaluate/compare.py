@@ -130,7 +130,7 @@ def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, t
     instances = {t: len(picked[t]) * min(top, images) for t in targets}
     stages = []
     if "fds" in modes:
-        stages += fds_stages(model, targets, images, leaf_rows(model, targets, picked), batch_size)
+        stages += fds_stages(model, targets, images, leaf_rows(model, targets, picked), batch_size, neurons=picked)
     elif set(modes) - {"weights"}:
         stages += [capture_stage(model, t, images, batch_size) for t in targets]
     if "weights" in modes:

@@ -38,6 +38,9 @@ def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = Non
         ys, xs = np.nonzero(mask)
         values = np.tensordot(windows[:, :, ys, xs], filters, axes=([1, 3, 4], [1, 2, 3]))  # [B, P, K]
         return values.transpose(0, 2, 1) + bias[None, :, None]
+    region = padded[:, :, y0 : y0 + (qy - 1) * sy + ry, x0 : x0 + (qx - 1) * sx + rx]
+    if _fft_cheaper(filters.shape, region.shape[2:], (qy, qx)):
+        return _correlate_fft(region, filters, (sy, sx), (qy, qx)) + bias[None, :, None, None]
     out = np.empty((len(images), qy, qx, len(filters)))
     # tensordot copies the windows it reads: a few output rows at a time keep that copy near temp_bytes
     # (one row of a deep VGG layer's 252x252 windows is already ~100 MB for 16 images)
@@ -46,3 +49,50 @@ def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = Non
         out[:, start : start + rows] = np.tensordot(windows[:, :, start : start + rows], filters,
                                                     axes=([1, 4, 5], [1, 2, 3]))  # [B, rows, Q_x, K]
     return out.transpose(0, 3, 1, 2) + bias[None, :, None, None]
+
+
+def _fft_cheaper(filters_shape, region, out_size) -> bool:
+    """Whether the FFT's correlation costs fewer operations than the windows' products (and their copies: each
+    pixel is copied into every window that covers it, (R/S)^2 of them)."""
+    k, c, ry, rx = filters_shape
+    size = region[0] * region[1]
+    direct = (k + 1) * c * ry * rx * out_size[0] * out_size[1]
+    fft = (c + k) * 5.0 * size * np.log2(max(size, 2)) + 4.0 * k * c * size
+    return fft < direct
+
+
+def _correlate_fft(region: np.ndarray, filters: np.ndarray, stride, out_size) -> np.ndarray:
+    """[B, K, Q_y, Q_x]: ``sum(filter * window)`` for windows of ``region`` [B, C, L_y, L_x] at stride ``stride``,
+    as circular correlations of the FFT size L (exact where a window does not wrap: every window of the region).
+    One image and a few filters at a time, so the spectra stay near ``temp_bytes``."""
+    b, c = region.shape[:2]
+    ly, lx = (_fast_length(n) for n in region.shape[2:])  # longer is as exact: still no window wraps
+    k = len(filters)
+    spectra = np.fft.rfft2(filters, s=(ly, lx)).conj()  # [K, C, L_y, L_x / 2 + 1]
+    per_filter = 16 * ly * (lx // 2 + 1)
+    chunk = int(max(1, NumpyBackend.temp_bytes // max(per_filter, 1) // 2))
+    (sy, sx), (qy, qx) = stride, out_size
+    out = np.empty((b, k, qy, qx))
+    for i in range(b):
+        image = np.fft.rfft2(region[i], s=(ly, lx))  # [C, L_y, L_x / 2 + 1]
+        for lo in range(0, k, chunk):
+            product = np.einsum("cyx,kcyx->kyx", image, spectra[lo : lo + chunk])
+            full = np.fft.irfft2(product, s=(ly, lx))
+            out[i, lo : lo + chunk] = full[:, : (qy - 1) * sy + 1 : sy, : (qx - 1) * sx + 1 : sx]
+    return out
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n: a length the FFT takes in few steps (603 = 3^2 * 67 is slow, 625 is not)."""
+    best = 2 * n
+    five = 1
+    while five < best:
+        three = five
+        while three < best:
+            two = three
+            while two < n:
+                two *= 2
+            best = min(best, two)
+            three *= 3
+        five *= 5
+    return best

@@ -113,9 +113,10 @@ def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAU
 
 
 def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batch_size: int = DEFAULT_BATCH,
-               weighting: str = DEFAULT_WEIGHTING, dtype: str = "float32") -> list[Stage]:
-    """``gather_statistics``'s two passes over the images, then the bottom-up composition of the substituted
-    banks (the adjoint's where they do not fit: see ``weights_stage``)."""
+               weighting: str = DEFAULT_WEIGHTING, dtype: str = "float32", neurons: dict | None = None
+               ) -> list[Stage]:
+    """``gather_statistics``'s two passes over the images, then the composition of the substituted banks
+    (``compose_stage``; ``rows``: the bottom-up pass's, ``neurons``: target -> the neurons asked)."""
     first, second = pass_bytes(model, targets, weighting)
     nodes = [n.output[0] for n in ancestors(model, list(targets)) if n.op_type in ("Conv", "Gemm", "MatMul")]
     stages = []
@@ -124,22 +125,25 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
                               "use fewer neurons or an earlier layer")
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
                             batch * per_image, forward_seconds(model, nodes or targets, count), count))
-    stages.append(compose_stage(model, targets, rows, dtype, "fds"))
+    stages += compose_stage(model, targets, rows, dtype, "fds", neurons)
     return stages
 
 
-def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: str) -> Stage:
-    """The bottom-up composition of ``targets``' banks (``rows``: target -> neurons composed)."""
+def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: str, neurons: dict | None = None
+                  ) -> list[Stage]:
+    """The composition of ``targets``' banks (``rows``: target -> neurons composed), as ``decode`` runs it: bottom-up
+    in one pass where the banks fit, else each layer by the route the planner picks for the neurons asked
+    (``neurons``, default ``rows``) over the same shapes (fds's adjoint runs over the substituted weights)."""
     engine = Engine(get_backend("numpy"), dtype)
     targets = list(targets)
-    if memory_problem(model, engine, targets, rows):
-        return Stage(f"{mode} composition of {len(targets)} layer(s) by the adjoint (the banks do not fit)",
-                     0.0, 0.0)
-    costs = Costs(dtype)  # an engine that counts instead of composing
-    for _ in walk(model, costs, targets=targets, compose=True, rows=rows):
-        pass
-    return Stage(f"{mode} composition of {len(targets)} layer(s), bottom-up",
-                 bank_peak(model, engine, targets, rows) * MEMORY_MARGIN, costs.flops / COMPOSE_RATE)
+    if not memory_problem(model, engine, targets, rows):
+        costs = Costs(dtype)  # an engine that counts instead of composing
+        for _ in walk(model, costs, targets=targets, compose=True, rows=rows):
+            pass
+        return [Stage(f"{mode} composition of {len(targets)} layer(s), bottom-up",
+                      bank_peak(model, engine, targets, rows) * MEMORY_MARGIN, costs.flops / COMPOSE_RATE)]
+    neurons = {t: (neurons or rows or {}).get(t) for t in targets}
+    return [weights_stage(plan, mode) for plan in plan_decode(model, targets, neurons=neurons, dtype=dtype).values()]
 
 
 def weights_stage(plan, mode: str = "weights") -> Stage:

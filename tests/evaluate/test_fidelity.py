@@ -175,3 +175,43 @@ def test_deconvnet_reuses_the_local_pass_only_without_a_rectifier(tmp_path, monk
     assert deconvnet.mode == "deconvnet" and not deconvnet.bias.any()
     differ = np.abs(local.filters - deconvnet.filters).max() > 1e-3 * np.abs(local.filters).max()
     assert differ == rectified
+
+
+@pytest.mark.parametrize(("rf", "stride", "origin", "out_size"), [((35, 35), (8, 8), (-17, -17), (6, 6)),
+                                                                  ((29, 19), (4, 2), (-3, 5), (7, 9)),
+                                                                  ((5, 5), (1, 1), (-2, -2), (20, 20))])
+def test_the_fft_correlation_equals_the_windows_products(monkeypatch, rf, stride, origin, out_size):
+    """Large fields are predicted through the FFT: the same values as the windows' products, windows that read
+    the padding included."""
+    from fdsub_onnx.evaluate import predict as module
+
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((3, 2, 23, 21))
+    decoded = fd.Decoded(rng.standard_normal((5, 2, *rf)), rng.standard_normal(5), np.arange(5), stride, origin,
+                         "x", "weights", None)
+    monkeypatch.setattr(module, "_fft_cheaper", lambda *_: False)
+    direct = predict(decoded, images, out_size)
+    monkeypatch.setattr(module, "_fft_cheaper", lambda *_: True)
+    fft = predict(decoded, images, out_size)
+    assert fft.shape == direct.shape == (3, 5, *out_size)
+    np.testing.assert_allclose(fft, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
+
+
+def test_a_large_field_takes_the_fft():
+    from fdsub_onnx.evaluate.predict import _fft_cheaper
+
+    assert _fft_cheaper((16, 3, 347, 347), (603, 603), (17, 17))  # EfficientNet-Lite2 blocks.12 at 260 px
+    assert not _fft_cheaper((16, 3, 3, 3), (261, 261), (130, 130))  # its stem
+
+
+def test_fft_lengths_are_the_smallest_with_factors_2_3_5():
+    from fdsub_onnx.evaluate.predict import _fast_length
+
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in range(1, 2000):
+        assert _fast_length(n) == next(m for m in range(n, 2 * n + 1) if smooth(m)), n
