@@ -25,7 +25,6 @@ from ..modes.cost import (
     base_bytes,
     capture_stage,
     fds_stages,
-    fidelity_stage,
     filters_bytes,
     instance_stage,
     nf_stage,
@@ -38,7 +37,7 @@ from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
 from ..neurons import ALL, means_all, parse_neurons
 from ..runtime.capture import capture_top
-from .fidelity import FIDELITY_MODES, fidelity
+from .fidelity import FIDELITY_MODES, fidelity, fidelity_stage
 
 CONV_OPS = ("Conv",)  # the layers compared by default (when decodable)
 INSTANCE_RULES = ("local", "deconvnet")  # the decodings made of per-instance backward passes

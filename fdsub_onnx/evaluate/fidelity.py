@@ -17,11 +17,14 @@ import dataclasses
 
 import numpy as np
 
+from ..compose.backend import NumpyBackend, usable_cores
+from ..compose.inspect import layer_geometry
 from ..defaults import FIDELITY_MODES as FIDELITY_MODES  # its home was here; importers keep it
 from ..errors import FdsubError
+from ..modes.cost import COMPOSE_RATE, Stage, forward_seconds
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
-from ..runtime.session import Forward
-from .predict import predict
+from ..runtime.session import FETCHED_BYTES, Forward, image_bytes, tensor_values
+from .predict import predict, prediction_operations
 
 
 def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 16, progress=None, device="cpu",
@@ -68,6 +71,24 @@ def fidelity(model, decodings: dict, images, top: int = 100, batch_size: int = 1
             "degenerate": broken[name], "mean_correlation": _mean(r), "mean_top_share": _mean(share),
             "mean_two_choice": _mean(two)}
     return result
+
+
+def fidelity_stage(model, target: str, neurons: int, decodings: int, count: int, batch_size: int = 16) -> Stage:
+    """The cost of ``fidelity``: ``count`` images through onnxruntime, every decoding's prediction at every position
+    (``predict``, by the path it takes), the running moments."""
+    geom = layer_geometry(model, target)
+    shape = model.shapes[target]
+    out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
+    channels = int(model.input_shape[1])
+    filters = (neurons, channels, *geom.rf)
+    region = [(q - 1) * max(s, 1) + r for q, s, r in zip(out_size, geom.stride, geom.rf)]
+    per_image = (image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
+                 + 8 * 3 * neurons * out_size[0] * out_size[1] + 8 * channels * region[0] * region[1])
+    operations = decodings * prediction_operations(filters, geom.stride, model.input_shape[2:], out_size)
+    return Stage(f"fidelity of {target!r} over {count} images, {decodings} decodings",
+                 batch_size * per_image + NumpyBackend.temp_bytes,
+                 forward_seconds(model, [target], count) + count * operations / (COMPOSE_RATE * usable_cores()),
+                 count)
 
 
 def two_choice(truth: np.ndarray, predicted: np.ndarray, rows: int = 256) -> np.ndarray:

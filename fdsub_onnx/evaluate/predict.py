@@ -52,13 +52,25 @@ def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = Non
 
 
 def _fft_cheaper(filters_shape, region, out_size) -> bool:
-    """Whether the FFT's correlation costs fewer operations than the windows' products (and their copies: each
-    pixel is copied into every window that covers it, (R/S)^2 of them)."""
+    """Whether the FFT's correlation costs fewer operations than the windows' products."""
+    direct, fft = _operations(filters_shape, region, out_size)
+    return fft < direct
+
+
+def _operations(filters_shape, region, out_size) -> tuple[float, float]:
+    """Operations per image of the windows' products (and their copies: each pixel is copied into every window that
+    covers it, (R/S)^2 of them) and of the FFT's correlation."""
     k, c, ry, rx = filters_shape
     size = region[0] * region[1]
     direct = (k + 1) * c * ry * rx * out_size[0] * out_size[1]
     fft = (c + k) * 5.0 * size * np.log2(max(size, 2)) + 4.0 * k * c * size
-    return fft < direct
+    return float(direct), float(fft)
+
+
+def prediction_operations(decoded_shape, stride, image_size, out_size) -> float:
+    """Operations per image of ``predict`` for filters [K, C, R_y, R_x] at ``stride`` (the path it takes)."""
+    region = [(q - 1) * s + r for q, s, r in zip(out_size, stride, decoded_shape[2:])]
+    return min(_operations(decoded_shape, region, out_size))
 
 
 def _correlate_fft(region: np.ndarray, filters: np.ndarray, stride, out_size) -> np.ndarray:

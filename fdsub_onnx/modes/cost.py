@@ -28,7 +28,7 @@ from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .backward import pass_sizes, per_image_bytes
 from .decode import plan_decode
-from .fds import pass_bytes
+from .fds import FIX, pass_bytes
 from .plan import Costs, forward_flops
 
 #: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
@@ -36,6 +36,7 @@ from .plan import Costs, forward_flops
 FORWARD_RATE, COMPOSE_RATE = 4e9, 8e9
 #: the process before a command allocates: Python, NumPy, onnx and onnxruntime loaded
 PROCESS_BYTES = 180 << 20
+NF_SECONDS = 1e-3  # per image read by the Neuron Feature (its sums are cheap beside reading the image)
 
 
 @dataclass
@@ -121,8 +122,7 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
     nodes = [n.output[0] for n in ancestors(model, list(targets)) if n.op_type in ("Conv", "Gemm", "MatMul")]
     stages = []
     for label, per_image in (("first", first), ("second", second)):
-        batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics",
-                              "use fewer neurons or an earlier layer")
+        batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics", FIX)
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
                             batch * per_image, forward_seconds(model, nodes or targets, count), count))
     stages += compose_stage(model, targets, rows, dtype, "fds", neurons)
@@ -182,26 +182,8 @@ def nf_stage(model: Model, target: str, neurons: int, count: int, batch_size: in
     sums = 2 * 8 * neurons * channels * rf[0] * rf[1]
     batch = min(batch_size, max(count, 1))
     return Stage(f"Neuron Feature of {target!r}", sums + 8 * batch * tensor_values(model, [model.input_name]),
-                 count * 1e-3, count)
+                 count * NF_SECONDS, count)
 
-
-def fidelity_stage(model: Model, target: str, neurons: int, decodings: int, count: int, batch_size: int = 16
-                   ) -> Stage:
-    """``fidelity``: hold-out images through onnxruntime, every decoding's prediction at every position."""
-    shape = model.shapes[target]
-    positions = int(np.prod(shape[2:])) if len(shape) == 4 else 1
-    rf = layer_geometry(model, target).rf
-    channels = int(model.input_shape[1])
-    per_image = (image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
-                 + 8 * 3 * neurons * positions + 8 * channels * (model.input_shape[2] + rf[0])
-                 * (model.input_shape[3] + rf[1]))
-    flops = 2 * decodings * neurons * positions * channels * rf[0] * rf[1]
-    return Stage(f"fidelity of {target!r} over {count} images, {decodings} decodings",
-                 batch_size * per_image + NUMPY_TEMP,
-                 forward_seconds(model, [target], count) + count * flops / (COMPOSE_RATE * usable_cores()), count)
-
-
-NUMPY_TEMP = 64 << 20  # a prediction's windows are copied a few rows at a time (NumpyBackend.temp_bytes)
 
 
 def _bytes(n: float) -> str:
@@ -234,7 +216,7 @@ def estimate_decode(model: Model, layer: str, neurons=None, mode: str = "weights
         stages = fds_stages(model, [target], images, {target: picked}, batch_size, dtype=dtype)
     else:
         stages = [capture_stage(model, target, images, batch_size),
-                  instance_stage(model, target, k * min(top, images), mode, dtype, k)]
+                  instance_stage(model, target, k * min(top, images), mode, dtype)]
     result = Stage(f"the {k} filters of {target!r} (decoded.npz)", 2 * filters_bytes(model, target, k, 8), 0.0)
     return CostPlan(f"decode --mode {mode}", stages + [result], base_bytes(model))
 
