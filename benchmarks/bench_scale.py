@@ -74,12 +74,12 @@ def job(spec: dict) -> dict:
     held = fd.open_images(spec["holdout"], shape, preset="torchvision") if spec.get("holdout") else None
     estimate = None
     start = time.perf_counter()
-    if spec["kind"] == "report":
-        layers = spec.get("layers")
+    if spec["kind"] == "report":  # what the spec leaves out is the report's default (top: fd.REPORT_TOP)
+        layers, top = spec.get("layers"), spec.get("top", fd.REPORT_TOP)
         if spec.get("estimate"):
-            estimate = fd.estimate_compare(model, layers, spec.get("neurons"), len(train), top=spec["top"],
+            estimate = fd.estimate_compare(model, layers, spec.get("neurons"), len(train), top=top,
                                            holdout=len(held) if held is not None else 0).peak_bytes
-        fd.report(model, train, spec["out"], layers=layers, neurons=spec.get("neurons"), top=spec["top"], holdout=held)
+        fd.report(model, train, spec["out"], layers=layers, neurons=spec.get("neurons"), top=top, holdout=held)
     elif spec["kind"] == "fds":
         if spec.get("estimate"):
             estimate = fd.estimate_decode(model, spec["layer"], spec["neurons"], "fds", len(train),
@@ -120,8 +120,7 @@ def rows(args) -> list[dict]:
     table = []
     wanted = args.only.split(",") if args.only else ["report-default", "report-3x8", "fds-count", "fidelity"]
     if "report-default" in wanted:
-        spec = {"kind": "report", "images": str(images("many-260", 1000)), "top": 100, "out": out + "/default",
-                "estimate": True}
+        spec = {"kind": "report", "images": str(images("many-260", 1000)), "out": out + "/default", "estimate": True}
         table.append({"row": "report, defaults, 1,000 images", "now": measure(spec)})
     if "report-3x8" in wanted:
         spec = {"kind": "report", **photos, "layers": list(LAYERS.values()), "neurons": "0-7", "top": 8,
