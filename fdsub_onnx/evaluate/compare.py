@@ -134,8 +134,8 @@ def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, t
         stages += [capture_stage(model, t, images, batch_size) for t in targets]
     if "weights" in modes:
         stages += [weights_stage(plan) for plan in plan_decode(model, targets, neurons=picked).values()]
-    stages += [instance_stage(model, t, instances[t], rule) for rule in INSTANCE_RULES if rule in modes
-               for t in targets]
+    stages += [instance_stage(model, t, instances[t], rule, neurons=len(picked[t])) for rule in INSTANCE_RULES
+               if rule in modes for t in targets]
     if "nf" in modes:
         stages += [nf_stage(model, t, len(picked[t]), min(images, instances[t]), batch_size) for t in targets]
     stages += [fidelity_stage(model, t, len(picked[t]), len(modes), holdout or images, batch_size) for t in targets]

@@ -138,20 +138,24 @@ def forward_for(model, target: str, device="cpu") -> Forward:
     return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
 
 
-def per_image_bytes(model, target: str, itemsize: int) -> tuple[int, int]:
+def per_image_bytes(model, target: str, itemsize: int, largest: int | None = None) -> tuple[int, int]:
     """(bytes of one image's forward values below ``target``: float32 from onnxruntime plus their copy in the pass's
-    dtype, bytes of one instance's backward pass: about three of its largest gradients alive with temporaries)."""
+    dtype, bytes of one instance's backward pass: about four of its largest gradients alive with temporaries).
+    ``largest``: values of the largest gradient one instance holds (its cone's cut, which for a field wider than the
+    image reaches into the padding: 4 x 4 x 14 M on EfficientNet-Lite2's blocks.16, 236 MB measured); default the
+    largest map."""
     sizes = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
              if o and o in model.shapes]
-    return (4 + itemsize) * sum(sizes), 4 * itemsize * max(sizes, default=1)
+    return (4 + itemsize) * sum(sizes), 4 * itemsize * (largest or max(sizes, default=1))
 
 
-def pass_sizes(model, target: str, most: int, backend, itemsize: int, workers: int = 1) -> tuple[int, int]:
+def pass_sizes(model, target: str, most: int, backend, itemsize: int, workers: int = 1,
+               largest: int | None = None) -> tuple[int, int]:
     """(instances per backward pass, images per onnxruntime run) of a decode whose passes each carry their own
     cut of the forward values: at most ``most`` instances and 8 images, fewer where a quarter of the memory left
     (``backend.free_bytes``), shared by the ``workers`` passes that run at once, cannot hold them. VGG19 at 224
-    needs about 700 MB per instance in float64."""
-    image, instance = per_image_bytes(model, target, itemsize)
+    needs about 700 MB per instance in float64. ``largest``: as for ``per_image_bytes``."""
+    image, instance = per_image_bytes(model, target, itemsize, largest)
     room = backend.free_bytes() // 4 // max(workers, 1)
     return (int(max(1, min(most, (room - image) // max(instance, 1)))),
             int(max(1, min(8, room // 2 // max(image, 1)))))

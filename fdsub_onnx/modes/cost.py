@@ -29,6 +29,7 @@ from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_
 from .backward import pass_sizes, per_image_bytes
 from .decode import plan_decode
 from .fds import FIX, pass_bytes
+from .local import instance_cone, largest_cut
 from .plan import Costs, forward_flops
 
 #: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
@@ -153,15 +154,19 @@ def weights_stage(plan, mode: str = "weights") -> Stage:
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",
-                   most: int = 128) -> Stage:
+                   most: int = 128, neurons: int | None = None) -> Stage:
     """``decode_instances``: one onnxruntime run per image, one backward pass per run of its instances, as many
     passes at once as cores; the cut of each instance's field restricts it (its cone)."""
     backend = get_backend("numpy")
     itemsize = np.dtype(dtype).itemsize
     workers = backend.workers
-    per_pass, images_at_once = pass_sizes(model, target, most, backend, itemsize, workers)
-    image, instance = per_image_bytes(model, target, itemsize)
-    peak = images_at_once * image + workers * (image + per_pass * instance)
+    largest = largest_cut(model, instance_cone(model, target, layer_geometry(model, target)))
+    per_pass, images_at_once = pass_sizes(model, target, most, backend, itemsize, workers, largest)
+    per_pass = min(per_pass, neurons or per_pass)  # a pass holds one image's instances: one per neuron at most
+    image, instance = per_image_bytes(model, target, itemsize, largest)
+    # the run's forward values, and per worker its cut of them beside the image's and its instances' gradients
+    # (EfficientNet-Lite2 blocks.16, one instance a pass on 2 cores: 1,672 MB measured, 1,657 MB by this count)
+    peak = images_at_once * image + workers * (2 * image + per_pass * instance)
     flops = 2 * sum(forward_flops(model, n) for n in ancestors(model, [target]))
     return Stage(f"{rule} passes of {target!r}: {instances} instances", peak,
                  instances * flops * _cone_share(model, target) / (COMPOSE_RATE * max(workers, 1)), instances,
@@ -216,7 +221,7 @@ def estimate_decode(model: Model, layer: str, neurons=None, mode: str = "weights
         stages = fds_stages(model, [target], images, {target: picked}, batch_size, dtype=dtype)
     else:
         stages = [capture_stage(model, target, images, batch_size),
-                  instance_stage(model, target, k * min(top, images), mode, dtype)]
+                  instance_stage(model, target, k * min(top, images), mode, dtype, neurons=k)]
     result = Stage(f"the {k} filters of {target!r} (decoded.npz)", 2 * filters_bytes(model, target, k, 8), 0.0)
     return CostPlan(f"decode --mode {mode}", stages + [result], base_bytes(model))
 

@@ -53,13 +53,10 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
     workers = backend.workers
-    per_pass, images_at_once = pass_sizes(model, target, batch_size, backend, np.dtype(dtype).itemsize, workers)
     nodes = ancestors(model, [target])
-    cone = cones(model, nodes, target)
-    image = None if cone is None else cone.get(model.input_name)
-    if image is None or (image.ratio, image.start, image.size) != (tuple(geom.stride), tuple(geom.origin),
-                                                                    tuple(geom.rf)):
-        cone = None  # not a chain of windowed and elementwise ops: whole maps
+    cone = instance_cone(model, target, geom)
+    per_pass, images_at_once = pass_sizes(model, target, batch_size, backend, np.dtype(dtype).itemsize, workers,
+                                          largest_cut(model, cone))
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -110,3 +107,22 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                    instance_filters=None if each is None else each[0],
                    instance_bias=None if each is None else each[1], instances=found)
 
+
+
+def instance_cone(model, target: str, geom) -> dict | None:
+    """Each tensor's cone (the window an instance's pass reads there), or None where the passes take whole maps:
+    ``target`` is not reached through a chain of windowed and elementwise ops."""
+    cone = cones(model, ancestors(model, [target]), target)
+    image = None if cone is None else cone.get(model.input_name)
+    if image is None or (image.ratio, image.start, image.size) != (tuple(geom.stride), tuple(geom.origin),
+                                                                    tuple(geom.rf)):
+        return None
+    return cone
+
+
+def largest_cut(model, cone: dict | None) -> int | None:
+    """Values of the largest cut one instance's pass holds (channels x its cone there); None for whole maps."""
+    if cone is None:
+        return None
+    return max((int(model.shapes[t][1]) * c.size[0] * c.size[1] for t, c in cone.items()
+                if t in model.shapes and len(model.shapes[t]) == 4), default=None)

@@ -153,7 +153,7 @@ def test_every_data_path_runs_onnxruntime_on_the_devices_providers(path, tmp_pat
     asked = []
     real_session = _session_module.session
 
-    def recording(proto, providers=CPU.providers, threads=None):
+    def recording(proto, providers=CPU.providers, threads=None, arena=False):
         asked.append(tuple(providers))
         return real_session(proto)
 

@@ -414,12 +414,12 @@ def test_memory_advice_says_whether_fewer_neurons_help(load, monkeypatch):
     scale with the neurons asked, and the advice says how many fit."""
     from fdsub_onnx.compose import backend as _backend
     from fdsub_onnx.compose.engine import Engine
-    from fdsub_onnx.compose.inspect import MEMORY_MARGIN, memory_problem
+    from fdsub_onnx.compose.inspect import MEMORY_MARGIN, bank_peak, memory_problem
 
     engine = Engine(_backend.NumpyBackend(), "float32")
 
     def need(model, target, rows):
-        return memory_problem.__globals__["_peak"](model, engine, [target], rows) * MEMORY_MARGIN
+        return bank_peak(model, engine, [target], rows) * MEMORY_MARGIN
 
     wide_top = NetBuilder(height=12, width=12)
     last = wide_top.conv(wide_top.conv("input", 2, 3), 64, 3)
