@@ -142,7 +142,8 @@ def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: st
         for _ in walk(model, costs, targets=targets, compose=True, rows=rows):
             pass
         return [Stage(f"{mode} composition of {len(targets)} layer(s), bottom-up",
-                      bank_peak(model, engine, targets, rows) * MEMORY_MARGIN, costs.flops / COMPOSE_RATE)]
+                      bank_peak(model, engine, targets, rows) * MEMORY_MARGIN,
+                      costs.flops / (COMPOSE_RATE * usable_cores()))]
     neurons = {t: (neurons or rows or {}).get(t) for t in targets}
     return [weights_stage(plan, mode) for plan in plan_decode(model, targets, neurons=neurons, dtype=dtype).values()]
 
@@ -188,7 +189,6 @@ def nf_stage(model: Model, target: str, neurons: int, count: int, batch_size: in
     batch = min(batch_size, max(count, 1))
     return Stage(f"Neuron Feature of {target!r}", sums + 8 * batch * tensor_values(model, [model.input_name]),
                  count * NF_SECONDS, count)
-
 
 
 def _bytes(n: float) -> str:
