@@ -121,8 +121,13 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
     nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
     gates = _gates(model, ancestors(model, targets))
     windowed = _windowed(model, nodes, gates)
-    return (FETCHED_BYTES * tensor_values(model, [n.output[0] for n in nodes] + list(gates.values())),
+    return (_first_bytes(model, [n.output[0] for n in nodes] + list(gates.values())),
             _window_bytes(model, windowed, _chains(model, windowed, weighting, gates)))
+
+
+def _first_bytes(model, reads) -> int:
+    """Bytes per image of the first pass: what onnxruntime fetches (every node's output and every gate)."""
+    return FETCHED_BYTES * tensor_values(model, reads)
 
 
 def _windowed(model, nodes, held) -> list:
@@ -147,8 +152,7 @@ def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, d
     """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
     names = [n.output[0] for n in nodes]
     reads = names + list(gates.values())
-    batch_size = fitting_batch(FETCHED_BYTES * tensor_values(model, reads), batch_size,
-                               "the first pass of the fds statistics", FIX)
+    batch_size = fitting_batch(_first_bytes(model, reads), batch_size, "the first pass of the fds statistics", FIX)
     options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
     done = _passed(progress, 0, len(images))
     if client is None:
