@@ -74,12 +74,15 @@ def job(spec: dict) -> dict:
     held = fd.open_images(spec["holdout"], shape, preset="torchvision") if spec.get("holdout") else None
     estimate = None
     start = time.perf_counter()
+    steps = _Steps(start)
     if spec["kind"] == "report":  # what the spec leaves out is the report's default (top: fd.REPORT_TOP)
         layers, top = spec.get("layers"), spec.get("top", fd.REPORT_TOP)
         if spec.get("estimate"):
+            scored = fd.fidelity_sample(held if held is not None else train, fd.REPORT_FIDELITY_IMAGES)[0]
             estimate = fd.estimate_compare(model, layers, spec.get("neurons"), len(train), top=top,
-                                           holdout=len(held) if held is not None else 0).peak_bytes
-        fd.report(model, train, spec["out"], layers=layers, neurons=spec.get("neurons"), top=top, holdout=held)
+                                           holdout=len(scored)).peak_bytes
+        fd.report(model, train, spec["out"], layers=layers, neurons=spec.get("neurons"), top=top, holdout=held,
+                  progress=steps.reached)
     elif spec["kind"] == "fds":
         if spec.get("estimate"):
             estimate = fd.estimate_decode(model, spec["layer"], spec["neurons"], "fds", len(train),
@@ -92,7 +95,18 @@ def job(spec: dict) -> dict:
         fd.compare_modes(model, spec["layer"], train, held, top=spec["top"], neurons=spec["neurons"])
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 1), "peak_gib": round(vmhwm() / 2**30, 2),
-            "estimate_gib": None if estimate is None else round(estimate / 2**30, 2)}
+            "estimate_gib": None if estimate is None else round(estimate / 2**30, 2), "steps": steps.times}
+
+
+class _Steps:
+    """The seconds at which a report's progress first reached each whole step (where the time goes)."""
+
+    def __init__(self, start: float):
+        self.start, self.times = start, {}
+
+    def reached(self, done: float, total: float) -> None:
+        for step in range(int(done) + 1):
+            self.times.setdefault(f"{step}/{int(total)}", round(time.perf_counter() - self.start, 1))
 
 
 def vmhwm() -> int:

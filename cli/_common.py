@@ -245,6 +245,19 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def parse_count(text: str, option: str) -> int | str:
+    """'200' -> 200, 'all' -> 'all'; a clear error otherwise."""
+    if text.strip() == "all":
+        return "all"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise FdsubError(f"{option} must be a positive integer or all; got {text!r}")
+    return count
+
+
 # ---- progress --------------------------------------------------------------------------------------
 # When stderr is a terminal, rich draws a spinner or a bar in place. Anywhere else (a pipe, `2>log`, CI) progress is
 # plain lines: a stage's start, then at most one line every PROGRESS_INTERVAL seconds while it advances, then its end.

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 import fdsub_onnx
-from fdsub_onnx import REPORT_LAYERS, REPORT_NEURONS, REPORT_TOP
+from fdsub_onnx import REPORT_FIDELITY_IMAGES, REPORT_LAYERS, REPORT_NEURONS, REPORT_TOP
 from fdsub_onnx.cli import _common as common
 
 
@@ -30,6 +30,10 @@ def report(
         None, "--holdout", metavar="SPEC",
         help="Held-out images for the fidelity figures (same forms as --images).  [default: the --images]",
     ),
+    fidelity_images: str = typer.Option(
+        str(REPORT_FIDELITY_IMAGES), "--fidelity-images", metavar="N|all",
+        help="Score fidelity on N of the fidelity images, evenly spaced, or on all of them.",
+    ),
     select: str = common.SELECT,
     weighting: str = common.WEIGHTING,
     batch_size: int = common.BATCH_SIZE,
@@ -50,6 +54,7 @@ def report(
     One file, pictures embedded: open it in a browser, copy it anywhere.
     """
     shape = common.parse_input_shape(input_shape)
+    sample = common.parse_count(fidelity_images, "--fidelity-images")
     device = common.device_for(device)
     prep = common.preprocessing(preset, mean, std, scale, bgr)
     folder = common.output_folder(out, f"{common.sanitize(Path(model).stem)}-report", "report")
@@ -57,8 +62,9 @@ def report(
         loaded = fdsub_onnx.load_model(model, shape)
         image_set = fdsub_onnx.open_images(images, loaded.input_shape[1:], **prep)
         held = fdsub_onnx.open_images(holdout, loaded.input_shape[1:], **prep) if holdout is not None else None
-        cost = fdsub_onnx.estimate_compare(loaded, layers, neurons, len(image_set), top=top,
-                                           holdout=0 if held is None else len(held), batch_size=batch_size)
+        scored = fdsub_onnx.fidelity_sample(held if held is not None else image_set, sample)[0]
+        cost = fdsub_onnx.estimate_compare(loaded, layers, neurons, len(image_set), top=top, holdout=len(scored),
+                                           batch_size=batch_size)
     if common.planned(plan, cost, "report fewer --layers or --neurons, lower --top or --batch-size, or use --cluster"):
         return
     notes = []
@@ -66,8 +72,7 @@ def report(
           common.progress_bar("report", unit="steps", estimate=cost.seconds) as progress):
         path = fdsub_onnx.report(loaded, image_set, folder, layers=layers, neurons=neurons, top=top, holdout=held,
                                  select=select, weighting=weighting, progress=progress, device=device,
-                                 note=notes.append,
-                                 batch_size=batch_size, client=client)
+                                 note=notes.append, batch_size=batch_size, client=client, fidelity_images=sample)
     typer.echo(f"report of {model} ({path.stat().st_size / 2**20:.1f} MiB): open {path} in a browser")
     for text in notes:
         typer.echo(f"note: {text}", err=True)

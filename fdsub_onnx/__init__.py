@@ -26,6 +26,7 @@ from .defaults import (
     DEFAULT_TOP,
     DEFAULT_WEIGHTING,
     FIDELITY_MODES,
+    REPORT_FIDELITY_IMAGES,
     REPORT_LAYERS,
     REPORT_NEURONS,
     REPORT_TOP,
@@ -53,6 +54,7 @@ _EXPORTS = {
     "compare_layers": (".evaluate.compare", "compare_layers"),
     "compare_modes": (".evaluate.compare", "compare_modes"),
     "estimate_compare": (".evaluate.compare", "estimate_compare"), "fidelity": (".evaluate.fidelity", "fidelity"),
+    "fidelity_of_layers": (".evaluate.fidelity", "fidelity_of_layers"),
     "read_zoo": (".evaluate.zoo", "read_zoo"), "run_zoo": (".evaluate.zoo", "run_zoo"),
     "estimate_zoo": (".evaluate.zoo", "estimate_zoo"),
     "dequantized_note": (".graph.dequantize", "dequantized_note"), "Geometry": (".graph.geometry", "Geometry"),
@@ -71,7 +73,7 @@ _EXPORTS = {
     "check_junit_path": (".present.junit", "check_junit_path"), "junit_document": (".present.junit", "junit_document"),
     "junit_suite": (".present.junit", "junit_suite"), "write_junit": (".present.junit", "write_junit"),
     "filter_grid": (".present.render", "filter_grid"), "grid_cells": (".present.render", "grid_cells"),
-    "report": (".present.report", "report"),
+    "report": (".present.report", "report"), "fidelity_sample": (".present.report", "fidelity_sample"),
     "result_kind": (".present.save", "result_kind"), "save_decoded": (".present.save", "save_decoded"),
     "save_fidelity": (".present.save", "save_fidelity"), "save_with_top": (".present.save", "save_with_top"),
     "capture_top": (".runtime.capture", "capture_top"), "merge_top": (".runtime.capture", "merge_top"),
@@ -79,8 +81,8 @@ _EXPORTS = {
 }
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING",
-           "FIDELITY_MODES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError",
-           "budget", "memory_budget", "parse_bytes"]
+           "FIDELITY_MODES", "REPORT_FIDELITY_IMAGES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS",
+           "WEIGHTINGS", "FdsubError", "budget", "memory_budget", "parse_bytes"]
 __all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
 

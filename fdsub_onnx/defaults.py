@@ -17,6 +17,7 @@ REPORT_TOP = 16  # instances per neuron shown by the report
 DEFAULT_GRID = 64  # cells of a filters.png: the first neurons decoded (decoded.npz holds them all)
 REPORT_LAYERS = 6  # report without --layers: this many layers, first to deepest (--layers all for every one)
 REPORT_NEURONS = 16  # report without --neurons: the first this many of each layer (--neurons all for every one)
+REPORT_FIDELITY_IMAGES = 200  # report: fidelity scored on this many images of its set, evenly spaced (or all)
 DEFAULT_BATCH = 32  # images per onnxruntime run
 FIDELITY_MODES = ("weights", "fds", "local", "deconvnet", "nf")
 SELECTS = ("all", "positive", "max", "topk:K")  # fds: which lower neurons substitute

@@ -197,6 +197,21 @@ class LazyImages(_ImageSet):
         return np.stack([self._load_one(i) for i in range(first, stop)])
 
 
+class SampledImages(_ImageSet):
+    """``count`` images of ``base`` evenly spaced over it (its first and last included), in order: a sample that
+    stands for the whole set where scoring every image would cost more than it tells (the report's fidelity)."""
+
+    def __init__(self, base: _ImageSet, count: int):
+        self.base = base
+        self.indices = np.unique(np.round(np.linspace(0, len(base) - 1, min(count, len(base)))).astype(np.int64))
+        self.sources = [base.sources[i] for i in self.indices]
+        self.skipped = list(base.skipped)
+        self.preset = None  # the base's batches apply its own
+
+    def _load(self, first: int, stop: int) -> np.ndarray:
+        return np.concatenate([batch for _, batch in read_indices(self.base, self.indices[first:stop], stop - first)])
+
+
 def open_images(
     spec: str,
     input_shape: tuple[int, int, int],

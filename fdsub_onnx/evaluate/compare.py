@@ -37,7 +37,7 @@ from ..modes.nf import neuron_feature
 from ..modes.result import Decoded
 from ..neurons import ALL, means_all, parse_neurons
 from ..runtime.capture import capture_top
-from .fidelity import FIDELITY_MODES, fidelity, fidelity_stage
+from .fidelity import FIDELITY_MODES, fidelity_of_layers, fidelity_stage
 
 CONV_OPS = ("Conv",)  # the layers compared by default (when decodable)
 INSTANCE_RULES = ("local", "deconvnet")  # the decodings made of per-instance backward passes
@@ -79,8 +79,14 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     targets = [layer.name for layer in layers]
     picked = dict(zip(targets, picks))
     rules = [m for m in INSTANCE_RULES if m in modes]
-    steps = _Steps(progress, 1 + len(rules) * len(layers) + len(layers))
-    stats_done = steps.part()
+    # each step weighs its estimated seconds (the cost plan's), so the progress and its ETA move with the time
+    stages = _stages(model, targets, picked, len(images), top, len(holdout) if holdout is not None else 0, modes,
+                     batch_size)
+    steps = _Steps(progress)
+    stats_done = steps.part(sum(stage.seconds for stage in stages["data"]))
+    instance_parts = {key: steps.part(stage.seconds) for key, stage in stages["instances"].items()}
+    nf_parts = {name: steps.part(stage.seconds) for name, stage in stages["nf"].items()}
+    scores_done = steps.part(stages["fidelity"].seconds)
     substitution = None
     if "fds" in modes:
         substitution = gather_statistics(model, targets, images, top=top, select=select, progress=stats_done,
@@ -101,19 +107,17 @@ def compare_layers(model: Model, layers: list[Layer], picks: list[np.ndarray], i
     if "fds" in modes:
         for d in iter_decode(model, targets, mode="fds", substitution=substitution, device=device, neurons=picked):
             decoded[d.layer]["fds"] = d
-    for (name, rule), d in _instance_decodes(model, images, found, rules, steps, device).items():
+    for (name, rule), d in _instance_decodes(model, images, found, rules, instance_parts, device).items():
         decoded[name][rule] = d
-    result = []
-    for layer in layers:
-        name, done = layer.name, steps.part()
-        if "nf" in modes:
+    if "nf" in modes:
+        for name in targets:
             decoded[name]["nf"] = neuron_feature(model, found[name], images, batch_size=batch_size, client=client)
-        ordered = {mode: decoded[name][mode] for mode in modes}
-        scores = fidelity(model, ordered, holdout if holdout is not None else images, top=top, device=device,
-                          batch_size=batch_size, client=client)
-        result.append(LayerComparison(layer, ordered, found.get(name), scores))
-        done(1, 1)
-    return result
+            nf_parts[name](1, 1)
+    ordered = [{mode: decoded[name][mode] for mode in modes} for name in targets]
+    scores = fidelity_of_layers(model, ordered, holdout if holdout is not None else images, top=top, device=device,
+                                batch_size=batch_size, client=client, progress=scores_done)
+    return [LayerComparison(layer, own, found.get(layer.name), score)
+            for layer, own, score in zip(layers, ordered, scores)]
 
 
 def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, top: int = DEFAULT_TOP,
@@ -126,21 +130,32 @@ def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, t
     choice = choose_report(model, layers, neurons)
     targets = [layer.name for layer in choice.layers]
     picked = dict(zip(targets, choice.picks))
-    instances = {t: len(picked[t]) * min(top, images) for t in targets}
-    stages = []
-    if "fds" in modes:
-        stages += fds_stages(model, targets, images, leaf_rows(model, targets, picked), batch_size, neurons=picked)
-    elif set(modes) - {"weights"}:
-        stages += [capture_stage(model, t, images, batch_size) for t in targets]
-    if "weights" in modes:
-        stages += [weights_stage(plan) for plan in plan_decode(model, targets, neurons=picked).values()]
-    stages += [instance_stage(model, t, instances[t], rule, neurons=len(picked[t])) for rule in INSTANCE_RULES
-               if rule in modes for t in targets]
-    if "nf" in modes:
-        stages += [nf_stage(model, t, len(picked[t]), min(images, instances[t]), batch_size) for t in targets]
-    stages += [fidelity_stage(model, t, len(picked[t]), len(modes), holdout or images, batch_size) for t in targets]
+    stages = _stages(model, targets, picked, images, top, holdout, modes, batch_size)
     kept = len(modes) * sum(filters_bytes(model, t, len(picked[t])) for t in targets)
-    return CostPlan(command, stages, base_bytes(model) + kept, notes=[choice.note] if choice.note else [])
+    return CostPlan(command, [*stages["data"], *stages["instances"].values(), *stages["nf"].values(),
+                              stages["fidelity"]], base_bytes(model) + kept, notes=[choice.note] if choice.note else [])
+
+
+def _stages(model: Model, targets: list[str], picked: dict, images: int, top: int, holdout: int, modes,
+            batch_size: int) -> dict:
+    """``compare_layers``'s stages in the order it runs them: ``data`` (the passes over the images and the
+    compositions), ``instances`` ((layer, rule) -> the backward passes), ``nf`` (layer -> its Neuron Feature) and
+    ``fidelity`` (every layer scored in one pass)."""
+    instances = {t: len(picked[t]) * min(top, images) for t in targets}
+    data = []
+    if "fds" in modes:
+        data += fds_stages(model, targets, images, leaf_rows(model, targets, picked), batch_size, neurons=picked)
+    elif set(modes) - {"weights"}:
+        data += [capture_stage(model, t, images, batch_size) for t in targets]
+    if "weights" in modes:
+        data += [weights_stage(plan) for plan in plan_decode(model, targets, neurons=picked).values()]
+    return {"data": data,
+            "instances": {(t, rule): instance_stage(model, t, instances[t], rule, neurons=len(picked[t]))
+                          for rule in INSTANCE_RULES if rule in modes for t in targets},
+            "nf": {t: nf_stage(model, t, len(picked[t]), min(images, instances[t]), batch_size)
+                   for t in targets} if "nf" in modes else {},
+            "fidelity": fidelity_stage(model, {t: len(picked[t]) for t in targets}, len(modes), holdout or images,
+                                       batch_size)}
 
 
 def compare_modes(model, layer: str, images, holdout, modes=FIDELITY_MODES, top: int = 100, neurons=None,
@@ -299,36 +314,37 @@ def _checked_modes(modes) -> tuple[str, ...]:
     return modes
 
 
-def _instance_decodes(model, images, found: dict, rules, steps, device) -> dict:
+def _instance_decodes(model, images, found: dict, rules, parts: dict, device) -> dict:
     """``rules`` (local, deconvnet) of every layer, {(layer, rule): Decoded}, one after the other: each decode runs
-    its passes on every core (``decode_instances``)."""
-    shared = {name for name in found if "local" in rules and deconvnet_is_local(model, name)}  # one pass for both
-    done = {(name, rule): decode_instances(model, name, images, rule=rule, instances=instances, progress=steps.part(),
-                                           device=device)
+    its passes on every core (``decode_instances``); ``parts``: (layer, rule) -> its progress."""
+    shared = {name for name in found if {"local", "deconvnet"} <= set(rules) and deconvnet_is_local(model, name)}
+    done = {(name, rule): decode_instances(model, name, images, rule=rule, instances=instances,
+                                           progress=parts[name, rule], device=device)
             for name, instances in found.items() for rule in rules if not (rule == "deconvnet" and name in shared)}
     for name in shared & {name for name, rule in done if rule == "local"}:
         local = done[(name, "local")]
         done[(name, "deconvnet")] = dataclasses.replace(local, bias=np.zeros_like(local.bias), mode="deconvnet")
-        steps.part()(1, 1)
+        parts[name, "deconvnet"](1, 1)
     return done
 
 
 class _Steps:
-    """``progress(done, total)`` over the report's steps; each ``part()`` is one step with its own
-    ``(done, total)`` callback (steps may run at the same time, in threads)."""
+    """``progress(done, total)`` over the report's steps, in estimated seconds; each ``part(seconds)`` is one step
+    with its own ``(done, total)`` callback (steps may run at the same time, in threads)."""
 
-    def __init__(self, progress, total: int):
-        self.progress, self.total, self.parts, self.lock = progress, total, [], threading.Lock()
+    def __init__(self, progress):
+        self.progress, self.weights, self.parts, self.lock = progress, [], [], threading.Lock()
 
-    def part(self):
+    def part(self, seconds: float):
         with self.lock:
             key = len(self.parts)
             self.parts.append(0.0)
+            self.weights.append(max(float(seconds), 0.01))  # a step estimated at nothing still moves the bar
 
         def update(done, total):
             with self.lock:
                 self.parts[key] = min(done, total) / total if total else 1.0
                 if self.progress is not None:
-                    self.progress(sum(self.parts), self.total)
+                    self.progress(sum(p * w for p, w in zip(self.parts, self.weights)), sum(self.weights))
 
         return update

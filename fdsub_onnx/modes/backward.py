@@ -372,6 +372,7 @@ def _slope(derivative):
         offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
         return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
 
+    step.derivative = derivative  # the slope alone, for those who need no offset (fds's gates)
     return step
 
 

@@ -266,7 +266,7 @@ def _window_entry(model, nodes, values, found, places, windows, weights, first, 
         if len(rows) == 0:
             continue
         shape = (len(values[model.input_name]), *model.shapes[node.input[0]][1:])
-        acts = np.asarray(values[node.input[0]], np.float64).reshape(shape)
+        acts = np.reshape(values[node.input[0]], shape)  # as fetched: only what is cut is made float64
         gate = None
         if weighting == "gate":
             gate = gates[node.input[0]].reshape(shape) if node.input[0] in gates else np.ones(shape)
@@ -290,12 +290,12 @@ def _instance_values(window, acts, gate, rows, image, position):
     """Per instance, what its statistic averages: the gates of the input window (NaN where it reads padding), its
     activations (zero there) or, for MaxPool, the one-hot switch (times the gate at the switch)."""
     if window.op == "MaxPool":
-        switch = window.switch(acts, rows, image, position)
+        switch = window.switch(acts, rows, image, position).astype(np.float64)
         if gate is None:
             return switch
         return np.where(switch > 0, np.nan_to_num(window.cut(gate, rows, image, position, np.nan)), 0.0)
     if gate is None:
-        return window.cut(acts, rows, image, position, 0.0)
+        return window.cut(acts, rows, image, position, 0.0).astype(np.float64)
     return window.cut(gate, rows, image, position, np.nan)
 
 
@@ -390,8 +390,11 @@ def _derivative(model, nodes: list, x: str, values: dict) -> np.ndarray:
         is_data = [bool(n) and n not in model.constants for n in node.input]
         ins = [(np.asarray(values[n], np.float64) if data else model.constants.get(n)) if n else None
                for n, data in zip(node.input, is_data)]
-        in_grads, _ = LOCAL_RULES[node.op_type](node, ins, is_data, np.asarray(values[node.output[0]], np.float64),
-                                                grad)
+        out, rule = np.asarray(values[node.output[0]], np.float64), LOCAL_RULES[node.op_type]
+        if hasattr(rule, "derivative"):  # the slope alone: the rule's offset (its bias) is not needed here
+            in_grads = [grad * rule.derivative(np, node, ins, out)]
+        else:
+            in_grads, _ = rule(node, ins, is_data, out, grad)
         for name, g in zip(node.input, in_grads):
             if g is not None and name and name not in model.constants:
                 grads[name] = grads[name] + g if name in grads else g

@@ -25,8 +25,15 @@ from PIL import Image
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
 from ..data.files import check_result_folder, write_atomically
-from ..data.images import open_images, read_indices
-from ..defaults import BENCHMARK_RANKING, DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_WEIGHTING, REPORT_TOP
+from ..data.images import SampledImages, open_images, read_indices
+from ..defaults import (
+    BENCHMARK_RANKING,
+    DEFAULT_BATCH,
+    DEFAULT_SELECT,
+    DEFAULT_WEIGHTING,
+    REPORT_FIDELITY_IMAGES,
+    REPORT_TOP,
+)
 from ..errors import FdsubError
 from ..evaluate.compare import LayerComparison, choose_report, compare_layers, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
@@ -50,7 +57,8 @@ LABELS = {"weights": "weights", "fds": "fds", "local": "local", "deconvnet": "de
 
 def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, layers=None, neurons=None,
            top: int = DEFAULT_TOP, holdout=None, select: str = DEFAULT_SELECT, progress=None, device="cpu",
-           note=None, batch_size: int = DEFAULT_BATCH, client=None, weighting: str = DEFAULT_WEIGHTING) -> Path:
+           note=None, batch_size: int = DEFAULT_BATCH, client=None, weighting: str = DEFAULT_WEIGHTING,
+           fidelity_images: int | str | None = REPORT_FIDELITY_IMAGES) -> Path:
     """Decode ``layers`` in every mode, measure fidelity and write ``out/index.html``; return its path.
 
     ``model`` is a ``Model`` or an .onnx path; ``images`` (and ``holdout``) an image set or an
@@ -60,8 +68,9 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     ``REPORT_LAYERS`` Conv layers from the first to the deepest, the first ``REPORT_NEURONS`` neurons of each,
     said on the page and to ``note``. ``top`` instances per neuron feed the data modes and are
     shown; fds uses ``select`` and ``weighting``. Fidelity is measured on ``holdout`` when given, else on
-    ``images``. ``progress(done, total)`` counts steps. ``device`` ("cpu", "gpu", "auto") as for ``decode``;
-    ``batch_size`` images per onnxruntime run.
+    ``images``, on ``fidelity_images`` of them evenly spaced (``"all"`` or None: every one; said on the page and
+    to ``note``): scoring deep layers costs ~0.1 s per image and decoding. ``progress(done, total)`` counts steps.
+    ``device`` ("cpu", "gpu", "auto") as for ``decode``; ``batch_size`` images per onnxruntime run.
     Unless named, layers too deep to decode in the memory left are left out, said on the page and to
     ``note(text)``; named ``layers`` must all fit. A hold-out set no larger than ``top`` (every top-N share
     would be 1) is also said to ``note``.
@@ -81,8 +90,11 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     model = model if isinstance(model, Model) else load_model(model)
     images = _image_set(images, model)
     held = _image_set(holdout, model) if holdout is not None else None
-    if note is not None and len(held if held is not None else images) <= top:
-        note(f"the fidelity set has {len(held if held is not None else images)} images, not more than top {top}: "
+    scored, sample = fidelity_sample(held if held is not None else images, fidelity_images)
+    if sample is not None and note is not None:
+        note(sample)
+    if note is not None and len(scored) <= top:
+        note(f"the fidelity set has {len(scored)} images, not more than top {top}: "
              "every top-N share is 1.00 (give --holdout more images, or a lower --top)")
     summary = inspect_model(model)
     choice = choose_report(model, layers, neurons, summary)
@@ -96,14 +108,14 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
         note(f"left out {', '.join(left_out)}: no route decodes them in the memory left")
     steps = 2 + 3 * len(chosen)  # compare_layers' 1 + 3 per layer, then the page
 
-    def compared(done, total):
+    def compared(done, total):  # compare_layers counts its estimated seconds: the same share of the steps
         if progress is not None:
-            progress(done, steps)
+            progress((steps - 1) * done / total if total else 0.0, steps)
 
-    compared_layers = compare_layers(model, chosen, picks, images, held, top=top, select=select, progress=compared,
+    compared_layers = compare_layers(model, chosen, picks, images, scored, top=top, select=select, progress=compared,
                                      device=device, batch_size=batch_size, client=client, weighting=weighting)
     page = render_report(model, summary, compared_layers, images, held, top, select, left_out, weighting=weighting,
-                         sample=choice.note,
+                         sample=choice.note, fidelity_sample=sample,
                          progress=None if progress is None else lambda done, total: progress(steps - 1 + done / total,
                                                                                             steps))
     paths = write_atomically(out, [REPORT_HTML], lambda tmp: (tmp / REPORT_HTML).write_text(page, encoding="utf-8"),
@@ -115,9 +127,10 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
 
 def render_report(model: Model, summary: Summary, compared: list[LayerComparison], images, held, top: int,
                   select: str, left_out: list[str], progress=None, weighting: str = DEFAULT_WEIGHTING,
-                  sample: str | None = None) -> str:
+                  sample: str | None = None, fidelity_sample: str | None = None) -> str:
     """The page of a comparison: one section per layer (computes nothing; every figure comes from ``compared``);
-    ``sample`` says what a default sample left out (``ReportChoice.note``)."""
+    ``sample`` says what a default sample left out (``ReportChoice.note``), ``fidelity_sample`` which images the
+    fidelity figures were scored on when not all (``fidelity_sample``)."""
     sections, data = [], []
     pictures = _Pictures()
     pixels = _Pixels(images, pictures)
@@ -130,13 +143,26 @@ def render_report(model: Model, summary: Summary, compared: list[LayerComparison
             progress(index + 1, len(compared))
     setup = {"model": model.path, "images": _describe(images), "holdout": None if held is None else _describe(held),
              "top": int(top), "select": select, "weighting": weighting, "left_out": left_out,
-             "sample": sample}
+             "sample": sample, "fidelity_sample": fidelity_sample}
     chosen = [lc.layer for lc in compared]
     return _page(setup, summary, chosen, sections, {"setup": setup, "summary": summary.to_json(), "layers": data},
                  pictures)
 
 
 # ---- what to report --------------------------------------------------------------------------
+def fidelity_sample(images, count: int | str | None):
+    """(the images fidelity is scored on, the sentence saying so or None when it is every image): ``count`` of
+    ``images`` evenly spaced (``SampledImages``); ``"all"`` or None for every one."""
+    if count is None or means_all(count):
+        return images, None
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise FdsubError(f"fidelity_images must be a positive integer or 'all', got {count!r}")
+    if len(images) <= count:
+        return images, None
+    return SampledImages(images, int(count)), (f"fidelity scored on {int(count)} of the {len(images)} images, evenly "
+                                               "spaced; --fidelity-images all for every one")
+
+
 def _image_set(images, model):
     return open_images(images, model.input_shape[1:]) if isinstance(images, str) else images
 
@@ -440,6 +466,8 @@ def _page(setup: dict, summary: Summary, chosen: list[Layer], sections: list[str
     nav = " ".join(f'<a href="#L{i}">{escape(layer.name)}</a>' for i, layer in enumerate(chosen))
     fidelity_on = (f"held-out {escape(setup['holdout'])}" if setup["holdout"] is not None else
                    "the same images (in-sample: the data-driven modes were fitted on them; give --holdout)")
+    if setup.get("fidelity_sample"):
+        fidelity_on += f" ({escape(setup['fidelity_sample'])})"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

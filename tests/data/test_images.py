@@ -264,3 +264,19 @@ def test_integer_arrays_above_1_are_refused(tmp_path, dtype):
 def test_huge_images_are_refused_before_they_are_made():
     with pytest.raises(fd.FdsubError, match="GiB"):
         fd.open_images("builtin:blobs:2", (3, 100000, 100000))
+
+
+def test_a_sample_is_evenly_spaced_and_reads_as_its_base():
+    """``SampledImages``: ``count`` images from the first to the last, each batch the base's images (preset
+    applied once), all of them when ``count`` is not smaller than the set."""
+    from fdsub_onnx.data.images import SampledImages, resolve_preset
+
+    array = np.random.default_rng(0).uniform(0, 1, (10, 3, 4, 4)).astype(np.float32)
+    base = fd.ArrayImages(array, preset=resolve_preset("torchvision", 3))
+    sample = SampledImages(base, 4)
+    assert sample.indices.tolist() == [0, 3, 6, 9] and sample.sources == [base.sources[i] for i in (0, 3, 6, 9)]
+    whole = np.concatenate([batch for _, batch in base.batches(10)])
+    got = [(first, batch) for first, batch in sample.batches(3)]
+    assert [first for first, _ in got] == [0, 3]
+    np.testing.assert_array_equal(np.concatenate([batch for _, batch in got]), whole[[0, 3, 6, 9]])
+    assert SampledImages(base, 12).indices.tolist() == list(range(10))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import fdsub_onnx as fd
 from fdsub_onnx.cli.main import app
 from fdsub_onnx.evaluate.compare import compare_modes
-from fdsub_onnx.evaluate.fidelity import fidelity
+from fdsub_onnx.evaluate.fidelity import fidelity, fidelity_of_layers
 from fdsub_onnx.evaluate.predict import predict
 
 
@@ -177,6 +177,44 @@ def test_deconvnet_reuses_the_local_pass_only_without_a_rectifier(tmp_path, monk
     assert differ == rectified
 
 
+def test_layers_scored_in_one_pass_score_as_each_alone(tmp_path):
+    """``fidelity_of_layers`` runs the images through onnxruntime once for every layer: each layer's figures are
+    those of ``fidelity`` on it alone, bit for bit, whatever the order of the layers."""
+    b = NetBuilder(height=16, width=16, seed=12)
+    first = b.relu(b.conv("input", 4, 3, 1, (1, 1, 1, 1)))
+    last = b.conv(b.maxpool(first, 2, 2), 5, 3, 1, (1, 1, 1, 1))
+    model = load_proto(b.build([last]), tmp_path)
+    first = model.producer[first].input[0]  # the Conv under the Relu
+    images = fd.ArrayImages(np.random.default_rng(2).standard_normal((11, 3, 16, 16)).astype(np.float32))
+    layers = [{"weights": fd.decode(model, name, dtype="float64", neurons=[1, 3]),
+               "local": fd.decode(model, name, mode="local", images=images, top=3, dtype="float64", neurons=[1, 3])}
+              for name in (first, last)]
+    together = fidelity_of_layers(model, layers[::-1], images, top=3, batch_size=4)[::-1]
+    for decodings, got in zip(layers, together):
+        assert got == fidelity(model, decodings, images, top=3, batch_size=4)
+
+
+def test_a_report_reads_its_fidelity_images_once_for_all_layers(tmp_path, monkeypatch):
+    """compare_layers scores every layer in one pass over the fidelity images (the report of 6 layers over 1,000
+    images read and ran them 6 times)."""
+    b = NetBuilder(height=12, width=12, seed=13)
+    first = b.relu(b.conv("input", 4, 3))
+    last = b.conv(first, 3, 3)
+    model = load_proto(b.build([last]), tmp_path)
+    rng = np.random.default_rng(3)
+    images = fd.ArrayImages(rng.standard_normal((8, 3, 12, 12)).astype(np.float32))
+    held = fd.ArrayImages(rng.standard_normal((9, 3, 12, 12)).astype(np.float32))
+    reads = []
+    original = type(held).batches
+    monkeypatch.setattr(type(held), "batches", lambda self, *a, **k: (reads.append(self is held),
+                                                                      original(self, *a, **k))[1])
+    choice = fd.choose_report(model)
+    from fdsub_onnx.evaluate.compare import compare_layers
+
+    compared = compare_layers(model, choice.layers, choice.picks, images, held, top=3)
+    assert len(compared) == 2 and sum(reads) == 1
+
+
 @pytest.mark.parametrize(("rf", "stride", "origin", "out_size"), [((35, 35), (8, 8), (-17, -17), (6, 6)),
                                                                   ((29, 19), (4, 2), (-3, 5), (7, 9)),
                                                                   ((5, 5), (1, 1), (-2, -2), (20, 20))])
@@ -195,6 +233,39 @@ def test_the_fft_correlation_equals_the_windows_products(monkeypatch, rf, stride
     fft = predict(decoded, images, out_size)
     assert fft.shape == direct.shape == (3, 5, *out_size)
     np.testing.assert_allclose(fft, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize(("rf", "stride", "origin", "out_size"), [((61, 57), (8, 8), (-30, -28), (3, 3)),
+                                                                  ((29, 19), (4, 2), (-3, 5), (7, 9)),
+                                                                  ((40, 9), (16, 1), (-35, -4), (2, 21)),
+                                                                  ((5, 5), (1, 1), (-2, -2), (20, 20))])
+@pytest.mark.parametrize("fft", [False, True])
+def test_the_swapped_correlation_equals_the_windows_products(monkeypatch, rf, stride, origin, out_size, fft):
+    """A field wider than the image is predicted with the roles of image and filter swapped (only the part of the
+    filter some window meets inside the image is read): the same values as the windows of the padded image, by
+    the windows' products or the FFT, for fields wider or narrower than the image, windows inside or outside it."""
+    from fdsub_onnx.evaluate import predict as module
+
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((3, 2, 23, 21))
+    decoded = fd.Decoded(rng.standard_normal((5, 2, *rf)), rng.standard_normal(5), np.arange(5), stride, origin,
+                         "x", "weights", None)
+    monkeypatch.setattr(module, "_fft_cheaper", lambda *_: False)
+    monkeypatch.setattr(module, "_swap_cheaper", lambda *_: False)
+    plain = predict(decoded, images, out_size)
+    monkeypatch.setattr(module, "_fft_cheaper", lambda *_: fft)
+    monkeypatch.setattr(module, "_swap_cheaper", lambda *_: True)
+    swapped = predict(decoded, images, out_size)
+    assert swapped.shape == plain.shape == (3, 5, *out_size)
+    np.testing.assert_allclose(swapped, plain, rtol=0, atol=1e-10 * np.abs(plain).max())
+
+
+def test_a_field_wider_than_the_image_takes_the_swapped_form():
+    from fdsub_onnx.evaluate.predict import _swap_cheaper
+
+    # EfficientNet-Lite2 conv_head at 260 px: 1,115-px field, 9 x 9 positions 32 px apart, 16 images a batch
+    assert _swap_cheaper((16, 3, 1115, 1115), (16, 3, 260, 260), (32, 32), (9, 9))
+    assert not _swap_cheaper((16, 3, 3, 3), (16, 3, 260, 260), (2, 2), (130, 130))  # its stem
 
 
 def test_a_large_field_takes_the_fft():

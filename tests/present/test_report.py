@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.evaluate.compare import compare_modes
 
 HOSTILE_TENSOR = "<script>alert(1)</script>"
 HOSTILE_NODE = '"><img src=x onerror=alert(2)>'
@@ -330,6 +331,29 @@ def test_report_api_errors(models, tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_report_scores_fidelity_on_an_evenly_spaced_sample(models, tmp_path):
+    """``fidelity_images``: the figures of a sample of the fidelity set (first and last image included) are those of
+    ``fidelity`` on those images, and the page and ``note`` say so; ``"all"`` scores every image."""
+    model = fd.load_model(models["blocked"])
+    images, held = _images(8), _images(7, seed=1)
+    notes = []
+    page = fd.report(model, images, tmp_path / "a", neurons="0-1", top=2, holdout=held, fidelity_images=3,
+                     note=notes.append).read_text(encoding="utf-8")
+    sample = "fidelity scored on 3 of the 7 images, evenly spaced; --fidelity-images all for every one"
+    assert sample in notes and html.escape(sample) in page
+    island = _json_island(page)
+    assert island["setup"]["fidelity_sample"] == sample
+    assert {layer["fidelity"]["images"] for layer in island["layers"]} == {3}
+    chosen = fd.ArrayImages(held.array[[0, 3, 6]])
+    layer = island["layers"][0]
+    compared = compare_modes(model, layer["layer"], images, chosen, top=2, neurons="0-1")
+    assert compared.scores["decodings"]["weights"] == layer["fidelity"]["decodings"]["weights"]
+    page = fd.report(model, images, tmp_path / "b", neurons="0-1", top=2, holdout=held, fidelity_images="all",
+                     note=notes.append).read_text(encoding="utf-8")
+    assert {layer["fidelity"]["images"] for layer in _json_island(page)["layers"]} == {7}
+    assert _json_island(page)["setup"]["fidelity_sample"] is None
+
+
 # ---- command line --------------------------------------------------------------------------------
 runner = CliRunner()
 
@@ -378,6 +402,7 @@ BAD = {
     "top_zero": (["MODEL", "--images", "builtin:blobs:4", "--top", "0"], "top"),
     "bad_preset": (["MODEL", "--images", "builtin:blobs:4", "--preset", "nope"], "preset"),
     "bad_select": (["MODEL", "--images", "builtin:blobs:4", "--select", "most"], "select"),
+    "fidelity_images_zero": (["MODEL", "--images", "builtin:blobs:4", "--fidelity-images", "0"], "fidelity-images"),
 }
 
 
