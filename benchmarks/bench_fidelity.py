@@ -174,6 +174,7 @@ def run(args) -> None:
             s = scores["decodings"][name]
             rows.append({"layer": label, "tensor": target, "decoding": name, "r": s["mean_correlation"],
                          "top_share": s["mean_top_share"], "two_choice": s["mean_two_choice"],
+                         "r_se": standard_error(s["correlation"]), "two_choice_se": standard_error(s["two_choice"]),
                          "degenerate": sum(k is not None for k in s["degenerate"]), "neurons": len(d.neurons),
                          "cosine": mean_pairwise_cosine(d.filters), "seconds": timings.get((target, name))})
         print(f"scored {label} ({time.time() - start:.0f} s)", flush=True)
@@ -187,6 +188,14 @@ def run(args) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     show(result)
+
+
+def standard_error(values) -> float | None:
+    """The standard error of a mean over neurons (their spread: std / sqrt(n), scored neurons only)."""
+    import numpy as np
+
+    kept = np.array([v for v in values if v is not None], np.float64)
+    return None if len(kept) < 2 else float(kept.std(ddof=1) / np.sqrt(len(kept)))
 
 
 def _subset(images, n):
@@ -309,11 +318,12 @@ def machine() -> dict:
 def show(result) -> None:
     print(f"\nEfficientNet-Lite0, {result['images']['train']} train / {result['images']['holdout']} hold-out crops, "
           f"top {result['top']}, neurons {result['neurons']}")
-    print("| layer | decoding | r | top-N share | two-choice | degenerate | cosine |")
+    print("| layer | decoding | r (+- s.e.) | top-N share | two-choice (+- s.e.) | degenerate | cosine |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in result["rows"]:
-        print(f"| {row['layer']} | {row['decoding']} | {_f(row['r'])} | {_f(row['top_share'], 2)} | "
-              f"{_f(row['two_choice'])} | {row['degenerate']}/{row['neurons']} | {_f(row['cosine'])} |")
+        print(f"| {row['layer']} | {row['decoding']} | {_f(row['r'])} +- {_f(row.get('r_se'))} | "
+              f"{_f(row['top_share'], 2)} | {_f(row['two_choice'])} +- {_f(row.get('two_choice_se'))} | "
+              f"{row['degenerate']}/{row['neurons']} | {_f(row['cosine'])} |")
     if result["randomization"]:
         print("\n| step | layer | decoding | similarity to the original filters |")
         print("| --- | --- | --- | --- |")
