@@ -1,13 +1,14 @@
 """`local` and `deconvnet` modes: each top-N instance's own filter from a backward pass, then their mean.
 
 An instance's filter is its input gradient (``local``) or deconvnet projection cut to the neuron's
-receptive field (zeros where the field leaves the image). The neuron's filter is the mean of its instance
-filters weighted by activation (``instance_weights``) *per pixel*, over the instances whose window holds that
-pixel inside the image (``windows.PixelMean``, as the Neuron Feature): the padding at a border instance is no
-evidence that the filter is 0 there, so a linear first layer decodes to its weights wherever its instances
-lie (docs/method.md property 8); a pixel no instance holds inside the image is 0. The bias, one number per
-instance, is the weighted mean over all instances (``local``; zero for ``deconvnet``, whose projection is not
-a linearization).
+receptive field (zeros where the field leaves the image), or to the part of it that meets the image for some
+position where the field is wider than that (``windows.field_part``, as ``weights`` keeps). The neuron's filter
+is the mean of its instance filters weighted by activation (``instance_weights``) *per pixel*, over the
+instances whose window holds that pixel inside the image (``windows.PixelMean``, as the Neuron Feature): the
+padding at a border instance is no evidence that the filter is 0 there, so a linear first layer decodes to its
+weights wherever its instances lie (docs/method.md property 8); a pixel no instance holds inside the image is
+0. The bias, one number per instance, is the weighted mean over all instances (``local``; zero for
+``deconvnet``, whose projection is not a linearization).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..runtime.capture import capture_top
 from .backward import BACKWARD_MODES, forward_for, image_gradients, pass_sizes
 from .cone import cone_gradients, cones
 from .result import Decoded
-from .windows import PixelMean, cut
+from .windows import PixelMean, cropped, cut, field_part
 
 
 def decode_instances(model, layer: str, images, top: int = 100, neurons=None, rule: str = "local",
@@ -43,11 +44,12 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     found = instances if instances is not None else capture_top(model, target, images, top=top, neurons=neurons,
                                                                 device=device, client=client)
     geom = layer_geometry(model, target)
+    crop, kept = field_part(geom, model.input_shape[2:], model.shapes[target][2:4])  # all a window meets
     k_neurons, slots = found.values.shape
-    shape = (int(model.input_shape[1]), *geom.rf)
+    shape = (int(model.input_shape[1]), *kept)
     weights = instance_weights(found)
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
-    filters, bias = PixelMean(k_neurons, shape[0], geom.rf, model.input_shape[2:]), np.zeros(k_neurons)
+    filters, bias = PixelMean(k_neurons, shape[0], kept, model.input_shape[2:]), np.zeros(k_neurons)
     each = ((np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32))
             if per_instance else None)
     forward = forward_for(model, target, device)
@@ -83,15 +85,16 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         if cone is not None:  # each instance's receptive-field cone only: the pass ends at its filter
             windows, offsets = cone_gradients(model, target, own, found.neurons[r], found.position[r, c],
                                               BACKWARD_MODES[rule], rule, nodes, cone)
+            windows = windows[:, :, crop[0] : crop[0] + kept[0], crop[1] : crop[1] + kept[1]]
         else:
             grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c], rule,
                                              nodes)
-            windows = cut(grads, geom.corner(found.position[r, c]), geom.rf)
+            windows = cut(grads, geom.corner(found.position[r, c]) + crop, kept)
         return r, c, backend.to_numpy(windows), backend.to_numpy(offsets)
 
     done = 0
     for r, c, windows, offsets in ordered_map(run, passes(), workers):
-        filters.add(r, geom.corner(found.position[r, c]), weights[r, c], windows)
+        filters.add(r, geom.corner(found.position[r, c]) + crop, weights[r, c], windows)
         np.add.at(bias, r, weights[r, c] * offsets)
         if each is not None:
             each[0][r, c], each[1][r, c] = windows, offsets
@@ -103,9 +106,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
         if each is not None:
             each[1][:] = 0
     return Decoded(filters.mean().astype(dtype), bias.astype(dtype), np.asarray(found.neurons, np.int64),
-                   geom.stride, geom.origin, target, rule,
+                   geom.stride, (geom.origin[0] + crop[0], geom.origin[1] + crop[1]), target, rule,
                    instance_filters=None if each is None else each[0],
-                   instance_bias=None if each is None else each[1], instances=found)
+                   instance_bias=None if each is None else each[1], instances=found, **cropped(geom, crop, kept))
 
 
 
@@ -127,12 +130,13 @@ def instance_cone(model, target: str, geom) -> dict | None:
 
 def largest_cut(model, target: str, geom, cone: dict | None) -> int:
     """Values of the largest gradient one instance's pass holds: its largest cut of a cone, or on whole maps the
-    larger of the largest map and its filter (the image's gradient cut to a field wider than the image)."""
+    larger of the largest map and its filter (the part of the field that meets the image, ``field_part``)."""
     if cone is not None:
         return max(_cut_values(model, t, c) for t, c in cone.items() if len(model.shapes.get(t, ())) == 4)
     maps = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
             if o in model.shapes]
-    return max([int(model.input_shape[1]) * geom.rf[0] * geom.rf[1], *maps])
+    kept = field_part(geom, model.input_shape[2:], model.shapes[target][2:4])[1]
+    return max([int(model.input_shape[1]) * kept[0] * kept[1], *maps])
 
 
 def _cut_values(model, tensor: str, cone) -> int:

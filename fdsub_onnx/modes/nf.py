@@ -22,7 +22,7 @@ from ..errors import FdsubError
 from ..graph.model import Model
 from ..runtime.cluster import map_tasks, model_ref, worker_model, worker_threads
 from .result import Decoded
-from .windows import PixelMean, cut
+from .windows import PixelMean, cropped, cut, field_part
 
 
 def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None, client=None) -> Decoded:
@@ -49,8 +49,9 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
         return _on_cluster(client, model, top, images, batch_size, progress)
     weights = instance_weights(top)
     k_neurons = top.values.shape[0]
-    corners = geom.corner(top.position)  # [K, N, 2]
-    mean = PixelMean(k_neurons, int(model.input_shape[1]), geom.rf, model.input_shape[2:])
+    crop, kept = field_part(geom, model.input_shape[2:], model.shapes[top.layer][2:4])  # all a window meets
+    corners = geom.corner(top.position) + np.asarray(crop)  # [K, N, 2]
+    mean = PixelMean(k_neurons, int(model.input_shape[1]), kept, model.input_shape[2:])
     rows, cols = np.nonzero(top.image_index >= 0)
     order = np.argsort(top.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -65,12 +66,13 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
         lo, hi = np.searchsorted(image, [first, first + len(batch)])
         for k, n, i in zip(rows[lo:hi], cols[lo:hi], image[lo:hi]):  # one at a time: a batch's windows may be many
             mean.add([k], corners[k, n], weights[k, n : n + 1], cut(batch[i - first : i - first + 1], corners[k, n],
-                                                                    geom.rf))
+                                                                    kept))
         done += int(np.count_nonzero((needed >= first) & (needed < first + len(batch))))
         if progress is not None:
             progress(done, len(needed))
     return Decoded(mean.mean().astype(np.float32), np.zeros(k_neurons, np.float32), np.asarray(top.neurons, np.int64),
-                   geom.stride, geom.origin, top.layer, "nf")
+                   geom.stride, (geom.origin[0] + crop[0], geom.origin[1] + crop[1]), top.layer, "nf",
+                   **cropped(geom, crop, kept))
 
 
 

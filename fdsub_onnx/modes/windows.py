@@ -15,6 +15,23 @@ import numpy as np
 from ..compose.backend import array_module
 
 
+def field_part(geom, image_size, out_size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(offset, size) of the part of the receptive field that meets the image for some output position
+    (``Geometry.image_span``): all a window of any instance can hold inside the image, so all that `local`,
+    `deconvnet` and the Neuron Feature keep. The whole field unless it is wider than the image allows:
+    EfficientNet-Lite2's conv_head at 260 px keeps 516 x 516 px of its 1,115 x 1,115."""
+    out_size = tuple(out_size) if len(out_size) == 2 else (1, 1)  # a vector layer: one position
+    (y0, y1), (x0, x1) = geom.image_span(tuple(image_size), out_size)
+    return (y0, x0), (y1 - y0, x1 - x0)
+
+
+def cropped(geom, crop, size) -> dict:
+    """The ``Decoded`` fields of filters cut to ``field_part``: none where that is the whole field."""
+    if tuple(crop) == (0, 0) and tuple(size) == tuple(geom.rf):
+        return {}
+    return {"crop": tuple(crop), "field": tuple(geom.rf)}
+
+
 def cut(maps, corners: np.ndarray, rf) -> np.ndarray:
     """[M, C, R_y, R_x]: the window of ``maps[m]`` ([M, C, H, W], NumPy or CuPy) at ``corners[m]``, zero outside."""
     (ry, rx), (h, w) = rf, maps.shape[2:]

@@ -509,6 +509,43 @@ def test_a_field_wider_than_the_image_takes_whole_maps(tmp_path, monkeypatch):
     np.testing.assert_allclose(cut.filters, whole.filters, rtol=1e-9, atol=1e-12 * scale)
 
 
+@pytest.mark.parametrize("mode", ["local", "deconvnet", "nf"])
+def test_filters_keep_the_part_of_a_wide_field_that_meets_the_image(tmp_path, monkeypatch, mode):
+    """A field wider than the image allows (31 px, one position, 12-px image): `local`, `deconvnet` and the
+    Neuron Feature keep the 12 x 12 px that meet the image (``field_part``, as ``weights`` does), with the same
+    values there as the whole field, which is 0 elsewhere, and the same predictions."""
+    from fdsub_onnx.evaluate.predict import predict
+    from fdsub_onnx.modes import local as _local
+    from fdsub_onnx.modes import nf as _nf
+
+    b = NetBuilder(height=12, width=12, seed=17)
+    x = "input"
+    for _ in range(4):
+        x = b.relu(b.conv(x, 4, 3, 2, (1, 1, 1, 1)))
+    model = load_proto(b.build([b.conv(x, 3, 1)]), tmp_path)
+    last = model.nodes[-1].output[0]
+    images = fd.ArrayImages(np.random.default_rng(6).standard_normal((7, 3, 12, 12)).astype("float32"))
+
+    def decoded():
+        if mode == "nf":
+            return fd.neuron_feature(model, fd.capture_top(model, last, images, top=3), images)
+        return fd.decode(model, last, mode=mode, images=images, top=3, dtype="float64")
+
+    kept = decoded()
+    whole_field = lambda geom, image_size, out_size: ((0, 0), tuple(geom.rf))  # noqa: E731
+    monkeypatch.setattr(_local, "field_part", whole_field)
+    monkeypatch.setattr(_nf, "field_part", whole_field)
+    whole = decoded()
+    assert whole.filters.shape[2:] == (31, 31) and kept.filters.shape[2:] == (12, 12)
+    assert kept.crop == (15, 15) and kept.field == (31, 31) and kept.geometry == whole.geometry
+    np.testing.assert_array_equal(kept.filters, whole.filters[:, :, 15:27, 15:27])
+    outside = whole.filters.copy()
+    outside[:, :, 15:27, 15:27] = 0
+    assert not outside.any() and np.abs(kept.filters).max() > 0
+    batch = next(images.batches(7))[1]
+    np.testing.assert_allclose(predict(kept, batch, (1, 1)), predict(whole, batch, (1, 1)), rtol=1e-12, atol=1e-12)
+
+
 def test_passes_on_two_workers_give_the_one_worker_filters(tmp_path, monkeypatch):
     """Passes run on every core (``ordered_map``) and add up in image order: the filters, biases and instance
     filters are those of one pass after the other, from any number of workers."""
