@@ -28,14 +28,18 @@ from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .backward import pass_sizes, per_image_bytes
 from .decode import plan_decode
-from .fds import FIX, pass_bytes
+from .fds import FIX, gate_values, pass_bytes
 from .local import instance_cone, largest_cut
 from .plan import Costs, forward_flops
 from .windows import field_part
 
 #: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
-#: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md)
-FORWARD_RATE, COMPOSE_RATE = 4e9, 8e9
+#: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward: the fds first pass over 1,000
+#: images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
+FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
+#: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut: 165 s for 1,000
+#: images of 20 M gate values each on EfficientNet-Lite2, beside its 35 s of onnxruntime)
+GATE_SECONDS = 8e-9
 #: the process before a command allocates: Python, NumPy, onnx and onnxruntime loaded
 PROCESS_BYTES = 180 << 20
 NF_SECONDS = 1e-3  # per image read by the Neuron Feature (its sums are cheap beside reading the image)
@@ -122,11 +126,12 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
     (``compose_stage``; ``rows``: the bottom-up pass's, ``neurons``: target -> the neurons asked)."""
     first, second = pass_bytes(model, targets, weighting)
     nodes = [n.output[0] for n in ancestors(model, list(targets)) if n.op_type in ("Conv", "Gemm", "MatMul")]
+    gates = count * gate_values(model, targets, weighting) * GATE_SECONDS
     stages = []
-    for label, per_image in (("first", first), ("second", second)):
+    for label, per_image, extra in (("first", first, 0.0), ("second", second, gates)):
         batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics", FIX)
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
-                            batch * per_image, forward_seconds(model, nodes or targets, count), count))
+                            batch * per_image, forward_seconds(model, nodes or targets, count) + extra, count))
     stages += compose_stage(model, targets, rows, dtype, "fds", neurons)
     return stages
 

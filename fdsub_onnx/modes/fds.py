@@ -125,6 +125,15 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
             _window_bytes(model, windowed, _chains(model, windowed, weighting, gates)))
 
 
+def gate_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> int:
+    """Values per image of the gate maps the second pass computes (its time beside onnxruntime's)."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
+    gates = _gates(model, ancestors(model, targets))
+    chain = _chains(model, _windowed(model, nodes, gates), weighting, gates)
+    return tensor_values(model, [c.output[0] for c in chain])
+
+
 def _first_bytes(model, reads) -> int:
     """Bytes per image of the first pass: what onnxruntime fetches (every node's output and every gate)."""
     return FETCHED_BYTES * tensor_values(model, reads)
