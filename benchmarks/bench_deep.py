@@ -162,7 +162,7 @@ def _rss_mib() -> float:
 
 def job_deep(spec: dict) -> dict:
     import fdsub_onnx as fd
-    from fdsub_onnx.compose.linearize import linear_model
+    from fdsub_onnx.compose.linear_model import linear_model
 
     model = fd.load_model(spec["path"], (1, 3, 224, 224))
     layer, neurons = spec["layer"], np.arange(spec["count"])

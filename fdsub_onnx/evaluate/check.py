@@ -40,8 +40,8 @@ from ..modes.result import degenerate_kind
 from ..neurons import means_all
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, image_bytes, tensor_values
 from .compare import spread
-from .linearize import IDENTITY_OPS, linearized
-from .linearize import identity_error as _identity_error
+from .self_test import IDENTITY_OPS, linearized
+from .self_test import identity_error as _identity_error
 
 DEFAULT_IMAGES = CHECK_IMAGES
 PASS, FAIL, SKIP = "pass", "fail", "skip"

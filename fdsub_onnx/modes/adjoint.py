@@ -4,7 +4,7 @@ gradient of the linearized network (docs/method.md, "Routes").
 Bottom-up composition builds the filter of every channel of every layer below the one asked, each as large
 as its receptive field; the adjoint starts from the neurons asked instead. A batch of one-hot seeds (the
 neurons at the position) runs backwards through the network that ``weights`` mode decodes
-(``compose.linearize.linear_model``: nonlinearities as the identity, MaxPool as an average, gates held), with
+(``compose.linear_model.linear_model``: nonlinearities as the identity, MaxPool as an average, gates held), with
 the backward rules of ``local`` mode, which need no forward value on a linear network: one GEMM-shaped pass
 per batch. The gradient with respect to the image is the filter, and the bias is what the pass gathers (the
 network's response to the zero image). It is exact at every position, the border included, and through ops
@@ -21,7 +21,7 @@ import numpy as np
 
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Bank, Engine
-from ..compose.linearize import folded
+from ..compose.linear_model import folded
 from ..compose.values import Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError, NotDecodable

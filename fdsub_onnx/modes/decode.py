@@ -9,7 +9,7 @@ import numpy as np
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import KERNELS, Engine
 from ..compose.inspect import channels_of, inspect_model, memory_problem
-from ..compose.linearize import linear_model
+from ..compose.linear_model import linear_model
 from ..compose.values import Blocked, Tensor
 from ..compose.walker import walk
 from ..data.topn import rows_of

@@ -112,7 +112,7 @@ class _Layer:
 def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarray, position, dtype, backend,
                route: str = "auto") -> Plan:
     """The plan for ``neurons`` of ``target`` at ``position`` (see the module docstring); ``route`` forces one
-    ("meet" picks the best split). ``linear`` is ``compose.linearize.linear_model``'s network, or why there
+    ("meet" picks the best split). ``linear`` is ``compose.linear_model.linear_model``'s network, or why there
     is none (no adjoint then). ``position="interior"`` asks for the filter of the interior positions: any route
     at the interior position nearest the centre, or bottom-up alone where no position is interior (a field
     larger than the image: the filter the neuron has on a larger image). A FdsubError when no route can decode

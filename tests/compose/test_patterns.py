@@ -10,7 +10,7 @@ from netgen import NetBuilder, run_ort
 from onnx import helper
 
 import fdsub_onnx as fd
-from fdsub_onnx.evaluate.linearize import linearized
+from fdsub_onnx.evaluate.self_test import linearized
 from fdsub_onnx.graph.patterns import ChannelGate, SelfGated
 from fdsub_onnx.modes.gates import reference_gates
 

@@ -21,7 +21,7 @@ import fdsub_onnx
 from fdsub_onnx.cli.main import app
 from fdsub_onnx.evaluate import check as _check
 from fdsub_onnx.evaluate.check import check_model
-from fdsub_onnx.evaluate.linearize import identity_error, linearized
+from fdsub_onnx.evaluate.self_test import identity_error, linearized
 
 runner = CliRunner()
 FAST = ["--images", "builtin:blobs:8"]

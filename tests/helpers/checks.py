@@ -1,6 +1,6 @@
 """Test helpers: the weights identity of docs/method.md, checked on interior output positions.
 
-The comparison itself is the library's (``fdsub_onnx.evaluate.linearize.identity_error``, also run by
+The comparison itself is the library's (``fdsub_onnx.evaluate.self_test.identity_error``, also run by
 ``fdsub check``); ``assert_identity`` turns it into an assertion with the worst position.
 
 For a decoded neuron k at output position q = (qy, qx) whose receptive field
@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import fdsub_onnx
-from fdsub_onnx.evaluate.linearize import identity_error
+from fdsub_onnx.evaluate.self_test import identity_error
 
 
 def load_proto(proto: onnx.ModelProto, folder, input_shape=None) -> fdsub_onnx.Model:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from fdsub_onnx.evaluate.linearize import linearized
+from fdsub_onnx.evaluate.self_test import linearized
 from fdsub_onnx.evaluate.zoo import LIGHT_DIR as ZOO_DIR
 from fdsub_onnx.evaluate.zoo import light_name as zoo_name
 from fdsub_onnx.evaluate.zoo import light_paths as zoo_paths

@@ -240,7 +240,7 @@ def test_affine_chains_merge_into_their_batchnorm_exactly(load):
     adjoint differentiates, with the same filters as bottom-up; a BN whose output is read twice is left alone."""
     from netgen import NetBuilder
 
-    from fdsub_onnx.compose.linearize import linear_model
+    from fdsub_onnx.compose.linear_model import linear_model
 
     b = NetBuilder(height=12, width=12, seed=5)
     x = b.conv("input", 6, 3, pads=(1, 1, 1, 1))
@@ -266,7 +266,7 @@ def test_a_constant_broadcast_over_the_width_is_not_merged_into_the_batchnorm(lo
     per-channel scale, so the linearized network keeps it as its own node (decode refuses the layers above it)."""
     from netgen import NetBuilder
 
-    from fdsub_onnx.compose.linearize import linear_model
+    from fdsub_onnx.compose.linear_model import linear_model
 
     b = NetBuilder(height=10, width=8, seed=6)
     x = b.batchnorm(b.conv("input", 8, 3, pads=(1, 1, 1, 1)))
@@ -284,7 +284,7 @@ def test_batchnorms_fold_into_the_convolutions_beside_them_exactly(load):
     stay."""
     from netgen import NetBuilder
 
-    from fdsub_onnx.compose.linearize import folded, linear_model
+    from fdsub_onnx.compose.linear_model import folded, linear_model
 
     b = NetBuilder(height=12, width=12, seed=7)
     first = b.conv("input", 6, 3, pads=(1, 1, 1, 1))  # -> BN: folded into it
@@ -317,7 +317,7 @@ def test_a_float32_pass_stays_float32(load):
     from netgen import NetBuilder
 
     from fdsub_onnx.compose.backend import get_backend
-    from fdsub_onnx.compose.linearize import linear_model
+    from fdsub_onnx.compose.linear_model import linear_model
     from fdsub_onnx.modes.adjoint import gradients
 
     b = NetBuilder(height=12, width=12, seed=8)

@@ -8,7 +8,7 @@ from ._rule import OpRule, attributes, constant, data
 
 def scale_shift(node, gamma, beta, mean, var, xp=np):
     """A BatchNormalization's ``(s, t)`` of ``y = s x + t`` per channel, in the arrays' module ``xp`` and dtype
-    (the bank rule here, the backward rule of ``local``, the folding of ``compose.linearize``)."""
+    (the bank rule here, the backward rule of ``local``, the folding of ``compose.linear_model``)."""
     scale = gamma / xp.sqrt(var + attributes(node).get("epsilon", 1e-5))
     return scale, beta - mean * scale
 

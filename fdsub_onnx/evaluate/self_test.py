@@ -1,6 +1,6 @@
 """The `weights` identity of docs/method.md as a self-test: the identity's error against a linearized copy.
 
-``linearized`` (``compose.linearize``) builds the ONNX model that ``weights`` mode decodes, so onnxruntime
+``linearized`` (``compose.linear_model``) builds the ONNX model that ``weights`` mode decodes, so onnxruntime
 can compute the activations the decoded filters must predict exactly: for a neuron at output position q
 whose receptive field lies in the image, ``activation == sum(filters[k] * patch(q)) + bias[k]``
 (``identity_error``).
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..compose.linearize import AVERAGED, IDENTITY_OPS, linearized
+from ..compose.linear_model import AVERAGED, IDENTITY_OPS, linearized
 from ..errors import FdsubError
 from .predict import predict
 
