@@ -41,15 +41,15 @@ def predict(decoded, images: np.ndarray, out_size, mask: np.ndarray | None = Non
         values = np.tensordot(windows[:, :, ys, xs], filters, axes=([1, 3, 4], [1, 2, 3]))  # [B, P, K]
         return values.transpose(0, 2, 1) + bias[None, :, None]
     region = padded[:, :, y0 : y0 + (qy - 1) * sy + ry, x0 : x0 + (qx - 1) * sx + rx]
-    return _correlate(region, filters, (sy, sx), (qy, qx)).transpose(1, 0, 2, 3) + bias[None, :, None, None]
+    return _correlate(region, filters, (sy, sx), (qy, qx)) + bias[None, :, None, None]
 
 
 def _correlate(region: np.ndarray, filters: np.ndarray, stride, out_size) -> np.ndarray:
-    """[K, B, Q_y, Q_x]: ``sum(filter * window)`` for the windows of ``region`` [B, C, L_y, L_x] at ``stride``, by
+    """[B, K, Q_y, Q_x]: ``sum(filter * window)`` for the windows of ``region`` [B, C, L_y, L_x] at ``stride``, by
     the windows' products or by the FFT, whichever costs fewer operations."""
     (sy, sx), (qy, qx) = stride, out_size
     if _fft_cheaper(filters.shape, region.shape[2:], out_size):
-        return _correlate_fft(region, filters, stride, out_size).transpose(1, 0, 2, 3)
+        return _correlate_fft(region, filters, stride, out_size)
     ry, rx = filters.shape[2:]
     windows = sliding_window_view(region, (ry, rx), axis=(2, 3))[:, :, : (qy - 1) * sy + 1 : sy,
                                                                   : (qx - 1) * sx + 1 : sx]
@@ -60,7 +60,7 @@ def _correlate(region: np.ndarray, filters: np.ndarray, stride, out_size) -> np.
     for start in range(0, qy, rows):
         out[:, start : start + rows] = np.tensordot(windows[:, :, start : start + rows], filters,
                                                     axes=([1, 4, 5], [1, 2, 3]))  # [B, rows, Q_x, K]
-    return out.transpose(3, 0, 1, 2)
+    return out.transpose(0, 3, 1, 2)
 
 
 def _predict_swapped(filters: np.ndarray, images: np.ndarray, stride, origin, out_size) -> np.ndarray:
@@ -79,15 +79,22 @@ def _predict_swapped(filters: np.ndarray, images: np.ndarray, stride, origin, ou
     if hi[0] > lo[0] and hi[1] > lo[1]:
         region[:, :, lo[0] + last[0] : hi[0] + last[0], lo[1] + last[1] : hi[1] + last[1]] = \
             filters[:, :, lo[0] : hi[0], lo[1] : hi[1]]
-    # window i of the region at i * stride is output position Q - 1 - i
-    found = _correlate(region, np.asarray(images, np.float64), stride, out_size)  # [B, K, Q_y, Q_x], reversed
-    return found[:, :, ::-1, ::-1]
+    # window i of the region at i * stride is output position Q - 1 - i; the images are the kernels here
+    found = _correlate(region, np.asarray(images, np.float64), stride, out_size)  # [K, B, Q_y, Q_x], reversed
+    return found.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+
+
+def _costs(filters_shape, images_shape, stride, out_size) -> tuple[float, float]:
+    """Operations of a call of ``predict`` on ``images_shape`` [B, C, H, W]: plain (windows of the padded images)
+    and swapped (``_predict_swapped``), each by its cheaper path (windows or FFT)."""
+    plain = images_shape[0] * min(_operations(filters_shape, _region(filters_shape[2:], stride, out_size), out_size))
+    swapped = filters_shape[0] * min(_operations(images_shape, _region(images_shape[2:], stride, out_size), out_size))
+    return plain, swapped
 
 
 def _swap_cheaper(filters_shape, images_shape, stride, out_size) -> bool:
     """Whether the swapped form (``_predict_swapped``) costs fewer operations than windows of the padded image."""
-    plain = images_shape[0] * min(_operations(filters_shape, _region(filters_shape[2:], stride, out_size), out_size))
-    swapped = filters_shape[0] * min(_operations(images_shape, _region(images_shape[2:], stride, out_size), out_size))
+    plain, swapped = _costs(filters_shape, images_shape, stride, out_size)
     return swapped < plain
 
 
@@ -110,11 +117,7 @@ def _operations(filters_shape, region, out_size) -> tuple[float, float]:
 def prediction_operations(decoded_shape, stride, image_size, out_size, batch: int = 16) -> float:
     """Operations per image of ``predict`` for filters [K, C, R_y, R_x] at ``stride`` on ``batch`` images at a time
     (the path it takes)."""
-    k, c = decoded_shape[:2]
-    plain = min(_operations(decoded_shape, _region(decoded_shape[2:], stride, out_size), out_size))
-    images = (batch, c, *image_size)
-    swapped = k * min(_operations(images, _region(image_size, stride, out_size), out_size)) / batch
-    return min(plain, swapped)
+    return min(_costs(decoded_shape, (batch, decoded_shape[1], *image_size), stride, out_size)) / batch
 
 
 def prediction_bytes(decoded_shape, stride, image_size, out_size, batch: int = 16) -> float:

@@ -117,21 +117,25 @@ FIX = "use fewer neurons or an earlier layer, or raise --memory-budget on a mach
 def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int, int]:
     """Bytes per image of the first and the second pass of ``gather_statistics`` over ``targets``: a pass over
     images holds one batch of these at once, whatever the number of images."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
-    gates = _gates(model, ancestors(model, targets))
-    windowed = _windowed(model, nodes, gates)
+    nodes, gates, windowed, chain = _passes(model, targets, weighting)
     return (_first_bytes(model, [n.output[0] for n in nodes] + list(gates.values())),
-            _window_bytes(model, windowed, _chains(model, windowed, weighting, gates)))
+            _window_bytes(model, windowed, chain))
 
 
 def gate_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> int:
     """Values per image of the gate maps the second pass computes (its time beside onnxruntime's)."""
+    chain = _passes(model, targets, weighting)[3]
+    return tensor_values(model, [c.output[0] for c in chain])
+
+
+def _passes(model, targets, weighting: str) -> tuple:
+    """What the two passes over ``targets`` read: (the substituted nodes, the held channel gates, the nodes the
+    second pass cuts windows of, the nodes whose gates it computes)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
     gates = _gates(model, ancestors(model, targets))
-    chain = _chains(model, _windowed(model, nodes, gates), weighting, gates)
-    return tensor_values(model, [c.output[0] for c in chain])
+    windowed = _windowed(model, nodes, gates)
+    return nodes, gates, windowed, _chains(model, windowed, weighting, gates)
 
 
 def _first_bytes(model, reads) -> int:

@@ -111,7 +111,6 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                    instance_bias=None if each is None else each[1], instances=found, **cropped(geom, crop, kept))
 
 
-
 def instance_cone(model, target: str, geom) -> dict | None:
     """Each tensor's cone (the window an instance's pass reads there), or None where the passes take whole maps:
     ``target`` is not reached through a chain of windowed and elementwise ops, or its cones hold more values than
