@@ -10,6 +10,7 @@ from ..graph.model import LAYER_OPS, Model, find_layer
 from ..graph.patterns import ChannelGate
 from .backend import get_backend
 from .engine import Engine
+from .ops import RULES
 from .values import Blocked, Layout, Tensor
 from .walker import walk
 
@@ -66,7 +67,7 @@ def _held(model: Model) -> list[dict]:
     for node in model.nodes:
         pattern = model.patterns.get(node.output[0])
         kind = "channel gate" if isinstance(pattern, ChannelGate) else (
-            "layer norm" if node.op_type == "LayerNormalization" else None)
+            "layer norm" if node.op_type in RULES and RULES[node.op_type].held_factor else None)
         if kind:
             held.append({"tensor": node.output[0], "node": model.node_name(node), "kind": kind})
     return held

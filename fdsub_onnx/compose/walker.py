@@ -10,6 +10,7 @@ from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
 from ..graph.patterns import ChannelGate, SelfGated
 from .ops import RULES
+from .ops._rule import NO_BANK_RULE
 from .values import Blocked, Const, Tensor
 
 
@@ -134,15 +135,15 @@ def _apply(node, inputs, ctx, model):
     elif isinstance(pattern, ChannelGate):  # the gate's value comes from onnxruntime, not from the walk
         needed = [v for name, v in zip(node.input, inputs) if name == pattern.x]
     label = f"{node.op_type} node {model.node_name(node)!r}"
+    rule = RULES.get(node.op_type)
     blocked = [v for v in needed if isinstance(v, Blocked)]
-    if blocked and (not all(v.per_position for v in blocked) or node.op_type in RULES):
+    if blocked and (not all(v.per_position for v in blocked) or (rule is not None and rule.implements("apply"))):
         return next((v for v in blocked if not v.per_position), blocked[0])
     if node.domain not in STANDARD_DOMAINS:
         return Blocked(f"{label}: an op of the {node.domain!r} domain, not standard ONNX (for onnxruntime's quantized "
                        "contrib ops: quantize in QDQ format, onnxruntime.quantization.QuantFormat.QDQ)")
-    rule = RULES.get(node.op_type)
     if rule is None:
-        return Blocked(f"{label}: no rule for this op (`fdsub inspect` lists what is decodable)")
+        return Blocked(f"{label}: {NO_BANK_RULE}")
     try:
         return rule.apply(node, inputs, ctx)
     except PhaseDependent as exc:

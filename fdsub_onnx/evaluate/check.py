@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..compose.inspect import Summary, inspect_model
+from ..compose.ops import RULES
 from ..data.images import open_images
 from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
@@ -40,15 +41,15 @@ from ..modes.result import degenerate_kind
 from ..neurons import means_all
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, image_bytes, tensor_values
 from .compare import spread
-from .self_test import IDENTITY_OPS, linearized
 from .self_test import identity_error as _identity_error
+from .self_test import linearized
 
 DEFAULT_IMAGES = CHECK_IMAGES
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenerate-filters", "dead-neurons")
-#: ops after a layer through which the dead-neuron probe follows it to its activation (one channel in, one out)
-FOLLOWED = (set(IDENTITY_OPS) - {"Softmax"}) | {"BatchNormalization", "InstanceNormalization"}
-AFFINE = ("Add", "Sub", "Mul", "Div")
+#: an op without a class of its own through which the dead-neuron probe follows a layer to its activation (the
+#: op classes say it of themselves: ``OpRule.keeps_neuron``, ``affine_by_constant``)
+FOLLOWED = ("InstanceNormalization",)
 VARIES = 1e-6  # a neuron varies when its range over the probe set exceeds this share of its layer's largest |value|
 BATCH = 8
 
@@ -379,8 +380,9 @@ def _activation_of(model: Model, name: str) -> str:
         if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
             return name
         node = users[0]
-        follows = node.op_type in FOLLOWED and node.input[0] == name
-        if node.op_type in AFFINE:
+        op = RULES.get(node.op_type)
+        follows = (node.op_type in FOLLOWED or (op is not None and op.keeps_neuron)) and node.input[0] == name
+        if op is not None and op.affine_by_constant:
             others = [i for i in node.input if i != name]
             follows = len(others) == 1 and others[0] in model.constants and node.input[0] == name
         if not follows or node.output[0] in seen:

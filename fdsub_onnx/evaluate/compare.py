@@ -15,6 +15,7 @@ import numpy as np
 
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
+from ..compose.ops import RULES
 from ..data.topn import TopN, rows_of
 from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_TOP, DEFAULT_WEIGHTING, REPORT_LAYERS, REPORT_NEURONS
 from ..errors import FdsubError
@@ -39,7 +40,6 @@ from ..neurons import ALL, means_all, parse_neurons
 from ..runtime.capture import capture_top
 from .fidelity import FIDELITY_MODES, fidelity_of_layers, fidelity_stage
 
-CONV_OPS = ("Conv",)  # the layers compared by default (when decodable)
 INSTANCE_RULES = ("local", "deconvnet")  # the decodings made of per-instance backward passes
 
 
@@ -242,7 +242,7 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
     every decodable Conv layer when ``names`` is None or ``"all"``."""
     listed = {layer.name: layer for layer in summary.layers}
     if names is None or means_all(names):
-        chosen = [layer for layer in summary.layers if layer.decodable and layer.op in CONV_OPS
+        chosen = [layer for layer in summary.layers if layer.decodable and _default_layer(layer.op)
                   and not layer.per_position]
         if not chosen:
             raise FdsubError(f"{model.path} has no decodable Conv layer; name layers with --layers "
@@ -348,3 +348,9 @@ class _Steps:
                     self.progress(sum(p * w for p, w in zip(self.parts, self.weights)), sum(self.weights))
 
         return update
+
+
+def _default_layer(op_type: str) -> bool:
+    """Whether layers of ``op_type`` are compared by default (``OpRule.default_layer``: convolutions)."""
+    op = RULES.get(op_type)
+    return op is not None and op.default_layer

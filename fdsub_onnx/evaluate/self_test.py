@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..compose.linear_model import AVERAGED, IDENTITY_OPS, linearized
+from ..compose.linear_model import linearized
 from ..errors import FdsubError
 from .predict import predict
 
-__all__ = ["AVERAGED", "IDENTITY_OPS", "IdentityError", "identity_error", "linearized"]
+__all__ = ["IdentityError", "identity_error", "linearized"]
 
 
 @dataclass

@@ -22,33 +22,26 @@ import numpy as np
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Bank, Engine
 from ..compose.linear_model import folded
+from ..compose.ops import RULES
 from ..compose.values import Tensor
 from ..compose.walker import walk
-from ..errors import FdsubError, NotDecodable
+from ..errors import FdsubError
 from ..graph.geometry import Geometry
 from ..graph.model import Model, ancestors
-from .backward import LOCAL_RULES, backward, one_hot
+from .backward import backward, one_hot
 
-#: ops whose backward rule is exact on a linear network without forward values (shapes only)
-LINEAR_OPS = (
-    "Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "BatchNormalization", "Add", "Sub", "Sum", "Mul",
-    "Div", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Gemm", "MatMul", "Pad", "Identity",
-    "Dropout", "Slice", "Split", "ReduceMean", "ReduceSum", "Resize", "Upsample",
-)
+#: the reading of each op's class the adjoint runs: its backward rule where it is exact on a linear network without
+#: forward values (``OpRule.linear``; a product of two maps has no data-free rule)
+ADJOINT = "adjoint"
 
 
-def _products_of_maps_refused(rule):
-    def step(node, ins, is_data, out, grad):
-        if all(is_data[:2]):
-            raise NotDecodable("it multiplies two data-dependent tensors, which has no data-free rule")
-        return rule(node, ins, is_data, out, grad)
-
-    return step
-
-
-#: the adjoint's rule table: the local rules of the linear ops (a product of two maps has no data-free rule)
-ADJOINT_RULES = {op: LOCAL_RULES[op] for op in LINEAR_OPS} | {
-    op: _products_of_maps_refused(LOCAL_RULES[op]) for op in ("Mul", "Div")}
+def adjoint_problem(linear: Model, target: str) -> str | None:
+    """Why the adjoint cannot run below ``target`` on the linearized network, or None."""
+    for node in ancestors(linear, [target]):
+        op = RULES.get(node.op_type)
+        if op is None or not op.implements(ADJOINT):
+            return f"no data-free backward rule for {node.op_type} node {linear.node_name(node)!r}"
+    return None
 
 
 class _Shapes(dict):
@@ -88,7 +81,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
         rows = slice(start, min(start + batch, len(neurons)))
         m = rows.stop - rows.start
         seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype)
-        grads, bias = backward(linear, nodes, _Shapes(linear, m, dtype), {target: seed}, ADJOINT_RULES,
+        grads, bias = backward(linear, nodes, _Shapes(linear, m, dtype), {target: seed}, ADJOINT,
                                "weights (adjoint)")
         grad = grads.get(source)
         if grad is None:

@@ -26,17 +26,20 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
 from ..compose.backend import array_module
+from ..compose.kernels import maxpool_switches, padded_size, scatter_sum
+from ..compose.ops import RULES
 from ..graph.geometry import Window
 from ..graph.model import attributes
-from .backward import LOCAL_RULES, _padded_size, backward, maxpool_switches, scatter_sum
+from .backward import backward
 
-WINDOW_OPS = ("Conv", "AveragePool", "MaxPool")
-#: ops on one grid whose rule reads and writes its maps position by position (any channel mixing is 1x1)
-ALIGNED_OPS = (
-    "Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Sigmoid", "Tanh",
-    "Softplus", "Gelu", "Mish", "Erf", "LRN", "BatchNormalization", "Add", "Sub", "Sum", "Mul", "Div", "Concat",
-    "Identity", "Dropout",
-)
+#: the cone forms (``OpRule.cone``) of windowed ops: a window of the input per output position
+WINDOWS = ("window", "average_window", "max_window")
+
+
+def _form(node) -> str | None:
+    """The op's cone form (``OpRule.cone``), None for an op without a class."""
+    op = RULES.get(node.op_type)
+    return None if op is None else op.cone
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,13 @@ def cones(model, nodes: list, target: str) -> dict[str, Cone] | None:
 def reads(model, node, out: Cone) -> dict[str, Cone] | None:
     """Data input -> the window of its grid that ``node``'s output window ``out`` reads (None: no cone form)."""
     data = [name for name in node.input if name and name not in model.constants]
-    if node.op_type in WINDOW_OPS:
+    form = _form(node)
+    if form in WINDOWS:
         window = _window_read(model, node, out)
         return None if window is None else {data[0]: window}
-    if node.op_type in ALIGNED_OPS and _aligned(model, node, data):
+    if form == "aligned" and _aligned(model, node, data):
         return {name: Cone(out.ratio, out.start, out.size, tuple(model.shapes[name][2:])) for name in data}
-    if node.op_type == "Pad":
+    if form == "pad":
         return _pad_read(model, node, out, data)
     return None
 
@@ -93,8 +97,8 @@ def reads(model, node, out: Cone) -> dict[str, Cone] | None:
 def _window_read(model, node, out: Cone) -> Cone | None:
     x = model.shapes.get(node.input[0])
     attrs = attributes(node)
-    weight = model.constants.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-    if x is None or len(x) != 4 or (node.op_type == "Conv" and weight is None):
+    weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None  # a convolution's
+    if x is None or len(x) != 4 or (len(node.input) > 1 and weight is None):
         return None
     window = Window.of(attrs, tuple(x[2:]), None if weight is None else tuple(weight.shape[2:]))
     return Cone(tuple(r * s for r, s in zip(out.ratio, window.strides)),
@@ -111,8 +115,8 @@ def _aligned(model, node, data) -> bool:
     if any(tuple(model.shapes.get(name, ())[2:]) != tuple(out[2:]) for name in data):
         return False
     constants = [model.constants[n] for n in node.input if n in model.constants]
-    return all(np.ndim(c) < 2 or int(np.prod(np.shape(c)[-2:])) == 1 for c in constants) or node.op_type in (
-        "BatchNormalization", "PRelu", "Clip", "LRN")
+    return all(np.ndim(c) < 2 or int(np.prod(np.shape(c)[-2:])) == 1 for c in constants) or RULES[
+        node.op_type].cone_any_constant
 
 
 def _pad_read(model, node, out: Cone, data) -> dict | None:
@@ -132,17 +136,15 @@ def _pad_read(model, node, out: Cone, data) -> dict | None:
     return {data[0]: Cone(out.ratio, (out.start[0] - pads[2], out.start[1] - pads[3]), out.size, tuple(x[2:]))}
 
 
-#: ops whose rule on cones reads only the shapes of its forward values: windows and Pad (the gradient alone),
-#: MaxPool (its switches come from the whole maps)
-SHAPES_ONLY = ("Conv", "AveragePool", "MaxPool", "Pad")
-
-
 def read_values(nodes: list) -> set[str]:
-    """The tensors whose values some rule of a cone pass over ``nodes`` reads (a Relu: its input, not its output)."""
+    """The tensors whose values some rule of a cone pass over ``nodes`` reads (``OpRule.cone_values``: windows and
+    Pad read only shapes, MaxPool's switches come from the whole maps, a Relu reads its input, not its output)."""
     read = set()
     for node in nodes:
-        if node.op_type not in SHAPES_ONLY:
-            read.update(node.input if node.op_type == "Relu" else [*node.input, *node.output])
+        op = RULES.get(node.op_type)
+        kept = "all" if op is None else op.cone_values
+        if kept != "shapes":
+            read.update(node.input if kept == "inputs" else [*node.input, *node.output])
     return read
 
 
@@ -182,35 +184,32 @@ def windows_at(plane, corners: np.ndarray, size) -> object:
 class _ConePass:
     """The rules of one pass, each run on cones: inputs cut to what the node reads, gradients put back."""
 
-    def __init__(self, model, found: dict, positions: np.ndarray, rules: dict, values: dict):
-        self.model, self.found, self.positions, self.base, self.values = model, found, positions, rules, values
+    def __init__(self, model, found: dict, positions: np.ndarray, reading: str, values: dict):
+        self.model, self.found, self.positions, self.reading, self.values = model, found, positions, reading, values
         self.unpadded, self.offsets = {}, {}
 
-    def rules(self) -> dict:
-        return {op: self._step for op in self.base}
-
-    def _step(self, node, ins, is_data, out, grad):
-        rule, out_cone = self.base[node.op_type], self.found[node.output[0]]
+    def step(self, op, node, ins, is_data, out, grad):
+        """``op``'s reading on cones (``backward``'s ``run``)."""
+        out_cone = self.found[node.output[0]]
         demands = reads(self.model, node, out_cone)
         xp = array_module(grad)
         # whether the rule's gradients need zeroing where the cones leave the map: a rule position by position
         # keeps the zeros its output's gradient has there
-        mask = node.op_type not in ALIGNED_OPS
-        if node.op_type == "Pad":  # the same values on a shifted grid; what the pad added has no gradient
+        mask = op.cone != "aligned"
+        if op.cone == "pad":  # the same values on a shifted grid; what the pad added has no gradient
             grads, added = [grad] + [None] * (len(ins) - 1), xp.zeros(len(grad), grad.dtype)
-        elif node.op_type == "MaxPool" and self.base[node.op_type] is LOCAL_RULES["MaxPool"]:
+        elif op.cone == "max_window":  # a max's rule in both modes: the switches
             grads, added = [self._maxpool(node, out_cone, demands[node.input[0]], grad)], xp.zeros(len(grad),
                                                                                                  grad.dtype)
             mask = False  # the switches lie in the map
         else:
             cut = [self._part(v, self.found[name], demands[name]) if name in demands else v
                    for name, v in zip(node.input, ins)]
-            if node.op_type == "MaxPool":  # the pool's own padding never holds the maximum
-                x = cut[0]
-                cut[0] = xp.where(xp.asarray(self._inside(demands[node.input[0]], len(grad)))[:, None], x, -np.inf)
-            if node.op_type == "AveragePool":  # each window divides by its taps inside the map, as onnxruntime
+            if op.cone == "average_window":  # each window divides by its taps inside the map, as onnxruntime
                 grad = grad * xp.asarray(self._average_scale(node, out_cone, len(grad)), grad.dtype)
-            grads, added = rule(self._unpadded(node) if node.op_type in WINDOW_OPS else node, cut, is_data, out, grad)
+            rule = getattr(op, self.reading)
+            grads, added = rule(self._unpadded(node, op.cone) if op.cone in WINDOWS else node, cut, is_data, out,
+                                grad)
         placed = [self._placed(g, demands[name], self.found[name], mask) if g is not None and name in demands
                   else g for name, g in zip(node.input, grads)]
         return placed, added
@@ -239,7 +238,7 @@ class _ConePass:
         first maximum from its first tap, whether any window has none (NaN: offset -1)), once per pass."""
         if (id(node), width) not in self.offsets:
             xp = array_module(x)
-            padded = _padded_size(tuple(x.shape[2:]), window, tuple(y.shape[2:]))[1]
+            padded = padded_size(tuple(x.shape[2:]), window, tuple(y.shape[2:]))[1]
             switch = maxpool_switches(x, y, window)[0]
             qy, qx = xp.indices(switch.shape[1:])
             dy, dx = switch // padded - qy * window.strides[0], switch % padded - qx * window.strides[1]
@@ -284,11 +283,11 @@ class _ConePass:
         return np.stack([np.prod(window.kernel) / _counts(window, grid, corner, out_cone.size, include)
                          for corner in corners])[:, None]
 
-    def _unpadded(self, node):
+    def _unpadded(self, node, form: str):
         """The node with its pads set to 0: the cut input already holds the padding as part of its window."""
         if id(node) not in self.unpadded:
             attrs = {k: v for k, v in attributes(node).items() if k not in ("pads", "auto_pad", "count_include_pad")}
-            if node.op_type == "AveragePool":
+            if form == "average_window":
                 attrs["count_include_pad"] = 1
             self.unpadded[id(node)] = helper.make_node(node.op_type, list(node.input), list(node.output),
                                                        name=node.name, pads=[0, 0, 0, 0], **attrs)
@@ -306,7 +305,7 @@ def _counts(window: Window, grid, corner, size, include_pad: bool) -> np.ndarray
     return np.maximum(np.outer(*per_axis), 1)
 
 
-def cone_gradients(model, target: str, values: dict, neurons, positions, rules: dict, label: str, nodes: list,
+def cone_gradients(model, target: str, values: dict, neurons, positions, reading: str, label: str, nodes: list,
                    found: dict):
     """Instance filters [M, C, R_y, R_x] (the image's cone: each instance's receptive field) and local biases [M]
     of M instances of one image, whose forward ``values`` (tensor -> [1, ...]) they share."""
@@ -315,7 +314,7 @@ def cone_gradients(model, target: str, values: dict, neurons, positions, rules: 
     xp = array_module(first)
     seed = xp.zeros((len(neurons), first.shape[1], 1, 1), first.dtype)
     seed[np.arange(len(neurons)), np.asarray(neurons), 0, 0] = 1.0
-    cone_pass = _ConePass(model, found, positions, rules, values)
+    cone_pass = _ConePass(model, found, positions, reading, values)
     cut = _Cut(values, found, positions, read_values(nodes))
-    grads, bias = backward(model, nodes, cut, {target: seed}, cone_pass.rules(), label)
+    grads, bias = backward(model, nodes, cut, {target: seed}, reading, label, cone_pass.step)
     return grads[model.input_name], bias

@@ -19,6 +19,7 @@ import numpy as np
 from ..compose.backend import get_backend, usable_cores
 from ..compose.engine import Engine
 from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, layer_geometry, memory_problem
+from ..compose.ops import RULES
 from ..compose.walker import walk
 from ..data.topn import SLOT_BYTES
 from ..defaults import DEFAULT_BATCH, DEFAULT_TOP, DEFAULT_WEIGHTING, budget_text, memory_budget
@@ -125,7 +126,8 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
     """``gather_statistics``'s two passes over the images, then the composition of the substituted banks
     (``compose_stage``; ``rows``: the bottom-up pass's, ``neurons``: target -> the neurons asked)."""
     first, second = pass_bytes(model, targets, weighting)
-    nodes = [n.output[0] for n in ancestors(model, list(targets)) if n.op_type in ("Conv", "Gemm", "MatMul")]
+    nodes = [n.output[0] for n in ancestors(model, list(targets))  # the weighted layers fds substitutes
+             if n.op_type in RULES and RULES[n.op_type].fds == "weight"]
     gates = count * gate_values(model, targets, weighting) * GATE_SECONDS
     stages = []
     for label, per_image, extra in (("first", first, 0.0), ("second", second, gates)):

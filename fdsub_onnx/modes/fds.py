@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper
 
+from ..compose.ops import RULES
 from ..data.topn import TopN, instance_weights, start_top
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
@@ -31,15 +31,13 @@ from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, tensor_values
-from .backward import LOCAL_RULES
 
-SUBSTITUTED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool")  # AveragePool keeps its fixed uniform weights
-#: elementwise nonlinearities: their gate is their slope at the forward value (``local``'s rule on a unit signal)
-SLOPE_OPS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-             "Celu", "Softplus", "Gelu", "Mish", "Erf")
-#: ops that pass a gate on unchanged (linear per element, or treated as identity in fds; reshapes move it)
-PASSING_OPS = ("Identity", "Dropout", "LRN", "BatchNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-               "QuantizeLinear", "DequantizeLinear")
+
+def _fds(node) -> str | None:
+    """How fds substitutes ``node`` (``OpRule.fds``: "weight", "switch"), None where it keeps it (AveragePool keeps
+    its fixed uniform weights)."""
+    op = RULES.get(node.op_type)
+    return None if op is None else op.fds
 
 
 @dataclass
@@ -57,7 +55,7 @@ class Substitution:
         stat = self.stats.get(node.output[0])
         if stat is None:
             return weight
-        if node.op_type == "MaxPool":
+        if _fds(node) == "switch":
             return stat.reshape(weight.shape)
         return select_contributions(weight * stat.reshape(weight.shape), self.select)
 
@@ -88,7 +86,7 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = DEFA
     parse_select(select)
     parse_weighting(weighting)
     targets = [targets] if isinstance(targets, str) else list(targets)
-    nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
+    nodes = [n for n in ancestors(model, targets) if _fds(n)]
     for node in nodes:
         shape = model.shapes.get(node.input[0])
         if shape is None or len(shape) not in (2, 4):
@@ -132,7 +130,7 @@ def _passes(model, targets, weighting: str) -> tuple:
     """What the two passes over ``targets`` read: (the substituted nodes, the held channel gates, the nodes the
     second pass cuts windows of, the nodes whose gates it computes)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    nodes = [n for n in ancestors(model, targets) if n.op_type in SUBSTITUTED_OPS]
+    nodes = [n for n in ancestors(model, targets) if _fds(n)]
     gates = _gates(model, ancestors(model, targets))
     windowed = _windowed(model, nodes, gates)
     return nodes, gates, windowed, _chains(model, windowed, weighting, gates)
@@ -145,7 +143,7 @@ def _first_bytes(model, reads) -> int:
 
 def _windowed(model, nodes, held) -> list:
     """The nodes that get a statistic: all but those reading the image (pixels are not neurons), MaxPool kept."""
-    return [n for n in nodes if n.op_type == "MaxPool" or not _gate_chain(model, n.input[0], held)[1]]
+    return [n for n in nodes if _fds(n) == "switch" or not _gate_chain(model, n.input[0], held)[1]]
 
 
 def _window_bytes(model, nodes, chain) -> int:
@@ -302,7 +300,7 @@ def _add_windows(totals: dict, entry: dict) -> dict:
 def _instance_values(window, acts, gate, rows, image, position):
     """Per instance, what its statistic averages: the gates of the input window (NaN where it reads padding), its
     activations (zero there) or, for MaxPool, the one-hot switch (times the gate at the switch)."""
-    if window.op == "MaxPool":
+    if window.switches:
         switch = window.switch(acts, rows, image, position).astype(np.float64)
         if gate is None:
             return switch
@@ -340,17 +338,14 @@ def _passed_inputs(model, node, held: dict) -> list[str] | None:
     """The data inputs whose gate ``node`` passes on (times its own slope); None where ``node`` starts a gate
     (a Conv, a pool, a sum of maps, any op not listed: the lower unit itself)."""
     data = [n for n in node.input if n and n not in model.constants]
-    op, pattern = node.op_type, model.patterns.get(node.output[0])
-    if op in SLOPE_OPS or op in PASSING_OPS or op in ("Pad", "Transpose"):
-        return data[:1]
-    if op == "Concat":
-        return data
+    op, pattern = RULES.get(node.op_type), model.patterns.get(node.output[0])
+    passed = None if op is None else op.gate_inputs(node, data)  # the op's own reading (``OpRule.gate_inputs``)
+    if passed is not None:
+        return passed
     if isinstance(pattern, SelfGated):  # x * f(x): one elementwise nonlinearity of x
         return [pattern.x]
     if isinstance(pattern, ChannelGate) and node.output[0] in held:  # a held gate: the map's gate passes
         return [pattern.x]
-    if op in ("Mul", "Div", "Add", "Sub") and len(data) == 1:  # a per-channel constant: in the bank already
-        return data
     return None
 
 
@@ -370,18 +365,11 @@ def _gate_maps(model, chain: list, values: dict, held: dict) -> dict[str, np.nda
             slope = np.asarray(pattern.slope, np.float64)
             slope = slope.reshape(-1, 1, 1) if slope.ndim else slope
             gates[out] = gate(passed[0]) * _derivative(model, _pattern_nodes(model, node), pattern.x, values) / slope
-        elif node.op_type in SLOPE_OPS:
+        elif RULES[node.op_type].gate_slope:  # a nonlinearity: times its slope
             gates[out] = gate(passed[0]) * _derivative(model, [node], node.input[0], values)
-        elif node.op_type == "Pad":
-            gates[out] = _padded_gate(node, gate(passed[0]), model.constants.get(node.input[1]) if len(node.input) > 1
-                                      else None)
-        elif node.op_type == "Transpose":
-            gates[out] = gate(passed[0]).transpose(attributes(node).get("perm"))
-        elif node.op_type == "Concat":
-            gates[out] = np.concatenate([gate(n) for n in passed], axis=int(attributes(node)["axis"]))
-        else:  # passed unchanged: reshaped, or broadcast by a constant operand
-            g, shape = gate(passed[0]), np.shape(values[out])
-            gates[out] = g.reshape(shape) if g.size == np.prod(shape) else np.broadcast_to(g, shape)
+        else:  # moved (Pad, Transpose, Concat) or passed unchanged: reshaped, or broadcast by a constant operand
+            gates[out] = RULES[node.op_type].gate_map(node, [gate(n) for n in passed], np.shape(values[out]),
+                                                      model.constants)
     return gates
 
 
@@ -403,23 +391,15 @@ def _derivative(model, nodes: list, x: str, values: dict) -> np.ndarray:
         is_data = [bool(n) and n not in model.constants for n in node.input]
         ins = [(np.asarray(values[n], np.float64) if data else model.constants.get(n)) if n else None
                for n, data in zip(node.input, is_data)]
-        out, rule = np.asarray(values[node.output[0]], np.float64), LOCAL_RULES[node.op_type]
-        if hasattr(rule, "derivative"):  # the slope alone: the rule's offset (its bias) is not needed here
-            in_grads = [grad * rule.derivative(np, node, ins, out)]
+        out, op = np.asarray(values[node.output[0]], np.float64), RULES[node.op_type]
+        if hasattr(op, "slope"):  # the slope alone: the rule's offset (its bias) is not needed here
+            in_grads = [grad * op.slope(np, node, ins, out)]
         else:
-            in_grads, _ = rule(node, ins, is_data, out, grad)
+            in_grads, _ = op.backward(node, ins, is_data, out, grad)
         for name, g in zip(node.input, in_grads):
             if g is not None and name and name not in model.constants:
                 grads[name] = grads[name] + g if name in grads else g
     return grads.get(x, np.zeros(np.shape(values[x])))
-
-
-def _padded_gate(node, gate, pads_input):
-    """A Pad's gate: the input's, with NaN on the padded ring (no lower unit there); negative pads crop."""
-    attrs = attributes(node)
-    pads = np.asarray(attrs["pads"] if "pads" in attrs else pads_input, np.int64).reshape(2, -1)
-    grown = np.pad(gate, [(max(b, 0), max(e, 0)) for b, e in pads.T], constant_values=np.nan)
-    return grown[tuple(slice(max(-b, 0), grown.shape[a] - max(-e, 0)) for a, (b, e) in enumerate(pads.T))]
 
 
 def _passed(progress, offset: int, count: int):
@@ -433,12 +413,12 @@ class _Window:
     """Which input values a node's output position reads (``fill`` in the padding)."""
 
     def __init__(self, model, node, shape):
-        self.op, self.rank = node.op_type, len(shape)
+        self.switches, self.rank = _fds(node) == "switch", len(shape)
         self.channels, self.neurons = shape[1], model.shapes[node.output[0]][1]
         if self.rank == 2:
             return
         attrs = attributes(node)
-        if node.op_type == "MaxPool":
+        if self.switches:
             kernel, self.groups = None, shape[1]
         else:
             kernel, self.groups = model.constants[node.input[1]].shape[2:], int(attrs.get("group", 1))
@@ -506,29 +486,10 @@ def substituted(linear: Model, substitution: Substitution) -> Model | str:
         if stat is None:
             nodes.append(node)
             continue
-        name = f"{node.output[0]}::substituted"
-        attrs = attributes(node)
-        if node.op_type == "Conv":
-            constants[name] = substitution.weight(node, np.asarray(linear.constants[node.input[1]], np.float64))
-            nodes.append(helper.make_node("Conv", [node.input[0], name, *node.input[2:]], list(node.output),
-                                          name=node.name, **attrs))
-        elif node.op_type == "AveragePool":  # a MaxPool of the model: the mean switch as depthwise weights
-            channels = linear.shapes[node.input[0]][1]
-            constants[name] = np.asarray(stat, np.float64).reshape(channels, 1, *attrs["kernel_shape"])
-            kept = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
-            nodes.append(helper.make_node("Conv", [node.input[0], name], list(node.output), name=node.name,
-                                          group=int(channels), **kept))
-        elif node.op_type in ("Gemm", "MatMul") and len(linear.shapes.get(node.input[0], ())) == 2:
-            matrix = np.asarray(linear.constants[node.input[1]], np.float64)
-            if node.op_type == "Gemm":
-                matrix = attrs.get("alpha", 1.0) * (matrix.T if attrs.get("transB", 0) else matrix)
-            n = matrix.shape[1]
-            weight = substitution.weight(node, matrix.T.reshape(n, -1, 1, 1))
-            constants[name] = np.ascontiguousarray(weight.reshape(n, -1).T)
-            inputs = [node.input[0], name, *node.input[2:3]]
-            kept = {"beta": attrs["beta"]} if node.op_type == "Gemm" and "beta" in attrs else {}
-            nodes.append(helper.make_node(node.op_type, inputs, list(node.output), name=node.name, **kept))
-        else:
+        op = RULES.get(node.op_type)
+        replaced = None if op is None else op.substituted_node(node, stat, linear, substitution, constants)
+        if replaced is None:
             return f"the fds statistics of {node.op_type} node {linear.node_name(node)!r} have no data-free form here"
+        nodes.append(replaced)
     producer, consumers = wiring(nodes)
     return dataclasses.replace(linear, nodes=nodes, constants=constants, producer=producer, consumers=consumers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compose.ops import RULES
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
 from ..graph.patterns import ChannelGate
@@ -25,8 +26,9 @@ def channel_gates(model: Model, targets) -> dict[str, ChannelGate]:
 
 
 def layer_norms(model: Model, targets) -> dict[str, object]:
-    """The LayerNormalization nodes (output -> node) that ``targets`` depend on: their 1/std is held too."""
-    return {n.output[0]: n for n in ancestors(model, list(targets)) if n.op_type == "LayerNormalization"}
+    """The layer norms (output -> node; ``OpRule.held_factor``) that ``targets`` depend on: their 1/std is held."""
+    return {n.output[0]: n for n in ancestors(model, list(targets))
+            if n.op_type in RULES and RULES[n.op_type].held_factor}
 
 
 def _inverse_std(node, x: np.ndarray) -> np.ndarray:

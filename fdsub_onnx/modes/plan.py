@@ -22,12 +22,13 @@ import numpy as np
 from ..compose.backend import get_backend
 from ..compose.engine import Engine
 from ..compose.inspect import MEMORY_MARGIN
+from ..compose.ops import RULES
 from ..compose.values import Blocked, Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import Model, ancestors, attributes
-from .adjoint import ADJOINT_RULES, per_seed_bytes
+from ..graph.model import Model, ancestors
+from .adjoint import adjoint_problem, per_seed_bytes
 
 ROUTES = ("auto", "bottom-up", "adjoint", "meet")
 #: seeds per adjoint pass at most: more only grows the temporaries (each pass is already GEMM-shaped)
@@ -81,20 +82,8 @@ def forward_flops(model: Model, node) -> float:
     product costs what the product does); elementwise and layout ops count their output's size."""
     out = model.shapes.get(node.output[0]) if node.output else None
     size = float(np.prod(out[1:])) if out is not None else 0.0
-    weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
-    if node.op_type == "Conv" and weight is not None:
-        return 2.0 * size * np.prod(weight.shape[1:])
-    if node.op_type == "ConvTranspose" and weight is not None:
-        x = model.shapes.get(node.input[0])
-        return 2.0 * np.prod(x[1:] if x else 1) * np.prod(weight.shape[1:])
-    if node.op_type in ("Gemm", "MatMul") and weight is not None:
-        return 2.0 * float(np.prod(weight.shape))
-    if node.op_type in ("AveragePool", "MaxPool"):
-        return size * float(np.prod(attributes(node).get("kernel_shape", (1, 1))))
-    if node.op_type in ("Resize", "Upsample"):
-        x = model.shapes.get(node.input[0])
-        return 2.0 * size * (sum(x[2:]) if x else 1)
-    return size
+    op = RULES.get(node.op_type)
+    return size if op is None else op.flops(model, node, size)
 
 
 @dataclass
@@ -160,9 +149,9 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         estimates["bottom-up"] = (costs.flops, usage["peak"] + result_bytes)
         options.append(("bottom-up", None, None, costs.flops, usage["peak"] + result_bytes))
 
-    adjoint_problem = nowhere or (linear if isinstance(linear, str) else _adjoint_problem(linear, target))
-    if adjoint_problem is not None:
-        estimates["adjoint"] = adjoint_problem
+    refused = nowhere or (linear if isinstance(linear, str) else adjoint_problem(linear, target))
+    if refused is not None:
+        estimates["adjoint"] = refused
     else:
         nodes = ancestors(linear, [target])
         flops = float(k) * sum(forward_flops(linear, n) for n in nodes)
@@ -206,11 +195,6 @@ def _survey(model, target, dtype) -> _Layer:
     return _Layer(target, None, values, node_flops, reason, isinstance(value, Blocked) and value.per_position)
 
 
-def _adjoint_problem(linear, target) -> str | None:
-    for node in ancestors(linear, [target]):
-        if node.op_type not in ADJOINT_RULES:
-            return f"no data-free backward rule for {node.op_type} node {linear.node_name(node)!r}"
-    return None
 
 
 def _best_meet(model, linear, info: _Layer, neurons, position, itemsize, free, result_bytes):

@@ -26,8 +26,9 @@ from onnx import helper
 from quantize import QUANTIZED, quantize
 
 import fdsub_onnx
-from fdsub_onnx.evaluate.zoo import FLOAT_TYPES, ZooResult, check_zoo_model, randomized
+from fdsub_onnx.evaluate.zoo import ZooResult, check_zoo_model, randomized
 from fdsub_onnx.graph.model import CONV_LIKE
+from fdsub_onnx.graph.randomize import FLOAT_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "zoo-modern.toml"

@@ -184,12 +184,13 @@ def test_local_identity_over_window_geometries(geometry, tmp_path):
 
 
 def test_every_walker_op_has_a_backward_rule():
-    from fdsub_onnx.compose.ops import REFUSED, RULES
-    from fdsub_onnx.modes.backward import LOCAL_RULES as BACKWARD
-    from fdsub_onnx.modes.backward import NO_LOCAL_RULE
+    from fdsub_onnx.compose.ops import RULES
 
-    missing = set(RULES) - set(REFUSED) - set(BACKWARD)
-    assert missing == set(NO_LOCAL_RULE), "ops decodable in weights mode but not in local/deconvnet mode"
+    refused_in_weights = {"Resize", "Upsample", "ConvTranspose", "DynamicQuantizeLinear", "ConvInteger"}
+    walker_ops = {name for name, op in RULES.items() if op.implements("apply")} - refused_in_weights
+    missing = {name for name in walker_ops if not RULES[name].implements("backward")}
+    assert missing == {name for name in walker_ops if RULES[name].refuses_reading("backward")} == {"QLinearConv"}, (
+        "ops decodable in weights mode but not in local/deconvnet mode")
 
 
 def test_local_filters_are_input_gradients(tmp_path):
@@ -289,9 +290,9 @@ def test_clip_that_is_no_rectifier_keeps_its_slope_in_deconvnet(tmp_path):
 
 def test_unsupported_op_in_local_mode_is_one_line(tmp_path, monkeypatch):
     """Every op the walker supports has a backward rule; one without (LRN's removed here) stops with one line."""
-    from fdsub_onnx.modes import backward as _backward
+    from fdsub_onnx.compose.ops import RULES, OpRule
 
-    monkeypatch.delitem(_backward.LOCAL_RULES, "LRN")
+    monkeypatch.setattr(type(RULES["LRN"]), "backward", OpRule.backward)
     b = NetBuilder(height=10, width=10)
     last = b.conv(b.lrn(b.conv("input", 4, 3)), 3, 3)
     model = load_proto(b.build([last]), tmp_path)

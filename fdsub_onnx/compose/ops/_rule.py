@@ -1,25 +1,195 @@
-"""The op-rule base class and the helpers every rule shares."""
+"""The op base class (every reading of an op, ``OpRule``) and the helpers its readings share."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
 
-from ...errors import NotDecodable
+import numpy as np
+from onnx import helper
+
+from ...errors import FdsubError, NotDecodable
+from ...graph.fold import per_channel
 from ...graph.model import attributes
+from ..backend import array_module
 from ..values import Const, Layout, Tensor
 
-__all__ = ["OpRule", "attributes", "constant", "data", "optional", "per_channel"]
+__all__ = ["READINGS", "REGISTRY", "LinearContext", "Nonlinear", "OpRule", "attributes", "averaged_node", "batched",
+           "by_slope", "constant", "data", "identity_node", "no_bias", "on", "optional", "per_channel", "reduce_to"]
+
+
+#: the readings every op class gives or refuses with a reason (``OpRule.refuses``); tests/compose/test_registry.py
+READINGS = ("apply", "backward", "adjoint")
+#: op type -> the op (one instance of its class), filled as each class is defined: ``compose.ops.RULES``
+REGISTRY: dict[str, OpRule] = {}
+#: the walker's reason for an op without a bank rule (kept word for word: ``inspect`` prints it)
+NO_BANK_RULE = "no rule for this op (`fdsub inspect` lists what is decodable)"
+
+
+@dataclass
+class LinearContext:
+    """What ``OpRule.linear_nodes`` may read: the tensors the graph uses, whether a dilated AveragePool runs here
+    (opset 19), the held values (output -> [C]), the constants the linearized network adds (filled), the opset,
+    each tensor's producer, the export patterns (``graph.patterns``: read by their last node's op) and the
+    shapes known (an op adding a tensor adds its shape)."""
+
+    used: set
+    dilated_ok: bool
+    gates: dict
+    held: dict
+    opset: int
+    producer: dict = field(default_factory=dict)
+    patterns: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)  # tensor -> shape, filled for the tensors the ops add
 
 
 class OpRule:
-    """One ONNX op: ``apply`` maps input values to the output value.
+    """One ONNX op type and every reading of it, in the spirit of onnx's reference evaluator (one class per op) and
+    zennit (a mode overrides a rule, never tests the mode).
 
-    The same call serves the geometry pass (banks are None) and decoding; rules do
-    array work only through ``ctx.engine``, whose methods skip None banks.
+    Readings (methods): ``apply`` maps input values to the output value, over geometry (banks None) or banks
+    (``weights``, ``fds``); rules do array work only through ``ctx.engine``. ``backward`` is ``local``'s exact
+    linearization at an instance: (node, forward inputs, which are data, forward output, output gradient [M, ...])
+    -> (input gradients, the bias [M] the node adds). ``deconvnet`` overrides it for rectifiers. ``adjoint`` is the
+    rule of a pass over the linearized network from shapes alone (``linear = True``: the backward rule itself).
+    ``linear_nodes`` are the nodes in the network ``weights`` mode decodes (``compose.linear_model``). ``slope`` is an
+    elementwise op's derivative at its forward value (``local``'s rule and fds's gates). ``gate_inputs`` and
+    ``gate_map`` say how fds's gate of a lower unit passes through the op; ``flops`` what a pass spends on it.
+
+    Declarations (attributes) say what the passes keep of the op; ``refuses`` maps a reading of ``READINGS`` the op
+    does not give to the reason, which is the NotDecodable message the reading raises.
     """
 
+    refuses: dict[str, str] = {}
+    #: a base class of a family of ops (its own body sets it), not an op: not registered
+    family = True
+    #: the backward rule takes the gradients of every output (a list)
+    multi_output = False
+    #: the backward rule is exact on a linear network without forward values (the adjoint's pass)
+    linear = False
+    #: how a cone pass (``modes.cone``) reads it: "window" (a convolution), "average_window", "max_window" (pools),
+    #: "aligned" (one grid, position by position, channel mixing 1x1), "pad" (a shifted grid), None (whole maps only)
+    cone: str | None = None
+    #: an aligned op whose constants may have any shape (read per channel by the op itself)
+    cone_any_constant = False
+    #: which forward values a cone pass keeps for its rule: "all", "inputs", or "shapes" (the gradient alone)
+    cone_values = "all"
+    #: fds: "weight" (its weight is substituted by W * mean gate), "switch" (MaxPool: the mean switch), or None
+    fds: str | None = None
+    #: fds: the gate it passes on is times its slope at the forward value (a nonlinearity between two units)
+    gate_slope = False
+    #: an activation read through it is still the same neuron's (elementwise or per-channel affine: ``check``)
+    keeps_neuron = False
+    #: with one constant operand, a per-channel affine map (``check`` follows a neuron through it)
+    affine_by_constant = False
+    #: ``weights`` mode holds a data-dependent factor of it at its value on a reference input (layer norms)
+    held_factor = False
+    #: the layers ``compare`` picks by default
+    default_layer = False
+
+    def __init_subclass__(cls, **kwargs):
+        """Every op class is registered under its name (the ONNX op type) as it is defined."""
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("family", False):
+            REGISTRY[cls.__name__] = cls()
+
     def apply(self, node, inputs: list, ctx):
-        raise NotImplementedError
+        raise NotDecodable(self.refusal("apply"))
+
+    def backward(self, node, ins: list, is_data: list, out, grad):
+        raise NotDecodable(self.refusal("backward"))
+
+    def deconvnet(self, node, ins: list, is_data: list, out, grad):
+        return self.backward(node, ins, is_data, out, grad)
+
+    def adjoint(self, node, ins: list, is_data: list, out, grad):
+        if self.linear:
+            return self.backward(node, ins, is_data, out, grad)
+        raise NotDecodable(self.refusal("adjoint"))
+
+    def linear_nodes(self, node, ctx: LinearContext) -> list | None:
+        """The nodes standing for this one in ``weights`` mode's linearized network; None keeps it."""
+        return None
+
+    def gate_inputs(self, node, data: list) -> list | None:
+        """The data inputs whose fds gate this op passes on; None where it starts a gate (a lower unit itself)."""
+        return None
+
+    def gate_map(self, node, gates: list, shape: tuple, constants: dict):
+        """fds: the gate map of the output from those of ``gate_inputs`` (default: reshaped or broadcast)."""
+        g = gates[0]
+        return g.reshape(shape) if g.size == np.prod(shape) else np.broadcast_to(g, shape)
+
+    def substituted_node(self, node, stat, model, substitution, constants: dict):
+        """fds on the linearized network: the node composing with its substituted weight (``stat``: its statistic),
+        the constants it adds written into ``constants``; None where the statistic has no data-free form."""
+        return None
+
+    def flops(self, model, node, size: float) -> float:
+        """About the FLOPs one seed's backward pass spends here (``size``: the output's values per image)."""
+        return size
+
+    def refusal(self, reading: str) -> str:
+        return self.refuses.get(reading, f"{type(self).__name__} has no {reading} rule")
+
+    def overrides(self, reading: str) -> bool:
+        """Whether the op's class gives ``reading`` a method of its own."""
+        return getattr(type(self), reading) is not getattr(OpRule, reading)
+
+    def implements(self, reading: str) -> bool:
+        """Whether the op gives ``reading``: a method of its own, ``adjoint`` through ``linear``, ``deconvnet``
+        through ``backward``."""
+        if reading == "adjoint" and self.linear:
+            return True
+        if reading == "deconvnet" and not self.overrides(reading):
+            return self.implements("backward")
+        return self.overrides(reading)
+
+    def refuses_reading(self, reading: str) -> bool:
+        """Whether the op declares ``reading`` refused, with its reason (``deconvnet``: as ``backward``)."""
+        return (reading if reading != "deconvnet" else "backward") in self.refuses
+
+
+class Nonlinear(OpRule):
+    """An op ``weights`` mode reads through its linearized network (so the adjoint never meets it)."""
+
+    family = True
+    refuses = {"adjoint": "it is not linear; the adjoint runs on the linearized network, where weights mode "
+                          "reads it linearly"}
+
+
+def batched(x, grad) -> tuple:
+    """``x``'s shape for the batch of ``grad``: forward values may be one image's, shared by its instances."""
+    return (len(grad), *x.shape[1:])
+
+
+def no_bias(grad):
+    """The bias [M] of a rule that adds none."""
+    return array_module(grad).zeros(len(grad), grad.dtype)
+
+
+def on(grad, constant):
+    """A constant (NumPy, from the model) in the dtype and on the array module of ``grad``."""
+    return array_module(grad).asarray(constant, dtype=grad.dtype)
+
+
+def reduce_to(grad, shape):
+    """Sum a broadcast gradient back to an input's shape (per instance: the batch axis is kept)."""
+    shape = (1,) * (grad.ndim - len(shape)) + tuple(shape)
+    axes = tuple(a for a in range(1, grad.ndim) if shape[a] == 1 and grad.shape[a] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def identity_node(node, used: set):
+    """``node`` as an Identity on its first input (a used second output cannot be linearized)."""
+    unused_only(node, used)
+    return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+
+
+def unused_only(node, used: set) -> None:
+    extra = [o for o in node.output[1:] if o in used]
+    if extra:
+        raise FdsubError(f"{node.op_type} node {node.name or node.output[0]!r}: its output(s) {extra} are used; "
+                         "it cannot be linearized")
 
 
 def constant(value, what: str) -> np.ndarray:
@@ -51,14 +221,26 @@ def optional(inputs: list, i: int):
     return inputs[i] if len(inputs) > i else None
 
 
-def per_channel(array: np.ndarray, channels: int, rank: int) -> np.ndarray:
-    """A constant broadcast against [1, C, ...] as one value per channel [C]."""
-    array = np.asarray(array, dtype=np.float64)
-    if array.ndim > rank:
-        raise NotDecodable(f"constant of shape {list(array.shape)} has more axes than the feature map")
-    shape = (1,) * (rank - array.ndim) + array.shape
-    flat = array.reshape(shape)
-    others = [n for a, n in enumerate(shape) if a != 1]
-    if any(n != 1 for n in others) or shape[1] not in (1, channels):
-        raise NotDecodable(f"constant of shape {list(array.shape)} varies over space or batch, not only over channels")
-    return np.broadcast_to(flat.reshape(-1), (channels,)).copy()
+def averaged_node(node, op_type: str, used: set, dilated_ok: bool):
+    """A max read as an average over the same window (``weights`` mode): an ``op_type`` node in its place;
+    ``dilated_ok``: a dilated AveragePool (which onnxruntime runs from opset 19) may stand for a dilated max."""
+    unused_only(node, used)
+    attrs = attributes(node)
+    dilations = attrs.pop("dilations", None)
+    if dilations is not None and any(d != 1 for d in dilations) and dilated_ok:
+        attrs["dilations"] = dilations
+    elif dilations is not None and any(d != 1 for d in dilations):
+        raise FdsubError(f"{node.op_type} node {node.name or node.output[0]!r} is dilated; AveragePool has no "
+                         "dilations before opset 19: it cannot be linearized")
+    attrs.pop("storage_order", None)
+    inputs = list(node.input) if len(node.input) > 1 and op_type.startswith("Reduce") else [node.input[0]]
+    return helper.make_node(op_type, inputs, [node.output[0]], name=node.name, **attrs)
+
+
+def by_slope(rule, node, ins, out, grad):
+    """The local linearization of an elementwise op from its slope at the forward value (``rule.slope``): the
+    gradient times the slope, the offset ``f(x) - slope * x`` as the bias it adds."""
+    xp = array_module(grad)
+    d = xp.broadcast_to(rule.slope(xp, node, ins, out), out.shape)
+    offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
+    return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)

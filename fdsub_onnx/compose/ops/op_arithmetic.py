@@ -3,29 +3,67 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from ...errors import NotDecodable
 from ...graph.geometry import union
 from ...graph.patterns import ChannelGate, SelfGated
 from ..values import Const, Layout, Tensor
-from ._rule import OpRule, data, per_channel
+from ._rule import OpRule, data, no_bias, on, per_channel, reduce_to
+from .op_elementwise import Identity
 
 
-class Add(OpRule):
+class Arithmetic(OpRule):
+    """A sum or product of maps and constants: position by position on one grid; with one constant operand a
+    per-channel affine map."""
+
+    family = True
+
+    linear = True
+    cone = "aligned"
+    affine_by_constant = True
+
+    def gate_inputs(self, node, data):  # a per-channel constant: in the bank already
+        return data if len(data) == 1 else None
+
+
+class Add(Arithmetic):
     def apply(self, node, inputs, ctx):
         return add(inputs, [1.0] * len(inputs), node, ctx)
+
+    def backward(self, node, ins, is_data, out, grad):
+        return _sum_backward(ins, is_data, grad, -1.0 if isinstance(self, Sub) else 1.0)
 
 
 class Sum(Add):
     """n-ary Add."""
 
+    affine_by_constant = False
 
-class Sub(OpRule):
+    def gate_inputs(self, node, data):
+        return None
+
+
+class Sub(Add):
     def apply(self, node, inputs, ctx):
         return add(inputs, [1.0, -1.0], node, ctx)
 
 
-class Mul(OpRule):
+def _sum_backward(ins, is_data, grad, sign: float):
+    """The gradient to each data input (summed over what it was broadcast on); a constant's share is bias."""
+    grads, added = [], no_bias(grad)
+    for index, (x, data_input) in enumerate(zip(ins, is_data)):
+        factor = sign if index == 1 else 1.0
+        if data_input:  # a forward value, batched over instances
+            grads.append(reduce_to(grad if factor == 1.0 else -grad, x.shape))
+        else:  # a constant: the gradient summed over the axes it is broadcast on first (one read of the map)
+            grads.append(None)
+            summed = reduce_to(grad, x.shape)
+            added = added + factor * (summed * on(grad, x)).reshape(len(grad), -1).sum(axis=1)
+    return grads, added
+
+
+class Mul(Arithmetic):
     def apply(self, node, inputs, ctx):
         a, b = inputs
         if isinstance(a, Const) and isinstance(b, Const):
@@ -59,7 +97,55 @@ class Mul(OpRule):
         )
 
 
-class Div(OpRule):
+    def backward(self, node, ins, is_data, out, grad):
+        a, b = ins
+        if all(is_data):
+            return self._product_of_maps(a, b, grad)
+        const = on(grad, b if is_data[0] else a)
+        factor = 1.0 / const if isinstance(self, Div) else const
+        x = a if is_data[0] else b
+        g = reduce_to(grad * factor, x.shape)
+        return ([g, None] if is_data[0] else [None, g]), no_bias(grad)
+
+    def _product_of_maps(self, a, b, grad):
+        """Two data inputs: a gate (the input broadcast over the other, e.g. squeeze-and-excitation) is held at
+        its value for the instance; equal shapes (SiLU as x * sigmoid(x)) take the product rule, whose tangent
+        plane ``a*b ~ b*da + a*db - a*b`` is exact at the instance."""
+        if isinstance(self, Div):
+            raise NotDecodable("a division of two feature maps is not supported")
+        if a.size != b.size:
+            gate_is_b = b.size < a.size
+            held = b if gate_is_b else a
+            x = a if gate_is_b else b
+            g = reduce_to(grad * held, x.shape)
+            return ([g, None] if gate_is_b else [None, g]), no_bias(grad)
+        return [grad * b, grad * a], -(grad * a * b).reshape(len(grad), -1).sum(axis=1)
+
+    def linear_nodes(self, node, ctx):
+        """The export patterns it ends (``graph.patterns``): x * f(x) as ``slope * x``, a channel gate held at its
+        value (``ctx.gates``) as a product with that constant."""
+        pattern = ctx.patterns.get(node.output[0])
+        if isinstance(pattern, SelfGated):
+            if np.all(np.asarray(pattern.slope) == 1.0):
+                return [helper.make_node(Identity.__name__, [pattern.x], [node.output[0]], name=node.name)]
+            const = f"{node.output[0]}::slope"
+            slope = np.asarray(pattern.slope, np.float32).reshape(-1)
+            ctx.held[const] = slope.reshape(1, -1, 1, 1) if slope.size > 1 else slope.reshape(())
+            return [helper.make_node(Mul.__name__, [pattern.x, const], [node.output[0]], name=node.name)]
+        if isinstance(pattern, ChannelGate) and node.output[0] in ctx.gates:
+            value = np.asarray(ctx.gates[node.output[0]], np.float32).reshape(-1)
+            const = f"{node.output[0]}::held_gate"
+            ctx.held[const] = value.reshape(1, -1, 1, 1)
+            return [helper.make_node(Mul.__name__, [pattern.x, const], [node.output[0]], name=node.name)]
+        return None
+
+    def adjoint(self, node, ins, is_data, out, grad):
+        if all(is_data[:2]):
+            raise NotDecodable("it multiplies two data-dependent tensors, which has no data-free rule")
+        return self.backward(node, ins, is_data, out, grad)
+
+
+class Div(Mul):
     def apply(self, node, inputs, ctx):
         a, b = inputs
         if not isinstance(b, Const):

@@ -3,17 +3,16 @@
 import numpy as np
 
 from ...errors import NotDecodable
-from ._rule import OpRule, attributes, constant, data
-
-
-def scale_shift(node, gamma, beta, mean, var, xp=np):
-    """A BatchNormalization's ``(s, t)`` of ``y = s x + t`` per channel, in the arrays' module ``xp`` and dtype
-    (the bank rule here, the backward rule of ``local``, the folding of ``compose.linear_model``)."""
-    scale = gamma / xp.sqrt(var + attributes(node).get("epsilon", 1e-5))
-    return scale, beta - mean * scale
+from ...graph.fold import scale_shift
+from ..backend import array_module
+from ._rule import OpRule, attributes, constant, data, on
 
 
 class BatchNormalization(OpRule):
+    linear = True
+    cone, cone_any_constant = "aligned", True
+    keeps_neuron = True
+
     def apply(self, node, inputs, ctx):
         attrs = attributes(node)
         if attrs.get("training_mode", 0):
@@ -22,3 +21,10 @@ class BatchNormalization(OpRule):
         gamma, beta, mean, var = (constant(v, n).astype(np.float64)
                                   for v, n in zip(inputs[1:5], ("scale", "B", "mean", "var")))
         return x.derive(bank=ctx.engine.affine(x.bank, *scale_shift(node, gamma, beta, mean, var)))
+
+    def backward(self, node, ins, is_data, out, grad):
+        scale, shift = scale_shift(node, *(on(grad, v) for v in ins[1:5]), xp=array_module(grad))
+        return [grad * scale[:, None, None]], array_module(grad).einsum("mkhw,k->m", grad, shift)
+
+    def gate_inputs(self, node, data):  # per channel: the bank carries it
+        return data[:1]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import NotDecodable
+from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, constant, known_shape
+from ._rule import OpRule, attributes, batched, constant, known_shape, no_bias
 from .op_layout import as_layout, settle
 
 
 class Gather(OpRule):
+    refuses = {"adjoint": "no data-free rule yet (the adjoint's linear ops do not list it)"}
+
     def apply(self, node, inputs, ctx):
         shape = known_shape(ctx, node.input[0])
         axis = int(attributes(node).get("axis", 0))
@@ -34,6 +37,26 @@ class Gather(OpRule):
             return _on_map(x, axis, indices, size, node.output[0], ctx)
         layout = as_layout(x, node, ctx)
         return settle(Layout(np.take(layout.index, indices, axis=axis), layout.source), ctx)
+
+    def backward(self, node, ins, is_data, out, grad):
+        """The gradient added back at the position each index took (a repeated index collects every copy's)."""
+        x, xp, m = ins[0], array_module(grad), len(grad)
+        if is_data[1]:
+            raise NotDecodable("its indices are computed from the image")
+        axis = attributes(node).get("axis", 0) % x.ndim
+        if axis == 0 or x.shape[0] not in (1, m):
+            raise NotDecodable("a Gather over a tensor without its batch axis has no backward rule yet")
+        shape = x.shape[1:]  # one instance's input; the forward value may be one image's, shared by its instances
+        axis -= 1
+        index = np.asarray(ins[1], np.int64).reshape(-1) % shape[axis]
+        pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+        g, gx = grad.reshape(m, pre, len(index), post), xp.zeros((m, pre, shape[axis], post), grad.dtype)
+        rest = np.arange(len(index))
+        while rest.size:  # one round per copy of the most repeated index (one for a permutation)
+            _, first = np.unique(index[rest], return_index=True)
+            gx[:, :, xp.asarray(index[rest[first]])] += g[:, :, xp.asarray(rest[first])]
+            rest = np.delete(rest, first)
+        return [gx.reshape(batched(x, grad)), None], no_bias(grad)
 
 
 def _on_map(x: Tensor, axis: int, indices: np.ndarray, size: int, out_name: str, ctx) -> Tensor:

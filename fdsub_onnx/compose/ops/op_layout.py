@@ -11,17 +11,26 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import NotDecodable
+from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes
+from ._rule import OpRule, attributes, batched, no_bias
 
 
 class Reshape(OpRule):
+    linear = True
+
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)
         shape = ctx.shape(node.output[0])
         if shape is None:
             raise NotDecodable("its output shape is unknown")
         return settle(Layout(layout.index.reshape(shape), layout.source), ctx)
+
+    def backward(self, node, ins, is_data, out, grad):
+        return [grad.reshape(batched(ins[0], grad))] + [None] * (len(ins) - 1), no_bias(grad)
+
+    def gate_inputs(self, node, data):
+        return data[:1]
 
 
 class Flatten(Reshape): ...
@@ -30,11 +39,23 @@ class Unsqueeze(Reshape): ...
 
 
 class Transpose(OpRule):
+    linear = True
+
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)
         perm = attributes(node).get("perm")
         index = layout.index.transpose(perm) if perm is not None else layout.index.T
         return settle(Layout(np.ascontiguousarray(index), layout.source), ctx)
+
+    def backward(self, node, ins, is_data, out, grad):
+        perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
+        return [array_module(grad).transpose(grad, tuple(np.argsort(perm)))], no_bias(grad)
+
+    def gate_inputs(self, node, data):
+        return data[:1]
+
+    def gate_map(self, node, gates, shape, constants):
+        return gates[0].transpose(attributes(node).get("perm"))
 
 
 def as_layout(value, node, ctx) -> Layout:

@@ -8,10 +8,14 @@ it at one value, its mean over the positions of the reference input (``modes.gat
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from ...errors import NotDecodable
+from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, constant, optional
+from ._rule import OpRule, attributes, constant, on, optional
+from .op_arithmetic import Add, Mul, Sub
+from .op_reduce import ReduceMean
 
 
 def mix_channels(x: Tensor, matrix: np.ndarray, bias, ctx) -> Tensor:
@@ -22,6 +26,9 @@ def mix_channels(x: Tensor, matrix: np.ndarray, bias, ctx) -> Tensor:
 
 
 class LayerNormalization(OpRule):
+    held_factor = True
+    refuses = {"adjoint": "its 1/std depends on the data; the linearized network holds it (modes.gates)"}
+
     def apply(self, node, inputs, ctx):
         x = inputs[0]
         attrs = attributes(node)
@@ -42,3 +49,49 @@ class LayerNormalization(OpRule):
             raise NotDecodable("its normalization has no held value")
         scale = float(np.asarray(held).reshape(-1)[0]) * gamma
         return Layout(x.index, centred.derive(bank=ctx.engine.affine(centred.bank, scale, beta)))
+
+    def backward(self, node, ins, is_data, out, grad):
+        """LayerNormalization over the last axis, linearized at the instance: with x^ = (x - mean) r, r = 1/std,
+        g_x = r * (g' - mean(g') - x^ mean(g' x^)) for g' = g * gamma; the offset ``out - J x`` is
+        ``beta + gamma x^ (1 - eps r^2)``, so the local identity stays exact."""
+        x, xp = ins[0], array_module(grad)
+        attrs = attributes(node)
+        if int(attrs.get("axis", -1)) % x.ndim != x.ndim - 1:
+            raise NotDecodable("only a LayerNormalization over the last axis is supported")
+        eps = attrs.get("epsilon", 1e-5)
+        gamma = on(grad, ins[1])
+        beta = on(grad, ins[2]) if len(ins) > 2 and ins[2] is not None else 0.0
+        centred = x - x.mean(axis=-1, keepdims=True)
+        r = 1 / xp.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+        hat = centred * r
+        g = grad * gamma
+        gx = r * (g - g.mean(axis=-1, keepdims=True) - hat * (g * hat).mean(axis=-1, keepdims=True))
+        offset = beta + gamma * hat * (1 - eps * r**2)
+        return [gx] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+
+    def linear_nodes(self, node, ctx):
+        """Held (``ctx.gates``): over the last axis with its 1/std r held, ``(x - mean(x)) * (r * scale) + bias``."""
+        if node.output[0] not in ctx.gates:
+            return None
+        inverse_std = float(np.asarray(ctx.gates[node.output[0]]).reshape(-1)[0])
+        x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+        mean, centred, scaled = f"{out}::mean", f"{out}::centred", f"{out}::scaled"
+        factor = f"{out}::factor"
+        ctx.held[factor] = np.asarray(inverse_std, np.float32)
+        if ctx.opset >= 18:
+            axes = f"{out}::axes"
+            ctx.held[axes] = np.asarray([-1], np.int64)
+            reduce = helper.make_node(ReduceMean.__name__, [x, axes], [mean], name=f"{name}::mean", keepdims=1)
+        else:
+            reduce = helper.make_node(ReduceMean.__name__, [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
+        nodes = [reduce, helper.make_node(Sub.__name__, [x, mean], [centred], name=f"{name}::centre"),
+                 helper.make_node(Mul.__name__, [centred, factor], [scaled], name=f"{name}::held"),
+                 helper.make_node(Mul.__name__, [scaled, node.input[1]],
+                                  [out + ("::gamma" if len(node.input) > 2 else "")], name=f"{name}::scale")]
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node(Add.__name__, [out + "::gamma", node.input[2]], [out], name=name))
+        shape = ctx.shapes.get(x)
+        if shape is not None:  # the tensors it adds: the mean keeps the last axis as 1
+            ctx.shapes.update({n.output[0]: shape for n in nodes[1:] if n.output[0] not in ctx.shapes})
+            ctx.shapes[mean] = (*shape[:-1], 1)
+        return nodes

@@ -11,11 +11,13 @@ quantized units of its output), and ``ConvInteger`` after ``DynamicQuantizeLinea
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from ...errors import NotDecodable
 from ..values import Layout
-from ._rule import OpRule, attributes, constant, data, optional
+from ._rule import Nonlinear, OpRule, attributes, by_slope, constant, data, optional
 from ._window import apply_window
+from .op_elementwise import Identity
 
 
 def axis_values(array, channels: int, axis: int, what: str) -> np.ndarray:
@@ -38,14 +40,39 @@ def _params(node, inputs, channels: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, zero
 
 
-class QuantizeLinear(OpRule):
+class QuantizeLinear(Nonlinear):
+    """Locally its scale (the offset holds zero point and rounding); fds passes a gate through it unchanged."""
+
     def apply(self, node, inputs, ctx):
         return _affine(node, inputs, ctx, lambda scale, zero: (1.0 / scale, zero))
 
+    def slope(self, xp, node, ins, out):
+        """The scale broadcast along its axis (the offset ``out - d x`` then holds zero point and rounding)."""
+        scale = xp.asarray(ins[1], dtype=out.dtype).reshape(-1)
+        if scale.size > 1:
+            shape = [1] * ins[0].ndim
+            shape[int(attributes(node).get("axis", 1)) % ins[0].ndim] = scale.size
+            scale = scale.reshape(shape)
+        return scale if isinstance(self, DequantizeLinear) else 1 / scale
 
-class DequantizeLinear(OpRule):
+    def backward(self, node, ins, is_data, out, grad):
+        return by_slope(self, node, ins, out, grad)
+
+    def gate_inputs(self, node, data):
+        return data[:1]
+
+
+class DequantizeLinear(QuantizeLinear):
     def apply(self, node, inputs, ctx):
         return _affine(node, inputs, ctx, lambda scale, zero: (scale, -zero * scale))
+
+    def linear_nodes(self, node, ctx):
+        """A QDQ pair around data (same scale and zero point): x, as weights mode reads it (no rounding)."""
+        quantize = ctx.producer.get(node.input[0])
+        if (quantize is None or quantize.op_type != QuantizeLinear.__name__
+                or list(quantize.input[1:]) != list(node.input[1:])):
+            return None
+        return [helper.make_node(Identity.__name__, [quantize.input[0]], [node.output[0]], name=node.name)]
 
 
 def _affine(node, inputs, ctx, factors):
@@ -63,6 +90,9 @@ def _affine(node, inputs, ctx, factors):
 
 class QLinearConv(OpRule):
     """``y_q = conv((x_q - x_zp) * x_s, (w_q - w_zp) * w_s) + B * x_s * w_s) / y_s + y_zp``."""
+
+    refuses = {"backward": "QOperator convolutions have no backward rule; quantize in QDQ format",
+               "adjoint": "QOperator convolutions have no backward rule; quantize in QDQ format"}
 
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
@@ -84,6 +114,9 @@ class QLinearConv(OpRule):
 
 
 class DynamicQuantizeLinear(OpRule):
+    refuses = {"backward": "dynamic quantization has no backward rule; quantize statically",
+               "adjoint": "dynamic quantization has no backward rule; quantize statically"}
+
     def apply(self, node, inputs, ctx):
         raise NotDecodable("dynamic quantization computes its scale from each input, so no filter holds for all "
                            "inputs, and this chain is not DynamicQuantizeLinear -> ConvInteger/MatMulInteger -> Cast "

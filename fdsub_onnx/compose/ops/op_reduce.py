@@ -11,12 +11,14 @@ import numpy as np
 
 from ...errors import NotDecodable
 from ...graph.ranges import reduce_axes
-from ._rule import OpRule, attributes, constant, data, optional
+from ..backend import array_module
+from ._rule import OpRule, attributes, averaged_node, batched, constant, data, no_bias, optional
 from ._window import apply_window, uniform_window
 
 
 class ReduceMean(OpRule):
     scale_by_count = False  # ReduceSum: the mean times the number of values reduced
+    linear = True
 
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
@@ -35,9 +37,42 @@ class ReduceMean(OpRule):
             weight = weight * count
         return apply_window(x, node, ctx, weight, None, groups, {})
 
+    def backward(self, node, ins, is_data, out, grad):
+        """Mean and Sum spread the gradient evenly over what they reduce (``reduced``)."""
+        x, g, axes = _reduced(node, ins, grad)
+        count = 1 if self.scale_by_count else int(np.prod([x.shape[a] for a in axes]))
+        return ([array_module(grad).broadcast_to(g / count, batched(x, grad)).copy()] + [None] * (len(ins) - 1),
+                no_bias(grad))
+
+
+def _reduced(node, ins, grad):
+    """(input, the output gradient with the reduced axes kept as 1, those axes)."""
+    x = ins[0]
+    axes = tuple(sorted(reduce_axes(attributes(node), ins[1] if len(ins) > 1 else None, x.ndim) - {0}))
+    kept = list(batched(x, grad))
+    for a in axes:
+        kept[a] = 1
+    return x, grad.reshape(kept), axes
+
 
 class ReduceMax(ReduceMean):
-    """Its average in ``weights`` mode (the uniform switch)."""
+    """Its average in ``weights`` mode (the uniform switch); in ``local`` the gradient goes to the first maximum."""
+
+    linear = False
+    refuses = {"adjoint": "a max is not linear; the adjoint runs on the linearized network, where it is a mean"}
+
+    def backward(self, node, ins, is_data, out, grad):
+        x, g, axes = _reduced(node, ins, grad)
+        xp = array_module(grad)
+        moved = xp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+        flat = moved.reshape(*moved.shape[: x.ndim - len(axes)], -1)
+        hit = xp.zeros(flat.shape, grad.dtype)
+        xp.put_along_axis(hit, xp.argmax(flat, axis=-1)[..., None], 1.0, axis=-1)
+        mask = xp.moveaxis(hit.reshape(moved.shape), tuple(range(x.ndim - len(axes), x.ndim)), axes)
+        return [g * mask] + [None] * (len(ins) - 1), no_bias(grad)
+
+    def linear_nodes(self, node, ctx):
+        return [averaged_node(node, ReduceMean.__name__, ctx.used, ctx.dilated_ok)]
 
 
 class ReduceSum(ReduceMean):

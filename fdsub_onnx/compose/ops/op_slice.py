@@ -10,11 +10,14 @@ import numpy as np
 
 from ...errors import NotDecodable
 from ...graph.ranges import slice_ranges, split_ranges
+from ..backend import array_module
 from ..values import Tensor
-from ._rule import OpRule, attributes, constant, data, known_shape, optional
+from ._rule import OpRule, attributes, batched, constant, data, known_shape, no_bias, optional
 
 
 class Slice(OpRule):
+    linear = True
+
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
         shape = known_shape(ctx, node.input[0])
@@ -25,8 +28,20 @@ class Slice(OpRule):
                      for i, what in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))]
         return take_ranges(x, slice_ranges(attrs, *given, shape), shape, node.output[0], ctx)
 
+    def backward(self, node, ins, is_data, out, grad):
+        """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
+        x, xp = ins[0], array_module(grad)
+        ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
+        index = (slice(None),) + tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape) if a)
+        gx = xp.zeros(batched(x, grad), grad.dtype)
+        gx[index] = grad
+        return [gx] + [None] * (len(ins) - 1), no_bias(grad)
+
 
 class Split(OpRule):
+    linear = True
+    multi_output = True
+
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
         shape = known_shape(ctx, node.input[0])
@@ -35,6 +50,12 @@ class Split(OpRule):
                                     shape, len(node.output))
         return [take_ranges(x, {axis: (b, e, 1)}, shape, name, ctx) if name else None
                 for (b, e), name in zip(ranges, node.output)]
+
+    def backward(self, node, ins, is_data, out, grads):
+        """The outputs' gradients side by side along the split axis."""
+        x = ins[0]
+        axis, _ = split_ranges(attributes(node), ins[1] if len(ins) > 1 else None, x.shape, len(node.output))
+        return [array_module(grads[0]).concatenate(grads, axis=axis)] + [None] * (len(ins) - 1), no_bias(grads[0])
 
 
 def take_ranges(x: Tensor, ranges: dict, shape, out_name: str, ctx) -> Tensor:
