@@ -10,6 +10,7 @@ from ..graph.model import LAYER_OPS, Model, find_layer
 from ..graph.patterns import ChannelGate
 from .backend import get_backend
 from .engine import Engine
+from .linear_model import adjoint_problem, structure
 from .ops import RULES
 from .values import Blocked, Layout, Tensor
 from .walker import walk
@@ -51,10 +52,16 @@ class Summary:
 
 def inspect_model(model: Model) -> Summary:
     """Every Conv, pooling and fully connected layer with its geometry and decodability."""
-    layers, geometries = [], {}
+    layers, geometries, linear = [], {}, None
     for node, value in walk(model, Engine(get_backend("numpy"))):
         if node.op_type in LAYER_OPS:
-            layers.append(_layer(model, node, value))
+            layer = _layer(model, node, value)
+            if layer.per_position:  # decodable by the adjoint alone: say so only where the adjoint runs
+                linear = structure(model) if linear is None else linear
+                problem = adjoint_problem(linear, layer.name)
+                if problem is not None:
+                    layer.decodable, layer.per_position, layer.reason = False, False, problem
+            layers.append(layer)
             if isinstance(value, Tensor):
                 geometries[node.output[0]] = value.geom
     return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model),

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 
 from ..graph.fold import folded, merged_affine
-from ..graph.model import Model, wiring
+from ..graph.model import Model, ancestors, wiring
+from ..graph.patterns import ChannelGate
 from .ops import RULES
 from .ops._rule import LinearContext
 
-__all__ = ["folded", "linear_model", "linearized"]
+__all__ = ["adjoint_problem", "folded", "linear_model", "linearized"]
 
 
 def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict | None = None) -> onnx.ModelProto:
@@ -73,3 +75,24 @@ def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs:
         replaced = None if op is None else op.linear_nodes(node, ctx)
         linear.extend([node] if replaced is None else replaced)
     return linear, ctx.held
+
+
+def adjoint_problem(linear: Model, target: str) -> str | None:
+    """Why the adjoint route cannot run below ``target`` on the linearized network ``linear``, or None: an op
+    without an ``adjoint`` reading (``OpRule.implements``)."""
+    for node in ancestors(linear, [target]):
+        op = RULES.get(node.op_type)
+        if op is None:
+            return f"no data-free backward rule for {node.op_type} node {linear.node_name(node)!r}"
+        reason = op.adjoint_refusal(node, linear.constants)
+        if reason is not None:
+            return f"no data-free backward rule for {node.op_type} node {linear.node_name(node)!r}: {reason}"
+    return None
+
+
+def structure(model: Model) -> Model:
+    """``model``'s linearized network with every held factor at a placeholder value: its structure (which ops the
+    adjoint meets), without the reference input's forward pass."""
+    held = {n.output[0]: np.ones(1) for n in model.nodes if n.op_type in RULES and RULES[n.op_type].held_factor}
+    held |= {name: np.ones(1) for name, pattern in model.patterns.items() if isinstance(pattern, ChannelGate)}
+    return linear_model(model, held)

@@ -11,7 +11,10 @@
   map's geometry; ``weights`` mode holds it at its value for a reference input, ``fds`` at its mean over
   the images, ``local`` at each instance's own value.
 
-An elementwise function of x is a chain of unary elementwise ops and of Add/Sub/Mul/Div with a constant.
+An elementwise function of x is a chain of unary elementwise ops and of Add/Sub/Mul/Div with a constant. A
+quantized graph's Q/DQ nodes between x and f(x) (onnxruntime's QDQ format around every op: ``x * HardSigmoid(x)``
+becomes ``DQ(Q(x)) * DQ(Q(HardSigmoid(DQ(Q(x)))))``) are links of the chain too, and the slope is the float
+pattern's (the chain evaluated with them read as the identity, as ``weights`` mode reads a QDQ pair).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import numpy as np
 #: unary ops that keep the shape and act on each value alone
 ELEMENTWISE = frozenset({
     "Abs", "Celu", "Clip", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "Mish",
-    "Neg", "Relu", "Selu", "Sigmoid", "Softplus", "Softsign", "Tanh",
+    "Neg", "Relu", "Selu", "Sigmoid", "Softplus", "Softsign", "Tanh", *("QuantizeLinear", "DequantizeLinear"),
 })
+#: the links of a chain that a float pattern reads as the identity (quantization, rounding and saturation ignored)
+QUANTIZATION = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: binary ops that are elementwise in their data input when the other input is a constant
 WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
 
@@ -107,6 +112,8 @@ def _asymptotic_slope(x: str, nodes: list, constants: dict, shape, opset: int) -
     from onnx.reference import ReferenceEvaluator
 
     shape = (1, *tuple(shape)[1:])
+    nodes = [helper.make_node("Identity", node.input[:1], node.output[:1]) if node.op_type in QUANTIZATION else node
+             for node in nodes]  # the float pattern
     inits = {n: constants[n] for node in nodes for n in node.input if n in constants}
     graph = helper.make_graph(nodes, "asymptote", [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],

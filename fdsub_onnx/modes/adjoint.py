@@ -21,8 +21,7 @@ import numpy as np
 
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import Bank, Engine
-from ..compose.linear_model import folded
-from ..compose.ops import RULES
+from ..compose.linear_model import adjoint_problem, folded
 from ..compose.values import Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError
@@ -33,15 +32,7 @@ from .backward import backward, one_hot
 #: the reading of each op's class the adjoint runs: its backward rule where it is exact on a linear network without
 #: forward values (``OpRule.linear``; a product of two maps has no data-free rule)
 ADJOINT = "adjoint"
-
-
-def adjoint_problem(linear: Model, target: str) -> str | None:
-    """Why the adjoint cannot run below ``target`` on the linearized network, or None."""
-    for node in ancestors(linear, [target]):
-        op = RULES.get(node.op_type)
-        if op is None or not op.implements(ADJOINT):
-            return f"no data-free backward rule for {node.op_type} node {linear.node_name(node)!r}"
-    return None
+__all__ = ["ADJOINT", "adjoint_problem", "decode_at", "gradients", "per_seed_bytes"]
 
 
 class _Shapes(dict):

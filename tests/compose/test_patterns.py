@@ -309,6 +309,31 @@ def test_qdq_model_decodes_like_its_float_original(tmp_path):
     assert np.abs(got.filters - want.filters).max() > 0  # the quantized weights do differ
 
 
+
+@pytest.mark.parametrize("kind", ["hardswish_hardsigmoid", "silu"])
+def test_qdq_self_gated_product_is_read_as_its_float_pattern(kind, tmp_path):
+    """onnxruntime's QDQ quantization puts Q/DQ pairs between x and f(x) (a MobileNetV3 exported at opset 13: x *
+    HardSigmoid(x)): the product is still x * f(x), with the float pattern's slope (not the saturated quantized
+    one); weights decodes every layer with the linearized identity exact, local the per-instance identity."""
+    from quantize import quantize
+
+    b, x, last = _gated_net(kind, seed=4)
+    (tmp_path / "f").mkdir()
+    float_model = load_proto(b.build([last]), tmp_path / "f")
+    quantize(float_model.path, tmp_path / "qdq.onnx", "qdq")
+    model = fd.load_model(str(tmp_path / "qdq.onnx"))
+    gated = [p for p in model.patterns.values() if isinstance(p, SelfGated)]
+    assert len(gated) == 1 and gated[0].slope == pytest.approx(1.0), model.patterns
+    assert all(layer.decodable for layer in fd.inspect_model(model).layers)
+    images = random_images(model, 4, seed=5)
+    proto = model.proto
+    target = [lay.name for lay in fd.inspect_model(model).layers][-1]
+    decoded = fd.decode(model, target, dtype="float64")
+    assert_identity(decoded, run_ort(linearized(proto, model.patterns), images, [target])[target], images, rtol=1e-5)
+    local = fd.decode(model, target, mode="local", images=fd.ArrayImages(images), top=3, per_instance=True,
+                      dtype="float64")
+    assert_instance_identity(local, run_ort(proto, images, [target])[target], images, rtol=1e-4)
+
 # ---- channels-last blocks (ConvNeXt, TF exports) ------------------------------------------------------------
 def _transpose(b: NetBuilder, x: str, perm, shape) -> str:
     return b._node("Transpose", [x], shape, perm=list(perm))

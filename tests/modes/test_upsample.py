@@ -127,3 +127,45 @@ def test_resize_of_channels_is_refused(load):
     model = load(b.build([last]))
     with pytest.raises(fd.FdsubError, match="resizes the batch or channel axis"):
         fd.decode(model, last)
+
+
+def _after_resize(b: NetBuilder, tail):
+    x = b.conv("input", 4, 3, 1, (1, 1, 1, 1))
+    up = _resize(b, x, (2.0, 2.0), mode="nearest")
+    return b.conv(tail(b, up), 2, 3, 1, (1, 1, 1, 1))
+
+
+def test_a_gather_of_channels_after_an_upsampling_decodes_per_position(load):
+    """Gather with constant indices is linear: the adjoint reads it (it refused it before)."""
+    b = NetBuilder(height=6, width=7, seed=3)
+
+    def tail(b, up):
+        c, h, w = b.shapes[up]
+        return b._node("Gather", [up, b._const("picked", np.array([3, 0, 2], np.int64))], (3, h, w), axis=1)
+
+    last = _after_resize(b, tail)
+    proto = b.build([last])
+    model = load(proto)
+    assert {lay.name: lay for lay in fd.inspect_model(model).layers}[last].per_position
+    images = random_images(model, 3, seed=2)
+    acts = run_ort(linearized(proto, {}, {}), images, [last])[last]
+    for q in [(5, 6), (6, 7)]:
+        assert_identity(fd.decode(model, last, dtype="float64", position=q), acts, images, rtol=1e-5)
+
+
+def test_inspect_does_not_promise_what_the_adjoint_refuses(load):
+    """A product of two maps after an upsampling has no data-free rule: inspect says so (it listed the layer as
+    decodable per position, and decode then refused it)."""
+    b = NetBuilder(height=6, width=7, seed=4)
+
+    def tail(b, up):
+        left, right = b.conv(up, 4, 1), b.conv(up, 4, 1)
+        return b._node("Mul", [left, right], b.shapes[left])
+
+    last = _after_resize(b, tail)
+    model = load(b.build([last]))
+    layer = {lay.name: lay for lay in fd.inspect_model(model).layers}[last]
+    assert not layer.decodable and not layer.per_position
+    assert "no data-free backward rule for Mul" in layer.reason
+    with pytest.raises(fd.FdsubError, match="Mul"):
+        fd.decode(model, last)

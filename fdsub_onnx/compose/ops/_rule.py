@@ -128,6 +128,10 @@ class OpRule:
         """About the FLOPs one seed's backward pass spends here (``size``: the output's values per image)."""
         return size
 
+    def adjoint_refusal(self, node, constants: dict) -> str | None:
+        """Why the adjoint cannot run through ``node`` (known from the graph, before any pass), or None."""
+        return None if self.implements("adjoint") else self.refusal("adjoint")
+
     def refusal(self, reading: str) -> str:
         return self.refuses.get(reading, f"{type(self).__name__} has no {reading} rule")
 

@@ -13,6 +13,9 @@ from ._rule import OpRule, data, no_bias, on, per_channel, reduce_to
 from .op_elementwise import Identity
 
 
+_PRODUCT_OF_MAPS = "it multiplies two data-dependent tensors, which has no data-free rule"
+
+
 class Arithmetic(OpRule):
     """A sum or product of maps and constants: position by position on one grid; with one constant operand a
     per-channel affine map."""
@@ -141,8 +144,11 @@ class Mul(Arithmetic):
 
     def adjoint(self, node, ins, is_data, out, grad):
         if all(is_data[:2]):
-            raise NotDecodable("it multiplies two data-dependent tensors, which has no data-free rule")
+            raise NotDecodable(_PRODUCT_OF_MAPS)
         return self.backward(node, ins, is_data, out, grad)
+
+    def adjoint_refusal(self, node, constants):
+        return _PRODUCT_OF_MAPS if not any(name in constants for name in node.input[:2]) else None
 
 
 class Div(Mul):

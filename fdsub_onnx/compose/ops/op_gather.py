@@ -19,7 +19,7 @@ from .op_layout import as_layout, settle
 
 
 class Gather(OpRule):
-    refuses = {"adjoint": "no data-free rule yet (the adjoint's linear ops do not list it)"}
+    linear = True  # constant indices: a selection, exact without forward values
 
     def apply(self, node, inputs, ctx):
         shape = known_shape(ctx, node.input[0])
