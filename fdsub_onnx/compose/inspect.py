@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import LAYER_OPS, Model, find_layer
-from ..graph.patterns import ChannelGate
+from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer
+from ..graph.patterns import Attention, Bilinear, ChannelGate
 from .backend import get_backend
 from .engine import Engine
 from .linear_model import adjoint_problem, structure
@@ -69,11 +69,13 @@ def inspect_model(model: Model) -> Summary:
 
 
 def _held(model: Model) -> list[dict]:
-    """Channel gates and layer norms: ``weights`` mode holds them at their value on a reference input."""
+    """Channel gates, attention matrices and layer norms: ``weights`` mode holds them at their value on a reference
+    input."""
     held = []
     for node in model.nodes:
         pattern = model.patterns.get(node.output[0])
-        kind = "channel gate" if isinstance(pattern, ChannelGate) else (
+        kind = "channel gate" if isinstance(pattern, ChannelGate) else "attention" if isinstance(
+            pattern, Attention) else "product of two tensors" if isinstance(pattern, Bilinear) else (
             "layer norm" if node.op_type in RULES and RULES[node.op_type].held_factor else None)
         if kind:
             held.append({"tensor": node.output[0], "node": model.node_name(node), "kind": kind})
@@ -125,8 +127,7 @@ def _largest_rf(model, engine, targets) -> int:
 
 
 def _layer(model, node, value) -> Layer:
-    shape = model.shapes.get(node.output[0])
-    channels = int(shape[1]) if shape is not None and len(shape) > 1 else None
+    channels = channels_of(model, node.output[0])
     if isinstance(value, Tensor):
         g = value.geom
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
@@ -162,5 +163,6 @@ def module_of(node) -> str | None:
 
 
 def channels_of(model, target):
+    """How many neurons a layer has: the size of its channel axis (``graph.model.channel_axis``)."""
     shape = model.shapes.get(target)
-    return int(shape[1]) if shape is not None and len(shape) > 1 else None
+    return int(shape[channel_axis(model, target)]) if shape is not None and len(shape) > 1 else None

@@ -15,7 +15,7 @@ import onnx
 
 from ..graph.fold import folded, merged_affine
 from ..graph.model import Model, ancestors, wiring
-from ..graph.patterns import ChannelGate
+from ..graph.patterns import Attention, Bilinear, ChannelGate
 from .ops import RULES
 from .ops._rule import LinearContext
 
@@ -94,5 +94,8 @@ def structure(model: Model) -> Model:
     """``model``'s linearized network with every held factor at a placeholder value: its structure (which ops the
     adjoint meets), without the reference input's forward pass."""
     held = {n.output[0]: np.ones(1) for n in model.nodes if n.op_type in RULES and RULES[n.op_type].held_factor}
-    held |= {name: np.ones(1) for name, pattern in model.patterns.items() if isinstance(pattern, ChannelGate)}
+    held |= {name: np.ones(1) for name, pattern in model.patterns.items()
+             if isinstance(pattern, ChannelGate | Attention)}
+    held |= {f"{name}::{side}": np.ones(1) for name, pattern in model.patterns.items()
+             if isinstance(pattern, Bilinear) for side in ("left", "right")}
     return linear_model(model, held)

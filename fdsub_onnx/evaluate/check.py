@@ -32,7 +32,7 @@ from ..compose.ops import RULES
 from ..data.images import open_images
 from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
-from ..graph.model import Model, find_layer, load_model
+from ..graph.model import Model, as_map, find_layer, load_model
 from ..graph.prune import pruned
 from ..graph.validate import nonfinite_weights
 from ..modes.cost import CostPlan, Stage, base_bytes, forward_seconds, weights_stage
@@ -259,7 +259,7 @@ def _identity(model: Model, decoded, tolerance, count, seed, notes) -> Check:
         acts = Forward(linear, [d.layer for d in decoded])(images)
     except FdsubError as exc:
         return Check("identity", SKIP, f"the linearized model does not run: {exc}")
-    results = [_identity_error(d, acts[d.layer], images) for d in decoded]
+    results = [_identity_error(d, as_map(linear, d.layer, acts[d.layer]), images) for d in decoded]
     compared = [r for r in results if r.positions]
     details = [_identity_line(r, tolerance) for r in results]
     if not compared:
@@ -350,7 +350,8 @@ def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead
         values = forward(batch)
         for tensor in probes.values():
             acts = np.asarray(values[tensor], dtype=np.float64)
-            acts = acts.reshape(acts.shape[0], acts.shape[1], -1) if acts.ndim > 1 else acts[:, None, None]
+            acts = as_map(model, tensor, acts) if acts.ndim > 1 else acts[:, None, None, None]
+            acts = acts.reshape(acts.shape[0], acts.shape[1], -1)
             lo, hi = acts.min(axis=(0, 2)), acts.max(axis=(0, 2))
             low[tensor] = np.minimum(low.get(tensor, lo), lo)
             high[tensor] = np.maximum(high.get(tensor, hi), hi)

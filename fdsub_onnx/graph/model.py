@@ -191,3 +191,37 @@ def _topological(nodes, path):
                 elif j is not None and state[j] == 1 and j != i:
                     raise FdsubError(f"{path}: the graph has a cycle through {name!r}; it is not a valid ONNX model")
     return order
+
+
+def channel_axis(model, name: str) -> int:
+    """The axis of tensor ``name`` that holds its neurons: 1 for a map [N, C, H, W], a vector [N, C] or a
+    convolution's [N, C, L]; the last for tokens [N, T, C] (what a MatMul, a norm or a sum over tokens gives)."""
+    shape = model.shapes.get(name)
+    if shape is None or len(shape) != 3:
+        return 1
+    node = model.producer.get(name)
+    return 1 if node is not None and node.op_type in CONV_LIKE + ("AveragePool", "MaxPool") else 2
+
+
+def grid(model, name: str) -> tuple[int, int]:
+    """The positions of tensor ``name`` a neuron is addressed at, as (rows, columns): a map's (H, W), tokens' (1, T)
+    (position (0, t) is token t), (1, 1) for a vector."""
+    shape = model.shapes.get(name)
+    if shape is None:
+        return (1, 1)
+    if len(shape) == 4:
+        return (int(shape[2]), int(shape[3]))
+    if len(shape) == 3 and channel_axis(model, name) == 2:
+        return (1, int(shape[1]))
+    return (1, 1)
+
+
+def as_map(model, name: str, values):
+    """Values of tensor ``name`` (batch first) laid out as maps [N, C, rows, columns] of its ``grid``: tokens
+    [N, T, C] as [N, C, 1, T]; a map as it is; a vector [N, C] as [N, C, 1, 1]."""
+    values = np.asarray(values)
+    if values.ndim == 3 and channel_axis(model, name) == 2:
+        return values.transpose(0, 2, 1)[:, :, None, :]
+    if values.ndim == 3:
+        return values[:, :, None, :]
+    return values[:, :, None, None] if values.ndim == 2 else values

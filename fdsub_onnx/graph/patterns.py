@@ -6,6 +6,9 @@
   of x, which ``weights`` mode reads as its linear asymptote ``slope * x`` for large x (1 for SiLU, GELU,
   Mish, HardSwish; 6 for ``x * Clip(x + 3, 0, 6)`` before its ``/ 6``), evaluated once with onnx's
   reference evaluator; ``local`` mode follows its product and chain rules exactly.
+- ``Attention``: a MatMul of an attention matrix (a Softmax's output) and values: ``weights`` mode holds the
+  matrix at its value for a reference input (a constant mixing of the values), ``fds`` too for now, ``local``
+  follows the product exactly.
 - ``ChannelGate``: a product of a feature map [N, C, H, W] and a data-dependent per-channel gate
   [N, C, 1, 1] (squeeze-and-excitation, channel attention). Broadcast over the map, it does not change the
   map's geometry; ``weights`` mode holds it at its value for a reference input, ``fds`` at its mean over
@@ -49,6 +52,30 @@ class SelfGated:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """``output = held @ x`` (or ``x @ held``): an attention matrix ``held`` (a Softmax's output, through Dropout,
+    Identity or Cast) mixing the values ``x``. ``weights`` mode holds it at its value for a reference input, so the
+    product is a constant mixing of x; ``local`` follows the product exactly at each instance."""
+
+    held: str
+    x: str
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """``output = left @ right`` of two data tensors neither of which is an attention matrix (attention's scores
+    Q K^T): ``weights`` mode reads it as its tangent plane at the reference input, ``left @ R + L @ right - L @ R``
+    (L, R the factors there), exact there and linear in the image; ``local`` at each instance."""
+
+    left: str
+    right: str
+
+
+#: ops between a Softmax and the product that reads it (the attention matrix passes them unchanged)
+PASSING = frozenset({"Identity", "Dropout", "Cast"})
+
+
+@dataclass(frozen=True)
 class ChannelGate:
     """``output = x * gate``: ``x`` a feature map, ``gate`` [N, C, 1, 1] computed from the data."""
 
@@ -61,6 +88,14 @@ def find_patterns(nodes, producer: dict, constants: dict, shapes: dict, opset: i
     found = {}
     order = {id(node): i for i, node in enumerate(nodes)}
     for node in nodes:
+        if node.op_type == "MatMul" and len(node.input) == 2 and not any(n in constants for n in node.input):
+            softmax = [_from_softmax(n, producer) for n in node.input]
+            if softmax[0] != softmax[1]:  # one factor is an attention matrix
+                held = 0 if softmax[0] else 1
+                found[node.output[0]] = Attention(held=node.input[held], x=node.input[1 - held])
+            elif not any(softmax):
+                found[node.output[0]] = Bilinear(*node.input)
+            continue
         if node.op_type != "Mul" or len(node.input) != 2 or any(n in constants for n in node.input):
             continue
         a, b = node.input
@@ -76,6 +111,14 @@ def find_patterns(nodes, producer: dict, constants: dict, shapes: dict, opset: i
         if gate is not None:
             found[node.output[0]] = ChannelGate(x=(a, b)[1 - gate], gate=(a, b)[gate])
     return found
+
+
+def _from_softmax(name: str, producer: dict) -> bool:
+    """Whether tensor ``name`` is a Softmax's output (through ops that pass it unchanged)."""
+    node = producer.get(name)
+    while node is not None and node.op_type in PASSING:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "Softmax"
 
 
 def elementwise_chain(name: str, producer: dict, constants: dict, shapes: dict) -> tuple[str, list]:

@@ -26,7 +26,7 @@ from ..compose.values import Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import Model, ancestors
+from ..graph.model import Model, ancestors, channel_axis, grid
 from .backward import backward, one_hot
 
 #: the reading of each op's class the adjoint runs: its backward rule where it is exact on a linear network without
@@ -36,8 +36,8 @@ __all__ = ["ADJOINT", "adjoint_problem", "decode_at", "gradients", "per_seed_byt
 
 
 class _Shapes(dict):
-    """The forward values a linear network's rules read: zeros of each tensor's shape for ``batch`` seeds, as
-    broadcast views (no memory); the rules read only their shapes."""
+    """The forward values a linear network's rules read: zeros of each tensor's shape (one image's, as a pass over
+    forward values has them), as broadcast views (no memory); the rules read only their shapes."""
 
     def __init__(self, model: Model, batch: int, dtype):
         super().__init__()
@@ -47,7 +47,7 @@ class _Shapes(dict):
         shape = self.model.shapes.get(name)
         if shape is None:
             raise FdsubError(f"weights mode (adjoint): the shape of {name!r} could not be inferred")
-        value = np.broadcast_to(self.zero, (self.batch, *shape[1:]))
+        value = np.broadcast_to(self.zero, tuple(shape))
         self[name] = value
         return value
 
@@ -71,7 +71,8 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
     for start in range(0, len(neurons), batch):
         rows = slice(start, min(start + batch, len(neurons)))
         m = rows.stop - rows.start
-        seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype)
+        seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
+                       channel_axis(linear, target))
         grads, bias = backward(linear, nodes, _Shapes(linear, m, dtype), {target: seed}, ADJOINT,
                                "weights (adjoint)")
         grad = grads.get(source)
@@ -118,7 +119,7 @@ def decode_at(model: Model, linear: Model, target: str, neurons, position, geom:
     backend = get_backend(device.backend)
     dtype = np.dtype(dtype)
     c, h, w = model.input_shape[1:]
-    out_size = _spatial(model, target)
+    out_size = grid(model, target)
     neurons = np.asarray(neurons, np.int64)
     meet = _Meeting(model, split, backend, dtype, gates) if split is not None else None
     if geom is not None:
@@ -193,7 +194,3 @@ class _Meeting:
         corner = tuple(int(v) for v in t.geom.corner((y0, x0)))
         return backend.to_numpy(bank.filters), corner, backend.to_numpy(bank.bias)
 
-
-def _spatial(model, name):
-    shape = model.shapes.get(name)
-    return tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)

@@ -21,8 +21,9 @@ import numpy as np
 
 from ..compose.backend import array_module, get_backend, resolve_device
 from ..compose.ops import RULES
+from ..compose.ops._rule import batched, instances_of_pass
 from ..errors import FdsubError, NotDecodable
-from ..graph.model import ancestors
+from ..graph.model import ancestors, channel_axis
 from ..runtime.session import Forward
 
 #: the backward modes: the reading of each op's class a pass runs
@@ -41,8 +42,13 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     device = resolve_device(device)
     backend = get_backend(device.backend)
     forward = forward if forward is not None else forward_for(model, target, device)
+    if len(images) > 1 and batch_moves(model, ancestors(model, [target])):  # one image's values per pass
+        parts = [instance_gradients(model, target, images[i : i + 1], np.asarray(neurons)[i : i + 1],
+                                    np.asarray(positions).reshape(-1, 2)[i : i + 1], rule, forward, device, dtype)
+                 for i in range(len(images))]
+        return backend.xp.concatenate([p[0] for p in parts]), backend.xp.concatenate([p[1] for p in parts])
     values = {name: backend.asarray(value, dtype) for name, value in forward(images).items()}
-    seed = one_hot(backend, values[target].shape, neurons, positions, dtype)
+    seed = one_hot(backend, values[target].shape, neurons, positions, dtype, channel_axis(model, target))
     grads, bias = backward(model, ancestors(model, [target]), values, {target: seed}, BACKWARD_MODES[rule], rule)
     if model.input_name not in grads:
         raise FdsubError(f"layer {target!r} does not depend on the image input")
@@ -54,7 +60,7 @@ def image_gradients(model, target: str, values: dict, neurons, positions, rule: 
     the backend, in the pass's dtype) they share: the masks and switches are read once, broadcast over them."""
     first = values[target]
     seed = one_hot(get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy"),
-                   (len(neurons), *first.shape[1:]), neurons, positions, first.dtype)
+                   (len(neurons), *first.shape[1:]), neurons, positions, first.dtype, channel_axis(model, target))
     nodes = nodes if nodes is not None else ancestors(model, [target])
     grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
     if model.input_name not in grads:
@@ -62,13 +68,18 @@ def image_gradients(model, target: str, values: dict, neurons, positions, rule: 
     return grads[model.input_name], bias
 
 
-def one_hot(backend, shape, neurons, positions, dtype):
-    """Seeds [M, C, H, W] (or [M, C]): a 1 at channel ``neurons[m]`` and position ``positions[m]`` of row m."""
+def one_hot(backend, shape, neurons, positions, dtype, axis: int = 1):
+    """Seeds [M, C, H, W], tokens [M, T, C] (``axis`` 2, the channel axis: position (0, t) is token t) or [M, C]: a 1
+    at channel ``neurons[m]`` and position ``positions[m]`` of row m."""
     seed = backend.zeros(shape, dtype)
     m = np.arange(shape[0])
+    positions = np.asarray(positions, np.int64).reshape(-1, 2)
     if seed.ndim == 4:
-        positions = np.asarray(positions, np.int64).reshape(-1, 2)
         seed[m, np.asarray(neurons), positions[:, 0], positions[:, 1]] = 1.0
+    elif seed.ndim == 3 and axis == 2:
+        seed[m, positions[:, 1], np.asarray(neurons)] = 1.0
+    elif seed.ndim == 3:
+        seed[m, np.asarray(neurons), positions[:, 1]] = 1.0
     else:
         seed.reshape(shape[0], -1)[m, np.asarray(neurons)] = 1.0
     return seed
@@ -84,6 +95,29 @@ def backward(model, nodes: list, values, grads: dict, reading: str, label: str, 
     read but do not produce (the image, or the tensor a pass stops at), and the bias [M] the nodes add.
     """
     first = next(iter(grads.values()))
+    if len(first) > 1 and batch_moves(model, nodes):  # one instance at a time, each in its tensors' own shapes
+        parts = [backward(model, nodes, values, {name: g[i : i + 1] for name, g in grads.items()}, reading, label,
+                          run) for i in range(len(first))]
+        xp = array_module(first)
+        left = {name: xp.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
+        return left, xp.concatenate([part[1] for part in parts])
+    with instances_of_pass(len(first)):
+        return _backward(model, nodes, values, grads, reading, label, run, first)
+
+
+def batch_moves(model, nodes: list) -> bool:
+    """Whether a tensor of ``nodes`` has its batch axis elsewhere than first (a size other than 1 there: attention's
+    ``[3, 1, h, T, d]``), so that instances cannot ride side by side on axis 0."""
+    batch = model.input_shape[0]
+    for node in nodes:
+        for name in (*node.input, *node.output):
+            shape = model.shapes.get(name) if name and name not in model.constants else None
+            if shape and shape[0] != batch:
+                return True
+    return False
+
+
+def _backward(model, nodes, values, grads, reading, label, run, first):
     xp = array_module(first)
     bias = xp.zeros((len(first),), first.dtype)
     for node in reversed(nodes):
@@ -93,7 +127,7 @@ def backward(model, nodes: list, values, grads: dict, reading: str, label: str, 
         grad = outs[0]
         op = RULES.get(node.op_type)
         if op is not None and op.multi_output:  # one gradient per output (zeros for an output nothing reads)
-            grad = [g if g is not None else xp.zeros((len(first), *values[name].shape[1:]), first.dtype)
+            grad = [g if g is not None else xp.zeros(batched(values[name], first), first.dtype)
                     for name, g in zip(node.output, outs)]
         elif grad is None:
             raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: only its first output "

@@ -15,11 +15,11 @@ from ..compose.walker import walk
 from ..data.topn import rows_of
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
-from ..graph.model import Model, ancestors, find_layer
+from ..graph.model import Model, ancestors, find_layer, grid
 from ..neurons import parse_neurons
 from .adjoint import decode_at
 from .fds import gather_statistics, substituted
-from .gates import channel_gates, layer_norms, reference_gates
+from .gates import held_names, reference_gates
 from .local import decode_instances
 from .plan import ROUTES, plan_layer
 from .result import Decoded
@@ -138,7 +138,7 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
                                       mode)
         if plan is not None:
             result.position, result.plan = plan.position, plan
-        held = [*channel_gates(model, [target]), *layer_norms(model, [target])]
+        held = held_names(model, [target])
         result.gates = {name: np.asarray(gates[name]) for name in held if name in gates}
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
@@ -157,18 +157,16 @@ def _quiet(steps: Iterator) -> Iterator:
 
 
 def centre(model, target) -> tuple[int, int]:
-    """The centre ((Q_y - 1) // 2, (Q_x - 1) // 2) of a layer's output map ((0, 0) for a vector)."""
-    shape = model.shapes.get(target)
-    if shape is None or len(shape) != 4:
-        return (0, 0)
-    return ((shape[2] - 1) // 2, (shape[3] - 1) // 2)
+    """The centre ((Q_y - 1) // 2, (Q_x - 1) // 2) of a layer's output map (tokens: (0, (T - 1) // 2); (0, 0) for
+    a vector)."""
+    rows, columns = grid(model, target)
+    return ((rows - 1) // 2, (columns - 1) // 2)
 
 
 def _position(model, target, position) -> tuple[int, int] | str:
     if isinstance(position, str) and position == "interior":
         return position
-    shape = model.shapes.get(target)
-    size = tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
+    size = grid(model, target)
     try:
         qy, qx = (int(v) for v in position)
     except (TypeError, ValueError):
@@ -233,7 +231,7 @@ def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device,
     if geom is None:  # after an upsampling: the filter holds at its position, its corner given as the origin
         return Decoded(filters, bias, picked, (0, 0), corner, target, mode, None, position=plan.position,
                        exact_at="position")
-    interior = bool(geom.interior(model.input_shape[2:], _spatial(model, target))[plan.position])
+    interior = bool(geom.interior(model.input_shape[2:], grid(model, target))[plan.position])
     origin = (corner[0] - plan.position[0] * geom.stride[0], corner[1] - plan.position[1] * geom.stride[1])
     return Decoded(filters, bias, picked, geom.stride, origin, target, mode, geom.bounds,
                    position=plan.position, exact_at="interior" if interior else "position", crop=crop,
@@ -259,10 +257,6 @@ class _Progress:
 
         return update
 
-
-def _spatial(model, name):
-    shape = model.shapes.get(name)
-    return tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
 
 
 def _walk_groups(model, engine, bottom: list, picked: dict) -> list[tuple[list, dict | None]]:
@@ -302,7 +296,7 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     bank = value.bank if whole else engine.take(value.bank, picked)
     to_numpy = engine.backend.to_numpy
     geom = value.geom
-    (y0, y1), (x0, x1) = geom.image_span(model.input_shape[2:], _spatial(model, node.output[0]))
+    (y0, y1), (x0, x1) = geom.image_span(model.input_shape[2:], grid(model, node.output[0]))
     filters = to_numpy(bank.filters)
     if (y0, x0, y1, x1) != (0, 0, *geom.rf):  # only what can meet a pixel is kept
         filters = np.ascontiguousarray(filters[:, :, y0:y1, x0:x1])

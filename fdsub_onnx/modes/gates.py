@@ -13,7 +13,7 @@ import numpy as np
 from ..compose.ops import RULES
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
-from ..graph.patterns import ChannelGate
+from ..graph.patterns import Attention, Bilinear, ChannelGate
 from ..runtime.session import Forward
 
 REFERENCE = "the input that is all zeros after normalization (the dataset mean)"
@@ -23,6 +23,29 @@ def channel_gates(model: Model, targets) -> dict[str, ChannelGate]:
     """The channel gates (Mul output -> ChannelGate) that ``targets`` (tensor names) depend on."""
     outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
     return {mul: p for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
+
+
+def attentions(model: Model, targets) -> dict[str, Attention | Bilinear]:
+    """The attention products (MatMul output -> Attention: the matrix is held) and products of two data tensors
+    (-> Bilinear: both factors held, the tangent plane) that ``targets`` depend on."""
+    outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
+    return {out: p for out, p in model.patterns.items() if isinstance(p, Attention | Bilinear) and out in outputs}
+
+
+def held_names(model: Model, targets) -> list[str]:
+    """The names ``reference_gates`` gives values under for ``targets``: a gate's, a norm's, an attention's output;
+    a bilinear product's two factors as ``<output>::left`` and ``<output>::right``."""
+    names = [*channel_gates(model, targets), *layer_norms(model, targets)]
+    for out, p in attentions(model, targets).items():
+        names += [f"{out}::left", f"{out}::right"] if isinstance(p, Bilinear) else [out]
+    return names
+
+
+def _factors(pattern, out: str) -> dict[str, str]:
+    """Held name -> the tensor it holds, of an attention product or a bilinear one."""
+    if isinstance(pattern, Bilinear):
+        return {f"{out}::left": pattern.left, f"{out}::right": pattern.right}
+    return {out: pattern.held}
 
 
 def layer_norms(model: Model, targets) -> dict[str, object]:
@@ -39,20 +62,25 @@ def _inverse_std(node, x: np.ndarray) -> np.ndarray:
 
 
 def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Mul output -> per-channel value [C] of every channel gate below ``targets``: on the all-zeros input, or
+    """Output -> held value of every data-dependent factor below ``targets``: a channel gate's per-channel value [C],
+    a layer norm's 1/std [1], an attention matrix (its tensor, one image's); on the all-zeros input, or
     (``reference``, an image set) the mean over its images."""
-    gates, norms = channel_gates(model, targets), layer_norms(model, targets)
-    if not gates and not norms:
+    gates, norms, attention = channel_gates(model, targets), layer_norms(model, targets), attentions(model, targets)
+    if not gates and not norms and not attention:
         return {}
-    forward = Forward(model, [p.gate for p in gates.values()] + [n.input[0] for n in norms.values()], device)
+    factors = {name: tensor for out, p in attention.items() for name, tensor in _factors(p, out).items()}
+    forward = Forward(model, [p.gate for p in gates.values()] + [n.input[0] for n in norms.values()]
+                      + list(factors.values()), device)
 
     def held(values, count) -> dict[str, np.ndarray]:  # per image: [count, C] gates, [count, 1] inverse stds
         out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in gates.items()}
+        out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor][1:])
+                for name, tensor in factors.items()}
         return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in norms.items()}
 
     if reference is None:
         return {name: v[0] for name, v in held(forward(np.zeros((1, *model.input_shape[1:]), np.float32)), 1).items()}
-    sums, count = {name: 0.0 for name in [*gates, *norms]}, 0
+    sums, count = {name: 0.0 for name in [*gates, *norms, *factors]}, 0
     for _, batch in reference.batches(batch_size):
         for name, v in held(forward(batch), len(batch)).items():
             sums[name] = sums[name] + v.sum(axis=0)

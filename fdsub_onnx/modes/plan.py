@@ -27,7 +27,7 @@ from ..compose.values import Blocked, Tensor
 from ..compose.walker import walk
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import Model, ancestors
+from ..graph.model import Model, ancestors, grid
 from .adjoint import adjoint_problem, per_seed_bytes
 
 ROUTES = ("auto", "bottom-up", "adjoint", "meet")
@@ -113,7 +113,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     free = backend.free_bytes() / MEMORY_MARGIN
     k = len(neurons)
     c = int(model.input_shape[1])
-    out_size = _spatial(model, target)
+    out_size = grid(model, target)
     nowhere = None  # why only bottom-up can give what is asked
     if isinstance(position, str):
         if info.geom is None:
@@ -272,10 +272,6 @@ def _memory_advice(target, estimates, free, k, seed, per_neuron) -> str:
     return (f"decoding {target!r} does not fit in the memory budget of {_bytes(free * MEMORY_MARGIN)} ({parts}); "
             f"{advice}")
 
-
-def _spatial(model, name):
-    shape = model.shapes.get(name)
-    return tuple(shape[2:4]) if shape is not None and len(shape) == 4 else (1, 1)
 
 
 def _flops(value: float) -> str:

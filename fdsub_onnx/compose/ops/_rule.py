@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +16,8 @@ from ..backend import array_module
 from ..values import Const, Layout, Tensor
 
 __all__ = ["READINGS", "REGISTRY", "LinearContext", "Nonlinear", "OpRule", "attributes", "averaged_node", "batched",
-           "by_slope", "constant", "data", "identity_node", "no_bias", "on", "optional", "per_channel", "reduce_to"]
+           "by_slope", "constant", "data", "identity_node", "instances", "instances_of_pass", "no_bias", "on",
+           "optional", "per_channel", "per_instance", "reduce_to"]
 
 
 #: the readings every op class gives or refuses with a reason (``OpRule.refuses``); tests/compose/test_registry.py
@@ -161,14 +164,43 @@ class Nonlinear(OpRule):
                           "reads it linearly"}
 
 
+#: M, the instances the running backward pass carries side by side on the batch axis (``instances``)
+_INSTANCES: ContextVar[int | None] = ContextVar("instances", default=None)
+
+
+@contextmanager
+def instances_of_pass(m: int):
+    """Within: ``instances()`` is ``m`` (``modes.backward`` sets it per pass)."""
+    token = _INSTANCES.set(int(m))
+    try:
+        yield
+    finally:
+        _INSTANCES.reset(token)
+
+
+def instances(grad) -> int:
+    """M: the instances a gradient carries. A pass over a graph whose batch axis moves (tokens split into heads,
+    ``[1, T, 3, h, d] -> [3, 1, h, T, d]``) carries one at a time, each gradient in its tensor's own shape; otherwise
+    M side by side on axis 0. Outside a pass: ``len(grad)``."""
+    m = _INSTANCES.get()
+    return len(grad) if m is None else m
+
+
 def batched(x, grad) -> tuple:
-    """``x``'s shape for the batch of ``grad``: forward values may be one image's, shared by its instances."""
-    return (len(grad), *x.shape[1:])
+    """``x``'s shape for the instances of ``grad``: forward values may be one image's, shared by its instances
+    (one instance: the tensor's own shape, wherever its batch axis is)."""
+    m = instances(grad)
+    return tuple(x.shape) if m == 1 else (m, *x.shape[1:])
 
 
 def no_bias(grad):
     """The bias [M] of a rule that adds none."""
-    return array_module(grad).zeros(len(grad), grad.dtype)
+    return array_module(grad).zeros(instances(grad), grad.dtype)
+
+
+def per_instance(products):
+    """The bias [M] a rule adds: its products (gradient times offset) summed per instance."""
+    return products.reshape(instances(products), -1).sum(axis=1)
 
 
 def on(grad, constant):
@@ -247,4 +279,4 @@ def by_slope(rule, node, ins, out, grad):
     xp = array_module(grad)
     d = xp.broadcast_to(rule.slope(xp, node, ins, out), out.shape)
     offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
-    return [grad * d] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+    return [grad * d] + [None] * (len(ins) - 1), per_instance(grad * offset)

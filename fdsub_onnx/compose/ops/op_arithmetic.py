@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ...errors import NotDecodable
+from ...errors import NotDecodable, PhaseDependent
 from ...graph.geometry import union
 from ...graph.patterns import ChannelGate, SelfGated
 from ..values import Const, Layout, Tensor
-from ._rule import OpRule, data, no_bias, on, per_channel, reduce_to
+from ._rule import OpRule, data, no_bias, on, per_channel, per_instance, reduce_to
 from .op_elementwise import Identity
 
-
 _PRODUCT_OF_MAPS = "it multiplies two data-dependent tensors, which has no data-free rule"
+POSITION_BIAS = ("it adds a constant that varies over positions (a position embedding): the bias depends on the "
+                 "position, so the layers after it decode per position")
 
 
 class Arithmetic(OpRule):
@@ -62,7 +63,7 @@ def _sum_backward(ins, is_data, grad, sign: float):
         else:  # a constant: the gradient summed over the axes it is broadcast on first (one read of the map)
             grads.append(None)
             summed = reduce_to(grad, x.shape)
-            added = added + factor * (summed * on(grad, x)).reshape(len(grad), -1).sum(axis=1)
+            added = added + factor * per_instance(summed * on(grad, x))
     return grads, added
 
 
@@ -122,7 +123,7 @@ class Mul(Arithmetic):
             x = a if gate_is_b else b
             g = reduce_to(grad * held, x.shape)
             return ([g, None] if gate_is_b else [None, g]), no_bias(grad)
-        return [grad * b, grad * a], -(grad * a * b).reshape(len(grad), -1).sum(axis=1)
+        return [grad * b, grad * a], -per_instance(grad * a * b)
 
     def linear_nodes(self, node, ctx):
         """The export patterns it ends (``graph.patterns``): x * f(x) as ``slope * x``, a channel gate held at its
@@ -176,6 +177,8 @@ def on_layout(layout: Layout, constant: np.ndarray, scale: bool, ctx, sign: floa
     per_source[index.reshape(-1)] = values
     per_source = per_source.reshape(source.channels, -1)
     if not np.allclose(per_source, per_source[:, :1]):
+        if not scale:  # a bias per position (a position embedding): the filters hold, the bias is the position's
+            raise PhaseDependent(POSITION_BIAS)
         raise NotDecodable("its constant varies over space in the map's own layout")
     value = per_source[:, 0]
     bank = ctx.engine.affine(source.bank, value, 0.0) if scale else ctx.engine.affine(source.bank, 1.0, sign * value)
@@ -204,7 +207,11 @@ def add(inputs: list, signs: list[float], node, ctx) -> Tensor:
         raise NotDecodable(f"it broadcasts feature maps of different shapes (channels {sorted(channels)}, "
                            f"sizes {sorted(spatial)})")
     c, rank = channels.pop(), ctx.rank(node.output[0])
-    shift = sum((s * per_channel(v.value, c, rank) for v, s in zip(inputs, signs) if isinstance(v, Const)), np.zeros(c))
+    try:
+        shift = sum((s * per_channel(v.value, c, rank) for v, s in zip(inputs, signs) if isinstance(v, Const)),
+                    np.zeros(c))
+    except NotDecodable:
+        raise PhaseDependent(POSITION_BIAS) from None
     banks = [x.bank if s == 1.0 else ctx.engine.affine(x.bank, s, 0.0) for x, s in maps]
     geom = union([x.geom for x, _ in maps])
     bank = ctx.engine.sum(banks, [x.geom for x, _ in maps], geom)

@@ -2,10 +2,11 @@
 
 import numpy as np
 
-from ...errors import NotDecodable
+from ...errors import NotDecodable, PhaseDependent
 from ...graph.geometry import union
 from ..backend import array_module
-from ._rule import OpRule, attributes, data, no_bias
+from ..values import Const
+from ._rule import OpRule, attributes, data, no_bias, on, per_instance
 
 
 class Concat(OpRule):
@@ -13,6 +14,9 @@ class Concat(OpRule):
     cone = "aligned"
 
     def apply(self, node, inputs, ctx):
+        if any(isinstance(v, Const) for v in inputs) and not all(isinstance(v, Const) for v in inputs):
+            raise PhaseDependent("it concatenates a constant with the data (a class or register token): the layers "
+                                 "after it decode per position")
         rank = ctx.rank(node.output[0])
         if attributes(node)["axis"] % rank != 1:
             raise NotDecodable(f"it concatenates on axis {attributes(node)['axis']}, not on channels")
@@ -24,9 +28,15 @@ class Concat(OpRule):
         return maps[0].derive(geom=geom, channels=sum(x.channels for x in maps), bank=bank)
 
     def backward(self, node, ins, is_data, out, grad):
+        """The gradient split back; a constant input's share (a class token) is bias."""
         axis = attributes(node)["axis"] % grad.ndim
         cuts = np.cumsum([x.shape[axis] for x in ins])[:-1]
-        return list(array_module(grad).split(grad, cuts.tolist(), axis=axis)), no_bias(grad)
+        pieces = list(array_module(grad).split(grad, cuts.tolist(), axis=axis))
+        added = no_bias(grad)
+        for piece, x, data_input in zip(pieces, ins, is_data):
+            if not data_input:
+                added = added + per_instance(piece * on(grad, x))
+        return [p if d else None for p, d in zip(pieces, is_data)], added
 
     def gate_inputs(self, node, data):
         return data

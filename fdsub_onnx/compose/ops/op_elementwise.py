@@ -14,7 +14,7 @@ import numpy as np
 from ...errors import NotDecodable
 from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import NO_BANK_RULE, Nonlinear, OpRule, attributes, by_slope, identity_node, no_bias
+from ._rule import NO_BANK_RULE, Nonlinear, attributes, by_slope, identity_node, no_bias, per_instance
 
 
 class Elementwise(Nonlinear):
@@ -217,7 +217,7 @@ class LRN(Elementwise):
         coupling = 2 * alpha * beta / size * x * scale / d  # -dy_c/dx_c' = coupling_c * x_c' for c' in c's window
         gx = grad * scale - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
         offset = coupling * squares  # out - J x
-        return [gx], (grad * offset).reshape(len(grad), -1).sum(axis=1)
+        return [gx], per_instance(grad * offset)
 
     def gate_inputs(self, node, data):  # fds treats it as the identity
         return data[:1]
@@ -234,12 +234,23 @@ def _channel_window_sum(a, lo, hi):
     return total
 
 
-class Softmax(OpRule):
-    """The network's last step in classifiers: the identity in the linearized network ``check`` runs, no rule
-    elsewhere."""
+class Softmax(Elementwise):
+    """A normalization over one axis. An attention matrix is held where the product reads it
+    (``graph.patterns.Attention``), so bottom-up composition refuses a softmax of a map (it mixes the channels at
+    each position nonlinearly) while letting a per-position decode pass (the linearized network reads a softmax
+    that no product holds as the identity); in ``local`` its Jacobian at the instance, ``g_x = y (g - sum(g y))``
+    over the axis, the offset ``y - J x`` the bias."""
 
-    refuses = {"apply": NO_BANK_RULE, "backward": "a softmax over channels has no backward rule yet",
-               "adjoint": "a softmax over channels has no backward rule yet"}
+    keeps_neuron = False
+    cone = None  # over any axis, not position by position
 
-    def linear_nodes(self, node, ctx):
-        return [identity_node(node, ctx.used)]
+    def apply(self, node, inputs, ctx):
+        raise NotDecodable("a softmax over a feature map mixes its channels nonlinearly; weights mode reads a softmax "
+                           "only as an attention matrix, held where a product reads it")
+
+    def backward(self, node, ins, is_data, out, grad):
+        axis = int(attributes(node).get("axis", -1))
+        x, y = ins[0], out
+        gx = y * (grad - (grad * y).sum(axis=axis, keepdims=True))
+        offset = y - y * (x - (y * x).sum(axis=axis, keepdims=True))  # y - J x
+        return [gx], per_instance(grad * offset)

@@ -3,10 +3,13 @@
 import numpy as np
 from onnx import helper
 
-from ...errors import NotDecodable
-from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, batched, constant, no_bias, on, optional
+from ...errors import NotDecodable, PhaseDependent
+from ...graph.patterns import Attention, Bilinear
+from ..backend import array_module
+from ..values import Const, Layout, Tensor
+from ._rule import OpRule, attributes, batched, constant, no_bias, on, optional, per_instance, reduce_to
 from ._window import apply_window
+from .op_arithmetic import Add, Sub
 from .op_norm import mix_channels
 
 
@@ -38,6 +41,10 @@ class Gemm(OpRule):
         return _matrix_flops(model, node, size)
 
 
+PRODUCT_OF_TENSORS = ("it multiplies two data-dependent tensors (attention's Q K^T, or A V without a Softmax to "
+                      "hold); decoded per position with the attention matrix held, where a Softmax gives one")
+
+
 class MatMul(OpRule):
     linear = True
     fds = "weight"
@@ -46,6 +53,8 @@ class MatMul(OpRule):
         return _substituted_matrix(node, stat, model, substitution, constants)
 
     def apply(self, node, inputs, ctx):
+        if not isinstance(inputs[0], Const) and not isinstance(inputs[1], Const):
+            raise PhaseDependent(PRODUCT_OF_TENSORS)
         matrix = constant(inputs[1], "weight matrix")
         x = inputs[0]
         if isinstance(x, Layout) and x.channels_last and matrix.ndim == 2 and matrix.shape[0] == x.source.channels:
@@ -56,10 +65,53 @@ class MatMul(OpRule):
         return fully_connected(x, matrix, None, node, ctx)
 
     def backward(self, node, ins, is_data, out, grad):
-        return _fully_connected_backward(node, ins, out, grad, 1.0, None, attributes(node).get("transB", 0))
+        """``x @ W`` as a fully connected layer; a product with a data tensor on either side (attention's Q K^T and
+        A V) by the product rule, whose tangent plane ``a b ~ da b + a db - a b`` is exact at the instance."""
+        if is_data[0] and not is_data[1]:
+            return _fully_connected_backward(node, ins, out, grad, 1.0, None, attributes(node).get("transB", 0))
+        xp = array_module(grad)
+        a, b = (v if d else on(grad, v) for v, d in zip(ins, is_data))
+        grads = [reduce_to(grad @ xp.swapaxes(b, -1, -2), a.shape) if is_data[0] else None,
+                 reduce_to(xp.swapaxes(a, -1, -2) @ grad, b.shape) if is_data[1] else None]
+        return grads, -per_instance(grad * xp.matmul(a, b)) if all(is_data) else no_bias(grad)
+
+    def adjoint_refusal(self, node, constants):
+        return None if any(name in constants for name in node.input[:2]) else PRODUCT_OF_TENSORS
+
+    def linear_nodes(self, node, ctx):
+        """An attention product (``graph.patterns.Attention``) with its matrix held at its reference value."""
+        pattern, out = ctx.patterns.get(node.output[0]), node.output[0]
+        if isinstance(pattern, Bilinear) and f"{out}::left" in ctx.gates:
+            return _tangent_plane(node, ctx)
+        if not isinstance(pattern, Attention) or out not in ctx.gates:
+            return None
+        value = np.asarray(ctx.gates[out], np.float32)
+        const = f"{out}::held_attention"
+        ctx.held[const] = value.reshape(1, *value.shape)
+        inputs = [const if name == pattern.held else name for name in node.input]
+        return [helper.make_node(MatMul.__name__, inputs, [out], name=node.name)]
 
     def flops(self, model, node, size):
         return _matrix_flops(model, node, size)
+
+
+def _tangent_plane(node, ctx) -> list:
+    """A product of two data tensors read at the reference input (L, R held there): ``a @ R + L @ b - L @ R``."""
+    out, name = node.output[0], node.name or node.output[0]
+    left, right = (np.asarray(ctx.gates[f"{out}::{side}"], np.float32) for side in ("left", "right"))
+    held = {side: f"{out}::held_{side}" for side in ("left", "right", "product")}
+    ctx.held[held["left"]], ctx.held[held["right"]] = left.reshape(1, *left.shape), right.reshape(1, *right.shape)
+    ctx.held[held["product"]] = np.matmul(ctx.held[held["left"]], ctx.held[held["right"]])
+    a, b = node.input[:2]
+    parts = [f"{out}::by_right", f"{out}::by_left", f"{out}::sum"]
+    nodes = [helper.make_node(MatMul.__name__, [a, held["right"]], [parts[0]], name=f"{name}::by_right"),
+             helper.make_node(MatMul.__name__, [held["left"], b], [parts[1]], name=f"{name}::by_left"),
+             helper.make_node(Add.__name__, parts[:2], [parts[2]], name=f"{name}::sum"),
+             helper.make_node(Sub.__name__, [parts[2], held["product"]], [out], name=name)]
+    shape = ctx.shapes.get(out)
+    if shape is not None:
+        ctx.shapes.update(dict.fromkeys(parts, shape))
+    return nodes
 
 
 def _substituted_matrix(node, stat, model, substitution, constants):
@@ -120,8 +172,8 @@ def _fully_connected_backward(node, ins, out, grad, alpha, beta, trans_b):
     (a channels-last pointwise layer) a product per position."""
     matrix = on(grad, ins[1])
     matrix = matrix.T if trans_b else matrix
-    if beta is None and grad.ndim > 2:
-        return [grad @ matrix.T, None], no_bias(grad)
+    if beta is None and grad.ndim > 2:  # batched products of the last two axes (a matrix per head, or one)
+        return [grad @ array_module(grad).swapaxes(matrix, -1, -2), None], no_bias(grad)
     g2 = grad.reshape(len(grad), -1)
     added = no_bias(grad)
     if beta is not None and len(ins) > 2 and ins[2] is not None:

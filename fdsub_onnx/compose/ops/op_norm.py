@@ -13,7 +13,7 @@ from onnx import helper
 from ...errors import NotDecodable
 from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, constant, on, optional
+from ._rule import OpRule, attributes, constant, on, optional, per_instance
 from .op_arithmetic import Add, Mul, Sub
 from .op_reduce import ReduceMean
 
@@ -67,7 +67,7 @@ class LayerNormalization(OpRule):
         g = grad * gamma
         gx = r * (g - g.mean(axis=-1, keepdims=True) - hat * (g * hat).mean(axis=-1, keepdims=True))
         offset = beta + gamma * hat * (1 - eps * r**2)
-        return [gx] + [None] * (len(ins) - 1), (grad * offset).reshape(len(grad), -1).sum(axis=1)
+        return [gx] + [None] * (len(ins) - 1), per_instance(grad * offset)
 
     def linear_nodes(self, node, ctx):
         """Held (``ctx.gates``): over the last axis with its 1/std r held, ``(x - mean(x)) * (r * scale) + bias``."""

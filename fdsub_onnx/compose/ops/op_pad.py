@@ -6,7 +6,7 @@ gradient of what it kept; what it added (``value`` times the ring's gradient) is
 import numpy as np
 
 from ...errors import NotDecodable
-from ._rule import OpRule, attributes, constant, data, optional
+from ._rule import OpRule, attributes, constant, data, optional, per_instance
 
 
 class Pad(OpRule):
@@ -41,7 +41,7 @@ class Pad(OpRule):
                  else 0.0)
         ring = grad.copy()
         ring[index] = 0
-        return [grad[index]] + [None] * (len(ins) - 1), value * ring.reshape(len(grad), -1).sum(axis=1)
+        return [grad[index]] + [None] * (len(ins) - 1), value * per_instance(ring)
 
     def gate_inputs(self, node, data):
         return data[:1]

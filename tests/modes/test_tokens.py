@@ -1,0 +1,158 @@
+"""Token tensors and attention (a ViT block written as exporters write it, with onnx.helper): every Conv, MatMul and
+Gemm layer decodes in ``weights`` mode per token, the identity exact against onnxruntime on the linearized network
+(attention matrices held at the reference input, attention scores read as their tangent plane there, layer norms'
+1/std held); ``local``'s rules (Softmax's Jacobian, the product rule through Q K^T and A V, layer norm, GELU) give
+the exact input gradient at an instance: the local identity holds and central differences through onnxruntime
+agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from netgen import run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+import fdsub_onnx as fd
+from fdsub_onnx.evaluate.self_test import linearized
+from fdsub_onnx.graph.model import as_map, grid
+from fdsub_onnx.graph.patterns import Attention, Bilinear
+from fdsub_onnx.modes.backward import instance_gradients
+from fdsub_onnx.modes.gates import reference_gates
+
+C, HEADS, PATCH, SIZE = 8, 2, 4, 16
+TOKENS = (SIZE // PATCH) ** 2 + 1  # the patch grid and a class token
+
+
+class _Graph:
+    def __init__(self, seed: int):
+        self.rng, self.nodes, self.inits, self.count = np.random.default_rng(seed), [], [], 0
+
+    def const(self, value, dtype=np.float32) -> str:
+        self.count += 1
+        name = f"c{self.count}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def weight(self, *shape, scale=0.4) -> str:
+        return self.const(self.rng.standard_normal(shape) * scale)
+
+    def op(self, op_type: str, inputs, outputs: int = 1, **attrs):
+        self.count += 1
+        names = [f"{op_type.lower()}_{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=names[0], **attrs))
+        return names[0] if outputs == 1 else names
+
+    def layer_norm(self, x: str) -> str:
+        return self.op("LayerNormalization", [x, self.const(1 + 0.1 * self.rng.standard_normal(C)),
+                                              self.const(0.1 * self.rng.standard_normal(C))], axis=-1)
+
+    def linear(self, x: str, n_in: int, n_out: int) -> str:
+        return self.op("Add", [self.op("MatMul", [x, self.weight(n_in, n_out)]), self.weight(n_out, scale=0.1)])
+
+    def gelu(self, x: str) -> str:
+        erf = self.op("Erf", [self.op("Div", [x, self.const(np.sqrt(2.0))])])
+        return self.op("Mul", [self.op("Mul", [x, self.op("Add", [erf, self.const(1.0)])]), self.const(0.5)])
+
+
+def vit_block(seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """Patch embedding, class token, position embedding, one pre-norm block (multi-head attention with the heads
+    split through the batch axis as timm's export does, a GELU MLP), the class token's head."""
+    g = _Graph(seed)
+    d = C // HEADS
+    patches = g.op("Conv", ["input", g.weight(C, 3, PATCH, PATCH, scale=0.2), g.weight(C, scale=0.1)],
+                   kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+    tokens = g.op("Transpose", [g.op("Reshape", [patches, g.const([1, C, -1], np.int64)])], perm=[0, 2, 1])
+    x = g.op("Add", [g.op("Concat", [g.weight(1, 1, C), tokens], axis=1), g.weight(1, TOKENS, C, scale=0.1)])
+    qkv = g.linear(g.layer_norm(x), C, 3 * C)
+    heads = g.op("Transpose", [g.op("Reshape", [qkv, g.const([1, TOKENS, 3, HEADS, d], np.int64)])],
+                 perm=[2, 0, 3, 1, 4])
+    q, k, v = (g.op("Squeeze", [part, g.const([0], np.int64)])
+               for part in g.op("Split", [heads, g.const([1, 1, 1], np.int64)], outputs=3, axis=0))
+    scores = g.op("MatMul", [g.op("Mul", [q, g.const(d**-0.5)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    mixed = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    merged = g.op("Reshape", [g.op("Transpose", [mixed], perm=[0, 2, 1, 3]), g.const([1, TOKENS, C], np.int64)])
+    x = g.op("Add", [x, g.linear(merged, C, C)])
+    x = g.op("Add", [x, g.linear(g.gelu(g.linear(g.layer_norm(x), C, 2 * C)), 2 * C, C)])
+    cls = g.op("Gather", [g.layer_norm(x), g.const(0, np.int64)], axis=1)
+    logits = g.op("Gemm", [cls, g.weight(5, C), g.weight(5, scale=0.1)], transB=1)
+    graph = helper.make_graph(g.nodes, "vit", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, SIZE,
+                                                                                                          SIZE])],
+                              [helper.make_tensor_value_info(logits, TensorProto.FLOAT, None)], g.inits)
+    names = {"patches": patches, "scores": scores, "mixed": mixed, "logits": logits}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), names
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    proto, names = vit_block()
+    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
+    onnx.save(proto, str(path))
+    return fd.load_model(str(path)), proto, names
+
+
+def _images(count, seed):
+    return np.random.default_rng(seed).standard_normal((count, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def test_every_layer_is_listed_decodable_with_its_tokens(vit):
+    model, _, names = vit
+    assert isinstance(model.patterns[names["mixed"]], Attention)
+    assert isinstance(model.patterns[names["scores"]], Bilinear)
+    layers = fd.inspect_model(model).layers
+    assert len(layers) == 8 and all(layer.decodable for layer in layers), [(lay.name, lay.reason) for lay in layers]
+    tokens = [layer for layer in layers if layer.per_position and layer.op == "MatMul"]
+    assert {layer.channels for layer in tokens} >= {C, 3 * C, 2 * C}  # channels on the last axis, not the tokens
+
+
+@pytest.mark.parametrize("reference", [None, "images"])
+def test_weights_identity_at_every_token_layer(vit, reference):
+    """activation = <filter, image> + bias at the decoded token, for every layer, on images other than the
+    reference, against onnxruntime on the linearized network (the held values as decoded)."""
+    model, proto, names = vit
+    images = _images(4, seed=1)
+    gate_reference = fd.ArrayImages(_images(3, seed=9)) if reference else None
+    for layer in fd.inspect_model(model).layers:
+        rows, columns = grid(model, layer.name)
+        for position in {(rows // 2, columns // 2), (rows - 1, columns - 1), (0, 0)}:
+            decoded = fd.decode(model, layer.name, dtype="float64", neurons="0-1", position=position,
+                                gate_reference=gate_reference)
+            held = reference_gates(model, [layer.name], gate_reference)
+            acts = run_ort(linearized(proto, model.patterns, held), images, [layer.name])[layer.name]
+            acts = as_map(model, layer.name, acts)[:, decoded.neurons, position[0], position[1]]
+            (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+            if decoded.exact_at == "interior":  # a map layer: its origin is that of position (0, 0)
+                y, x = y + position[0] * decoded.stride[0], x + position[1] * decoded.stride[1]
+            padded = np.pad(images.astype(np.float64), ((0, 0), (0, 0), (ry, ry), (rx, rx)))
+            patch = padded[:, None, :, y + ry : y + 2 * ry, x + rx : x + 2 * rx]
+            got = (decoded.filters[None] * patch).sum(axis=(2, 3, 4)) + decoded.bias
+            np.testing.assert_allclose(got, acts, rtol=1e-5, atol=1e-5 * np.abs(acts).max(), err_msg=layer.name)
+
+
+@pytest.mark.parametrize("layer", ["scores", "mixed", "logits"])
+def test_local_filters_are_exact_input_gradients(vit, layer):
+    """local's instance filter is the input gradient (central differences through onnxruntime) and the local
+    identity holds: activation = <filter, image> + bias, through Softmax, the attention products, layer norms,
+    GELU and heads split through the batch axis."""
+    model, proto, names = vit
+    target = names[layer]
+    images = _images(2, seed=3)
+    shape = model.shapes[target]
+    neurons = np.array([1, 0])
+    positions = np.array([[3, 2], [TOKENS - 1, 3]]) if len(shape) == 4 else np.array([[0, 0], [0, 0]])
+    grads, bias = instance_gradients(model, target, images, neurons, positions)
+    acts = run_ort(proto, images, [target])[target].astype(np.float64)
+    if len(shape) == 4:
+        want = acts[np.arange(2), neurons, positions[:, 0], positions[:, 1]]
+    else:
+        want = acts[np.arange(2), neurons]
+    np.testing.assert_allclose((grads * images).sum(axis=(1, 2, 3)) + bias, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(acts).max())
+    rng, eps = np.random.default_rng(0), 1e-2
+    for i in range(2):
+        direction = rng.standard_normal(images.shape[1:]).astype(np.float32)
+        plus, minus = (run_ort(proto, (images[i] + s * eps * direction)[None], [target])[target].astype(np.float64)
+                       for s in (1, -1))
+        index = (0, neurons[i], *positions[i]) if len(shape) == 4 else (0, neurons[i])
+        numeric = (plus[index] - minus[index]) / (2 * eps)
+        assert numeric == pytest.approx(float((grads[i] * direction).sum()), rel=2e-2, abs=1e-3 * np.abs(acts).max())
