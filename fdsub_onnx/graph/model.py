@@ -209,19 +209,25 @@ def grid(model, name: str) -> tuple[int, int]:
     shape = model.shapes.get(name)
     if shape is None:
         return (1, 1)
-    if len(shape) == 4:
-        return (int(shape[2]), int(shape[3]))
-    if len(shape) == 3 and channel_axis(model, name) == 2:
-        return (1, int(shape[1]))
+    if len(shape) == 4:  # windows or patches on the batch axis: their rows one after the other
+        return (int(shape[2]) * (int(shape[0]) // model.input_shape[0]), int(shape[3]))
+    if len(shape) == 3 and channel_axis(model, name) == 2:  # windows or patches on the batch axis: (window, token)
+        return (int(shape[0]) if shape[0] != model.input_shape[0] else 1, int(shape[1]))
     return (1, 1)
 
 
 def as_map(model, name: str, values):
     """Values of tensor ``name`` (batch first) laid out as maps [N, C, rows, columns] of its ``grid``: tokens
-    [N, T, C] as [N, C, 1, T]; a map as it is; a vector [N, C] as [N, C, 1, 1]."""
+    [N, T, C] as [N, C, 1, T] (windows [N * W, T, C] as [N, C, W, T]); a map as it is (windows [N * W, C, Y, X] as
+    [N, C, W * Y, X]); a vector as [N, C, 1, 1]."""
     values = np.asarray(values)
-    if values.ndim == 3 and channel_axis(model, name) == 2:
-        return values.transpose(0, 2, 1)[:, :, None, :]
+    if values.ndim == 3 and channel_axis(model, name) == 2:  # tokens; windows or patches on the batch axis: rows
+        per_image = model.shapes[name][0] // model.input_shape[0]
+        return values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 3, 1, 2)
+    if values.ndim == 4 and model.shapes[name][0] != model.input_shape[0]:  # [N * W, C, rows, X] -> [N, C, W*rows, X]
+        per_image = model.shapes[name][0] // model.input_shape[0]
+        split = values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 2, 1, 3, 4)
+        return split.reshape(split.shape[0], split.shape[1], -1, split.shape[4])
     if values.ndim == 3:
         return values[:, :, None, :]
     return values[:, :, None, None] if values.ndim == 2 else values

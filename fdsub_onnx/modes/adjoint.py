@@ -68,13 +68,22 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
     shape = linear.shapes.get(target)
     if shape is None:
         raise FdsubError(f"weights mode (adjoint): the shape of layer {target!r} could not be inferred")
+    merged = shape[0] != linear.input_shape[0]  # windows or patches on the batch axis: one seed, in its own shape
+    batch = 1 if merged else batch
     for start in range(0, len(neurons), batch):
         rows = slice(start, min(start + batch, len(neurons)))
         m = rows.stop - rows.start
-        seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
-                       channel_axis(linear, target))
+        if merged:
+            seed = backend.zeros(tuple(shape), dtype)
+            if len(shape) == 3:  # window or patch, token, channel
+                seed[position[0], position[1], int(neurons[start])] = 1.0
+            else:  # window, channel, row within the window, column
+                seed[position[0] // shape[2], int(neurons[start]), position[0] % shape[2], position[1]] = 1.0
+        else:
+            seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
+                           channel_axis(linear, target))
         grads, bias = backward(linear, nodes, _Shapes(linear, m, dtype), {target: seed}, ADJOINT,
-                               "weights (adjoint)")
+                               "weights (adjoint)", instances=1 if merged else None)
         grad = grads.get(source)
         if grad is None:
             raise FdsubError(f"layer {target!r} does not depend on {source!r}")

@@ -85,16 +85,20 @@ def one_hot(backend, shape, neurons, positions, dtype, axis: int = 1):
     return seed
 
 
-def backward(model, nodes: list, values, grads: dict, reading: str, label: str, run=None):
+def backward(model, nodes: list, values, grads: dict, reading: str, label: str, run=None, instances: int | None = None):
     """Run each op's ``reading`` (``"backward"``, ``"deconvnet"``, ``"adjoint"``: a method of its class) backwards
     over ``nodes`` (graph order), from the seeded ``grads`` (tensor -> [M, ...]).
 
     ``values`` maps a tensor to its forward value [M, ...] (read through ``values[name]``, so a mapping that
     makes them on demand works). ``run(op, node, ins, is_data, out, grad)``, when given, runs each step in the op's
-    place (the cone pass cuts and places around it). Returns the gradients left, those of the tensors the nodes
+    place (the cone pass cuts and places around it). ``instances=1``: the seeds are one instance in the target's own
+    shape (its batch axis holding windows or patches). Returns the gradients left, those of the tensors the nodes
     read but do not produce (the image, or the tensor a pass stops at), and the bias [M] the nodes add.
     """
     first = next(iter(grads.values()))
+    if instances == 1:  # one seed in its tensor's own shape (a target whose batch axis holds windows or patches)
+        with instances_of_pass(1):
+            return _backward(model, nodes, values, grads, reading, label, run, first[:1])
     if len(first) > 1 and batch_moves(model, nodes):  # one instance at a time, each in its tensors' own shapes
         parts = [backward(model, nodes, values, {name: g[i : i + 1] for name, g in grads.items()}, reading, label,
                           run) for i in range(len(first))]

@@ -63,7 +63,7 @@ def _inverse_std(node, x: np.ndarray) -> np.ndarray:
 
 def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
     """Output -> held value of every data-dependent factor below ``targets``: a channel gate's per-channel value [C],
-    a layer norm's 1/std [1], an attention matrix (its tensor, one image's); on the all-zeros input, or
+    a layer norm's 1/std [1], an attention matrix (one image's tensor, in its own shape); on the all-zeros input, or
     (``reference``, an image set) the mean over its images."""
     gates, norms, attention = channel_gates(model, targets), layer_norms(model, targets), attentions(model, targets)
     if not gates and not norms and not attention:
@@ -74,8 +74,8 @@ def reference_gates(model: Model, targets, reference=None, device="cpu", batch_s
 
     def held(values, count) -> dict[str, np.ndarray]:  # per image: [count, C] gates, [count, 1] inverse stds
         out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in gates.items()}
-        out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor][1:])
-                for name, tensor in factors.items()}
+        out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor])
+                for name, tensor in factors.items()}  # one image's tensor (its batch axis may hold patches)
         return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in norms.items()}
 
     if reference is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import helper
 
-from ...errors import FdsubError, NotDecodable
+from ...errors import FdsubError, NotDecodable, PhaseDependent
 from ...graph.fold import per_channel
 from ...graph.model import attributes
 from ..backend import array_module
@@ -239,8 +239,9 @@ def data(value) -> Tensor:
     """A data input as a Tensor (a pending layout that is not a plain tensor is refused)."""
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, Layout):
-        raise NotDecodable("its input is a reshaped tensor that is not a channel permutation of a feature map")
+    if isinstance(value, Layout):  # tokens, windows, heads: linear, but no longer a map with one filter per channel
+        raise PhaseDependent("its input is a reshaped tensor (tokens, windows or heads), not a feature map: the layers "
+                             "after it decode per position")
     raise NotDecodable("expected a feature map input, got a constant")
 
 

@@ -85,9 +85,8 @@ class MatMul(OpRule):
             return _tangent_plane(node, ctx)
         if not isinstance(pattern, Attention) or out not in ctx.gates:
             return None
-        value = np.asarray(ctx.gates[out], np.float32)
         const = f"{out}::held_attention"
-        ctx.held[const] = value.reshape(1, *value.shape)
+        ctx.held[const] = np.asarray(ctx.gates[out], np.float32)  # one image's matrix, in the tensor's own shape
         inputs = [const if name == pattern.held else name for name in node.input]
         return [helper.make_node(MatMul.__name__, inputs, [out], name=node.name)]
 
@@ -100,7 +99,7 @@ def _tangent_plane(node, ctx) -> list:
     out, name = node.output[0], node.name or node.output[0]
     left, right = (np.asarray(ctx.gates[f"{out}::{side}"], np.float32) for side in ("left", "right"))
     held = {side: f"{out}::held_{side}" for side in ("left", "right", "product")}
-    ctx.held[held["left"]], ctx.held[held["right"]] = left.reshape(1, *left.shape), right.reshape(1, *right.shape)
+    ctx.held[held["left"]], ctx.held[held["right"]] = left, right
     ctx.held[held["product"]] = np.matmul(ctx.held[held["left"]], ctx.held[held["right"]])
     a, b = node.input[:2]
     parts = [f"{out}::by_right", f"{out}::by_left", f"{out}::sum"]

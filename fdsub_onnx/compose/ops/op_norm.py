@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ...errors import NotDecodable
+from ...errors import NotDecodable, PhaseDependent
 from ..backend import array_module
 from ..values import Layout, Tensor
 from ._rule import OpRule, attributes, constant, on, optional, per_instance
@@ -33,8 +33,11 @@ class LayerNormalization(OpRule):
         x = inputs[0]
         attrs = attributes(node)
         rank = len(ctx.shape(node.input[0]) or ())
-        if not isinstance(x, Layout) or not x.channels_last or int(attrs.get("axis", -1)) % max(rank, 1) != rank - 1:
-            raise NotDecodable("only a LayerNormalization over the channels of a channels-last map is read")
+        if int(attrs.get("axis", -1)) % max(rank, 1) != rank - 1:
+            raise NotDecodable("only a LayerNormalization over the last axis is read")
+        if not isinstance(x, Layout) or not x.channels_last:  # over tokens: held per position by the adjoint
+            raise PhaseDependent("a LayerNormalization over tokens: its 1/std is held and the layers after it decode "
+                                 "per position")
         source = x.source
         c = source.channels
         gamma = np.broadcast_to(np.asarray(constant(inputs[1], "scale"), np.float64).reshape(-1), (c,))
