@@ -73,7 +73,8 @@ SKELETON_FILES = (
     "mobilenet_v2.ts", "mobilenet_v3_large.ts", "mobilenet_v3_large.dynamo", "efficientnet_b0.ts",
     "efficientnet_b0.dynamo", "regnet_y_400mf.ts", "shufflenet_v2_x1_0.ts", "shufflenet_v2_x1_0.dynamo",
     "mnasnet0_5.ts", "convnext_tiny.ts", "convnext_tiny.dynamo", "resnext50_32x4d.ts", "googlenet.ts",
-    "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "unet_toy.ts", "nhwc_tf_style",
+    "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "unet_toy.ts", "nhwc_tf_style", "vit_tiny.ts",
+    "deit_tiny_distilled.ts", "swin_tiny.ts", "mobilevit_xxs.ts",
 )
 
 
@@ -299,6 +300,22 @@ def _tv(name: str, seed: int, size: int = 64, **kwargs) -> TorchModel:
     return TorchModel(name, seed, size, torchvision_model(name, **kwargs))
 
 
+def timm_model(builder: str, **kwargs) -> Callable[[], nn.Module]:
+    """A timm architecture with random weights, a small classifier and ``kwargs`` (the input size, a smaller patch
+    or window where the 64 px input needs it). timm (Apache-2.0, a development aid) is imported only here."""
+
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(builder, pretrained=False, num_classes=CLASSES, **kwargs)
+
+    return build
+
+
+def _timm(name: str, builder: str, seed: int, size: int = 64, **kwargs) -> TorchModel:
+    return TorchModel(name, seed, size, timm_model(builder, img_size=size, **kwargs))
+
+
 def nhwc_tf_style(seed: int, size: int) -> onnx.ModelProto:
     """What tf2onnx writes for a Keras CNN before its transpose optimizer: an NHWC image transposed to NCHW
     for each Conv/MaxPool and back to NHWC after it, a BiasAdd and Relu applied in NHWC (bias on the last
@@ -363,6 +380,12 @@ ZOO: tuple[TorchModel | HelperModel | QuantizedModel, ...] = (
     TorchModel("yolo_toy", 11, 64, YoloToy),
     TorchModel("unet_toy", 12, 64, UNetToy),
     HelperModel("nhwc_tf_style", 13, 64, nhwc_tf_style),
+    # transformers and hybrids (timm): tokens, class and distillation tokens, position embeddings, attention with
+    # heads split through the batch axis, windows (Swin) and patches (MobileViT) on the batch axis
+    _timm("vit_tiny", "vit_tiny_patch16_224", 15, patch_size=8, depth=4),
+    _timm("deit_tiny_distilled", "deit_tiny_distilled_patch16_224", 16, patch_size=8, depth=4),
+    _timm("swin_tiny", "swin_tiny_patch4_window7_224", 17, window_size=4, depths=(2, 2, 2, 2)),
+    _timm("mobilevit_xxs", "mobilevit_xxs", 18),
     QuantizedModel("mobilenet_v2", "qdq", 14),
     QuantizedModel("mobilenet_v2", "qop", 14),
     QuantizedModel("mobilenet_v2", "qdyn", 14),

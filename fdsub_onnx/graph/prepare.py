@@ -19,7 +19,7 @@ from ..errors import FdsubError
 STANDARD_DOMAINS = ("", "ai.onnx")
 FOLD_LIMIT = 4 << 30  # largest constant (bytes) produced by folding
 SHAPE_ONLY = 4096  # constants with more elements reach shape inference by shape alone (weights); smaller by value
-ROUNDS = 8  # fold/infer rounds at most (real exports settle in two or three)
+ROUNDS = 32  # fold/infer rounds at most (most exports settle in two or three, Swin's window arithmetic in ten)
 #: ops whose folding may use a newer opset of the reference evaluator than the model's (same semantics)
 NEWER_OPSET_OK = ("DequantizeLinear", "QuantizeLinear")
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -35,6 +35,10 @@ def prepare(proto: onnx.ModelProto, nodes: list, path: str, opset: int):
         count = (len(nodes), len(shapes))
         nodes = _folded(nodes, constants, shapes, opset)
         if all(o in shapes for n in nodes for o in n.output if o):
+            while True:  # every shape known: fold what the last folds made constant (Shape -> Gather -> ...)
+                before, nodes = len(nodes), _folded(nodes, constants, shapes, opset)
+                if len(nodes) == before:
+                    break
             break
         shapes.update(_infer_shapes(_with_constants(proto, nodes, constants), path, strict=False))
         if (len(nodes), len(shapes)) == count:
