@@ -94,6 +94,21 @@ def layer_geometry(model: Model, layer: str) -> Geometry:
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
+def instance_geometry(model: Model, layer: str) -> Geometry:
+    """The geometry of ``layer``'s instances: its own (``layer_geometry``), or for a layer decoded per position
+    (tokens after global attention, a layer after an upsampling) the whole image at every position (stride 0): each
+    instance's filter is then its input gradient over the image, which ``local`` and the Neuron Feature average."""
+    try:
+        return layer_geometry(model, layer)
+    except FdsubError:
+        node = find_layer(model, layer)
+        value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]) if n is node),
+                     None)
+        if not (isinstance(value, Blocked) and value.per_position):
+            raise
+        return Geometry(stride=(0, 0), rf=tuple(int(n) for n in model.input_shape[2:4]), origin=(0, 0))
+
+
 def memory_problem(model, engine, targets, rows=None) -> str | None:
     """Why decoding ``targets`` bottom-up in one pass would not fit in the memory left (None when it fits): the
     size of the filter banks alive at once is known from geometry alone, so this costs no decoding. The advice

@@ -18,13 +18,13 @@ import numpy as np
 
 from ..compose.backend import get_backend, usable_cores
 from ..compose.engine import Engine
-from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, layer_geometry, memory_problem
+from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, instance_geometry, memory_problem
 from ..compose.ops import RULES
 from ..compose.walker import walk
 from ..data.topn import SLOT_BYTES
 from ..defaults import DEFAULT_BATCH, DEFAULT_TOP, DEFAULT_WEIGHTING, budget_text, memory_budget
 from ..errors import FdsubError
-from ..graph.model import Model, ancestors, find_layer
+from ..graph.model import Model, ancestors, find_layer, grid
 from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .backward import pass_sizes, per_image_bytes
@@ -169,7 +169,7 @@ def instance_stage(model: Model, target: str, instances: int, rule: str = "local
     backend = get_backend("numpy")
     itemsize = np.dtype(dtype).itemsize
     workers = backend.workers
-    geom = layer_geometry(model, target)
+    geom = instance_geometry(model, target)
     largest = largest_cut(model, target, geom, instance_cone(model, target, geom))
     per_pass, images_at_once = pass_sizes(model, target, most, backend, itemsize, workers, largest)
     per_pass = min(per_pass, neurons or per_pass)  # a pass holds one image's instances: one per neuron at most
@@ -185,14 +185,14 @@ def instance_stage(model: Model, target: str, instances: int, rule: str = "local
 
 def _cone_share(model, target) -> float:
     """The share of a whole-image pass that one instance's cone covers: its receptive field over the image."""
-    rf = layer_geometry(model, target).rf
+    rf = instance_geometry(model, target).rf
     size = model.input_shape[2:]
     return float(min(1.0, max(0.05, (rf[0] * rf[1]) / (size[0] * size[1]))))
 
 
 def nf_stage(model: Model, target: str, neurons: int, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
     """``neuron_feature``: the images holding instances, read in batches; per-pixel sums per neuron."""
-    rf = layer_geometry(model, target).rf
+    rf = instance_geometry(model, target).rf
     channels = int(model.input_shape[1])
     sums = 2 * 8 * neurons * channels * rf[0] * rf[1]
     batch = min(batch_size, max(count, 1))
@@ -212,7 +212,7 @@ def _seconds(s: float) -> str:
 def filters_bytes(model: Model, target: str, neurons: int, itemsize: int = 4) -> float:
     """What a result holds: ``neurons`` filters over the part of the layer's receptive field that meets the image
     for some position (``windows.field_part``: 516 x 516 px of conv_head's 1,115 on EfficientNet-Lite2)."""
-    kept = field_part(layer_geometry(model, target), model.input_shape[2:], model.shapes[target][2:4])[1]
+    kept = field_part(instance_geometry(model, target), model.input_shape[2:], grid(model, target))[1]
     return float(neurons) * int(model.input_shape[1]) * kept[0] * kept[1] * itemsize
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..compose.backend import get_backend, ordered_map, resolve_device
-from ..compose.inspect import layer_geometry
+from ..compose.inspect import instance_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
-from ..graph.model import ancestors, find_layer
+from ..graph.model import ancestors, find_layer, grid
 from ..runtime.capture import capture_top
-from .backward import BACKWARD_MODES, forward_for, image_gradients, pass_sizes
+from .backward import BACKWARD_MODES, batch_moves, forward_for, image_gradients, pass_sizes
 from .cone import cone_gradients, cones
 from .result import Decoded
 from .windows import PixelMean, cropped, cut, field_part
@@ -43,8 +43,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     target = find_layer(model, layer).output[0]
     found = instances if instances is not None else capture_top(model, target, images, top=top, neurons=neurons,
                                                                 device=device, client=client)
-    geom = layer_geometry(model, target)
-    crop, kept = field_part(geom, model.input_shape[2:], model.shapes[target][2:4])  # all a window meets
+    geom = instance_geometry(model, target)
+    crop, kept = field_part(geom, model.input_shape[2:], grid(model, target))  # all a window meets
     k_neurons, slots = found.values.shape
     shape = (int(model.input_shape[1]), *kept)
     weights = instance_weights(found)
@@ -59,6 +59,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     cone = instance_cone(model, target, geom)
     per_pass, images_at_once = pass_sizes(model, target, batch_size, backend, np.dtype(dtype).itemsize, workers,
                                           largest_cut(model, target, geom, cone))
+    if batch_moves(model, nodes):  # an image's values cannot be sliced off axis 0 (heads split through the batch)
+        images_at_once = 1
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -76,7 +78,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                 loaded.update({first + i: image for i, image in enumerate(batch)})
             values = forward(np.stack([loaded[i] for i in wanted]))
             for b, (start, end) in enumerate(spans):
-                own = {name: backend.asarray(v[b : b + 1], dtype) for name, v in values.items()}
+                own = {name: backend.asarray(v if len(spans) == 1 else v[b : b + 1], dtype)  # one image: whole
+                       for name, v in values.items()}
                 for lo in range(start, end, per_pass):
                     yield rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)], own
 
@@ -134,7 +137,7 @@ def largest_cut(model, target: str, geom, cone: dict | None) -> int:
         return max(_cut_values(model, t, c) for t, c in cone.items() if len(model.shapes.get(t, ())) == 4)
     maps = [int(np.prod(model.shapes[o][1:])) for n in ancestors(model, [target]) for o in n.output
             if o in model.shapes]
-    kept = field_part(geom, model.input_shape[2:], model.shapes[target][2:4])[1]
+    kept = field_part(geom, model.input_shape[2:], grid(model, target))[1]
     return max([int(model.input_shape[1]) * kept[0] * kept[1], *maps])
 
 

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from ..compose.inspect import layer_geometry
+from ..compose.inspect import instance_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, check_top_fits, instance_weights
 from ..errors import FdsubError
@@ -38,7 +38,7 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     >>> nf.filters.shape                                                                 # doctest: +SKIP
     (64, 3, 18, 18)
     """
-    geom = layer_geometry(model, top.layer)
+    geom = instance_geometry(model, top.layer)
     check_top_fits(top, model.shapes[top.layer])
     if len(images) != len(top.sources):
         raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "

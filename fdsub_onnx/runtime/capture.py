@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.topn import TopN, resume, save_checkpoint, short, start_top, union_notes
 from ..errors import FdsubError
-from ..graph.model import Model, find_layer
+from ..graph.model import Model, channel_axis, find_layer, grid
 from ..neurons import parse_neurons
 from . import cluster
 from .session import Forward
@@ -46,13 +46,17 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     """
     target = find_layer(model, layer).output[0]
     shape = model.shapes.get(target)
-    if shape is None or len(shape) not in (2, 4):
-        raise FdsubError(f"layer {target!r} has output shape {shape}; top-N capture needs [N, C, H, W] or [N, C]")
-    picked = parse_neurons(neurons, shape[1], target)
+    tokens = shape is not None and len(shape) == 3 and channel_axis(model, target) == 2
+    if shape is None or (len(shape) not in (2, 4) and not tokens) or shape[0] != model.input_shape[0] and not tokens:
+        raise FdsubError(f"layer {target!r} has output shape {shape}; top-N capture needs [N, C, H, W], [N, C] or "
+                         "tokens [N, T, C]")
+    channels = int(shape[channel_axis(model, target)])
+    rows, width = grid(model, target)
+    picked = parse_neurons(neurons, channels, target)
     for name, value, least in (("top", top, 1), ("per_image", per_image, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise FdsubError(f"{name} must be a positive integer, got {value!r}")
-    positions = int(np.prod(shape[2:])) if len(shape) == 4 else 1
+    positions = rows * width
     if per_image > positions:
         raise FdsubError(f"per_image (--per-image) {per_image} is more than the {positions} positions of the map of "
                          f"{target!r}; give at most {positions}")
@@ -62,9 +66,9 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
         raise FdsubError(f"images are {given} but input {model.input_name!r} takes {wanted}; "
                          "pass --input-shape or resize the images")
     scan = {"target": target, "picked": picked, "top": int(top), "per_image": int(per_image),
-            "width": shape[3] if len(shape) == 4 else 1,  # flat position -> (row, col)
-            "every": bool(np.array_equal(picked, np.arange(shape[1]))),  # all neurons in order: no copy of acts
-            "channels": shape[1], "batch_size": int(batch_size)}
+            "width": width,  # flat position -> (row, col)
+            "every": bool(np.array_equal(picked, np.arange(channels))),  # all neurons in order: no copy of acts
+            "channels": channels, "batch_size": int(batch_size), "tokens": bool(tokens)}
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
     state = start_top(picked, target, images, int(per_image), int(top))
@@ -105,14 +109,17 @@ def _capture_here(run, images, state, first, stop, scan, checkpoint, signature, 
 
 
 def _scan(run, state, images, start, stop, first, after, target, picked, channels, width, every, batch_size,
-          **_) -> TopN:
+          tokens=False, **_) -> TopN:
     """The state after images ``start..stop-1`` (``images_done`` counted from ``first``); ``after(state)`` follows
     each batch."""
     for index, batch in (images.batches(batch_size, start) if start < stop else ()):
         if index >= stop:
             break
         batch = batch[: stop - index]
-        acts = np.asarray(run(batch)[target], np.float32).reshape(len(batch), channels, -1)
+        acts = np.asarray(run(batch)[target], np.float32)
+        if tokens:  # [B * W, T, C] (W windows or patches per image, often 1) -> [B, C, W * T]
+            acts = acts.reshape(len(batch), -1, acts.shape[-1]).transpose(0, 2, 1)
+        acts = acts.reshape(len(batch), channels, -1)
         acts = acts if every else acts[:, picked]
         state = update_top(state, acts, index, width)
         state.images_done = index + len(batch) - first

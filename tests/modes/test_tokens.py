@@ -156,3 +156,23 @@ def test_local_filters_are_exact_input_gradients(vit, layer):
         index = (0, neurons[i], *positions[i]) if len(shape) == 4 else (0, neurons[i])
         numeric = (plus[index] - minus[index]) / (2 * eps)
         assert numeric == pytest.approx(float((grads[i] * direction).sum()), rel=2e-2, abs=1e-3 * np.abs(acts).max())
+
+
+@pytest.mark.parametrize("layer", ["mixed", "logits"])
+def test_top_and_local_decode_on_token_layers(vit, layer):
+    """``top`` ranks (image, token) instances of a token layer, and ``local`` decodes them: every instance's field is
+    the whole image, the per-instance identity holds against onnxruntime on the real network."""
+    from checks import assert_instance_identity
+
+    model, proto, names = vit
+    target = {"mixed": [lay.name for lay in fd.inspect_model(model).layers if lay.channels == 2 * C][0],
+              "logits": names["logits"]}[layer]
+    images = _images(6, seed=4)
+    decoded = fd.decode(model, target, mode="local", images=fd.ArrayImages(images), top=3, neurons="0-3",
+                        per_instance=True, dtype="float64")
+    acts = as_map(model, target, run_ort(proto, images, [target])[target])
+    found = decoded.instances
+    want = acts[found.image_index, np.asarray(decoded.neurons)[:, None], found.position[..., 0], found.position[..., 1]]
+    np.testing.assert_allclose(found.values, want, rtol=1e-5, atol=1e-5 * np.abs(acts).max())  # the tokens read
+    assert decoded.filters.shape[2:] == (SIZE, SIZE)  # a token's field: the whole image
+    assert_instance_identity(decoded, acts, images, rtol=1e-4)
