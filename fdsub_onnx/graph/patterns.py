@@ -14,7 +14,8 @@
   map's geometry; ``weights`` mode holds it at its value for a reference input, ``fds`` at its mean over
   the images, ``local`` at each instance's own value.
 
-An elementwise function of x is a chain of unary elementwise ops and of Add/Sub/Mul/Div with a constant. A
+An elementwise function of x is a chain of unary elementwise ops, of Add/Sub/Mul/Div with a constant, and of sums
+and products of two functions of the same x. A
 quantized graph's Q/DQ nodes between x and f(x) (onnxruntime's QDQ format around every op: ``x * HardSigmoid(x)``
 becomes ``DQ(Q(x)) * DQ(Q(HardSigmoid(DQ(Q(x)))))``) are links of the chain too, and the slope is the float
 pattern's (the chain evaluated with them read as the identity, as ``weights`` mode reads a QDQ pair).
@@ -122,27 +123,27 @@ def _from_softmax(name: str, producer: dict) -> bool:
 
 
 def elementwise_chain(name: str, producer: dict, constants: dict, shapes: dict) -> tuple[str, list]:
-    """(x, nodes): the tensor that ``name`` is an elementwise function of, following the chain back as far as it
-    goes, and the nodes of that chain."""
-    seen, chain = set(), []
-    while name not in seen:
-        seen.add(name)
-        node = producer.get(name)
-        if node is None or shapes.get(node.output[0]) is None:
-            return name, chain
-        if node.op_type in ELEMENTWISE and node.input:
-            data = [n for n in node.input[:1]]
-        elif node.op_type in WITH_CONSTANT and len(node.input) == 2:
-            data = [n for n in node.input if n not in constants]
-            if node.op_type == "Pow" and data != [node.input[0]]:
-                return name, chain
-        else:
-            return name, chain
-        if len(data) != 1 or shapes.get(data[0]) != shapes.get(node.output[0]):
-            return name, chain
-        chain.append(node)
-        name = data[0]
-    return name, chain
+    """(x, nodes): the tensor that ``name`` is an elementwise function of, following it back as far as it goes, and
+    the nodes between. A sum or product of two data tensors is a link when both are functions of the same x (GELU's
+    tanh form ``x + 0.044715 * x * x * x``)."""
+    node = producer.get(name)
+    if node is None or shapes.get(node.output[0]) is None:
+        return name, []
+    if node.op_type in ELEMENTWISE and node.input:
+        data = [node.input[0]]
+    elif node.op_type in WITH_CONSTANT and len(node.input) == 2:
+        data = [n for n in node.input if n not in constants]
+        if node.op_type == "Pow" and data != [node.input[0]]:
+            return name, []
+    else:
+        return name, []
+    if not data or any(shapes.get(d) != shapes.get(node.output[0]) for d in data):
+        return name, []
+    found = [elementwise_chain(d, producer, constants, shapes) for d in data]
+    if len({root for root, _ in found}) != 1:
+        return name, []
+    nodes = {id(n): n for _, chain in found for n in chain}
+    return found[0][0], [*nodes.values(), node]
 
 
 LARGE = 1000.0  # "large x" for the asymptote: every saturating gate of real exports is flat there

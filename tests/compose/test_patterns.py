@@ -90,12 +90,21 @@ def _gelu(b, x):
     return _mul(b, half, _with_const(b, "Add", erf, 1.0))
 
 
+def _gelu_tanh_cubed(b, x):
+    """GELU's tanh form as timm's GELUTanh exports it: x * 0.5 * (1 + tanh(k (x + 0.044715 x x x)))."""
+    cube = _mul(b, _mul(b, x, x), x)
+    inner = _with_const(b, "Mul", b._node("Add", [x, _with_const(b, "Mul", cube, 0.044715)], b.shapes[x]),
+                        float(np.sqrt(2 / np.pi)))
+    return _mul(b, _with_const(b, "Mul", x, 0.5), _with_const(b, "Add", b.tanh(inner), 1.0))
+
+
 SELF_GATED = {
     "silu": lambda b, x: _mul(b, x, b.sigmoid(x)),
     "hardswish_hardsigmoid": lambda b, x: _mul(b, _unary(b, "HardSigmoid", x, alpha=1 / 6, beta=0.5), x),
     "hardswish_clip": lambda b, x: _with_const(b, "Div", _mul(b, x, b.clip(_with_const(b, "Add", x, 3.0), 0, 6)), 6.0),
     "mish": lambda b, x: _mul(b, x, b.tanh(_unary(b, "Softplus", x))),
     "gelu_erf": _gelu,
+    "gelu_tanh_cubed": _gelu_tanh_cubed,
 }
 
 

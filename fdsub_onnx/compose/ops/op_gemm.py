@@ -163,6 +163,9 @@ def _flattened(value):
         if value.index.ndim == 2 and value.index.shape[0] == 1 and np.array_equal(np.sort(flat), np.arange(size)):
             # C order, or another order of the same values (an NHWC map flattened): the matrix rows follow it
             return source, (source.channels, *source.spatial), None if np.array_equal(flat, np.arange(size)) else flat
+    if isinstance(value, Layout):  # tokens or windows mixed over their last axis: the adjoint reads them per position
+        raise PhaseDependent("its input is a reshaped tensor (tokens, windows or heads), not a feature map flattened "
+                             "into one vector: the layers after it decode per position")
     raise NotDecodable("its input is not a feature map flattened into one vector per image")
 
 
