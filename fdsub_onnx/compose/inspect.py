@@ -12,7 +12,7 @@ from .backend import get_backend
 from .engine import Engine
 from .linear_model import adjoint_problem, structure
 from .ops import RULES
-from .values import Blocked, Layout, Tensor
+from .values import Blocked, Tensor, map_of
 from .walker import walk
 
 MEMORY_MARGIN = 1.25  # temporaries of the conv kernel and of aligned sums
@@ -62,8 +62,8 @@ def inspect_model(model: Model) -> Summary:
                 if problem is not None:
                     layer.decodable, layer.per_position, layer.reason = False, False, problem
             layers.append(layer)
-            if isinstance(value, Tensor):
-                geometries[node.output[0]] = value.geom
+            if map_of(value) is not None:
+                geometries[node.output[0]] = map_of(value).geom
     return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model),
                    list(model.dequantized))
 
@@ -87,8 +87,8 @@ def layer_geometry(model: Model, layer: str) -> Geometry:
     node = find_layer(model, layer)
     for current, value in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]):
         if current is node:
-            if isinstance(value, Tensor):
-                return value.geom
+            if map_of(value) is not None:
+                return map_of(value).geom
             reason = value.reason if isinstance(value, Blocked) else "it is not a feature map"
             raise FdsubError(f"layer {node.output[0]!r} has no receptive-field geometry: {reason}")
     raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
@@ -143,17 +143,14 @@ def _largest_rf(model, engine, targets) -> int:
 
 def _layer(model, node, value) -> Layer:
     channels = channels_of(model, node.output[0])
-    if isinstance(value, Tensor):
-        g = value.geom
+    if map_of(value) is not None:
+        g = map_of(value).geom
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
                      list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     if isinstance(value, Blocked) and value.per_position:
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, True, reason,
                      module_of(node), per_position=True)
-    if isinstance(value, Layout) and value.channels_last:
-        reason = ("a channels-last (NHWC) view of a map, channels on the last axis; the Conv layers around it "
-                  "decode")
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason,
                  module_of(node))
 

@@ -61,3 +61,13 @@ class Blocked:
 
     reason: str
     per_position: bool = False
+
+
+def map_of(value) -> Tensor | None:
+    """The feature map a value holds: a Tensor, or the source of a channels-last view of one (ConvNeXt's pointwise
+    MatMul layers: the same neurons, each position's channels on the last axis); None otherwise."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, Layout) and value.channels_last:
+        return value.source
+    return None

@@ -260,15 +260,19 @@ def _check_instances(values, image, position, neurons, ranges, count: int, bad) 
         bad("a neuron is listed twice")
 
 
-def check_top_fits(top: TopN, shape) -> None:
-    """Refuse instances that ``layer``'s output of ``shape`` ([N, C, H, W] or [N, C]) cannot hold: a neuron
-    outside its channels, a position outside its map."""
-    channels = int(shape[1])
+def check_top_fits(top: TopN, shape, size=None) -> None:
+    """Refuse instances that a layer cannot hold: a neuron outside its channels, a position outside its grid. The
+    layer is its output ``shape`` ([N, C, H, W] or [N, C]), or (``size`` given) its number of neurons and the grid
+    of its positions (a map's (H, W), tokens' (1, T), a vector's (1, 1))."""
+    if size is None:
+        channels, size = int(shape[1]), (tuple(shape[2:4]) if len(shape) == 4 else (1, 1))
+    else:
+        channels = int(shape)
     outside = top.neurons[top.neurons >= channels]
     if outside.size:
         raise FdsubError(f"the top-N result lists neuron {int(outside[0])} but layer {top.layer!r} has {channels} "
                          f"neurons (0-{channels - 1}); give a result of this layer")
-    size = tuple(int(v) for v in shape[2:4]) if len(shape) == 4 else (1, 1)
+    size = tuple(int(v) for v in size)
     filled = top.image_index >= 0
     beyond = filled[..., None] & (top.position >= np.asarray(size))
     if beyond.any():

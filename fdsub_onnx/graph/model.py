@@ -195,11 +195,15 @@ def _topological(nodes, path):
 
 def channel_axis(model, name: str) -> int:
     """The axis of tensor ``name`` that holds its neurons: 1 for a map [N, C, H, W], a vector [N, C] or a
-    convolution's [N, C, L]; the last for tokens [N, T, C] (what a MatMul, a norm or a sum over tokens gives)."""
+    convolution's [N, C, L]; the last for tokens [N, T, C] (what a MatMul, a norm or a sum over tokens gives) and for
+    a MatMul's channels-last map [N, H, W, C]."""
     shape = model.shapes.get(name)
+    node = model.producer.get(name)
+    if shape is not None and len(shape) == 4 and node is not None and node.op_type == "MatMul" and len(
+            model.shapes.get(node.input[0]) or ()) == 4 and np.ndim(model.constants.get(node.input[1])) == 2:
+        return 3  # a pointwise layer over a channels-last map [N, H, W, C] (ConvNeXt)
     if shape is None or len(shape) != 3:
         return 1
-    node = model.producer.get(name)
     return 1 if node is not None and node.op_type in CONV_LIKE + ("AveragePool", "MaxPool") else 2
 
 
@@ -209,6 +213,8 @@ def grid(model, name: str) -> tuple[int, int]:
     shape = model.shapes.get(name)
     if shape is None:
         return (1, 1)
+    if len(shape) == 4 and channel_axis(model, name) == 3:
+        return (int(shape[1]), int(shape[2]))
     if len(shape) == 4:  # windows or patches on the batch axis: their rows one after the other
         return (int(shape[2]) * (int(shape[0]) // model.input_shape[0]), int(shape[3]))
     if len(shape) == 3 and channel_axis(model, name) == 2:  # windows or patches on the batch axis: (window, token)
@@ -221,6 +227,8 @@ def as_map(model, name: str, values):
     [N, T, C] as [N, C, 1, T] (windows [N * W, T, C] as [N, C, W, T]); a map as it is (windows [N * W, C, Y, X] as
     [N, C, W * Y, X]); a vector as [N, C, 1, 1]."""
     values = np.asarray(values)
+    if values.ndim == 4 and channel_axis(model, name) == 3:
+        return values.transpose(0, 3, 1, 2)
     if values.ndim == 3 and channel_axis(model, name) == 2:  # tokens; windows or patches on the batch axis: rows
         per_image = model.shapes[name][0] // model.input_shape[0]
         return values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 3, 1, 2)

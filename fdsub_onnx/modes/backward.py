@@ -74,7 +74,9 @@ def one_hot(backend, shape, neurons, positions, dtype, axis: int = 1):
     seed = backend.zeros(shape, dtype)
     m = np.arange(shape[0])
     positions = np.asarray(positions, np.int64).reshape(-1, 2)
-    if seed.ndim == 4:
+    if seed.ndim == 4 and axis == 3:  # a channels-last map
+        seed[m, positions[:, 0], positions[:, 1], np.asarray(neurons)] = 1.0
+    elif seed.ndim == 4:
         seed[m, np.asarray(neurons), positions[:, 0], positions[:, 1]] = 1.0
     elif seed.ndim == 3 and axis == 2:
         seed[m, positions[:, 1], np.asarray(neurons)] = 1.0

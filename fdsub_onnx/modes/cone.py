@@ -29,7 +29,7 @@ from ..compose.backend import array_module
 from ..compose.kernels import maxpool_switches, padded_size, scatter_sum
 from ..compose.ops import RULES
 from ..graph.geometry import Window
-from ..graph.model import attributes
+from ..graph.model import attributes, channel_axis
 from .backward import backward
 
 #: the cone forms (``OpRule.cone``) of windowed ops: a window of the input per output position
@@ -63,7 +63,7 @@ class Cone:
 def cones(model, nodes: list, target: str) -> dict[str, Cone] | None:
     """The cone of every data tensor the nodes read or write, or None when a node has no cone form (see above)."""
     shape = model.shapes.get(target)
-    if shape is None or len(shape) != 4:
+    if shape is None or len(shape) != 4 or channel_axis(model, target) != 1:
         return None
     found = {target: Cone((1, 1), (0, 0), (1, 1), tuple(shape[2:]))}
     for node in reversed(nodes):

@@ -10,7 +10,7 @@ from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import KERNELS, Engine
 from ..compose.inspect import channels_of, inspect_model, memory_problem
 from ..compose.linear_model import linear_model
-from ..compose.values import Blocked, Tensor
+from ..compose.values import Blocked, map_of
 from ..compose.walker import walk
 from ..data.topn import rows_of
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING
@@ -223,7 +223,7 @@ def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device,
     """A layer decoded by the adjoint route (or meeting bottom-up banks at ``plan.split``)."""
     value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[target]) if n.output[0] == target),
                  None)
-    geom = value.geom if isinstance(value, Tensor) else None
+    geom = map_of(value).geom if map_of(value) is not None else None
     picked = parse_neurons(neurons, channels_of(model, target), target)
     filters, bias, corner, crop = decode_at(model, linear, target, picked, plan.position, geom, dtype, device,
                                             split=plan.split, batch=plan.batch, gates=gates,
@@ -289,8 +289,9 @@ def leaf_rows(model, targets, picked: dict) -> dict | None:
 def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     if isinstance(value, Blocked):
         raise FdsubError(f"layer {node.output[0]!r} is not decodable: {value.reason}")
-    if not isinstance(value, Tensor):
+    if map_of(value) is None:
         raise FdsubError(f"layer {node.output[0]!r} is not a feature map")
+    value = map_of(value)
     picked = parse_neurons(neurons, value.channels, node.output[0])
     whole = value.rows is not None or np.array_equal(picked, np.arange(value.channels))
     bank = value.bank if whole else engine.take(value.bank, picked)

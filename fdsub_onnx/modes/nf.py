@@ -15,11 +15,11 @@ import dataclasses
 
 import numpy as np
 
-from ..compose.inspect import instance_geometry
+from ..compose.inspect import channels_of, instance_geometry
 from ..data.images import read_indices
 from ..data.topn import TopN, check_top_fits, instance_weights
 from ..errors import FdsubError
-from ..graph.model import Model
+from ..graph.model import Model, grid
 from ..runtime.cluster import map_tasks, model_ref, worker_model, worker_threads
 from .result import Decoded
 from .windows import PixelMean, cropped, cut, field_part
@@ -39,7 +39,7 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     (64, 3, 18, 18)
     """
     geom = instance_geometry(model, top.layer)
-    check_top_fits(top, model.shapes[top.layer])
+    check_top_fits(top, channels_of(model, top.layer), grid(model, top.layer))
     if len(images) != len(top.sources):
         raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "
                          f"the image set has {len(images)}; give the images it was captured on")

@@ -23,7 +23,7 @@ from ..compose.backend import get_backend
 from ..compose.engine import Engine
 from ..compose.inspect import MEMORY_MARGIN
 from ..compose.ops import RULES
-from ..compose.values import Blocked, Tensor
+from ..compose.values import Blocked, Tensor, map_of
 from ..compose.walker import walk
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
@@ -189,8 +189,8 @@ def _survey(model, target, dtype) -> _Layer:
         values[node.output[0]] = value
         node_flops[id(node)], done = costs.flops - done, costs.flops
     value = values.get(target)
-    if isinstance(value, Tensor):
-        return _Layer(target, value.geom, values, node_flops, None)
+    if map_of(value) is not None:
+        return _Layer(target, map_of(value).geom, values, node_flops, None)
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     return _Layer(target, None, values, node_flops, reason, isinstance(value, Blocked) and value.per_position)
 

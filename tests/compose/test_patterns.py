@@ -386,6 +386,29 @@ def test_convnext_block_decodes_and_obeys_its_identities(tmp_path):
     assert_instance_identity(local, run_ort(proto, images, [last])[last], images, rtol=1e-6)
 
 
+def test_channels_last_matmul_layers_decode_as_maps(tmp_path):
+    """ConvNeXt's pointwise MatMul layers [N, H, W, C]: listed decodable with their map's geometry, their neurons the
+    channels on the last axis; weights obeys the identity at every interior position and local per instance."""
+    from fdsub_onnx.graph.model import as_map
+
+    b, last = _convnext_net(seed=5)
+    proto = b.build([last])
+    model = load_proto(proto, tmp_path)
+    matmuls = [layer for layer in fd.inspect_model(model).layers if layer.op == "MatMul"]
+    assert matmuls and all(layer.decodable and not layer.per_position and layer.stride for layer in matmuls)
+    images = random_images(model, 3, seed=4)
+    for layer in matmuls:
+        assert layer.channels == model.shapes[layer.name][3]
+        decoded = fd.decode(model, layer.name, dtype="float64")
+        linear = linearized(model.proto, model.patterns, decoded.gates)
+        assert_identity(decoded, as_map(model, layer.name, run_ort(linear, images, [layer.name])[layer.name]),
+                        images, rtol=1e-6)
+        local = fd.decode(model, layer.name, mode="local", images=fd.ArrayImages(images), top=2, neurons="0-2",
+                          per_instance=True, dtype="float64")
+        assert_instance_identity(local, as_map(model, layer.name, run_ort(proto, images, [layer.name])[layer.name]),
+                                 images, rtol=1e-6)
+
+
 def test_nhwc_input_and_channels_last_bias_decode_exactly(tmp_path):
     """A TF-style graph: NHWC image input transposed to NCHW, a bias added on the NHWC view, a map flattened in
     HWC order into Gemm. The input is read as NCHW; every layer decodes and obeys the weights identity."""

@@ -176,3 +176,22 @@ def test_top_and_local_decode_on_token_layers(vit, layer):
     np.testing.assert_allclose(found.values, want, rtol=1e-5, atol=1e-5 * np.abs(acts).max())  # the tokens read
     assert decoded.filters.shape[2:] == (SIZE, SIZE)  # a token's field: the whole image
     assert_instance_identity(decoded, acts, images, rtol=1e-4)
+
+
+def test_neuron_feature_of_a_token_layer_is_a_weighted_mean_of_whole_images(vit):
+    """The Neuron Feature of a token neuron: its instances' fields are whole images, so it is a weighted mean of the
+    images holding them (within their range, finite, image-sized)."""
+    from fdsub_onnx.data.topn import instance_weights
+    from fdsub_onnx.runtime.capture import capture_top
+
+    model, _, names = vit
+    target = names["logits"]
+    images = _images(8, seed=6)
+    top = capture_top(model, target, fd.ArrayImages(images), top=3, neurons="0-2")
+    nf = fd.neuron_feature(model, top, fd.ArrayImages(images))
+    assert nf.filters.shape == (3, 3, SIZE, SIZE) and np.isfinite(nf.filters).all()
+    weights = instance_weights(top)
+    for k in range(3):
+        w = weights[k] / weights[k].sum()
+        want = (w[:, None, None, None] * images[top.image_index[k]]).sum(axis=0)
+        np.testing.assert_allclose(nf.filters[k], want, rtol=1e-5, atol=1e-6)
