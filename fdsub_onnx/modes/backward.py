@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ..compose.backend import array_module, get_backend, resolve_device
+from ..compose.backend import array_module, get_backend, ordered_map, resolve_device, usable_cores
 from ..compose.ops import RULES
 from ..compose.ops._rule import batched, instances_of_pass
 from ..errors import FdsubError, NotDecodable
@@ -101,9 +101,12 @@ def backward(model, nodes: list, values, grads: dict, reading: str, label: str, 
     if instances == 1:  # one seed in its tensor's own shape (a target whose batch axis holds windows or patches)
         with instances_of_pass(1):
             return _backward(model, nodes, values, grads, reading, label, run, first[:1])
-    if len(first) > 1 and batch_moves(model, nodes):  # one instance at a time, each in its tensors' own shapes
-        parts = [backward(model, nodes, values, {name: g[i : i + 1] for name, g in grads.items()}, reading, label,
-                          run) for i in range(len(first))]
+    if len(first) > 1 and batch_moves(model, nodes):  # one instance at a time, each in its tensors' own shapes,
+        def one(i):  # as many at once as cores (ordered_map: BLAS one thread each)
+            return backward(model, nodes, values, {name: g[i : i + 1] for name, g in grads.items()}, reading, label,
+                            run)
+
+        parts = list(ordered_map(one, range(len(first)), usable_cores()))
         xp = array_module(first)
         left = {name: xp.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
         return left, xp.concatenate([part[1] for part in parts])
