@@ -213,8 +213,8 @@ def grid(model, name: str) -> tuple[int, int]:
     shape = model.shapes.get(name)
     if shape is None:
         return (1, 1)
-    if len(shape) == 4 and channel_axis(model, name) == 3:
-        return (int(shape[1]), int(shape[2]))
+    if len(shape) == 4 and channel_axis(model, name) == 3:  # windows on the batch axis (MaxViT): rows
+        return (int(shape[1]) * (int(shape[0]) // model.input_shape[0]), int(shape[2]))
     if len(shape) == 4:  # windows or patches on the batch axis: their rows one after the other
         return (int(shape[2]) * (int(shape[0]) // model.input_shape[0]), int(shape[3]))
     if len(shape) == 3 and channel_axis(model, name) == 2:  # windows or patches on the batch axis: (window, token)
@@ -227,8 +227,10 @@ def as_map(model, name: str, values):
     [N, T, C] as [N, C, 1, T] (windows [N * W, T, C] as [N, C, W, T]); a map as it is (windows [N * W, C, Y, X] as
     [N, C, W * Y, X]); a vector as [N, C, 1, 1]."""
     values = np.asarray(values)
-    if values.ndim == 4 and channel_axis(model, name) == 3:
-        return values.transpose(0, 3, 1, 2)
+    if values.ndim == 4 and channel_axis(model, name) == 3:  # [N * W, Y, X, C] -> [N, C, W * Y, X]
+        per_image = model.shapes[name][0] // model.input_shape[0]
+        split = values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 4, 1, 2, 3)
+        return split.reshape(split.shape[0], split.shape[1], -1, split.shape[4])
     if values.ndim == 3 and channel_axis(model, name) == 2:  # tokens; windows or patches on the batch axis: rows
         per_image = model.shapes[name][0] // model.input_shape[0]
         return values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 3, 1, 2)

@@ -77,6 +77,8 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
             seed = backend.zeros(tuple(shape), dtype)
             if len(shape) == 3:  # window or patch, token, channel
                 seed[position[0], position[1], int(neurons[start])] = 1.0
+            elif channel_axis(linear, target) == 3:  # window, row within the window, column, channel
+                seed[position[0] // shape[1], position[0] % shape[1], position[1], int(neurons[start])] = 1.0
             else:  # window, channel, row within the window, column
                 seed[position[0] // shape[2], int(neurons[start]), position[0] % shape[2], position[1]] = 1.0
         else:

@@ -195,3 +195,30 @@ def test_neuron_feature_of_a_token_layer_is_a_weighted_mean_of_whole_images(vit)
         w = weights[k] / weights[k].sum()
         want = (w[:, None, None, None] * images[top.image_index[k]]).sum(axis=0)
         np.testing.assert_allclose(nf.filters[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_windows_on_the_batch_axis(tmp_path):
+    """MaxViT's block attention input: an NHWC map cut into windows on the batch axis [W, y, x, C], a pointwise
+    MatMul over its channels: decoded per position (window-major rows), the identity exact against onnxruntime."""
+    g = _Graph(5)
+    conv = g.op("Conv", ["input", g.weight(C, 3, 3, 3, scale=0.3)], pads=[1, 1, 1, 1])  # [1, C, 8, 8]
+    nhwc = g.op("Transpose", [conv], perm=[0, 2, 3, 1])  # [1, 8, 8, C]
+    blocks = g.op("Reshape", [nhwc, g.const([1, 2, 4, 2, 4, C], np.int64)])
+    windows = g.op("Reshape", [g.op("Transpose", [blocks], perm=[0, 1, 3, 2, 4, 5]), g.const([4, 4, 4, C], np.int64)])
+    last = g.op("MatMul", [windows, g.weight(C, 6)])  # [4, 4, 4, 6]
+    graph = helper.make_graph(g.nodes, "windows", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, None)], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, str(tmp_path / "w.onnx"))
+    model = fd.load_model(str(tmp_path / "w.onnx"))
+    assert grid(model, last) == (16, 4)
+    layer = {lay.name: lay for lay in fd.inspect_model(model).layers}[last]
+    assert layer.decodable and layer.channels == 6, layer
+    images = _images(3, seed=8).reshape(3, 3, SIZE, SIZE)[:, :, :8, :8].copy()
+    acts = as_map(model, last, run_ort(proto, images, [last])[last])  # [3, 6, 16, 4]
+    for position in [(0, 0), (5, 2), (15, 3)]:
+        decoded = fd.decode(model, last, dtype="float64", position=position)
+        (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+        got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
+        np.testing.assert_allclose(got, acts[:, decoded.neurons, position[0], position[1]], rtol=1e-6, atol=1e-6)
