@@ -27,7 +27,7 @@ from ..compose.walker import walk
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
 from ..graph.model import Model, ancestors, channel_axis, grid
-from .backward import backward, one_hot
+from .backward import backward, one_hot, seed_at
 
 #: the reading of each op's class the adjoint runs: its backward rule where it is exact on a linear network without
 #: forward values (``OpRule.linear``; a product of two maps has no data-free rule)
@@ -74,13 +74,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
         rows = slice(start, min(start + batch, len(neurons)))
         m = rows.stop - rows.start
         if merged:
-            seed = backend.zeros(tuple(shape), dtype)
-            if len(shape) == 3:  # window or patch, token, channel
-                seed[position[0], position[1], int(neurons[start])] = 1.0
-            elif channel_axis(linear, target) == 3:  # window, row within the window, column, channel
-                seed[position[0] // shape[1], position[0] % shape[1], position[1], int(neurons[start])] = 1.0
-            else:  # window, channel, row within the window, column
-                seed[position[0] // shape[2], int(neurons[start]), position[0] % shape[2], position[1]] = 1.0
+            seed = seed_at(backend, linear, target, shape, neurons[start], position, dtype)
         else:
             seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
                            channel_axis(linear, target))

@@ -59,9 +59,19 @@ def image_gradients(model, target: str, values: dict, neurons, positions, rule: 
     """As ``instance_gradients`` for M instances of one image, whose forward ``values`` (tensor -> [1, ...], on
     the backend, in the pass's dtype) they share: the masks and switches are read once, broadcast over them."""
     first = values[target]
-    seed = one_hot(get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy"),
-                   (len(neurons), *first.shape[1:]), neurons, positions, first.dtype, channel_axis(model, target))
+    backend = get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy")
     nodes = nodes if nodes is not None else ancestors(model, [target])
+    if first.shape[0] != model.input_shape[0]:  # windows or patches on the batch axis: one seed at a time
+        positions = np.asarray(positions, np.int64).reshape(-1, 2)
+        parts = [backward(model, nodes, values, {target: seed_at(backend, model, target, first.shape, neuron,
+                                                                 position, first.dtype)},
+                          BACKWARD_MODES[rule], rule, instances=1) for neuron, position in zip(neurons, positions)]
+        if model.input_name not in parts[0][0]:
+            raise FdsubError(f"layer {target!r} does not depend on the image input")
+        return (backend.xp.concatenate([p[0][model.input_name] for p in parts]),
+                backend.xp.concatenate([p[1] for p in parts]))
+    seed = one_hot(backend, (len(neurons), *first.shape[1:]), neurons, positions, first.dtype,
+                   channel_axis(model, target))
     grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
     if model.input_name not in grads:
         raise FdsubError(f"layer {target!r} does not depend on the image input")
@@ -84,6 +94,21 @@ def one_hot(backend, shape, neurons, positions, dtype, axis: int = 1):
         seed[m, np.asarray(neurons), positions[:, 1]] = 1.0
     else:
         seed.reshape(shape[0], -1)[m, np.asarray(neurons)] = 1.0
+    return seed
+
+
+def seed_at(backend, model, target: str, shape, neuron: int, position, dtype):
+    """One seed in the target's own shape, whose batch axis holds windows or patches (``graph.model.grid``: their
+    rows one after the other): tokens [W, T, C] at (window, token); channels-last windows [W, y, x, C] and maps
+    [W, C, y, x] at (window-major row, column)."""
+    seed = backend.zeros(tuple(shape), dtype)
+    (row, column), neuron = (int(v) for v in position), int(neuron)
+    if len(shape) == 3:
+        seed[row, column, neuron] = 1.0
+    elif channel_axis(model, target) == 3:
+        seed[row // shape[1], row % shape[1], column, neuron] = 1.0
+    else:
+        seed[row // shape[2], neuron, row % shape[2], column] = 1.0
     return seed
 
 

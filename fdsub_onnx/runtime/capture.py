@@ -48,7 +48,8 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     shape = model.shapes.get(target)
     tokens = shape is not None and len(shape) == 3 and channel_axis(model, target) == 2
     channels_last = shape is not None and len(shape) == 4 and channel_axis(model, target) == 3
-    if shape is None or (len(shape) not in (2, 4) and not tokens) or shape[0] != model.input_shape[0] and not tokens:
+    windows = shape is not None and len(shape) == 4 and shape[0] != model.input_shape[0]  # on the batch axis
+    if shape is None or (len(shape) not in (2, 4) and not tokens) or (len(shape) == 2 and shape[0] != 1):
         raise FdsubError(f"layer {target!r} has output shape {shape}; top-N capture needs [N, C, H, W], [N, C] or "
                          "tokens [N, T, C]")
     channels = int(shape[channel_axis(model, target)])
@@ -70,7 +71,7 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
             "width": width,  # flat position -> (row, col)
             "every": bool(np.array_equal(picked, np.arange(channels))),  # all neurons in order: no copy of acts
             "channels": channels, "batch_size": int(batch_size), "tokens": bool(tokens),
-            "channels_last": bool(channels_last)}
+            "channels_last": bool(channels_last), "windows": bool(windows)}
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
     state = start_top(picked, target, images, int(per_image), int(top))
@@ -111,7 +112,7 @@ def _capture_here(run, images, state, first, stop, scan, checkpoint, signature, 
 
 
 def _scan(run, state, images, start, stop, first, after, target, picked, channels, width, every, batch_size,
-          tokens=False, channels_last=False, **_) -> TopN:
+          tokens=False, channels_last=False, windows=False, **_) -> TopN:
     """The state after images ``start..stop-1`` (``images_done`` counted from ``first``); ``after(state)`` follows
     each batch."""
     for index, batch in (images.batches(batch_size, start) if start < stop else ()):
@@ -121,8 +122,10 @@ def _scan(run, state, images, start, stop, first, after, target, picked, channel
         acts = np.asarray(run(batch)[target], np.float32)
         if tokens:  # [B * W, T, C] (W windows or patches per image, often 1) -> [B, C, W * T]
             acts = acts.reshape(len(batch), -1, acts.shape[-1]).transpose(0, 2, 1)
-        elif channels_last:  # [B, H, W, C] -> [B, C, H, W]
-            acts = acts.transpose(0, 3, 1, 2)
+        elif channels_last:  # [B * W, y, x, C] (W windows per image, often 1) -> [B, C, W * y, x]
+            acts = acts.reshape(len(batch), -1, *acts.shape[1:]).transpose(0, 4, 1, 2, 3)
+        elif windows:  # [B * W, C, y, x] -> [B, C, W * y, x]
+            acts = acts.reshape(len(batch), -1, *acts.shape[1:]).transpose(0, 2, 1, 3, 4)
         acts = acts.reshape(len(batch), channels, -1)
         acts = acts if every else acts[:, picked]
         state = update_top(state, acts, index, width)

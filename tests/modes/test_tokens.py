@@ -222,3 +222,8 @@ def test_channels_last_windows_on_the_batch_axis(tmp_path):
         (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
         got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
         np.testing.assert_allclose(got, acts[:, decoded.neurons, position[0], position[1]], rtol=1e-6, atol=1e-6)
+    from checks import assert_instance_identity
+
+    local = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=2, neurons="0-2",
+                      per_instance=True, dtype="float64")
+    assert_instance_identity(local, acts, images, rtol=1e-6)  # top-N and the seeds address the same windows
