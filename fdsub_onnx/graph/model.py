@@ -241,3 +241,25 @@ def as_map(model, name: str, values):
     if values.ndim == 3:
         return values[:, :, None, :]
     return values[:, :, None, None] if values.ndim == 2 else values
+
+
+def patch_grid(model, name: str) -> tuple[int, int, int] | None:
+    """(extra tokens in front, rows, columns) of the patch grid tokens ``name`` [1, T, C] come from: the map
+    [1, C, rows, columns] (or channels-last) of the model with ``rows * columns = T - extra`` for the fewest extra
+    tokens (a class token, a distillation token, registers: at most 8), the last such map before them; None for
+    tokens of no grid (and for other tensors)."""
+    shape = model.shapes.get(name)
+    batch = model.input_shape[0]
+    if shape is None or len(shape) != 3 or shape[0] != batch or channel_axis(model, name) != 2:
+        return None
+    maps = {}
+    for node in model.nodes:
+        if node.output and node.output[0] == name:
+            break
+        out = node.output[0] if node.output else None
+        mshape = model.shapes.get(out) if out else None
+        if mshape is not None and len(mshape) == 4 and mshape[0] == batch:
+            rows, columns = grid(model, out)
+            maps[int(shape[1]) - rows * columns] = (rows, columns)
+    extra = min((k for k in maps if 0 <= k <= 8), default=None)
+    return None if extra is None else (extra, *maps[extra])

@@ -15,7 +15,7 @@ from ..compose.walker import walk
 from ..data.topn import rows_of
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
-from ..graph.model import Model, ancestors, find_layer, grid
+from ..graph.model import Model, ancestors, find_layer, grid, patch_grid
 from ..neurons import parse_neurons
 from .adjoint import decode_at
 from .fds import gather_statistics, substituted
@@ -157,8 +157,13 @@ def _quiet(steps: Iterator) -> Iterator:
 
 
 def centre(model, target) -> tuple[int, int]:
-    """The centre ((Q_y - 1) // 2, (Q_x - 1) // 2) of a layer's output map (tokens: (0, (T - 1) // 2); (0, 0) for
-    a vector)."""
+    """The centre ((Q_y - 1) // 2, (Q_x - 1) // 2) of a layer's output map; for tokens of a patch grid (rows,
+    columns) the token at its centre (rows // 2, columns // 2), after the class tokens (else token (T - 1) // 2);
+    (0, 0) for a vector."""
+    patches = patch_grid(model, target)
+    if patches is not None:
+        extra, rows, columns = patches
+        return (0, extra + (rows // 2) * columns + columns // 2)
     rows, columns = grid(model, target)
     return ((rows - 1) // 2, (columns - 1) // 2)
 

@@ -227,3 +227,13 @@ def test_channels_last_windows_on_the_batch_axis(tmp_path):
     local = fd.decode(model, last, mode="local", images=fd.ArrayImages(images), top=2, neurons="0-2",
                       per_instance=True, dtype="float64")
     assert_instance_identity(local, acts, images, rtol=1e-6)  # top-N and the seeds address the same windows
+
+
+def test_the_default_position_is_the_patch_grid_centre(vit):
+    """Tokens from a 4x4 patch grid after one class token: the default token is patch (2, 2), token 1 + 2*4 + 2."""
+    from fdsub_onnx.graph.model import patch_grid
+
+    model, _, names = vit
+    target = [lay.name for lay in fd.inspect_model(model).layers if lay.channels == 2 * C][0]
+    assert patch_grid(model, target) == (1, 4, 4)
+    assert fd.decode(model, target, neurons=0).position == (0, 11)
