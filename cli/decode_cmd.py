@@ -53,8 +53,10 @@ def decode(
     cluster: Optional[str] = common.CLUSTER,
     position: Optional[str] = typer.Option(
         None, "--position", metavar="QY,QX",
-        help="weights mode: the output position to decode at (row,column of the layer's map), or 'interior': the "
-             "filter of every position whose receptive field lies in the image.  [default: the map's centre]",
+        help="weights mode: the output position to decode at (row,column of the layer's map; tokens: 0,T for token T), "
+             "'interior': the filter of every position whose receptive field lies in the image; for tokens of a "
+             "patch grid 'cls' (the class token) or 'patch:GY,GX'.  [default: the map's centre; tokens: the patch "
+             "grid's centre]",
     ),
     route: str = typer.Option(
         "auto", "--route",
@@ -125,8 +127,8 @@ def decode(
         typer.echo(f"route: {result.plan.describe()}", err=True)
     if result.gates:
         where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
-        typer.echo(f"note: {len(result.gates)} channel gates / layer norms below {result.layer!r} held at {where} "
-                   "(saved as `gates` in decoded.npz)", err=True)
+        typer.echo(f"note: {len(result.gates)} data-dependent factors (channel gates, layer norms, attention) below "
+                   f"{result.layer!r} held at {where} (saved as `gates` in decoded.npz)", err=True)
     if loaded.dequantized:
         typer.echo(f"note: {fdsub_onnx.dequantized_note(loaded.dequantized)}", err=True)
     fix = ("--weighting activation carries each layer's scale into the next: use --weighting gate, or --dtype float64"
@@ -174,10 +176,11 @@ def _decode_with_images(loaded, target, neurons, image_set, mode, top, select, w
 
 
 def _parse_position(text: str | None):
-    if text is None or text == "interior":
+    if text is None or text == "interior" or text == "cls" or text.startswith("patch:"):
         return text
     try:
         qy, qx = (int(v) for v in text.split(","))
     except ValueError:
-        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3) or 'interior', got {text!r}") from None
+        raise FdsubError(f"--position must be two integers ROW,COLUMN (e.g. 3,3), 'interior', 'cls' or "
+                         f"'patch:GY,GX', got {text!r}") from None
     return qy, qx

@@ -171,6 +171,8 @@ def centre(model, target) -> tuple[int, int]:
 def _position(model, target, position) -> tuple[int, int] | str:
     if isinstance(position, str) and position == "interior":
         return position
+    if isinstance(position, str) and (position == "cls" or position.startswith("patch:")):
+        return _token_position(model, target, position)
     size = grid(model, target)
     try:
         qy, qx = (int(v) for v in position)
@@ -180,6 +182,28 @@ def _position(model, target, position) -> tuple[int, int] | str:
         raise FdsubError(f"position ({qy}, {qx}) is outside the {size[0]}x{size[1]} output map of {target!r}; "
                          f"choose rows 0-{size[0] - 1} and columns 0-{size[1] - 1}")
     return qy, qx
+
+
+def _token_position(model, target, position: str) -> tuple[int, int]:
+    """``"cls"``: the first token before the patch grid (a class token); ``"patch:GY,GX"``: the token of patch
+    (GY, GX) of the grid (``graph.model.patch_grid``)."""
+    patches = patch_grid(model, target)
+    if patches is None:
+        raise FdsubError(f"position {position!r} addresses tokens of a patch grid, and {target!r} has none; give "
+                         "ROW,COLUMN of its grid")
+    extra, rows, columns = patches
+    if position == "cls":
+        if extra == 0:
+            raise FdsubError(f"{target!r} has no token before its {rows}x{columns} patch grid (no class token); give "
+                             "patch:GY,GX")
+        return (0, 0)
+    try:
+        gy, gx = (int(v) for v in position[len("patch:"):].split(","))
+    except ValueError:
+        raise FdsubError(f"position must be patch:GY,GX with two integers, got {position!r}") from None
+    if not (0 <= gy < rows and 0 <= gx < columns):
+        raise FdsubError(f"patch ({gy}, {gx}) is outside the {rows}x{columns} patch grid of {target!r}")
+    return (0, extra + gy * columns + gx)
 
 
 def plan_decode(model: Model, layers, neurons=None, positions: dict | None = None, dtype: str = "float32",

@@ -237,3 +237,14 @@ def test_the_default_position_is_the_patch_grid_centre(vit):
     target = [lay.name for lay in fd.inspect_model(model).layers if lay.channels == 2 * C][0]
     assert patch_grid(model, target) == (1, 4, 4)
     assert fd.decode(model, target, neurons=0).position == (0, 11)
+
+
+def test_tokens_are_addressed_by_patch_or_as_the_class_token(vit):
+    model, _, names = vit
+    target = [lay.name for lay in fd.inspect_model(model).layers if lay.channels == 2 * C][0]
+    assert fd.decode(model, target, neurons=0, position="cls").position == (0, 0)
+    assert fd.decode(model, target, neurons=0, position="patch:3,1").position == (0, 1 + 3 * 4 + 1)
+    with pytest.raises(fd.FdsubError, match="outside the 4x4 patch grid"):
+        fd.decode(model, target, neurons=0, position="patch:4,0")
+    with pytest.raises(fd.FdsubError, match="has none"):
+        fd.decode(model, names["patches"], neurons=0, position="cls")
