@@ -248,3 +248,35 @@ def test_tokens_are_addressed_by_patch_or_as_the_class_token(vit):
         fd.decode(model, target, neurons=0, position="patch:4,0")
     with pytest.raises(fd.FdsubError, match="has none"):
         fd.decode(model, names["patches"], neurons=0, position="cls")
+
+
+def test_a_detection_heads_softmax_over_bins_decodes_per_position(tmp_path):
+    """YOLOv8's distribution focal loss head: a box map reshaped to [1, 4, 16, A], bins moved to the channel axis,
+    Softmax over them, a fixed 1x1 conv (weights 0..15): the conv after the Softmax decodes per position (the Softmax
+    read as the identity, as the linearized network reads it) and obeys the identity against onnxruntime; local
+    follows the Softmax's Jacobian exactly."""
+    from checks import assert_instance_identity
+
+    g = _Graph(7)
+    anchors = 8 * 8
+    box = g.op("Conv", ["input", g.weight(64, 3, 3, 3, scale=0.3)], pads=[1, 1, 1, 1])
+    bins = g.op("Transpose", [g.op("Reshape", [box, g.const([1, 4, 16, anchors], np.int64)])], perm=[0, 2, 1, 3])
+    dfl = g.op("Conv", [g.op("Softmax", [bins], axis=1), g.const(np.arange(16.0).reshape(1, 16, 1, 1))])
+    graph = helper.make_graph(g.nodes, "dfl", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(dfl, TensorProto.FLOAT, None)], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, str(tmp_path / "dfl.onnx"))
+    model = fd.load_model(str(tmp_path / "dfl.onnx"))
+    layer = {lay.name: lay for lay in fd.inspect_model(model).layers}[dfl]
+    assert layer.decodable and layer.per_position, layer
+    images = _images(3, seed=2)[:, :, :8, :8].copy()
+    acts = run_ort(linearized(proto, model.patterns, {}), images, [dfl])[dfl]  # [3, 1, 4, 64]
+    for position in [(0, 0), (2, 37)]:
+        decoded = fd.decode(model, dfl, dtype="float64", position=position)
+        (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+        got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
+        np.testing.assert_allclose(got, acts[:, decoded.neurons, position[0], position[1]], rtol=1e-5,
+                                   atol=1e-5 * np.abs(acts).max())
+    local = fd.decode(model, dfl, mode="local", images=fd.ArrayImages(images), top=2, per_instance=True,
+                      dtype="float64")
+    assert_instance_identity(local, run_ort(proto, images, [dfl])[dfl], images, rtol=1e-5)

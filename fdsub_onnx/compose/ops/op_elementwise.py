@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import NotDecodable
+from ...errors import NotDecodable, PhaseDependent
 from ..backend import array_module
 from ..values import Layout, Tensor
 from ._rule import NO_BANK_RULE, Nonlinear, attributes, by_slope, identity_node, no_bias, per_instance
@@ -245,6 +245,9 @@ class Softmax(Elementwise):
     cone = None  # over any axis, not position by position
 
     def apply(self, node, inputs, ctx):
+        if isinstance(inputs[0], Layout):  # over a reshaped map (YOLOv8's distribution focal loss head)
+            raise PhaseDependent("a softmax over a reshaped map (a detection head's distribution over bins): read as "
+                                 "the identity, the layers after it decode per position")
         raise NotDecodable("a softmax over a feature map mixes its channels nonlinearly; weights mode reads a softmax "
                            "only as an attention matrix, held where a product reads it")
 
