@@ -69,6 +69,8 @@ class OpRule:
     multi_output = False
     #: the backward rule is exact on a linear network without forward values (the adjoint's pass)
     linear = False
+    #: a linear op whose first two inputs may both be data (a product): the adjoint's reason to refuse it then
+    product_refusal: str | None = None
     #: how a cone pass (``modes.cone``) reads it: "window" (a convolution), "average_window", "max_window" (pools),
     #: "aligned" (one grid, position by position, channel mixing 1x1), "pad" (a shifted grid), None (whole maps only)
     cone: str | None = None
@@ -78,6 +80,8 @@ class OpRule:
     cone_values = "all"
     #: fds: "weight" (its weight is substituted by W * mean gate), "switch" (MaxPool: the mean switch), or None
     fds: str | None = None
+    #: fds: it passes on the gate of its first data input (elementwise ops, reshapes, per-channel affine maps)
+    passes_gate = False
     #: fds: the gate it passes on is times its slope at the forward value (a nonlinearity between two units)
     gate_slope = False
     #: an activation read through it is still the same neuron's (elementwise or per-channel affine: ``check``)
@@ -105,17 +109,19 @@ class OpRule:
         return self.backward(node, ins, is_data, out, grad)
 
     def adjoint(self, node, ins: list, is_data: list, out, grad):
-        if self.linear:
-            return self.backward(node, ins, is_data, out, grad)
-        raise NotDecodable(self.refusal("adjoint"))
+        reason = self._adjoint_refusal(is_data[:2])
+        if reason is not None:
+            raise NotDecodable(reason)
+        return self.backward(node, ins, is_data, out, grad)
 
     def linear_nodes(self, node, ctx: LinearContext) -> list | None:
         """The nodes standing for this one in ``weights`` mode's linearized network; None keeps it."""
         return None
 
     def gate_inputs(self, node, data: list) -> list | None:
-        """The data inputs whose fds gate this op passes on; None where it starts a gate (a lower unit itself)."""
-        return None
+        """The data inputs whose fds gate this op passes on (``passes_gate``: the first); None where it starts a gate
+        (a lower unit itself)."""
+        return data[:1] if self.passes_gate else None
 
     def gate_map(self, node, gates: list, shape: tuple, constants: dict):
         """fds: the gate map of the output from those of ``gate_inputs`` (default: reshaped or broadcast)."""
@@ -133,7 +139,14 @@ class OpRule:
 
     def adjoint_refusal(self, node, constants: dict) -> str | None:
         """Why the adjoint cannot run through ``node`` (known from the graph, before any pass), or None."""
-        return None if self.implements("adjoint") else self.refusal("adjoint")
+        return self._adjoint_refusal([bool(name) and name not in constants for name in node.input[:2]])
+
+    def _adjoint_refusal(self, is_data: list) -> str | None:
+        """The reason the adjoint refuses the op when its first inputs are data or not (``is_data``), or None: the
+        one ``adjoint_refusal`` gives before a pass and ``adjoint`` raises in it."""
+        if not self.implements("adjoint"):
+            return self.refusal("adjoint")
+        return self.product_refusal if self.product_refusal and len(is_data) == 2 and all(is_data) else None
 
     def refusal(self, reading: str) -> str:
         return self.refuses.get(reading, f"{type(self).__name__} has no {reading} rule")

@@ -68,6 +68,8 @@ def _sum_backward(ins, is_data, grad, sign: float):
 
 
 class Mul(Arithmetic):
+    product_refusal = _PRODUCT_OF_MAPS
+
     def apply(self, node, inputs, ctx):
         a, b = inputs
         if isinstance(a, Const) and isinstance(b, Const):
@@ -143,13 +145,6 @@ class Mul(Arithmetic):
             return [helper.make_node(Mul.__name__, [pattern.x, const], [node.output[0]], name=node.name)]
         return None
 
-    def adjoint(self, node, ins, is_data, out, grad):
-        if all(is_data[:2]):
-            raise NotDecodable(_PRODUCT_OF_MAPS)
-        return self.backward(node, ins, is_data, out, grad)
-
-    def adjoint_refusal(self, node, constants):
-        return _PRODUCT_OF_MAPS if not any(name in constants for name in node.input[:2]) else None
 
 
 class Div(Mul):

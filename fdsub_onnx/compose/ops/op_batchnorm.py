@@ -12,6 +12,7 @@ class BatchNormalization(OpRule):
     linear = True
     cone, cone_any_constant = "aligned", True
     keeps_neuron = True
+    passes_gate = True  # per channel: the bank carries it
 
     def apply(self, node, inputs, ctx):
         attrs = attributes(node)
@@ -25,6 +26,3 @@ class BatchNormalization(OpRule):
     def backward(self, node, ins, is_data, out, grad):
         scale, shift = scale_shift(node, *(on(grad, v) for v in ins[1:5]), xp=array_module(grad))
         return [grad * scale[:, None, None]], array_module(grad).einsum("mkhw,k->m", grad, shift)
-
-    def gate_inputs(self, node, data):  # per channel: the bank carries it
-        return data[:1]

@@ -37,12 +37,10 @@ class Elementwise(Nonlinear):
 class Identity(Elementwise):
     linear = True
     refuses = {}
+    passes_gate = True
 
     def backward(self, node, ins, is_data, out, grad):
         return [grad] + [None] * (len(ins) - 1), no_bias(grad)
-
-    def gate_inputs(self, node, data):
-        return data[:1]
 
 
 class Dropout(Identity): ...
@@ -50,7 +48,7 @@ class Dropout(Identity): ...
 
 class Relu(Elementwise):
     cone_values = "inputs"  # its mask reads the input alone
-    gate_slope = True
+    passes_gate = gate_slope = True
 
     def backward(self, node, ins, is_data, out, grad):
         """The forward on/off mask: the exact local linearization."""
@@ -60,25 +58,18 @@ class Relu(Elementwise):
         """Zeiler & Fergus: the backward signal itself rectified (the forward mask is not used)."""
         return [array_module(grad).maximum(grad, 0)] + [None] * (len(ins) - 1), no_bias(grad)
 
-    def gate_inputs(self, node, data):
-        return data[:1]
-
 
 class Slope(Elementwise):
     """An op whose local linearization is its slope at the forward value (``slope``), the offset its bias."""
 
     family = True
-
-    gate_slope = True
+    passes_gate = gate_slope = True
 
     def slope(self, xp, node, ins, out):
         raise NotImplementedError
 
     def backward(self, node, ins, is_data, out, grad):
         return by_slope(self, node, ins, out, grad)
-
-    def gate_inputs(self, node, data):
-        return data[:1]
 
 
 def _leaky_signal(grad, ins, alpha):
@@ -200,6 +191,7 @@ class Erf(Slope):
 
 class LRN(Elementwise):
     cone_any_constant = True
+    passes_gate = True  # fds treats it as the identity
 
     def backward(self, node, ins, is_data, out, grad):
         """LRN's linearization at the instance: its Jacobian across the channel window (vector-Jacobian product),
@@ -218,9 +210,6 @@ class LRN(Elementwise):
         gx = grad * scale - x * _channel_window_sum(grad * coupling, hi, lo)  # the window, transposed
         offset = coupling * squares  # out - J x
         return [gx], per_instance(grad * offset)
-
-    def gate_inputs(self, node, data):  # fds treats it as the identity
-        return data[:1]
 
 
 def _channel_window_sum(a, lo, hi):

@@ -48,6 +48,7 @@ PRODUCT_OF_TENSORS = ("it multiplies two data-dependent tensors (attention's Q K
 class MatMul(OpRule):
     linear = True
     fds = "weight"
+    product_refusal = PRODUCT_OF_TENSORS
 
     def substituted_node(self, node, stat, model, substitution, constants):
         return _substituted_matrix(node, stat, model, substitution, constants)
@@ -75,8 +76,6 @@ class MatMul(OpRule):
                  reduce_to(xp.swapaxes(a, -1, -2) @ grad, b.shape) if is_data[1] else None]
         return grads, -per_instance(grad * xp.matmul(a, b)) if all(is_data) else no_bias(grad)
 
-    def adjoint_refusal(self, node, constants):
-        return None if any(name in constants for name in node.input[:2]) else PRODUCT_OF_TENSORS
 
     def linear_nodes(self, node, ctx):
         """An attention product (``graph.patterns.Attention``) with its matrix held at its reference value."""

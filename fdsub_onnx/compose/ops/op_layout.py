@@ -17,7 +17,7 @@ from ._rule import OpRule, attributes, batched, no_bias
 
 
 class Reshape(OpRule):
-    linear = True
+    linear = passes_gate = True
 
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)
@@ -29,9 +29,6 @@ class Reshape(OpRule):
     def backward(self, node, ins, is_data, out, grad):
         return [grad.reshape(batched(ins[0], grad))] + [None] * (len(ins) - 1), no_bias(grad)
 
-    def gate_inputs(self, node, data):
-        return data[:1]
-
 
 class Flatten(Reshape): ...
 class Squeeze(Reshape): ...
@@ -39,7 +36,7 @@ class Unsqueeze(Reshape): ...
 
 
 class Transpose(OpRule):
-    linear = True
+    linear = passes_gate = True
 
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)
@@ -50,9 +47,6 @@ class Transpose(OpRule):
     def backward(self, node, ins, is_data, out, grad):
         perm = attributes(node).get("perm", list(range(grad.ndim))[::-1])
         return [array_module(grad).transpose(grad, tuple(np.argsort(perm)))], no_bias(grad)
-
-    def gate_inputs(self, node, data):
-        return data[:1]
 
     def gate_map(self, node, gates, shape, constants):
         return gates[0].transpose(attributes(node).get("perm"))

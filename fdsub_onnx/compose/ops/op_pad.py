@@ -10,7 +10,7 @@ from ._rule import OpRule, attributes, constant, data, optional, per_instance
 
 
 class Pad(OpRule):
-    linear = True
+    linear = passes_gate = True
     cone, cone_values = "pad", "shapes"
 
     def apply(self, node, inputs, ctx):
@@ -42,9 +42,6 @@ class Pad(OpRule):
         ring = grad.copy()
         ring[index] = 0
         return [grad[index]] + [None] * (len(ins) - 1), value * per_instance(ring)
-
-    def gate_inputs(self, node, data):
-        return data[:1]
 
     def gate_map(self, node, gates, shape, constants):
         """The input's gate with NaN on the padded ring (no lower unit there); negative pads crop."""

@@ -43,6 +43,8 @@ def _params(node, inputs, channels: int) -> tuple[np.ndarray, np.ndarray]:
 class QuantizeLinear(Nonlinear):
     """Locally its scale (the offset holds zero point and rounding); fds passes a gate through it unchanged."""
 
+    passes_gate = True
+
     def apply(self, node, inputs, ctx):
         return _affine(node, inputs, ctx, lambda scale, zero: (1.0 / scale, zero))
 
@@ -58,8 +60,6 @@ class QuantizeLinear(Nonlinear):
     def backward(self, node, ins, is_data, out, grad):
         return by_slope(self, node, ins, out, grad)
 
-    def gate_inputs(self, node, data):
-        return data[:1]
 
 
 class DequantizeLinear(QuantizeLinear):
