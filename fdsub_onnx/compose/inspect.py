@@ -62,8 +62,8 @@ def inspect_model(model: Model) -> Summary:
                 if problem is not None:
                     layer.decodable, layer.per_position, layer.reason = False, False, problem
             layers.append(layer)
-            if map_of(value) is not None:
-                geometries[node.output[0]] = map_of(value).geom
+            if (feature_map := map_of(value)) is not None:
+                geometries[node.output[0]] = feature_map.geom
     return Summary(model.input_name, list(model.input_shape), layers, geometries, _held(model),
                    list(model.dequantized))
 
@@ -84,29 +84,28 @@ def _held(model: Model) -> list[dict]:
 
 def layer_geometry(model: Model, layer: str) -> Geometry:
     """Stride, receptive field and origin of ``layer``'s output, from the walker without composing banks."""
-    node = find_layer(model, layer)
-    for current, value in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]):
-        if current is node:
-            if map_of(value) is not None:
-                return map_of(value).geom
-            reason = value.reason if isinstance(value, Blocked) else "it is not a feature map"
-            raise FdsubError(f"layer {node.output[0]!r} has no receptive-field geometry: {reason}")
-    raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
+    return _geometry(model, layer, per_position=False)
 
 
 def instance_geometry(model: Model, layer: str) -> Geometry:
     """The geometry of ``layer``'s instances: its own (``layer_geometry``), or for a layer decoded per position
     (tokens after global attention, a layer after an upsampling) the whole image at every position (stride 0): each
     instance's filter is then its input gradient over the image, which ``local`` and the Neuron Feature average."""
-    try:
-        return layer_geometry(model, layer)
-    except FdsubError:
-        node = find_layer(model, layer)
-        value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]) if n is node),
-                     None)
-        if not (isinstance(value, Blocked) and value.per_position):
-            raise
-        return Geometry(stride=(0, 0), rf=tuple(int(n) for n in model.input_shape[2:4]), origin=(0, 0))
+    return _geometry(model, layer, per_position=True)
+
+
+def _geometry(model: Model, layer: str, per_position: bool) -> Geometry:
+    """``layer``'s geometry from one walk; with ``per_position``, the whole image's for a per-position layer."""
+    node = find_layer(model, layer)
+    for current, value in walk(model, Engine(get_backend("numpy")), targets=[node.output[0]]):
+        if current is node:
+            if (feature_map := map_of(value)) is not None:
+                return feature_map.geom
+            if per_position and isinstance(value, Blocked) and value.per_position:
+                return Geometry(stride=(0, 0), rf=tuple(int(n) for n in model.input_shape[2:4]), origin=(0, 0))
+            reason = value.reason if isinstance(value, Blocked) else "it is not a feature map"
+            raise FdsubError(f"layer {node.output[0]!r} has no receptive-field geometry: {reason}")
+    raise FdsubError(f"layer {layer!r} is not reachable from the image input {model.input_name!r}")
 
 
 def memory_problem(model, engine, targets, rows=None) -> str | None:
@@ -143,8 +142,8 @@ def _largest_rf(model, engine, targets) -> int:
 
 def _layer(model, node, value) -> Layer:
     channels = channels_of(model, node.output[0])
-    if map_of(value) is not None:
-        g = map_of(value).geom
+    if (feature_map := map_of(value)) is not None:
+        g = feature_map.geom
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
                      list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"

@@ -207,40 +207,45 @@ def channel_axis(model, name: str) -> int:
     return 1 if node is not None and node.op_type in CONV_LIKE + ("AveragePool", "MaxPool") else 2
 
 
+def windows_per_image(model, name: str) -> int:
+    """How many windows or patches of one image the batch axis of tensor ``name`` holds (Swin's windows, MobileViT's
+    patches); 1 where its first axis is the batch."""
+    shape = model.shapes.get(name)
+    return max(1, int(shape[0]) // model.input_shape[0]) if shape else 1
+
+
 def grid(model, name: str) -> tuple[int, int]:
     """The positions of tensor ``name`` a neuron is addressed at, as (rows, columns): a map's (H, W), tokens' (1, T)
-    (position (0, t) is token t), (1, 1) for a vector."""
+    (position (0, t) is token t), (1, 1) for a vector; windows or patches on the batch axis add their rows one after
+    the other (tokens: (window, token))."""
     shape = model.shapes.get(name)
     if shape is None:
         return (1, 1)
-    if len(shape) == 4 and channel_axis(model, name) == 3:  # windows on the batch axis (MaxViT): rows
-        return (int(shape[1]) * (int(shape[0]) // model.input_shape[0]), int(shape[2]))
-    if len(shape) == 4:  # windows or patches on the batch axis: their rows one after the other
-        return (int(shape[2]) * (int(shape[0]) // model.input_shape[0]), int(shape[3]))
-    if len(shape) == 3 and channel_axis(model, name) == 2:  # windows or patches on the batch axis: (window, token)
-        return (int(shape[0]) if shape[0] != model.input_shape[0] else 1, int(shape[1]))
+    windows, axis = windows_per_image(model, name), channel_axis(model, name)
+    if len(shape) == 4:
+        rows, columns = (shape[1], shape[2]) if axis == 3 else (shape[2], shape[3])
+        return (int(rows) * windows, int(columns))
+    if len(shape) == 3 and axis == 2:
+        return (windows, int(shape[1]))
     return (1, 1)
 
 
-def as_map(model, name: str, values):
-    """Values of tensor ``name`` (batch first) laid out as maps [N, C, rows, columns] of its ``grid``: tokens
-    [N, T, C] as [N, C, 1, T] (windows [N * W, T, C] as [N, C, W, T]); a map as it is (windows [N * W, C, Y, X] as
-    [N, C, W * Y, X]); a vector as [N, C, 1, 1]."""
+def to_maps(values, axis: int = 1, windows: int = 1):
+    """A batch of values laid out as maps [N, C, rows, columns] (``grid``'s positions): the neurons, on ``axis``,
+    first; ``windows`` windows or patches per image on the batch axis as rows one after the other. Tokens
+    [N, T, C] become [N, C, 1, T], a vector [N, C, 1, 1]; a map [N, C, H, W] stays as it is."""
     values = np.asarray(values)
-    if values.ndim == 4 and channel_axis(model, name) == 3:  # [N * W, Y, X, C] -> [N, C, W * Y, X]
-        per_image = model.shapes[name][0] // model.input_shape[0]
-        split = values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 4, 1, 2, 3)
-        return split.reshape(split.shape[0], split.shape[1], -1, split.shape[4])
-    if values.ndim == 3 and channel_axis(model, name) == 2:  # tokens; windows or patches on the batch axis: rows
-        per_image = model.shapes[name][0] // model.input_shape[0]
-        return values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 3, 1, 2)
-    if values.ndim == 4 and model.shapes[name][0] != model.input_shape[0]:  # [N * W, C, rows, X] -> [N, C, W*rows, X]
-        per_image = model.shapes[name][0] // model.input_shape[0]
-        split = values.reshape(-1, per_image, *values.shape[1:]).transpose(0, 2, 1, 3, 4)
-        return split.reshape(split.shape[0], split.shape[1], -1, split.shape[4])
-    if values.ndim == 3:
-        return values[:, :, None, :]
-    return values[:, :, None, None] if values.ndim == 2 else values
+    if values.ndim == 2:
+        return values[:, :, None, None]
+    if values.ndim == 4 and axis == 1 and windows == 1:
+        return values
+    moved = np.moveaxis(values.reshape(-1, windows, *values.shape[1:]), axis + 1, 1)  # [N, C, W, ...]
+    return moved.reshape(*moved.shape[:2], -1, moved.shape[-1])
+
+
+def as_map(model, name: str, values):
+    """Values of tensor ``name`` (batch first) as maps [N, C, rows, columns] of its ``grid`` (``to_maps``)."""
+    return to_maps(values, channel_axis(model, name), windows_per_image(model, name))
 
 
 def patch_grid(model, name: str) -> tuple[int, int, int] | None:

@@ -39,9 +39,9 @@ class _Shapes(dict):
     """The forward values a linear network's rules read: zeros of each tensor's shape (one image's, as a pass over
     forward values has them), as broadcast views (no memory); the rules read only their shapes."""
 
-    def __init__(self, model: Model, batch: int, dtype):
+    def __init__(self, model: Model, dtype):
         super().__init__()
-        self.model, self.batch, self.zero = model, batch, np.zeros((), dtype)
+        self.model, self.zero = model, np.zeros((), dtype)
 
     def __missing__(self, name):
         shape = self.model.shapes.get(name)
@@ -70,6 +70,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
         raise FdsubError(f"weights mode (adjoint): the shape of layer {target!r} could not be inferred")
     merged = shape[0] != linear.input_shape[0]  # windows or patches on the batch axis: one seed, in its own shape
     batch = 1 if merged else batch
+    values = _Shapes(linear, dtype)  # one image's shapes, whatever the batch of seeds
     for start in range(0, len(neurons), batch):
         rows = slice(start, min(start + batch, len(neurons)))
         m = rows.stop - rows.start
@@ -78,7 +79,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
         else:
             seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
                            channel_axis(linear, target))
-        grads, bias = backward(linear, nodes, _Shapes(linear, m, dtype), {target: seed}, ADJOINT,
+        grads, bias = backward(linear, nodes, values, {target: seed}, ADJOINT,
                                "weights (adjoint)", instances=1 if merged else None)
         grad = grads.get(source)
         if grad is None:

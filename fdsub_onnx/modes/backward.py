@@ -63,16 +63,14 @@ def image_gradients(model, target: str, values: dict, neurons, positions, rule: 
     nodes = nodes if nodes is not None else ancestors(model, [target])
     if first.shape[0] != model.input_shape[0]:  # windows or patches on the batch axis: one seed at a time
         positions = np.asarray(positions, np.int64).reshape(-1, 2)
-        parts = [backward(model, nodes, values, {target: seed_at(backend, model, target, first.shape, neuron,
-                                                                 position, first.dtype)},
-                          BACKWARD_MODES[rule], rule, instances=1) for neuron, position in zip(neurons, positions)]
-        if model.input_name not in parts[0][0]:
-            raise FdsubError(f"layer {target!r} does not depend on the image input")
-        return (backend.xp.concatenate([p[0][model.input_name] for p in parts]),
-                backend.xp.concatenate([p[1] for p in parts]))
-    seed = one_hot(backend, (len(neurons), *first.shape[1:]), neurons, positions, first.dtype,
-                   channel_axis(model, target))
-    grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
+        grads, bias = _joined([backward(model, nodes, values, {target: seed_at(backend, model, target, first.shape,
+                                                                               neuron, position, first.dtype)},
+                                        BACKWARD_MODES[rule], rule, instances=1)
+                               for neuron, position in zip(neurons, positions)])
+    else:
+        seed = one_hot(backend, (len(neurons), *first.shape[1:]), neurons, positions, first.dtype,
+                       channel_axis(model, target))
+        grads, bias = backward(model, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
     if model.input_name not in grads:
         raise FdsubError(f"layer {target!r} does not depend on the image input")
     return grads[model.input_name], bias
@@ -131,12 +129,16 @@ def backward(model, nodes: list, values, grads: dict, reading: str, label: str, 
             return backward(model, nodes, values, {name: g[i : i + 1] for name, g in grads.items()}, reading, label,
                             run)
 
-        parts = list(ordered_map(one, range(len(first)), usable_cores()))
-        xp = array_module(first)
-        left = {name: xp.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
-        return left, xp.concatenate([part[1] for part in parts])
+        return _joined(list(ordered_map(one, range(len(first)), usable_cores())))
     with instances_of_pass(len(first)):
         return _backward(model, nodes, values, grads, reading, label, run, first)
+
+
+def _joined(parts: list) -> tuple[dict, object]:
+    """The results ``(gradients left, bias)`` of passes of one instance each, as one pass of them all."""
+    xp = array_module(parts[0][1])
+    return ({name: xp.concatenate([grads[name] for grads, _ in parts]) for name in parts[0][0]},
+            xp.concatenate([bias for _, bias in parts]))
 
 
 def batch_moves(model, nodes: list) -> bool:

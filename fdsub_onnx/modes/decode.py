@@ -252,7 +252,7 @@ def _adjoint_decoded(model, linear, target, neurons, plan, gates, dtype, device,
     """A layer decoded by the adjoint route (or meeting bottom-up banks at ``plan.split``)."""
     value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[target]) if n.output[0] == target),
                  None)
-    geom = map_of(value).geom if map_of(value) is not None else None
+    geom = feature_map.geom if (feature_map := map_of(value)) is not None else None
     picked = parse_neurons(neurons, channels_of(model, target), target)
     filters, bias, corner, crop = decode_at(model, linear, target, picked, plan.position, geom, dtype, device,
                                             split=plan.split, batch=plan.batch, gates=gates,
@@ -318,9 +318,9 @@ def leaf_rows(model, targets, picked: dict) -> dict | None:
 def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     if isinstance(value, Blocked):
         raise FdsubError(f"layer {node.output[0]!r} is not decodable: {value.reason}")
-    if map_of(value) is None:
-        raise FdsubError(f"layer {node.output[0]!r} is not a feature map")
     value = map_of(value)
+    if value is None:
+        raise FdsubError(f"layer {node.output[0]!r} is not a feature map")
     picked = parse_neurons(neurons, value.channels, node.output[0])
     whole = value.rows is not None or np.array_equal(picked, np.arange(value.channels))
     bank = value.bank if whole else engine.take(value.bank, picked)

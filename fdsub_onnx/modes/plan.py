@@ -189,8 +189,8 @@ def _survey(model, target, dtype) -> _Layer:
         values[node.output[0]] = value
         node_flops[id(node)], done = costs.flops - done, costs.flops
     value = values.get(target)
-    if map_of(value) is not None:
-        return _Layer(target, map_of(value).geom, values, node_flops, None)
+    if (feature_map := map_of(value)) is not None:
+        return _Layer(target, feature_map.geom, values, node_flops, None)
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     return _Layer(target, None, values, node_flops, reason, isinstance(value, Blocked) and value.per_position)
 

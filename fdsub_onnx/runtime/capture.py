@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.topn import TopN, resume, save_checkpoint, short, start_top, union_notes
 from ..errors import FdsubError
-from ..graph.model import Model, channel_axis, find_layer, grid
+from ..graph.model import Model, channel_axis, find_layer, grid, to_maps, windows_per_image
 from ..neurons import parse_neurons
 from . import cluster
 from .session import Forward
@@ -46,13 +46,12 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     """
     target = find_layer(model, layer).output[0]
     shape = model.shapes.get(target)
-    tokens = shape is not None and len(shape) == 3 and channel_axis(model, target) == 2
-    channels_last = shape is not None and len(shape) == 4 and channel_axis(model, target) == 3
-    windows = shape is not None and len(shape) == 4 and shape[0] != model.input_shape[0]  # on the batch axis
+    axis = channel_axis(model, target)
+    tokens = shape is not None and len(shape) == 3 and axis == 2
     if shape is None or (len(shape) not in (2, 4) and not tokens) or (len(shape) == 2 and shape[0] != 1):
         raise FdsubError(f"layer {target!r} has output shape {shape}; top-N capture needs [N, C, H, W], [N, C] or "
                          "tokens [N, T, C]")
-    channels = int(shape[channel_axis(model, target)])
+    channels = int(shape[axis])
     rows, width = grid(model, target)
     picked = parse_neurons(neurons, channels, target)
     for name, value, least in (("top", top, 1), ("per_image", per_image, 1), ("batch_size", batch_size, 1)):
@@ -70,8 +69,8 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     scan = {"target": target, "picked": picked, "top": int(top), "per_image": int(per_image),
             "width": width,  # flat position -> (row, col)
             "every": bool(np.array_equal(picked, np.arange(channels))),  # all neurons in order: no copy of acts
-            "channels": channels, "batch_size": int(batch_size), "tokens": bool(tokens),
-            "channels_last": bool(channels_last), "windows": bool(windows)}
+            "channels": channels, "batch_size": int(batch_size), "axis": axis,
+            "windows": windows_per_image(model, target)}  # how to lay the values out as maps (to_maps)
     signature = {"layer": target, "neurons": picked.tolist(), "top": int(top), "per_image": int(per_image),
                  "range": [first, stop], "sources": len(images), "model": os.path.abspath(model.path)}
     state = start_top(picked, target, images, int(per_image), int(top))
@@ -112,21 +111,14 @@ def _capture_here(run, images, state, first, stop, scan, checkpoint, signature, 
 
 
 def _scan(run, state, images, start, stop, first, after, target, picked, channels, width, every, batch_size,
-          tokens=False, channels_last=False, windows=False, **_) -> TopN:
+          axis=1, windows=1, **_) -> TopN:
     """The state after images ``start..stop-1`` (``images_done`` counted from ``first``); ``after(state)`` follows
     each batch."""
     for index, batch in (images.batches(batch_size, start) if start < stop else ()):
         if index >= stop:
             break
         batch = batch[: stop - index]
-        acts = np.asarray(run(batch)[target], np.float32)
-        if tokens:  # [B * W, T, C] (W windows or patches per image, often 1) -> [B, C, W * T]
-            acts = acts.reshape(len(batch), -1, acts.shape[-1]).transpose(0, 2, 1)
-        elif channels_last:  # [B * W, y, x, C] (W windows per image, often 1) -> [B, C, W * y, x]
-            acts = acts.reshape(len(batch), -1, *acts.shape[1:]).transpose(0, 4, 1, 2, 3)
-        elif windows:  # [B * W, C, y, x] -> [B, C, W * y, x]
-            acts = acts.reshape(len(batch), -1, *acts.shape[1:]).transpose(0, 2, 1, 3, 4)
-        acts = acts.reshape(len(batch), channels, -1)
+        acts = to_maps(np.asarray(run(batch)[target], np.float32), axis, windows).reshape(len(batch), channels, -1)
         acts = acts if every else acts[:, picked]
         state = update_top(state, acts, index, width)
         state.images_done = index + len(batch) - first

@@ -249,7 +249,8 @@ def constant(value, what: str) -> np.ndarray:
 
 
 def data(value) -> Tensor:
-    """A data input as a Tensor (a pending layout that is not a plain tensor is refused)."""
+    """A data input as a Tensor; a pending layout (tokens, windows, heads) sends the layers after it to the
+    per-position route, a constant is refused."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, Layout):  # tokens, windows, heads: linear, but no longer a map with one filter per channel
