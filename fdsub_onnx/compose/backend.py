@@ -216,6 +216,23 @@ class Device:
 CPU = Device("cpu", "numpy", ("CPUExecutionProvider",))
 
 
+def session(proto, providers=CPU.providers, threads: int | None = None, arena: bool = False):
+    """An onnxruntime session of ONNX model ``proto``; ``arena``: onnxruntime's CPU memory arena (see
+    ``runtime.session.ARENA_TENSORS``). Every session of the package is made here (``runtime.session.Forward``, the
+    op rules that ask onnxruntime for an op's own numbers)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
+    options.enable_cpu_mem_arena = arena
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:
+        raise FdsubError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
+
+
 def resolve_device(device: str | Device = "cpu") -> Device:
     """``cpu``; ``gpu`` (an error when no GPU can be used); ``auto``: the GPU when CuPy sees one, else the CPU.
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from ..compose.backend import CPU, resolve_device
+from ..compose.backend import resolve_device, session
 from ..defaults import budget_text, memory_budget, require_memory
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
@@ -102,18 +101,3 @@ def fitting_batch(per_image: float, batch_size: int, what: str, fix: str) -> int
     if per_image > room:
         raise FdsubError(f"{what} needs about {per_image / 2**30:,.2f} GiB per image, over {budget_text()}; {fix}")
     return int(max(1, min(batch_size, room // max(per_image, 1))))
-
-
-def session(proto: onnx.ModelProto, providers=CPU.providers, threads: int | None = None, arena: bool = False):
-    """An onnxruntime session; ``arena``: onnxruntime's CPU memory arena (see ARENA_TENSORS)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
-    options.enable_cpu_mem_arena = arena
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
-    except Exception as exc:
-        raise FdsubError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from ...errors import NotDecodable, PhaseDependent
-from ..backend import array_module
+from ...errors import FdsubError, NotDecodable, PhaseDependent
+from ..backend import array_module, session
 from ..kernels import correlated, transposed_window
 from ._rule import OpRule, attributes, no_bias, on
 from .op_conv import conv_bias
@@ -117,13 +117,8 @@ def _resize_impulses(node, constants, in_size, out_size):
 
 def _run(proto, impulses):
     """onnxruntime on ``proto`` (one node) with the impulses: its own interpolation, every mode and phase."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.enable_cpu_mem_arena = False
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own errors: this node has no impulse response here
-        raise NotDecodable(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
-    return session.run(None, {"x": impulses})[0]
+        runner = session(proto)
+    except FdsubError as exc:  # onnxruntime's own error: this node has no impulse response here
+        raise NotDecodable(str(exc)) from None
+    return runner.run(None, {"x": impulses})[0]
