@@ -19,26 +19,28 @@ from ..runtime.session import Forward
 REFERENCE = "the input that is all zeros after normalization (the dataset mean)"
 
 
+def _patterns_below(model: Model, targets, kinds) -> dict:
+    """Output -> pattern of the export patterns of ``kinds`` that ``targets`` (tensor names) depend on."""
+    outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
+    return {out: p for out, p in model.patterns.items() if isinstance(p, kinds) and out in outputs}
+
+
 def channel_gates(model: Model, targets) -> dict[str, ChannelGate]:
     """The channel gates (Mul output -> ChannelGate) that ``targets`` (tensor names) depend on."""
-    outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
-    return {mul: p for mul, p in model.patterns.items() if isinstance(p, ChannelGate) and mul in outputs}
+    return _patterns_below(model, targets, ChannelGate)
 
 
 def attentions(model: Model, targets) -> dict[str, Attention | Bilinear]:
     """The attention products (MatMul output -> Attention: the matrix is held) and products of two data tensors
     (-> Bilinear: both factors held, the tangent plane) that ``targets`` depend on."""
-    outputs = {o for node in ancestors(model, list(targets)) for o in node.output}
-    return {out: p for out, p in model.patterns.items() if isinstance(p, Attention | Bilinear) and out in outputs}
+    return _patterns_below(model, targets, Attention | Bilinear)
 
 
 def held_names(model: Model, targets) -> list[str]:
     """The names ``reference_gates`` gives values under for ``targets``: a gate's, a norm's, an attention's output;
-    a bilinear product's two factors as ``<output>::left`` and ``<output>::right``."""
-    names = [*channel_gates(model, targets), *layer_norms(model, targets)]
-    for out, p in attentions(model, targets).items():
-        names += [f"{out}::left", f"{out}::right"] if isinstance(p, Bilinear) else [out]
-    return names
+    a bilinear product's two factors as ``<output>::left`` and ``<output>::right`` (``_factors``)."""
+    return [*channel_gates(model, targets), *layer_norms(model, targets),
+            *(name for out, p in attentions(model, targets).items() for name in _factors(p, out))]
 
 
 def _factors(pattern, out: str) -> dict[str, str]:
