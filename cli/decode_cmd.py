@@ -119,14 +119,16 @@ def decode(
     if result.position is not None:
         where = ("every position whose receptive field lies in the image" if result.exact_at == "interior"
                  else "this position only")
-        typer.echo(f"decoded at output position {','.join(map(str, result.position))}; the filters hold at {where}")
+        typer.echo(f"decoded at {fdsub_onnx.describe_position(loaded, result.layer, result.position)}; the filters "
+                   f"hold at {where}")
     shown = common.grid_note("filters.png", result, grid)
     if shown:
         typer.echo(f"note: {shown}", err=True)
     if verbose and result.plan is not None:
         typer.echo(f"route: {result.plan.describe()}", err=True)
     if result.gates:
-        where = "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input"
+        where = ("their mean over each neuron's top instances (channel gates: over the images)" if mode == "fds"
+                 else "their mean over --gate-reference" if gate_reference else "their value on the all-zeros input")
         typer.echo(f"note: {len(result.gates)} data-dependent factors (channel gates, layer norms, attention) below "
                    f"{result.layer!r} held at {where} (saved as `gates` in decoded.npz)", err=True)
     if loaded.dequantized:

@@ -39,7 +39,7 @@ def _print_table(summary) -> None:
                "origin", "decodable")
     rows = [(layer.name, layer.node, *((_text(layer.module),) if modules else ()), layer.op, _text(layer.channels),
              _pair(layer.stride, "x"), _pair(layer.receptive_field, "x"), _pair(layer.origin, ","),
-             ("per position (after an upsampling)" if layer.per_position else "yes") if layer.decodable
+             (_per_position(layer) if layer.per_position else "yes") if layer.decodable
              else f"no: {layer.reason}") for layer in summary.layers]
     table = Table(title=Text(f"input {summary.input_name!r} {list(summary.input_shape)}"), title_justify="left")
     for column in headers[:-1]:
@@ -70,3 +70,11 @@ def _pair(values, sep: str) -> str:
 
 def _text(value) -> str:
     return "-" if value is None else str(value)
+
+
+def _per_position(layer) -> str:
+    """Why a layer decodes one position at a time: tokens of a patch grid, or the node after which it does."""
+    if layer.patch_grid:
+        extra, rows, columns = layer.patch_grid
+        return f"per token ({rows}x{columns} patches" + (f" + {extra} before them)" if extra else ")")
+    return f"per position (after {(layer.reason or 'an upsampling').split(':')[0]})"

@@ -73,8 +73,8 @@ SKELETON_FILES = (
     "mobilenet_v2.ts", "mobilenet_v3_large.ts", "mobilenet_v3_large.dynamo", "efficientnet_b0.ts",
     "efficientnet_b0.dynamo", "regnet_y_400mf.ts", "shufflenet_v2_x1_0.ts", "shufflenet_v2_x1_0.dynamo",
     "mnasnet0_5.ts", "convnext_tiny.ts", "convnext_tiny.dynamo", "resnext50_32x4d.ts", "googlenet.ts",
-    "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "unet_toy.ts", "nhwc_tf_style", "vit_tiny.ts",
-    "deit_tiny_distilled.ts", "swin_tiny.ts", "mobilevit_xxs.ts",
+    "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "yolo_psa.ts", "yolo_psa.dynamo", "unet_toy.ts",
+    "nhwc_tf_style", "vit_tiny.ts", "deit_tiny_distilled.ts", "swin_tiny.ts", "mobilevit_xxs.ts",
 )
 
 
@@ -84,6 +84,13 @@ class ConvBNSiLU(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1):
         super().__init__(nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False), nn.BatchNorm2d(c_out), nn.SiLU())
+
+
+class ConvBN(nn.Sequential):
+    """A convolution without bias and a BatchNorm, no activation (``groups``: depthwise when it equals the width)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1, groups: int = 1):
+        super().__init__(nn.Conv2d(c_in, c_out, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -194,6 +201,68 @@ class YoloToy(nn.Module):
         b4 = self.bottom4(torch.cat((self.down3(t3), t4), 1))
         b5 = self.bottom5(torch.cat((self.down4(b4), p5), 1))
         return self.detect((t3, b4, b5))
+
+
+# ---- YOLO with spatial self-attention after SPPF (a C2PSA-like block, written for this project) -------------
+class SpatialAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a map: one 1x1 ConvBN writes q, k and v of every head
+    (``key_dim`` channels for q and k, ``head_dim`` for v), softmax(q^T k * scale) weighs v, a depthwise 3x3 ConvBN
+    of v adds a position term, and a 1x1 ConvBN projects. Exported as Reshape, Split, Transpose, MatMul, Softmax."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, c // heads
+        self.key_dim = self.head_dim // 2
+        self.scale = self.key_dim**-0.5
+        self.qkv = ConvBN(c, heads * (2 * self.key_dim + self.head_dim))
+        self.pe = ConvBN(c, c, 3, groups=c)
+        self.proj = ConvBN(c, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.heads, 2 * self.key_dim + self.head_dim, h * w).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)  # [b, heads, hw, hw]
+        y = (v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.proj(y)
+
+
+class PSABlock(nn.Module):
+    """Attention with a residual Add, then a feed-forward pair of 1x1 convolutions (SiLU between, twice the
+    width inside) with a residual Add."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.attn = SpatialAttention(c, heads)
+        self.ffn = nn.Sequential(ConvBNSiLU(c, 2 * c), ConvBN(2 * c, c))
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.ffn(x)
+
+
+class C2PSA(nn.Module):
+    """A 1x1 convolution split in two halves; ``n`` PSABlocks on the second, the halves concatenated into a 1x1
+    convolution. ``head_width`` sets the heads: 16 channels each (key_dim 8), two heads at width 64."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, head_width: int = 16):
+        super().__init__()
+        self.c = c_out // 2
+        self.cv1 = ConvBNSiLU(c_in, 2 * self.c)
+        self.m = nn.Sequential(*(PSABlock(self.c, max(1, self.c // head_width)) for _ in range(n)))
+        self.cv2 = ConvBNSiLU(2 * self.c, c_out)
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), dim=1)
+        return self.cv2(torch.cat((a, self.m(b)), 1))
+
+
+class YoloPSA(YoloToy):
+    """YoloToy with a C2PSA-like attention block after SPPF, at stride 32 (2x2 positions at 64 px)."""
+
+    def __init__(self, w: tuple[int, ...] = (8, 16, 32, 48, 64)):
+        super().__init__(w)
+        self.stage4.append(C2PSA(w[4], w[4]))
 
 
 # ---- an FPN / U-Net segmenter ---------------------------------------------------------------------------
@@ -378,6 +447,7 @@ ZOO: tuple[TorchModel | HelperModel | QuantizedModel, ...] = (
     _tv("googlenet", 9, aux_logits=False, init_weights=True),
     _tv("inception_v3", 10, size=96, aux_logits=False, init_weights=True),  # needs at least 75 px
     TorchModel("yolo_toy", 11, 64, YoloToy),
+    TorchModel("yolo_psa", 19, 64, YoloPSA),  # YoloToy with a C2PSA-like attention block after SPPF
     TorchModel("unet_toy", 12, 64, UNetToy),
     HelperModel("nhwc_tf_style", 13, 64, nhwc_tf_style),
     # transformers and hybrids (timm): tokens, class and distillation tokens, position embeddings, attention with

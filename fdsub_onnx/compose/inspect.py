@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer
+from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, patch_grid
 from ..graph.patterns import Attention, Bilinear, ChannelGate
 from .backend import get_backend
 from .engine import Engine
@@ -33,6 +33,7 @@ class Layer:
     reason: str | None
     module: str | None = None  # the exporting framework's module path (torch's dynamo exporter records it)
     per_position: bool = False  # decodable one output position at a time only (after an upsampling; no geometry)
+    patch_grid: list[int] | None = None  # tokens: [extra tokens before the grid, grid rows, grid columns]
 
 
 @dataclass
@@ -148,8 +149,9 @@ def _layer(model, node, value) -> Layer:
                      list(g.origin), True, None, module_of(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     if isinstance(value, Blocked) and value.per_position:
+        patches = patch_grid(model, node.output[0])
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, True, reason,
-                     module_of(node), per_position=True)
+                     module_of(node), per_position=True, patch_grid=None if patches is None else list(patches))
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason,
                  module_of(node))
 

@@ -268,3 +268,17 @@ def patch_grid(model, name: str) -> tuple[int, int, int] | None:
             maps[int(shape[1]) - rows * columns] = (rows, columns)
     extra = min((k for k in maps if 0 <= k <= 8), default=None)
     return None if extra is None else (extra, *maps[extra])
+
+
+def describe_position(model, name: str, position) -> str:
+    """A position of tensor ``name`` in words: ``patch (gy, gx)`` of a patch grid's token (``class token`` or
+    ``extra token i`` before it), else its ``row,column`` on the grid."""
+    qy, qx = (int(v) for v in position)
+    patches = patch_grid(model, name)
+    if patches is None or qy != 0:
+        return f"output position {qy},{qx}"
+    extra, rows, columns = patches
+    if qx < extra:
+        return "the class token (token 0)" if qx == 0 else f"extra token {qx} (before the patch grid)"
+    gy, gx = divmod(qx - extra, columns)
+    return f"token {qx}: patch ({gy}, {gx}) of the {rows}x{columns} patch grid"

@@ -137,7 +137,7 @@ def decode_at(model: Model, linear: Model, target: str, neurons, position, geom:
         crop, size, corner = (0, 0), (h, w), (0, 0)
     filters = np.zeros((len(neurons), c, *size), dtype)
     bias = np.zeros(len(neurons), dtype)
-    for rows, grad, added in gradients(linear, target, neurons, position, backend, dtype, split, batch, progress):
+    for rows, grad, added in _passes(linear, target, neurons, position, backend, dtype, split, batch, progress):
         added = backend.to_numpy(added)
         if meet is not None:
             piece, piece_corner, beta = meet.substituted(grad, geom, position, out_size)
@@ -155,6 +155,19 @@ def decode_at(model: Model, linear: Model, target: str, neurons, position, geom:
         else:
             filters, corner = filters[:, :, :1, :1], (0, 0)
     return filters, bias, corner, crop
+
+
+def _passes(linear, target, neurons, position, backend, dtype, split, batch, progress):
+    """``gradients`` of one network for every neuron, or (``linear`` a function of the neurons giving one network
+    per neuron: fds's factors held at each neuron's instances) of each neuron's own."""
+    if isinstance(linear, Model):
+        yield from gradients(linear, target, neurons, position, backend, dtype, split, batch, progress)
+        return
+    for i, network in enumerate(linear(neurons)):
+        for _, grad, bias in gradients(network, target, neurons[i : i + 1], position, backend, dtype, split):
+            yield slice(i, i + 1), grad, bias
+        if progress is not None:
+            progress(i + 1, len(neurons))
 
 
 def _place(out, piece, piece_corner, corner) -> None:

@@ -19,7 +19,7 @@ from ..graph.model import Model, ancestors, find_layer, grid, patch_grid
 from ..neurons import parse_neurons
 from .adjoint import decode_at
 from .fds import gather_statistics, substituted
-from .gates import held_names, reference_gates
+from .gates import HeldFactors, held_names, neuron_means, reference_gates
 from .local import decode_instances
 from .plan import ROUTES, plan_layer
 from .result import Decoded
@@ -101,7 +101,12 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         return
     substitution = _substitution_for(mode, model, targets, images, top, select, substitution, device, client,
                                      weighting)
-    gates = substitution.gates if substitution is not None else reference_gates(model, targets, gate_reference, device)
+    if substitution is not None and images is None:
+        images = substitution.images
+    if substitution is None:
+        gates = reference_gates(model, targets, gate_reference, device)
+    else:  # fds: channel gates at their mean over the images; attention and layer norms too, for bottom-up layers
+        gates = _fds_gates(model, targets, images, substitution, device)
     backend = get_backend(device.backend)
     engine = Engine(backend, dtype, kernel)
     channels = {t: channels_of(model, t) for t in targets}
@@ -134,8 +139,10 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
             result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
             steps.add(1)
         else:
-            result = _adjoint_decoded(model, linear, target, neurons.get(target), plan, gates, dtype, device, steps,
-                                      mode)
+            per_neuron = None if substitution is None else _per_neuron(model, target, images, substitution, gates,
+                                                                       device)
+            result = _adjoint_decoded(model, per_neuron or linear, target, neurons.get(target), plan, gates, dtype,
+                                      device, steps, mode)
         if plan is not None:
             result.position, result.plan = plan.position, plan
         held = held_names(model, [target])
@@ -231,11 +238,44 @@ def _plans(model, linear, engine, targets, neurons: dict, positions: dict, mode,
         if channels is None:
             continue
         wanted = parse_neurons(neurons.get(t), channels, t)
-        if mode == "fds" and route == "auto" and not memory_problem(model, engine, [t], {t: wanted}):
-            continue  # fds is bottom-up by definition; the adjoint only where its banks do not fit
+        if mode == "fds" and route == "auto" and _has_bank(model, t) and not memory_problem(
+                model, engine, [t], {t: wanted}):
+            continue  # fds is bottom-up by definition; the adjoint only where its banks do not fit (or none is)
         position = centre(model, t) if positions.get(t) is None else _position(model, t, positions[t])
         plans[t] = plan_layer(model, linear, t, wanted, position, engine.dtype, engine.backend, route)
     return plans
+
+
+def _has_bank(model, target) -> bool:
+    """Whether ``target`` has a bottom-up bank (a feature map; not tokens or a layer after an upsampling)."""
+    value = next((v for n, v in walk(model, Engine(get_backend("numpy")), targets=[target]) if n.output[0] == target),
+                 None)
+    return map_of(value) is not None
+
+
+def _fds_gates(model, targets, images, substitution, device) -> dict:
+    """The values fds holds data-dependent factors at where one network serves every neuron (bottom-up banks, the
+    plan): channel gates at their mean over the images (the first pass's), attention and layer norms too."""
+    if not HeldFactors(model, targets, kinds="tokens").names:
+        return substitution.gates
+    if images is None:
+        raise FdsubError("fds holds attention and layer norms at each neuron's top instances; pass --images")
+    return reference_gates(model, targets, images, device) | substitution.gates
+
+
+def _per_neuron(model, target, images, substitution, gates, device):
+    """fds's network for the i-th decoded neuron of ``target`` (a function of i), with attention, bilinear products
+    and layer norms held at their mean over that neuron's top instances (docs/method.md); None where none is below
+    ``target`` (one network serves every neuron)."""
+    if not HeldFactors(model, [target], kinds="tokens").names or target not in (substitution.tops or {}):
+        return None
+    tops = substitution.tops[target]
+
+    def linear_of(neurons):
+        means = neuron_means(model, target, rows_of(tops, neurons), images, device)
+        return (substituted(linear_model(model, gates | held), substitution) for held in means)
+
+    return linear_of
 
 
 def _linear(model, gates, substitution):

@@ -21,23 +21,30 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..compose.inspect import channels_of
 from ..compose.ops import RULES
 from ..data.topn import TopN, instance_weights, start_top
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
-from ..graph.model import Model, ancestors, attributes, wiring
+from ..graph.model import Model, ancestors, as_map, attributes, to_maps, windows_per_image, wiring
 from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, tensor_values
 
 
-def _fds(node) -> str | None:
-    """How fds substitutes ``node`` (``OpRule.fds``: "weight", "switch"), None where it keeps it (AveragePool keeps
-    its fixed uniform weights)."""
+def _fds(model, node) -> str | None:
+    """How fds substitutes ``node`` (``OpRule.substitutes``: "weight", "switch"), None where it keeps it
+    (AveragePool keeps its fixed uniform weights; attention's product of two data tensors is held instead)."""
     op = RULES.get(node.op_type)
-    return None if op is None else op.fds
+    return None if op is None else op.substitutes(node, model.constants)
+
+
+def _per_position(model, node) -> bool:
+    """A weight on the last axis of tokens or of a channels-last map: read position by position (a 1x1 window)."""
+    op = RULES.get(node.op_type)
+    return op is not None and op.reads_last_axis and len(model.shapes.get(node.input[0]) or ()) >= 3
 
 
 @dataclass
@@ -49,13 +56,14 @@ class Substitution:
     weighting: str = DEFAULT_WEIGHTING  # what ``stats`` hold: mean gates, or mean activations (the first variant)
     tops: dict[str, TopN] | None = None  # the instances each statistic came from
     gates: dict[str, np.ndarray] = field(default_factory=dict)  # Mul output -> mean gate per channel
+    images: object = None  # the image set the statistics came from (attention and layer norms are held over it)
 
     def weight(self, node, weight: np.ndarray) -> np.ndarray:
         """The weight ``node`` composes with: substituted where statistics exist, else as given."""
         stat = self.stats.get(node.output[0])
         if stat is None:
             return weight
-        if _fds(node) == "switch":
+        if RULES[node.op_type].fds == "switch":
             return stat.reshape(weight.shape)
         return select_contributions(weight * stat.reshape(weight.shape), self.select)
 
@@ -86,16 +94,23 @@ def gather_statistics(model, targets, images, top: int = 100, select: str = DEFA
     parse_select(select)
     parse_weighting(weighting)
     targets = [targets] if isinstance(targets, str) else list(targets)
-    nodes = [n for n in ancestors(model, targets) if _fds(n)]
+    nodes = [n for n in ancestors(model, targets) if _fds(model, n)]
     for node in nodes:
         shape = model.shapes.get(node.input[0])
-        if shape is None or len(shape) not in (2, 4):
+        if shape is None or not (len(shape) in (2, 4) or _per_position(model, node)):
             raise FdsubError(f"the input {node.input[0]!r} of node {model.node_name(node)!r} has shape {shape}; "
-                             "fds needs a map or a vector")
+                             "fds needs a map, a vector or tokens")
     gates = _gates(model, ancestors(model, targets))
-    tops, means = _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client)
+    names = _top_names(nodes, targets)
+    tops, means = _top_of_every_node(model, names, images, top, batch_size, progress, gates, device, client)
     stats = _window_means(model, nodes, tops, images, batch_size, progress, device, client, weighting, gates)
-    return Substitution(stats, select, weighting, tops, means)
+    return Substitution(stats, select, weighting, tops, means, images)
+
+
+def _top_names(nodes, targets) -> list[str]:
+    """The tensors the first pass ranks: every substituted node's output, and the targets (whose instances fds holds
+    attention and layer norms at, and ``Decoded.instances`` lists)."""
+    return list(dict.fromkeys([n.output[0] for n in nodes] + list(targets)))
 
 
 def _gates(model, nodes) -> dict[str, str]:
@@ -116,7 +131,8 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
     """Bytes per image of the first and the second pass of ``gather_statistics`` over ``targets``: a pass over
     images holds one batch of these at once, whatever the number of images."""
     nodes, gates, windowed, chain = _passes(model, targets, weighting)
-    return (_first_bytes(model, [n.output[0] for n in nodes] + list(gates.values())),
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return (_first_bytes(model, _top_names(nodes, targets) + list(gates.values())),
             _window_bytes(model, windowed, chain))
 
 
@@ -130,7 +146,7 @@ def _passes(model, targets, weighting: str) -> tuple:
     """What the two passes over ``targets`` read: (the substituted nodes, the held channel gates, the nodes the
     second pass cuts windows of, the nodes whose gates it computes)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    nodes = [n for n in ancestors(model, targets) if _fds(n)]
+    nodes = [n for n in ancestors(model, targets) if _fds(model, n)]
     gates = _gates(model, ancestors(model, targets))
     windowed = _windowed(model, nodes, gates)
     return nodes, gates, windowed, _chains(model, windowed, weighting, gates)
@@ -143,7 +159,7 @@ def _first_bytes(model, reads) -> int:
 
 def _windowed(model, nodes, held) -> list:
     """The nodes that get a statistic: all but those reading the image (pixels are not neurons), MaxPool kept."""
-    return [n for n in nodes if _fds(n) == "switch" or not _gate_chain(model, n.input[0], held)[1]]
+    return [n for n in nodes if _fds(model, n) == "switch" or not _gate_chain(model, n.input[0], held)[1]]
 
 
 def _window_bytes(model, nodes, chain) -> int:
@@ -155,13 +171,15 @@ def _window_bytes(model, nodes, chain) -> int:
 
 def _window_reads(model, nodes, chain) -> list[str]:
     """What the second pass asks onnxruntime for: the nodes' inputs and every tensor of their gate chains."""
-    return [n.input[0] for n in nodes] + [t for c in chain for t in [*c.input, *c.output] if t and t not in
-                                          model.constants]
+    inside = [n for c in chain for n in (_pattern_nodes(model, c) if isinstance(
+        model.patterns.get(c.output[0]), SelfGated) else [c])]  # a self-gated product's derivative reads them all
+    return list(dict.fromkeys([n.input[0] for n in nodes] + [t for c in inside for t in [*c.input, *c.output]
+                                                             if t and t not in model.constants]))
 
 
-def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, device, client):
-    """First pass: each node's top-N instances (all neurons, one per image), and each gate's mean."""
-    names = [n.output[0] for n in nodes]
+def _top_of_every_node(model, names, images, top, batch_size, progress, gates, device, client):
+    """First pass: the top-N instances of each tensor of ``names`` (all neurons, one per image), and each gate's
+    mean."""
     reads = names + list(gates.values())
     batch_size = fitting_batch(_first_bytes(model, reads), batch_size, "the first pass of the fds statistics", FIX)
     options = {"names": names, "gates": gates, "top": top, "batch_size": batch_size}
@@ -179,13 +197,12 @@ def _top_of_every_node(model, nodes, images, top, batch_size, progress, gates, d
 
 def _first_pass(model, images, forward, lo, hi, names, gates, top, batch_size, progress=None):
     """Images ``lo..hi-1`` of the first pass: the top-N of each node (without image names) and the gate sums."""
-    shapes = {name: model.shapes[name] for name in names}
-    states = {name: start_top(np.arange(shapes[name][1]), name, None, 1, top) for name in names}
+    states = {name: start_top(np.arange(channels_of(model, name)), name, None, 1, top) for name in names}
     sums = Ordered(_add_gates, {mul: 0.0 for mul in gates} if lo == 0 else None)
     for first, batch in images.batches(batch_size, lo):
         if first >= hi:
             break
-        sums.add(_first_entry(forward(batch), states, shapes, gates, first))
+        sums.add(_first_entry(model, forward(batch), states, gates, first))
         if progress is not None:
             progress(first + len(batch))
     for state in states.values():
@@ -193,12 +210,12 @@ def _first_pass(model, images, forward, lo, hi, names, gates, top, batch_size, p
     return states, sums
 
 
-def _first_entry(values, states, shapes, gates, first) -> dict:
+def _first_entry(model, values, states, gates, first) -> dict:
     """One batch of the first pass: ``states`` updated in place, the gate sums returned (its own function, so the
-    batch's forward values do not outlive it)."""
+    batch's forward values do not outlive it). Tokens and windows are ranked as maps of their grid (``as_map``)."""
     for name, state in states.items():
-        acts = np.asarray(values[name], np.float32).reshape(len(values[name]), shapes[name][1], -1)
-        states[name] = update_top(state, acts, first, shapes[name][3] if len(shapes[name]) == 4 else 1)
+        maps = as_map(model, name, np.asarray(values[name], np.float32))
+        states[name] = update_top(state, maps.reshape(*maps.shape[:2], -1), first, maps.shape[3])
     return {mul: np.asarray(values[gate], np.float64).sum(axis=(0, 2, 3)) for mul, gate in gates.items()}
 
 
@@ -276,7 +293,10 @@ def _window_entry(model, nodes, values, found, places, windows, weights, first, 
         rows, slots = found[name]
         if len(rows) == 0:
             continue
-        shape = (len(values[model.input_name]), *model.shapes[node.input[0]][1:])
+        if windows[name].per_position:  # tokens or a channels-last map: as fetched, laid out as maps by the cut
+            shape = np.shape(values[node.input[0]])
+        else:
+            shape = (len(values[model.input_name]), *model.shapes[node.input[0]][1:])
         acts = np.reshape(values[node.input[0]], shape)  # as fetched: only what is cut is made float64
         gate = None
         if weighting == "gate":
@@ -413,8 +433,12 @@ class _Window:
     """Which input values a node's output position reads (``fill`` in the padding)."""
 
     def __init__(self, model, node, shape):
-        self.switches, self.rank = _fds(node) == "switch", len(shape)
+        self.switches, self.rank = _fds(model, node) == "switch", len(shape)
         self.channels, self.neurons = shape[1], model.shapes[node.output[0]][1]
+        self.per_position = _per_position(model, node)
+        if self.per_position:  # a 1x1 window over the last axis at the instance's own position
+            self.channels, self.windows = shape[-1], windows_per_image(model, node.input[0])
+            return
         if self.rank == 2:
             return
         attrs = attributes(node)
@@ -427,12 +451,15 @@ class _Window:
         self.begin, self.end = window.begin, window.end
 
     def stat_shape(self, k: int) -> tuple[int, ...]:
-        if self.rank == 2:
+        if self.rank == 2 or self.per_position:
             return (k, self.channels)
         return (k, self.channels // self.groups, *self.kernel)
 
     def cut(self, values: np.ndarray, rows, image, position, fill: float) -> np.ndarray:
         """[M, C/g, k_y, k_x] windows (or [M, F] vectors) of instance m = (neuron rows[m], image, position)."""
+        if self.per_position:
+            maps = to_maps(values, values.ndim - 1, self.windows)
+            return maps[image, :, position[:, 0], position[:, 1]]
         if self.rank == 2:
             return values[image]
         (by, bx), (ey, ex) = self.begin, self.end

@@ -8,9 +8,13 @@ mean over them. The ``check`` identity runs on a linearized copy with the same h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from ..compose.ops import RULES
+from ..data.images import read_indices
+from ..data.topn import instance_weights
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
 from ..graph.patterns import Attention, Bilinear, ChannelGate
@@ -63,30 +67,79 @@ def _inverse_std(node, x: np.ndarray) -> np.ndarray:
     return (1 / np.sqrt(x.var(axis=-1) + eps)).reshape(len(x), -1).mean(axis=1)
 
 
-def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Output -> held value of every data-dependent factor below ``targets``: a channel gate's per-channel value [C],
-    a layer norm's 1/std [1], an attention matrix (one image's tensor, in its own shape); on the all-zeros input, or
-    (``reference``, an image set) the mean over its images."""
-    gates, norms, attention = channel_gates(model, targets), layer_norms(model, targets), attentions(model, targets)
-    if not gates and not norms and not attention:
-        return {}
-    factors = {name: tensor for out, p in attention.items() for name, tensor in _factors(p, out).items()}
-    forward = Forward(model, [p.gate for p in gates.values()] + [n.input[0] for n in norms.values()]
-                      + list(factors.values()), device)
+class HeldFactors:
+    """Reads, per image, the value each data-dependent factor below ``targets`` is held at: a channel gate's
+    per-channel value [C], a layer norm's 1/std [1], an attention matrix or a bilinear product's factor (one image's
+    tensor, in its own shape). ``kinds``: "all", or "tokens" for revision 3's factors alone (layer norms, attention
+    and bilinear products: fds holds them per decoded neuron, its channel gates over all images)."""
 
-    def held(values, count) -> dict[str, np.ndarray]:  # per image: [count, C] gates, [count, 1] inverse stds
-        out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in gates.items()}
+    def __init__(self, model: Model, targets, device="cpu", kinds: str = "all"):
+        self.model = model
+        self.gates = channel_gates(model, targets) if kinds == "all" else {}
+        self.norms, attention = layer_norms(model, targets), attentions(model, targets)
+        self.factors = {name: tensor for out, p in attention.items() for name, tensor in _factors(p, out).items()}
+        self.names = [*self.gates, *self.norms, *self.factors]
+        self._reads = ([p.gate for p in self.gates.values()] + [n.input[0] for n in self.norms.values()]
+                       + list(self.factors.values()))
+        self._forward = Forward(model, self._reads, device) if self.names else None
+
+    def per_image(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Held name -> its value on each image of ``batch`` [count, ...] (float64)."""
+        values, count, model = self._forward(batch), len(batch), self.model
+        out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in self.gates.items()}
         out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor])
-                for name, tensor in factors.items()}  # one image's tensor (its batch axis may hold patches)
-        return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in norms.items()}
+                for name, tensor in self.factors.items()}  # one image's tensor (its batch axis may hold patches)
+        return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in self.norms.items()}
 
+    def image_bytes(self) -> int:
+        """Bytes of one image's held values (float64)."""
+        return 8 * sum(int(np.prod(self.model.shapes.get(t) or (1,))) for t in self._reads)
+
+
+def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Output -> held value of every data-dependent factor below ``targets`` (``HeldFactors``); on the all-zeros
+    input, or (``reference``, an image set) the mean over its images."""
+    held = HeldFactors(model, targets, device)
+    if not held.names:
+        return {}
     if reference is None:
-        return {name: v[0] for name, v in held(forward(np.zeros((1, *model.input_shape[1:]), np.float32)), 1).items()}
-    sums, count = {name: 0.0 for name in [*gates, *norms, *factors]}, 0
+        zeros = np.zeros((1, *model.input_shape[1:]), np.float32)
+        return {name: v[0] for name, v in held.per_image(zeros).items()}
+    sums, count = dict.fromkeys(held.names, 0.0), 0
     for _, batch in reference.batches(batch_size):
-        for name, v in held(forward(batch), len(batch)).items():
+        for name, v in held.per_image(batch).items():
             sums[name] = sums[name] + v.sum(axis=0)
         count += len(batch)
     if count == 0:
         raise FdsubError("the gate reference image set is empty; give at least one image")
     return {mul: total / count for mul, total in sums.items()}
+
+
+def neuron_means(model: Model, target: str, top, images, device="cpu", batch_size: int = 8,
+                 budget: int = 2**29) -> Iterator[dict[str, np.ndarray]]:
+    """fds's held factors (revision 3: layer norms, attention and bilinear products) below ``target``, per neuron of
+    ``top`` (its ``TopN``): their activation-weighted mean over the neuron's top instances (an image holding several
+    of them counts as often). One pass over the images those instances lie in per group of neurons whose sums fit
+    in ``budget`` bytes, yielded neuron by neuron (no more than a group's sums alive)."""
+    held = HeldFactors(model, [target], device, kinds="tokens")
+    weights = instance_weights(top)
+    weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
+    if not held.names:
+        yield from ({} for _ in range(len(weights)))
+        return
+    group = max(1, budget // max(held.image_bytes(), 1))
+    for lo in range(0, len(weights), group):
+        rows = np.arange(lo, min(lo + group, len(weights)))
+        per_image = np.zeros((len(rows), len(images)))
+        for i, k in enumerate(rows):
+            filled = top.image_index[k] >= 0
+            np.add.at(per_image[i], top.image_index[k][filled], weights[k][filled])
+        used = np.flatnonzero(per_image.any(axis=0))
+        sums = {name: None for name in held.names}
+        for first, batch in read_indices(images, used, batch_size):
+            index = np.arange(first, first + len(batch))
+            for name, v in held.per_image(batch).items():
+                part = np.tensordot(per_image[:, index], v, axes=(1, 0))
+                sums[name] = part if sums[name] is None else sums[name] + part
+        for i in range(len(rows)):
+            yield {name: total[i] for name, total in sums.items()}

@@ -38,7 +38,8 @@ LONG = os.environ.get("FDSUB_LONG") == "1"
 SKELETON_KEEP = 16  # build_modern_zoo.SKELETON_KEEP: float initializers up to this size keep their data
 MAX_BYTES = 3_000_000  # the committed skeletons, all together
 #: architectures whose two exports (TorchScript and dynamo) write graphs that differ where the rules care
-BOTH_EXPORTERS = ("mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "convnext_tiny", "yolo_toy")
+BOTH_EXPORTERS = ("mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "convnext_tiny", "yolo_toy",
+                  "yolo_psa")
 QDQ_MODEL, QDQ_MAX_RF, QDQ_TOLERANCE = "mobilenet_v2.ts", 64, 0.05
 LOCAL_MODEL = "mobilenet_v3_large.ts"
 LOCAL_LAYER = "/features/features.5/block/block.3/block.3.0/Conv_output_0"  # behind the SE gates of blocks 4, 5

@@ -280,3 +280,145 @@ def test_a_detection_heads_softmax_over_bins_decodes_per_position(tmp_path):
     local = fd.decode(model, dfl, mode="local", images=fd.ArrayImages(images), top=2, per_instance=True,
                       dtype="float64")
     assert_instance_identity(local, run_ort(proto, images, [dfl])[dfl], images, rtol=1e-5)
+
+
+# ---- fds with attention: held at each neuron's top instances (docs/method.md), properties 5-7 ------------------
+def gated_block(seed: int, activation: str = "relu", uniform: bool = True, positive: bool = False,
+                off: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Patch embedding, class token, position embedding, single-head attention and an MLP with ``activation``
+    (Relu, or Clip to [0, 6]), without layer norms. ``uniform``: the keys' weights are zero, so the attention
+    matrix is uniform on every image (held anywhere, it is the same constant); ``positive``: positive weights and
+    biases (with positive images every unit is on); ``off``: that hidden unit of the MLP is off on every image."""
+    g = _Graph(seed)
+
+    def weight(*shape, scale=0.4):
+        w = g.rng.uniform(0.0, scale, shape) if positive else g.rng.standard_normal(shape) * scale
+        return g.const(w)
+
+    patches = g.op("Conv", ["input", weight(C, 3, PATCH, PATCH, scale=0.2), weight(C, scale=0.1)],
+                   kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+    tokens = g.op("Transpose", [g.op("Reshape", [patches, g.const([1, C, -1], np.int64)])], perm=[0, 2, 1])
+    x = g.op("Add", [g.op("Concat", [weight(1, 1, C), tokens], axis=1), weight(1, TOKENS, C, scale=0.1)])
+    q, v = g.op("MatMul", [x, weight(C, C)]), g.op("MatMul", [x, weight(C, C)])
+    k = g.op("MatMul", [x, g.const(np.zeros((C, C))) if uniform else weight(C, C)])
+    scores = g.op("MatMul", [g.op("Mul", [q, g.const(C**-0.5)]), g.op("Transpose", [k], perm=[0, 2, 1])])
+    mixed = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    x = g.op("Add", [x, g.op("MatMul", [mixed, weight(C, C)])])
+    bias = g.rng.uniform(0.0, 0.1, 2 * C) if positive else g.rng.standard_normal(2 * C) * 0.1
+    if off is not None:
+        bias[off] = -1e4
+    hidden = g.op("Add", [g.op("MatMul", [x, weight(C, 2 * C)]), g.const(bias)])
+    hidden = g.op("Relu", [hidden]) if activation == "relu" else g.op("Clip", [hidden, g.const(0.0), g.const(6.0)])
+    fc2 = g.op("MatMul", [hidden, weight(2 * C, C)])
+    out = g.op("Add", [x, fc2])
+    graph = helper.make_graph(g.nodes, "gated", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                               [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
+    names = {"patches": patches, "mixed": mixed, "fc2": fc2, "fc2_weight": g.nodes[-2].input[1]}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), names
+
+
+def _load(proto, tmp_path, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(proto, str(path))
+    return fd.load_model(str(path))
+
+
+def _positive_images(count, seed):
+    return fd.ArrayImages(np.random.default_rng(seed).uniform(0.0, 1.0, (count, 3, SIZE, SIZE)).astype(np.float32))
+
+
+def test_fds_decodes_every_token_layer_and_equals_weights_at_the_first(vit):
+    """fds runs on every layer of the ViT block (attention, layer norms and GELU held at each neuron's top
+    instances); property 5: at the first layer (pixels are not neurons) it is the weights filter."""
+    model, _, names = vit
+    images = fd.ArrayImages(_images(12, seed=2))
+    for layer in fd.inspect_model(model).layers:
+        decoded = fd.decode(model, layer.name, mode="fds", images=images, top=4, neurons="0-1")
+        assert np.isfinite(decoded.filters).all() and np.abs(decoded.filters).max() > 0, layer.name
+    first = fd.decode(model, names["patches"], mode="fds", images=images, top=4, neurons="0-3")
+    np.testing.assert_allclose(first.filters, fd.decode(model, names["patches"], neurons="0-3").filters, rtol=1e-6)
+
+
+def test_fds_equals_weights_where_attention_is_the_same_on_every_image(tmp_path):
+    """Properties 5 and 6 with attention present: a uniform attention matrix (held anywhere, the same constant) and
+    every ReLU on for every image: fds (--select all) and weights give the same filters at every layer, and local's
+    filter of each instance is the weights filter at the instance's token."""
+    proto, names = gated_block(0, "relu", uniform=True, positive=True)
+    model = _load(proto, tmp_path)
+    images = _positive_images(10, seed=1)
+    for layer in fd.inspect_model(model).layers:
+        weights = fd.decode(model, layer.name, neurons="0-3", dtype="float64")
+        fds = fd.decode(model, layer.name, mode="fds", images=images, top=4, neurons="0-3", select="all",
+                        dtype="float64")
+        scale = np.abs(weights.filters).max()
+        np.testing.assert_allclose(fds.filters, weights.filters, atol=1e-6 * scale, err_msg=layer.name)
+        np.testing.assert_allclose(fds.bias, weights.bias, rtol=1e-6, atol=1e-6 * scale, err_msg=layer.name)
+    local = fd.decode(model, names["fc2"], mode="local", images=images, top=3, neurons="0-1", per_instance=True,
+                      dtype="float64")
+    for k, neuron in enumerate(local.neurons):
+        for n in range(3):
+            position = tuple(int(v) for v in local.instances.position[k, n])
+            at = fd.decode(model, names["fc2"], neurons=[int(neuron)], position=position, dtype="float64")
+            canvas = np.zeros((3, SIZE, SIZE))
+            (y, x), (ry, rx) = at.origin, at.filters.shape[2:]
+            canvas[:, y : y + ry, x : x + rx] = at.filters[0]
+            np.testing.assert_allclose(local.instance_filters[k, n], canvas, atol=1e-9 * np.abs(canvas).max())
+
+
+def test_fds_switching_a_unit_off_is_removing_it(tmp_path):
+    """Property 6, second half, through attention: a hidden unit of the MLP off on every image changes fds exactly
+    as removing it (its outgoing weights zeroed) changes weights."""
+    proto, names = gated_block(1, "relu", uniform=True, positive=True, off=3)
+    model = _load(proto, tmp_path)
+    removed = onnx.ModelProto()
+    removed.CopyFrom(proto)
+    for init in removed.graph.initializer:
+        if init.name == names["fc2_weight"]:
+            w = numpy_helper.to_array(init).copy()
+            w[3] = 0
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+        elif numpy_helper.to_array(init).shape == (2 * C,):  # the hidden bias: the removed unit's share of it
+            b = numpy_helper.to_array(init).copy()
+            b[3] = 0
+            init.CopyFrom(numpy_helper.from_array(b, init.name))
+    without = _load(removed, tmp_path, "removed.onnx")
+    fds = fd.decode(model, names["fc2"], mode="fds", images=_positive_images(10, seed=2), top=4, neurons="0-3",
+                    select="all", dtype="float64")
+    weights = fd.decode(without, names["fc2"], neurons="0-3", dtype="float64")
+    np.testing.assert_allclose(fds.filters, weights.filters, atol=1e-6 * np.abs(weights.filters).max())
+    assert not np.allclose(fd.decode(model, names["fc2"], neurons="0-3", dtype="float64").filters, weights.filters)
+
+
+def test_deconvnet_differs_from_local_through_attention(tmp_path):
+    """Property 7 with attention: deconvnet takes local's rules through attention and rectifies its backward signal at
+    the MLP's Clip(0, 6), so it differs from local wherever that signal is negative."""
+    model = _load(gated_block(2, "clip", uniform=False)[0], tmp_path)
+    images = fd.ArrayImages(_images(8, seed=5))
+    target = gated_block(2, "clip", uniform=False)[1]["fc2"]
+    local = fd.decode(model, target, mode="local", images=images, top=3, neurons="0-3", dtype="float64")
+    deconv = fd.decode(model, target, mode="deconvnet", images=images, top=3, neurons="0-3", dtype="float64")
+    assert not np.allclose(local.filters, deconv.filters, atol=1e-3 * np.abs(local.filters).max())
+
+
+def test_fds_holds_attention_at_each_neurons_top_instances(vit):
+    """The attention matrix fds holds for a neuron is the activation-weighted mean of its value over the neuron's
+    top instances (onnxruntime on the real network), one mean per neuron."""
+    from fdsub_onnx.data.topn import instance_weights
+    from fdsub_onnx.modes.gates import neuron_means
+    from fdsub_onnx.runtime.capture import capture_top
+
+    model, proto, names = vit
+    images = _images(10, seed=7)
+    target = names["logits"]
+    top = capture_top(model, target, fd.ArrayImages(images), top=4, neurons="0-2")
+    means = list(neuron_means(model, target, top, fd.ArrayImages(images), batch_size=3))
+    held = model.patterns[names["mixed"]].held
+    values = run_ort(proto, images, [held])[held].astype(np.float64)
+    values = values.reshape(len(images), *model.shapes[held])
+    weights = instance_weights(top)
+    for k in range(3):
+        w = weights[k] / weights[k].sum()
+        want = np.tensordot(w, values[top.image_index[k]], axes=(0, 0))
+        np.testing.assert_allclose(means[k][names["mixed"]], want, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(means[0][names["mixed"]], means[1][names["mixed"]])

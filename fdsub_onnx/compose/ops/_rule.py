@@ -80,6 +80,9 @@ class OpRule:
     cone_values = "all"
     #: fds: "weight" (its weight is substituted by W * mean gate), "switch" (MaxPool: the mean switch), or None
     fds: str | None = None
+    #: fds: its weight multiplies the last axis of its input (a MatMul): tokens [N, T, C] and channels-last maps are
+    #: then read position by position, as a 1x1 convolution
+    reads_last_axis = False
     #: fds: it passes on the gate of its first data input (elementwise ops, reshapes, per-channel affine maps)
     passes_gate = False
     #: fds: the gate it passes on is times its slope at the forward value (a nonlinearity between two units)
@@ -117,6 +120,10 @@ class OpRule:
     def linear_nodes(self, node, ctx: LinearContext) -> list | None:
         """The nodes standing for this one in ``weights`` mode's linearized network; None keeps it."""
         return None
+
+    def substitutes(self, node, constants: dict) -> str | None:
+        """How fds substitutes ``node`` (``fds``), None where it keeps it."""
+        return self.fds
 
     def gate_inputs(self, node, data: list) -> list | None:
         """The data inputs whose fds gate this op passes on (``passes_gate``: the first); None where it starts a gate

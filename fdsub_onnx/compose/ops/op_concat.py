@@ -42,4 +42,13 @@ class Concat(OpRule):
         return data
 
     def gate_map(self, node, gates, shape, constants):
-        return np.concatenate(gates, axis=int(attributes(node)["axis"]))
+        """The data inputs' gates, with gate 1 at a constant's positions (a class token: a bias, passed as it is)."""
+        axis, data = int(attributes(node)["axis"]) % len(shape), iter(gates)
+        pieces = []
+        for name in node.input:
+            if name in constants:
+                size = np.shape(constants[name])[axis] if np.ndim(constants[name]) == len(shape) else 1
+                pieces.append(np.ones((*shape[:axis], size, *shape[axis + 1:])))
+            else:
+                pieces.append(next(data))
+        return np.concatenate(pieces, axis=axis)

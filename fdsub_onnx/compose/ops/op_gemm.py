@@ -48,7 +48,12 @@ PRODUCT_OF_TENSORS = ("it multiplies two data-dependent tensors (attention's Q K
 class MatMul(OpRule):
     linear = True
     fds = "weight"
+    reads_last_axis = True
     product_refusal = PRODUCT_OF_TENSORS
+
+    def substitutes(self, node, constants):
+        """A product of two data tensors (attention's) has no weight to substitute: fds holds it instead."""
+        return self.fds if len(node.input) > 1 and node.input[1] in constants else None
 
     def substituted_node(self, node, stat, model, substitution, constants):
         return _substituted_matrix(node, stat, model, substitution, constants)
@@ -113,12 +118,16 @@ def _tangent_plane(node, ctx) -> list:
 
 
 def _substituted_matrix(node, stat, model, substitution, constants):
-    """fds on the linearized network: a fully connected layer on a vector with its substituted matrix."""
-    if len(model.shapes.get(node.input[0], ())) != 2:
+    """fds on the linearized network: a fully connected layer on a vector, or a MatMul on tokens or a channels-last
+    map (one statistic per output and input channel, read position by position), with its substituted matrix."""
+    rank = len(model.shapes.get(node.input[0], ()))
+    if rank != 2 and not (node.op_type == MatMul.__name__ and rank >= 3):
         return None
     attrs = attributes(node)
     gemm = node.op_type == Gemm.__name__
     matrix = np.asarray(model.constants[node.input[1]], np.float64)
+    if matrix.ndim != 2:
+        return None
     if gemm:
         matrix = attrs.get("alpha", 1.0) * (matrix.T if attrs.get("transB", 0) else matrix)
     n = matrix.shape[1]
