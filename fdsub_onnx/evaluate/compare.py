@@ -207,6 +207,7 @@ def choose_report(model: Model, layers=None, neurons=None, summary: Summary | No
     summary = inspect_model(model) if summary is None else summary
     chosen = choose_layers(model, summary, layers)
     candidates = len(chosen)
+    kind = "decodable Conv and token" if any(layer.patch_grid for layer in chosen) else "decodable Conv"
     if layers is None:
         chosen = [chosen[i] for i in spread(candidates, max_layers)]
     if neurons is None:
@@ -217,8 +218,9 @@ def choose_report(model: Model, layers=None, neurons=None, summary: Summary | No
     fewer_neurons = neurons is None and any(layer.channels > max_neurons for layer in chosen)
     note = None
     if fewer_layers or fewer_neurons:
-        shown = (f"{len(chosen)} of {candidates} decodable Conv layers ({', '.join(la.name for la in chosen)})"
-                 if fewer_layers else f"{'the' if candidates == 1 else 'all'} {_layers(candidates)}"
+        names = ", ".join(la.name for la in chosen)
+        shown = (f"{len(chosen)} of {candidates} {kind} layers ({names})"
+                 if fewer_layers else f"{'the' if candidates == 1 else 'all'} {_layers(candidates, kind)}"
                  if layers is None or means_all(layers) else _layers(len(chosen), "named"))
         first = "neuron 0" if max_neurons == 1 else f"neurons 0-{max_neurons - 1}"
         each = f" x {first} of each" if fewer_neurons else ""
@@ -242,8 +244,8 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
     every decodable Conv layer when ``names`` is None or ``"all"``."""
     listed = {layer.name: layer for layer in summary.layers}
     if names is None or means_all(names):
-        chosen = [layer for layer in summary.layers if layer.decodable and _default_layer(layer.op)
-                  and not layer.per_position]
+        chosen = [layer for layer in summary.layers if layer.decodable and (
+            layer.patch_grid is not None or _default_layer(layer.op) and not layer.per_position)]
         if not chosen:
             raise FdsubError(f"{model.path} has no decodable Conv layer; name layers with --layers "
                              "(`fdsub inspect` lists them)")
@@ -258,11 +260,9 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
                              "`fdsub inspect` lists them")
         if not layer.decodable:
             raise FdsubError(f"layer {target!r} is not decodable: {layer.reason}")
-        if layer.per_position:
-            raise FdsubError(f"layer {target!r} is decoded one position at a time ({layer.reason}); the report "
-                             "compares layers whose receptive field is the same at every position")
-        if len(model.shapes.get(target, ())) != 4:
-            raise FdsubError(f"layer {target!r} is not a feature map [N, C, H, W]; the report shows conv-like layers")
+        if len(model.shapes.get(target, ())) != 4 and layer.patch_grid is None:
+            raise FdsubError(f"layer {target!r} is not a feature map [N, C, H, W] or tokens of a patch grid; the "
+                             "report shows conv-like and token layers")
         wanted.append(target)
     if not wanted:
         raise FdsubError("no layer named; give --layers like conv1,conv4 or --layers all for every Conv layer")

@@ -18,10 +18,12 @@ import dataclasses
 import numpy as np
 
 from ..compose.backend import usable_cores
-from ..compose.inspect import layer_geometry
+from ..compose.inspect import instance_geometry
 from ..defaults import FIDELITY_MODES as FIDELITY_MODES  # its home was here; importers keep it
 from ..errors import FdsubError
+from ..graph.model import as_map, grid
 from ..modes.cost import COMPOSE_RATE, Stage, forward_seconds
+from ..modes.decode import centre
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import FETCHED_BYTES, Forward, image_bytes, tensor_values
 from .predict import predict, prediction_bytes, prediction_operations
@@ -99,9 +101,8 @@ def fidelity_stage(model, layers: dict, decodings: int, count: int, batch_size: 
     targets = list(layers)
     per_image, operations, held = image_bytes(model, targets) + FETCHED_BYTES * tensor_values(model, targets), 0.0, 0.0
     for target, neurons in layers.items():
-        geom = layer_geometry(model, target)
-        shape = model.shapes[target]
-        out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
+        geom = instance_geometry(model, target)
+        out_size = grid(model, target) if geom.stride[0] else (1, 1)  # per position: scored at one
         filters = (neurons, int(model.input_shape[1]), *geom.rf)
         stride = tuple(max(s, 1) for s in geom.stride)
         per_image += 8 * 3 * neurons * out_size[0] * out_size[1]  # activations, prediction, their product
@@ -174,9 +175,12 @@ def _score_layer(model, values, batch, decodings) -> tuple:
     counted."""
     first = next(iter(decodings.values()))
     layer, neurons = first.layer, np.asarray(first.neurons)
-    shape = model.shapes[layer]
-    out_size = tuple(shape[2:4]) if len(shape) == 4 else (1, 1)
-    acts = np.asarray(values[layer], np.float64).reshape(len(batch), shape[1], -1)[:, neurons]
+    maps = as_map(model, layer, np.asarray(values[layer], np.float64))[:, neurons]
+    at = scored_position(model, decodings)
+    if at is not None:  # a layer decoded per position (tokens, after an upsampling): scored there alone
+        maps = maps[:, :, at[0] : at[0] + 1, at[1] : at[1] + 1]
+    out_size = maps.shape[2:]
+    acts = maps.reshape(len(batch), len(neurons), -1)
     entry, pred_max = {}, {}
     for name, decoded in decodings.items():
         pred = predict(decoded, batch, out_size).reshape(len(batch), len(neurons), -1)
@@ -184,6 +188,16 @@ def _score_layer(model, values, batch, decodings) -> tuple:
         entry[name] = [pred.sum((0, 2)), acts.sum((0, 2)), (pred**2).sum((0, 2)), (acts**2).sum((0, 2)),
                        (pred * acts).sum((0, 2))]
     return entry, acts.max(axis=2), pred_max, acts.shape[0] * acts.shape[2]
+
+
+def scored_position(model, decodings: dict) -> tuple[int, int] | None:
+    """Where a layer decoded per position (its filters' stride 0: tokens, a layer after an upsampling) is scored:
+    the position its ``weights``/``fds`` filters were decoded at (the grid's centre by default), the one where
+    they hold; None for a feature map, scored at every position."""
+    if not any(0 in tuple(d.stride) for d in decodings.values()):
+        return None
+    given = [tuple(int(v) for v in d.position) for d in decodings.values() if d.position is not None]
+    return given[0] if given else centre(model, next(iter(decodings.values())).layer)
 
 
 def _add_moments(total: list, entry: list) -> list:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..compose.backend import resolve_device
-from ..compose.inspect import Layer, Summary, inspect_model
+from ..compose.inspect import Layer, Summary, inspect_model, instance_geometry
 from ..data.files import check_result_folder, write_atomically
 from ..data.images import SampledImages, open_images, read_indices
 from ..defaults import (
@@ -37,7 +37,7 @@ from ..defaults import (
 from ..errors import FdsubError
 from ..evaluate.compare import LayerComparison, choose_report, compare_layers, within_memory
 from ..evaluate.fidelity import FIDELITY_MODES
-from ..graph.model import Model, load_model
+from ..graph.model import Model, describe_position, load_model
 from ..modes.fds import parse_select, parse_weighting
 from ..neurons import means_all
 from .render import GAP, block_mean, filter_grid
@@ -136,7 +136,7 @@ def render_report(model: Model, summary: Summary, compared: list[LayerComparison
     pixels = _Pixels(images, pictures)
     for index, lc in enumerate(compared):
         pixels.load(lc.found.image_index)
-        sections.append(_layer_section(index, lc, pixels, images, pictures))
+        sections.append(_layer_section(model, index, lc, pixels, images, pictures))
         data.append({"layer": lc.layer.name, "neurons": lc.found.neurons.tolist(),
                      "mean_top_activation": lc.mean_top_activation, "fidelity": lc.scores})
         if progress is not None:
@@ -315,13 +315,15 @@ def _scaled_width(width: int, target: int) -> int:
 
 
 # ---- HTML ------------------------------------------------------------------------------------
-def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, images, pictures: _Pictures) -> str:
+def _layer_section(model, index: int, compared: LayerComparison, pixels: _Pixels, images, pictures: _Pictures
+                   ) -> str:
     layer, decoded, found, scores = compared.layer, compared.decoded, compared.found, compared.scores
     lid = f"L{index}"
     name = escape(layer.name)
     neurons = found.neurons
     activation = compared.mean_top_activation
-    geometry = decoded["weights"].geometry
+    # a layer decoded per position (tokens): each instance reads the whole image; the filters hold at one position
+    geometry = instance_geometry(model, layer.name) if layer.per_position else decoded["weights"].geometry
     (ry, rx), (sy, sx), (oy, ox) = geometry.rf, geometry.stride, geometry.origin
     rows, details = [], []
     for k, neuron in enumerate(neurons):
@@ -333,7 +335,7 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
                 continue
             qy, qx = (int(v) for v in found.position[k, n])
             y0, x0 = (int(v) for v in geometry.corner((qy, qx)))
-            boxes.append((n, i, qy, qx, (y0, x0, ry, rx)))
+            boxes.append((n, i, describe_position(model, layer.name, (qy, qx)), (y0, x0, ry, rx)))
         shown = {mode: _filter_image(decoded[mode].filters[k]) for mode in ("weights", "fds", "local", "deconvnet")}
         shown["nf"] = _shrunk(Image.fromarray(_displayable(decoded["nf"].filters[k : k + 1],
                                                            getattr(images, "preset", None))[0]), PATCH_MAX)
@@ -348,11 +350,12 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
         patch_width = _scaled_width(rx, PATCH_SHOWN)
         cells.append('<td class="patches">' + ("".join(
             _crop(pixels.picture(i), pixels[i].shape[:2], box, patch_width, f"patch #{n + 1}")
-            for n, i, _, _, box in boxes) or "no instance") + "</td>")
+            for n, i, _, box in boxes) or "no instance") + "</td>")
         cells.append(_number_cell(activation[k]))
         cells.extend(_number_cell(r[mode]) for mode in FIDELITY_MODES)
         rows.append("<tr>" + "".join(cells) + "</tr>")
-        details.append(_detail(lid, nid, layer, int(neuron), k, decoded, shown, scores, found, boxes, pixels, images))
+        details.append(_detail(lid, nid, layer, int(neuron), k, decoded, shown, scores, found, boxes, pixels, images,
+                               geometry.rf))
     grids = {mode: filter_grid(_block_mean(decoded[mode].filters, GRID_SIDE), labels=[str(int(n)) for n in neurons],
                                cell=32)
              for mode in TABS}
@@ -378,9 +381,7 @@ def _layer_section(index: int, compared: LayerComparison, pixels: _Pixels, image
     return f"""
 <section class="layer" id="{lid}" data-show="{TABS[0]}">
 <h2>{name} <small>{escape(layer.op)} node {escape(layer.node)}</small></h2>
-<p class="geom">{len(neurons)} of {layer.channels} neurons &middot; stride {sy}&times;{sx} &middot; receptive field
-{ry}&times;{rx} &middot; origin ({oy}, {ox}) &middot; the neuron at output (q<sub>y</sub>, q<sub>x</sub>) reads image
-rows {oy}+{sy}q<sub>y</sub> &hellip; and columns {ox}+{sx}q<sub>x</sub> &hellip;</p>
+<p class="geom">{_geometry_line(model, layer, decoded["weights"], len(neurons), (ry, rx), (sy, sx), (oy, ox))}</p>
 <div class="row">
 <table class="means"><caption>fidelity on {scores['images']} images (mean over neurons)</caption>
 <thead><tr><th>decoding</th><th>Pearson r</th><th>top-{scores['top']} share</th><th>two-choice</th>
@@ -395,7 +396,25 @@ rows {oy}+{sy}q<sub>y</sub> &hellip; and columns {ox}+{sx}q<sub>x</sub> &hellip;
 </section>"""
 
 
-def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pixels, images) -> str:
+def _geometry_line(model, layer, weights, shown: int, rf, stride, origin) -> str:
+    """The layer's geometry in one line: a map's stride, field and origin, or where a per-position layer's filters
+    were decoded (a token: its patch) and that every instance reads the whole image."""
+    (ry, rx), (sy, sx), (oy, ox) = rf, stride, origin
+    if layer.per_position:
+        tokens = ""
+        if layer.patch_grid:
+            extra, rows, columns = layer.patch_grid
+            tokens = f" &middot; tokens of a {rows}&times;{columns} patch grid" + (
+                f" and {extra} before it (a class token)" if extra else "")
+        at = describe_position(model, layer.name, weights.position) if weights.position is not None else "one position"
+        return (f"{shown} of {layer.channels} neurons{tokens} &middot; decoded one position at a time: the filters "
+                f"and fidelity are at {escape(at)}; each instance reads the whole {ry}&times;{rx} image")
+    return (f"{shown} of {layer.channels} neurons &middot; stride {sy}&times;{sx} &middot; receptive field {ry}&times;"
+            f"{rx} &middot; origin ({oy}, {ox}) &middot; the neuron at output (q<sub>y</sub>, q<sub>x</sub>) reads "
+            f"image rows {oy}+{sy}q<sub>y</sub> &hellip; and columns {ox}+{sx}q<sub>x</sub> &hellip;")
+
+
+def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pixels, images, field) -> str:
     """A neuron's detail panel: ``shown`` maps each mode to its (picture class, size); ``boxes`` are its instances."""
     figures = []
     for mode in ("weights", "fds", "local", "deconvnet", "nf"):
@@ -407,7 +426,7 @@ def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pi
                        f" &middot; top share {_fmt(share, 2)}"
                        f"{_why(scores['decodings'][mode]['degenerate'][k])}</figcaption></figure>")
     cards = []
-    for n, i, qy, qx, box in boxes:
+    for n, i, where, box in boxes:
         y0, x0, ry, rx = box
         source = escape(str(images.sources[i]))
         (h, w), picture = pixels[i].shape[:2], pixels.picture(i)
@@ -417,12 +436,12 @@ def _detail(lid, nid, layer, neuron, k, decoded, shown, scores, found, boxes, pi
             f"{_crop(picture, (h, w), box, _scaled_width(rx, PATCH_MAX), 'patch')}"
             f"<figcaption>#{n + 1} &middot; activation "
             f"{float(found.values[k, n]):.4g}<br><span class=\"src\" title=\"{source}\">{source}</span><br>"
-            f"output ({qy}, {qx}) &rarr; rows {y0}&ndash;{y0 + ry - 1}, columns {x0}&ndash;{x0 + rx - 1}"
+            f"{escape(where)} &rarr; rows {y0}&ndash;{y0 + ry - 1}, columns {x0}&ndash;{x0 + rx - 1}"
             "</figcaption></figure>")
     return f"""<div class="detail" id="{nid}"><div class="panel">
 <p class="close"><a href="#{lid}">close &times;</a></p>
 <h3>{escape(layer.name)} &middot; neuron {neuron}</h3>
-<p>Filters over the {layer.receptive_field[0]}&times;{layer.receptive_field[1]} receptive field; r is the Pearson
+<p>Filters over the {field[0]}&times;{field[1]} receptive field; r is the Pearson
 correlation of <code>sum(filter &times; patch) + bias</code> with the activation, the top share how many of the true
 top-{scores['top']} images the filter also ranks top.</p>
 <div class="figures">{"".join(figures)}</div>

@@ -22,7 +22,7 @@ from fdsub_onnx.cli import decode_cmd
 NPZ_KEYS = {"filters", "bias", "neurons", "stride", "origin", "layer", "mode", "position", "exact_at", "crop",
             "receptive_field"}
 LAYER_KEYS = {"name", "node", "op", "channels", "stride", "receptive_field", "origin", "decodable", "reason", "module",
-              "per_position"}
+              "per_position", "patch_grid"}
 
 
 # ---- models ------------------------------------------------------------------------------

@@ -422,3 +422,25 @@ def test_fds_holds_attention_at_each_neurons_top_instances(vit):
         want = np.tensordot(w, values[top.image_index[k]], axes=(0, 0))
         np.testing.assert_allclose(means[k][names["mixed"]], want, rtol=1e-6, atol=1e-9)
     assert not np.allclose(means[0][names["mixed"]], means[1][names["mixed"]])
+
+
+def test_fidelity_scores_a_token_layer_at_its_decoded_token(tmp_path):
+    """A token layer's filters hold at the token they were decoded at, so fidelity scores them there: on a network
+    linear in the image (uniform attention, every ReLU on), the weights filter predicts that token exactly."""
+    proto, names = gated_block(0, "relu", uniform=True, positive=True)
+    model = _load(proto, tmp_path)
+    compared = fd.compare_modes(model, names["fc2"], _positive_images(12, seed=1), _positive_images(16, seed=2),
+                                top=4, neurons="0-3")
+    scores = compared.scores["decodings"]
+    assert min(scores["weights"]["correlation"]) > 1 - 1e-6
+    assert scores["weights"]["mean_top_share"] == 1.0
+
+
+def test_report_shows_token_layers_with_their_patches(vit, tmp_path):
+    """The report's default layers include token layers, with their patch grid, the token their filters were
+    decoded at and each instance's token by its patch (or as the class token)."""
+    model, _, _ = vit
+    page = fd.report(model, fd.ArrayImages(_images(10, seed=8)), tmp_path / "report", top=4, neurons="0-1")
+    html = page.read_text() if hasattr(page, "read_text") else open(page).read()
+    assert "tokens of a 4&times;4 patch grid and 1 before it (a class token)" in html
+    assert "the filters and fidelity are at token 11: patch (2, 2)" in html
