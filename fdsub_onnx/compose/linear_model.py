@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from ..graph.fold import folded, merged_affine
+from ..graph.fold import batch_first, folded, merged_affine
 from ..graph.model import Model, ancestors, wiring
 from ..graph.patterns import Attention, Bilinear, ChannelGate
 from .ops import RULES
@@ -56,6 +56,7 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
                                 shapes=shapes)
     nodes = merged_affine(nodes, dict(model.constants) | held, held, model.shapes)
     constants = dict(model.constants) | held
+    nodes = batch_first(nodes, constants, shapes)
     producer, consumers = wiring(nodes)
     return dataclasses.replace(model, nodes=nodes, shapes=shapes, constants=constants, producer=producer,
                                consumers=consumers, patterns={})

@@ -1,6 +1,7 @@
 """Rewrites of the linearized network that leave its values as they are: per-channel affine maps merged into the
 BatchNormalization before them, and BatchNormalizations folded into the convolutions beside them (a backward pass
-then makes fewer sweeps over the maps). Exact, biases included."""
+then makes fewer sweeps over the maps); attention's head split moved before its transpose, so that the batch axis
+stays first (seeds then ride side by side on it). Exact, biases included."""
 
 from __future__ import annotations
 
@@ -81,6 +82,74 @@ def merged_affine(nodes: list, constants: dict, held: dict, shapes: dict) -> lis
     return merged
 
 
+def batch_first(nodes: list, constants: dict, shapes: dict) -> list:
+    """``nodes`` with each ``Transpose -> Split -> Squeeze`` that moves the batch axis off the front (attention's
+    ``[B, T, 3, h, d] -> [3, B, h, T, d]`` split into q, k, v) written as ``Split -> Squeeze -> Transpose``: the
+    split on the input's axis the transpose sends to the split axis, the rest of the permutation after it. The
+    same values; only the transposed tensor, which held the batch elsewhere, is gone (``shapes`` and ``constants``
+    gain the new tensors'). A split output read other than by a Squeeze of the split axis is transposed as it was."""
+    readers = wiring(nodes)[1]
+    inserted, dropped = {}, set()
+    for node in nodes:
+        perm = list(attributes(node).get("perm", [])) if node.op_type == "Transpose" else []
+        split = readers[node.output[0]][0] if perm and len(readers.get(node.output[0], ())) == 1 else None
+        if split is None or split.op_type != "Split" or shapes.get(node.input[0]) is None or perm.index(0) == 0:
+            continue
+        axis = int(attributes(split).get("axis", 0)) % len(perm)
+        if perm[axis] == 0:  # the batch itself is split
+            continue
+        new, squeezes = _split_first(node, split, perm, axis, readers, constants, shapes)
+        inserted[id(split)] = new
+        dropped |= {id(node), *map(id, squeezes)}
+    out = []
+    for node in nodes:
+        if id(node) in inserted:
+            out.extend(inserted[id(node)])
+        elif id(node) not in dropped:
+            out.append(node)
+    return out
+
+
+def _split_first(transpose, split, perm: list, axis: int, readers: dict, constants: dict, shapes: dict):
+    """``(nodes, squeezes)``: the nodes standing for ``transpose -> split`` and the squeezes of the split axis after
+    it, and those squeezes (replaced)."""
+    source, name = perm[axis], split.name or split.output[0]
+    rest = [p - (p > source) for i, p in enumerate(perm) if i != axis]
+    parts = [f"{o}::split_first" for o in split.output]
+    attrs = {k: v for k, v in attributes(split).items() if k != "axis"}
+    nodes = [helper.make_node("Split", [transpose.input[0], *split.input[1:]], parts, name=f"{name}::split_first",
+                              axis=source, **attrs)]
+    in_shape, replaced = list(shapes[transpose.input[0]]), []
+    for part, output in zip(parts, split.output):
+        out_shape = shapes.get(output)
+        if out_shape is None:
+            raise NotDecodable(f"the shape of {output!r} is not known")
+        shapes[part] = tuple(in_shape[:source] + [out_shape[axis]] + in_shape[source + 1:])
+        squeezes = readers.get(output, [])
+        if out_shape[axis] == 1 and squeezes and all(_squeezes(r, axis, constants) for r in squeezes):
+            squeezed = f"{part}::squeezed"
+            shapes[squeezed] = tuple(v for i, v in enumerate(shapes[part]) if i != source)
+            constants[f"{squeezed}::shape"] = np.asarray(shapes[squeezed], np.int64)
+            nodes.append(helper.make_node("Reshape", [part, f"{squeezed}::shape"], [squeezed],
+                                          name=f"{name}::squeeze_first"))
+            nodes.extend(helper.make_node("Transpose", [squeezed], [r.output[0]], name=r.name, perm=rest)
+                         for r in squeezes)  # each squeeze becomes the rest of the transpose
+            replaced.extend(squeezes)
+        else:
+            nodes.append(helper.make_node("Transpose", [part], [output], name=f"{name}::transposed", perm=perm))
+    return nodes, replaced
+
+
+def _squeezes(node, axis: int, constants: dict) -> bool:
+    """Whether ``node`` is a Squeeze of exactly ``axis``."""
+    if node.op_type != "Squeeze":
+        return False
+    axes = attributes(node).get("axes")
+    if axes is None and len(node.input) > 1:
+        axes = constants.get(node.input[1])
+    return axes is not None and [int(a) for a in np.ravel(axes)] == [axis]
+
+
 def folded(linear: Model, keep, dtype) -> Model:
     """``linear`` (``linear_model``'s network) with each BatchNormalization folded into the convolution beside it,
     for a backward pass: no sweep over the map for its per-channel scale. Exact in value, biases included.
@@ -132,5 +201,105 @@ def folded(linear: Model, keep, dtype) -> Model:
         constants[names[0]], constants[names[1]] = w.astype(dtype), np.broadcast_to(b, w.shape[:1]).astype(dtype)
         replaced[id(conv)] = helper.make_node("Conv", [x, *names], [out], name=conv.name, **attrs)
     nodes = [replaced.get(id(n), n) for n in linear.nodes if id(n) not in dropped]
+    nodes = _matrices_multiplied(nodes, constants, linear.shapes, keep, dtype)
     producer, consumers = wiring(nodes)
     return dataclasses.replace(linear, nodes=nodes, constants=constants, producer=producer, consumers=consumers)
+
+
+def _matrices_multiplied(nodes: list, constants: dict, shapes: dict, keep, dtype) -> list:
+    """``nodes`` with each ``x @ A (+ b) (* s, Identity ...) @ B`` of constant matrices read as ``x @ (s A B)
+    (+ s b B)`` where the product is the smaller matrix (a transformer's MLP, whose activation the linearized network
+    reads as a slope: 384 x 384 instead of 384 x 1536 and 1536 x 384 on ViT-S). Exact in value (the product in the
+    pass's ``dtype``); the tensors between must be read by the chain alone and not be in ``keep``."""
+    nodes = _live(nodes, keep)
+    while True:
+        readers, producer = wiring(nodes)[1], {o: n for n in nodes for o in n.output}
+        fusions, used = {}, set()
+        for second in nodes:
+            found = _chain_before(second, readers, producer, constants, keep)
+            if found is None or used & {id(n) for n in found[0]}:
+                continue
+            chain, first, factor, bias = found
+            a_matrix, b_matrix = (np.asarray(constants[n.input[1]], dtype) for n in (first, second))
+            (p, q), r = a_matrix.shape, b_matrix.shape[1]
+            if p * r >= q * (p + r):  # the product would cost more than the two factors
+                continue
+            used |= {id(n) for n in chain}
+            fusions[id(second)] = _product_nodes(first, second, factor * (a_matrix @ b_matrix),
+                                                 None if bias is None else factor * (bias @ b_matrix), constants,
+                                                 shapes, dtype)
+        if not fusions:
+            return nodes
+        nodes = [m for n in nodes for m in fusions.get(id(n), [] if id(n) in used else [n])]
+
+
+def _matrix(node, constants: dict) -> bool:
+    """Whether ``node`` multiplies a data tensor by a constant matrix on its right."""
+    return (node is not None and node.op_type == "MatMul" and len(node.input) == 2 and node.input[0] not in constants
+            and np.ndim(constants.get(node.input[1])) == 2)
+
+
+def _chain_before(second, readers: dict, producer: dict, constants: dict, keep):
+    """``(chain, first, factor, bias)`` of ``first -> chain -> second`` (chain: the nodes from ``first`` to
+    ``second`` included), or None where ``second``'s input does not come from such a product."""
+    if not _matrix(second, constants):
+        return None
+
+    def single(name):
+        return len(readers.get(name, [])) == 1 and name not in keep
+
+    chain, tensor, factor, bias = [second], second.input[0], 1.0, None
+    node = producer.get(tensor)
+    while node is not None and single(tensor) and (node.op_type == "Identity" or _scalar(node, constants)):
+        factor *= _scalar(node, constants) or 1.0  # a nonlinearity's slope, GELU's 0.5
+        chain.append(node)
+        tensor = next(i for i in node.input if i not in constants)
+        node = producer.get(tensor)
+    if node is not None and node.op_type == "Add" and single(tensor) and len(node.input) == 2:
+        c = next((constants.get(i) for i in node.input if i in constants), None)
+        data = [i for i in node.input if i not in constants]
+        size = np.shape(constants[second.input[1]])[0]
+        if c is not None and len(data) == 1 and np.size(c) == size and np.shape(c)[-1] == size:
+            chain.append(node)
+            bias, tensor = np.asarray(c, np.float64).reshape(-1), data[0]
+            node = producer.get(tensor)
+    if not (_matrix(node, constants) and single(tensor)):
+        return None
+    chain.append(node)
+    return chain, node, factor, bias
+
+
+def _product_nodes(first, second, product, bias, constants: dict, shapes: dict, dtype) -> list:
+    """The nodes computing ``second``'s output as ``first``'s input times ``product`` (plus ``bias``)."""
+    out = second.output[0]
+    names = (f"{out}::product", f"{out}::product_bias", f"{out}::product_out")
+    constants[names[0]] = product.astype(dtype)
+    if bias is None:
+        return [helper.make_node("MatMul", [first.input[0], names[0]], [out], name=second.name)]
+    constants[names[1]] = bias.astype(dtype)
+    shapes[names[2]] = shapes.get(out)
+    return [helper.make_node("MatMul", [first.input[0], names[0]], [names[2]], name=f"{second.name}::product"),
+            helper.make_node("Add", [names[2], names[1]], [out], name=second.name)]
+
+
+def _live(nodes: list, keep) -> list:
+    """The nodes ``keep`` (tensor names) depend on, in order: a pass runs no other (the linearized network keeps
+    nodes that only a held factor read, such as a GELU's erf branch)."""
+    producer, needed, stack = {o: n for n in nodes for o in n.output}, set(), [k for k in keep if k]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(i for i in node.input if i)
+    return [n for n in nodes if id(n) in needed]
+
+
+def _scalar(node, constants: dict) -> float | None:
+    """The factor of a Mul or Div of one data tensor by one constant scalar, else None."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    const = [constants.get(i) for i in node.input if i in constants]
+    if len(const) != 1 or np.size(const[0]) != 1 or (node.op_type == "Div" and node.input[1] not in constants):
+        return None
+    value = float(np.asarray(const[0]).reshape(-1)[0])
+    return None if value == 0 else (1 / value if node.op_type == "Div" else value)

@@ -40,6 +40,8 @@ class Model:
     consumers: dict = field(default_factory=dict)  # tensor name -> [NodeProto]
     patterns: dict = field(default_factory=dict)  # Mul output -> SelfGated | ChannelGate (graph.patterns)
     dequantized: list = field(default_factory=list)  # QOperator / dynamic nodes rewritten to float (graph.dequantize)
+    #: values computed once per loaded model and reused (``modes.gates``: the held factors at the all-zeros input)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def node_name(self, node) -> str:
         """A readable name for a node (ONNX allows empty names)."""

@@ -297,8 +297,10 @@ def test_batchnorms_fold_into_the_convolutions_beside_them_exactly(load):
     model = load(b.build([last]))
     linear = linear_model(model)
     conv_out = linear.producer[last].input[0]
-    ops = [n.op_type for n in folded(linear, {conv_out}, np.float64).nodes]
-    assert ops.count("BatchNormalization") == 3, ops  # before the padded Conv, read twice, after the kept layer
+    kept = folded(linear, {conv_out}, np.float64)
+    ops = [n.op_type for n in kept.nodes]
+    assert ops.count("BatchNormalization") == 2, ops  # before the padded Conv, read twice (none runs after)
+    assert kept.producer[conv_out].op_type == "Conv" and last not in kept.producer  # the kept layer is not folded
     assert [n.op_type for n in folded(linear, {last}, np.float64).nodes].count("BatchNormalization") == 2
     for name in (conv_out, both, pointwise, before_padded):
         interior = interior_positions(model, name)[0]

@@ -444,3 +444,20 @@ def test_report_shows_token_layers_with_their_patches(vit, tmp_path):
     html = page.read_text() if hasattr(page, "read_text") else open(page).read()
     assert "tokens of a 4&times;4 patch grid and 1 before it (a class token)" in html
     assert "the filters and fidelity are at token 11: patch (2, 2)" in html
+
+
+def test_the_linearized_attention_keeps_the_batch_axis_first_and_multiplies_the_mlp(vit):
+    """For a pass of many seeds side by side: the heads' split moves before its transpose (no tensor holds the batch
+    elsewhere than first), and the MLP's two matrices (its GELU read as a slope) become their product; the filters
+    are those of the graph as exported (the identity tests above check them against onnxruntime)."""
+    from fdsub_onnx.compose.linear_model import folded, linear_model
+    from fdsub_onnx.graph.model import ancestors
+    from fdsub_onnx.modes.backward import batch_moves
+
+    model, _, names = vit
+    target = names["logits"]
+    assert batch_moves(model, ancestors(model, [target]))  # as exported: [3, 1, heads, T, d]
+    linear = folded(linear_model(model, reference_gates(model, [target])), {target}, np.float64)
+    assert not batch_moves(linear, ancestors(linear, [target]))
+    matmuls = [n for n in ancestors(linear, [target]) if n.op_type == "MatMul" and n.input[1] in linear.constants]
+    assert len(matmuls) == 3 and any(n.input[1].endswith("::product") for n in matmuls)  # qkv, proj and fc1 fc2
