@@ -103,15 +103,40 @@ def find_patterns(nodes, producer: dict, constants: dict, shapes: dict, opset: i
         sa, sb, so = shapes.get(a), shapes.get(b), shapes.get(node.output[0])
         if sa is not None and sa == sb == so:
             (root, chain), (other, chain_b) = (elementwise_chain(n, producer, constants, shapes) for n in (a, b))
+            same = root == other
+            if same:
+                root, chain, chain_b = _nearest_root(a, b, chain + chain_b, producer, constants, shapes, order)
             slope = _asymptotic_slope(root, sorted({id(n): n for n in chain + chain_b + [node]}.values(),
                                                    key=lambda n: order[id(n)]), constants, sa, opset)
-            if root == other and slope is not None:
+            if same and slope is not None:
                 found[node.output[0]] = SelfGated(root, slope)
                 continue
         gate = _channel_gate(sa, sb)
         if gate is not None:
             found[node.output[0]] = ChannelGate(x=(a, b)[1 - gate], gate=(a, b)[gate])
     return found
+
+
+def _nearest_root(a: str, b: str, nodes: list, producer: dict, constants: dict, shapes: dict, order: dict):
+    """``(x, chain_a, chain_b)`` for the last tensor x that both ``a`` and ``b`` are elementwise functions of alone:
+    GELU's ``z * Phi(z)`` with ``z = x W + bias`` is a product of functions of z (read as z: the bias kept), not
+    only of the MatMul's output."""
+    candidates = sorted({n.output[0]: order[id(n)] for n in nodes}.items(), key=lambda item: -item[1])
+    for tensor, _ in candidates:
+        cut = {name: node for name, node in producer.items() if name != tensor}
+        (root_a, chain_a), (root_b, chain_b) = (elementwise_chain(n, cut, constants, shapes) for n in (a, b))
+        if root_a == root_b == tensor:
+            return tensor, chain_a, chain_b
+    root, chain_a = elementwise_chain(a, producer, constants, shapes)
+    return root, chain_a, elementwise_chain(b, producer, constants, shapes)[1]
+
+
+def gated_nodes(node, x: str, producer: dict, constants: dict, shapes: dict) -> list:
+    """The nodes of a self-gated product ``node`` (``a * b``, both elementwise functions of ``x``) from ``x`` on:
+    both chains and the Mul (unordered)."""
+    cut = {name: n for name, n in producer.items() if name != x}
+    chains = [elementwise_chain(n, cut, constants, shapes)[1] for n in node.input]
+    return list({id(n): n for n in chains[0] + chains[1] + [node]}.values())
 
 
 def _from_softmax(name: str, producer: dict) -> bool:

@@ -28,7 +28,7 @@ from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
 from ..graph.model import Model, ancestors, as_map, attributes, to_maps, windows_per_image, wiring
-from ..graph.patterns import ChannelGate, SelfGated, elementwise_chain
+from ..graph.patterns import ChannelGate, SelfGated, gated_nodes
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, tensor_values
@@ -394,9 +394,10 @@ def _gate_maps(model, chain: list, values: dict, held: dict) -> dict[str, np.nda
 
 
 def _pattern_nodes(model, node) -> list:
-    """The nodes of a self-gated product ``a * b`` (both elementwise chains and the Mul), in graph order."""
-    chains = [elementwise_chain(n, model.producer, model.constants, model.shapes)[1] for n in node.input]
-    inside = {id(n) for n in chains[0] + chains[1] + [node]}
+    """The nodes of a self-gated product ``a * b`` (both elementwise chains from its x, and the Mul), in graph
+    order."""
+    inside = {id(n) for n in gated_nodes(node, model.patterns[node.output[0]].x, model.producer, model.constants,
+                                         model.shapes)}
     return [n for n in model.nodes if id(n) in inside]
 
 

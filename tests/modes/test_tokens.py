@@ -461,3 +461,29 @@ def test_the_linearized_attention_keeps_the_batch_axis_first_and_multiplies_the_
     assert not batch_moves(linear, ancestors(linear, [target]))
     matmuls = [n for n in ancestors(linear, [target]) if n.op_type == "MatMul" and n.input[1] in linear.constants]
     assert len(matmuls) == 3 and any(n.input[1].endswith("::product") for n in matmuls)  # qkv, proj and fc1 fc2
+
+
+def test_a_gelu_after_a_bias_is_read_as_the_identity_of_its_whole_input(tmp_path):
+    """weights mode reads GELU(x W + b) as x W + b: the bias before the gate is kept (the gate's x is the last tensor
+    both of its factors are functions of, not the MatMul's output), so the identity holds against onnxruntime on the
+    network with the GELU removed."""
+    def mlp(gelu: bool):
+        g = _Graph(3)
+        patches = g.op("Conv", ["input", g.weight(C, 3, PATCH, PATCH, scale=0.2), g.weight(C, scale=0.1)],
+                       kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+        tokens = g.op("Transpose", [g.op("Reshape", [patches, g.const([1, C, -1], np.int64)])], perm=[0, 2, 1])
+        hidden = g.op("Add", [g.op("MatMul", [tokens, g.weight(C, 2 * C)]), g.const(np.linspace(-1, 1, 2 * C))])
+        out = g.op("MatMul", [g.gelu(hidden) if gelu else hidden, g.weight(2 * C, C)])
+        graph = helper.make_graph(g.nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, 3, SIZE, SIZE])],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out
+
+    (proto, out), (plain, plain_out) = mlp(True), mlp(False)
+    model = _load(proto, tmp_path)
+    decoded = fd.decode(model, out, neurons="0-3", dtype="float64", position=(0, 5))
+    images = _images(3, seed=4)
+    want = as_map(model, out, run_ort(plain, images, [plain_out])[plain_out])[:, :4, 0, 5]
+    (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+    got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
