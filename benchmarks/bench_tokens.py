@@ -88,6 +88,76 @@ def _held_network(model):
     return forward
 
 
+PHOTOS = Path.home() / ".cache" / "fdsub-bench" / "train"  # 1920x1080 photographs (see benchmarks/README.md)
+LOCAL_IMAGES, LOCAL_TOP = 256, 32
+
+
+def _torch_local(model, images: np.ndarray, top: int, neurons: int, batch: int = 16):
+    """A careful user's ``local``: the top instances (image, token) of each neuron of the last block's output (the
+    best token of each image, the ``top`` best images), then their input gradients by batched autograd on the real
+    network: images in batches of ``batch``, one backward pass per instance rank within an image."""
+    import torch
+
+    def blocks(x):
+        return model.blocks(model._pos_embed(model.patch_embed(x)))
+
+    with torch.no_grad():
+        acts = torch.cat([blocks(torch.from_numpy(images[i : i + 32]))[:, :, :neurons]
+                          for i in range(0, len(images), 32)])  # [N, T, K]
+    best, token = acts.max(dim=1)  # per image and neuron
+    order = best.argsort(dim=0, descending=True)[:top]  # [top, K]
+    instances = [(int(order[r, k]), int(token[order[r, k], k]), k) for k in range(neurons) for r in range(top)]
+    by_image = {}
+    for n, (image, t, k) in enumerate(instances):
+        by_image.setdefault(image, []).append((n, t, k))
+    grads = np.zeros((len(instances), *images.shape[1:]), np.float32)
+    wanted = sorted(by_image)
+    for lo in range(0, len(wanted), batch):
+        chunk = wanted[lo : lo + batch]
+        x = torch.from_numpy(images[chunk]).requires_grad_(True)
+        y = blocks(x)
+        ranks = max(len(by_image[i]) for i in chunk)
+        seeds = torch.zeros((ranks, *y.shape))
+        for b, i in enumerate(chunk):
+            for rank, (_, t, k) in enumerate(by_image[i]):
+                seeds[rank, b, t, k] = 1.0
+        (g,) = torch.autograd.grad(y, x, seeds, is_grads_batched=True)
+        for b, i in enumerate(chunk):
+            for rank, (n, _, _) in enumerate(by_image[i]):
+                grads[n] = g[rank, b].numpy()
+    return instances, grads
+
+
+def run_local(model, loaded, target: str) -> dict:
+    """``local`` at real scale: top 32 of 256 photographs, 16 neurons of the last block's output (512 instances),
+    fdsub (capture and decode) against ``_torch_local`` in the same process; instance filters compared."""
+    import torch
+
+    import fdsub_onnx as fd
+
+    names = sorted(PHOTOS.glob("*.png"))[:LOCAL_IMAGES]
+    images = fd.open_images(str(PHOTOS), loaded.input_shape[1:], preset="torchvision")
+    images = fd.ArrayImages(np.concatenate([b for _, b in images.batches(32)])[: len(names)])
+    start = time.perf_counter()
+    decoded = fd.decode(loaded, target, mode="local", images=images, top=LOCAL_TOP, neurons=f"0-{NEURONS - 1}",
+                        per_instance=True)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.inference_mode(False):
+        instances, grads = _torch_local(model, images.array, LOCAL_TOP, NEURONS)
+    theirs = time.perf_counter() - start
+    found, errors = decoded.instances, []
+    for n, (image, token, k) in enumerate(instances[:: LOCAL_TOP // 4]):  # a sample: the same (image, token) found
+        slot = np.flatnonzero((found.image_index[k] == image) & (found.position[k, :, 1] == token))
+        if len(slot):
+            mine = decoded.instance_filters[k, slot[0]]
+            want = grads[n * (LOCAL_TOP // 4)]
+            errors.append(float(np.abs(mine - want).max() / np.abs(want).max()))
+    return {"local_images": len(images), "local_top": LOCAL_TOP, "local_fdsub_s": ours, "local_torch_s": theirs,
+            "local_ratio_torch_over_fdsub": theirs / ours, "local_instances_compared": len(errors),
+            "local_max_rel_diff": max(errors) if errors else None}
+
+
 def run(out: Path | None) -> dict:
     import torch
 
@@ -130,6 +200,11 @@ def run(out: Path | None) -> dict:
     print(f"{'torch autograd, batched':28s}{result['torch_s']:10.2f}")
     print(f"ratio torch / fdsub {result['ratio_torch_over_fdsub']:.2f}; filters differ by {error:.1e} of their "
           f"largest value; VmHWM after fdsub {fdsub_peak:.2f} GiB, after both {result['peak_gib']:.2f} GiB")
+    result |= run_local(model, loaded, target)
+    print(f"local, top {LOCAL_TOP} of {result['local_images']} photographs, {NEURONS} neurons: fdsub "
+          f"{result['local_fdsub_s']:.1f} s, torch autograd batched {result['local_torch_s']:.1f} s (ratio torch / "
+          f"fdsub {result['local_ratio_torch_over_fdsub']:.2f}); {result['local_instances_compared']} instance filters "
+          f"compared, largest difference {result['local_max_rel_diff']} of their largest value")
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     return result

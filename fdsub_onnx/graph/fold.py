@@ -242,7 +242,7 @@ def _matrix(node, constants: dict) -> bool:
 def _chain_before(second, readers: dict, producer: dict, constants: dict, keep):
     """``(chain, first, factor, bias)`` of ``first -> chain -> second`` (chain: the nodes from ``first`` to
     ``second`` included), or None where ``second``'s input does not come from such a product."""
-    if not _matrix(second, constants):
+    if not _matrix(second, constants) or second.output[0] in keep:  # the layer's own node stays as exported
         return None
 
     def single(name):

@@ -58,6 +58,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
     ``position`` with respect to the image (or to ``stop``) [m, C, H, W], and their bias [m] (what the nodes
     between contribute). ``batch`` seeds per pass (default all)."""
     neurons = np.asarray(neurons, np.int64)
+    axis = channel_axis(linear, target)  # of the network as exported (folding may fuse the layer's own node)
     linear = folded(linear, {target, stop}, dtype)
     nodes = ancestors(linear, [target])
     source = linear.input_name
@@ -78,7 +79,7 @@ def gradients(linear: Model, target: str, neurons, position, backend, dtype, sto
             seed = seed_at(backend, linear, target, shape, neurons[start], position, dtype)
         else:
             seed = one_hot(backend, (m, *shape[1:]), neurons[rows], np.broadcast_to(position, (m, 2)), dtype,
-                           channel_axis(linear, target))
+                           axis)
         grads, bias = backward(linear, nodes, values, {target: seed}, ADJOINT,
                                "weights (adjoint)", instances=1 if merged else None)
         grad = grads.get(source)

@@ -15,6 +15,7 @@ as interior ones (a border effect only).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -23,7 +24,8 @@ from ..compose.backend import array_module, get_backend, ordered_map, resolve_de
 from ..compose.ops import RULES
 from ..compose.ops._rule import batched, instances_of_pass
 from ..errors import FdsubError, NotDecodable
-from ..graph.model import ancestors, channel_axis
+from ..graph.fold import batch_first
+from ..graph.model import ancestors, channel_axis, wiring
 from ..runtime.session import Forward
 
 #: the backward modes: the reading of each op's class a pass runs
@@ -42,14 +44,15 @@ def instance_gradients(model, target: str, images: np.ndarray, neurons, position
     device = resolve_device(device)
     backend = get_backend(device.backend)
     forward = forward if forward is not None else forward_for(model, target, device)
-    if len(images) > 1 and batch_moves(model, ancestors(model, [target])):  # one image's values per pass
+    passing, nodes = pass_model(model, target)
+    if len(images) > 1 and batch_moves(passing, nodes):  # one image's values per pass
         parts = [instance_gradients(model, target, images[i : i + 1], np.asarray(neurons)[i : i + 1],
                                     np.asarray(positions).reshape(-1, 2)[i : i + 1], rule, forward, device, dtype)
                  for i in range(len(images))]
         return backend.xp.concatenate([p[0] for p in parts]), backend.xp.concatenate([p[1] for p in parts])
-    values = {name: backend.asarray(value, dtype) for name, value in forward(images).items()}
+    values = ShapedValues({name: backend.asarray(value, dtype) for name, value in forward(images).items()}, passing)
     seed = one_hot(backend, values[target].shape, neurons, positions, dtype, channel_axis(model, target))
-    grads, bias = backward(model, ancestors(model, [target]), values, {target: seed}, BACKWARD_MODES[rule], rule)
+    grads, bias = backward(passing, nodes, values, {target: seed}, BACKWARD_MODES[rule], rule)
     if model.input_name not in grads:
         raise FdsubError(f"layer {target!r} does not depend on the image input")
     return grads[model.input_name], bias
@@ -61,7 +64,7 @@ def image_gradients(model, target: str, values: dict, neurons, positions, rule: 
     first = values[target]
     backend = get_backend("cupy" if type(first).__module__.startswith("cupy") else "numpy")
     nodes = nodes if nodes is not None else ancestors(model, [target])
-    if first.shape[0] != model.input_shape[0]:  # windows or patches on the batch axis: one seed at a time
+    if model.shapes[target][0] != model.input_shape[0]:  # windows or patches on the batch axis: one seed at a time
         positions = np.asarray(positions, np.int64).reshape(-1, 2)
         grads, bias = _joined([backward(model, nodes, values, {target: seed_at(backend, model, target, first.shape,
                                                                                neuron, position, first.dtype)},
@@ -141,6 +144,38 @@ def _joined(parts: list) -> tuple[dict, object]:
             xp.concatenate([bias for _, bias in parts]))
 
 
+def pass_model(model, target: str):
+    """``(model, nodes)`` a backward pass to ``target`` runs over: the model's own, or where a tensor holds the batch
+    elsewhere than first (attention's head split) the same network with that split moved before its transpose
+    (``graph.fold.batch_first``), so that instances ride side by side; its new tensors' forward values are read as
+    shapes only (``ShapedValues``: the rules of a split, a reshape and a transpose need no more)."""
+    nodes = ancestors(model, [target])
+    if not batch_moves(model, nodes):
+        return model, nodes
+    constants, shapes = dict(model.constants), dict(model.shapes)
+    moved = batch_first(nodes, constants, shapes)
+    producer, consumers = wiring(moved)
+    rewritten = dataclasses.replace(model, nodes=moved, constants=constants, shapes=shapes, producer=producer,
+                                    consumers=consumers)
+    return (model, nodes) if batch_moves(rewritten, moved) else (rewritten, moved)
+
+
+class ShapedValues(dict):
+    """Forward values, and for a tensor a rewritten pass adds (``pass_model``) zeros of its shape (one image's: a
+    broadcast view, no memory)."""
+
+    def __init__(self, values: dict, model):
+        super().__init__(values)
+        self.model = model
+
+    def __missing__(self, name):
+        first = next(iter(self.values()))
+        value = array_module(first).broadcast_to(array_module(first).zeros((), first.dtype),
+                                                 (1, *self.model.shapes[name][1:]))
+        self[name] = value
+        return value
+
+
 def batch_moves(model, nodes: list) -> bool:
     """Whether a tensor of ``nodes`` has its batch axis elsewhere than first (a size other than 1 there: attention's
     ``[3, 1, h, T, d]``), so that instances cannot ride side by side on axis 0."""
@@ -207,9 +242,26 @@ def deconvnet_is_local(model, target: str) -> bool:
     return not any(RULES[n.op_type].overrides("deconvnet") for n in ancestors(model, [target]) if n.op_type in RULES)
 
 
+def read_values(model, nodes: list, cut: bool = False) -> set[str]:
+    """The tensors whose values some rule of a backward pass over ``nodes`` reads (``OpRule.values_read``: windows,
+    sums, reshapes and products by a constant read only shapes, MaxPool's switches the whole maps, a Relu its input,
+    not its output); ``cut``: those a cone pass cuts to each instance's cone (``OpRule.cone_values``: not MaxPool's,
+    whose switches are found on the whole maps)."""
+    read = set()
+    for node in nodes:
+        op = RULES.get(node.op_type)
+        kept = "all" if op is None else op.cone_values if cut else op.values_read(node, model.constants)
+        if kept != "shapes":
+            read.update(node.input if kept == "inputs" else [*node.input, *node.output])
+    return read - set(model.constants) - {""}
+
+
 def forward_for(model, target: str, device="cpu") -> Forward:
-    """The onnxruntime session computing every tensor below ``target`` (the forward values a backward pass reads)."""
-    return Forward(model, [o for n in ancestors(model, [target]) for o in n.output if o], device)
+    """The onnxruntime session computing the tensors below ``target`` that a backward pass reads (``read_values``:
+    fetching every tensor made onnxruntime 3x slower on ViT-S), and the target."""
+    passing, nodes = pass_model(model, target)
+    produced = {o for n in model.nodes for o in n.output}
+    return Forward(model, sorted((read_values(passing, nodes) | {target}) & produced), device)
 
 
 def per_image_bytes(model, target: str, itemsize: int, largest: int | None = None) -> tuple[int, int]:

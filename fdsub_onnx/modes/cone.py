@@ -30,7 +30,7 @@ from ..compose.kernels import maxpool_switches, padded_size, scatter_sum
 from ..compose.ops import RULES
 from ..graph.geometry import Window
 from ..graph.model import attributes, channel_axis
-from .backward import backward
+from .backward import backward, read_values
 
 #: the cone forms (``OpRule.cone``) of windowed ops: a window of the input per output position
 WINDOWS = ("window", "average_window", "max_window")
@@ -134,18 +134,6 @@ def _pad_read(model, node, out: Cone, data) -> dict | None:
     if min(pads) < 0 or any(pads[a] or pads[a + 4] for a in (0, 1)):
         return None
     return {data[0]: Cone(out.ratio, (out.start[0] - pads[2], out.start[1] - pads[3]), out.size, tuple(x[2:]))}
-
-
-def read_values(nodes: list) -> set[str]:
-    """The tensors whose values some rule of a cone pass over ``nodes`` reads (``OpRule.cone_values``: windows and
-    Pad read only shapes, MaxPool's switches come from the whole maps, a Relu reads its input, not its output)."""
-    read = set()
-    for node in nodes:
-        op = RULES.get(node.op_type)
-        kept = "all" if op is None else op.cone_values
-        if kept != "shapes":
-            read.update(node.input if kept == "inputs" else [*node.input, *node.output])
-    return read
 
 
 class _Cut(dict):
@@ -315,6 +303,6 @@ def cone_gradients(model, target: str, values: dict, neurons, positions, reading
     seed = xp.zeros((len(neurons), first.shape[1], 1, 1), first.dtype)
     seed[np.arange(len(neurons)), np.asarray(neurons), 0, 0] = 1.0
     cone_pass = _ConePass(model, found, positions, reading, values)
-    cut = _Cut(values, found, positions, read_values(nodes))
+    cut = _Cut(values, found, positions, read_values(model, nodes, cut=True))
     grads, bias = backward(model, nodes, cut, {target: seed}, reading, label, cone_pass.step)
     return grads[model.input_name], bias

@@ -27,10 +27,9 @@ from ..errors import FdsubError
 from ..graph.model import Model, ancestors, find_layer, grid
 from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
-from .backward import pass_sizes, per_image_bytes
 from .decode import plan_decode
 from .fds import FIX, gate_values, pass_bytes
-from .local import instance_cone, largest_cut
+from .local import PassPlan
 from .plan import Costs, forward_flops
 from .windows import field_part
 
@@ -167,16 +166,11 @@ def instance_stage(model: Model, target: str, instances: int, rule: str = "local
     """``decode_instances``: one onnxruntime run per image, one backward pass per run of its instances, as many
     passes at once as cores; the cut of each instance's field restricts it (its cone)."""
     backend = get_backend("numpy")
-    itemsize = np.dtype(dtype).itemsize
     workers = backend.workers
-    geom = instance_geometry(model, target)
-    largest = largest_cut(model, target, geom, instance_cone(model, target, geom))
-    per_pass, images_at_once = pass_sizes(model, target, most, backend, itemsize, workers, largest)
-    per_pass = min(per_pass, neurons or per_pass)  # a pass holds one image's instances: one per neuron at most
-    image, instance = per_image_bytes(model, target, itemsize, largest)
-    # the run's forward values, and per worker its cut of them beside the image's and its instances' gradients
-    # (EfficientNet-Lite2 blocks.16, one instance a pass on 2 cores: 1,672 MB measured, 1,657 MB by this count)
-    peak = images_at_once * image + workers * (2 * image + per_pass * instance)
+    plan = PassPlan(model, target, instance_geometry(model, target), most, backend, np.dtype(dtype).itemsize)
+    if not plan.spread:
+        plan.per_pass = min(plan.per_pass, neurons or plan.per_pass)  # one image's instances: one per neuron at most
+    peak = plan.peak()
     flops = 2 * sum(forward_flops(model, n) for n in ancestors(model, [target]))
     return Stage(f"{rule} passes of {target!r}: {instances} instances", peak,
                  instances * flops * _cone_share(model, target) / (COMPOSE_RATE * max(workers, 1)), instances,

@@ -21,7 +21,16 @@ from ..data.images import read_indices
 from ..data.topn import TopN, instance_weights
 from ..graph.model import ancestors, find_layer, grid
 from ..runtime.capture import capture_top
-from .backward import BACKWARD_MODES, batch_moves, forward_for, image_gradients, pass_sizes
+from .backward import (
+    BACKWARD_MODES,
+    ShapedValues,
+    batch_moves,
+    forward_for,
+    image_gradients,
+    pass_model,
+    pass_sizes,
+    per_image_bytes,
+)
 from .cone import cone_gradients, cones
 from .result import Decoded
 from .windows import PixelMean, cropped, cut, field_part
@@ -55,12 +64,10 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
     workers = backend.workers
-    nodes = ancestors(model, [target])
-    cone = instance_cone(model, target, geom)
-    per_pass, images_at_once = pass_sizes(model, target, batch_size, backend, np.dtype(dtype).itemsize, workers,
-                                          largest_cut(model, target, geom, cone))
-    if batch_moves(model, nodes):  # an image's values cannot be sliced off axis 0 (heads split through the batch)
-        images_at_once = 1
+    plan = PassPlan(model, target, geom, batch_size, backend, np.dtype(dtype).itemsize)
+    cone, passing, nodes, per_pass, images_at_once, spread = (plan.cone, plan.passing, plan.nodes, plan.per_pass,
+                                                               plan.images_at_once, plan.spread)
+    read = {t for n in nodes for t in (*n.input, *n.output) if t}
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -68,8 +75,25 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])  # each image's first instance
     bounds = list(zip(starts, np.r_[starts[1:], len(rows)]))
 
+    def spread_passes():
+        """(rows, slots, forward values) of each pass: up to ``per_pass`` instances of any images, each with its
+        image's values (those the pass reads, batch first)."""
+        for lo in range(0, len(rows), per_pass):
+            hi = min(lo + per_pass, len(rows))
+            wanted, inverse = np.unique(index[lo:hi], return_inverse=True)
+            loaded = {}
+            for first, batch in read_indices(images, wanted, len(wanted)):
+                loaded.update({first + i: image for i, image in enumerate(batch)})
+            values = forward(np.stack([loaded[int(i)] for i in wanted]))
+            own = ShapedValues({name: backend.asarray(v if len(wanted) == 1 else v[inverse], dtype)  # one image:
+                                for name, v in values.items() if name in read}, passing)  # shared, not copied
+            yield rows[lo:hi], cols[lo:hi], own
+
     def passes():
         """(rows, slots, forward values) of each pass: a run of one image's instances."""
+        if spread:
+            yield from spread_passes()
+            return
         for block in range(0, len(bounds), images_at_once):
             spans = bounds[block : block + images_at_once]
             wanted = [int(index[start]) for start, _ in spans]
@@ -78,8 +102,8 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                 loaded.update({first + i: image for i, image in enumerate(batch)})
             values = forward(np.stack([loaded[i] for i in wanted]))
             for b, (start, end) in enumerate(spans):
-                own = {name: backend.asarray(v if len(spans) == 1 else v[b : b + 1], dtype)  # one image: whole
-                       for name, v in values.items()}
+                own = ShapedValues({name: backend.asarray(v if len(spans) == 1 else v[b : b + 1], dtype)  # one
+                                    for name, v in values.items()}, passing)  # image: whole
                 for lo in range(start, end, per_pass):
                     yield rows[lo : min(end, lo + per_pass)], cols[lo : min(end, lo + per_pass)], own
 
@@ -90,7 +114,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                                               BACKWARD_MODES[rule], rule, nodes, cone)
             windows = windows[:, :, crop[0] : crop[0] + kept[0], crop[1] : crop[1] + kept[1]]
         else:
-            grads, offsets = image_gradients(model, target, own, found.neurons[r], found.position[r, c], rule,
+            grads, offsets = image_gradients(passing, target, own, found.neurons[r], found.position[r, c], rule,
                                              nodes)
             windows = cut(grads, geom.corner(found.position[r, c]) + crop, kept)
         return r, c, backend.to_numpy(windows), backend.to_numpy(offsets)
@@ -112,6 +136,39 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                    geom.stride, (geom.origin[0] + crop[0], geom.origin[1] + crop[1]), target, rule,
                    instance_filters=None if each is None else each[0],
                    instance_bias=None if each is None else each[1], instances=found, **cropped(geom, crop, kept))
+
+
+class PassPlan:
+    """How ``decode_instances`` runs its backward passes, and what they hold (its cost estimate reads the same):
+    ``cone`` (each instance's receptive-field cone, or None: whole maps), the network a pass runs over (``passing``,
+    ``nodes``: attention's head split moved so that instances ride side by side), ``per_pass`` instances a pass,
+    ``images_at_once`` per onnxruntime run, and ``spread``: whole-map passes of instances of several images, each
+    with its own image's forward values (else a pass holds one image's instances, sharing its values)."""
+
+    def __init__(self, model, target: str, geom, most: int, backend, itemsize: int):
+        self.workers = max(backend.workers, 1)
+        self.cone = instance_cone(model, target, geom)
+        self.passing, self.nodes = pass_model(model, target)
+        self.largest = largest_cut(model, target, geom, self.cone)
+        self.image, self.instance = per_image_bytes(model, target, itemsize, self.largest)
+        self.per_pass, self.images_at_once = pass_sizes(model, target, most, backend, itemsize, self.workers,
+                                                        self.largest)
+        moves = batch_moves(self.passing, self.nodes)  # windows or patches on the batch axis: one image a pass
+        self.spread = self.cone is None and not moves
+        if moves:
+            self.images_at_once = 1
+        elif self.spread:  # as many as a quarter of the memory left, shared by the passes at once, holds
+            room = backend.free_bytes() // 4 // self.workers
+            self.per_pass = int(max(1, min(most, room // max(self.image + self.instance, 1))))
+
+    def peak(self) -> int:
+        """Bytes the passes hold at once: spread, each of the ``workers`` passes and the one being read hold their
+        instances' values and gradients; else the run's forward values and, per worker, its cut of them beside the
+        image's and its instances' gradients (EfficientNet-Lite2 blocks.16, one instance a pass on 2 cores: 1,672 MB
+        measured, 1,657 MB by this count)."""
+        if self.spread:
+            return (self.workers + 1) * self.per_pass * (self.image + self.instance)
+        return self.images_at_once * self.image + self.workers * (2 * self.image + self.per_pass * self.instance)
 
 
 def instance_cone(model, target: str, geom) -> dict | None:

@@ -52,7 +52,7 @@ class Forward:
             outs = []
         elif outs is None:
             runs = [self._run(batch[i : i + 1]) for i in range(len(batch))]
-            outs = [np.concatenate([r[j] for r in runs]) for j in range(len(self.names))]
+            outs = runs[0] if len(runs) == 1 else [np.concatenate([r[j] for r in runs]) for j in range(len(self.names))]
         values = dict(zip(self.names, outs))
         values[self.input] = batch
         return values

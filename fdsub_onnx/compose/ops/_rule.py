@@ -121,6 +121,11 @@ class OpRule:
         """The nodes standing for this one in ``weights`` mode's linearized network; None keeps it."""
         return None
 
+    def values_read(self, node, constants: dict) -> str:
+        """Which forward values a backward pass reads for ``node`` (``cone_values``; a product decides by whether a
+        factor is constant): the tensors a pass fetches from onnxruntime."""
+        return self.cone_values
+
     def substitutes(self, node, constants: dict) -> str | None:
         """How fds substitutes ``node`` (``fds``), None where it keeps it."""
         return self.fds

@@ -32,6 +32,8 @@ class Arithmetic(OpRule):
 
 
 class Add(Arithmetic):
+    cone_values = "shapes"  # a sum: the gradient passes as it is
+
     def apply(self, node, inputs, ctx):
         return add(inputs, [1.0] * len(inputs), node, ctx)
 
@@ -69,6 +71,10 @@ def _sum_backward(ins, is_data, grad, sign: float):
 
 class Mul(Arithmetic):
     product_refusal = _PRODUCT_OF_MAPS
+
+    def values_read(self, node, constants):
+        """By a constant: none (its gradient is the constant's); a product of two tensors: both factors."""
+        return "shapes" if any(name in constants for name in node.input) else "inputs"
 
     def apply(self, node, inputs, ctx):
         a, b = inputs

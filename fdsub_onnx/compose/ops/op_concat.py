@@ -11,7 +11,7 @@ from ._rule import OpRule, attributes, data, no_bias, on, per_instance
 
 class Concat(OpRule):
     linear = True
-    cone = "aligned"
+    cone, cone_values = "aligned", "shapes"
 
     def apply(self, node, inputs, ctx):
         if any(isinstance(v, Const) for v in inputs) and not all(isinstance(v, Const) for v in inputs):

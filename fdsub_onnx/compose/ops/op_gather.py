@@ -20,6 +20,7 @@ from .op_layout import as_layout, settle
 
 class Gather(OpRule):
     linear = True  # constant indices: a selection, exact without forward values
+    cone_values = "shapes"
 
     def apply(self, node, inputs, ctx):
         shape = known_shape(ctx, node.input[0])

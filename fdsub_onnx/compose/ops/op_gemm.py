@@ -16,6 +16,7 @@ from .op_norm import mix_channels
 class Gemm(OpRule):
     linear = True
     fds = "weight"
+    cone_values = "shapes"
 
     def substituted_node(self, node, stat, model, substitution, constants):
         return _substituted_matrix(node, stat, model, substitution, constants)
@@ -50,6 +51,10 @@ class MatMul(OpRule):
     fds = "weight"
     reads_last_axis = True
     product_refusal = PRODUCT_OF_TENSORS
+
+    def values_read(self, node, constants):
+        """By a constant matrix: none; a product of two tensors (attention's): both factors."""
+        return "shapes" if len(node.input) > 1 and node.input[1] in constants else "inputs"
 
     def substitutes(self, node, constants):
         """A product of two data tensors (attention's) has no weight to substitute: fds holds it instead."""

@@ -18,6 +18,7 @@ from ._rule import OpRule, attributes, batched, no_bias
 
 class Reshape(OpRule):
     linear = passes_gate = True
+    cone_values = "shapes"
 
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)
@@ -37,6 +38,7 @@ class Unsqueeze(Reshape): ...
 
 class Transpose(OpRule):
     linear = passes_gate = True
+    cone_values = "shapes"
 
     def apply(self, node, inputs, ctx):
         layout = as_layout(inputs[0], node, ctx)

@@ -61,6 +61,10 @@ class MaxPool(AveragePool):
     cone = "max_window"
     fds = "switch"
 
+    def values_read(self, node, constants):
+        """Its switches read the whole maps, input and output (a cone pass cuts neither: ``cone_values``)."""
+        return "all"
+
     def backward(self, node, ins, is_data, out, grad):
         """The gradient goes to each window's first maximum (onnxruntime's switch: the first tap equal to the
         forward output). The switches are found once on the forward values (``maxpool_switches``); one

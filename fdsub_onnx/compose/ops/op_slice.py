@@ -17,6 +17,7 @@ from ._rule import OpRule, attributes, batched, constant, data, known_shape, no_
 
 class Slice(OpRule):
     linear = True
+    cone_values = "shapes"
 
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
@@ -41,6 +42,7 @@ class Slice(OpRule):
 class Split(OpRule):
     linear = True
     multi_output = True
+    cone_values = "shapes"
 
     def apply(self, node, inputs, ctx):
         x = data(inputs[0])
