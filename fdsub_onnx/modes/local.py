@@ -76,10 +76,14 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     bounds = list(zip(starts, np.r_[starts[1:], len(rows)]))
 
     def spread_passes():
-        """(rows, slots, forward values) of each pass: up to ``per_pass`` instances of any images, each with its
-        image's values (those the pass reads, batch first)."""
-        for lo in range(0, len(rows), per_pass):
-            hi = min(lo + per_pass, len(rows))
+        """(rows, slots, forward values) of each pass: the instances of whole images, up to ``per_pass`` (at least
+        one image's: an image runs through onnxruntime once), each with its image's values (those the pass reads,
+        batch first; one image's are shared, not copied)."""
+        at = 0
+        while at < len(bounds):
+            lo, hi, at = bounds[at][0], bounds[at][1], at + 1
+            while at < len(bounds) and bounds[at][1] - lo <= per_pass:
+                hi, at = bounds[at][1], at + 1
             wanted, inverse = np.unique(index[lo:hi], return_inverse=True)
             loaded = {}
             for first, batch in read_indices(images, wanted, len(wanted)):
