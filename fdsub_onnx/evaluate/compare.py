@@ -245,7 +245,7 @@ def choose_layers(model: Model, summary: Summary, names) -> list[Layer]:
     listed = {layer.name: layer for layer in summary.layers}
     if names is None or means_all(names):
         chosen = [layer for layer in summary.layers if layer.decodable and (
-            layer.patch_grid is not None or _default_layer(layer.op) and not layer.per_position)]
+            layer.patch_grid is not None or _default_layer(layer.op))]
         if not chosen:
             raise FdsubError(f"{model.path} has no decodable Conv layer; name layers with --layers "
                              "(`fdsub inspect` lists them)")
