@@ -256,12 +256,12 @@ def read_values(model, nodes: list, cut: bool = False) -> set[str]:
     return read - set(model.constants) - {""}
 
 
-def forward_for(model, target: str, device="cpu") -> Forward:
+def forward_for(model, target: str, device="cpu", threads: int | None = None) -> Forward:
     """The onnxruntime session computing the tensors below ``target`` that a backward pass reads (``read_values``:
     fetching every tensor made onnxruntime 3x slower on ViT-S), and the target."""
     passing, nodes = pass_model(model, target)
     produced = {o for n in model.nodes for o in n.output}
-    return Forward(model, sorted((read_values(passing, nodes) | {target}) & produced), device)
+    return Forward(model, sorted((read_values(passing, nodes) | {target}) & produced), device, threads)
 
 
 def per_image_bytes(model, target: str, itemsize: int, largest: int | None = None) -> tuple[int, int]:

@@ -61,8 +61,9 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     filters, bias = PixelMean(k_neurons, shape[0], kept, model.input_shape[2:]), np.zeros(k_neurons)
     each = ((np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32))
             if per_instance else None)
-    forward = forward_for(model, target, device)
     backend = get_backend(device.backend)
+    # onnxruntime runs beside the backward passes, which keep every core busy: one thread of its own
+    forward = forward_for(model, target, device, threads=1 if device.name == "cpu" and backend.workers > 1 else None)
     workers = backend.workers
     plan = PassPlan(model, target, geom, batch_size, backend, np.dtype(dtype).itemsize)
     cone, passing, nodes, per_pass, images_at_once, spread = (plan.cone, plan.passing, plan.nodes, plan.per_pass,
