@@ -161,8 +161,8 @@ def pass_model(model, target: str):
 
 
 class ShapedValues(dict):
-    """Forward values, and for a tensor a rewritten pass adds (``pass_model``) zeros of its shape (one image's: a
-    broadcast view, no memory)."""
+    """Forward values, and for a tensor no rule reads values of (``read_values``; those a rewritten pass adds) zeros
+    of one image's shape (a broadcast view, no memory)."""
 
     def __init__(self, values: dict, model):
         super().__init__(values)
@@ -171,7 +171,7 @@ class ShapedValues(dict):
     def __missing__(self, name):
         first = next(iter(self.values()))
         value = array_module(first).broadcast_to(array_module(first).zeros((), first.dtype),
-                                                 (1, *self.model.shapes[name][1:]))
+                                                 tuple(self.model.shapes[name]))  # windows on the batch axis kept
         self[name] = value
         return value
 

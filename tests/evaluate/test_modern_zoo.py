@@ -27,7 +27,7 @@ from quantize import QUANTIZED, quantize
 
 import fdsub_onnx
 from fdsub_onnx.evaluate.zoo import ZooResult, check_zoo_model, randomized
-from fdsub_onnx.graph.model import CONV_LIKE
+from fdsub_onnx.graph.model import CONV_LIKE, as_map
 from fdsub_onnx.graph.randomize import FLOAT_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,3 +238,43 @@ def test_check_samples_the_layers_after_an_upsampling(name, tmp_path):
     per_position = {lay.name for lay in fdsub_onnx.inspect_model(model).layers if lay.per_position}
     assert per_position and set(report.sampled) & per_position, report.sampled
     assert next(c for c in report.checks if c.name == "identity").status == "pass"
+
+
+# ---- (f) local through attention blocks as exporters write them ------------------------------------------------
+@pytest.mark.parametrize("name", ["yolo_psa.ts", "mobilevit_xxs.ts", "swin_tiny.ts"])
+def test_local_filters_are_input_gradients_through_attention(name, tmp_path):
+    """A C2PSA-like block (YOLO with attention), MobileViT's unfold/attention/fold and Swin's windowed attention:
+    at a layer after the attention, each instance's local filter gives the activation with its bias (the
+    per-instance identity, 1e-4 of the largest activation) and is the input gradient (central differences through
+    onnxruntime on the real network, 2% in one random direction)."""
+    path, model = load_randomized(name, tmp_path)
+    layers = [lay for lay in fdsub_onnx.inspect_model(model).layers if lay.per_position and lay.op in ("Conv",
+                                                                                                        "MatMul")]
+    target = layers[len(layers) // 2].name
+    array = images_of(model, 3, seed=2)
+    decoded = fdsub_onnx.decode(model, target, neurons=[0, 1], mode="local", images=fdsub_onnx.ArrayImages(array),
+                                top=2, per_instance=True, dtype="float64")
+    proto = onnx.load(str(path))
+    proto.graph.output.append(helper.make_empty_tensor_value_info(target))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def act(images):
+        out = np.concatenate([session.run([target], {model.input_name: images[i:i + 1]})[0]
+                              for i in range(len(images))])
+        return as_map(model, target, out).astype(np.float64)
+
+    acts, found = act(array), decoded.instances
+    scale = np.abs(acts[:, decoded.neurons]).max()
+    rng, eps = np.random.default_rng(0), 1e-2
+    for k, neuron in enumerate(decoded.neurons):
+        for n in range(found.top):
+            i, (qy, qx) = found.image_index[k, n], found.position[k, n]
+            grad = decoded.instance_filters[k, n]  # the whole image: a token's (or a per-position layer's) field
+            pred = (grad * array[i]).sum() + decoded.instance_bias[k, n]
+            assert abs(pred - acts[i, neuron, qy, qx]) <= 1e-4 * scale, (target, k, n, pred, acts[i, neuron, qy, qx])
+            direction = rng.standard_normal(array.shape[1:]).astype(np.float32)
+            plus, minus = (act((array[i] + s * eps * direction)[None])[0, neuron, qy, qx] for s in (1, -1))
+            assert (plus - minus) / (2 * eps) == pytest.approx(float((grad * direction).sum()), rel=2e-2,
+                                                               abs=1e-3 * scale)
