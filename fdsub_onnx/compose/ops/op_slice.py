@@ -12,7 +12,7 @@ from ...errors import NotDecodable
 from ...graph.ranges import slice_ranges, split_ranges
 from ..backend import array_module
 from ..values import Tensor
-from ._rule import OpRule, attributes, batched, constant, data, known_shape, no_bias, optional
+from ._rule import OpRule, attributes, batched, constant, data, instances, known_shape, no_bias, optional
 
 
 class Slice(OpRule):
@@ -30,10 +30,13 @@ class Slice(OpRule):
         return take_ranges(x, slice_ranges(attrs, *given, shape), shape, node.output[0], ctx)
 
     def backward(self, node, ins, is_data, out, grad):
-        """The gradient placed back at the positions the slice kept (zeros elsewhere)."""
+        """The gradient placed back at the positions the slice kept (zeros elsewhere). Axis 0 is the instances'
+        unless a pass carries one instance in its tensors' own shapes (the batch moved elsewhere: dynamo's
+        attention slices q, k and v off axis 0 of ``[3, 1, h, T, d]``), where it is sliced as any other."""
         x, xp = ins[0], array_module(grad)
         ranges = slice_ranges(attributes(node), *(ins[1:5] + [None] * (5 - len(ins))), x.shape)
-        index = (slice(None),) + tuple(slice(*ranges.get(a, (0, n, 1))) for a, n in enumerate(x.shape) if a)
+        own = instances(grad) == 1 and tuple(grad.shape) == tuple(out.shape)
+        index = tuple(slice(*ranges.get(a, (0, n, 1))) if a or own else slice(None) for a, n in enumerate(x.shape))
         gx = xp.zeros(batched(x, grad), grad.dtype)
         gx[index] = grad
         return [gx] + [None] * (len(ins) - 1), no_bias(grad)
