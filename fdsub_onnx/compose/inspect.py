@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
 from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, patch_grid
-from ..graph.patterns import Attention, Bilinear, ChannelGate
+from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
 from .backend import get_backend
 from .engine import Engine
 from .linear_model import adjoint_problem, structure
@@ -75,7 +75,8 @@ def _held(model: Model) -> list[dict]:
     held = []
     for node in model.nodes:
         pattern = model.patterns.get(node.output[0])
-        kind = "channel gate" if isinstance(pattern, ChannelGate) else "attention" if isinstance(
+        kind = "channel gate" if isinstance(pattern, ChannelGate) else "layer norm" if isinstance(
+            pattern, TokenScale) else "attention" if isinstance(
             pattern, Attention) else "product of two tensors" if isinstance(pattern, Bilinear) else (
             "layer norm" if node.op_type in RULES and RULES[node.op_type].held_factor else None)
         if kind:

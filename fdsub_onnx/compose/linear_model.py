@@ -15,7 +15,7 @@ import onnx
 
 from ..graph.fold import batch_first, folded, merged_affine
 from ..graph.model import Model, ancestors, wiring
-from ..graph.patterns import Attention, Bilinear, ChannelGate
+from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
 from .ops import RULES
 from .ops._rule import LinearContext
 
@@ -101,7 +101,7 @@ def structure(model: Model) -> Model:
     adjoint meets), without the reference input's forward pass."""
     held = {n.output[0]: np.ones(1) for n in model.nodes if n.op_type in RULES and RULES[n.op_type].held_factor}
     held |= {name: np.ones(1) for name, pattern in model.patterns.items()
-             if isinstance(pattern, ChannelGate | Attention)}
+             if isinstance(pattern, ChannelGate | Attention | TokenScale)}
     held |= {f"{name}::{side}": np.ones(1) for name, pattern in model.patterns.items()
              if isinstance(pattern, Bilinear) for side in ("left", "right")}
     return linear_model(model, held)

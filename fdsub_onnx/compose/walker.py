@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from ..errors import NotDecodable, PhaseDependent
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
-from ..graph.patterns import ChannelGate, SelfGated
+from ..graph.patterns import ChannelGate, SelfGated, TokenScale
 from .ops import RULES
 from .ops._rule import NO_BANK_RULE
 from .values import Blocked, Const, Tensor
@@ -132,7 +132,7 @@ def _apply(node, inputs, ctx, model):
     needed = inputs
     if isinstance(pattern, SelfGated):  # reads its x, not the factors (a gate's branch may hold ops without rules)
         needed = []
-    elif isinstance(pattern, ChannelGate):  # the gate's value comes from onnxruntime, not from the walk
+    elif isinstance(pattern, (ChannelGate, TokenScale)):  # the gate's (scale's) value comes from onnxruntime
         needed = [v for name, v in zip(node.input, inputs) if name == pattern.x]
     label = f"{node.op_type} node {model.node_name(node)!r}"
     rule = RULES.get(node.op_type)

@@ -84,11 +84,42 @@ class ChannelGate:
     gate: str
 
 
+@dataclass(frozen=True)
+class TokenScale:
+    """``output = x * scale`` or ``x / scale`` (``divide``) with ``scale`` [..., 1] computed from the data, one
+    number per position over the last axis: a normalization written out (RMSNorm's ``x * 1/sqrt(mean(x^2) + eps)``,
+    a legacy LayerNorm's ``(x - mean) / sqrt(var + eps)``). Held like LayerNormalization's 1/std (its factor's mean
+    over the positions, ``modes.gates``); ``local`` follows both factors."""
+
+    x: str
+    scale: str
+    divide: bool = False
+
+
+def _token_scale(node, constants: dict, shapes: dict) -> TokenScale | None:
+    """The ``TokenScale`` a Mul or Div of two data tensors forms, or None."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2 or any(n in constants for n in node.input):
+        return None
+    a, b = node.input
+    sa, sb = shapes.get(a), shapes.get(b)
+    if sa is None or sb is None or len(sa) < 3 or len(sa) != len(sb):
+        return None
+    for x, s, shape_x, shape_s in ((a, b, sa, sb), (b, a, sb, sa)):
+        if tuple(shape_s) == (*tuple(shape_x)[:-1], 1) and shape_x[-1] > 1 and (node.op_type == "Mul" or s == b):
+            return TokenScale(x, s, node.op_type == "Div")
+    return None
+
+
 def find_patterns(nodes, producer: dict, constants: dict, shapes: dict, opset: int = 17) -> dict:
-    """Output tensor of each Mul node that forms a pattern -> its ``SelfGated`` or ``ChannelGate``."""
+    """Output tensor of each Mul node that forms a pattern -> its ``SelfGated``, ``ChannelGate`` or ``TokenScale``
+    (a Div's too); of each MatMul of two data tensors -> its ``Attention`` or ``Bilinear``."""
     found = {}
     order = {id(node): i for i, node in enumerate(nodes)}
     for node in nodes:
+        scale = _token_scale(node, constants, shapes)
+        if scale is not None:
+            found[node.output[0]] = scale
+            continue
         if node.op_type == "MatMul" and len(node.input) == 2 and not any(n in constants for n in node.input):
             softmax = [_from_softmax(n, producer) for n in node.input]
             if softmax[0] != softmax[1]:  # one factor is an attention matrix

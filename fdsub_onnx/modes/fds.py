@@ -28,7 +28,7 @@ from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING, SELECTS, WEIGHTINGS
 from ..errors import FdsubError
 from ..graph.geometry import Window
 from ..graph.model import Model, ancestors, as_map, attributes, to_maps, windows_per_image, wiring
-from ..graph.patterns import ChannelGate, SelfGated, gated_nodes
+from ..graph.patterns import ChannelGate, SelfGated, TokenScale, gated_nodes
 from ..runtime.capture import merge_top, update_top
 from ..runtime.cluster import Ordered, map_blocks, merge_ordered
 from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, tensor_values
@@ -364,8 +364,8 @@ def _passed_inputs(model, node, held: dict) -> list[str] | None:
         return passed
     if isinstance(pattern, SelfGated):  # x * f(x): one elementwise nonlinearity of x
         return [pattern.x]
-    if isinstance(pattern, ChannelGate) and node.output[0] in held:  # a held gate: the map's gate passes
-        return [pattern.x]
+    if isinstance(pattern, ChannelGate) and node.output[0] in held or isinstance(pattern, TokenScale):
+        return [pattern.x]  # a held gate or normalization scale: the map's gate passes
     return None
 
 

@@ -17,7 +17,7 @@ from ..data.images import read_indices
 from ..data.topn import instance_weights
 from ..errors import FdsubError
 from ..graph.model import Model, ancestors
-from ..graph.patterns import Attention, Bilinear, ChannelGate
+from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
 from ..runtime.session import Forward
 
 REFERENCE = "the input that is all zeros after normalization (the dataset mean)"
@@ -43,7 +43,7 @@ def attentions(model: Model, targets) -> dict[str, Attention | Bilinear]:
 def held_names(model: Model, targets) -> list[str]:
     """The names ``reference_gates`` gives values under for ``targets``: a gate's, a norm's, an attention's output;
     a bilinear product's two factors as ``<output>::left`` and ``<output>::right`` (``_factors``)."""
-    return [*channel_gates(model, targets), *layer_norms(model, targets),
+    return [*channel_gates(model, targets), *layer_norms(model, targets), *token_scales(model, targets),
             *(name for out, p in attentions(model, targets).items() for name in _factors(p, out))]
 
 
@@ -52,6 +52,12 @@ def _factors(pattern, out: str) -> dict[str, str]:
     if isinstance(pattern, Bilinear):
         return {f"{out}::left": pattern.left, f"{out}::right": pattern.right}
     return {out: pattern.held}
+
+
+def token_scales(model: Model, targets) -> dict[str, TokenScale]:
+    """The normalizations written out (Mul/Div output -> TokenScale: RMSNorm, a legacy LayerNorm) below ``targets``:
+    their factor is held at its mean over the positions, as LayerNormalization's 1/std."""
+    return _patterns_below(model, targets, TokenScale)
 
 
 def layer_norms(model: Model, targets) -> dict[str, object]:
@@ -77,10 +83,11 @@ class HeldFactors:
         self.model = model
         self.gates = channel_gates(model, targets) if kinds == "all" else {}
         self.norms, attention = layer_norms(model, targets), attentions(model, targets)
+        self.scales = token_scales(model, targets)
         self.factors = {name: tensor for out, p in attention.items() for name, tensor in _factors(p, out).items()}
-        self.names = [*self.gates, *self.norms, *self.factors]
+        self.names = [*self.gates, *self.norms, *self.scales, *self.factors]
         self._reads = ([p.gate for p in self.gates.values()] + [n.input[0] for n in self.norms.values()]
-                       + list(self.factors.values()))
+                       + [p.scale for p in self.scales.values()] + list(self.factors.values()))
         self._forward = Forward(model, self._reads, device) if self.names else None
 
     def per_image(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -89,11 +96,19 @@ class HeldFactors:
         out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in self.gates.items()}
         out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor])
                 for name, tensor in self.factors.items()}  # one image's tensor (its batch axis may hold patches)
+        out |= {name: _mean_factor(p, values[p.scale], count)[:, None] for name, p in self.scales.items()}
         return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in self.norms.items()}
 
     def image_bytes(self) -> int:
         """Bytes of one image's held values (float64)."""
         return 8 * sum(int(np.prod(self.model.shapes.get(t) or (1,))) for t in self._reads)
+
+
+def _mean_factor(pattern: TokenScale, scale, count: int) -> np.ndarray:
+    """Per image, a written-out normalization's factor (the scale, or 1 over it for a division) averaged over the
+    positions."""
+    scale = np.asarray(scale, np.float64).reshape(count, -1)
+    return (1 / scale if pattern.divide else scale).mean(axis=1)
 
 
 def reference_gates(model: Model, targets, reference=None, device="cpu", batch_size: int = 32) -> dict[str, np.ndarray]:

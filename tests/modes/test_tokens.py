@@ -517,3 +517,54 @@ def test_dynamo_slices_of_the_heads_decode_exactly(tmp_path):
         patch = padded[:, None, :, y + ry : y + 2 * ry, x + rx : x + 2 * rx]
         got = (decoded.filters[None] * patch).sum(axis=(2, 3, 4)) + decoded.bias
         np.testing.assert_allclose(got, acts, rtol=1e-5, atol=1e-5 * np.abs(acts).max(), err_msg=layer.name)
+
+
+def norm_block(kind: str, seed: int = 4) -> tuple[onnx.ModelProto, str]:
+    """Tokens, then a normalization written out over their last axis (``rms``: ``x * 1/sqrt(mean(x^2) + eps)``;
+    ``legacy``: ``(x - mean) / sqrt(var + eps)`` with Pow, as older exporters write LayerNorm), scaled, then a
+    MatMul."""
+    g = _Graph(seed)
+    patches = g.op("Conv", ["input", g.weight(C, 3, PATCH, PATCH, scale=0.2), g.weight(C, scale=0.3)],
+                   kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+    x = g.op("Transpose", [g.op("Reshape", [patches, g.const([1, C, -1], np.int64)])], perm=[0, 2, 1])
+    if kind == "legacy":
+        centred = g.op("Sub", [x, g.op("ReduceMean", [x], axes=[-1], keepdims=1)])
+        var = g.op("ReduceMean", [g.op("Pow", [centred, g.const(2.0)])], axes=[-1], keepdims=1)
+        x = g.op("Div", [centred, g.op("Sqrt", [g.op("Add", [var, g.const(1e-5)])])])
+    else:
+        mean_square = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
+        x = g.op("Mul", [x, g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, g.const(1e-6)])])])])
+    x = g.op("Mul", [x, g.const(1 + 0.1 * g.rng.standard_normal(C))])
+    out = g.op("MatMul", [x, g.weight(C, C)])
+    graph = helper.make_graph(g.nodes, kind, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out
+
+
+@pytest.mark.parametrize("kind", ["rms", "legacy"])
+def test_normalizations_written_out_are_held_like_layer_norm(kind, tmp_path):
+    """RMSNorm and a LayerNorm written with ReduceMean/Sub/Pow/Sqrt/Div over tokens: the layer after them decodes
+    per position in weights mode with the scale held at its mean over the positions of the reference (the identity
+    against onnxruntime on the linearized network), and local's instance filter is the input gradient (central
+    differences through onnxruntime on the real network)."""
+    proto, out = norm_block(kind)
+    model = _load(proto, tmp_path)
+    assert any(h["kind"] == "layer norm" for h in fd.inspect_model(model).held)
+    images = _images(3, seed=6)
+    decoded = fd.decode(model, out, dtype="float64", neurons="0-1", position=(0, 7))
+    held = reference_gates(model, [out])
+    acts = as_map(model, out, run_ort(linearized(proto, model.patterns, held), images, [out])[out])[:, :2, 0, 7]
+    (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+    got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
+    np.testing.assert_allclose(got, acts, rtol=1e-5, atol=1e-5 * np.abs(acts).max())
+    grads, bias = instance_gradients(model, out, images[:2], np.array([1, 0]), np.array([[0, 3], [0, 9]]))
+    real = as_map(model, out, run_ort(proto, images[:2], [out])[out]).astype(np.float64)
+    want = real[[0, 1], [1, 0], 0, [3, 9]]
+    np.testing.assert_allclose((grads * images[:2]).sum(axis=(1, 2, 3)) + bias, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(real).max())
+    direction, eps = np.random.default_rng(1).standard_normal(images.shape[1:]).astype(np.float32), 1e-2
+    plus, minus = (as_map(model, out, run_ort(proto, (images[0] + s * eps * direction)[None], [out])[out])[0, 1, 0, 3]
+                   for s in (1, -1))
+    assert (plus - minus) / (2 * eps) == pytest.approx(float((grads[0] * direction).sum()), rel=2e-2,
+                                                       abs=1e-3 * np.abs(real).max())

@@ -7,7 +7,7 @@ from onnx import helper
 
 from ...errors import NotDecodable, PhaseDependent
 from ...graph.geometry import union
-from ...graph.patterns import ChannelGate, SelfGated
+from ...graph.patterns import ChannelGate, SelfGated, TokenScale
 from ..values import Const, Layout, Tensor
 from ._rule import OpRule, data, no_bias, on, per_channel, per_instance, reduce_to
 from .op_elementwise import Identity
@@ -87,6 +87,8 @@ class Mul(Arithmetic):
             x = data(x)
             return scale(x, per_channel(c.value, x.channels, ctx.rank(node.output[0])), ctx)
         pattern = ctx.pattern(node)
+        if isinstance(pattern, TokenScale):
+            raise PhaseDependent(_TOKEN_SCALE)
         if isinstance(pattern, SelfGated):  # x * f(x): an elementwise nonlinearity of x, read as slope * x
             x = ctx.value(pattern.x)
             if np.all(np.asarray(pattern.slope) == 1.0) or not isinstance(x, (Tensor, Layout)):
@@ -123,8 +125,13 @@ class Mul(Arithmetic):
         """Two data inputs: a gate (the input broadcast over the other, e.g. squeeze-and-excitation) is held at
         its value for the instance; equal shapes (SiLU as x * sigmoid(x)) take the product rule, whose tangent
         plane ``a*b ~ b*da + a*db - a*b`` is exact at the instance."""
+        if isinstance(self, Div) and a.size > b.size and _per_position(a, b):  # x / scale: c/d ~ c/d0 - c0 d/d0^2
+            return ([reduce_to(grad / b, a.shape), reduce_to(-grad * a / b**2, b.shape)],  # + c0/d0, exact there
+                    per_instance(grad * (a / b)))
         if isinstance(self, Div):
             raise NotDecodable("a division of two feature maps is not supported")
+        if a.size != b.size and _per_position(a, b):  # a normalization's scale: the exact tangent plane
+            return ([reduce_to(grad * b, a.shape), reduce_to(grad * a, b.shape)], -per_instance(grad * a * b))
         if a.size != b.size:
             gate_is_b = b.size < a.size
             held = b if gate_is_b else a
@@ -149,6 +156,10 @@ class Mul(Arithmetic):
             const = f"{node.output[0]}::held_gate"
             ctx.held[const] = value.reshape(1, -1, 1, 1)
             return [helper.make_node(Mul.__name__, [pattern.x, const], [node.output[0]], name=node.name)]
+        if isinstance(pattern, TokenScale) and node.output[0] in ctx.gates:  # its factor held at one value
+            const = f"{node.output[0]}::held_scale"
+            ctx.held[const] = np.asarray(np.asarray(ctx.gates[node.output[0]]).reshape(-1)[0], np.float32)
+            return [helper.make_node(Mul.__name__, [pattern.x, const], [node.output[0]], name=node.name)]
         return None
 
 
@@ -156,6 +167,8 @@ class Mul(Arithmetic):
 class Div(Mul):
     def apply(self, node, inputs, ctx):
         a, b = inputs
+        if isinstance(ctx.pattern(node), TokenScale):
+            raise PhaseDependent(_TOKEN_SCALE)
         if not isinstance(b, Const):
             raise NotDecodable("it divides by a data-dependent tensor")
         x = data(a)
@@ -163,6 +176,16 @@ class Div(Mul):
         if np.any(divisor == 0):
             raise NotDecodable("it divides by zero")
         return scale(x, 1.0 / divisor, ctx)
+
+
+_TOKEN_SCALE = ("a normalization's scale over the last axis (RMSNorm, a LayerNorm written out), held per position: the "
+                "layers after it decode per position")
+
+
+def _per_position(a, b) -> bool:
+    """Whether the smaller of two data factors is one number per position over the last axis of the other."""
+    small, large = (a, b) if a.size < b.size else (b, a)
+    return small.ndim == large.ndim >= 3 and small.shape[-1] == 1 and small.shape[1:-1] == large.shape[1:-1]
 
 
 def scale(x: Tensor, factor: np.ndarray, ctx) -> Tensor:

@@ -189,6 +189,38 @@ class Erf(Slope):
         return 2 / np.sqrt(np.pi) * xp.exp(-ins[0] ** 2)
 
 
+class _NormPart(Slope):
+    """A step of a normalization's scale written out (RMSNorm's and a legacy LayerNorm's ``Sqrt``, ``Pow``,
+    ``Reciprocal``): ``graph.patterns.TokenScale`` holds the scale it computes; alone it has no bank rule, and
+    ``local`` follows its slope."""
+
+    family = True
+    keeps_neuron = False
+    refuses = Slope.refuses | {"apply": NO_BANK_RULE}
+
+    def linear_nodes(self, node, ctx):
+        return None
+
+
+class Sqrt(_NormPart):
+    def slope(self, xp, node, ins, out):
+        return 0.5 / out
+
+
+class Reciprocal(_NormPart):
+    def slope(self, xp, node, ins, out):
+        return -(out**2)
+
+
+class Pow(_NormPart):
+    def slope(self, xp, node, ins, out):
+        """``p x^(p-1)`` for a constant exponent p (a data exponent is refused)."""
+        p = xp.asarray(ins[1], out.dtype) if len(ins) > 1 and ins[1] is not None else None
+        if p is None or p.size != 1:
+            raise NotDecodable("only a power by one constant is followed")
+        return p * ins[0] ** (p - 1)
+
+
 class LRN(Elementwise):
     cone_any_constant = True
     passes_gate = True  # fds treats it as the identity
