@@ -92,6 +92,12 @@ def batch_first(nodes: list, constants: dict, shapes: dict) -> list:
     inserted, dropped = {}, set()
     for node in nodes:
         perm = list(attributes(node).get("perm", [])) if node.op_type == "Transpose" else []
+        sliced = _slices_of(node, perm, readers, constants, shapes)
+        if sliced is not None:  # dynamo's form: q, k, v sliced off the split axis one by one
+            new, replaced = _sliced_first(node, perm, *sliced, readers, constants, shapes)
+            inserted[id(node)] = new
+            dropped |= {id(n) for n in replaced}
+            continue
         split = readers[node.output[0]][0] if perm and len(readers.get(node.output[0], ())) == 1 else None
         if split is None or split.op_type != "Split" or shapes.get(node.input[0]) is None or perm.index(0) == 0:
             continue
@@ -137,6 +143,55 @@ def _split_first(transpose, split, perm: list, axis: int, readers: dict, constan
             replaced.extend(squeezes)
         else:
             nodes.append(helper.make_node("Transpose", [part], [output], name=f"{name}::transposed", perm=perm))
+    return nodes, replaced
+
+
+def _slices_of(transpose, perm: list, readers: dict, constants: dict, shapes: dict):
+    """``(axis, [(slice node, start, stop)])`` where every reader of a batch-moving ``transpose`` is a Slice of one
+    range of the same axis (constant bounds, step 1), not the batch's; else None."""
+    found = readers.get(transpose.output[0], []) if perm and shapes.get(transpose.input[0]) is not None else []
+    if not found or perm.index(0) == 0 or any(r.op_type != "Slice" or len(r.input) not in (4, 5) for r in found):
+        return None
+    ranges, axes = [], set()
+    for r in found:
+        bounds = [constants.get(name) for name in r.input[1:]]
+        if any(b is None or np.size(b) != 1 for b in bounds) or (len(bounds) == 4 and int(np.ravel(bounds[3])[0]) != 1):
+            return None
+        start, stop, axis = (int(np.ravel(b)[0]) for b in bounds[:3])
+        size = shapes[transpose.output[0]][axis % len(perm)]
+        axes.add(axis % len(perm))
+        ranges.append((r, max(0, start if start >= 0 else start + size), min(size, stop if stop >= 0 else stop + size)))
+    if len(axes) != 1 or perm[next(iter(axes))] == 0:
+        return None
+    return next(iter(axes)), ranges
+
+
+def _sliced_first(transpose, perm: list, axis: int, ranges: list, readers: dict, constants: dict, shapes: dict):
+    """``(nodes, replaced)``: each slice taken from the transpose's input on the axis it sends there, then squeezed
+    (where a Squeeze of that axis is its only reader) and transposed by the rest of the permutation."""
+    source, nodes, replaced = perm[axis], [], [transpose]
+    rest = [p - (p > source) for i, p in enumerate(perm) if i != axis]
+    in_shape = list(shapes[transpose.input[0]])
+    for r, start, stop in ranges:
+        out, replaced = r.output[0], replaced + [r]
+        part, bounds = f"{out}::sliced_first", f"{out}::sliced_first::bounds"
+        constants[f"{bounds}::starts"], constants[f"{bounds}::ends"] = np.array([start]), np.array([stop])
+        constants[f"{bounds}::axes"] = np.array([source])
+        nodes.append(helper.make_node("Slice", [transpose.input[0], f"{bounds}::starts", f"{bounds}::ends",
+                                                f"{bounds}::axes"], [part], name=f"{r.name or out}::sliced_first"))
+        shapes[part] = tuple(in_shape[:source] + [stop - start] + in_shape[source + 1:])
+        squeezes = readers.get(out, [])
+        if stop - start == 1 and squeezes and all(_squeezes(s, axis, constants) for s in squeezes):
+            squeezed = f"{part}::squeezed"
+            shapes[squeezed] = tuple(v for i, v in enumerate(shapes[part]) if i != source)
+            constants[f"{squeezed}::shape"] = np.asarray(shapes[squeezed], np.int64)
+            nodes.append(helper.make_node("Reshape", [part, f"{squeezed}::shape"], [squeezed],
+                                          name=f"{r.name or out}::squeeze_first"))
+            nodes.extend(helper.make_node("Transpose", [squeezed], [s.output[0]], name=s.name, perm=rest)
+                         for s in squeezes)
+            replaced.extend(squeezes)
+        else:
+            nodes.append(helper.make_node("Transpose", [part], [out], name=f"{r.name or out}::transposed", perm=perm))
     return nodes, replaced
 
 

@@ -502,6 +502,12 @@ def test_dynamo_slices_of_the_heads_decode_exactly(tmp_path):
     path = tmp_path / "dynamo_vit.onnx"
     onnx.save(proto, str(path))
     model = fd.load_model(str(path))
+    from fdsub_onnx.compose.linear_model import linear_model
+    from fdsub_onnx.graph.model import ancestors
+    from fdsub_onnx.modes.backward import batch_moves
+
+    linear = linear_model(model, reference_gates(model, [names["logits"]]))
+    assert not batch_moves(linear, ancestors(linear, [names["logits"]]))  # the slices moved before the transpose
     images = _images(3, seed=5)
     for layer in fd.inspect_model(model).layers:
         rows, columns = grid(model, layer.name)
