@@ -120,7 +120,6 @@ def _split_first(transpose, split, perm: list, axis: int, readers: dict, constan
     """``(nodes, squeezes)``: the nodes standing for ``transpose -> split`` and the squeezes of the split axis after
     it, and those squeezes (replaced)."""
     source, name = perm[axis], split.name or split.output[0]
-    rest = [p - (p > source) for i, p in enumerate(perm) if i != axis]
     parts = [f"{o}::split_first" for o in split.output]
     attrs = {k: v for k, v in attributes(split).items() if k != "axis"}
     nodes = [helper.make_node("Split", [transpose.input[0], *split.input[1:]], parts, name=f"{name}::split_first",
@@ -131,19 +130,30 @@ def _split_first(transpose, split, perm: list, axis: int, readers: dict, constan
         if out_shape is None:
             raise NotDecodable(f"the shape of {output!r} is not known")
         shapes[part] = tuple(in_shape[:source] + [out_shape[axis]] + in_shape[source + 1:])
-        squeezes = readers.get(output, [])
-        if out_shape[axis] == 1 and squeezes and all(_squeezes(r, axis, constants) for r in squeezes):
-            squeezed = f"{part}::squeezed"
-            shapes[squeezed] = tuple(v for i, v in enumerate(shapes[part]) if i != source)
-            constants[f"{squeezed}::shape"] = np.asarray(shapes[squeezed], np.int64)
-            nodes.append(helper.make_node("Reshape", [part, f"{squeezed}::shape"], [squeezed],
-                                          name=f"{name}::squeeze_first"))
-            nodes.extend(helper.make_node("Transpose", [squeezed], [r.output[0]], name=r.name, perm=rest)
-                         for r in squeezes)  # each squeeze becomes the rest of the transpose
-            replaced.extend(squeezes)
-        else:
-            nodes.append(helper.make_node("Transpose", [part], [output], name=f"{name}::transposed", perm=perm))
+        made, squeezes = _transposed_part(part, output, axis, perm, readers, constants, shapes, name)
+        nodes.extend(made)
+        replaced.extend(squeezes)
     return nodes, replaced
+
+
+def _transposed_part(part: str, output: str, axis: int, perm: list, readers: dict, constants: dict, shapes: dict,
+                     name: str):
+    """``(nodes, squeezes)``: ``output`` (a part of the transposed tensor along ``axis``) made from ``part`` (the same
+    part taken before the transpose): where Squeezes of that axis are its only readers and it has one row there,
+    their outputs as the part squeezed then transposed by the rest of the permutation (the squeezes, replaced, are
+    returned); else ``output`` as the part transposed."""
+    source = perm[axis]
+    squeezes = readers.get(output, [])
+    if shapes[part][source] != 1 or not squeezes or not all(_squeezes(r, axis, constants) for r in squeezes):
+        return [helper.make_node("Transpose", [part], [output], name=f"{name}::transposed", perm=perm)], []
+    rest = [p - (p > source) for i, p in enumerate(perm) if i != axis]
+    squeezed = f"{part}::squeezed"
+    shapes[squeezed] = tuple(v for i, v in enumerate(shapes[part]) if i != source)
+    constants[f"{squeezed}::shape"] = np.asarray(shapes[squeezed], np.int64)
+    nodes = [helper.make_node("Reshape", [part, f"{squeezed}::shape"], [squeezed], name=f"{name}::squeeze_first")]
+    nodes.extend(helper.make_node("Transpose", [squeezed], [r.output[0]], name=r.name, perm=rest)
+                 for r in squeezes)  # each squeeze becomes the rest of the transpose
+    return nodes, squeezes
 
 
 def _slices_of(transpose, perm: list, readers: dict, constants: dict, shapes: dict):
@@ -170,7 +180,6 @@ def _sliced_first(transpose, perm: list, axis: int, ranges: list, readers: dict,
     """``(nodes, replaced)``: each slice taken from the transpose's input on the axis it sends there, then squeezed
     (where a Squeeze of that axis is its only reader) and transposed by the rest of the permutation."""
     source, nodes, replaced = perm[axis], [], [transpose]
-    rest = [p - (p > source) for i, p in enumerate(perm) if i != axis]
     in_shape = list(shapes[transpose.input[0]])
     for r, start, stop in ranges:
         out, replaced = r.output[0], replaced + [r]
@@ -180,18 +189,9 @@ def _sliced_first(transpose, perm: list, axis: int, ranges: list, readers: dict,
         nodes.append(helper.make_node("Slice", [transpose.input[0], f"{bounds}::starts", f"{bounds}::ends",
                                                 f"{bounds}::axes"], [part], name=f"{r.name or out}::sliced_first"))
         shapes[part] = tuple(in_shape[:source] + [stop - start] + in_shape[source + 1:])
-        squeezes = readers.get(out, [])
-        if stop - start == 1 and squeezes and all(_squeezes(s, axis, constants) for s in squeezes):
-            squeezed = f"{part}::squeezed"
-            shapes[squeezed] = tuple(v for i, v in enumerate(shapes[part]) if i != source)
-            constants[f"{squeezed}::shape"] = np.asarray(shapes[squeezed], np.int64)
-            nodes.append(helper.make_node("Reshape", [part, f"{squeezed}::shape"], [squeezed],
-                                          name=f"{r.name or out}::squeeze_first"))
-            nodes.extend(helper.make_node("Transpose", [squeezed], [s.output[0]], name=s.name, perm=rest)
-                         for s in squeezes)
-            replaced.extend(squeezes)
-        else:
-            nodes.append(helper.make_node("Transpose", [part], [out], name=f"{r.name or out}::transposed", perm=perm))
+        made, squeezes = _transposed_part(part, out, axis, perm, readers, constants, shapes, r.name or out)
+        nodes.extend(made)
+        replaced = replaced + squeezes
     return nodes, replaced
 
 
