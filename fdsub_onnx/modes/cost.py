@@ -29,6 +29,7 @@ from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .decode import plan_decode
 from .fds import FIX, gate_values, pass_bytes
+from .gates import NEURON_MEANS_BUDGET, token_factor_values
 from .local import PassPlan
 from .plan import Costs, forward_flops
 from .windows import field_part
@@ -134,7 +135,22 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
                             batch * per_image, forward_seconds(model, nodes or targets, count) + extra, count))
     stages += compose_stage(model, targets, rows, dtype, "fds", neurons)
-    return stages
+    return stages + [stage for t in targets if (stage := _neuron_means_stage(model, t, count, (neurons or rows or
+                                                                                               {}).get(t)))]
+
+
+def _neuron_means_stage(model: Model, target: str, count: int, neurons) -> Stage | None:
+    """fds's attention and layer norms held per neuron (``gates.neuron_means``): per group of neurons whose sums fit,
+    one pass over the images holding their instances (at most all ``count``); None where none is below ``target``."""
+    values = token_factor_values(model, target)
+    if not values:
+        return None
+    wanted = len(parse_neurons(neurons, channels_of(model, target), target))
+    group = max(1, NEURON_MEANS_BUDGET // (8 * values))
+    passes = -(-wanted // group)
+    return Stage(f"fds: attention and layer norms held per neuron of {target!r} ({passes} pass(es) over the images "
+                 "holding their instances)", min(wanted, group) * 8 * values + 8 * 8 * values,
+                 passes * forward_seconds(model, [target], count), count)
 
 
 def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: str, neurons: dict | None = None

@@ -135,8 +135,21 @@ def reference_gates(model: Model, targets, reference=None, device="cpu", batch_s
     return {mul: total / count for mul, total in sums.items()}
 
 
+def token_factor_values(model: Model, target: str) -> int:
+    """Values per image of the factors fds holds per neuron below ``target`` (``HeldFactors`` "tokens": attention
+    matrices, bilinear factors, written-out normalizations' scales, layer norms' inputs), from shapes alone."""
+    names = [n.input[0] for n in layer_norms(model, [target]).values()]
+    names += [p.scale for p in token_scales(model, [target]).values()]
+    names += [t for out, p in attentions(model, [target]).items() for t in _factors(p, out).values()]
+    return sum(int(np.prod(model.shapes.get(t) or (1,))) for t in names)
+
+
+#: bytes the per-neuron sums of ``neuron_means`` may hold at once (a group of neurons per pass over the images)
+NEURON_MEANS_BUDGET = 2**29
+
+
 def neuron_means(model: Model, target: str, top, images, device="cpu", batch_size: int = 8,
-                 budget: int = 2**29) -> Iterator[dict[str, np.ndarray]]:
+                 budget: int = NEURON_MEANS_BUDGET) -> Iterator[dict[str, np.ndarray]]:
     """fds's held factors (revision 3: layer norms, attention and bilinear products) below ``target``, per neuron of
     ``top`` (its ``TopN``): their activation-weighted mean over the neuron's top instances (an image holding several
     of them counts as often). One pass over the images those instances lie in per group of neurons whose sums fit

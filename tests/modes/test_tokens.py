@@ -574,3 +574,14 @@ def test_normalizations_written_out_are_held_like_layer_norm(kind, tmp_path):
                    for s in (1, -1))
     assert (plus - minus) / (2 * eps) == pytest.approx(float((grads[0] * direction).sum()), rel=2e-2,
                                                        abs=1e-3 * np.abs(real).max())
+
+
+def test_the_fds_plan_counts_the_per_neuron_holding(vit):
+    """``--plan`` of fds on a token layer names the pass that holds attention and layer norms per neuron; none on a
+    layer below every held factor."""
+    model, _, names = vit
+    stages = fd.estimate_decode(model, names["logits"], "0-1", "fds", 12, top=4).stages
+    held = [s for s in stages if "held per neuron" in s.what]
+    assert len(held) == 1 and "1 pass(es)" in held[0].what and held[0].peak_bytes > 0
+    assert not [s for s in fd.estimate_decode(model, names["patches"], "0-1", "fds", 12, top=4).stages
+                if "held per neuron" in s.what]
