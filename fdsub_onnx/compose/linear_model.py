@@ -38,7 +38,8 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     out.CopyFrom(model)
     graph = out.graph
     nodes, held = _linear_nodes(list(graph.node), patterns or {}, gates or {}, opset,
-                                {o.name for o in graph.output}, dilated_ok=opset >= 19)
+                                {o.name for o in graph.output}, dilated_ok=opset >= 19,
+                                constants={i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer})
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(onnx.numpy_helper.from_array(v, n) for n, v in held.items())
@@ -53,7 +54,7 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
     """
     shapes = dict(model.shapes)
     nodes, held = _linear_nodes(model.nodes, model.patterns, gates or {}, model.opset, set(), dilated_ok=True,
-                                shapes=shapes)
+                                shapes=shapes, constants=model.constants)
     nodes = merged_affine(nodes, dict(model.constants) | held, held, model.shapes)
     constants = dict(model.constants) | held
     nodes = batch_first(nodes, constants, shapes)
@@ -63,13 +64,14 @@ def linear_model(model: Model, gates: dict | None = None) -> Model:
 
 
 def _linear_nodes(nodes: list, patterns: dict, gates: dict, opset: int, outputs: set,
-                  dilated_ok: bool = False, shapes: dict | None = None) -> tuple[list, dict]:
+                  dilated_ok: bool = False, shapes: dict | None = None, constants: dict | None = None
+                  ) -> tuple[list, dict]:
     """The linearized node list and the constants it adds (name -> array): each op's ``linear_nodes`` reading
     (``compose/ops``), the node itself where it has none; ``dilated_ok``: a dilated MaxPool becomes a dilated
     AveragePool (which onnxruntime runs from opset 19)."""
     ctx = LinearContext(used={name for node in nodes for name in node.input} | outputs, dilated_ok=dilated_ok,
                         gates=gates, held={}, opset=opset, producer={o: node for node in nodes for o in node.output},
-                        patterns=patterns, shapes={} if shapes is None else shapes)
+                        patterns=patterns, shapes={} if shapes is None else shapes, constants=constants or {})
     linear = []
     for node in nodes:
         op = RULES.get(node.op_type)

@@ -47,9 +47,6 @@ from .self_test import linearized
 DEFAULT_IMAGES = CHECK_IMAGES
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("coverage", "expected-layers", "finite-weights", "identity", "degenerate-filters", "dead-neurons")
-#: an op without a class of its own through which the dead-neuron probe follows a layer to its activation (the
-#: op classes say it of themselves: ``OpRule.keeps_neuron``, ``affine_by_constant``)
-FOLLOWED = ("InstanceNormalization",)
 VARIES = 1e-6  # a neuron varies when its range over the probe set exceeds this share of its layer's largest |value|
 BATCH = 8
 
@@ -382,7 +379,7 @@ def _activation_of(model: Model, name: str) -> str:
             return name
         node = users[0]
         op = RULES.get(node.op_type)
-        follows = (node.op_type in FOLLOWED or (op is not None and op.keeps_neuron)) and node.input[0] == name
+        follows = op is not None and op.keeps_neuron and node.input[0] == name
         if op is not None and op.affine_by_constant:
             others = [i for i in node.input if i != name]
             follows = len(others) == 1 and others[0] in model.constants and node.input[0] == name

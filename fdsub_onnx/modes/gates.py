@@ -67,10 +67,9 @@ def layer_norms(model: Model, targets) -> dict[str, object]:
 
 
 def _inverse_std(node, x: np.ndarray) -> np.ndarray:
-    """Per image, LayerNormalization's 1/sqrt(var + eps) over the last axis, averaged over the positions."""
-    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-    x = np.asarray(x, np.float64)
-    return (1 / np.sqrt(x.var(axis=-1) + eps)).reshape(len(x), -1).mean(axis=1)
+    """Per image, the norm's held 1/std (``OpRule.inverse_std``: a LayerNormalization's mean over the positions [1],
+    an InstanceNormalization's per channel [C])."""
+    return RULES[node.op_type].inverse_std(node, np.asarray(x, np.float64))
 
 
 class HeldFactors:
@@ -97,7 +96,7 @@ class HeldFactors:
         out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor])
                 for name, tensor in self.factors.items()}  # one image's tensor (its batch axis may hold patches)
         out |= {name: _mean_factor(p, values[p.scale], count)[:, None] for name, p in self.scales.items()}
-        return out | {name: _inverse_std(n, values[n.input[0]])[:, None] for name, n in self.norms.items()}
+        return out | {name: _inverse_std(n, values[n.input[0]]) for name, n in self.norms.items()}
 
     def image_bytes(self) -> int:
         """Bytes of one image's held values (float64)."""

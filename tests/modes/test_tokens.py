@@ -585,3 +585,50 @@ def test_the_fds_plan_counts_the_per_neuron_holding(vit):
     assert len(held) == 1 and "1 pass(es)" in held[0].what and held[0].peak_bytes > 0
     assert not [s for s in fd.estimate_decode(model, names["patches"], "0-1", "fds", 12, top=4).stages
                 if "held per neuron" in s.what]
+
+
+def group_norm_block(seed: int = 5) -> tuple[onnx.ModelProto, str]:
+    """A convolution, a GroupNorm as torch's legacy exporter writes it (Reshape to [1, G, -1],
+    InstanceNormalization, Reshape back, per-channel Mul and Add), a ReLU and a convolution."""
+    g, groups = _Graph(seed), 2
+    x = g.op("Conv", ["input", g.weight(C, 3, 3, 3, scale=0.3), g.weight(C, scale=0.3)], kernel_shape=[3, 3],
+             pads=[1, 1, 1, 1])
+    grouped = g.op("Reshape", [x, g.const([1, groups, -1], np.int64)])
+    normed = g.op("InstanceNormalization", [grouped, g.const(np.ones(groups)), g.const(np.zeros(groups))],
+                  epsilon=1e-5)
+    x = g.op("Reshape", [normed, g.const([1, C, SIZE, SIZE], np.int64)])
+    x = g.op("Add", [g.op("Mul", [x, g.const(1 + 0.2 * g.rng.standard_normal((C, 1, 1)))]),
+                     g.const(0.1 * g.rng.standard_normal((C, 1, 1)))])
+    out = g.op("Conv", [g.op("Relu", [x]), g.weight(4, C, 3, 3, scale=0.3)], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph(g.nodes, "group_norm", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out
+
+
+def test_a_group_norm_written_out_is_held_per_group(tmp_path):
+    """GroupNorm as Reshape -> InstanceNormalization -> Reshape: its 1/std held per group in weights mode (the layer
+    after it decodes per position: the identity against onnxruntime on the linearized network), local's instance
+    filter the input gradient (central differences through onnxruntime on the real network)."""
+    proto, out = group_norm_block()
+    model = _load(proto, tmp_path)
+    layers = fd.inspect_model(model).layers
+    assert all(lay.decodable for lay in layers) and layers[-1].per_position, [(lay.name, lay.reason) for lay in layers]
+    images = _images(3, seed=7)
+    held = reference_gates(model, [out])
+    assert any(np.size(v) == 2 for v in held.values())  # one 1/std per group
+    for position in ((8, 8), (0, 3)):
+        decoded = fd.decode(model, out, dtype="float64", neurons="0-1", position=position)
+        acts = run_ort(linearized(proto, model.patterns, held), images, [out])[out][:, :2, position[0], position[1]]
+        (y, x), (ry, rx) = decoded.origin, decoded.filters.shape[2:]
+        got = (decoded.filters[None] * images[:, None, :, y : y + ry, x : x + rx]).sum(axis=(2, 3, 4)) + decoded.bias
+        np.testing.assert_allclose(got, acts, rtol=1e-5, atol=1e-5 * np.abs(acts).max())
+    grads, bias = instance_gradients(model, out, images[:2], np.array([1, 0]), np.array([[5, 6], [9, 2]]))
+    real = run_ort(proto, images[:2], [out])[out].astype(np.float64)
+    want = real[[0, 1], [1, 0], [5, 9], [6, 2]]
+    np.testing.assert_allclose((grads * images[:2]).sum(axis=(1, 2, 3)) + bias, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(real).max())
+    direction, eps = np.random.default_rng(2).standard_normal(images.shape[1:]).astype(np.float32), 1e-2
+    plus, minus = (run_ort(proto, (images[0] + s * eps * direction)[None], [out])[out][0, 1, 5, 6] for s in (1, -1))
+    assert (plus - minus) / (2 * eps) == pytest.approx(float((grads[0] * direction).sum()), rel=2e-2,
+                                                       abs=1e-3 * np.abs(real).max())

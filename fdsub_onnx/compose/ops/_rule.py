@@ -43,6 +43,7 @@ class LinearContext:
     producer: dict = field(default_factory=dict)
     patterns: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)  # tensor -> shape, filled for the tensors the ops add
+    constants: dict = field(default_factory=dict)  # the graph's constant tensors (name -> array), read only
 
 
 class OpRule:

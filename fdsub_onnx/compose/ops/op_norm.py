@@ -25,9 +25,17 @@ def mix_channels(x: Tensor, matrix: np.ndarray, bias, ctx) -> Tensor:
     return x.derive(channels=int(matrix.shape[0]), bank=bank)
 
 
+def _epsilon(node) -> float:
+    return float(attributes(node).get("epsilon", 1e-5))
+
+
 class LayerNormalization(OpRule):
     held_factor = True
     refuses = {"adjoint": "its 1/std depends on the data; the linearized network holds it (modes.gates)"}
+
+    def inverse_std(self, node, x):
+        """Per image [count, 1]: 1/sqrt(var + eps) over the last axis, averaged over the positions."""
+        return (1 / np.sqrt(x.var(axis=-1) + _epsilon(node))).reshape(len(x), -1).mean(axis=1)[:, None]
 
     def apply(self, node, inputs, ctx):
         x = inputs[0]
@@ -97,4 +105,65 @@ class LayerNormalization(OpRule):
         if shape is not None:  # the tensors it adds: the mean keeps the last axis as 1
             ctx.shapes.update({n.output[0]: shape for n in nodes[1:] if n.output[0] not in ctx.shapes})
             ctx.shapes[mean] = (*shape[:-1], 1)
+        return nodes
+
+
+class InstanceNormalization(OpRule):
+    """Each channel normalized over its positions (axes 2 on): torch's legacy export of GroupNorm reshapes a map to
+    ``[N, G, C/G * H * W]`` and normalizes each group so. Its 1/std is held per channel (the reference's, as a layer
+    norm's); its centring is a mean over the whole map, so the layers after it decode per position; ``local``
+    takes its exact Jacobian. The linearized network reads it on ``[N, C, L]`` (the GroupNorm form)."""
+
+    held_factor = True
+    keeps_neuron = True  # each channel normalized on its own: the dead-neuron probe follows a layer through it
+    refuses = {"adjoint": "its 1/std depends on the data; the linearized network holds it (modes.gates)"}
+
+    def inverse_std(self, node, x):
+        """Per image and channel [count, C]: 1/sqrt(var + eps) over the positions."""
+        return 1 / np.sqrt(x.reshape(*x.shape[:2], -1).var(axis=2) + _epsilon(node))
+
+    def apply(self, node, inputs, ctx):
+        raise PhaseDependent("an InstanceNormalization (a GroupNorm written out) centres each channel over the whole "
+                             "map and holds its 1/std: the layers after it decode per position")
+
+    def backward(self, node, ins, is_data, out, grad):
+        """Over axes 2 on, per channel, as LayerNormalization's over the last axis: g' = g * scale,
+        g_x = r (g' - mean(g') - x^ mean(g' x^)); the offset ``out - J x`` = ``bias + scale x^ (1 - eps r^2)``."""
+        x, xp = ins[0], array_module(grad)
+        axes, per_channel = tuple(range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
+        eps = _epsilon(node)
+        gamma, beta = on(grad, ins[1]).reshape(per_channel), on(grad, ins[2]).reshape(per_channel)
+        centred = x - x.mean(axis=axes, keepdims=True)
+        r = 1 / xp.sqrt((centred**2).mean(axis=axes, keepdims=True) + eps)
+        hat = centred * r
+        g = grad * gamma
+        gx = r * (g - g.mean(axis=axes, keepdims=True) - hat * (g * hat).mean(axis=axes, keepdims=True))
+        return [gx, None, None], per_instance(grad * (beta + gamma * hat * (1 - eps * r**2)))
+
+    def linear_nodes(self, node, ctx):
+        """Held (``ctx.gates``: 1/std per channel) on ``[N, C, L]``: ``(x - mean over L) * (r * scale) + bias``, r,
+        scale and bias as ``[1, C, 1]`` constants; None (the node kept, which the adjoint refuses) on another rank
+        or without the held value."""
+        x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+        shape = ctx.shapes.get(x)
+        if out not in ctx.gates or (shape is not None and len(shape) != 3) or not all(
+                n in ctx.constants for n in node.input[1:3]):
+            return None
+        held = np.asarray(ctx.gates[out], np.float64).reshape(-1)
+        scale, bias = (np.asarray(ctx.constants[n], np.float64).reshape(-1) for n in node.input[1:3])
+        factor, shift = f"{out}::factor", f"{out}::shift"
+        ctx.held[factor] = (held * scale).astype(np.float32).reshape(1, -1, 1)
+        ctx.held[shift] = bias.astype(np.float32).reshape(1, -1, 1)
+        mean, centred, scaled = f"{out}::mean", f"{out}::centred", f"{out}::scaled"
+        if ctx.opset >= 18:
+            ctx.held[f"{out}::axes"] = np.asarray([-1], np.int64)
+            reduce = helper.make_node(ReduceMean.__name__, [x, f"{out}::axes"], [mean], name=f"{name}::mean",
+                                      keepdims=1)
+        else:
+            reduce = helper.make_node(ReduceMean.__name__, [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
+        nodes = [reduce, helper.make_node(Sub.__name__, [x, mean], [centred], name=f"{name}::centre"),
+                 helper.make_node(Mul.__name__, [centred, factor], [scaled], name=f"{name}::held"),
+                 helper.make_node(Add.__name__, [scaled, shift], [out], name=name)]
+        if shape is not None:
+            ctx.shapes.update({centred: shape, scaled: shape, mean: (*shape[:-1], 1)})
         return nodes
