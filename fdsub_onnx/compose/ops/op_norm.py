@@ -62,22 +62,14 @@ class LayerNormalization(OpRule):
         return Layout(x.index, centred.derive(bank=ctx.engine.affine(centred.bank, scale, beta)))
 
     def backward(self, node, ins, is_data, out, grad):
-        """LayerNormalization over the last axis, linearized at the instance: with x^ = (x - mean) r, r = 1/std,
-        g_x = r * (g' - mean(g') - x^ mean(g' x^)) for g' = g * gamma; the offset ``out - J x`` is
-        ``beta + gamma x^ (1 - eps r^2)``, so the local identity stays exact."""
-        x, xp = ins[0], array_module(grad)
+        """LayerNormalization over the last axis, linearized at the instance (``_normalized_tangent``)."""
+        x = ins[0]
         attrs = attributes(node)
         if int(attrs.get("axis", -1)) % x.ndim != x.ndim - 1:
             raise NotDecodable("only a LayerNormalization over the last axis is supported")
-        eps = attrs.get("epsilon", 1e-5)
         gamma = on(grad, ins[1])
         beta = on(grad, ins[2]) if len(ins) > 2 and ins[2] is not None else 0.0
-        centred = x - x.mean(axis=-1, keepdims=True)
-        r = 1 / xp.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
-        hat = centred * r
-        g = grad * gamma
-        gx = r * (g - g.mean(axis=-1, keepdims=True) - hat * (g * hat).mean(axis=-1, keepdims=True))
-        offset = beta + gamma * hat * (1 - eps * r**2)
+        gx, offset = _normalized_tangent(x, grad, gamma, beta, _epsilon(node), (-1,))
         return [gx] + [None] * (len(ins) - 1), per_instance(grad * offset)
 
     def linear_nodes(self, node, ctx):
@@ -86,25 +78,15 @@ class LayerNormalization(OpRule):
             return None
         inverse_std = float(np.asarray(ctx.gates[node.output[0]]).reshape(-1)[0])
         x, out, name = node.input[0], node.output[0], node.name or node.output[0]
-        mean, centred, scaled = f"{out}::mean", f"{out}::centred", f"{out}::scaled"
-        factor = f"{out}::factor"
-        ctx.held[factor] = np.asarray(inverse_std, np.float32)
-        if ctx.opset >= 18:
-            axes = f"{out}::axes"
-            ctx.held[axes] = np.asarray([-1], np.int64)
-            reduce = helper.make_node(ReduceMean.__name__, [x, axes], [mean], name=f"{name}::mean", keepdims=1)
-        else:
-            reduce = helper.make_node(ReduceMean.__name__, [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
-        nodes = [reduce, helper.make_node(Sub.__name__, [x, mean], [centred], name=f"{name}::centre"),
-                 helper.make_node(Mul.__name__, [centred, factor], [scaled], name=f"{name}::held"),
-                 helper.make_node(Mul.__name__, [scaled, node.input[1]],
-                                  [out + ("::gamma" if len(node.input) > 2 else "")], name=f"{name}::scale")]
+        nodes, scaled = _held_centring(node, np.asarray(inverse_std, np.float32), ctx)
+        nodes.append(helper.make_node(Mul.__name__, [scaled, node.input[1]],
+                                      [out + ("::gamma" if len(node.input) > 2 else "")], name=f"{name}::scale"))
         if len(node.input) > 2 and node.input[2]:
             nodes.append(helper.make_node(Add.__name__, [out + "::gamma", node.input[2]], [out], name=name))
         shape = ctx.shapes.get(x)
         if shape is not None:  # the tensors it adds: the mean keeps the last axis as 1
             ctx.shapes.update({n.output[0]: shape for n in nodes[1:] if n.output[0] not in ctx.shapes})
-            ctx.shapes[mean] = (*shape[:-1], 1)
+            ctx.shapes[f"{out}::mean"] = (*shape[:-1], 1)
         return nodes
 
 
@@ -129,16 +111,11 @@ class InstanceNormalization(OpRule):
     def backward(self, node, ins, is_data, out, grad):
         """Over axes 2 on, per channel, as LayerNormalization's over the last axis: g' = g * scale,
         g_x = r (g' - mean(g') - x^ mean(g' x^)); the offset ``out - J x`` = ``bias + scale x^ (1 - eps r^2)``."""
-        x, xp = ins[0], array_module(grad)
-        axes, per_channel = tuple(range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
-        eps = _epsilon(node)
+        x = ins[0]
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
         gamma, beta = on(grad, ins[1]).reshape(per_channel), on(grad, ins[2]).reshape(per_channel)
-        centred = x - x.mean(axis=axes, keepdims=True)
-        r = 1 / xp.sqrt((centred**2).mean(axis=axes, keepdims=True) + eps)
-        hat = centred * r
-        g = grad * gamma
-        gx = r * (g - g.mean(axis=axes, keepdims=True) - hat * (g * hat).mean(axis=axes, keepdims=True))
-        return [gx, None, None], per_instance(grad * (beta + gamma * hat * (1 - eps * r**2)))
+        gx, offset = _normalized_tangent(x, grad, gamma, beta, _epsilon(node), tuple(range(2, x.ndim)))
+        return [gx, None, None], per_instance(grad * offset)
 
     def linear_nodes(self, node, ctx):
         """Held (``ctx.gates``: 1/std per channel) on ``[N, C, L]``: ``(x - mean over L) * (r * scale) + bias``, r,
@@ -151,19 +128,38 @@ class InstanceNormalization(OpRule):
             return None
         held = np.asarray(ctx.gates[out], np.float64).reshape(-1)
         scale, bias = (np.asarray(ctx.constants[n], np.float64).reshape(-1) for n in node.input[1:3])
-        factor, shift = f"{out}::factor", f"{out}::shift"
-        ctx.held[factor] = (held * scale).astype(np.float32).reshape(1, -1, 1)
+        shift = f"{out}::shift"
         ctx.held[shift] = bias.astype(np.float32).reshape(1, -1, 1)
-        mean, centred, scaled = f"{out}::mean", f"{out}::centred", f"{out}::scaled"
-        if ctx.opset >= 18:
-            ctx.held[f"{out}::axes"] = np.asarray([-1], np.int64)
-            reduce = helper.make_node(ReduceMean.__name__, [x, f"{out}::axes"], [mean], name=f"{name}::mean",
-                                      keepdims=1)
-        else:
-            reduce = helper.make_node(ReduceMean.__name__, [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
-        nodes = [reduce, helper.make_node(Sub.__name__, [x, mean], [centred], name=f"{name}::centre"),
-                 helper.make_node(Mul.__name__, [centred, factor], [scaled], name=f"{name}::held"),
-                 helper.make_node(Add.__name__, [scaled, shift], [out], name=name)]
+        nodes, scaled = _held_centring(node, (held * scale).astype(np.float32).reshape(1, -1, 1), ctx)
+        nodes.append(helper.make_node(Add.__name__, [scaled, shift], [out], name=name))
         if shape is not None:
-            ctx.shapes.update({centred: shape, scaled: shape, mean: (*shape[:-1], 1)})
+            ctx.shapes.update({f"{out}::centred": shape, scaled: shape, f"{out}::mean": (*shape[:-1], 1)})
         return nodes
+
+
+def _normalized_tangent(x, grad, gamma, beta, eps: float, axes: tuple):
+    """``(input gradient, offset)`` of ``gamma * (x - mean) / std + beta`` over ``axes``, linearized at ``x``: with
+    x^ = (x - mean) r, r = 1/std and g' = g gamma, ``r (g' - mean(g') - x^ mean(g' x^))``; the offset ``out - J x``
+    is ``beta + gamma x^ (1 - eps r^2)``, so the local identity stays exact."""
+    xp = array_module(grad)
+    centred = x - x.mean(axis=axes, keepdims=True)
+    r = 1 / xp.sqrt((centred**2).mean(axis=axes, keepdims=True) + eps)
+    hat = centred * r
+    g = grad * gamma
+    gx = r * (g - g.mean(axis=axes, keepdims=True) - hat * (g * hat).mean(axis=axes, keepdims=True))
+    return gx, beta + gamma * hat * (1 - eps * r**2)
+
+
+def _held_centring(node, factor: np.ndarray, ctx) -> tuple[list, str]:
+    """``(nodes, output)``: ``(x - mean over the last axis) * factor``, the norm's 1/std held in ``factor`` (a
+    constant the nodes add to ``ctx.held``), for the rest of its linearized nodes to scale and shift."""
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    mean, centred, scaled, held = f"{out}::mean", f"{out}::centred", f"{out}::scaled", f"{out}::factor"
+    ctx.held[held] = factor
+    if ctx.opset >= 18:
+        ctx.held[f"{out}::axes"] = np.asarray([-1], np.int64)
+        reduce = helper.make_node(ReduceMean.__name__, [x, f"{out}::axes"], [mean], name=f"{name}::mean", keepdims=1)
+    else:
+        reduce = helper.make_node(ReduceMean.__name__, [x], [mean], name=f"{name}::mean", axes=[-1], keepdims=1)
+    return [reduce, helper.make_node(Sub.__name__, [x, mean], [centred], name=f"{name}::centre"),
+            helper.make_node(Mul.__name__, [centred, held], [scaled], name=f"{name}::held")], scaled
