@@ -256,10 +256,11 @@ def read_values(model, nodes: list, cut: bool = False) -> set[str]:
     return read - set(model.constants) - {""}
 
 
-def forward_for(model, target: str, device="cpu", threads: int | None = None) -> Forward:
+def forward_for(model, target: str, device="cpu", threads: int | None = None, passing=None) -> Forward:
     """The onnxruntime session computing the tensors below ``target`` that a backward pass reads (``read_values``:
-    fetching every tensor made onnxruntime 3x slower on ViT-S), and the target."""
-    passing, nodes = pass_model(model, target)
+    fetching every tensor made onnxruntime 3x slower on ViT-S), and the target; ``passing``: the ``(model, nodes)``
+    of ``pass_model`` where the caller has it."""
+    passing, nodes = pass_model(model, target) if passing is None else passing
     produced = {o for n in model.nodes for o in n.output}
     return Forward(model, sorted((read_values(passing, nodes) | {target}) & produced), device, threads)
 

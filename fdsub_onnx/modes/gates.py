@@ -79,7 +79,7 @@ class HeldFactors:
     and bilinear products: fds holds them per decoded neuron, its channel gates over all images)."""
 
     def __init__(self, model: Model, targets, device="cpu", kinds: str = "all"):
-        self.model = model
+        self.model, self.device, self._forward = model, device, None
         self.gates = channel_gates(model, targets) if kinds == "all" else {}
         self.norms, attention = layer_norms(model, targets), attentions(model, targets)
         self.scales = token_scales(model, targets)
@@ -87,10 +87,12 @@ class HeldFactors:
         self.names = [*self.gates, *self.norms, *self.scales, *self.factors]
         self._reads = ([p.gate for p in self.gates.values()] + [n.input[0] for n in self.norms.values()]
                        + [p.scale for p in self.scales.values()] + list(self.factors.values()))
-        self._forward = Forward(model, self._reads, device) if self.names else None
 
     def per_image(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Held name -> its value on each image of ``batch`` [count, ...] (float64)."""
+        """Held name -> its value on each image of ``batch`` [count, ...] (float64). The onnxruntime session is
+        made on the first call (asking which factors there are costs none)."""
+        if self._forward is None:
+            self._forward = Forward(self.model, self._reads, self.device)
         values, count, model = self._forward(batch), len(batch), self.model
         out = {mul: np.asarray(values[p.gate], np.float64).reshape(count, -1) for mul, p in self.gates.items()}
         out |= {name: np.asarray(values[tensor], np.float64).reshape(count, *model.shapes[tensor])
@@ -137,10 +139,7 @@ def reference_gates(model: Model, targets, reference=None, device="cpu", batch_s
 def token_factor_values(model: Model, target: str) -> int:
     """Values per image of the factors fds holds per neuron below ``target`` (``HeldFactors`` "tokens": attention
     matrices, bilinear factors, written-out normalizations' scales, layer norms' inputs), from shapes alone."""
-    names = [n.input[0] for n in layer_norms(model, [target]).values()]
-    names += [p.scale for p in token_scales(model, [target]).values()]
-    names += [t for out, p in attentions(model, [target]).items() for t in _factors(p, out).values()]
-    return sum(int(np.prod(model.shapes.get(t) or (1,))) for t in names)
+    return HeldFactors(model, [target], kinds="tokens").image_bytes() // 8
 
 
 #: bytes the per-neuron sums of ``neuron_means`` may hold at once (a group of neurons per pass over the images)

@@ -62,13 +62,13 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
     each = ((np.zeros((k_neurons, slots, *shape), np.float32), np.zeros((k_neurons, slots), np.float32))
             if per_instance else None)
     backend = get_backend(device.backend)
-    # onnxruntime runs beside the backward passes, which keep every core busy: one thread of its own
-    forward = forward_for(model, target, device, threads=1 if device.name == "cpu" and backend.workers > 1 else None)
     workers = backend.workers
     plan = PassPlan(model, target, geom, batch_size, backend, np.dtype(dtype).itemsize)
     cone, passing, nodes, per_pass, images_at_once, spread = (plan.cone, plan.passing, plan.nodes, plan.per_pass,
                                                                plan.images_at_once, plan.spread)
-    read = {t for n in nodes for t in (*n.input, *n.output) if t}
+    # onnxruntime runs beside the backward passes, which keep every core busy: one thread of its own
+    forward = forward_for(model, target, device, threads=1 if device.name == "cpu" and workers > 1 else None,
+                          passing=(passing, nodes))
     rows, cols = np.nonzero(found.image_index >= 0)
     order = np.argsort(found.image_index[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -91,7 +91,7 @@ def decode_instances(model, layer: str, images, top: int = 100, neurons=None, ru
                 loaded.update({first + i: image for i, image in enumerate(batch)})
             values = forward(np.stack([loaded[int(i)] for i in wanted]))
             own = ShapedValues({name: backend.asarray(v if len(wanted) == 1 else v[inverse], dtype)  # one image:
-                                for name, v in values.items() if name in read}, passing)  # shared, not copied
+                                for name, v in values.items()}, passing)  # shared, not copied
             yield rows[lo:hi], cols[lo:hi], own
 
     def passes():
