@@ -29,7 +29,7 @@ from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .decode import plan_decode
 from .fds import FIX, gate_values, pass_bytes
-from .gates import NEURON_MEANS_BUDGET, token_factor_values
+from .gates import NEURON_MEANS_BATCH, NEURON_MEANS_BUDGET, token_factor_values
 from .local import PassPlan
 from .plan import Costs, forward_flops
 from .windows import field_part
@@ -149,7 +149,7 @@ def _neuron_means_stage(model: Model, target: str, count: int, neurons) -> Stage
     group = max(1, NEURON_MEANS_BUDGET // (8 * values))
     passes = -(-wanted // group)
     return Stage(f"fds: attention and layer norms held per neuron of {target!r} ({passes} pass(es) over the images "
-                 "holding their instances)", min(wanted, group) * 8 * values + 8 * 8 * values,
+                 "holding their instances)", (min(wanted, group) + NEURON_MEANS_BATCH) * 8 * values,
                  passes * forward_seconds(model, [target], count), count)
 
 

@@ -142,11 +142,12 @@ def token_factor_values(model: Model, target: str) -> int:
     return HeldFactors(model, [target], kinds="tokens").image_bytes() // 8
 
 
-#: bytes the per-neuron sums of ``neuron_means`` may hold at once (a group of neurons per pass over the images)
-NEURON_MEANS_BUDGET = 2**29
+#: bytes the per-neuron sums of ``neuron_means`` may hold at once (a group of neurons per pass over the images), and
+#: the images of one onnxruntime run there
+NEURON_MEANS_BUDGET, NEURON_MEANS_BATCH = 2**29, 8
 
 
-def neuron_means(model: Model, target: str, top, images, device="cpu", batch_size: int = 8,
+def neuron_means(model: Model, target: str, top, images, device="cpu", batch_size: int = NEURON_MEANS_BATCH,
                  budget: int = NEURON_MEANS_BUDGET) -> Iterator[dict[str, np.ndarray]]:
     """fds's held factors (revision 3: layer norms, attention and bilinear products) below ``target``, per neuron of
     ``top`` (its ``TopN``): their activation-weighted mean over the neuron's top instances (an image holding several
