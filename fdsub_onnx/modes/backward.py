@@ -217,8 +217,8 @@ def _backward(model, nodes, values, grads, reading, label, run, first):
             raise FdsubError(f"{label} mode: {node.op_type} node {model.node_name(node)!r}: {exc}") from None
         bias += added
         for name, g in zip(node.input, in_grads):
-            if g is not None and name and name not in model.constants:
-                _accumulate(grads, name, g)
+            if g is not None and name and name not in model.constants:  # in the pass's dtype, whatever a rule made
+                _accumulate(grads, name, g if g.dtype == first.dtype else g.astype(first.dtype))
     return grads, bias
 
 

@@ -305,6 +305,6 @@ def by_slope(rule, node, ins, out, grad):
     """The local linearization of an elementwise op from its slope at the forward value (``rule.slope``): the
     gradient times the slope, the offset ``f(x) - slope * x`` as the bias it adds."""
     xp = array_module(grad)
-    d = xp.broadcast_to(rule.slope(xp, node, ins, out), out.shape)
+    d = xp.broadcast_to(xp.asarray(rule.slope(xp, node, ins, out), grad.dtype), out.shape)  # a float32 pass stays
     offset = out - d * ins[0]  # f(x) = d*x + offset around the instance
     return [grad * d] + [None] * (len(ins) - 1), per_instance(grad * offset)

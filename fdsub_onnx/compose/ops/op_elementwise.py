@@ -9,7 +9,7 @@ the bias it adds; ``deconvnet`` rectifies the backward signal instead (Zeiler & 
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from ...errors import NotDecodable, PhaseDependent
 from ..backend import array_module
@@ -161,12 +161,12 @@ class Gelu(Slope):
         """x * Phi(x): Phi read off the forward value (out / x; NumPy has no erf), or the tanh form's own slope."""
         x = ins[0]
         if attributes(node).get("approximate", "none") == "tanh":
-            k = np.sqrt(2 / np.pi)
+            k = math.sqrt(2 / math.pi)
             t = xp.tanh(k * (x + 0.044715 * x**3))
             return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
         small = xp.abs(x) < 1e-6
         phi = xp.where(small, 0.5, out / xp.where(small, 1.0, x))
-        return phi + x * xp.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)
+        return phi + x * xp.exp(-(x**2) / 2) / math.sqrt(2 * math.pi)
 
 
 class Mish(Slope):
@@ -186,7 +186,7 @@ class Erf(Slope):
         return None
 
     def slope(self, xp, node, ins, out):
-        return 2 / np.sqrt(np.pi) * xp.exp(-ins[0] ** 2)
+        return 2 / math.sqrt(math.pi) * xp.exp(-ins[0] ** 2)
 
 
 class _NormPart(Slope):
