@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .prepare import stored_constants
+
 #: QOperator op -> (float op, its quantized data inputs as (value, scale, zero point) indices, the output's
 #: (scale, zero point) indices, (weight, scale, zero point) indices of a constant weight, bias index)
 QOPERATOR = {
@@ -85,11 +87,9 @@ class _Graph:
 
     def __init__(self, proto: onnx.ModelProto):
         self.proto = proto
-        self.values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        self.values = stored_constants(proto.graph)
         self.producer, self.consumers = {}, defaultdict(list)
         for node in proto.graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             for out in node.output:
                 self.producer[out] = node
             for name in node.input:

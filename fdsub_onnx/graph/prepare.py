@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..errors import FdsubError
 
@@ -83,6 +83,16 @@ def _infer_shapes(proto, path, strict: bool = True) -> dict[str, tuple[int, ...]
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+def stored_constants(graph: onnx.GraphProto) -> dict:
+    """Name -> array of the values a graph stores: its initializers and its Constant nodes' tensors (torch's legacy
+    exporter writes a norm's scale and shift, and shapes, as Constant nodes)."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
 def _folded(nodes, constants, shapes, opset):
