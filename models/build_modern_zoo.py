@@ -75,6 +75,7 @@ SKELETON_FILES = (
     "mnasnet0_5.ts", "convnext_tiny.ts", "convnext_tiny.dynamo", "resnext50_32x4d.ts", "googlenet.ts",
     "inception_v3.ts", "yolo_toy.ts", "yolo_toy.dynamo", "yolo_psa.ts", "yolo_psa.dynamo", "unet_toy.ts",
     "nhwc_tf_style", "vit_tiny.ts", "deit_tiny_distilled.ts", "swin_tiny.ts", "mobilevit_xxs.ts",
+    "ppocrv4_rec.paddle",
 )
 
 
@@ -353,6 +354,20 @@ class QuantizedModel:
     seed: int
 
 
+@dataclass(frozen=True)
+class WheelModel:
+    """A model another framework's exporter wrote, as a PyPI wheel ships it (Apache-2.0 and the like), copied to
+    ``NAME.TAG.onnx`` with its input fixed to ``shape``: PaddlePaddle's paddle2onnx writes every weight as a
+    Constant node, opset 12, dynamic height and width. Its skeleton strips those Constant nodes' tensors."""
+
+    name: str
+    seed: int
+    requirement: str  # pip's spec of the wheel: "rapidocr_onnxruntime==1.4.4"
+    member: str  # the model's path inside the wheel
+    shape: tuple[int, int, int, int]
+    tag: str = "paddle"
+
+
 def torchvision_model(builder: str, **kwargs) -> Callable[[], nn.Module]:
     """A torchvision builder with random weights (``weights=None``), a small classifier and ``kwargs``
     (reduced widths where the builder takes them). torchvision is imported only when one is built."""
@@ -456,6 +471,10 @@ ZOO: tuple[TorchModel | HelperModel | QuantizedModel, ...] = (
     _timm("deit_tiny_distilled", "deit_tiny_distilled_patch16_224", 16, patch_size=8, depth=4),
     _timm("swin_tiny", "swin_tiny_patch4_window7_224", 17, window_size=4, depths=(2, 2, 2, 2)),
     _timm("mobilevit_xxs", "mobilevit_xxs", 18),
+    # another framework's exporter: PaddleOCR's PP-OCRv4 text recognizer (SVTR mixing blocks: attention over the
+    # columns of a text line, LayerNorm written out, HardSwish), as the rapidocr_onnxruntime wheel ships it
+    WheelModel("ppocrv4_rec", 20, "rapidocr_onnxruntime==1.4.4",
+               "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
     QuantizedModel("mobilenet_v2", "qdq", 14),
     QuantizedModel("mobilenet_v2", "qop", 14),
     QuantizedModel("mobilenet_v2", "qdyn", 14),
@@ -587,8 +606,39 @@ def quantized_jobs(spec: QuantizedModel, exporters: tuple[str, ...]) -> list[Job
     return [Job(f"{spec.source}.{spec.mode}.onnx", spec.source, make, needs=[source_file])]
 
 
+def wheel_jobs(spec: WheelModel, exporters: tuple[str, ...]) -> list[Job]:
+    """``pip download`` the wheel (no dependencies), copy the model out with its input fixed to ``spec.shape``,
+    verified against onnxruntime without its graph optimizations (onnx 1.23's reference evaluator computes
+    PP-OCRv4's first BatchNormalization-9 16 away from NumPy's formula, onnxruntime 3e-6)."""
+
+    def make(path: Path) -> str:
+        import subprocess
+        import tempfile
+        import zipfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", folder,
+                            spec.requirement], check=True)
+            (wheel,) = Path(folder).glob("*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                model = onnx.load_from_string(archive.read(spec.member))
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        for dim, size in zip(dims, spec.shape, strict=True):
+            dim.Clear()
+            dim.dim_value = size
+        onnx.save(model, str(path))
+        feeds = {model.graph.input[0].name: image(spec.seed, spec.shape)}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return verify(path, feeds, plain.run(None, feeds), tolerance=1e-3)
+
+    return [Job(f"{spec.name}.{spec.tag}.onnx", spec.name, make)]
+
+
 #: zoo entry type -> its jobs (each maker takes the chosen exporters; only torch models use them)
-JOB_MAKERS = {TorchModel: torch_jobs, HelperModel: helper_jobs, QuantizedModel: quantized_jobs}
+JOB_MAKERS = {TorchModel: torch_jobs, HelperModel: helper_jobs, QuantizedModel: quantized_jobs,
+              WheelModel: wheel_jobs}
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -650,10 +700,21 @@ def run(job: Job, outdir: Path, force: bool) -> bool:
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
+def weight_tensors(model: onnx.ModelProto, keep: int = SKELETON_KEEP) -> list[TensorProto]:
+    """The tensors that hold a graph's weights: its initializers, or where none is a float tensor of more than
+    ``keep`` values, its Constant nodes' (paddle2onnx writes every weight so; a torch export's Constant nodes
+    hold numbers and masks, Swin's shifted-window masks among them, and stay)."""
+    inits = list(model.graph.initializer)
+    if any(t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) > keep for t in inits):
+        return inits
+    return [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+
+
 def skeleton(model: onnx.ModelProto, keep: int = SKELETON_KEEP) -> int:
-    """Strip ``model`` in place to its skeleton: each float initializer of more than ``keep`` values keeps its
-    name, data type and dims but no data, and nodes lose their ``SKELETON_DROP_METADATA`` entries; every other
-    initializer, node, attribute and metadata entry is left as it is. Returns the number of values removed.
+    """Strip ``model`` in place to its skeleton: each float tensor of ``weight_tensors`` of more than ``keep``
+    values keeps its name, data type and dims but no data, and nodes lose their
+    ``SKELETON_DROP_METADATA`` entries; every other initializer, node, attribute and metadata entry is left as
+    it is. Returns the number of values removed.
     The result loads with onnx.load but is not a valid model until ``fdsub_onnx.evaluate.zoo.randomized``
     refills it (onnx.checker rejects it)."""
     for node in model.graph.node:
@@ -662,7 +723,7 @@ def skeleton(model: onnx.ModelProto, keep: int = SKELETON_KEEP) -> int:
             del node.metadata_props[:]
             node.metadata_props.extend(kept)
     removed = 0
-    for tensor in model.graph.initializer:
+    for tensor in weight_tensors(model, keep):
         size = int(np.prod(tensor.dims)) if tensor.dims else 1
         if tensor.data_type not in FLOAT_TYPES or size <= keep:
             continue

@@ -60,15 +60,22 @@ def _random(name: str, shape: tuple[int, ...], role: tuple[str, int], seed: int,
     return np.asarray(value, dtype=np.float32)
 
 
+def _has_data(tensor: onnx.TensorProto) -> bool:
+    return bool(tensor.raw_data or tensor.float_data or tensor.double_data or tensor.int32_data
+                or tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def randomized(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     """The model (a path or a ModelProto, left unchanged) with every float parameter replaced by seeded random values.
 
     Each value is drawn for the input it feeds: conv and fully connected weights uniform with
     variance 1/fan_in, BatchNormalization scales and variances and Mul/Div constants in [0.5, 1.5],
     biases and shifts 0.1 * N(0, 1); a parameter's values depend only on ``seed`` and its name.
-    ConstantOfShape nodes with a constant shape become initializers; existing float initializers are
-    redrawn from their dims alone (their data may be missing, as in models/modern/'s skeletons), except
-    those feeding a ``STRUCTURAL`` input (Resize scales, Clip bounds), kept. Each new initializer is also
+    ConstantOfShape nodes with a constant shape become initializers; existing float initializers are redrawn
+    from their dims alone (their data may be missing, as in models/modern/'s skeletons), except those feeding a
+    ``STRUCTURAL`` input (Resize scales, Clip bounds), kept; a Constant node's float tensor is redrawn where its
+    data is missing (a skeleton of a graph that holds its weights in Constant nodes, as paddle2onnx writes them),
+    else kept as written (an epsilon, Swin's attention masks). Each new initializer is also
     listed as a graph input when the model's IR version (< 4) requires it.
     """
     if isinstance(model, onnx.ModelProto):
@@ -86,6 +93,13 @@ def randomized(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> onn
     new_values: dict[str, np.ndarray] = {}
     kept = []
     for node in graph.node:
+        value_attr = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value_attr is not None and value_attr.t.data_type in FLOAT_TYPES:
+            shape, out = tuple(value_attr.t.dims), node.output[0]
+            if shape and not _has_data(value_attr.t):  # a weight a skeleton stripped: redrawn where it stands
+                value = _random(out, shape, _role(out, uses), seed, out in transposed)
+                dtype = helper.tensor_dtype_to_np_dtype(value_attr.t.data_type)
+                value_attr.t.CopyFrom(numpy_helper.from_array(value.astype(dtype), value_attr.t.name))
         if node.op_type == "ConstantOfShape" and node.input and node.input[0] in inits:
             value_attr = next((a.t for a in node.attribute if a.name == "value"), None)
             if value_attr is None or value_attr.data_type in FLOAT_TYPES:
