@@ -16,7 +16,7 @@ import onnx
 from ..graph.fold import batch_first, folded, merged_affine
 from ..graph.model import Model, ancestors, wiring
 from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
-from ..graph.prepare import stored_constants
+from ..graph.prepare import inferred_shapes, stored_constants
 from .ops import RULES
 from .ops._rule import LinearContext
 
@@ -40,7 +40,7 @@ def linearized(model: onnx.ModelProto, patterns: dict | None = None, gates: dict
     graph = out.graph
     nodes, held = _linear_nodes(list(graph.node), patterns or {}, gates or {}, opset,
                                 {o.name for o in graph.output}, dilated_ok=opset >= 19,
-                                constants=stored_constants(graph))
+                                constants=stored_constants(graph), shapes=inferred_shapes(model))
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(onnx.numpy_helper.from_array(v, n) for n, v in held.items())

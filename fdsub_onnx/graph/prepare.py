@@ -22,6 +22,9 @@ SHAPE_ONLY = 4096  # constants with more elements reach shape inference by shape
 ROUNDS = 32  # fold/infer rounds at most (most exports settle in two or three, Swin's window arithmetic in ten)
 #: ops whose folding may use a newer opset of the reference evaluator than the model's (same semantics)
 NEWER_OPSET_OK = ("DequantizeLinear", "QuantizeLinear")
+#: ops whose output has their first input's shape but that ONNX shape inference leaves untyped (a function op:
+#: GroupNormalization in onnx 1.23), so nothing after them would get a shape
+SAME_SHAPE = ("GroupNormalization",)
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
 
@@ -33,6 +36,8 @@ def prepare(proto: onnx.ModelProto, nodes: list, path: str, opset: int):
     shapes = _infer_shapes(proto, path)
     for _ in range(ROUNDS):
         count = (len(nodes), len(shapes))
+        shapes |= {n.output[0]: shapes[n.input[0]] for n in nodes
+                   if n.op_type in SAME_SHAPE and n.input[0] in shapes and n.output[0] not in shapes}
         nodes = _folded(nodes, constants, shapes, opset)
         if all(o in shapes for n in nodes for o in n.output if o):
             while True:  # every shape known: fold what the last folds made constant (Shape -> Gather -> ...)
@@ -40,15 +45,16 @@ def prepare(proto: onnx.ModelProto, nodes: list, path: str, opset: int):
                 if len(nodes) == before:
                     break
             break
-        shapes.update(_infer_shapes(_with_constants(proto, nodes, constants), path, strict=False))
+        shapes.update(_infer_shapes(_with_constants(proto, nodes, constants, shapes), path, strict=False))
         if (len(nodes), len(shapes)) == count:
             break
     return nodes, shapes, constants
 
 
-def _with_constants(proto: onnx.ModelProto, nodes: list, constants: dict) -> onnx.ModelProto:
+def _with_constants(proto: onnx.ModelProto, nodes: list, constants: dict, shapes: dict) -> onnx.ModelProto:
     """The graph of ``nodes`` with every constant they read given to shape inference: small ones by value
-    (initializers), large ones (weights) by shape alone (inputs), so a round costs no copy of the weights."""
+    (initializers), large ones (weights) by shape alone (inputs), so a round costs no copy of the weights; and the
+    float outputs of ``SAME_SHAPE`` ops with the shapes ``shapes`` gives them."""
     used = {name for node in nodes for name in node.input if name in constants}
     small = [onnx.numpy_helper.from_array(np.asarray(constants[n]), n) for n in sorted(used)
              if np.size(constants[n]) <= SHAPE_ONLY]
@@ -57,10 +63,18 @@ def _with_constants(proto: onnx.ModelProto, nodes: list, constants: dict) -> onn
              for n in sorted(used) if np.size(constants[n]) > SHAPE_ONLY]
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers] + large
-    graph = helper.make_graph(nodes, proto.graph.name or "prepared", inputs, list(proto.graph.output), small)
+    typed = [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, list(shapes[n.output[0]]))
+             for n in nodes if n.op_type in SAME_SHAPE and n.output[0] in shapes]
+    graph = helper.make_graph(nodes, proto.graph.name or "prepared", inputs, list(proto.graph.output), small,
+                              value_info=typed)
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model
+
+
+def inferred_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every static shape ONNX shape inference finds in ``proto`` (none where it fails)."""
+    return _infer_shapes(proto, "", strict=False)
 
 
 def _infer_shapes(proto, path, strict: bool = True) -> dict[str, tuple[int, ...]]:

@@ -587,46 +587,62 @@ def test_the_fds_plan_counts_the_per_neuron_holding(vit):
                 if "held per neuron" in s.what]
 
 
-def group_norm_block(seed: int = 5, constant_nodes: bool = False) -> tuple[onnx.ModelProto, str]:
-    """A convolution, a GroupNorm as torch's exporters write it (Reshape to [1, G, -1], InstanceNormalization,
-    Reshape back, per-channel Mul and Add), a ReLU and a convolution. ``constant_nodes``: as the legacy exporter
-    writes it, the norm's ones and zeros and the grouped shape [0, G, -1] from Constant nodes, the shape back read
-    by Shape; else initializers and static shapes (as dynamo writes it)."""
+#: the ways a GroupNorm (and an InstanceNorm) reaches an ONNX file: torch's dynamo exporter (Reshape ->
+#: InstanceNormalization -> Reshape, initializers), its legacy exporter (the same with Constant nodes and the shape
+#: back read by Shape), the GroupNormalization op (opset 18: scale and bias per group; 21: per channel), and an
+#: InstanceNormalization on the map itself
+GROUP_NORMS = ("dynamo", "legacy", "op18", "op21", "instance")
+
+
+def group_norm_block(form: str = "dynamo", seed: int = 5) -> tuple[onnx.ModelProto, str]:
+    """A convolution, a GroupNorm (2 groups; ``instance``: an InstanceNorm) written as ``form`` says (``GROUP_NORMS``)
+    with a per-channel affine after it, a ReLU and a convolution."""
     g, groups = _Graph(seed), 2
+    opset = {"op18": 18, "op21": 21}.get(form, 17)
 
     def const(value, dtype=np.float32):
-        if not constant_nodes:
+        if form != "legacy":
             return g.const(value, dtype)
         return g.op("Constant", [], value=numpy_helper.from_array(np.asarray(value, dtype)))
 
     x = g.op("Conv", ["input", g.weight(C, 3, 3, 3, scale=0.3), g.weight(C, scale=0.3)], kernel_shape=[3, 3],
              pads=[1, 1, 1, 1])
-    grouped = g.op("Reshape", [x, const([0 if constant_nodes else 1, groups, -1], np.int64)])
-    normed = g.op("InstanceNormalization", [grouped, const(np.ones(groups)), const(np.zeros(groups))], epsilon=1e-5)
-    x = g.op("Reshape", [normed, g.op("Shape", [x]) if constant_nodes else const([1, C, SIZE, SIZE], np.int64)])
-    x = g.op("Add", [g.op("Mul", [x, g.const(1 + 0.2 * g.rng.standard_normal((C, 1, 1)))]),
-                     g.const(0.1 * g.rng.standard_normal((C, 1, 1)))])
+    if form in ("op18", "op21"):
+        n = groups if form == "op18" else C
+        x = g.op("GroupNormalization", [x, g.const(1 + 0.2 * g.rng.standard_normal(n)),
+                                        g.const(0.1 * g.rng.standard_normal(n))], num_groups=groups, epsilon=1e-5)
+    elif form == "instance":
+        x = g.op("InstanceNormalization", [x, g.const(1 + 0.2 * g.rng.standard_normal(C)),
+                                           g.const(0.1 * g.rng.standard_normal(C))], epsilon=1e-5)
+    else:
+        grouped = g.op("Reshape", [x, const([0 if form == "legacy" else 1, groups, -1], np.int64)])
+        normed = g.op("InstanceNormalization", [grouped, const(np.ones(groups)), const(np.zeros(groups))],
+                      epsilon=1e-5)
+        x = g.op("Reshape", [normed, g.op("Shape", [x]) if form == "legacy" else const([1, C, SIZE, SIZE], np.int64)])
+        x = g.op("Add", [g.op("Mul", [x, g.const(1 + 0.2 * g.rng.standard_normal((C, 1, 1)))]),
+                         g.const(0.1 * g.rng.standard_normal((C, 1, 1)))])
     out = g.op("Conv", [g.op("Relu", [x]), g.weight(4, C, 3, 3, scale=0.3)], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     graph = helper.make_graph(g.nodes, "group_norm", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                                     [1, 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), out
 
 
-@pytest.mark.parametrize("constant_nodes", [False, True])
-def test_a_group_norm_written_out_is_held_per_group(constant_nodes, tmp_path):
-    """GroupNorm as Reshape -> InstanceNormalization -> Reshape: its 1/std held per group in weights mode (the layer
-    after it decodes per position: the identity against onnxruntime on the linearized network), local's instance
-    filter the input gradient (central differences through onnxruntime on the real network). With the norm's
-    constants in Constant nodes (torch's legacy export), ``check``'s linearized network held it too: its identity
-    failed at 8.05 relative, the norm left unheld there."""
-    proto, out = group_norm_block(constant_nodes=constant_nodes)
+@pytest.mark.parametrize("form", GROUP_NORMS)
+def test_a_group_norm_is_held_per_group(form, tmp_path):
+    """A GroupNorm in each form an export writes it (``GROUP_NORMS``): its 1/std held per group in weights mode (the
+    layer after it decodes per position: the identity against onnxruntime on the linearized network), local's
+    instance filter the input gradient (central differences through onnxruntime on the real network), and ``check``
+    passes. With the norm's constants in Constant nodes (torch's legacy export), ``check``'s linearized network
+    left it unheld (identity 8.05 relative); the GroupNormalization op and an InstanceNormalization on a map were
+    refused."""
+    proto, out = group_norm_block(form)
     model = _load(proto, tmp_path)
     layers = fd.inspect_model(model).layers
     assert all(lay.decodable for lay in layers) and layers[-1].per_position, [(lay.name, lay.reason) for lay in layers]
     images = _images(3, seed=7)
     held = reference_gates(model, [out])
-    assert any(np.size(v) == 2 for v in held.values())  # one 1/std per group
+    assert any(np.size(v) == (C if form == "instance" else 2) for v in held.values())  # one 1/std per group
     for position in ((8, 8), (0, 3)):
         decoded = fd.decode(model, out, dtype="float64", neurons="0-1", position=position)
         acts = run_ort(linearized(proto, model.patterns, held), images, [out])[out][:, :2, position[0], position[1]]

@@ -15,6 +15,7 @@ from ..backend import array_module
 from ..values import Layout, Tensor
 from ._rule import OpRule, attributes, constant, on, optional, per_instance
 from .op_arithmetic import Add, Mul, Sub
+from .op_layout import Reshape
 from .op_reduce import ReduceMean
 
 
@@ -78,7 +79,7 @@ class LayerNormalization(OpRule):
             return None
         inverse_std = float(np.asarray(ctx.gates[node.output[0]]).reshape(-1)[0])
         x, out, name = node.input[0], node.output[0], node.name or node.output[0]
-        nodes, scaled = _held_centring(node, np.asarray(inverse_std, np.float32), ctx)
+        nodes, scaled = _held_centring(x, out, name, np.asarray(inverse_std, np.float32), ctx)
         nodes.append(helper.make_node(Mul.__name__, [scaled, node.input[1]],
                                       [out + ("::gamma" if len(node.input) > 2 else "")], name=f"{name}::scale"))
         if len(node.input) > 2 and node.input[2]:
@@ -91,50 +92,96 @@ class LayerNormalization(OpRule):
 
 
 class InstanceNormalization(OpRule):
-    """Each channel normalized over its positions (axes 2 on): torch's legacy export of GroupNorm reshapes a map to
-    ``[N, G, C/G * H * W]`` and normalizes each group so. Its 1/std is held per channel (the reference's, as a layer
-    norm's); its centring is a mean over the whole map, so the layers after it decode per position; ``local``
-    takes its exact Jacobian. The linearized network reads it on ``[N, C, L]`` (the GroupNorm form)."""
+    """Each channel normalized over its positions (axes 2 on): an instance norm on a map, or torch's export of a
+    GroupNorm, which reshapes a map to ``[N, G, C/G * H * W]`` and normalizes each group so. Its 1/std is held per
+    channel (the reference's, as a layer norm's); its centring is a mean over the whole map, so the layers after it
+    decode per position; ``local`` takes its exact Jacobian. ``GroupNormalization`` is the same reading with groups
+    of channels."""
 
     held_factor = True
     keeps_neuron = True  # each channel normalized on its own: the dead-neuron probe follows a layer through it
     refuses = {"adjoint": "its 1/std depends on the data; the linearized network holds it (modes.gates)"}
 
+    def groups(self, node, channels: int) -> int:
+        """How many groups of channels are normalized together: one per channel."""
+        return channels
+
+    def per_channel(self, value, channels: int) -> np.ndarray:
+        """A scale or bias [C] (GroupNormalization-18's per group, repeated over each group's channels)."""
+        value = np.asarray(value).reshape(-1)
+        return np.repeat(value, channels // len(value)) if len(value) != channels else value
+
     def inverse_std(self, node, x):
-        """Per image and channel [count, C]: 1/sqrt(var + eps) over the positions."""
-        return 1 / np.sqrt(x.reshape(*x.shape[:2], -1).var(axis=2) + _epsilon(node))
+        """Per image and group [count, G]: 1/sqrt(var + eps) over each group's channels and positions."""
+        return 1 / np.sqrt(x.reshape(len(x), self.groups(node, x.shape[1]), -1).var(axis=2) + _epsilon(node))
 
     def apply(self, node, inputs, ctx):
-        raise PhaseDependent("an InstanceNormalization (a GroupNorm written out) centres each channel over the whole "
-                             "map and holds its 1/std: the layers after it decode per position")
+        raise PhaseDependent(f"a {node.op_type} centres each channel over the whole map and holds its 1/std: the "
+                             "layers after it decode per position")
 
     def backward(self, node, ins, is_data, out, grad):
-        """Over axes 2 on, per channel, as LayerNormalization's over the last axis: g' = g * scale,
+        """Per group over its channels and positions, as LayerNormalization's over the last axis: g' = g * scale,
         g_x = r (g' - mean(g') - x^ mean(g' x^)); the offset ``out - J x`` = ``bias + scale x^ (1 - eps r^2)``."""
-        x = ins[0]
-        per_channel = (1, -1) + (1,) * (x.ndim - 2)
-        gamma, beta = on(grad, ins[1]).reshape(per_channel), on(grad, ins[2]).reshape(per_channel)
-        gx, offset = _normalized_tangent(x, grad, gamma, beta, _epsilon(node), tuple(range(2, x.ndim)))
-        return [gx, None, None], per_instance(grad * offset)
+        xp, x = array_module(grad), ins[0]
+        channels = x.shape[1]
+        g = self.groups(node, channels)
+
+        def grouped(value):  # [count, G, C/G * positions]
+            return value.reshape(len(value), g, -1)
+
+        def spread(value):  # a per-channel constant over the positions, grouped
+            per_channel = on(grad, self.per_channel(value, channels)).reshape((1, channels) + (1,) * (x.ndim - 2))
+            return grouped(xp.broadcast_to(per_channel, (1, *x.shape[1:])))
+
+        gx, offset = _normalized_tangent(grouped(x), grouped(grad), spread(ins[1]), spread(ins[2]), _epsilon(node),
+                                         (2,))
+        return [gx.reshape(grad.shape), None, None], per_instance(grouped(grad) * offset)
 
     def linear_nodes(self, node, ctx):
-        """Held (``ctx.gates``: 1/std per channel) on ``[N, C, L]``: ``(x - mean over L) * (r * scale) + bias``, r,
-        scale and bias as ``[1, C, 1]`` constants; None (the node kept, which the adjoint refuses) on another rank
-        or without the held value."""
+        """Held (``ctx.gates``: 1/std per group): the map grouped to ``[N, G, L]`` (where it is not already so),
+        ``(x - mean over L) * r``, back to its shape, times the scale and plus the bias per channel; None (the node
+        kept, which the adjoint refuses) without a shape, a constant scale and bias, or the held value."""
         x, out, name = node.input[0], node.output[0], node.name or node.output[0]
         shape = ctx.shapes.get(x)
-        if out not in ctx.gates or (shape is not None and len(shape) != 3) or not all(
+        if out not in ctx.gates or shape is None or len(shape) < 3 or not all(
                 n in ctx.constants for n in node.input[1:3]):
             return None
-        held = np.asarray(ctx.gates[out], np.float64).reshape(-1)
-        scale, bias = (np.asarray(ctx.constants[n], np.float64).reshape(-1) for n in node.input[1:3])
-        shift = f"{out}::shift"
-        ctx.held[shift] = bias.astype(np.float32).reshape(1, -1, 1)
-        nodes, scaled = _held_centring(node, (held * scale).astype(np.float32).reshape(1, -1, 1), ctx)
-        nodes.append(helper.make_node(Add.__name__, [scaled, shift], [out], name=name))
-        if shape is not None:
-            ctx.shapes.update({f"{out}::centred": shape, scaled: shape, f"{out}::mean": (*shape[:-1], 1)})
+        channels = int(shape[1])
+        g = self.groups(node, channels)
+        held = np.broadcast_to(np.asarray(ctx.gates[out], np.float64).reshape(-1), (g,))
+        nodes, source = [], x
+        if len(shape) != 3 or g != channels:
+            source = f"{out}::grouped"
+            ctx.held[f"{source}::shape"] = np.asarray([0, g, -1], np.int64)
+            nodes.append(helper.make_node(Reshape.__name__, [x, f"{source}::shape"], [source], name=f"{name}::group"))
+            ctx.shapes[source] = (shape[0], g, int(np.prod(shape[1:])) // g)
+        centring, scaled = _held_centring(source, out, name, held.astype(np.float32).reshape(1, g, 1), ctx)
+        nodes += centring
+        ctx.shapes.update({f"{out}::centred": ctx.shapes.get(source, shape), scaled: ctx.shapes.get(source, shape),
+                           f"{out}::mean": (*ctx.shapes.get(source, shape)[:-1], 1)})
+        if source != x:
+            back = f"{out}::ungrouped"
+            ctx.held[f"{back}::shape"] = np.asarray([0, *shape[1:]], np.int64)
+            nodes.append(helper.make_node(Reshape.__name__, [scaled, f"{back}::shape"], [back], name=f"{name}::back"))
+            ctx.shapes[back], scaled = tuple(shape), back
+        per_channel = (1, channels) + (1,) * (len(shape) - 2)
+        scale, shift = f"{out}::scale", f"{out}::shift"
+        ctx.held[scale], ctx.held[shift] = (self.per_channel(ctx.constants[n], channels).astype(np.float32)
+                                            .reshape(per_channel) for n in node.input[1:3])
+        nodes += [helper.make_node(Mul.__name__, [scaled, scale], [f"{out}::scaled_affine"], name=f"{name}::scale"),
+                  helper.make_node(Add.__name__, [f"{out}::scaled_affine", shift], [out], name=name)]
+        ctx.shapes[f"{out}::scaled_affine"] = tuple(shape)
         return nodes
+
+
+class GroupNormalization(InstanceNormalization):
+    """Channels normalized in ``num_groups`` groups over their channels and positions (opset 18: scale and bias per
+    group; opset 21: per channel): read as InstanceNormalization's reading on groups of channels."""
+
+    keeps_neuron = False  # a channel's value depends on its group's other channels
+
+    def groups(self, node, channels: int) -> int:
+        return int(attributes(node).get("num_groups", channels))
 
 
 def _normalized_tangent(x, grad, gamma, beta, eps: float, axes: tuple):
@@ -150,10 +197,10 @@ def _normalized_tangent(x, grad, gamma, beta, eps: float, axes: tuple):
     return gx, beta + gamma * hat * (1 - eps * r**2)
 
 
-def _held_centring(node, factor: np.ndarray, ctx) -> tuple[list, str]:
+def _held_centring(x: str, out: str, name: str, factor: np.ndarray, ctx) -> tuple[list, str]:
     """``(nodes, output)``: ``(x - mean over the last axis) * factor``, the norm's 1/std held in ``factor`` (a
-    constant the nodes add to ``ctx.held``), for the rest of its linearized nodes to scale and shift."""
-    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    constant the nodes add to ``ctx.held``), for the rest of its linearized nodes (of norm ``out``, node ``name``)
+    to scale and shift."""
     mean, centred, scaled, held = f"{out}::mean", f"{out}::centred", f"{out}::scaled", f"{out}::factor"
     ctx.held[held] = factor
     if ctx.opset >= 18:
