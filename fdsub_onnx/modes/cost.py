@@ -31,13 +31,17 @@ from .decode import plan_decode
 from .fds import FIX, gate_values, pass_bytes
 from .gates import NEURON_MEANS_BATCH, NEURON_MEANS_BUDGET, token_factor_values
 from .local import PassPlan
-from .plan import Costs, forward_flops
+from .plan import Costs, product_flops
 from .windows import field_part
 
 #: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
 #: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward: the fds first pass over 1,000
 #: images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
 FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
+#: FLOP/s per core of matrix products (``plan.PRODUCT_OPS``), onnxruntime's and a backward pass's (NumPy's BLAS, in
+#: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
+#: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
+PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9
 #: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut: 165 s for 1,000
 #: images of 20 M gate values each on EfficientNet-Lite2, beside its 35 s of onnxruntime)
 GATE_SECONDS = 8e-9
@@ -108,8 +112,8 @@ def base_bytes(model: Model) -> float:
 
 def forward_seconds(model: Model, targets, count: int) -> float:
     """onnxruntime's time for ``count`` images through the graph below ``targets``."""
-    flops = sum(forward_flops(model, n) for n in ancestors(model, list(targets)))
-    return count * flops / (FORWARD_RATE * usable_cores())
+    products, rest = product_flops(model, ancestors(model, list(targets)))
+    return count * (products / PRODUCT_FORWARD_RATE + rest / FORWARD_RATE) / usable_cores()
 
 
 def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
@@ -173,8 +177,9 @@ def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: st
 
 def weights_stage(plan, mode: str = "weights") -> Stage:
     """One layer decoded by the route its ``Plan`` chose."""
+    seconds = (plan.flops - plan.product_flops) / COMPOSE_RATE + plan.product_flops / PRODUCT_RATE
     return Stage(f"{mode} decode of {plan.layer!r} ({plan.route}, {plan.neurons} neurons)", plan.peak_bytes,
-                 plan.flops / (COMPOSE_RATE * usable_cores()), plan.neurons, "neurons")
+                 seconds / usable_cores(), plan.neurons, "neurons")
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",
@@ -187,10 +192,10 @@ def instance_stage(model: Model, target: str, instances: int, rule: str = "local
     if not plan.spread:
         plan.per_pass = min(plan.per_pass, neurons or plan.per_pass)  # one image's instances: one per neuron at most
     peak = plan.peak()
-    flops = 2 * sum(forward_flops(model, n) for n in ancestors(model, [target]))
+    products, rest = product_flops(model, ancestors(model, [target]))  # a product's gradient: one product
+    seconds = (products / PRODUCT_RATE + 2 * rest / COMPOSE_RATE) * _cone_share(model, target)
     return Stage(f"{rule} passes of {target!r}: {instances} instances", peak,
-                 instances * flops * _cone_share(model, target) / (COMPOSE_RATE * max(workers, 1)), instances,
-                 "instances")
+                 instances * seconds / max(workers, 1), instances, "instances")
 
 
 def _cone_share(model, target) -> float:

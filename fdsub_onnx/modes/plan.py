@@ -49,6 +49,7 @@ class Plan:
     split: str | None = None
     batch: int | None = None
     estimates: dict = field(default_factory=dict)  # route -> (flops, peak bytes), or a reason it was not possible
+    product_flops: float = 0.0  # the share of ``flops`` in matrix products (``PRODUCT_OPS``: timed at BLAS's rate)
 
     def describe(self) -> str:
         """One line: the route taken, its estimate, and the others'."""
@@ -75,6 +76,19 @@ class Costs(Engine):
         n = k if rows is None else len(rows)
         r_in = [r - (t - 1) * s for r, t, s in zip(out_rf, (ky, kx), step)]
         self.flops += 2.0 * n * cig * ky * kx * self.image_channels * r_in[0] * r_in[1]
+
+
+#: ops whose work is a matrix product: BLAS runs them several times faster per FLOP than the rest, so the cost
+#: model times them apart (``modes.cost.PRODUCT_RATE``)
+PRODUCT_OPS = ("MatMul", "Gemm")
+
+
+def product_flops(model: Model, nodes) -> tuple[float, float]:
+    """``(FLOPs of the matrix products, FLOPs of the rest)`` of one seed's pass over ``nodes`` (``forward_flops``)."""
+    split = [0.0, 0.0]
+    for node in nodes:
+        split[node.op_type not in PRODUCT_OPS] += forward_flops(model, node)
+    return split[0], split[1]
 
 
 def forward_flops(model: Model, node) -> float:
@@ -153,13 +167,14 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     if refused is not None:
         estimates["adjoint"] = refused
     else:
-        nodes = ancestors(linear, [target])
-        flops = float(k) * sum(forward_flops(linear, n) for n in nodes)
+        products, rest = product_flops(linear, ancestors(linear, [target]))
+        flops = float(k) * (products + rest)
         seed = per_seed_bytes(linear, target, itemsize)
         batch = _batch(k, seed, free - result_bytes)
         if batch:
             estimates["adjoint"] = (flops, batch * seed + result_bytes)
             options.append(("adjoint", None, batch, flops, batch * seed + result_bytes))
+            adjoint_products = float(k) * products
         else:
             estimates["adjoint"] = f"one seed needs {_bytes(seed)}"
         meet = _best_meet(model, linear, info, neurons, position, itemsize, free, result_bytes)
@@ -178,7 +193,8 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     if not fitting:
         raise FdsubError(_memory_advice(target, estimates, free, k, seed, per_neuron))
     name, split, batch, flops, peak = min(fitting, key=lambda o: o[3])
-    return Plan(target, name, tuple(int(v) for v in position), k, flops, peak, split, batch, estimates)
+    return Plan(target, name, tuple(int(v) for v in position), k, flops, peak, split, batch, estimates,
+                adjoint_products if name == "adjoint" else 0.0)
 
 
 def _survey(model, target, dtype) -> _Layer:

@@ -79,11 +79,22 @@ def decoded_arrays(decoded) -> dict[str, np.ndarray]:
     }) | ({} if getattr(decoded, "instance_filters", None) is None else {
         "instance_filters": np.ascontiguousarray(decoded.instance_filters),
         "instance_bias": np.ascontiguousarray(decoded.instance_bias),
-    }) | ({} if not getattr(decoded, "gates", None) else {
-        # channel gates held while decoding: JSON {Mul output tensor: [value per channel]}
-        "gates": np.asarray(json.dumps({mul: np.asarray(v, np.float64).reshape(-1).tolist()
-                                        for mul, v in decoded.gates.items()})),
-    })
+    }) | _held_arrays(getattr(decoded, "gates", None) or {})
+
+
+def _held_arrays(held: dict) -> dict[str, np.ndarray]:
+    """The values held while decoding: each vector (a channel gate, a layer norm's 1/std) in the ``gates`` JSON
+    {tensor: [value per channel]}, each matrix (an attention matrix, a bilinear product's factor) as a float32 array
+    in its own shape, ``held_0``, ``held_1``... named in order by the ``held_names`` JSON list (in the JSON, ViT-S's
+    attention made a 412 MB file of a 9.6 MB decoding)."""
+    vectors = {name: v for name, v in held.items() if sum(d > 1 for d in np.shape(v)) <= 1}
+    matrices = [name for name in held if name not in vectors]
+    arrays = {} if not vectors else {"gates": np.asarray(json.dumps(
+        {name: np.asarray(v, np.float64).reshape(-1).tolist() for name, v in vectors.items()}))}
+    if matrices:
+        arrays["held_names"] = np.asarray(json.dumps(matrices))
+        arrays |= {f"held_{i}": np.asarray(held[name], np.float32) for i, name in enumerate(matrices)}
+    return arrays
 
 
 def save_with_top(decoded, top: TopN, out_dir: str | os.PathLike, grid: int | None = DEFAULT_GRID) -> list[Path]:

@@ -145,8 +145,14 @@ def _substituted_matrix(node, stat, model, substitution, constants):
 
 
 def _matrix_flops(model, node, size):
+    """Two FLOPs per output value and term of its sum: ``size`` values (every position of a product on tokens, not
+    one) times the contracted axis (a constant matrix's input side, else the first factor's last axis)."""
     weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
-    return size if weight is None else 2.0 * float(np.prod(weight.shape))
+    if weight is not None and np.ndim(weight) >= 2:
+        transposed = node.op_type == Gemm.__name__ and attributes(node).get("transB", 0)
+        return 2.0 * size * int(np.shape(weight)[-1] if transposed else np.shape(weight)[-2])
+    first = model.shapes.get(node.input[0]) if node.input else None
+    return 2.0 * size * int(first[-1]) if first else size
 
 
 def fully_connected(value, matrix: np.ndarray, bias, node, ctx) -> Tensor:
