@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 import fdsub_onnx
 from fdsub_onnx import FdsubError
-from fdsub_onnx.cli import check_cmd, decode_cmd, fidelity_cmd, inspect_cmd, nf_cmd, report_cmd, top_cmd
+from fdsub_onnx.cli import check_cmd, decode_cmd, diff_cmd, fidelity_cmd, inspect_cmd, nf_cmd, report_cmd, top_cmd
 
 USAGE_EXIT = 2
 #: click's base error class (typer 0.12 uses click's own; later typers vendor click, with their own classes)
@@ -129,6 +129,8 @@ COMMANDS = {  # name: (function, one-line summary for `fdsub --help`)
     "report": (report_cmd.report, "One HTML page comparing every decoding."),
     "check": (check_cmd.check, "Check a model for decoding (CI: exit 0/1/2)."),
     "zoo": (check_cmd.zoo, "Run `fdsub check` on every model of a zoo file."),
+    "diff": (diff_cmd.diff, "What changed neuron by neuron between two models (CI: exit 0/1/2)."),
+    "fingerprint": (diff_cmd.fingerprint, "Save what a later `fdsub diff` against a model needs."),
 }
 for _name, (_function, _summary) in COMMANDS.items():
     app.command(_name, short_help=_summary)(guarded(_function))

@@ -21,6 +21,7 @@ import importlib
 from .defaults import (
     CHECK_IMAGES,
     DEFAULT_BATCH,
+    DEFAULT_DIFF_TOP,
     DEFAULT_GRID,
     DEFAULT_SELECT,
     DEFAULT_TOP,
@@ -40,6 +41,11 @@ from .errors import FdsubError
 
 #: public name -> (module, name there)
 _EXPORTS = {
+    "diff": (".evaluate.drift", "diff_models"), "DiffReport": (".evaluate.drift", "DiffReport"),
+    "LayerDrift": (".evaluate.drift", "LayerDrift"), "match_layers": (".evaluate.drift", "match_layers"),
+    "diff_suite": (".present.junit", "diff_suite"),
+    "save_fingerprint": (".evaluate.drift", "save_fingerprint"),
+    "load_fingerprint": (".evaluate.drift", "load_fingerprint"),
     "Device": (".compose.backend", "Device"), "resolve_device": (".compose.backend", "resolve_device"),
     "Layer": (".compose.inspect", "Layer"), "Summary": (".compose.inspect", "Summary"),
     "inspect_model": (".compose.inspect", "inspect_model"), "layer_geometry": (".compose.inspect", "layer_geometry"),
@@ -82,9 +88,9 @@ _EXPORTS = {
     "connect": (".runtime.cluster", "connect"),
 }
 
-__all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP", "DEFAULT_WEIGHTING",
-           "FIDELITY_MODES", "REPORT_FIDELITY_IMAGES", "REPORT_LAYERS", "REPORT_NEURONS", "REPORT_TOP", "SELECTS",
-           "WEIGHTINGS", "FdsubError", "budget", "memory_budget", "parse_bytes"]
+__all__ = ["CHECK_IMAGES", "DEFAULT_BATCH", "DEFAULT_DIFF_TOP", "DEFAULT_GRID", "DEFAULT_SELECT", "DEFAULT_TOP",
+           "DEFAULT_WEIGHTING", "FIDELITY_MODES", "REPORT_FIDELITY_IMAGES", "REPORT_LAYERS", "REPORT_NEURONS",
+           "REPORT_TOP", "SELECTS", "WEIGHTINGS", "FdsubError", "budget", "memory_budget", "parse_bytes"]
 __all__ += sorted(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ import re
 from .errors import FdsubError
 
 DEFAULT_TOP = 100  # instances per neuron: top, nf, decode's data modes, fidelity
+DEFAULT_DIFF_TOP = 9  # top-N images per neuron a diff compares (its top_overlap)
 REPORT_TOP = 16  # instances per neuron shown by the report
 DEFAULT_GRID = 64  # cells of a filters.png: the first neurons decoded (decoded.npz holds them all)
 REPORT_LAYERS = 6  # report without --layers: this many layers, first to deepest (--layers all for every one)

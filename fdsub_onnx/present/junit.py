@@ -1,4 +1,5 @@
-"""JUnit XML of ``check`` results, for CI systems: one testsuite per model, one testcase per check."""
+"""JUnit XML of ``check`` and ``diff`` results, for CI systems: one testsuite per model, one testcase per check (per
+matched layer for a diff)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from ..data.files import write_file_atomically
 from ..errors import FdsubError
 from ..evaluate.check import FAIL, SKIP, CheckReport
+from ..evaluate.drift import DiffReport
 
 
 def junit_suite(report: CheckReport | None, name: str, error: str | None = None,
@@ -45,6 +47,36 @@ def junit_suite(report: CheckReport | None, name: str, error: str | None = None,
     for key, value in counts.items():
         suite.set(key, str(value))
     suite.set("time", f"{seconds:.3f}")
+    return suite
+
+
+def diff_suite(report: DiffReport) -> ET.Element:
+    """One ``<testsuite>`` for a diff: a ``<testcase>`` per matched layer (``<failure>`` where it crosses a limit),
+    and one per unmatched layer (failing only where every layer must be matched)."""
+    suite = ET.Element("testsuite", name=f"{report.model_b} against {report.model_a}")
+    strict = bool(report.limits.get("require_all_matched"))
+    failures = 0
+    for d in report.layers:
+        case = ET.SubElement(suite, "testcase", classname="fdsub.diff", name=d.layer_a, time="0.000")
+        text = (f"{d.layer_b}: filter drift max {d.worst:.3g}, cosine min {min(d.cosine, default=1.0):.4f} over "
+                f"{len(d.neurons)} neurons")
+        if d.failures:
+            failures += 1
+            ET.SubElement(case, "failure", message="; ".join(d.failures), type="DriftOverLimit").text = text
+        else:
+            ET.SubElement(case, "system-out").text = text
+    for side, unmatched in (("A", report.unmatched_a), ("B", report.unmatched_b)):
+        for u in unmatched:
+            case = ET.SubElement(suite, "testcase", classname="fdsub.diff", name=f"{u['layer']} ({side})", time="0.000")
+            if strict:
+                failures += 1
+                ET.SubElement(case, "failure", message=f"unmatched: {u['reason']}", type="Unmatched")
+            else:
+                ET.SubElement(case, "skipped", message=f"unmatched: {u['reason']}")
+    tests = len(report.layers) + len(report.unmatched_a) + len(report.unmatched_b)
+    for key, value in (("tests", tests), ("failures", failures), ("errors", 0),
+                       ("skipped", 0 if strict else tests - len(report.layers)), ("time", f"{report.seconds:.3f}")):
+        suite.set(key, str(value))
     return suite
 
 

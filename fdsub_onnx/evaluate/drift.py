@@ -1,0 +1,449 @@
+"""Neuron-level drift between two models (``fdsub diff``): what a quantization, a re-export, a fine-tuning or a
+pruning changed in what each neuron computes, compared in image space, where the two models' filters live on the
+same pixels whatever their graphs look like.
+
+Layers are matched by name (same output tensor, same kind of op, stride and receptive field), then the rest by
+structure: the sequence of decodable layers in graph order, each read as (kind of op, stride, receptive field,
+channels), aligned as a diff aligns lines (``difflib.SequenceMatcher``), so renames and exporter differences keep
+the pairs; a run of layers whose channels differ in the same place is paired too (a pruned copy), its neurons
+paired by their filters. Per matched layer and neuron:
+
+- data-free: the ``weights`` filters of both at the same position: ``filter_drift = ||F_B - F_A|| / ||F_A||``,
+  their cosine, and ``bias_drift = |b_B - b_A| / max(|b_A|, ||F_A||)`` (the bias change against the response to
+  a unit-norm patch);
+- with images: each neuron's response to each image (its largest activation over the positions, the value top-N
+  ranks), then ``activation_drift`` (relative RMS of the difference over the images), ``top_overlap`` (the share
+  of A's top-N images that are B's too) and ``spearman`` (the rank correlation of the responses).
+
+A fingerprint (``save_fingerprint``) keeps model A's side of that (its layers, filters, biases and responses) so a
+later model is compared without the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..compose.inspect import Layer, inspect_model
+from ..data.files import check_result_folder, write_atomically
+from ..defaults import DEFAULT_DIFF_TOP
+from ..errors import FdsubError
+from ..graph.model import Model, as_map
+from ..modes.decode import iter_decode
+from ..neurons import means_all, parse_neurons
+from ..runtime.session import Forward
+
+PASS, FAIL = "pass", "fail"
+#: the file names and result kind of a fingerprint folder
+FINGERPRINT_JSON, FINGERPRINT_NPZ, FINGERPRINT_KIND = "fingerprint.json", "fingerprint.npz", "fingerprint"
+FINGERPRINT_FORMAT = 1
+#: the kind of op a layer is compared as: an exporter may write a linear layer as Gemm or as MatMul
+OP_KIND = {"Gemm": "linear", "MatMul": "linear"}
+
+
+@dataclass
+class LayerDrift:
+    """One matched layer: the neurons of A compared (``neurons``) with B's (``neurons_b``), one number per neuron
+    for each measure (the image measures None without images), and why it fails the gate (empty: it passes)."""
+
+    layer_a: str
+    layer_b: str
+    op: str
+    matched_by: str  # "name" or "structure"
+    neurons: list[int]
+    neurons_b: list[int]
+    filter_drift: list[float]
+    cosine: list[float]
+    bias_drift: list[float]
+    unmatched_neurons_a: list[int] = field(default_factory=list)
+    unmatched_neurons_b: list[int] = field(default_factory=list)
+    activation_drift: list[float] | None = None
+    top_overlap: list[float] | None = None
+    spearman: list[float] | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> float:
+        """The largest filter drift of the layer (what the table sorts by)."""
+        return max(self.filter_drift, default=0.0)
+
+
+@dataclass
+class DiffReport:
+    """``diff_models``'s result: the matched layers (most changed first), what stayed unmatched and why, the gate."""
+
+    model_a: str
+    model_b: str
+    layers: list[LayerDrift]
+    unmatched_a: list[dict]
+    unmatched_b: list[dict]
+    limits: dict
+    images: int
+    seconds: float
+
+    @property
+    def failures(self) -> list[str]:
+        found = [f"{d.layer_a}: {reason}" for d in self.layers for reason in d.failures]
+        if self.limits.get("require_all_matched"):
+            found += [f"{u['layer']} (A): unmatched: {u['reason']}" for u in self.unmatched_a]
+            found += [f"{u['layer']} (B): unmatched: {u['reason']}" for u in self.unmatched_b]
+            found += [f"{d.layer_a}: {len(d.unmatched_neurons_a)} neuron(s) of A without a counterpart in B"
+                      for d in self.layers if d.unmatched_neurons_a]
+        return found
+
+    @property
+    def status(self) -> str:
+        return FAIL if self.failures else PASS
+
+    def to_json(self) -> dict:
+        return {"model_a": self.model_a, "model_b": self.model_b, "status": self.status, "images": self.images,
+                "limits": self.limits, "seconds": round(self.seconds, 3),
+                "layers": [_finite(dataclasses.asdict(d)) for d in self.layers],
+                "unmatched_a": self.unmatched_a, "unmatched_b": self.unmatched_b, "failures": self.failures}
+
+
+@dataclass
+class _Side:
+    """One side of a diff: a loaded model, or a fingerprint of one (its filters and responses stored)."""
+
+    label: str
+    layers: list[Layer]
+    input_shape: tuple
+    model: Model | None = None
+    stored: dict | None = None  # fingerprint: layer -> {"neurons", "filters", "bias", "responses"}
+    image_digest: str | None = None
+
+
+def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT_DIFF_TOP,
+                max_drift: float | None = None, max_activation_drift: float | None = None,
+                min_top_overlap: float | None = None, require_all_matched: bool = False,
+                batch_size: int = 32, progress=None) -> DiffReport:
+    """Compare model ``b`` (a ``Model``) with ``a`` (a ``Model`` or a fingerprint folder, ``save_fingerprint``),
+    neuron by neuron: see the module docstring. ``layers``: names of A's layers to compare (default every matched
+    one); ``neurons``: a selector applied to every layer (default all); ``images``: an image set for the image
+    measures (a fingerprint's must be the one it was made with); the limits make the gate."""
+    start = time.perf_counter()
+    side_a = a if isinstance(a, _Side) else (_model_side(a) if isinstance(a, Model) else load_fingerprint(a))
+    side_b = _model_side(b)
+    if tuple(side_a.input_shape) != tuple(side_b.input_shape):
+        raise FdsubError(f"the models take different inputs ({list(side_a.input_shape)} and "
+                         f"{list(side_b.input_shape)}): their filters cannot be compared pixel by pixel; pass "
+                         "--input-shape to give both the same")
+    pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers)
+    if layers is not None:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in {la.name for la, _, _ in pairs}]
+        if missing:
+            known = {u["layer"]: u["reason"] for u in unmatched_a}
+            raise FdsubError(f"layer {missing[0]!r} of A is not matched in B"
+                             + (f" ({known[missing[0]]})" if missing[0] in known else "")
+                             + "; `fdsub diff` without --layers lists the matched ones")
+        pairs = [p for p in pairs if p[0].name in wanted]
+    if not pairs:
+        raise FdsubError("no layer of A matches one of B (by name or by structure): these are different "
+                         "architectures; compare models of the same network")
+    if images is not None and side_a.stored is not None:
+        _same_images(side_a, images)
+    neurons = _per_layer(neurons, [la for la, _, _ in pairs])
+    pairs = [p for p in pairs if neurons[p[0].name] is None or len(neurons[p[0].name])]
+    filters_a = _filters(side_a, {la.name: (neurons[la.name], la.channels) for la, _, _ in pairs})
+    if progress is not None:
+        progress(1, 2)
+    # B's neurons as A's where the layers have as many; all of them where not (paired by their filters)
+    filters_b = _filters(side_b, {lb.name: (neurons[la.name] if la.channels == lb.channels else None, lb.channels)
+                                  for la, lb, _ in pairs})
+    if progress is not None:
+        progress(2, 2)
+    drifts = [_layer_drift(la, lb, how, *filters_a[la.name], *filters_b[lb.name]) for la, lb, how in pairs]
+    if images is not None:
+        responses_a = _responses(side_a, [d.layer_a for d in drifts], images, batch_size)
+        responses_b = _responses(side_b, [d.layer_b for d in drifts], images, batch_size)
+        for d in drifts:
+            _image_measures(d, responses_a[d.layer_a], responses_b[d.layer_b], top)
+    limits = {"max_drift": max_drift, "max_activation_drift": max_activation_drift,
+              "min_top_overlap": min_top_overlap, "require_all_matched": require_all_matched}
+    for d in drifts:
+        d.failures = _gate(d, limits)
+    drifts.sort(key=lambda d: -d.worst)
+    return DiffReport(side_a.label, side_b.label, drifts, unmatched_a, unmatched_b, limits,
+                      0 if images is None else len(images), time.perf_counter() - start)
+
+
+# ---- matching ---------------------------------------------------------------------------------------------------
+def _signature(layer: Layer, channels: bool = True) -> tuple:
+    kind = OP_KIND.get(layer.op, layer.op)
+    shape = (kind, tuple(layer.stride or ()), tuple(layer.receptive_field or ()), layer.per_position,
+             tuple(layer.patch_grid or ()))
+    return (*shape, layer.channels) if channels else shape
+
+
+def match_layers(a: list[Layer], b: list[Layer]) -> tuple[list[tuple[Layer, Layer, str]], list[dict], list[dict]]:
+    """``(pairs (layer of A, layer of B, "name" or "structure") in A's order, unmatched layers of A, of B)``: each
+    unmatched one as ``{"layer", "reason"}``. Decodable layers only are paired."""
+    dec_a, dec_b = [la for la in a if la.decodable], [lb for lb in b if lb.decodable]
+    by_name = {lb.name: lb for lb in dec_b}
+    pairs = [(la, by_name[la.name], "name") for la in dec_a
+             if la.name in by_name and _signature(la) == _signature(by_name[la.name])]
+    taken_a, taken_b = {la.name for la, _, _ in pairs}, {lb.name for _, lb, _ in pairs}
+    rest_a = [la for la in dec_a if la.name not in taken_a]
+    rest_b = [lb for lb in dec_b if lb.name not in taken_b]
+    matcher = difflib.SequenceMatcher(None, [_signature(la) for la in rest_a], [_signature(lb) for lb in rest_b],
+                                      autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1 and all(
+                _signature(rest_a[i], False) == _signature(rest_b[j], False)
+                for i, j in zip(range(i1, i2), range(j1, j2)))):
+            pairs += [(rest_a[i], rest_b[j], "structure") for i, j in zip(range(i1, i2), range(j1, j2))]
+    order = {la.name: i for i, la in enumerate(a)}
+    pairs.sort(key=lambda p: order[p[0].name])
+    taken_a, taken_b = {la.name for la, _, _ in pairs}, {lb.name for _, lb, _ in pairs}
+    return pairs, _unmatched(a, taken_a, "B"), _unmatched(b, taken_b, "A")
+
+
+def _unmatched(layers: list[Layer], taken: set, other: str) -> list[dict]:
+    return [{"layer": la.name, "reason": (f"no layer of {other} with its name, nor one with the same op, stride, "
+                                          f"receptive field and channels in its place" if la.decodable
+                                          else f"not decodable: {la.reason}")}
+            for la in layers if la.name not in taken]
+
+
+# ---- the measures ----------------------------------------------------------------------------------------------
+def _per_layer(neurons, layers: list[Layer]) -> dict:
+    """Layer -> its neurons (None: all): one selector for every layer, each taking the neurons it has (``0-15``:
+    the first 16, or all of a layer with fewer; none of a layer with none of them)."""
+    if neurons is None or means_all(neurons):
+        return {la.name: None for la in layers}
+    picked = parse_neurons(neurons, max(int(la.channels or 0) for la in layers))
+    return {la.name: picked[picked < int(la.channels or 0)] for la in layers}
+
+
+def _filters(side: _Side, wanted: dict) -> dict:
+    """layer -> (filters [K, ...] float64, bias [K], neuron indices) for ``wanted``: layer -> (a neuron selector or
+    None for all, its channels); a model's layers decoded in one walk."""
+    if side.stored is not None:
+        out = {}
+        for name, (neurons, channels) in wanted.items():
+            stored = side.stored[name]
+            picked = parse_neurons(neurons, channels, name)
+            rows = np.searchsorted(stored["neurons"], picked)
+            if not np.array_equal(stored["neurons"][np.minimum(rows, len(stored["neurons"]) - 1)], picked):
+                raise FdsubError(f"the fingerprint of {side.label} holds neurons {_spec(stored['neurons'])} of "
+                                 f"layer {name!r}, not all of {_spec(picked)}; narrow --neurons or fingerprint "
+                                 "those neurons")
+            out[name] = (stored["filters"][rows], stored["bias"][rows], picked)
+        return out
+    selectors = {name: neurons for name, (neurons, _) in wanted.items()}
+    return {d.layer: (np.asarray(d.filters, np.float64), np.asarray(d.bias, np.float64), np.asarray(d.neurons))
+            for d in iter_decode(side.model, list(selectors), neurons=selectors, dtype="float32")}
+
+
+def _layer_drift(la, lb, how, fa, ba, na, fb, bb, nb) -> LayerDrift:
+    """The data-free measures of one matched layer; where the channel counts differ, B's neurons paired with A's by
+    their filters (the best cosine first), the rest left unmatched."""
+    if fa.shape[1:] != fb.shape[1:]:
+        raise FdsubError(f"layers {la.name!r} (A) and {lb.name!r} (B) decode to filters of different shapes "
+                         f"{list(fa.shape[1:])} and {list(fb.shape[1:])}; compare models that take the same input")
+    flat_a, flat_b = fa.reshape(len(fa), -1), fb.reshape(len(fb), -1)
+    norm_a, norm_b = np.linalg.norm(flat_a, axis=1), np.linalg.norm(flat_b, axis=1)
+    if la.channels == lb.channels:
+        rows_a = rows_b = np.arange(len(fa))
+    else:
+        rows_a, rows_b = _paired(flat_a, flat_b, norm_a, norm_b)
+    diff = np.linalg.norm(flat_b[rows_b] - flat_a[rows_a], axis=1)
+    scale = norm_a[rows_a]
+    drift = np.where(scale > 0, diff / np.maximum(scale, 1e-300), np.where(diff > 0, np.inf, 0.0))
+    both = scale * norm_b[rows_b]
+    cosine = np.where(both > 0, (flat_a[rows_a] * flat_b[rows_b]).sum(axis=1) / np.maximum(both, 1e-300), 1.0)
+    bias = np.abs(bb[rows_b] - ba[rows_a]) / np.maximum(np.maximum(np.abs(ba[rows_a]), scale), 1e-300)
+    return LayerDrift(la.name, lb.name, la.op, how, [int(v) for v in na[rows_a]], [int(v) for v in nb[rows_b]],
+                      drift.tolist(), cosine.tolist(), bias.tolist(),
+                      sorted(int(v) for v in set(na.tolist()) - set(na[rows_a].tolist())),
+                      sorted(int(v) for v in set(nb.tolist()) - set(nb[rows_b].tolist())))
+
+
+def _paired(flat_a, flat_b, norm_a, norm_b) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of A and B paired one to one by the cosine of their filters, the most alike first (greedy)."""
+    cosine = (flat_a @ flat_b.T) / np.maximum(np.outer(norm_a, norm_b), 1e-300)
+    rows_a, rows_b = [], []
+    for flat in np.argsort(-cosine, axis=None):
+        i, j = divmod(int(flat), cosine.shape[1])
+        if i not in rows_a and j not in rows_b:
+            rows_a.append(i)
+            rows_b.append(j)
+            if len(rows_a) == min(cosine.shape):
+                break
+    order = np.argsort(rows_a)
+    return np.asarray(rows_a)[order], np.asarray(rows_b)[order]
+
+
+def _responses(side: _Side, names: list[str], images, batch_size: int) -> dict:
+    """layer -> [images, K] each neuron's largest activation on each image (float32), in one onnxruntime pass."""
+    if side.stored is not None:
+        return {name: side.stored[name]["responses"] for name in names}
+    forward = Forward(side.model, names)
+    parts = {name: [] for name in names}
+    for _, batch in images.batches(batch_size):
+        values = forward(batch)
+        for name in names:
+            maps = as_map(side.model, name, values[name])
+            parts[name].append(maps.reshape(*maps.shape[:2], -1).max(axis=2).astype(np.float32))
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def _image_measures(d: LayerDrift, ra: np.ndarray, rb: np.ndarray, top: int) -> None:
+    """Activation drift, top-N overlap and Spearman's correlation of each compared neuron's responses."""
+    ra, rb = ra[:, d.neurons].astype(np.float64), rb[:, d.neurons_b].astype(np.float64)
+    rms_a = np.sqrt((ra**2).mean(axis=0))
+    rms_diff = np.sqrt(((rb - ra) ** 2).mean(axis=0))
+    d.activation_drift = np.where(rms_a > 0, rms_diff / np.maximum(rms_a, 1e-300),
+                                  np.where(rms_diff > 0, np.inf, 0.0)).tolist()
+    n = min(top, len(ra))
+    top_a, top_b = np.argsort(-ra, axis=0, kind="stable")[:n], np.argsort(-rb, axis=0, kind="stable")[:n]
+    d.top_overlap = [len(set(top_a[:, k]) & set(top_b[:, k])) / n for k in range(ra.shape[1])]
+    d.spearman = [_spearman(ra[:, k], rb[:, k]) for k in range(ra.shape[1])]
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (ties at their mean rank); 1 where both are constant, 0 where one is."""
+    rx, ry = _ranks(x), _ranks(y)
+    sx, sy = rx.std(), ry.std()
+    if sx == 0 or sy == 0:
+        return 1.0 if sx == sy else 0.0
+    return float(((rx - rx.mean()) * (ry - ry.mean())).mean() / (sx * sy))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    unique, inverse = np.unique(values, return_inverse=True)
+    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse] if len(unique) < len(values) else ranks
+
+
+def _gate(d: LayerDrift, limits: dict) -> list[str]:
+    """Why layer ``d`` fails the limits (empty: it passes), naming the option that sets each."""
+    found = []
+    checks = [("max_drift", "filter drift", d.filter_drift, max, "--max-drift"),
+              ("max_activation_drift", "activation drift", d.activation_drift, max, "--max-activation-drift"),
+              ("min_top_overlap", "top-N overlap", d.top_overlap, min, "--min-top-overlap")]
+    for key, what, values, worst, option in checks:
+        limit = limits.get(key)
+        if limit is None or not values:
+            continue
+        value = worst(values)
+        if (value > limit) if worst is max else (value < limit):
+            neuron = d.neurons[values.index(value)]
+            found.append(f"{what} {value:.3g} at neuron {neuron} is {'over' if worst is max else 'under'} "
+                         f"{option} {limit:g}")
+    return found
+
+
+# ---- sides: a model, or a fingerprint ---------------------------------------------------------------------------
+def _model_side(model: Model) -> _Side:
+    return _Side(model.path or "model", inspect_model(model).layers, tuple(model.input_shape), model=model)
+
+
+def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=None, images=None,
+                     batch_size: int = 32) -> list[Path]:
+    """Write what a later ``diff_models`` against ``model`` needs into the folder ``out`` (atomically):
+    ``fingerprint.json`` (the layers as ``inspect`` lists them, the neurons kept, the images' count and digest)
+    and ``fingerprint.npz`` (each decodable layer's weights filters and biases, and with ``images`` each neuron's
+    response to each image)."""
+    check_result_folder(out, FINGERPRINT_KIND)
+    side = _model_side(model)
+    names = [la.name for la in side.layers if la.decodable and (layers is None or la.name in set(layers))]
+    if layers is not None and len(names) != len(set(layers)):
+        missing = sorted(set(layers) - set(names))
+        raise FdsubError(f"layer {missing[0]!r} is not a decodable layer of the model; `fdsub inspect` lists them")
+    chosen = _per_layer(neurons, [la for la in side.layers if la.name in set(names)])
+    names = [name for name in names if chosen[name] is None or len(chosen[name])]
+    channels = {la.name: la.channels for la in side.layers}
+    decoded = _filters(side, {name: (chosen[name], channels[name]) for name in names})
+    responses = _responses(side, names, images, batch_size) if images is not None else {}
+    arrays, index = {}, {}
+    for i, name in enumerate(names):
+        filters, bias, picked = decoded[name]
+        arrays |= {f"filters_{i}": filters.astype(np.float32), f"bias_{i}": bias, f"neurons_{i}": picked}
+        if name in responses:
+            arrays[f"responses_{i}"] = responses[name]
+        index[name] = i
+    meta = {"format": FINGERPRINT_FORMAT, "model": str(model.path or "model"),
+            "input_shape": [int(v) for v in model.input_shape],
+            "layers": [dataclasses.asdict(la) for la in side.layers], "stored": index,
+            "images": None if images is None else {"count": len(images), "digest": image_digest(images, batch_size)}}
+
+    def write(folder: Path) -> None:
+        (folder / FINGERPRINT_JSON).write_text(json.dumps(meta))
+        with open(folder / FINGERPRINT_NPZ, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_atomically(out, [FINGERPRINT_JSON, FINGERPRINT_NPZ], write, kind=FINGERPRINT_KIND)
+
+
+def load_fingerprint(path: str | os.PathLike) -> _Side:
+    """A fingerprint folder as one side of a diff; a FdsubError naming what is wrong with a damaged one."""
+    folder = Path(path)
+    if not (folder / FINGERPRINT_JSON).is_file() or not (folder / FINGERPRINT_NPZ).is_file():
+        raise FdsubError(f"{folder} is not a fingerprint folder (no {FINGERPRINT_JSON} and {FINGERPRINT_NPZ}); make "
+                         "one with `fdsub fingerprint MODEL --out FOLDER`")
+    try:
+        meta = json.loads((folder / FINGERPRINT_JSON).read_text())
+        if meta.get("format") != FINGERPRINT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, this fdsub reads {FINGERPRINT_FORMAT}")
+        layers = [Layer(**la) for la in meta["layers"]]
+        stored = {}
+        with np.load(folder / FINGERPRINT_NPZ, allow_pickle=False) as data:
+            for name, i in meta["stored"].items():
+                entry = {key: np.asarray(data[f"{key}_{i}"]) for key in ("filters", "bias", "neurons")}
+                entry["filters"] = entry["filters"].astype(np.float64)
+                if f"responses_{i}" in data.files:
+                    entry["responses"] = np.asarray(data[f"responses_{i}"])
+                if len(entry["bias"]) != len(entry["filters"]) or len(entry["neurons"]) != len(entry["filters"]):
+                    raise ValueError(f"layer {name!r}: {len(entry['filters'])} filters, {len(entry['bias'])} "
+                                     f"biases, {len(entry['neurons'])} neuron indices")
+                stored[name] = entry
+        layers = [dataclasses.replace(la, decodable=la.decodable and la.name in stored) for la in layers]
+        digest = (meta.get("images") or {}).get("digest")
+        return _Side(f"{meta['model']} (fingerprint {folder})", layers, tuple(meta["input_shape"]), stored=stored,
+                     image_digest=digest)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FdsubError(f"{folder}: damaged fingerprint ({type(exc).__name__}: {exc}); make it again with "
+                         "`fdsub fingerprint`") from None
+
+
+def image_digest(images, batch_size: int = 32) -> str:
+    """A digest of the image set as the model reads it (after preprocessing): a fingerprint's responses hold only
+    for the same images."""
+    digest = hashlib.sha256()
+    for _, batch in images.batches(batch_size):
+        digest.update(np.ascontiguousarray(batch, np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _same_images(side: _Side, images) -> None:
+    if side.image_digest is None:
+        raise FdsubError(f"{side.label} holds no responses to images; make it with `fdsub fingerprint --images`, "
+                         "or leave --images out")
+    if image_digest(images) != side.image_digest:
+        raise FdsubError(f"--images are not the images {side.label} was made with; pass the same images (and "
+                         "preprocessing), or leave --images out")
+
+
+def _spec(neurons) -> str:
+    values = [int(v) for v in neurons]
+    return f"{values[0]}-{values[-1]}" if values == list(range(values[0], values[-1] + 1)) else ",".join(map(str,
+                                                                                                         values))
+
+
+def _finite(entry: dict) -> dict:
+    """JSON has no infinity: a drift of a filter that was zero and is not becomes null."""
+    return {k: ([None if isinstance(v, float) and not np.isfinite(v) else v for v in value]
+                if isinstance(value, list) else value) for k, value in entry.items()}

@@ -1,0 +1,237 @@
+"""``fdsub diff`` / ``fd.diff``: neuron-level drift between two models, each scenario with the measure it must show
+(issue 26): one neuron scaled, every name changed, a channel pruned, quantized copies, a fingerprint in place of the
+old model, and the gate's exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from checks import load_proto
+from netgen import NetBuilder
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+import fdsub_onnx as fd
+from fdsub_onnx.cli.main import app
+
+SIZE = 20
+
+
+def _net() -> tuple[onnx.ModelProto, list[str]]:
+    """Four convolutions with ReLUs and a max pool; the conv outputs, in order."""
+    b = NetBuilder(height=SIZE, width=SIZE, seed=3)
+    convs = [b.conv("input", 6, 3, 1, (1, 1, 1, 1))]
+    convs.append(b.conv(b.relu(convs[-1]), 8, 3, 1, (1, 1, 1, 1)))
+    convs.append(b.conv(b.maxpool(b.relu(convs[-1]), 2, 2), 8, 3, 1, (1, 1, 1, 1)))
+    convs.append(b.conv(b.relu(convs[-1]), 5, 3, 1, (1, 1, 1, 1)))
+    return b.build([convs[-1]]), convs
+
+
+def _weights(proto, conv_output: str) -> tuple[str, str]:
+    node = next(n for n in proto.graph.node if n.output[0] == conv_output)
+    return node.input[1], node.input[2]
+
+
+def _set(proto, name: str, value: np.ndarray) -> None:
+    init = next(i for i in proto.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _array(proto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == name)).copy()
+
+
+def _images(count=24, seed=0):
+    return fd.ArrayImages(np.random.default_rng(seed).standard_normal((count, 3, SIZE, SIZE)).astype(np.float32))
+
+
+def _folder(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _models(tmp_path, change):
+    proto, convs = _net()
+    a = load_proto(proto, _folder(tmp_path / "a"))
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    change(other, convs)
+    return a, load_proto(other, _folder(tmp_path / "b")), convs
+
+
+def _by_layer(report):
+    return {d.layer_a: d for d in report.layers}
+
+
+def test_one_scaled_neuron_moves_alone_in_its_layer(tmp_path):
+    """Neuron 3 of the second conv scaled by 1.3 (weights and bias): its filter drifts by exactly 0.3 and its
+    responses by 0.3 (after a ReLU the largest activation scales too), every other neuron of that layer and every
+    neuron below stays at 0, and the layers above move."""
+
+    def scale(proto, convs):
+        weight, bias = _weights(proto, convs[1])
+        w, b = _array(proto, weight), _array(proto, bias)
+        w[3] *= 1.3
+        b[3] *= 1.3
+        _set(proto, weight, w)
+        _set(proto, bias, b)
+
+    a, b, convs = _models(tmp_path, scale)
+    report = fd.diff(a, b, images=_images(), max_drift=0.1)
+    layers = _by_layer(report)
+    assert [d.matched_by for d in report.layers] == ["name"] * 5 and not report.unmatched_a  # and the max pool
+    assert max(layers[convs[0]].filter_drift) < 1e-9
+    second = layers[convs[1]]
+    assert second.filter_drift[3] == pytest.approx(0.3, rel=1e-6)
+    assert max(np.delete(second.filter_drift, 3)) < 1e-9
+    assert second.bias_drift[3] > 0 and max(np.delete(second.bias_drift, 3)) < 1e-9
+    assert second.cosine[3] == pytest.approx(1.0)
+    assert second.activation_drift[3] == pytest.approx(0.3, rel=1e-4)
+    assert second.top_overlap[3] == 1.0 and second.spearman[3] == pytest.approx(1.0)
+    assert min(max(layers[c].filter_drift) for c in convs[2:]) > 1e-3
+    assert report.layers[0].layer_a != convs[0]  # the most changed first
+    assert report.status == "fail" and any(convs[1] in f and "--max-drift 0.1" in f for f in report.failures)
+    assert fd.diff(a, b, max_drift=0.5).status == "pass"
+
+
+def test_every_name_changed_matches_every_layer_with_no_drift(tmp_path):
+    def rename(proto, convs):
+        names = {name: f"renamed_{i}" for i, name in enumerate(
+            [*(o for n in proto.graph.node for o in n.output), *(i.name for i in proto.graph.initializer)])}
+        for node in proto.graph.node:
+            node.name = f"node_{names.get(node.output[0], node.name)}"
+            node.input[:] = [names.get(x, x) for x in node.input]
+            node.output[:] = [names[x] for x in node.output]
+        for init in proto.graph.initializer:
+            init.name = names[init.name]
+        for out in proto.graph.output:
+            out.name = names[out.name]
+        del proto.graph.value_info[:]
+
+    a, b, convs = _models(tmp_path, rename)
+    report = fd.diff(a, b, images=_images())
+    assert set(convs) < {d.layer_a for d in report.layers} and not report.unmatched_a
+    assert all(d.matched_by == "structure" and d.layer_b.startswith("renamed_") for d in report.layers)
+    assert max(max(d.filter_drift) for d in report.layers) < 1e-9
+    assert max(max(d.activation_drift) for d in report.layers) < 1e-6
+    assert report.status == "pass"
+
+
+def test_a_pruned_channel_is_an_unmatched_neuron_not_drift(tmp_path):
+    """Channel 5 of the second conv removed (and the third conv's input channel 5): the other 7 neurons of that
+    layer pair with A's by their filters, unchanged; neuron 5 of A has no counterpart; the layer above drifts."""
+
+    def prune(proto, convs):
+        weight, bias = _weights(proto, convs[1])
+        _set(proto, weight, np.delete(_array(proto, weight), 5, axis=0))
+        _set(proto, bias, np.delete(_array(proto, bias), 5))
+        above = _weights(proto, convs[2])[0]
+        _set(proto, above, np.delete(_array(proto, above), 5, axis=1))
+        del proto.graph.value_info[:]
+
+    a, b, convs = _models(tmp_path, prune)
+    report = fd.diff(a, b)
+    layers = _by_layer(report)
+    pruned = layers[convs[1]]
+    assert pruned.unmatched_neurons_a == [5] and pruned.neurons == [0, 1, 2, 3, 4, 6, 7]
+    assert pruned.neurons_b == [0, 1, 2, 3, 4, 5, 6] and max(pruned.filter_drift) < 1e-9
+    assert max(layers[convs[2]].filter_drift) > 1e-3
+    assert report.status == "pass"
+    strict = fd.diff(a, b, require_all_matched=True)
+    assert strict.status == "fail" and any("without a counterpart" in f for f in strict.failures)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "dynamic"])
+def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, tmp_path):
+    from onnxruntime import quantization as q
+
+    proto, convs = _net()
+    a = load_proto(proto, _folder(tmp_path / "a"))
+    target = tmp_path / f"b.{fmt}.onnx"
+    images = _images(8, seed=4)
+
+    class Reader:
+        def __init__(self):
+            self.feeds = iter({"input": images.array[i : i + 1]} for i in range(len(images)))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    if fmt == "qdq":
+        q.quantize_static(a.path, str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    else:
+        q.quantize_dynamic(a.path, str(target), weight_type=q.QuantType.QUInt8, op_types_to_quantize=["Conv"])
+    b = fd.load_model(str(target))
+    report = fd.diff(a, b, images=_images())
+    assert len(report.layers) == 5 and not report.unmatched_a
+    worst = max(max(d.filter_drift) for d in report.layers)
+    assert 0 < worst < 0.1, worst
+    assert min(min(d.spearman) for d in report.layers) > 0.9
+
+
+def test_a_fingerprint_stands_in_for_the_old_model(tmp_path):
+    def scale(proto, convs):
+        weight, _ = _weights(proto, convs[2])
+        w = _array(proto, weight)
+        w[1] *= 0.5
+        _set(proto, weight, w)
+
+    a, b, convs = _models(tmp_path, scale)
+    images = _images()
+    live = fd.diff(a, b, images=images)
+    fd.save_fingerprint(a, tmp_path / "fp", images=images)
+    stored = fd.diff(str(tmp_path / "fp"), b, images=images)
+    stored_by = _by_layer(stored)
+    assert stored_by.keys() == _by_layer(live).keys()
+    for x in live.layers:
+        y = stored_by[x.layer_a]
+        np.testing.assert_allclose(y.filter_drift, x.filter_drift, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(y.activation_drift, x.activation_drift, rtol=1e-5, atol=1e-7)
+        assert y.top_overlap == x.top_overlap
+    with pytest.raises(fd.FdsubError, match="not the images"):
+        fd.diff(str(tmp_path / "fp"), b, images=_images(seed=9))
+    (tmp_path / "fp" / "fingerprint.json").write_text("{not json")
+    with pytest.raises(fd.FdsubError, match="damaged fingerprint"):
+        fd.diff(str(tmp_path / "fp"), b)
+
+
+def test_different_networks_cannot_be_compared(tmp_path):
+    proto, _ = _net()
+    a = load_proto(proto, _folder(tmp_path / "a"))
+    other = NetBuilder(height=SIZE, width=SIZE, seed=3)
+    last = other.conv(other.conv("input", 4, 7, 2), 4, 5, 3)
+    b = load_proto(other.build([last]), _folder(tmp_path / "b"))
+    with pytest.raises(fd.FdsubError, match="no layer of A matches one of B"):
+        fd.diff(a, b)
+
+
+def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
+    def scale(proto, convs):
+        weight, _ = _weights(proto, convs[0])
+        w = _array(proto, weight)
+        w[0] *= 2.0
+        _set(proto, weight, w)
+
+    a, b, convs = _models(tmp_path, scale)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["diff", a.path, b.path, "--max-drift", "1.5"])
+    assert ok.exit_code == 0, ok.output
+    assert convs[0] in ok.stdout
+    junit = tmp_path / "diff.xml"
+    failed = runner.invoke(app, ["diff", a.path, b.path, "--max-drift", "0.5", "--json", "--junit", str(junit)])
+    assert failed.exit_code == 1, failed.output
+    out = json.loads(failed.stdout)
+    assert out["status"] == "fail" and {"layer_a", "layer_b", "filter_drift"} <= set(out["layers"][0])
+    first = next(entry for entry in out["layers"] if entry["layer_a"] == convs[0])
+    assert len(first["filter_drift"]) == 6 and first["filter_drift"][0] == pytest.approx(1.0)
+    xml = junit.read_text()
+    assert xml.count("<testcase") == 5 and xml.count("<failure") >= 1  # the four convs and the max pool
+    narrowed = json.loads(runner.invoke(app, ["diff", a.path, b.path, "--neurons", "0-1", "--json"]).stdout)
+    assert all(len(entry["filter_drift"]) == 2 for entry in narrowed["layers"])
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    error = runner.invoke(app, ["diff", a.path, str(broken)])
+    assert error.exit_code == 2 and error.output.startswith("error: ") and "Traceback" not in error.output
