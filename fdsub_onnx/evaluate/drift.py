@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compose.inspect import Layer, inspect_model
+from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
 from ..defaults import DEFAULT_DIFF_TOP
 from ..errors import FdsubError
@@ -120,6 +121,10 @@ class _Side:
     model: Model | None = None
     stored: dict | None = None  # fingerprint: layer -> {"neurons", "filters", "bias", "responses"}
     image_digest: str | None = None
+    compared: dict = field(default_factory=dict)  # layer -> the tensor compared (after its BatchNorm), if not itself
+
+    def tensor(self, layer: str) -> str:
+        return self.compared.get(layer, layer)
 
 
 def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT_DIFF_TOP,
@@ -137,7 +142,7 @@ def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT
         raise FdsubError(f"the models take different inputs ({list(side_a.input_shape)} and "
                          f"{list(side_b.input_shape)}): their filters cannot be compared pixel by pixel; pass "
                          "--input-shape to give both the same")
-    pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers)
+    pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers, side_a.compared, side_b.compared)
     if layers is not None:
         wanted = list(layers)
         missing = [n for n in wanted if n not in {la.name for la, _, _ in pairs}]
@@ -185,13 +190,20 @@ def _signature(layer: Layer, channels: bool = True) -> tuple:
     return (*shape, layer.channels) if channels else shape
 
 
-def match_layers(a: list[Layer], b: list[Layer]) -> tuple[list[tuple[Layer, Layer, str]], list[dict], list[dict]]:
+def match_layers(a: list[Layer], b: list[Layer], compared_a: dict | None = None, compared_b: dict | None = None
+                 ) -> tuple[list[tuple[Layer, Layer, str]], list[dict], list[dict]]:
     """``(pairs (layer of A, layer of B, "name" or "structure") in A's order, unmatched layers of A, of B)``: each
-    unmatched one as ``{"layer", "reason"}``. Decodable layers only are paired."""
+    unmatched one as ``{"layer", "reason"}``. Decodable layers only are paired; by name, a layer is known by the
+    tensor it is compared at (``compared_*``: after the BatchNorm that follows it, whose name a copy with the
+    BatchNorm fused into the convolution gives the convolution's output)."""
+    compared_a, compared_b = compared_a or {}, compared_b or {}
     dec_a, dec_b = [la for la in a if la.decodable], [lb for lb in b if lb.decodable]
-    by_name = {lb.name: lb for lb in dec_b}
-    pairs = [(la, by_name[la.name], "name") for la in dec_a
-             if la.name in by_name and _signature(la) == _signature(by_name[la.name])]
+    by_name = {compared_b.get(lb.name, lb.name): lb for lb in dec_b}
+    pairs = []
+    for la in dec_a:
+        lb = by_name.get(compared_a.get(la.name, la.name))
+        if lb is not None and _signature(la) == _signature(lb):
+            pairs.append((la, lb, "name"))
     taken_a, taken_b = {la.name for la, _, _ in pairs}, {lb.name for _, lb, _ in pairs}
     rest_a = [la for la in dec_a if la.name not in taken_a]
     rest_b = [lb for lb in dec_b if lb.name not in taken_b]
@@ -240,8 +252,10 @@ def _filters(side: _Side, wanted: dict) -> dict:
                                  "those neurons")
             out[name] = (stored["filters"][rows], stored["bias"][rows], picked)
         return out
-    selectors = {name: neurons for name, (neurons, _) in wanted.items()}
-    return {d.layer: (np.asarray(d.filters, np.float64), np.asarray(d.bias, np.float64), np.asarray(d.neurons))
+    selectors = {side.tensor(name): neurons for name, (neurons, _) in wanted.items()}
+    layer_of = {side.tensor(name): name for name in wanted}
+    return {layer_of[d.layer]: (np.asarray(d.filters, np.float64), np.asarray(d.bias, np.float64),
+                                np.asarray(d.neurons))
             for d in iter_decode(side.model, list(selectors), neurons=selectors, dtype="float32")}
 
 
@@ -288,12 +302,12 @@ def _responses(side: _Side, names: list[str], images, batch_size: int) -> dict:
     """layer -> [images, K] each neuron's largest activation on each image (float32), in one onnxruntime pass."""
     if side.stored is not None:
         return {name: side.stored[name]["responses"] for name in names}
-    forward = Forward(side.model, names)
+    forward = Forward(side.model, [side.tensor(name) for name in names])
     parts = {name: [] for name in names}
     for _, batch in images.batches(batch_size):
         values = forward(batch)
         for name in names:
-            maps = as_map(side.model, name, values[name])
+            maps = as_map(side.model, side.tensor(name), values[side.tensor(name)])
             parts[name].append(maps.reshape(*maps.shape[:2], -1).max(axis=2).astype(np.float32))
     return {name: np.concatenate(p) for name, p in parts.items()}
 
@@ -348,7 +362,31 @@ def _gate(d: LayerDrift, limits: dict) -> list[str]:
 
 # ---- sides: a model, or a fingerprint ---------------------------------------------------------------------------
 def _model_side(model: Model) -> _Side:
-    return _Side(model.path or "model", inspect_model(model).layers, tuple(model.input_shape), model=model)
+    layers = inspect_model(model).layers
+    compared = {la.name: _after_affine(model, la.name) for la in layers if la.decodable}
+    return _Side(model.path or "model", layers, tuple(model.input_shape), model=model,
+                 compared={name: end for name, end in compared.items() if end != name})
+
+
+def _after_affine(model: Model, name: str) -> str:
+    """The tensor a layer is compared at: its output followed through the per-channel affine ops it alone feeds
+    (a BatchNormalization, a Mul or Add by a constant), so a copy with them fused into its weights (onnxruntime's
+    quantization pre-processing) compares equal."""
+    seen = {name}
+    while True:
+        users = model.consumers.get(name, [])
+        if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
+            return name
+        node = users[0]
+        op = RULES.get(node.op_type)
+        others = [i for i in node.input[1:] if i]
+        affine = node.op_type == "BatchNormalization" or (op is not None and op.affine_by_constant and len(others) == 1)
+        if not affine or node.input[0] != name or not all(i in model.constants for i in others):
+            return name
+        if node.output[0] in seen:
+            return name
+        name = node.output[0]
+        seen.add(name)
 
 
 def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=None, images=None,
@@ -377,7 +415,7 @@ def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=
         index[name] = i
     meta = {"format": FINGERPRINT_FORMAT, "model": str(model.path or "model"),
             "input_shape": [int(v) for v in model.input_shape],
-            "layers": [dataclasses.asdict(la) for la in side.layers], "stored": index,
+            "layers": [dataclasses.asdict(la) for la in side.layers], "stored": index, "compared": side.compared,
             "images": None if images is None else {"count": len(images), "digest": image_digest(images, batch_size)}}
 
     def write(folder: Path) -> None:
@@ -413,7 +451,7 @@ def load_fingerprint(path: str | os.PathLike) -> _Side:
         layers = [dataclasses.replace(la, decodable=la.decodable and la.name in stored) for la in layers]
         digest = (meta.get("images") or {}).get("digest")
         return _Side(f"{meta['model']} (fingerprint {folder})", layers, tuple(meta["input_shape"]), stored=stored,
-                     image_digest=digest)
+                     image_digest=digest, compared=dict(meta.get("compared") or {}))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FdsubError(f"{folder}: damaged fingerprint ({type(exc).__name__}: {exc}); make it again with "
                          "`fdsub fingerprint`") from None
