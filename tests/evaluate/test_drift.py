@@ -5,6 +5,7 @@ old model, and the gate's exit codes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import fdsub_onnx as fd
 from fdsub_onnx.cli.main import app
 
 SIZE = 20
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _net() -> tuple[onnx.ModelProto, list[str]]:
@@ -250,7 +252,8 @@ def test_a_copy_with_its_batchnorms_fused_matches_by_name(quantized, tmp_path):
     """onnxruntime's quantization pre-processing fuses each BatchNormalization into its convolution and gives the
     convolution the BatchNorm's output name (``conv2d.5.0`` becomes ``batch_norm_.10.0``): compared after their
     BatchNorms, A's layers pair with B's by name and the fused copy does not drift; its int8 QDQ copy (whose convs
-    carry their fused ReLUs' names: paired by structure) drifts a little. Compared at the convolutions, they were 0.5-21x apart (issue 26)."""
+    carry their fused ReLUs' names: paired by structure) drifts a little. Compared at the convolutions, they were
+    0.5-21x apart (issue 26)."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -278,3 +281,18 @@ def test_a_copy_with_its_batchnorms_fused_matches_by_name(quantized, tmp_path):
     assert quantized or all(d.matched_by == "name" for d in report.layers)  # QDQ renames them once more
     worst = max(max(d.filter_drift) for d in report.layers)
     assert (0 < worst < 0.05) if quantized else worst < 1e-5, worst
+
+
+def test_the_two_torch_exporters_of_one_network_do_not_drift():
+    """The same torch network (its BatchNorms, an SE gate, a residual block) exported by the TorchScript and the
+    dynamo exporter (tests/fixtures/make_exporter_pair.py): every convolution and the classifier pair (by
+    structure: the dynamo export names tensors ``getitem_3``, ``conv2d_5``), drift <= 1e-5. The TorchScript
+    export's GlobalAveragePool, a ReduceMean in the dynamo export that ``inspect`` does not list, stays unmatched."""
+    a, b = (fd.load_model(str(FIXTURES / f"exporter_pair.{tag}.onnx")) for tag in ("ts", "dynamo"))
+    report = fd.diff(a, b, images=fd.open_images("builtin:blobs:16", (3, 32, 32)))
+    convs = [la.name for la in fd.inspect_model(a).layers if la.op in ("Conv", "Gemm")]
+    assert sorted(d.layer_a for d in report.layers) == sorted(convs) and len(convs) == 7
+    assert max(max(d.filter_drift) for d in report.layers) <= 1e-5
+    assert max(max(d.activation_drift) for d in report.layers) <= 1e-5
+    assert [u["layer"] for u in report.unmatched_a] == ["/se/se.0/GlobalAveragePool_output_0"]
+    assert report.status == "pass" and fd.diff(a, b, require_all_matched=True).status == "fail"
