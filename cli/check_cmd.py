@@ -47,7 +47,10 @@ def check(
     std: Optional[str] = common.STD,
     scale: Optional[float] = common.SCALE,
     bgr: Optional[bool] = common.BGR,
-    min_coverage: float = typer.Option(1.0, "--min-coverage", help="Least share of layers that must be decodable."),
+    min_coverage: Optional[float] = typer.Option(
+        None, "--min-coverage", metavar="X",
+        help="Fail when less than this share of the layers is decodable (default: coverage reported, not a limit).",
+    ),
     max_dead: float = typer.Option(0.5, "--max-dead", help="Largest share of dead neurons allowed in a sampled layer."),
     max_degenerate: float = typer.Option(
         0.0, "--max-degenerate", help="Largest share of decoded filters allowed to be NaN, all zero or constant.",
@@ -59,7 +62,10 @@ def check(
         None, "--expect-decodable", metavar="N|NAMES",
         help="Also check the decodable layers: exactly N of them, or these names (comma separated).",
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="Decoding precision: float32 or float64."),
+    dtype: str = typer.Option(
+        "float64", "--dtype",
+        help="Decoding precision of the identity check: float64 (float32 rounding is no model defect) or float32.",
+    ),
     input_shape: Optional[str] = common.INPUT_SHAPE,
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,

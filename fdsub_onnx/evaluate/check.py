@@ -122,12 +122,12 @@ def check_model(
     max_rf: int | None = None,
     images=DEFAULT_IMAGES,
     preprocessing: dict | None = None,
-    min_coverage: float = 1.0,
+    min_coverage: float | None = None,
     max_dead: float = 0.5,
     max_degenerate: float = 0.0,
     tolerance: float = 1e-4,
     expect_decodable: int | Sequence[str] | None = None,
-    dtype: str = "float32",
+    dtype: str = "float64",
     identity_images: int = 2,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -141,8 +141,10 @@ def check_model(
     ``neurons_per_layer``
     neurons, evenly spaced, are decoded per layer. ``images`` (a spec for ``open_images``, opened with
     ``preprocessing``, or an image set; None skips the check) are the dead-neuron probes;
-    ``identity_images`` random normal images drive the identity. A FdsubError when the model cannot be
-    checked at all (unreadable, unknown layer, decoding out of memory).
+    ``identity_images`` random normal images drive the identity. The checks guard the model, not the tool: the
+    identity is decoded in float64 by default (it tests the linearization; float32 rounding is not a model
+    defect), and coverage is reported always but fails only below an explicit ``min_coverage``. A FdsubError when
+    the model cannot be checked at all (unreadable, unknown layer, decoding out of memory).
 
     >>> report = check_model("model.onnx", sample=2, neurons_per_layer=2)     # doctest: +SKIP
     >>> report.passed, [(c.name, c.status) for c in report.checks]            # doctest: +SKIP
@@ -184,7 +186,7 @@ def check_model(
 def _check_options(sample, neurons, max_rf, min_coverage, max_dead, max_degenerate, tolerance, identity_images, dtype):
     _check_sizes(sample, neurons, max_rf, identity_images, dtype)
     for name, value in (("min coverage", min_coverage), ("max dead", max_dead), ("max degenerate", max_degenerate)):
-        if not 0.0 <= value <= 1.0:
+        if value is not None and not 0.0 <= value <= 1.0:
             raise FdsubError(f"{name} is a share between 0 and 1, got {value!r}")
     if not tolerance > 0:
         raise FdsubError(f"tolerance must be a positive relative error such as 1e-4, got {tolerance!r}")
@@ -219,8 +221,15 @@ def _coverage(summary: Summary, min_coverage: float) -> Check:
             blocked.setdefault(lay.reason, []).append(lay)
     details = [f"{lay[0].name} ({lay[0].op}): {reason}" if len(lay) == 1 else
                f"{len(lay)} layers ({lay[0].name} ... {lay[-1].name}): {reason}" for reason, lay in blocked.items()]
+    if min_coverage is None:  # reported, not a gate: a layer fdsub cannot decode is no defect of the model
+        status = PASS if total else FAIL
+        return Check("coverage", status, f"{decodable} of {total} layers decodable" + (
+            "" if decodable == total or not total else " (reported only; --min-coverage makes it a limit)"),
+            share, None, details)
     status = PASS if total and share >= min_coverage else FAIL
-    return Check("coverage", status, f"{decodable} of {total} layers decodable", share, min_coverage, details)
+    summary = f"{decodable} of {total} layers decodable" + (
+        f", under --min-coverage {min_coverage:g}" if status == FAIL and total else "")
+    return Check("coverage", status, summary, share, min_coverage, details)
 
 
 def _expected(summary: Summary, expected) -> Check:
@@ -265,6 +274,9 @@ def _identity(model: Model, decoded, tolerance, count, seed, notes) -> Check:
     status = PASS if all(r.within(tolerance) for r in compared) else FAIL
     neurons = sum(len(d.neurons) for d, r in zip(decoded, results) if r.positions)
     summary = f"max relative error {worst:.2e} over {neurons} neurons of {len(compared)} layers"
+    if status == FAIL:
+        summary += f", over --tolerance {tolerance:g}" + ("" if all(np.asarray(d.filters).dtype == np.float64
+                                                                       for d in decoded) else " (--dtype float64)")
     return Check("identity", status, summary, float(worst), tolerance, details)
 
 
@@ -298,12 +310,13 @@ def _degenerate(decoded, max_degenerate: float) -> Check:
         return Check("degenerate-filters", SKIP, "no filter decoded")
     share = len(bad) / total
     status = PASS if share <= max_degenerate else FAIL
-    return Check("degenerate-filters", status, f"{len(bad)} of {total} decoded filters degenerate", share,
-                 max_degenerate, bad)
+    summary = f"{len(bad)} of {total} decoded filters degenerate" + (
+        f", over --max-degenerate {max_degenerate:g}" if status == FAIL else "")
+    return Check("degenerate-filters", status, summary, share, max_degenerate, bad)
 
 
 def estimate_check(model: Model, layers=None, sample: int = 3, neurons_per_layer: int = 4, max_rf: int | None = None,
-                   images: int = 32, identity_images: int = 2, dtype: str = "float32") -> CostPlan:
+                   images: int = 32, identity_images: int = 2, dtype: str = "float64") -> CostPlan:
     """The cost of ``check_model`` with these options (``images``: how many dead-neuron probes), before any work:
     the sampled layers' weights decodes, the identity's run of the linearized model, the probe pass."""
     _check_sizes(sample, neurons_per_layer, max_rf, identity_images, dtype)
@@ -365,8 +378,24 @@ def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead
         shown = ", ".join(map(str, dead[:8])) + (", ..." if len(dead) > 8 else "")
         details.append(f"{name}{where}: {len(dead)} of {len(lo)} dead" + (f" ({shown})" if len(dead) else ""))
     status = PASS if worst <= max_dead else FAIL
-    summary = f"{dead_total} of {total} neurons dead on {len(images)} probe images; worst layer {worst:.0%}"
+    probes_of = _probe_names(images)
+    summary = (f"{dead_total} of {total} neurons dead on {len(images)} probe images ({probes_of}); worst layer "
+               f"{worst:.0%}")
+    if status == FAIL:
+        summary += f", over --max-dead {max_dead:g}"
+        if probes_of.startswith("builtin:"):
+            summary += ("; synthetic probes leave many neurons of real networks still: --images with the model's "
+                        "own kind of images")
     return Check("dead-neurons", status, summary, worst, max_dead, details)
+
+
+def _probe_names(images) -> str:
+    """Where the probe images come from: a builtin set by name, else the first and last of them."""
+    sources = list(getattr(images, "sources", None) or [])
+    if not sources:
+        return "unnamed"
+    first = sources[0].split("[")[0] if sources[0].startswith("builtin:") else sources[0]
+    return first if first.startswith("builtin:") or len(sources) == 1 else f"{sources[0]} ... {sources[-1]}"
 
 
 def _activation_of(model: Model, name: str) -> str:
