@@ -148,6 +148,7 @@ def zoo(
     seconds = time.perf_counter() - start
     if junit is not None:
         suites = [fdsub_onnx.junit_suite(r.report, r.model.name, r.error, r.seconds) for r in results]
+        suites += [fdsub_onnx.diff_suite(r.diff) for r in results if r.diff is not None]
         fdsub_onnx.write_junit(fdsub_onnx.junit_document(suites, f"fdsub zoo {zoo_file}"), junit)
     statuses = [r.status for r in results]
     overall = "error" if "error" in statuses else "fail" if "fail" in statuses else "pass"
@@ -208,20 +209,31 @@ def _print_report(report) -> None:
     console.print(f"{verdict} ({len(report.checks)} checks, {report.seconds:.1f} s)")
 
 
+def _drift(result) -> str:
+    """The largest filter drift from the entry's baseline, or - where it has none."""
+    if result.diff is None:
+        return "-"
+    return f"{max((d.worst for d in result.diff.layers), default=0.0):.2g}"
+
+
 def _print_zoo(results, overall: str, seconds: float) -> None:
     console = _console()
     table = Table(title="fdsub zoo", title_justify="left")
-    for column in ("model", "coverage", "identity error", "dead", "degenerate", "status", "seconds"):
+    drift = any(r.diff is not None for r in results)
+    for column in ("model", "coverage", "identity error", "dead", "degenerate", *(["drift"] if drift else []),
+                   "status", "seconds"):
         table.add_column(column, overflow="fold", justify="left" if column in ("model", "status") else "right")
     for r in results:
+        shown = [_drift(r)] if drift else []
         if r.report is None:
-            table.add_row(escape(r.model.name), "-", "-", "-", "-", _status("error"), f"{r.seconds:.1f}")
+            table.add_row(escape(r.model.name), "-", "-", "-", "-", *["-"] * len(shown), _status("error"),
+                          f"{r.seconds:.1f}")
             continue
         rep = r.report
         identity, dead, degenerate = (rep.check(n) for n in ("identity", "dead-neurons", "degenerate-filters"))
         table.add_row(
             escape(r.model.name), f"{rep.decodable}/{rep.layers}", _value(identity, "{:.1e}"), _value(dead, "{:.0%}"),
-            _value(degenerate, "{:.0%}"), _status(rep.status), f"{r.seconds:.1f}",
+            _value(degenerate, "{:.0%}"), *shown, _status(r.status), f"{r.seconds:.1f}",
         )
     console.print(table)
     for r in results:
@@ -231,6 +243,8 @@ def _print_zoo(results, overall: str, seconds: float) -> None:
             for c in r.report.checks:
                 if c.failed:
                     console.print(f"{escape(r.model.name)}: {c.name} failed: {escape(c.summary)}", highlight=False)
+            for line in (r.diff.failures if r.diff is not None else []):
+                console.print(f"{escape(r.model.name)}: drift from its baseline: {escape(line)}", highlight=False)
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error")}
     console.print(f"{_status(overall)}: {counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors "
                   f"of {len(results)} models ({seconds:.1f} s)")

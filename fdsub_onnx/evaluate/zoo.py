@@ -12,6 +12,9 @@ A zoo file (``models/zoo.toml``)::
     input_shape = [1, 3, 64, 64]    # optional (needed for dynamic height/width)
     preset = "raw"                  # preprocessing of the probe images
     decodable = 7                   # optional: expected decodable layers, a count or a list of names
+    baseline = "release-1.onnx"     # optional: compare with the last release (a model, or a fingerprint folder)
+    max_drift = 0.05                # ... and its limits: max_drift, max_activation_drift, min_top_overlap,
+                                    # require_all_matched; diff_neurons, diff_images (fdsub diff's --neurons, --images)
 
 ``onnx-light:NAME`` is ``onnx/backend/test/data/light/light_NAME.onnx`` inside the installed onnx
 package. Those models ship without weights (every parameter is a ``ConstantOfShape`` filled with
@@ -20,6 +23,7 @@ package. Those models ship without weights (every parameter is a ``ConstantOfSha
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import tempfile
@@ -38,6 +42,7 @@ from ..graph.randomize import randomized
 from ..modes.cost import PROCESS_BYTES, CostPlan, Stage
 from ..runtime.cluster import map_tasks
 from .check import CheckReport, check_model, estimate_check
+from .drift import DiffReport, diff_models
 
 try:
     import tomllib
@@ -49,14 +54,20 @@ LIGHT_PREFIX = "onnx-light:"
 CHECK_KEYS = ("layers", "sample", "neurons_per_layer", "max_rf", "images", "min_coverage", "max_dead",
               "max_degenerate", "tolerance", "dtype", "identity_images")
 PREPROCESSING_KEYS = ("preset", "mean", "std", "scale", "bgr")
-MODEL_KEYS = ("name", "path", "input_shape", "decodable", "randomize", "seed", *PREPROCESSING_KEYS, *CHECK_KEYS)
+#: a model's baseline (its last release: a model file, or a fingerprint folder) and the limits of ``diff_models``;
+#: ``diff_neurons`` and ``diff_images`` are its ``neurons`` and ``images``
+DIFF_KEYS = ("baseline", "max_drift", "max_activation_drift", "min_top_overlap", "require_all_matched", "diff_neurons",
+             "diff_images")
+MODEL_KEYS = ("name", "path", "input_shape", "decodable", "randomize", "seed", *PREPROCESSING_KEYS, *CHECK_KEYS,
+              *DIFF_KEYS)
 _NUMBER, _INT, _TEXT, _FLAG = "a number", "an integer", "a string", "true or false"
 #: the type each key takes: a description, and a test of one value
 KEY_TYPES = {
-    **dict.fromkeys(("name", "path", "preset", "images", "dtype"), _TEXT),
+    **dict.fromkeys(("name", "path", "preset", "images", "dtype", "baseline", "diff_neurons", "diff_images"), _TEXT),
     **dict.fromkeys(("seed", "sample", "neurons_per_layer", "max_rf", "identity_images"), _INT),
-    **dict.fromkeys(("scale", "min_coverage", "max_dead", "max_degenerate", "tolerance"), _NUMBER),
-    **dict.fromkeys(("randomize", "bgr"), _FLAG),
+    **dict.fromkeys(("scale", "min_coverage", "max_dead", "max_degenerate", "tolerance", "max_drift",
+                     "max_activation_drift", "min_top_overlap"), _NUMBER),
+    **dict.fromkeys(("randomize", "bgr", "require_all_matched"), _FLAG),
     **dict.fromkeys(("mean", "std"), "a number or a list of numbers"),
     "layers": "a list of layer names (or one string, comma separated)",
     "input_shape": "four positive integers [N, C, H, W]",
@@ -101,6 +112,8 @@ class ZooModel:
     decodable: int | list[str] | None = None
     preprocessing: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # keyword arguments of check_model
+    baseline: str | None = None  # the model (or fingerprint folder) it is compared with: its last release
+    diff_options: dict = field(default_factory=dict)  # keyword arguments of diff_models
 
 
 @dataclass
@@ -111,10 +124,13 @@ class ZooResult:
     report: CheckReport | None
     error: str | None
     seconds: float
+    diff: DiffReport | None = None  # against the entry's baseline, where it has one
 
     @property
     def status(self) -> str:
-        return "error" if self.report is None else self.report.status
+        if self.report is None:
+            return "error"
+        return "fail" if "fail" in (self.report.status, self.diff.status if self.diff else "pass") else "pass"
 
     def to_json(self) -> dict:
         out = {"name": self.model.name, "source": self.model.source, "status": self.status,
@@ -123,6 +139,8 @@ class ZooResult:
             out["error"] = self.error
         else:
             out["report"] = self.report.to_json()
+        if self.diff is not None:
+            out["diff"] = self.diff.to_json()
         return out
 
 
@@ -149,7 +167,7 @@ def read_zoo(path: str | os.PathLike) -> list[ZooModel]:
     entries = data.get("models")
     if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
         raise FdsubError(f"{path}: list the models as [[models]] tables, each with a path")
-    _known(defaults, (*PREPROCESSING_KEYS, *CHECK_KEYS, "seed", "randomize"), f"{path} [defaults]")
+    _known(defaults, (*PREPROCESSING_KEYS, *CHECK_KEYS, *DIFF_KEYS[1:], "seed", "randomize"), f"{path} [defaults]")
     models = [_entry(path, i, {**defaults, **entry} if isinstance(entry, dict) else entry)
               for i, entry in enumerate(entries)]
     names = [m.name for m in models]
@@ -193,11 +211,20 @@ def _entry(zoo: Path, index: int, entry) -> ZooModel:
     options = {key: entry[key] for key in CHECK_KEYS if key in entry}
     if isinstance(options.get("layers"), str):
         options["layers"] = [v.strip() for v in options["layers"].split(",") if v.strip()]
+    baseline = entry.get("baseline")
+    if baseline is not None and not os.path.isabs(baseline):
+        baseline = str(zoo.parent / baseline)
+    diff_options = {key: entry[key] for key in DIFF_KEYS[1:] if key in entry}
+    if diff_options and baseline is None:
+        raise FdsubError(f"{where}: {', '.join(sorted(diff_options))} compare the model with its baseline; give "
+                         "baseline = \"the last release's model or fingerprint folder\"")
+    diff_options = {{"diff_neurons": "neurons", "diff_images": "images"}.get(k, k): v for k, v in diff_options.items()}
     return ZooModel(
         name=str(entry.get("name", name)), source=source, path=path,
         input_shape=tuple(shape) if shape is not None else None,
         randomize=bool(entry.get("randomize", light)), seed=int(entry.get("seed", 0)), decodable=decodable,
         preprocessing={key: entry[key] for key in PREPROCESSING_KEYS if key in entry}, options=options,
+        baseline=baseline, diff_options=diff_options,
     )
 
 
@@ -287,10 +314,35 @@ def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = Non
 
 
 def check_zoo_entry(entry: ZooModel, progress: Callable[[str], None] | None = None) -> ZooResult:
-    """One model's result: its report, or the error that stopped it, and how long it took."""
+    """One model's result: its report (and its diff against its baseline), or the error that stopped it, and how
+    long it took."""
     start = time.perf_counter()
+    diff = None
     try:
         report, error = check_zoo_model(entry, progress), None
+        if entry.baseline is not None:
+            diff = diff_zoo_model(entry, progress)
     except FdsubError as exc:
         report, error = None, " ".join(str(exc).splitlines())
-    return ZooResult(entry, report, error, time.perf_counter() - start)
+    return ZooResult(entry, report, error, time.perf_counter() - start, diff)
+
+
+def diff_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = None) -> DiffReport:
+    """The entry's model against its baseline (``diff_models``): a baseline model file is loaded as the entry is
+    (re-randomized with its seed when the entry is), a fingerprint folder read as it is."""
+    note = progress or (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="fdsub-zoo-") as folder:
+        model = _load_entry(entry, folder, note)
+        if os.path.isdir(entry.baseline):
+            baseline = entry.baseline
+        else:
+            os.makedirs(os.path.join(folder, "baseline"))
+            baseline = _load_entry(dataclasses.replace(entry, path=entry.baseline, source=entry.baseline),
+                                   os.path.join(folder, "baseline"), note)
+        options = dict(entry.diff_options)
+        if isinstance(options.get("images"), str):
+            options["images"] = open_images(options["images"], model.input_shape[1:], **entry.preprocessing)
+        note(f"{entry.name}: comparing with {entry.baseline}")
+        report = diff_models(baseline, model, **options)
+    report.model_a, report.model_b = entry.baseline, entry.source
+    return report

@@ -296,3 +296,57 @@ def test_the_two_torch_exporters_of_one_network_do_not_drift():
     assert max(max(d.activation_drift) for d in report.layers) <= 1e-5
     assert [u["layer"] for u in report.unmatched_a] == ["/se/se.0/GlobalAveragePool_output_0"]
     assert report.status == "pass" and fd.diff(a, b, require_all_matched=True).status == "fail"
+
+
+def test_a_zoo_gates_each_model_against_its_baseline(tmp_path):
+    """``baseline = "..."`` per zoo entry (a model file, or a fingerprint folder) and its limits: ``fdsub zoo`` checks
+    each model, compares it with its baseline, fails (exit 1) where a limit is crossed, and writes a JUnit suite per
+    diff beside the checks'."""
+
+    def scale(proto, convs):
+        weight, _ = _weights(proto, convs[1])
+        w = _array(proto, weight)
+        w[2] *= 1.5
+        _set(proto, weight, w)
+
+    a, b, _ = _models(tmp_path, scale)
+    fd.save_fingerprint(a, tmp_path / "fp", neurons="0-3")
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text(f"""[defaults]
+images = "builtin:blobs:4"
+sample = 1
+neurons_per_layer = 1
+
+[[models]]
+name = "same"
+path = "{a.path}"
+baseline = "{a.path}"
+max_drift = 1e-6
+
+[[models]]
+name = "drifted"
+path = "{b.path}"
+baseline = "fp"
+diff_neurons = "0-3"
+max_drift = 0.1
+""")
+    junit = tmp_path / "zoo.xml"
+    result = CliRunner().invoke(app, ["zoo", str(zoo), "--json", "--junit", str(junit)])
+    assert result.exit_code == 1, result.output
+    models = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert models["same"]["status"] == "pass" and models["same"]["diff"]["status"] == "pass"
+    drifted = models["drifted"]
+    assert drifted["status"] == "fail" and drifted["report"]["status"] == "pass"
+    assert any("--max-drift 0.1" in f for f in drifted["diff"]["failures"])
+    assert all(len(layer["filter_drift"]) <= 4 for layer in drifted["diff"]["layers"])
+    xml = junit.read_text()
+    assert xml.count("<testsuite ") == 4 and "DriftOverLimit" in xml
+    table = CliRunner().invoke(app, ["zoo", str(zoo)])
+    assert "drift" in table.stdout and "drift from its baseline" in table.stdout
+
+
+def test_a_zoo_baseline_option_without_a_baseline_is_refused(tmp_path):
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[[models]]\npath = "m.onnx"\nmax_drift = 0.1\n')
+    with pytest.raises(fd.FdsubError, match="compare the model with its baseline"):
+        fd.read_zoo(zoo)

@@ -130,6 +130,8 @@ def test_model_passes_every_check(name):
     assert all(checks[c].status == "pass" for c in ("identity", "degenerate-filters", "dead-neurons"))
     assert identity.value <= 1e-4
     assert report.decodable / report.layers >= entry.options["min_coverage"]
+    if entry.baseline is not None:  # the release gate against its baseline ran and passed
+        assert result.diff is not None and result.diff.layers and result.diff.status == "pass", result.diff
 
 
 # ---- (b) convolution-like layers ------------------------------------------------------------------------
