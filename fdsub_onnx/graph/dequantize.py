@@ -76,10 +76,19 @@ def dequantize(proto: onnx.ModelProto) -> list[dict]:
 
 
 def dequantized_note(records: list[dict]) -> str:
-    """What ``inspect``, ``decode`` and ``check`` say about a rewritten model (one line)."""
-    ops = ", ".join(sorted({r["op"] for r in records}))
-    return (f"the model is quantized: {len(records)} nodes ({ops}) are read as float ops with dequantized weights; "
-            "every mode and the check identity run on that float copy (activation rounding aside)")
+    """What ``inspect``, ``decode`` and ``check`` say about a rewritten model (one line): its quantized nodes read
+    as float ops, its half-precision tensors as float32 (``graph.precision``)."""
+    half = [r for r in records if r["op"] in ("float16", "bfloat16")]
+    quantized = [r for r in records if r not in half]
+    parts = []
+    if quantized:
+        ops = ", ".join(sorted({r["op"] for r in quantized}))
+        parts.append(f"the model is quantized: {len(quantized)} nodes ({ops}) are read as float ops with dequantized "
+                     "weights")
+    if half:
+        kinds = " and ".join(sorted({r["op"] for r in half}))
+        parts.append(f"the model is in {kinds}: its {len(half)} {kinds} tensors are read as float32")
+    return "; ".join(parts) + "; every mode and the check identity run on that float copy (activation rounding aside)"
 
 
 class _Graph:

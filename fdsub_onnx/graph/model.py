@@ -14,6 +14,7 @@ from ..data.files import require_regular_file
 from ..errors import FdsubError
 from .dequantize import dequantize
 from .patterns import find_patterns
+from .precision import as_float32
 from .prepare import STANDARD_DOMAINS, nchw_input, prepare
 from .validate import checked
 
@@ -61,6 +62,7 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
     name, shape = _input(proto, path, input_shape)
     proto = _fix_input_shape(proto, name, shape)
     dequantized = dequantize(proto)  # QOperator and dynamic quantization as float ops (graph.dequantize)
+    dequantized += as_float32(proto)  # float16 / bfloat16 tensors as float32 (graph.precision)
     nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset)
     producer, consumers = wiring(nodes)
     patterns = find_patterns(nodes, producer, constants, shapes, opset)

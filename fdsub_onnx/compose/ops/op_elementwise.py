@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 
+from onnx import TensorProto
+
 from ...errors import NotDecodable, PhaseDependent
 from ..backend import array_module
 from ..values import Layout, Tensor
 from ._rule import NO_BANK_RULE, Nonlinear, attributes, by_slope, identity_node, no_bias, per_instance
+
+#: the float element types (onnx.TensorProto) a Cast may go to and stay the identity
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 class Elementwise(Nonlinear):
@@ -44,6 +49,16 @@ class Identity(Elementwise):
 
 
 class Dropout(Identity): ...
+
+
+class Cast(Identity):
+    """A cast between float types (a half-precision model read as float32, ``graph.precision``): the identity. A
+    cast of the data to an integer or boolean type is refused (shape arithmetic's casts are folded before)."""
+
+    def apply(self, node, inputs, ctx):
+        if attributes(node).get("to") not in FLOAT_TYPES:
+            raise NotDecodable("it casts the data to a non-float type")
+        return super().apply(node, inputs, ctx)
 
 
 class Relu(Elementwise):
