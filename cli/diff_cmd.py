@@ -32,6 +32,11 @@ def diff(
              "own images).",
     ),
     top: int = common.top_option("With --images: top-N images per neuron compared.", fdsub_onnx.DEFAULT_DIFF_TOP),
+    instances: bool = typer.Option(
+        False, "--instances",
+        help="With --images: also the drift of each neuron's Neuron Feature and local filter, each model over its "
+             "own top-N instances (a capture and a backward pass per layer and model).",
+    ),
     max_drift: Optional[float] = typer.Option(
         None, "--max-drift", metavar="X", help="Fail when a neuron's filter drift ||F_B - F_A|| / ||F_A|| is over X.",
     ),
@@ -53,6 +58,10 @@ def diff(
     input_shape: Optional[str] = common.INPUT_SHAPE,
     as_json: bool = JSON,
     junit: Optional[Path] = JUNIT,
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", metavar="DIR",
+        help="Also write DIR/diff.json and DIR/drift.png (the most changed neurons' filters: A, B, B - A).",
+    ),
     memory_budget: Optional[str] = common.MEMORY_BUDGET,
 ) -> None:
     """Compare B with A neuron by neuron: layers matched by name, else by structure; per neuron the drift of its
@@ -62,6 +71,8 @@ def diff(
     """
     if junit is not None:
         fdsub_onnx.check_junit_path(junit)
+    if out is not None:
+        fdsub_onnx.check_result_folder(out, "diff")
     shape = common.parse_input_shape(input_shape)
     with common.spinner(f"loading {b}"):
         second = fdsub_onnx.load_model(b, shape)
@@ -72,13 +83,17 @@ def diff(
         report = fdsub_onnx.diff(first, second, layers=None if layers is None else layers.split(","),
                                  neurons=neurons, images=image_set, top=top, max_drift=max_drift,
                                  max_activation_drift=max_activation_drift, min_top_overlap=min_top_overlap,
-                                 require_all_matched=require_all_matched, batch_size=batch_size)
+                                 require_all_matched=require_all_matched, batch_size=batch_size,
+                                 instances=instances)
     if junit is not None:
         fdsub_onnx.write_junit(fdsub_onnx.junit_document([fdsub_onnx.diff_suite(report)], "fdsub diff"), junit)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         _print_diff(report)
+    if out is not None:
+        for path in fdsub_onnx.save_diff(report, out):
+            typer.echo(f"  {path}", err=as_json)
     if report.status != "pass":
         raise typer.Exit(1)
 
@@ -122,6 +137,8 @@ def _print_diff(report) -> None:
                                + (f" ({report.images} images)" if images else "")), title_justify="left")
     columns = ["layer (A)", "layer (B)", "neurons", "filter drift max (neuron)", "mean", "cosine min", "bias drift max"]
     columns += ["activation drift max", "top overlap min", "spearman min"] if images else []
+    instances = any(d.nf_drift is not None for d in report.layers)
+    columns += ["NF drift max", "local drift max"] if instances else []
     for column in [*columns, "status"]:
         table.add_column(column, overflow="fold", justify="left" if column.startswith(("layer", "status")) else "right")
     for d in report.layers[:SHOWN_LAYERS]:
@@ -132,6 +149,8 @@ def _print_diff(report) -> None:
                f"{min(d.cosine, default=1.0):.4f}", f"{max(d.bias_drift, default=0.0):.3g}"]
         if images:
             row += [f"{max(d.activation_drift):.3g}", f"{min(d.top_overlap):.2f}", f"{min(d.spearman):.3f}"]
+        if instances:
+            row += [_largest(d.nf_drift), _largest(d.local_drift)]
         table.add_row(*row, _status("fail" if d.failures else "pass"))
     console.print(table)
     if len(report.layers) > SHOWN_LAYERS:
@@ -150,3 +169,8 @@ def _print_diff(report) -> None:
 def _mean(values) -> str:
     finite = [v for v in values if np.isfinite(v)]
     return f"{np.mean(finite):.3g}" if finite else "-"
+
+
+def _largest(values) -> str:
+    finite = [v for v in values or [] if np.isfinite(v)]
+    return f"{max(finite):.3g}" if finite else "-"

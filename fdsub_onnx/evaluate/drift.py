@@ -39,7 +39,10 @@ from ..defaults import DEFAULT_DIFF_TOP
 from ..errors import FdsubError
 from ..graph.model import Model, as_map
 from ..modes.decode import iter_decode
+from ..modes.local import decode_instances
+from ..modes.nf import neuron_feature
 from ..neurons import means_all, parse_neurons
+from ..runtime.capture import capture_top
 from ..runtime.session import Forward
 
 PASS, FAIL = "pass", "fail"
@@ -48,6 +51,7 @@ FINGERPRINT_JSON, FINGERPRINT_NPZ, FINGERPRINT_KIND = "fingerprint.json", "finge
 FINGERPRINT_FORMAT = 1
 #: the kind of op a layer is compared as: an exporter may write a linear layer as Gemm or as MatMul
 OP_KIND = {"Gemm": "linear", "MatMul": "linear"}
+SHOWN_NEURONS = 12  # the most changed neurons a diff keeps the filters of (drift.png: A, B and B - A of each)
 
 
 @dataclass
@@ -69,6 +73,8 @@ class LayerDrift:
     activation_drift: list[float] | None = None
     top_overlap: list[float] | None = None
     spearman: list[float] | None = None
+    nf_drift: list[float] | None = None  # with ``instances``: of the Neuron Feature over each model's own top-N
+    local_drift: list[float] | None = None  # ... and of the local filter (the mean input gradient there)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -89,6 +95,9 @@ class DiffReport:
     limits: dict
     images: int
     seconds: float
+    #: the most changed layer's most changed neurons, with their filters in both models (``present.save.save_diff``
+    #: draws them): layer_a, layer_b, neurons, neurons_b, filter_drift, filters_a, filters_b
+    shown: dict | None = None
 
     @property
     def failures(self) -> list[str]:
@@ -130,11 +139,13 @@ class _Side:
 def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT_DIFF_TOP,
                 max_drift: float | None = None, max_activation_drift: float | None = None,
                 min_top_overlap: float | None = None, require_all_matched: bool = False,
-                batch_size: int = 32, progress=None) -> DiffReport:
+                batch_size: int = 32, instances: bool = False, progress=None) -> DiffReport:
     """Compare model ``b`` (a ``Model``) with ``a`` (a ``Model`` or a fingerprint folder, ``save_fingerprint``),
     neuron by neuron: see the module docstring. ``layers``: names of A's layers to compare (default every matched
     one); ``neurons``: a selector applied to every layer (default all); ``images``: an image set for the image
-    measures (a fingerprint's must be the one it was made with); the limits make the gate."""
+    measures (a fingerprint's must be the one it was made with); ``instances`` (with images, two models): also the
+    drift of each neuron's Neuron Feature and ``local`` filter, each model over its own top-N instances (a capture
+    and a backward pass per layer and model); the limits make the gate."""
     start = time.perf_counter()
     side_a = a if isinstance(a, _Side) else (_model_side(a) if isinstance(a, Model) else load_fingerprint(a))
     side_b = _model_side(b)
@@ -173,13 +184,30 @@ def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT
         responses_b = _responses(side_b, [d.layer_b for d in drifts], images, batch_size)
         for d in drifts:
             _image_measures(d, responses_a[d.layer_a], responses_b[d.layer_b], top)
+    if instances:
+        if images is None or side_a.model is None:
+            raise FdsubError("the Neuron Feature and local filter drifts compare two models' top instances: give "
+                             "--images and a model (not a fingerprint) as A")
+        for d in drifts:
+            _instance_measures(d, side_a, side_b, images, top, batch_size)
     limits = {"max_drift": max_drift, "max_activation_drift": max_activation_drift,
               "min_top_overlap": min_top_overlap, "require_all_matched": require_all_matched}
     for d in drifts:
         d.failures = _gate(d, limits)
     drifts.sort(key=lambda d: -d.worst)
+    shown = _most_changed(drifts[0], filters_a[drifts[0].layer_a], filters_b[drifts[0].layer_b]) if drifts else None
     return DiffReport(side_a.label, side_b.label, drifts, unmatched_a, unmatched_b, limits,
-                      0 if images is None else len(images), time.perf_counter() - start)
+                      0 if images is None else len(images), time.perf_counter() - start, shown)
+
+
+def _most_changed(d: LayerDrift, decoded_a, decoded_b, most: int = SHOWN_NEURONS) -> dict:
+    """The ``most`` neurons of layer ``d`` whose filters moved most, with their filters in A and in B."""
+    order = np.argsort(-np.nan_to_num(np.asarray(d.filter_drift), posinf=np.finfo(float).max), kind="stable")[:most]
+    rows_a = [int(np.flatnonzero(decoded_a[2] == d.neurons[i])[0]) for i in order]
+    rows_b = [int(np.flatnonzero(decoded_b[2] == d.neurons_b[i])[0]) for i in order]
+    return {"layer_a": d.layer_a, "layer_b": d.layer_b, "neurons": [d.neurons[i] for i in order],
+            "neurons_b": [d.neurons_b[i] for i in order], "filter_drift": [d.filter_drift[i] for i in order],
+            "filters_a": decoded_a[0][rows_a].astype(np.float32), "filters_b": decoded_b[0][rows_b].astype(np.float32)}
 
 
 # ---- matching ---------------------------------------------------------------------------------------------------
@@ -323,6 +351,27 @@ def _image_measures(d: LayerDrift, ra: np.ndarray, rb: np.ndarray, top: int) -> 
     top_a, top_b = np.argsort(-ra, axis=0, kind="stable")[:n], np.argsort(-rb, axis=0, kind="stable")[:n]
     d.top_overlap = [len(set(top_a[:, k]) & set(top_b[:, k])) / n for k in range(ra.shape[1])]
     d.spearman = [_spearman(ra[:, k], rb[:, k]) for k in range(ra.shape[1])]
+
+
+def _instance_measures(d: LayerDrift, side_a: _Side, side_b: _Side, images, top: int, batch_size: int) -> None:
+    """The drift of each compared neuron's Neuron Feature and local filter, each model's over its own top-N."""
+    found = {}
+    for key, side, layer, neurons in (("a", side_a, d.layer_a, d.neurons), ("b", side_b, d.layer_b, d.neurons_b)):
+        tensor = side.tensor(layer)
+        instances = capture_top(side.model, tensor, images, top=top, neurons=list(neurons), batch_size=batch_size)
+        found[key] = (neuron_feature(side.model, instances, images, batch_size=batch_size).filters,
+                      decode_instances(side.model, tensor, images, instances=instances).filters)
+    d.nf_drift, d.local_drift = (_relative(np.asarray(found["a"][i], np.float64), np.asarray(found["b"][i], np.float64))
+                                 for i in (0, 1))
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """``||b - a|| / ||a||`` row by row (0 where both are zero, inf where only ``a`` is)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    if a.shape != b.shape:
+        return [float("nan")] * len(a)
+    scale, diff = np.linalg.norm(a, axis=1), np.linalg.norm(b - a, axis=1)
+    return np.where(scale > 0, diff / np.maximum(scale, 1e-300), np.where(diff > 0, np.inf, 0.0)).tolist()
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -14,13 +14,14 @@ LABEL_COLOR = (220, 220, 220)
 LABEL_HEIGHT = 12
 
 
-def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: int = 48) -> Image.Image:
+def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: int = 48,
+                columns: int | None = None) -> Image.Image:
     """A grid of filters [K, C, R_y, R_x], each normalized symmetrically around 0.
 
     0 maps to mid-gray and each filter's largest |value| to black or white. 3 channels
     are shown as RGB, 1 channel as gray, any other count as the gray mean over channels.
     Filters are enlarged by nearest neighbour so a cell is at least ``cell`` pixels, and
-    laid out in a grid as square as possible; ``labels`` (one per filter) go under each cell.
+    laid out in a grid as square as possible (or ``columns`` wide); ``labels`` (one per filter) go under each cell.
     The image never passes PIL's ``Image.MAX_IMAGE_PIXELS`` (``grid_fit``): cells get smaller, then only the
     first ``grid_cells`` filters are drawn, and a single filter too large even at 1 pixel is block-averaged.
     """
@@ -38,7 +39,7 @@ def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: 
     tiles = _to_rgb8(block_mean(filters, factor))  # [K, R_y, R_x, 3]
     count, ry, rx = tiles.shape[:3]
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
-    cols = math.ceil(math.sqrt(count))
+    cols = min(columns, count) if columns else math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     th, tw = ry * scale, rx * scale
     canvas = np.empty((GAP + rows * (th + lh + GAP), GAP + cols * (tw + GAP), 3), np.uint8)

@@ -126,3 +126,25 @@ def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None
             part(folder)
 
     return write_atomically(out_dir, [name for names, _ in parts for name in names], write, kind="fidelity")
+
+
+DIFF_KIND, DIFF_JSON, DIFF_PNG = "diff", "diff.json", "drift.png"
+
+
+def save_diff(report, out_dir: str | os.PathLike) -> list[Path]:
+    """Write a diff's result into ``out_dir`` atomically: ``diff.json`` (``DiffReport.to_json``, the JSON contract of
+    docs/drift.md) and ``drift.png``: the most changed layer's most changed neurons, each as three cells in a row,
+    its filter in A, in B and their difference B - A (each cell scaled on its own)."""
+    shown = report.shown
+
+    def write(folder: Path) -> None:
+        (folder / DIFF_JSON).write_text(json.dumps(report.to_json(), indent=2))
+        if shown is not None:
+            a, b = shown["filters_a"], shown["filters_b"]
+            cells = np.stack([a, b, b - a], axis=1).reshape(-1, *a.shape[1:])
+            labels = [f"{n} {part}" for n, drift in zip(shown["neurons"], shown["filter_drift"])
+                      for part in ("A", "B", f"B-A {drift:.2g}")]
+            filter_grid(cells, labels=labels, columns=3).save(folder / DIFF_PNG, format="PNG")
+
+    names = [DIFF_JSON] + ([DIFF_PNG] if shown is not None else [])
+    return write_atomically(out_dir, names, write, kind=DIFF_KIND)

@@ -146,12 +146,20 @@ def test_a_pruned_channel_is_an_unmatched_neuron_not_drift(tmp_path):
     assert strict.status == "fail" and any("without a counterpart" in f for f in strict.failures)
 
 
-@pytest.mark.parametrize("fmt", ["qdq", "dynamic"])
-def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, tmp_path):
+@pytest.mark.parametrize("preprocessed", [False, True])
+@pytest.mark.parametrize("fmt", ["qdq", "qop", "dynamic"])
+def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, preprocessed, tmp_path):
+    """int8 copies by onnxruntime (QDQ, QOperator, dynamic), quantized from the model or from its quantization
+    pre-processing's copy: every layer pairs, each drifts a little (< 0.1), the responses keep their order."""
     from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     proto, convs = _net()
     a = load_proto(proto, _folder(tmp_path / "a"))
+    source = a.path
+    if preprocessed:
+        source = str(tmp_path / "pre.onnx")
+        quant_pre_process(a.path, source, skip_symbolic_shape=True)
     target = tmp_path / f"b.{fmt}.onnx"
     images = _images(8, seed=4)
 
@@ -162,10 +170,11 @@ def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, tmp_path):
         def get_next(self):
             return next(self.feeds, None)
 
-    if fmt == "qdq":
-        q.quantize_static(a.path, str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    if fmt == "dynamic":
+        q.quantize_dynamic(source, str(target), weight_type=q.QuantType.QUInt8, op_types_to_quantize=["Conv"])
     else:
-        q.quantize_dynamic(a.path, str(target), weight_type=q.QuantType.QUInt8, op_types_to_quantize=["Conv"])
+        q.quantize_static(source, str(target), Reader(), per_channel=True,
+                          quant_format=q.QuantFormat.QDQ if fmt == "qdq" else q.QuantFormat.QOperator)
     b = fd.load_model(str(target))
     report = fd.diff(a, b, images=_images())
     assert len(report.layers) == 5 and not report.unmatched_a
@@ -233,6 +242,14 @@ def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
     assert xml.count("<testcase") == 5 and xml.count("<failure") >= 1  # the four convs and the max pool
     narrowed = json.loads(runner.invoke(app, ["diff", a.path, b.path, "--neurons", "0-1", "--json"]).stdout)
     assert all(len(entry["filter_drift"]) == 2 for entry in narrowed["layers"])
+    folder = tmp_path / "diffout"
+    drawn = runner.invoke(app, ["diff", a.path, b.path, "--out", str(folder)])
+    assert drawn.exit_code == 0, drawn.output
+    assert json.loads((folder / "diff.json").read_text())["layers"]
+    from PIL import Image
+
+    with Image.open(folder / "drift.png") as png:  # the first conv's 6 neurons, each as A, B, B - A in a row
+        assert png.width < png.height
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     error = runner.invoke(app, ["diff", a.path, str(broken)])
@@ -408,3 +425,25 @@ def test_a_fine_tuned_copy_drifts_more_with_depth(tmp_path):
     layers = _by_layer(fd.diff(a, b))
     means = [float(np.mean(layers[c].filter_drift)) for c in convs]
     assert 0.01 < means[0] < 0.05 and means == sorted(means), means
+
+
+def test_instance_drifts_see_a_scaled_neuron_in_its_local_filter_not_its_neuron_feature(tmp_path):
+    """Neuron 3 of the second conv scaled by 1.3: its top-N images stay, so its Neuron Feature (the activation-
+    weighted mean of its top patches, weights normalized) does not move, while its local filter (the mean input
+    gradient there) moves by exactly 0.3; the layer's other neurons move in neither."""
+
+    def scale(proto, convs):
+        weight, bias = _weights(proto, convs[1])
+        w, b = _array(proto, weight), _array(proto, bias)
+        w[3] *= 1.3
+        b[3] *= 1.3
+        _set(proto, weight, w)
+        _set(proto, bias, b)
+
+    a, b, convs = _models(tmp_path, scale)
+    report = fd.diff(a, b, layers=[convs[1]], images=_images(), top=4, instances=True)
+    second = report.layers[0]
+    assert second.nf_drift[3] < 1e-6 and second.local_drift[3] == pytest.approx(0.3, rel=1e-4)
+    assert max(np.delete(second.nf_drift, 3)) < 1e-6 and max(np.delete(second.local_drift, 3)) < 1e-6
+    with pytest.raises(fd.FdsubError, match="give --images"):
+        fd.diff(a, b, instances=True)
