@@ -188,26 +188,33 @@ def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT
         if images is None or side_a.model is None:
             raise FdsubError("the Neuron Feature and local filter drifts compare two models' top instances: give "
                              "--images and a model (not a fingerprint) as A")
-        for d in drifts:
-            _instance_measures(d, side_a, side_b, images, top, batch_size)
+        features = {d.layer_a: _instance_measures(d, side_a, side_b, images, top, batch_size) for d in drifts}
+    else:
+        features = {}
     limits = {"max_drift": max_drift, "max_activation_drift": max_activation_drift,
               "min_top_overlap": min_top_overlap, "require_all_matched": require_all_matched}
     for d in drifts:
         d.failures = _gate(d, limits)
     drifts.sort(key=lambda d: -d.worst)
-    shown = _most_changed(drifts[0], filters_a[drifts[0].layer_a], filters_b[drifts[0].layer_b]) if drifts else None
+    shown = _most_changed(drifts[0], filters_a[drifts[0].layer_a], filters_b[drifts[0].layer_b],
+                          features.get(drifts[0].layer_a)) if drifts else None
     return DiffReport(side_a.label, side_b.label, drifts, unmatched_a, unmatched_b, limits,
                       0 if images is None else len(images), time.perf_counter() - start, shown)
 
 
-def _most_changed(d: LayerDrift, decoded_a, decoded_b, most: int = SHOWN_NEURONS) -> dict:
-    """The ``most`` neurons of layer ``d`` whose filters moved most, with their filters in A and in B."""
+def _most_changed(d: LayerDrift, decoded_a, decoded_b, features=None, most: int = SHOWN_NEURONS) -> dict:
+    """The ``most`` neurons of layer ``d`` whose filters moved most, with their filters in A and in B (and their
+    Neuron Features, the mean of their top patches, where ``features`` holds them: in ``d.neurons`` order)."""
     order = np.argsort(-np.nan_to_num(np.asarray(d.filter_drift), posinf=np.finfo(float).max), kind="stable")[:most]
     rows_a = [int(np.flatnonzero(decoded_a[2] == d.neurons[i])[0]) for i in order]
     rows_b = [int(np.flatnonzero(decoded_b[2] == d.neurons_b[i])[0]) for i in order]
-    return {"layer_a": d.layer_a, "layer_b": d.layer_b, "neurons": [d.neurons[i] for i in order],
-            "neurons_b": [d.neurons_b[i] for i in order], "filter_drift": [d.filter_drift[i] for i in order],
-            "filters_a": decoded_a[0][rows_a].astype(np.float32), "filters_b": decoded_b[0][rows_b].astype(np.float32)}
+    shown = {"layer_a": d.layer_a, "layer_b": d.layer_b, "neurons": [d.neurons[i] for i in order],
+             "neurons_b": [d.neurons_b[i] for i in order], "filter_drift": [d.filter_drift[i] for i in order],
+             "filters_a": decoded_a[0][rows_a].astype(np.float32),
+             "filters_b": decoded_b[0][rows_b].astype(np.float32)}
+    if features is not None and features[0].shape == features[1].shape:
+        shown["features_a"], shown["features_b"] = (np.asarray(f, np.float32)[order] for f in features)
+    return shown
 
 
 # ---- matching ---------------------------------------------------------------------------------------------------
@@ -353,8 +360,9 @@ def _image_measures(d: LayerDrift, ra: np.ndarray, rb: np.ndarray, top: int) -> 
     d.spearman = [_spearman(ra[:, k], rb[:, k]) for k in range(ra.shape[1])]
 
 
-def _instance_measures(d: LayerDrift, side_a: _Side, side_b: _Side, images, top: int, batch_size: int) -> None:
-    """The drift of each compared neuron's Neuron Feature and local filter, each model's over its own top-N."""
+def _instance_measures(d: LayerDrift, side_a: _Side, side_b: _Side, images, top: int, batch_size: int) -> tuple:
+    """The drift of each compared neuron's Neuron Feature and local filter, each model's over its own top-N; returns
+    the two models' Neuron Features (``d.neurons`` order)."""
     found = {}
     for key, side, layer, neurons in (("a", side_a, d.layer_a, d.neurons), ("b", side_b, d.layer_b, d.neurons_b)):
         tensor = side.tensor(layer)
@@ -363,6 +371,7 @@ def _instance_measures(d: LayerDrift, side_a: _Side, side_b: _Side, images, top:
                       decode_instances(side.model, tensor, images, instances=instances).filters)
     d.nf_drift, d.local_drift = (_relative(np.asarray(found["a"][i], np.float64), np.asarray(found["b"][i], np.float64))
                                  for i in (0, 1))
+    return found["a"][0], found["b"][0]
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> list[float]:

@@ -133,18 +133,23 @@ DIFF_KIND, DIFF_JSON, DIFF_PNG = "diff", "diff.json", "drift.png"
 
 def save_diff(report, out_dir: str | os.PathLike) -> list[Path]:
     """Write a diff's result into ``out_dir`` atomically: ``diff.json`` (``DiffReport.to_json``, the JSON contract of
-    docs/drift.md) and ``drift.png``: the most changed layer's most changed neurons, each as three cells in a row,
-    its filter in A, in B and their difference B - A (each cell scaled on its own)."""
+    docs/drift.md) and ``drift.png``: the most changed layer's most changed neurons, a row each: its filter in A, in
+    B and their difference B - A, and (``diff --instances``) its Neuron Feature in A and in B, the mean of each
+    model's top patches (each cell scaled on its own)."""
     shown = report.shown
 
     def write(folder: Path) -> None:
         (folder / DIFF_JSON).write_text(json.dumps(report.to_json(), indent=2))
         if shown is not None:
             a, b = shown["filters_a"], shown["filters_b"]
-            cells = np.stack([a, b, b - a], axis=1).reshape(-1, *a.shape[1:])
-            labels = [f"{n} {part}" for n, drift in zip(shown["neurons"], shown["filter_drift"])
-                      for part in ("A", "B", f"B-A {drift:.2g}")]
-            filter_grid(cells, labels=labels, columns=3).save(folder / DIFF_PNG, format="PNG")
+            parts, names = [a, b, b - a], ["A", "B", "B-A"]
+            if "features_a" in shown and shown["features_a"].shape == a.shape:
+                parts += [shown["features_a"], shown["features_b"]]
+                names += ["NF A", "NF B"]
+            cells = np.stack(parts, axis=1).reshape(-1, *a.shape[1:])
+            labels = [f"{n} {part}" + (f" {drift:.2g}" if part == "B-A" else "")
+                      for n, drift in zip(shown["neurons"], shown["filter_drift"]) for part in names]
+            filter_grid(cells, labels=labels, columns=len(parts)).save(folder / DIFF_PNG, format="PNG")
 
     names = [DIFF_JSON] + ([DIFF_PNG] if shown is not None else [])
     return write_atomically(out_dir, names, write, kind=DIFF_KIND)

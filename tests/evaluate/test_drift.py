@@ -447,3 +447,10 @@ def test_instance_drifts_see_a_scaled_neuron_in_its_local_filter_not_its_neuron_
     assert max(np.delete(second.nf_drift, 3)) < 1e-6 and max(np.delete(second.local_drift, 3)) < 1e-6
     with pytest.raises(fd.FdsubError, match="give --images"):
         fd.diff(a, b, instances=True)
+    shown = report.shown  # drift.png's rows: the filters in A and B, and each model's Neuron Feature
+    assert shown["neurons"][0] == 3 and shown["features_a"].shape == shown["filters_a"].shape
+    fd.save_diff(report, tmp_path / "out")
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "drift.png") as png:
+        assert png.width > png.height / 3  # 5 cells a row, 8 rows
