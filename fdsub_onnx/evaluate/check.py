@@ -32,7 +32,7 @@ from ..compose.ops import RULES
 from ..data.images import open_images
 from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
-from ..graph.model import Model, as_map, find_layer, load_model
+from ..graph.model import Model, as_map, find_layer, follow_through, load_model
 from ..graph.prune import pruned
 from ..graph.validate import nonfinite_weights
 from ..modes.cost import CostPlan, Stage, base_bytes, forward_seconds, weights_stage
@@ -401,21 +401,15 @@ def _probe_names(images) -> str:
 def _activation_of(model: Model, name: str) -> str:
     """The tensor holding ``name``'s response after its activation: followed through the per-channel and
     elementwise ops it alone feeds (BatchNormalization, Relu, a Mul by a constant, ...)."""
-    seen = {name}
-    while True:
-        users = model.consumers.get(name, [])
-        if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
-            return name
-        node = users[0]
+
+    def follows(node, tensor) -> bool:
         op = RULES.get(node.op_type)
-        follows = op is not None and op.keeps_neuron and node.input[0] == name
         if op is not None and op.affine_by_constant:
-            others = [i for i in node.input if i != name]
-            follows = len(others) == 1 and others[0] in model.constants and node.input[0] == name
-        if not follows or node.output[0] in seen:
-            return name
-        name = node.output[0]
-        seen.add(name)
+            others = [i for i in node.input if i != tensor]
+            return len(others) == 1 and others[0] in model.constants
+        return op is not None and op.keeps_neuron
+
+    return follow_through(model, name, follows)
 
 
 # ---- which layers and neurons ---------------------------------------------------------------------

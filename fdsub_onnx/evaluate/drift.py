@@ -37,7 +37,7 @@ from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
 from ..defaults import DEFAULT_DIFF_TOP
 from ..errors import FdsubError
-from ..graph.model import Model, as_map
+from ..graph.model import Model, as_map, follow_through
 from ..modes.decode import iter_decode
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
@@ -430,21 +430,14 @@ def _after_affine(model: Model, name: str) -> str:
     """The tensor a layer is compared at: its output followed through the per-channel affine ops it alone feeds
     (a BatchNormalization, a Mul or Add by a constant), so a copy with them fused into its weights (onnxruntime's
     quantization pre-processing) compares equal."""
-    seen = {name}
-    while True:
-        users = model.consumers.get(name, [])
-        if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
-            return name
-        node = users[0]
+
+    def follows(node, tensor) -> bool:
         op = RULES.get(node.op_type)
         others = [i for i in node.input[1:] if i]
         affine = node.op_type == "BatchNormalization" or (op is not None and op.affine_by_constant and len(others) == 1)
-        if not affine or node.input[0] != name or not all(i in model.constants for i in others):
-            return name
-        if node.output[0] in seen:
-            return name
-        name = node.output[0]
-        seen.add(name)
+        return affine and all(i in model.constants for i in others)
+
+    return follow_through(model, name, follows)
 
 
 def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=None, images=None,

@@ -71,6 +71,21 @@ def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = No
 
 
 
+def follow_through(model, name: str, follows) -> str:
+    """``name`` followed forward through the nodes it alone feeds, each keeping its shape, while ``follows(node,
+    tensor)`` says the node continues it (a BatchNorm, an activation, ...): the last tensor reached."""
+    seen = {name}
+    while True:
+        users = model.consumers.get(name, [])
+        if len(users) != 1 or not users[0].output or model.shapes.get(users[0].output[0]) != model.shapes.get(name):
+            return name
+        node = users[0]
+        if node.input[0] != name or not follows(node, name) or node.output[0] in seen:
+            return name
+        name = node.output[0]
+        seen.add(name)
+
+
 def wiring(nodes) -> tuple[dict, dict]:
     """(tensor -> the node writing it, tensor -> the nodes reading it, in order) of a node list."""
     producer, consumers = {}, defaultdict(list)

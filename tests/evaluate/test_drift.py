@@ -64,8 +64,33 @@ def _models(tmp_path, change):
     return a, load_proto(other, _folder(tmp_path / "b")), convs
 
 
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over 8 random images, one a run."""
+
+    def __init__(self):
+        images = _images(8, seed=4)
+        self.feeds = iter({"input": images.array[i : i + 1]} for i in range(len(images)))
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
 def _by_layer(report):
     return {d.layer_a: d for d in report.layers}
+
+
+def _scaled(layer: int, neuron: int, factor: float, bias: bool = True):
+    """A change to ``_models``: neuron ``neuron`` of conv ``layer`` scaled by ``factor`` (weights, and bias)."""
+
+    def change(proto, convs):
+        weight, shift = _weights(proto, convs[layer])
+        w, b = _array(proto, weight), _array(proto, shift)
+        w[neuron] *= factor
+        b[neuron] *= factor if bias else 1.0
+        _set(proto, weight, w)
+        _set(proto, shift, b)
+
+    return change
 
 
 def test_one_scaled_neuron_moves_alone_in_its_layer(tmp_path):
@@ -73,15 +98,7 @@ def test_one_scaled_neuron_moves_alone_in_its_layer(tmp_path):
     responses by 0.3 (after a ReLU the largest activation scales too), every other neuron of that layer and every
     neuron below stays at 0, and the layers above move."""
 
-    def scale(proto, convs):
-        weight, bias = _weights(proto, convs[1])
-        w, b = _array(proto, weight), _array(proto, bias)
-        w[3] *= 1.3
-        b[3] *= 1.3
-        _set(proto, weight, w)
-        _set(proto, bias, b)
-
-    a, b, convs = _models(tmp_path, scale)
+    a, b, convs = _models(tmp_path, _scaled(1, 3, 1.3))
     report = fd.diff(a, b, images=_images(), max_drift=0.1)
     layers = _by_layer(report)
     assert [d.matched_by for d in report.layers] == ["name"] * 5 and not report.unmatched_a  # and the max pool
@@ -161,19 +178,10 @@ def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, preprocessed
         source = str(tmp_path / "pre.onnx")
         quant_pre_process(a.path, source, skip_symbolic_shape=True)
     target = tmp_path / f"b.{fmt}.onnx"
-    images = _images(8, seed=4)
-
-    class Reader:
-        def __init__(self):
-            self.feeds = iter({"input": images.array[i : i + 1]} for i in range(len(images)))
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     if fmt == "dynamic":
         q.quantize_dynamic(source, str(target), weight_type=q.QuantType.QUInt8, op_types_to_quantize=["Conv"])
     else:
-        q.quantize_static(source, str(target), Reader(), per_channel=True,
+        q.quantize_static(source, str(target), _Calibration(), per_channel=True,
                           quant_format=q.QuantFormat.QDQ if fmt == "qdq" else q.QuantFormat.QOperator)
     b = fd.load_model(str(target))
     report = fd.diff(a, b, images=_images())
@@ -184,13 +192,7 @@ def test_quantized_copies_match_every_layer_and_drift_a_little(fmt, preprocessed
 
 
 def test_a_fingerprint_stands_in_for_the_old_model(tmp_path):
-    def scale(proto, convs):
-        weight, _ = _weights(proto, convs[2])
-        w = _array(proto, weight)
-        w[1] *= 0.5
-        _set(proto, weight, w)
-
-    a, b, convs = _models(tmp_path, scale)
+    a, b, convs = _models(tmp_path, _scaled(2, 1, 0.5, bias=False))
     images = _images()
     live = fd.diff(a, b, images=images)
     fd.save_fingerprint(a, tmp_path / "fp", images=images)
@@ -220,13 +222,7 @@ def test_different_networks_cannot_be_compared(tmp_path):
 
 
 def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
-    def scale(proto, convs):
-        weight, _ = _weights(proto, convs[0])
-        w = _array(proto, weight)
-        w[0] *= 2.0
-        _set(proto, weight, w)
-
-    a, b, convs = _models(tmp_path, scale)
+    a, b, convs = _models(tmp_path, _scaled(0, 0, 2.0, bias=False))
     runner = CliRunner()
     ok = runner.invoke(app, ["diff", a.path, b.path, "--max-drift", "1.5"])
     assert ok.exit_code == 0, ok.output
@@ -281,17 +277,8 @@ def test_a_copy_with_its_batchnorms_fused_matches_by_name(quantized, tmp_path):
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(fused)).graph.node}
     target = fused
     if quantized:
-        images = _images(8, seed=4)
-
-        class Reader:
-            def __init__(self):
-                self.feeds = iter({"input": images.array[i : i + 1]} for i in range(len(images)))
-
-            def get_next(self):
-                return next(self.feeds, None)
-
         target = tmp_path / "fused.qdq.onnx"
-        q.quantize_static(str(fused), str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+        q.quantize_static(str(fused), str(target), _Calibration(), quant_format=q.QuantFormat.QDQ, per_channel=True)
     a, b = fd.load_model(str(source)), fd.load_model(str(target))
     report = fd.diff(a, b, images=_images())
     assert len(report.layers) == 3 and not report.unmatched_a and not report.unmatched_b
@@ -320,13 +307,7 @@ def test_a_zoo_gates_each_model_against_its_baseline(tmp_path):
     each model, compares it with its baseline, fails (exit 1) where a limit is crossed, and writes a JUnit suite per
     diff beside the checks'."""
 
-    def scale(proto, convs):
-        weight, _ = _weights(proto, convs[1])
-        w = _array(proto, weight)
-        w[2] *= 1.5
-        _set(proto, weight, w)
-
-    a, b, _ = _models(tmp_path, scale)
+    a, b, _ = _models(tmp_path, _scaled(1, 2, 1.5, bias=False))
     fd.save_fingerprint(a, tmp_path / "fp", neurons="0-3")
     zoo = tmp_path / "zoo.toml"
     zoo.write_text(f"""[defaults]
@@ -432,15 +413,7 @@ def test_instance_drifts_see_a_scaled_neuron_in_its_local_filter_not_its_neuron_
     weighted mean of its top patches, weights normalized) does not move, while its local filter (the mean input
     gradient there) moves by exactly 0.3; the layer's other neurons move in neither."""
 
-    def scale(proto, convs):
-        weight, bias = _weights(proto, convs[1])
-        w, b = _array(proto, weight), _array(proto, bias)
-        w[3] *= 1.3
-        b[3] *= 1.3
-        _set(proto, weight, w)
-        _set(proto, bias, b)
-
-    a, b, convs = _models(tmp_path, scale)
+    a, b, convs = _models(tmp_path, _scaled(1, 3, 1.3))
     report = fd.diff(a, b, layers=[convs[1]], images=_images(), top=4, instances=True)
     second = report.layers[0]
     assert second.nf_drift[3] < 1e-6 and second.local_drift[3] == pytest.approx(0.3, rel=1e-4)
