@@ -510,6 +510,57 @@ to sort.</p>
 """
 
 
+def diff_page(report, picture: Image.Image | None = None) -> str:
+    """A ``DiffReport`` as one self-contained HTML page: the gate's verdict and failures, the matched layers (most
+    changed first, every measure's worst neuron), the unmatched ones with their reasons, and ``picture`` (drift.png:
+    the most changed neurons' filters in A and B, their difference, their Neuron Features)."""
+    images = report.images > 0
+    instances = any(d.nf_drift is not None for d in report.layers)
+    head = ["layer (A)", "layer (B)", "matched by", "neurons", "filter drift max", "cosine min", "bias drift max"]
+    head += ["activation drift max", "top overlap min", "spearman min"] if images else []
+    head += ["NF drift max", "local drift max"] if instances else []
+
+    def worst(values, pick=max, digits=3):
+        finite = [v for v in values or [] if v is not None and np.isfinite(v)]
+        return _fmt(pick(finite), digits) if finite else "-"
+
+    rows = []
+    for d in report.layers:
+        cells = [escape(d.layer_a), escape(d.layer_b), d.matched_by, str(len(d.neurons)),
+                 worst(d.filter_drift), worst(d.cosine, min, 4), worst(d.bias_drift)]
+        if images:
+            cells += [worst(d.activation_drift), worst(d.top_overlap, min, 2), worst(d.spearman, min)]
+        if instances:
+            cells += [worst(d.nf_drift), worst(d.local_drift)]
+        rows.append(f'<tr class="{"fail" if d.failures else "pass"}">' + "".join(f"<td>{c}</td>" for c in cells)
+                    + "</tr>")
+    unmatched = "".join(f"<li>{side}: <code>{escape(u['layer'])}</code>: {escape(u['reason'])}</li>"
+                        for side, listed in (("A", report.unmatched_a), ("B", report.unmatched_b)) for u in listed)
+    failures = "".join(f"<li>{escape(line)}</li>" for line in report.failures)
+    shown = ""
+    if picture is not None and report.shown is not None:
+        shown = (f"<h2>The most changed neurons of <code>{escape(report.shown['layer_a'])}</code></h2>"
+                 "<p>Each row: the neuron's weights filter in A, in B, their difference (each scaled on its own)"
+                 + (", and its Neuron Feature (the mean of its top patches) in A and in B" if "features_a"
+                    in report.shown else "") + f'.</p><img src="{_data_uri(picture)}" alt="drift.png">')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>fdsub diff: {escape(os.path.basename(report.model_b))}</title>
+<style>{_CSS}
+tr.fail td {{ background: #fdd; }}</style></head>
+<body>
+<header><h1>What changed: <code>{escape(report.model_b)}</code> against <code>{escape(report.model_a)}</code></h1>
+<p>{report.status.upper()}: {len(report.layers)} layers matched, {len(report.unmatched_a)} of A and
+{len(report.unmatched_b)} of B unmatched{f"; {report.images} images" if images else ", data-free"}.
+Filter drift: ||F_B - F_A|| / ||F_A|| of each neuron's weights filter; the measures: docs/drift.md.</p>
+{f"<ul>{failures}</ul>" if failures else ""}</header>
+<table><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+{f"<h2>Unmatched layers</h2><ul>{unmatched}</ul>" if unmatched else ""}
+{shown}
+</body></html>
+"""
+
+
 def _sample_line(sample: str | None) -> str:
     """The default sample's note, as a sentence of the header (nothing when every layer and neuron is shown)."""
     if sample is None:

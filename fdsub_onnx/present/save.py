@@ -14,6 +14,7 @@ from ..data.topn import TopN, top_files
 from ..defaults import DEFAULT_GRID
 from ..errors import FdsubError
 from .render import filter_grid
+from .report import diff_page
 
 NPZ_NAME = "decoded.npz"
 PNG_NAME = "filters.png"
@@ -128,18 +129,19 @@ def save_fidelity(result: dict, out_dir: str | os.PathLike, decoded: dict | None
     return write_atomically(out_dir, [name for names, _ in parts for name in names], write, kind="fidelity")
 
 
-DIFF_KIND, DIFF_JSON, DIFF_PNG = "diff", "diff.json", "drift.png"
+DIFF_KIND, DIFF_JSON, DIFF_PNG, DIFF_HTML = "diff", "diff.json", "drift.png", "diff.html"
 
 
 def save_diff(report, out_dir: str | os.PathLike) -> list[Path]:
     """Write a diff's result into ``out_dir`` atomically: ``diff.json`` (``DiffReport.to_json``, the JSON contract of
     docs/drift.md) and ``drift.png``: the most changed layer's most changed neurons, a row each: its filter in A, in
     B and their difference B - A, and (``diff --instances``) its Neuron Feature in A and in B, the mean of each
-    model's top patches (each cell scaled on its own)."""
+    model's top patches (each cell scaled on its own); ``diff.html``: both on one self-contained page."""
     shown = report.shown
 
     def write(folder: Path) -> None:
         (folder / DIFF_JSON).write_text(json.dumps(report.to_json(), indent=2))
+        picture = None
         if shown is not None:
             a, b = shown["filters_a"], shown["filters_b"]
             parts, names = [a, b, b - a], ["A", "B", "B-A"]
@@ -149,7 +151,9 @@ def save_diff(report, out_dir: str | os.PathLike) -> list[Path]:
             cells = np.stack(parts, axis=1).reshape(-1, *a.shape[1:])
             labels = [f"{n} {part}" + (f" {drift:.2g}" if part == "B-A" else "")
                       for n, drift in zip(shown["neurons"], shown["filter_drift"]) for part in names]
-            filter_grid(cells, labels=labels, columns=len(parts)).save(folder / DIFF_PNG, format="PNG")
+            picture = filter_grid(cells, labels=labels, columns=len(parts))
+            picture.save(folder / DIFF_PNG, format="PNG")
+        (folder / DIFF_HTML).write_text(diff_page(report, picture), encoding="utf-8")
 
-    names = [DIFF_JSON] + ([DIFF_PNG] if shown is not None else [])
+    names = [DIFF_JSON, DIFF_HTML] + ([DIFF_PNG] if shown is not None else [])
     return write_atomically(out_dir, names, write, kind=DIFF_KIND)

@@ -242,6 +242,8 @@ def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
     drawn = runner.invoke(app, ["diff", a.path, b.path, "--out", str(folder)])
     assert drawn.exit_code == 0, drawn.output
     assert json.loads((folder / "diff.json").read_text())["layers"]
+    page = (folder / "diff.html").read_text()  # the page: the table, the most changed neurons drawn in it
+    assert convs[0] in page and "data:image/png;base64," in page and "<script" not in page
     from PIL import Image
 
     with Image.open(folder / "drift.png") as png:  # the first conv's 6 neurons, each as A, B, B - A in a row
