@@ -60,9 +60,10 @@ def diff(
     junit: Optional[Path] = JUNIT,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR",
-        help="Also write DIR/diff.json and DIR/drift.png (the most changed neurons' filters: A, B, B - A).",
+        help="Also write DIR/diff.json, DIR/diff.html and DIR/drift.png (the most changed neurons: A, B, B - A).",
     ),
     memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Compare B with A neuron by neuron: layers matched by name, else by structure; per neuron the drift of its
     weights filter (data-free) and, with --images, of its responses.
@@ -79,6 +80,12 @@ def diff(
         first = a if Path(a).is_dir() else fdsub_onnx.load_model(a, shape)
         image_set = None if images is None else fdsub_onnx.open_images(
             images, second.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
+    with common.spinner(f"planning the comparison of {b} with {a}"):
+        cost = fdsub_onnx.estimate_diff(first, second, layers=None if layers is None else layers.split(","),
+                                        neurons=neurons, images=0 if image_set is None else len(image_set), top=top,
+                                        instances=instances, batch_size=batch_size)
+    if common.planned(plan, cost, "compare fewer --layers or --neurons, or leave --instances out"):
+        return
     with common.spinner(f"comparing {b} with {a}"):
         report = fdsub_onnx.diff(first, second, layers=None if layers is None else layers.split(","),
                                  neurons=neurons, images=image_set, top=top, max_drift=max_drift,

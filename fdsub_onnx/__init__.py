@@ -44,6 +44,7 @@ _EXPORTS = {
     "diff": (".evaluate.drift", "diff_models"), "DiffReport": (".evaluate.drift", "DiffReport"),
     "LayerDrift": (".evaluate.drift", "LayerDrift"), "match_layers": (".evaluate.drift", "match_layers"),
     "diff_suite": (".present.junit", "diff_suite"), "save_diff": (".present.save", "save_diff"),
+    "estimate_diff": (".evaluate.drift", "estimate_diff"),
     "save_fingerprint": (".evaluate.drift", "save_fingerprint"),
     "load_fingerprint": (".evaluate.drift", "load_fingerprint"),
     "Device": (".compose.backend", "Device"), "resolve_device": (".compose.backend", "resolve_device"),

@@ -32,18 +32,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compose.inspect import Layer, inspect_model
+from ..compose.inspect import Layer, channels_of, inspect_model
 from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
 from ..defaults import DEFAULT_DIFF_TOP
 from ..errors import FdsubError
 from ..graph.model import Model, as_map, follow_through
+from ..modes.cost import (
+    CostPlan,
+    Stage,
+    base_bytes,
+    capture_stage,
+    compose_stage,
+    filters_bytes,
+    forward_seconds,
+    instance_stage,
+    nf_stage,
+)
 from ..modes.decode import iter_decode
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..neurons import means_all, parse_neurons
 from ..runtime.capture import capture_top
-from ..runtime.session import Forward
+from ..runtime.session import FETCHED_BYTES, Forward, fitting_batch, image_bytes, tensor_values
 
 PASS, FAIL = "pass", "fail"
 #: the file names and result kind of a fingerprint folder
@@ -147,29 +158,9 @@ def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT
     drift of each neuron's Neuron Feature and ``local`` filter, each model over its own top-N instances (a capture
     and a backward pass per layer and model); the limits make the gate."""
     start = time.perf_counter()
-    side_a = a if isinstance(a, _Side) else (_model_side(a) if isinstance(a, Model) else load_fingerprint(a))
-    side_b = _model_side(b)
-    if tuple(side_a.input_shape) != tuple(side_b.input_shape):
-        raise FdsubError(f"the models take different inputs ({list(side_a.input_shape)} and "
-                         f"{list(side_b.input_shape)}): their filters cannot be compared pixel by pixel; pass "
-                         "--input-shape to give both the same")
-    pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers, side_a.compared, side_b.compared)
-    if layers is not None:
-        wanted = list(layers)
-        missing = [n for n in wanted if n not in {la.name for la, _, _ in pairs}]
-        if missing:
-            known = {u["layer"]: u["reason"] for u in unmatched_a}
-            raise FdsubError(f"layer {missing[0]!r} of A is not matched in B"
-                             + (f" ({known[missing[0]]})" if missing[0] in known else "")
-                             + "; `fdsub diff` without --layers lists the matched ones")
-        pairs = [p for p in pairs if p[0].name in wanted]
-    if not pairs:
-        raise FdsubError("no layer of A matches one of B (by name or by structure): these are different "
-                         "architectures; compare models of the same network")
+    side_a, side_b, pairs, unmatched_a, unmatched_b, neurons = _compared(a, b, layers, neurons)
     if images is not None and side_a.stored is not None:
         _same_images(side_a, images)
-    neurons = _per_layer(neurons, [la for la, _, _ in pairs])
-    pairs = [p for p in pairs if neurons[p[0].name] is None or len(neurons[p[0].name])]
     filters_a = _filters(side_a, {la.name: (neurons[la.name], la.channels) for la, _, _ in pairs})
     if progress is not None:
         progress(1, 2)
@@ -215,6 +206,73 @@ def _most_changed(d: LayerDrift, decoded_a, decoded_b, features=None, most: int 
     if features is not None and features[0].shape == features[1].shape:
         shown["features_a"], shown["features_b"] = (np.asarray(f, np.float32)[order] for f in features)
     return shown
+
+
+def _compared(a, b, layers, neurons):
+    """``(side A, side B, pairs, unmatched of A, of B, neurons per layer of A)`` of a diff: the sides loaded, the
+    layers matched and narrowed to ``layers``; a FdsubError when nothing can be compared."""
+    side_a = a if isinstance(a, _Side) else (_model_side(a) if isinstance(a, Model) else load_fingerprint(a))
+    side_b = _model_side(b)
+    if tuple(side_a.input_shape) != tuple(side_b.input_shape):
+        raise FdsubError(f"the models take different inputs ({list(side_a.input_shape)} and "
+                         f"{list(side_b.input_shape)}): their filters cannot be compared pixel by pixel; pass "
+                         "--input-shape to give both the same")
+    pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers, side_a.compared, side_b.compared)
+    if layers is not None:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in {la.name for la, _, _ in pairs}]
+        if missing:
+            known = {u["layer"]: u["reason"] for u in unmatched_a}
+            raise FdsubError(f"layer {missing[0]!r} of A is not matched in B"
+                             + (f" ({known[missing[0]]})" if missing[0] in known else "")
+                             + "; `fdsub diff` without --layers lists the matched ones")
+        pairs = [p for p in pairs if p[0].name in wanted]
+    if not pairs:
+        raise FdsubError("no layer of A matches one of B (by name or by structure): these are different "
+                         "architectures; compare models of the same network")
+    per = _per_layer(neurons, [la for la, _, _ in pairs])
+    pairs = [p for p in pairs if per[p[0].name] is None or len(per[p[0].name])]
+    return side_a, side_b, pairs, unmatched_a, unmatched_b, per
+
+
+def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = DEFAULT_DIFF_TOP,
+                  instances: bool = False, batch_size: int = 32) -> CostPlan:
+    """The cost of ``diff_models`` with these options (``images``: how many), before any work: each model's weights
+    decode of its compared layers (B's while A's filters are held), each model's pass over the images, and with
+    ``instances`` the captures, Neuron Features and local passes of every layer."""
+    side_a, side_b, pairs, _, _, per = _compared(a, b, layers, neurons)
+    stages, held, models = [], 0.0, []
+    for key, side in (("A", side_a), ("B", side_b)):
+        if side.model is None:
+            continue
+        model = side.model
+        models.append(model)
+        rows = {}
+        for la, lb, _ in pairs:
+            layer = la if key == "A" else lb
+            selector = per[la.name] if key == "A" or la.channels == lb.channels else None
+            rows[side.tensor(layer.name)] = parse_neurons(selector, channels_of(model, side.tensor(layer.name)))
+        decode = compose_stage(model, list(rows), rows, "float32", "weights")
+        for stage in decode:
+            stage.what = f"{key}: {stage.what}"
+            stage.peak_bytes += held
+        stages += decode
+        held += sum(filters_bytes(model, t, len(r), 8) for t, r in rows.items())
+        if images:
+            tensors = list(rows)
+            per_image = image_bytes(model, tensors) + FETCHED_BYTES * tensor_values(model, tensors)
+            batch = fitting_batch(per_image, batch_size, "the diff's pass over the images", "use a smaller "
+                                  "--batch-size or fewer --layers")
+            stages.append(Stage(f"{key}: responses of {len(rows)} layers over {images} images", held + batch *
+                                per_image + 4.0 * images * sum(len(r) for r in rows.values()),
+                                forward_seconds(model, tensors, images), images))
+            if instances:
+                for tensor, picked in rows.items():
+                    stages += [capture_stage(model, tensor, images, batch_size),
+                               nf_stage(model, tensor, len(picked), min(images, top * len(picked)), batch_size),
+                               instance_stage(model, tensor, len(picked) * min(top, images), neurons=len(picked))]
+    stages.append(Stage("the filters of both models, compared", held, 0.0))
+    return CostPlan("diff", stages, sum(base_bytes(m) for m in models))
 
 
 # ---- matching ---------------------------------------------------------------------------------------------------

@@ -248,6 +248,11 @@ def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
 
     with Image.open(folder / "drift.png") as png:  # the first conv's 6 neurons, each as A, B, B - A in a row
         assert png.width < png.height
+    planned = runner.invoke(app, ["diff", a.path, b.path, "--plan", "--images", "builtin:blobs:8"])
+    assert planned.exit_code == 0 and planned.stdout.startswith("diff: about "), planned.output
+    assert "B: responses of 5 layers over 8 images" in planned.stdout
+    refused = runner.invoke(app, ["diff", a.path, b.path, "--memory-budget", "1M"])
+    assert refused.exit_code == 2 and "--neurons" in refused.output and "Traceback" not in refused.output
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     error = runner.invoke(app, ["diff", a.path, str(broken)])
