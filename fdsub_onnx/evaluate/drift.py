@@ -60,8 +60,6 @@ PASS, FAIL = "pass", "fail"
 #: the file names and result kind of a fingerprint folder
 FINGERPRINT_JSON, FINGERPRINT_NPZ, FINGERPRINT_KIND = "fingerprint.json", "fingerprint.npz", "fingerprint"
 FINGERPRINT_FORMAT = 1
-#: the kind of op a layer is compared as: an exporter may write a linear layer as Gemm or as MatMul
-OP_KIND = {"Gemm": "linear", "MatMul": "linear"}
 SHOWN_NEURONS = 12  # the most changed neurons a diff keeps the filters of (drift.png: A, B and B - A of each)
 
 
@@ -277,7 +275,8 @@ def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = D
 
 # ---- matching ---------------------------------------------------------------------------------------------------
 def _signature(layer: Layer, channels: bool = True) -> tuple:
-    kind = OP_KIND.get(layer.op, layer.op)
+    op = RULES.get(layer.op)  # an exporter may write a linear layer as Gemm or as MatMul: both a matrix product
+    kind = "matrix product" if op is not None and op.matrix_product else layer.op
     shape = (kind, tuple(layer.stride or ()), tuple(layer.receptive_field or ()), layer.per_position,
              tuple(layer.patch_grid or ()))
     return (*shape, layer.channels) if channels else shape
@@ -492,7 +491,7 @@ def _after_affine(model: Model, name: str) -> str:
     def follows(node, tensor) -> bool:
         op = RULES.get(node.op_type)
         others = [i for i in node.input[1:] if i]
-        affine = node.op_type == "BatchNormalization" or (op is not None and op.affine_by_constant and len(others) == 1)
+        affine = op is not None and (op.channel_affine or (op.affine_by_constant and len(others) == 1))
         return affine and all(i in model.constants for i in others)
 
     return follow_through(model, name, follows)

@@ -38,7 +38,7 @@ from .windows import field_part
 #: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward: the fds first pass over 1,000
 #: images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
 FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
-#: FLOP/s per core of matrix products (``plan.PRODUCT_OPS``), onnxruntime's and a backward pass's (NumPy's BLAS, in
+#: FLOP/s per core of matrix products (``OpRule.matrix_product``), onnxruntime's and a backward pass's (NumPy's BLAS, in
 #: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
 #: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
 PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9

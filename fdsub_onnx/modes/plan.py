@@ -49,7 +49,7 @@ class Plan:
     split: str | None = None
     batch: int | None = None
     estimates: dict = field(default_factory=dict)  # route -> (flops, peak bytes), or a reason it was not possible
-    product_flops: float = 0.0  # the share of ``flops`` in matrix products (``PRODUCT_OPS``: timed at BLAS's rate)
+    product_flops: float = 0.0  # the share of ``flops`` in matrix products (timed at BLAS's rate)
 
     def describe(self) -> str:
         """One line: the route taken, its estimate, and the others'."""
@@ -78,16 +78,14 @@ class Costs(Engine):
         self.flops += 2.0 * n * cig * ky * kx * self.image_channels * r_in[0] * r_in[1]
 
 
-#: ops whose work is a matrix product: BLAS runs them several times faster per FLOP than the rest, so the cost
-#: model times them apart (``modes.cost.PRODUCT_RATE``)
-PRODUCT_OPS = ("MatMul", "Gemm")
-
-
 def product_flops(model: Model, nodes) -> tuple[float, float]:
-    """``(FLOPs of the matrix products, FLOPs of the rest)`` of one seed's pass over ``nodes`` (``forward_flops``)."""
+    """``(FLOPs of the matrix products, FLOPs of the rest)`` of one seed's pass over ``nodes`` (``forward_flops``):
+    BLAS runs products (``OpRule.matrix_product``) several times faster per FLOP than the rest, so the cost model
+    times them apart (``modes.cost.PRODUCT_RATE``)."""
     split = [0.0, 0.0]
     for node in nodes:
-        split[node.op_type not in PRODUCT_OPS] += forward_flops(model, node)
+        op = RULES.get(node.op_type)
+        split[op is None or not op.matrix_product] += forward_flops(model, node)
     return split[0], split[1]
 
 

@@ -92,6 +92,11 @@ class OpRule:
     keeps_neuron = False
     #: with one constant operand, a per-channel affine map (``check`` follows a neuron through it)
     affine_by_constant = False
+    #: a per-channel affine map of its first input by its constant inputs (BatchNormalization: ``diff`` compares a
+    #: layer after it, so a copy with it fused into the weights compares equal)
+    channel_affine = False
+    #: a product of matrices (BLAS-bound: the cost model times it apart; ``diff`` pairs Gemm and MatMul layers)
+    matrix_product = False
     #: ``weights`` mode holds a data-dependent factor of it at its value on a reference input (layer norms)
     held_factor = False
     #: the layers ``compare`` picks by default

@@ -60,6 +60,10 @@ class Cast(Identity):
             raise NotDecodable("it casts the data to a non-float type")
         return super().apply(node, inputs, ctx)
 
+    def linear_nodes(self, node, ctx):
+        """Kept as it is: in the linearized network a cast of shape arithmetic (int32 to int64) must stay a cast."""
+        return None
+
 
 class Relu(Elementwise):
     cone_values = "inputs"  # its mask reads the input alone

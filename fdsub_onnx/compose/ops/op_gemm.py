@@ -14,6 +14,7 @@ from .op_norm import mix_channels
 
 
 class Gemm(OpRule):
+    matrix_product = True
     linear = True
     fds = "weight"
     cone_values = "shapes"
@@ -47,6 +48,7 @@ PRODUCT_OF_TENSORS = ("it multiplies two data-dependent tensors (attention's Q K
 
 
 class MatMul(OpRule):
+    matrix_product = True
     linear = True
     fds = "weight"
     reads_last_axis = True
