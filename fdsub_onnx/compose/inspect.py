@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, patch_grid
+from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, module_of, patch_grid
 from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
 from .backend import get_backend
 from .engine import Engine
@@ -155,25 +155,6 @@ def _layer(model, node, value) -> Layer:
                      module_of(node), per_position=True, patch_grid=None if patches is None else list(patches))
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason,
                  module_of(node))
-
-
-def module_of(node) -> str | None:
-    """The module a node came from, where the export records it: torch's dynamo exporter writes name scopes
-    (``pkg.torch.onnx.name_scopes``: ['', 'features', 'features.0', 'features.0.1', 'conv2d']) and a
-    ``namespace`` ('... /features.0: torchvision.ops.misc.Conv2dNormActivation/...'); its tensor names
-    (``getitem_3``) say nothing."""
-    props = {p.key: p.value for p in node.metadata_props}
-    scopes = props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
-        names = [s for s in names[:-1] if s]  # the last entry names the op itself
-        if names:
-            return names[-1]
-    namespace = props.get("namespace")
-    if namespace:
-        parts = [p.split(":")[0].strip() for p in namespace.split("/") if p.split(":")[0].strip()]
-        return parts[-1] if parts else None
-    return None
 
 
 def channels_of(model, target):

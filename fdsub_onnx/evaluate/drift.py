@@ -37,7 +37,7 @@ from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
 from ..defaults import DEFAULT_DIFF_TOP
 from ..errors import FdsubError
-from ..graph.model import Model, as_map, follow_through
+from ..graph.model import Model, as_map, find_layer, follow_through
 from ..modes.cost import (
     CostPlan,
     Stage,
@@ -216,8 +216,8 @@ def _compared(a, b, layers, neurons):
                          f"{list(side_b.input_shape)}): their filters cannot be compared pixel by pixel; pass "
                          "--input-shape to give both the same")
     pairs, unmatched_a, unmatched_b = match_layers(side_a.layers, side_b.layers, side_a.compared, side_b.compared)
-    if layers is not None:
-        wanted = list(layers)
+    if layers is not None:  # by tensor, node or module name (``find_layer``) where A is a model
+        wanted = [find_layer(side_a.model, n).output[0] if side_a.model is not None else n for n in layers]
         missing = [n for n in wanted if n not in {la.name for la, _, _ in pairs}]
         if missing:
             known = {u["layer"]: u["reason"] for u in unmatched_a}

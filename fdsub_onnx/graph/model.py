@@ -107,14 +107,58 @@ def attributes(node) -> dict:
 
 
 def find_layer(model: Model, name: str):
-    """The node whose output tensor (or node name) is ``name``; a clear error with suggestions otherwise."""
+    """The node whose output tensor, node name or module (``module_of``, or the module path in a TorchScript node
+    name: ``module_path``) is ``name``; a clear error with suggestions ranked across all three otherwise."""
     node = model.producer.get(name) or next((n for n in model.nodes if n.name == name), None)
     if node is not None:
         return node
-    candidates = [n.output[0] for n in model.nodes if n.op_type in LAYER_OPS]
-    close = difflib.get_close_matches(name, candidates + [n.name for n in model.nodes if n.name], n=3)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; `fdsub inspect` lists the layers"
+    layers = [n for n in model.nodes if n.op_type in LAYER_OPS]
+    held = [n for n in layers if name in (module_of(n), module_path(n))]
+    if len(held) == 1:
+        return held[0]
+    if held:
+        raise FdsubError(f"module {name!r} holds {len(held)} layers ({', '.join(repr(n.output[0]) for n in held)}); "
+                         "give one of their names")
+    known = {}  # every name a layer answers to -> how to show it
+    for n in layers:
+        modules = {m for m in (module_of(n), module_path(n)) if m}
+        module = f" (module {sorted(modules)[0]})" if modules else ""
+        for alias in (n.output[0], n.name, *modules):
+            if alias:
+                known.setdefault(alias, repr(alias) + ("" if alias in modules else module))
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = (f"; did you mean {', '.join(known[c] for c in close)}?" if close
+            else "; `fdsub inspect` lists the layers")
     raise FdsubError(f"no layer named {name!r} in {model.path}{hint}")
+
+
+def module_of(node) -> str | None:
+    """The module a node came from, where the export records it: torch's dynamo exporter writes name scopes
+    (``pkg.torch.onnx.name_scopes``: ['', 'features', 'features.0', 'features.0.1', 'conv2d']) and a
+    ``namespace`` ('... /features.0: torchvision.ops.misc.Conv2dNormActivation/...'); its tensor names
+    (``getitem_3``) say nothing."""
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
+        names = [s for s in names[:-1] if s]  # the last entry names the op itself
+        if names:
+            return names[-1]
+    namespace = props.get("namespace")
+    if namespace:
+        parts = [p.split(":")[0].strip() for p in namespace.split("/") if p.split(":")[0].strip()]
+        return parts[-1] if parts else None
+    return None
+
+
+def module_path(node) -> str | None:
+    """The module path in a TorchScript export's node name: ``/layer4/layer4.1/conv2/Conv`` -> ``layer4.1.conv2``
+    (each level its full name, or its attribute under the level before); None for a name without levels."""
+    parts = [p for p in (node.name or "").split("/") if p][:-1]  # the last part names the op
+    full = ""
+    for part in parts:
+        full = part if not full or part.startswith(full + ".") else f"{full}.{part}"
+    return full or None
 
 
 def ancestors(model: Model, targets) -> list:
