@@ -22,6 +22,13 @@ from ..errors import FdsubError
 MANIFEST = ".fdsub-result.json"
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and back: there is no other way)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def require_regular_file(path: str | os.PathLike, what: str) -> None:
     """Refuse a FIFO, socket or device before anything opens it (reading a FIFO blocks until a writer comes).
 
@@ -48,6 +55,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], N
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a result follows the umask as open() would
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
@@ -91,6 +99,7 @@ def write_atomically(out_dir: str | os.PathLike, names: list[str], write: Callab
     try:
         _make_dirs(out.parent, created)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the folder follows the umask
         write(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "files": list(names)}))
         if out.is_dir():

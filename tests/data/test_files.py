@@ -4,12 +4,14 @@ same command is replaced whole, one of another command is never mixed in, and ot
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import pytest
 
 import fdsub_onnx as fd
 from fdsub_onnx import Decoded, FdsubError, TopN
+from fdsub_onnx.data.files import write_atomically, write_file_atomically
 
 
 def _decoded(mode="weights", k=2):
@@ -95,3 +97,18 @@ def test_result_folder_check_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FdsubError, match="is a file"):
         fd.check_result_folder(tmp_path / "file", "top")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_results_follow_the_umask(tmp_path, mask):
+    """A result folder and its files get the permissions the umask gives any new file (mkdtemp and mkstemp make
+    them private: a 0022 umask left colleagues unable to read ``drwx------`` results)."""
+    old = os.umask(mask)
+    try:
+        write_atomically(tmp_path / "out", ["a.txt"], lambda folder: (folder / "a.txt").write_text("x"), kind="nf")
+        write_file_atomically(tmp_path / "one.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "one.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "out" / "a.txt").stat().st_mode) == 0o666 & ~mask
