@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from fdsub_onnx.cli.main import app
-from fdsub_onnx.evaluate.zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo
+from fdsub_onnx.evaluate.zoo import LIGHT_PREFIX, light_name, light_paths, read_zoo, run_zoo
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo.toml"
 runner = CliRunner()
@@ -185,3 +185,19 @@ def test_zoo_values_of_the_wrong_type_name_the_entry_and_key(folder, text, fragm
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert fragment in lines[0], lines[0]
+
+
+def test_a_zoo_error_names_the_zoo_files_key(tmp_path):
+    """A model with dynamic height and width in a zoo without its input_shape: the error says the zoo entry's key,
+    not the command line's --input-shape (issue 28)."""
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[[models]]\npath = "m.onnx"\n')
+    [result] = run_zoo(read_zoo(zoo))
+    assert "input_shape = [1, C, H, W]" in result.error and "--input-shape" not in result.error
