@@ -51,6 +51,9 @@ def top(
     if common.planned(plan, cost, "ask for fewer --neurons, a lower --top or --batch-size, or use --shard"):
         return
     checkpoint = checkpoint_path(out)
+    done = fdsub_onnx.checkpoint_progress(checkpoint) if checkpoint.is_file() else None
+    if done is not None:
+        typer.echo(f"resuming from {checkpoint}: {done} of {len(image_set)} images done", err=True)
     try:
         with common.cluster(cluster) as client, common.progress_bar(f"{target} top", estimate=cost.seconds) as progress:
             result = fdsub_onnx.capture_top(
@@ -59,8 +62,12 @@ def top(
                 client=client,
             )
         paths = fdsub_onnx.save_top(result, out)
-    except KeyboardInterrupt:
-        raise  # the checkpoint stays: running the command again resumes
+    except KeyboardInterrupt:  # the checkpoint stays: running the command again resumes
+        done = fdsub_onnx.checkpoint_progress(checkpoint) if checkpoint.is_file() else None
+        if done is not None:
+            typer.echo(f"note: {done} of {len(image_set)} images done are saved in {checkpoint}; run the same "
+                       "command again to resume", err=True)
+        raise
     except BaseException:
         checkpoint.unlink(missing_ok=True)  # a failed run leaves nothing beside --out
         raise

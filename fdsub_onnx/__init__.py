@@ -43,6 +43,7 @@ from .errors import FdsubError
 _EXPORTS = {
     "diff": (".evaluate.drift", "diff_models"), "DiffReport": (".evaluate.drift", "DiffReport"),
     "LayerDrift": (".evaluate.drift", "LayerDrift"), "match_layers": (".evaluate.drift", "match_layers"),
+    "checkpoint_progress": (".data.topn", "checkpoint_progress"),
     "diff_suite": (".present.junit", "diff_suite"), "save_diff": (".present.save", "save_diff"),
     "estimate_diff": (".evaluate.drift", "estimate_diff"),
     "save_fingerprint": (".evaluate.drift", "save_fingerprint"),

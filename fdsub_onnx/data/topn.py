@@ -292,6 +292,16 @@ def save_checkpoint(path: Path, state: TopN, signature: dict, images) -> None:
                           label="checkpoint ", hint="; check the folder and free space")
 
 
+def checkpoint_progress(path: str | os.PathLike) -> int | None:
+    """How many images the checkpoint at ``path`` has scanned (None: none there, or not readable: ``resume`` says
+    why when it runs)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return int(json.loads(str(data["meta"]))["sidecar"]["images_done"])
+    except (*UNREADABLE, TypeError, AttributeError, KeyError, FdsubError):
+        return None
+
+
 def resume(path: Path, signature: dict, fresh: TopN) -> TopN:
     """The state saved at ``path`` when it belongs to this run; ``fresh`` when there is none."""
     if not path.exists():

@@ -300,8 +300,29 @@ def test_cli_top_resumes_from_its_checkpoint(cli_files, relu_net, tmp_path):
     result = invoke("top", folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy",
                     "--top", 5, "--batch-size", 4, "--out", out)
     assert result.exit_code == 0, result.output
+    assert f"resuming from {top_cmd.checkpoint_path(out)}: 8 of {len(images)} images done" in result.output
     assert_same(fd.load_top(out), fd.capture_top(model, layers[2], image_set, top=5))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_cli_top_interrupted_says_where_its_checkpoint_is(cli_files, tmp_path, monkeypatch):
+    """Ctrl-C: the command says how many images its checkpoint holds, where, and that a rerun resumes (issue 28)."""
+    folder, layers = cli_files
+    out = tmp_path / "out"
+    real = fd.capture_top
+
+    def interrupted(*args, **kwargs):
+        def stop(done, total):
+            if done >= 8:
+                raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "progress": stop})
+
+    monkeypatch.setattr(fd, "capture_top", interrupted)
+    result = invoke("top", folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy",
+                    "--top", 5, "--batch-size", 4, "--out", out)
+    assert result.exit_code == 130, result.output
+    assert f"images done are saved in {top_cmd.checkpoint_path(out)}; run the same command again" in (
+        result.output), result.output
 
 
 @pytest.mark.parametrize("extra, message", [
