@@ -305,6 +305,25 @@ def test_cli_top_resumes_from_its_checkpoint(cli_files, relu_net, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.filterwarnings("error")
+def test_resuming_with_more_slots_than_images_warns_nothing(relu_net, tmp_path):
+    """--top above the image count leaves empty slots (-inf): resuming read them with np.diff, and NumPy's
+    "invalid value encountered in subtract" reached the terminal (issue 28)."""
+    model, layers, images, _ = relu_net
+    checkpoint = tmp_path / "state.npz"
+
+    def interrupt(done, total):
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fd.capture_top(model, layers[2], ArrayImages(images), top=len(images) + 20, batch_size=4,
+                       checkpoint=checkpoint, progress=interrupt)
+    resumed = fd.capture_top(model, layers[2], ArrayImages(images), top=len(images) + 20, batch_size=4,
+                             checkpoint=checkpoint)
+    assert resumed.images_done == len(images)
+
+
 def test_cli_top_interrupted_says_where_its_checkpoint_is(cli_files, tmp_path, monkeypatch):
     """Ctrl-C: the command says how many images its checkpoint holds, where, and that a rerun resumes (issue 28)."""
     folder, layers = cli_files
