@@ -109,6 +109,8 @@ def device_for(name: str | None):
 
     Without --device it is ``auto``, quietly: the note that no GPU was found is for those who asked for one.
     """
+    if name is not None and name.strip() not in ("cpu", "gpu", "auto"):
+        raise FdsubError(f"--device must be cpu, gpu or auto, got {name!r}")
     device = fdsub_onnx.resolve_device(name or "auto")
     return device if name is not None else dataclasses.replace(device, notice="")
 

@@ -73,6 +73,10 @@ def decode(
     """
     shape = common.parse_input_shape(input_shape)
     mode = _mode(mode, images)
+    for option, value, default in (("--select", select, fdsub_onnx.DEFAULT_SELECT),
+                                   ("--weighting", weighting, fdsub_onnx.DEFAULT_WEIGHTING)):
+        if mode != "fds" and value != default:  # an option no mode here reads is a mistake, not a no-op
+            raise FdsubError(f"{option} is read by --mode fds only; leave it out in {mode} mode")
     if cluster is not None and mode not in common.DATA_MODES:
         raise FdsubError(f"--cluster has no use in {mode} mode (it reads no images); leave it out")
     if dtype not in DTYPES:

@@ -51,6 +51,9 @@ def top(
     if common.planned(plan, cost, "ask for fewer --neurons, a lower --top or --batch-size, or use --shard"):
         return
     checkpoint = checkpoint_path(out)
+    if checkpoint.exists() and not checkpoint.is_file():
+        raise FdsubError(f"{checkpoint} (where top keeps its checkpoint for --out {out}) is not a file; remove it or "
+                         "give another --out")
     done = fdsub_onnx.checkpoint_progress(checkpoint) if checkpoint.is_file() else None
     if done is not None:
         typer.echo(f"resuming from {checkpoint}: {done} of {len(image_set)} images done", err=True)

@@ -72,10 +72,23 @@ def describe(kind: str) -> str:
     return f"`fdsub {command}{f' --mode {mode}' if mode else ''}`"
 
 
+#: the longest file name most file systems take (bytes); a result's temporary names add a few characters
+NAME_BYTES = 255
+TEMPORARY_EXTRA = 32
+
+
 def check_result_folder(out: str | os.PathLike, kind: str) -> None:
-    """Refuse, before any work, an ``out`` where a result of ``kind`` cannot go: a file, or a folder holding a
-    result of another kind."""
-    _previous(Path(out), kind)
+    """Refuse, before any work, an ``out`` where a result of ``kind`` cannot go: a file, a folder below a file, a name
+    too long for the file system, or a folder holding a result of another kind."""
+    out = Path(out)
+    if len(os.fsencode(out.name)) + TEMPORARY_EXTRA > NAME_BYTES:
+        raise FdsubError(f"cannot write results to {str(out)[:60]}...: the folder name is {len(os.fsencode(out.name))} "
+                         f"bytes, over what file systems take ({NAME_BYTES - TEMPORARY_EXTRA} here); give a shorter "
+                         "--out")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise FdsubError(f"cannot write results to {out}: {parent} is a file, not a folder; give another --out")
+    _previous(out, kind)
 
 
 def write_atomically(out_dir: str | os.PathLike, names: list[str], write: Callable[[Path], None],

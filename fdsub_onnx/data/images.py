@@ -13,6 +13,7 @@ in memory; which images are usable is decided upfront (a cheap header check) so 
 
 from __future__ import annotations
 
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -284,8 +285,8 @@ def _open_array(path: Path, shape: tuple[int, int, int], preset: Preset) -> Arra
                 if not npz.files:
                     raise FdsubError(f"{path} holds no arrays: save the images under the key 'images'")
                 array = npz["images" if "images" in npz.files else npz.files[0]]
-    except (OSError, ValueError) as exc:
-        raise FdsubError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a truncated .npz is a bad zip
+        raise FdsubError(f"cannot read {path}: {exc}; save the images again (np.save / np.savez)") from None
     expected = f"[N, {shape[0]}, {shape[1]}, {shape[2]}]"
     if array.ndim != 4 or tuple(array.shape[1:]) != shape:
         raise FdsubError(

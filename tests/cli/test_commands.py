@@ -299,6 +299,10 @@ BAD_DECODE = {
     "input_shape_disagrees": ("linear", ["--layer", "LAST", "--input-shape", "1,1,16,16"], "disagrees"),
     "bad_dtype": ("linear", ["--layer", "LAST", "--dtype", "float16"], "float64"),
     "bad_mode": ("linear", ["--layer", "LAST", "--mode", "nope"], "weights"),
+    # options no mode here reads, and values no option takes (issue 28: accepted silently before)
+    "select_in_weights_mode": ("linear", ["--layer", "LAST", "--select", "max"], "--mode fds only"),
+    "weighting_in_weights_mode": ("linear", ["--layer", "LAST", "--weighting", "activation"], "--mode fds only"),
+    "empty_device": ("linear", ["--layer", "LAST", "--device", ""], "cpu, gpu or auto"),
 }
 
 
@@ -310,6 +314,17 @@ def test_decode_bad_input_is_one_line_and_writes_nothing(nets, tmp_path, case):
     line = assert_one_error_line(invoke("decode", getattr(nets, model), *extra, "--out", out))
     assert fragment in line
     assert not out.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "name_too_long"])
+def test_an_out_that_cannot_be_is_refused_before_any_work(nets, tmp_path, where):
+    """An --out below a regular file, or named longer than a file system takes: one line, nothing written (issue
+    28: internal errors NotADirectoryError / OSError before)."""
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "out" if where == "below_a_file" else tmp_path / ("x" * 300)
+    line = assert_one_error_line(invoke("decode", nets.linear, "--layer", nets.last, "--out", out))
+    assert ("is a file, not a folder" if where == "below_a_file" else "give a shorter --out") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_decode_out_is_a_file(nets, tmp_path):

@@ -291,3 +291,12 @@ def test_batches_read_from_files_are_c_contiguous(tmp_path):
     for preset in ("raw", "torchvision"):
         _, batch = next(fd.open_images(str(tmp_path), (3, 9, 7), preset=preset).batches(3))
         assert batch.flags["C_CONTIGUOUS"] and batch.dtype == np.float32
+
+
+def test_a_truncated_npz_is_one_clear_error(tmp_path):
+    """An .npz cut short is no zip any more: zipfile's BadZipFile became an internal error (issue 28)."""
+    path = tmp_path / "images.npz"
+    np.savez(path, images=np.zeros((2, 3, 8, 8), np.float32))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(fd.FdsubError, match="cannot read .*images.npz.*save the images again"):
+        fd.open_images(str(path), (3, 8, 8))

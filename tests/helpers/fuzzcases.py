@@ -106,9 +106,10 @@ FLAGS = {"inspect": ["--json"], "decode": ["--per-instance", "--bgr", "--rgb"], 
 MODEL_KINDS = ["good"] * 12 + ["refused", "accepted", "flip", "truncate", "missing", "folder", "fifo", "empty",
                               "garbage", "text"]
 IMAGE_KINDS = ["npy"] * 10 + ["builtin"] * 2 + ["png", "folder", "npy-uint8", "npy-shape", "npy-nan", "npy-object",
-                             "npz-empty", "garbage", "missing", "fifo", "txt", "png-broken", "npy-int-0-1"]
+                             "npz-empty", "garbage", "missing", "fifo", "txt", "png-broken", "npy-int-0-1",
+                             "npz-truncated"]
 OUT_KINDS = ["new"] * 9 + ["default", "nested", "empty-dir", "same-kind", "other-kind", "file", "dir-in-way",
-                           "odd-name", "link", "dot"]
+                           "odd-name", "link", "dot", "checkpoint-dir", "below-file", "name-too-long"]
 RESULT_KINDS = ["good"] * 3 + ["nan", "image-beyond", "neuron-99", "position", "images-done", "garbage-npz",
                               "missing-json", "digest", "ranges", "other-layer", "empty-dir"]
 
@@ -292,6 +293,10 @@ def _images(spec, root, fx):
     elif kind == "png-broken":
         path = root / "broken.png"
         path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    elif kind == "npz-truncated":  # a real archive cut short: the zip reader's own exception
+        path = root / "images.npz"
+        np.savez(path, images=good)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return path
 
 
@@ -322,6 +327,13 @@ def _out(kind, root, fx, command):
         os.symlink(root / "nowhere", out)
     elif kind == "dot":
         return Path(".")
+    elif kind == "checkpoint-dir":  # a folder where top keeps its checkpoint beside --out
+        (root / ".out.top-checkpoint.npz").mkdir()
+    elif kind == "below-file":
+        (root / "afile").write_text("mine")
+        return root / "afile" / "out"
+    elif kind == "name-too-long":
+        return root / ("x" * 300)
     return out
 
 

@@ -344,6 +344,17 @@ def test_cli_top_interrupted_says_where_its_checkpoint_is(cli_files, tmp_path, m
         result.output), result.output
 
 
+def test_cli_top_refuses_a_folder_where_its_checkpoint_goes(cli_files, tmp_path):
+    """A folder named as top's checkpoint beside --out: one line before any work (an IsADirectoryError before)."""
+    folder, layers = cli_files
+    out = tmp_path / "out"
+    top_cmd.checkpoint_path(out).mkdir()
+    result = invoke("top", folder / "net.onnx", "--layer", layers[2], "--images", folder / "images.npy",
+                    "--out", out)
+    assert "is not a file; remove it or give another --out" in assert_one_error_line(result)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--shard", "1of3"], "--shard must be I/N"),
     (["--shard", "3/3"], "--shard must be I/N"),
