@@ -149,6 +149,11 @@ def _node(node, shapes: dict, path: str) -> None:
             values = attrs.get(name)
             if values is not None and any(int(v) < 1 for v in values):
                 raise FdsubError(f"{path}: {label} has {name} {list(values)}; every entry must be at least 1")
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad != "NOTSET" and "pads" in attrs:  # the ONNX spec: "pads ... cannot be used with auto_pad"
+            raise FdsubError(f"{path}: {label} has both auto_pad {auto_pad} and pads {list(attrs['pads'])}; the ONNX "
+                             "specification allows one of them, export the model again")
     if node.op_type not in ("Conv", "ConvTranspose", *CHANNEL_PARAMS):
         return
     x = shapes.get(node.input[0]) if node.input else None

@@ -99,5 +99,7 @@ def fitting_batch(per_image: float, batch_size: int, what: str, fix: str) -> int
     when one image does not fit."""
     room = PASS_SHARE * memory_budget()
     if per_image > room:
-        raise FdsubError(f"{what} needs about {per_image / 2**30:,.2f} GiB per image, over {budget_text()}; {fix}")
+        raise FdsubError(f"{what} needs about {per_image / 2**30:,.2f} GiB per image, over the "
+                         f"{room / 2**30:,.2f} GiB a pass over images may take ({PASS_SHARE:.0%} of {budget_text()}); "
+                         f"{fix}")
     return int(max(1, min(batch_size, room // max(per_image, 1))))

@@ -118,3 +118,17 @@ def test_int64_shape_constants_stay_accepted(tmp_path):
     del proto.graph.output[:]
     proto.graph.output.append(onnx.helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, [1, 216]))
     fd.load_model(_save(tmp_path, proto))
+
+
+def test_auto_pad_with_pads_is_refused(tmp_path):
+    """The ONNX specification forbids pads beside an auto_pad other than NOTSET; inspect accepted such a Conv
+    (issue 28)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    node = helper.make_node("Conv", ["input", "w"], ["y"], auto_pad="SAME_UPPER", pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    with pytest.raises(fd.FdsubError, match="both auto_pad SAME_UPPER and pads"):
+        fd.load_model(str(tmp_path / "m.onnx"))

@@ -59,8 +59,9 @@ def test_a_pass_takes_the_largest_batch_its_budget_holds():
         assert fitting_batch(room / 10, 32, "x", "y") == 10
         assert fitting_batch(room / 100, 32, "x", "y") == 32  # never more than asked
         assert fitting_batch(room, 32, "x", "y") == 1
-        with pytest.raises(fd.FdsubError, match=r"^the scan needs about .* per image, over the memory budget of "
-                                                r"100 MiB \(--memory-budget\); fewer$"):
+        with pytest.raises(fd.FdsubError, match=r"^the scan needs about .* per image, over the 0.07 GiB a pass over "
+                                                r"images may take \(75% of the memory budget of 100 MiB "
+                                                r"\(--memory-budget\)\); fewer$"):
             fitting_batch(room * 1.01, 32, "the scan", "fewer")
 
 
