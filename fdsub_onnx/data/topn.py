@@ -57,6 +57,19 @@ class TopN:
     def top(self) -> int:
         return self.values.shape[1]
 
+    def __repr__(self) -> str:
+        """One screen in a notebook: what was kept, not the arrays."""
+        k = len(self.neurons)
+        filled = int((self.image_index >= 0).sum())
+        shown = ", ".join(str(int(n)) for n in self.neurons[:8]) + (", ..." if k > 8 else "")
+        best = self.values[:, 0] if self.values.size else np.zeros(0)
+        best = best[np.isfinite(best)]
+        return "\n".join([
+            f"TopN(layer {self.layer!r}: {k} neurons [{shown}], top {self.top}, {self.per_image} per image)",
+            f"  {filled} of {k * self.top} slots filled over {self.images_done} of {len(self.sources)} images",
+            *([f"  best activations in [{float(best.min()):.4g}, {float(best.max()):.4g}]"] if best.size else []),
+            *([f"  {len(self.skipped)} images skipped"] if self.skipped else [])])
+
 
 def instance_weights(top: TopN) -> np.ndarray:
     """Instance weights for activation-weighted means: w = max(activation, 0) per filled slot (NaN and unfilled: 0);

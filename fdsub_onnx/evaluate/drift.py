@@ -91,6 +91,13 @@ class LayerDrift:
         """The largest filter drift of the layer (what the table sorts by)."""
         return max(self.filter_drift, default=0.0)
 
+    def __repr__(self) -> str:
+        at = int(np.argmax(self.filter_drift)) if self.filter_drift else 0
+        where = "" if self.layer_b == self.layer_a else f" (B: {self.layer_b!r})"
+        return (f"LayerDrift({self.layer_a!r}{where}, {len(self.neurons)} neurons, filter drift max "
+                f"{self.worst:.3g} at neuron {self.neurons[at] if self.neurons else '-'}"
+                + (f", {len(self.failures)} limit(s) crossed" if self.failures else "") + ")")
+
 
 @dataclass
 class DiffReport:
@@ -121,6 +128,16 @@ class DiffReport:
     @property
     def status(self) -> str:
         return FAIL if self.failures else PASS
+
+    def __repr__(self) -> str:
+        """One screen in a notebook: the verdict and the most changed layers."""
+        lines = [f"DiffReport({self.status}: {self.model_b!r} against {self.model_a!r}, {len(self.layers)} layers "
+                 f"matched, {len(self.unmatched_a)}/{len(self.unmatched_b)} unmatched, {self.images} images)"]
+        lines += [f"  {d!r}" for d in self.layers[:10]]
+        if len(self.layers) > 10:
+            lines.append(f"  ... {len(self.layers) - 10} more, less changed")
+        lines += [f"  fail: {line}" for line in self.failures[:5]]
+        return "\n".join(lines[:20])
 
     def to_json(self) -> dict:
         return {"model_a": self.model_a, "model_b": self.model_b, "status": self.status, "images": self.images,

@@ -52,6 +52,26 @@ class Decoded:
         origin = (self.origin[0] - self.crop[0], self.origin[1] - self.crop[1])
         return Geometry(tuple(self.stride), rf, origin, self.bounds)
 
+    def __repr__(self) -> str:
+        """One screen in a notebook: what was decoded and how, not the arrays."""
+        k = len(self.neurons)
+        shown = ", ".join(str(int(n)) for n in self.neurons[:8]) + (", ..." if k > 8 else "")
+        lines = [f"Decoded({self.mode} mode, layer {self.layer!r}: {k} neurons [{shown}])",
+                 f"  filters {list(self.filters.shape)} {self.filters.dtype}, stride {tuple(self.stride)}, "
+                 f"origin {tuple(self.origin)}, exact at {self.exact_at}"
+                 + ("" if self.position is None else f" (position {tuple(self.position)})"),
+                 f"  bias in [{float(np.min(self.bias)):.4g}, {float(np.max(self.bias)):.4g}]" if k else "  no bias"]
+        if self.instance_filters is not None:
+            lines.append(f"  instance filters {list(self.instance_filters.shape)}")
+        if self.instances is not None:
+            lines.append(f"  instances: top {getattr(self.instances, 'top', '?')} per neuron")
+        if self.gates:
+            lines.append(f"  {len(self.gates)} data-dependent factors held (gates)")
+        bad = [kind for kind in self.degenerate if kind]
+        if bad:
+            lines.append(f"  {len(bad)} degenerate filters ({', '.join(sorted(set(bad)))})")
+        return "\n".join(lines)
+
     @property
     def degenerate(self) -> list[str | None]:
         """Per neuron, why its filter cannot stand for it ('not finite': an overflow or NaN, in the filter or its
