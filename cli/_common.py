@@ -54,7 +54,10 @@ DEVICE = typer.Option(
     None, "--device", metavar="cpu|gpu|auto",
     help="Where to compute; auto: the GPU when CuPy sees one, else the CPU.  [default: auto]",
 )
-BATCH_SIZE = typer.Option(DEFAULT_BATCH, "--batch-size", metavar="N", min=1, help="Images per onnxruntime run.")
+#: the largest count an option takes: a count past it overflows the C integers of NumPy and onnxruntime
+COUNT_MAX = 10**9
+BATCH_SIZE = typer.Option(DEFAULT_BATCH, "--batch-size", metavar="N", min=1, max=COUNT_MAX,
+                          help="Images per onnxruntime run.")
 SELECT = typer.Option(DEFAULT_SELECT, "--select", metavar="RULE",
                       help="fds: all, positive, max or topk:K lower neurons.")
 WEIGHTING = typer.Option(DEFAULT_WEIGHTING, "--weighting", metavar="gate|activation",
@@ -77,13 +80,13 @@ MEMORY_BUDGET = typer.Option(
 )
 # --memory-budget is applied by cli.main.guarded around the whole command
 PLAN = typer.Option(False, "--plan", help="Print the cost plan (peak memory and time of each stage) and exit.")
-GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1,
+GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1, max=COUNT_MAX,
                     help="Neurons drawn in the filters PNG: the first N decoded (decoded.npz holds them all).")
 
 
 def top_option(help: str, default: int | None = DEFAULT_TOP):
     """``--top N`` (a positive integer), with its own help and default."""
-    return typer.Option(default, "--top", metavar="N", min=1, help=help)
+    return typer.Option(default, "--top", metavar="N", min=1, max=COUNT_MAX, help=help)
 
 
 def out_option(default: str):

@@ -30,8 +30,10 @@ def check(
         help="Layers to decode and probe, comma separated, or all: every decodable layer "
              "(default: --sample layers from the first to the deepest).",
     ),
-    sample: int = typer.Option(3, "--sample", help="Without --layers: how many decodable layers, evenly spread."),
-    neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", help="Neurons decoded per layer."),
+    sample: int = typer.Option(3, "--sample", max=common.COUNT_MAX,
+                               help="Without --layers: how many decodable layers, evenly spread."),
+    neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", max=common.COUNT_MAX,
+                                          help="Neurons decoded per layer."),
     max_rf: Optional[int] = typer.Option(
         None, "--max-rf", metavar="PX",
         help="Without --layers: sample only layers whose receptive field is at most PX "

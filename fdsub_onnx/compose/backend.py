@@ -220,8 +220,7 @@ def session(proto, providers=CPU.providers, threads: int | None = None, arena: b
     """An onnxruntime session of ONNX model ``proto``; ``arena``: onnxruntime's CPU memory arena (see
     ``runtime.session.ARENA_TENSORS``). Every session of the package is made here (``runtime.session.Forward``, the
     op rules that ask onnxruntime for an op's own numbers)."""
-    import onnxruntime as ort
-
+    ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as one-line errors; a failed batched try is expected
     options.enable_cpu_mem_arena = arena
@@ -277,7 +276,16 @@ def _import_cupy():
 
 
 def _ort_providers() -> list[str]:
-    import onnxruntime as ort
+    return onnxruntime().get_available_providers()
 
-    return ort.get_available_providers()
+
+def onnxruntime():
+    """The onnxruntime module, imported when first needed (``inspect`` and ``decode`` in ``weights`` mode run
+    without it); a one-line FdsubError naming the extra to install where it is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise FdsubError("onnxruntime is not installed; pip install 'fdsub-onnx[cpu]' (or 'fdsub-onnx[gpu]' for "
+                         "onnxruntime-gpu and CuPy)") from None
+    return ort
 

@@ -76,3 +76,16 @@ def test_a_call_that_overlaps_a_parallel_one_runs_its_jobs_one_by_one():
         leave.set()
         first.join()
     assert threads == [threading.current_thread()] * 3
+
+
+def test_a_missing_onnxruntime_names_the_extra_to_install(monkeypatch):
+    """`pip install fdsub-onnx` without an extra has no onnxruntime: the first command that needs it says which
+    extra to install, in one line (a ModuleNotFoundError reached the user as an internal error; issue 28)."""
+    import sys
+
+    import fdsub_onnx as fd
+    from fdsub_onnx.compose.backend import onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(fd.FdsubError, match=r"onnxruntime is not installed; pip install 'fdsub-onnx\[cpu\]'"):
+        onnxruntime()
