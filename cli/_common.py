@@ -54,8 +54,9 @@ DEVICE = typer.Option(
     None, "--device", metavar="cpu|gpu|auto",
     help="Where to compute; auto: the GPU when CuPy sees one, else the CPU.  [default: auto]",
 )
-#: the largest count an option takes: a count past it overflows the C integers of NumPy and onnxruntime
-COUNT_MAX = 10**9
+#: the largest count an option takes: past it a count overflows the 64-bit integers of NumPy and onnxruntime (a
+#: count beyond what it counts is fine: a batch larger than the images is the images)
+COUNT_MAX = 2**62
 BATCH_SIZE = typer.Option(DEFAULT_BATCH, "--batch-size", metavar="N", min=1, max=COUNT_MAX,
                           help="Images per onnxruntime run.")
 SELECT = typer.Option(DEFAULT_SELECT, "--select", metavar="RULE",

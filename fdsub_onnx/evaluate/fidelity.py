@@ -98,6 +98,7 @@ def fidelity_stage(model, layers: dict, decodings: int, count: int, batch_size: 
     """The cost of ``fidelity_of_layers`` (``layers``: target -> neurons scored): ``count`` images through
     onnxruntime once, every decoding's prediction at every position (``predict``, by the path it takes), the
     running moments. The layers' maps of a batch are fetched together; their predictions run one at a time."""
+    batch_size = max(1, min(int(batch_size), max(int(count), 1)))  # a batch is never more than the images
     targets = list(layers)
     per_image, operations, held = image_bytes(model, targets) + FETCHED_BYTES * tensor_values(model, targets), 0.0, 0.0
     for target, neurons in layers.items():
