@@ -23,9 +23,10 @@ DEFAULT_BATCH = 32  # images per onnxruntime run
 FIDELITY_MODES = ("weights", "fds", "local", "deconvnet", "nf")
 SELECTS = ("all", "positive", "max", "topk:K")  # fds: which lower neurons substitute
 WEIGHTINGS = ("gate", "activation")  # fds: each lower neuron weighted by its mean gate, or its mean activation
-DEFAULT_SELECT = "all"  # fds unless told: README "Fidelity on a real network" (positive collapses; all does not)
+#: fds unless told: benchmarks/README.md, "Fidelity on a real network" (positive collapses; all does not)
+DEFAULT_SELECT = "all"
 DEFAULT_WEIGHTING = "gate"
-#: the decodings in the order benchmarks/bench_fidelity.py ranks them on a real network (best first, README)
+#: the decodings in the order benchmarks/bench_fidelity.py ranks them on a real network (best first; its README)
 BENCHMARK_RANKING = ("local", "fds", "nf", "weights", "deconvnet")  # by mean two-choice, layers past the first
 CHECK_IMAGES = "builtin:blobs:32"  # probe images of `fdsub check`
 MAX_BUILTIN_IMAGES = 1_000_000  # builtin:KIND:COUNT; their names alone are ~100 MB there

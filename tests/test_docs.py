@@ -11,10 +11,11 @@ from clirun import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+CONTRACTS = (ROOT / "docs" / "contracts.md").read_text(encoding="utf-8")
 
 
 def test_readme_inspect_json_example_is_the_demo_models():
-    section = README.split("## The inspect JSON contract", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    section = CONTRACTS.split("## The inspect JSON contract", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     layers = section.split('"layers": [', 1)[1]
     shown = [json.loads(m) for m in re.findall(r'\{"name": .*?"patch_grid": (?:null|\[[^]]*\])\}', layers, re.S)]
     given = json.loads(re.search(r'"input": (\{.*?\})', section).group(1))

@@ -44,7 +44,7 @@ from .render import GAP, block_mean, filter_grid
 
 REPORT_HTML = "index.html"
 DEFAULT_TOP = REPORT_TOP
-#: the filter column's modes, the first one shown: the one the fidelity benchmark ranks best (README)
+#: the filter column's modes, the first one shown: the one the fidelity benchmark ranks best (benchmarks/README.md)
 TABS = tuple(mode for mode in BENCHMARK_RANKING if mode in ("fds", "weights", "local"))
 SOURCE_MAX = 256  # longest side (px) a source image is stored at (patches are cut from it by CSS)
 THUMB = 128  # about how wide (px) a source image is shown with its receptive field drawn on it
