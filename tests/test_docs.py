@@ -30,3 +30,19 @@ def test_make_demo_is_quiet_and_names_the_report_once():
     assert installs and all(" -q " in line for line in installs), installs
     demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "index.html" not in demo, "the report command prints the path itself"
+
+
+def test_the_readme_workflow_runs_on_the_demo_model(tmp_path, monkeypatch):
+    """Every command of the README's "Your model, your images" block runs: on the demo model, with builtin glyph
+    images for photos/ and its conv2 for the layer named there (issue 28)."""
+    import shlex
+
+    block = README.split("## Your model, your images", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert [c.split()[1] for c in commands] == ["inspect", "top", "decode", "report", "check"]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        args = [{"model.onnx": str(ROOT / "models" / "demo.onnx"), "photos/": "builtin:glyphs:24",
+                 "layer3.1.conv2": "conv2", "torchvision": "raw"}.get(a, a) for a in shlex.split(command)[1:]]
+        result = invoke(*args)
+        assert result.exit_code == 0, (command, result.output)
