@@ -45,6 +45,7 @@ _EXPORTS = {
     "LayerDrift": (".evaluate.drift", "LayerDrift"), "match_layers": (".evaluate.drift", "match_layers"),
     "checkpoint_progress": (".data.topn", "checkpoint_progress"),
     "diff_suite": (".present.junit", "diff_suite"), "save_diff": (".present.save", "save_diff"),
+    "patch_grid": (".present.render", "patch_grid"), "neuron_card": (".present.render", "neuron_card"),
     "estimate_diff": (".evaluate.drift", "estimate_diff"),
     "save_fingerprint": (".evaluate.drift", "save_fingerprint"),
     "load_fingerprint": (".evaluate.drift", "load_fingerprint"),

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..compose.inspect import instance_geometry
+from ..data.images import read_indices
+from ..errors import FdsubError
+
 GAP = 2  # pixels between cells and around the grid
 BACKGROUND = (24, 24, 24)
 LABEL_COLOR = (220, 220, 220)
@@ -15,13 +19,14 @@ LABEL_HEIGHT = 12
 
 
 def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: int = 48,
-                columns: int | None = None) -> Image.Image:
+                columns: int | None = None, scaled: bool = True) -> Image.Image:
     """A grid of filters [K, C, R_y, R_x], each normalized symmetrically around 0.
 
     0 maps to mid-gray and each filter's largest |value| to black or white. 3 channels
     are shown as RGB, 1 channel as gray, any other count as the gray mean over channels.
     Filters are enlarged by nearest neighbour so a cell is at least ``cell`` pixels, and
     laid out in a grid as square as possible (or ``columns`` wide); ``labels`` (one per filter) go under each cell.
+    ``scaled=False`` draws values already in [-1, 1] as they are (image patches), not each scaled to its peak.
     The image never passes PIL's ``Image.MAX_IMAGE_PIXELS`` (``grid_fit``): cells get smaller, then only the
     first ``grid_cells`` filters are drawn, and a single filter too large even at 1 pixel is block-averaged.
     """
@@ -36,7 +41,7 @@ def filter_grid(filters: np.ndarray, labels: Sequence[str] | None = None, cell: 
     factor, side = 1, max(filters.shape[2:])
     while factor < side and _pixels(1, -(-filters.shape[2] // factor), -(-filters.shape[3] // factor), lh) > _limit():
         factor += 1
-    tiles = _to_rgb8(block_mean(filters, factor))  # [K, R_y, R_x, 3]
+    tiles = _to_rgb8(block_mean(filters, factor), scaled)  # [K, R_y, R_x, 3]
     count, ry, rx = tiles.shape[:3]
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
     cols = min(columns, count) if columns else math.ceil(math.sqrt(count))
@@ -105,13 +110,15 @@ def _pixels(count: int, th: int, tw: int, lh: int) -> int:
     return (GAP + rows * (th + lh + GAP)) * (GAP + cols * (tw + GAP))
 
 
-def _to_rgb8(filters: np.ndarray) -> np.ndarray:
-    """[K, C, R_y, R_x] to [K, R_y, R_x, 3] uint8, symmetric per filter (0 -> 128)."""
+def _to_rgb8(filters: np.ndarray, scaled: bool = True) -> np.ndarray:
+    """[K, C, R_y, R_x] to [K, R_y, R_x, 3] uint8, symmetric per filter (0 -> 128; ``scaled``: each filter's
+    largest |value| to black or white, else values in [-1, 1] as they are)."""
     f = np.nan_to_num(filters.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if f.shape[1] not in (1, 3):
         f = f.mean(axis=1, keepdims=True)
-    peak = np.abs(f).max(axis=(1, 2, 3), keepdims=True)
-    f = f / np.where(peak > 0, peak, 1.0)
+    if scaled:
+        peak = np.abs(f).max(axis=(1, 2, 3), keepdims=True)
+        f = f / np.where(peak > 0, peak, 1.0)
     levels = np.clip(np.rint(127.5 + 127.5 * f), 0, 255).astype(np.uint8)
     if levels.shape[1] == 1:
         levels = levels.repeat(3, axis=1)
@@ -124,3 +131,75 @@ def _draw_labels(image: Image.Image, labels, cols: int, th: int, tw: int, lh: in
     for k, label in enumerate(labels):
         y, x = GAP + (k // cols) * (th + lh + GAP) + th, GAP + (k % cols) * (tw + GAP)
         draw.text((x + 1, y), str(label), fill=LABEL_COLOR, font=font)
+
+
+def displayable(batch: np.ndarray, preset) -> np.ndarray:
+    """Model-input pixels [B, C, H, W] back to uint8 RGB [B, H, W, 3]: the preset undone, then 0..1 shown as is.
+
+    Values far outside 0..1 (arrays preprocessed by the user) are stretched per image instead.
+    """
+    x = np.asarray(batch, np.float64)
+    if preset is not None:
+        std, mean = (np.asarray(v, np.float64).reshape(1, -1, 1, 1) for v in (preset.std, preset.mean))
+        x = (x * std + mean) / preset.scale
+        if preset.bgr:
+            x = x[:, ::-1]
+    if x.shape[1] not in (1, 3):
+        x = x.mean(axis=1, keepdims=True)
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    lo, hi = x.min(axis=(1, 2, 3), keepdims=True), x.max(axis=(1, 2, 3), keepdims=True)
+    odd = ((lo < -0.05) | (hi > 1.05)) & (hi > lo)
+    x = np.where(odd, (x - lo) / np.where(hi > lo, hi - lo, 1.0), x)
+    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+#: the gray where a receptive field leaves the image (as the report shows it)
+OUTSIDE_GRAY = 64
+
+
+def patch_grid(model, top, images, neuron: int, cell: int = 64, most: int | None = None) -> Image.Image:
+    """The top patches of ``neuron`` (a row of ``top``, a ``TopN`` captured on ``images``): each instance's receptive
+    field cut from its image as the model saw it (the preprocessing undone; dark gray where the field leaves the
+    image), best first, each labelled with its rank and activation. For a notebook: ``fd.patch_grid(model, top,
+    images, 3)`` is a PIL image."""
+    row = int(np.flatnonzero(np.asarray(top.neurons) == neuron)[0]) if neuron in list(top.neurons) else None
+    if row is None:
+        raise FdsubError(f"neuron {neuron} is not in this top-N result (it holds {list(map(int, top.neurons))[:8]}...)")
+    geom = instance_geometry(model, top.layer)
+    filled = np.flatnonzero(top.image_index[row] >= 0)[: most or top.top]
+    if not len(filled):
+        raise FdsubError(f"neuron {neuron} has no instance in this top-N result; capture it over more images")
+    ry, rx = geom.rf if geom.stride[0] else model.input_shape[2:]  # a per-position layer: its field is the image
+    pixels = {}
+    wanted = np.unique(top.image_index[row, filled])
+    for first, batch in read_indices(images, wanted, 32):
+        for i, image in enumerate(displayable(batch, getattr(images, "preset", None))):
+            pixels[first + i] = image
+    patches = []
+    for slot in filled:
+        image = pixels[int(top.image_index[row, slot])]
+        y, x = (geom.corner(top.position[row, slot]) if geom.stride[0] else (0, 0))
+        patch = np.full((ry, rx, 3), OUTSIDE_GRAY, np.uint8)
+        h, w = image.shape[:2]
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + ry, h), min(x + rx, w)
+        if y1 > y0 and x1 > x0:
+            patch[y0 - y : y1 - y, x0 - x : x1 - x] = image[y0:y1, x0:x1]
+        patches.append(patch)
+    cells = np.stack(patches).transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1.0  # filter_grid's scale: -1..1
+    labels = [f"{rank + 1}: {float(top.values[row, slot]):.3g}" for rank, slot in enumerate(filled)]
+    return filter_grid(cells, labels=labels, cell=cell, scaled=False)
+
+
+def neuron_card(model, decoded, top, images, neuron: int, cell: int = 64, most: int = 8) -> Image.Image:
+    """One neuron at a glance: its decoded filter (``decoded``, any mode) beside its ``most`` top patches."""
+    rows = list(map(int, decoded.neurons))
+    if neuron not in rows:
+        raise FdsubError(f"neuron {neuron} is not in this decoding (it holds {rows[:8]}...)")
+    left = filter_grid(decoded.filters[rows.index(neuron) : rows.index(neuron) + 1],
+                       labels=[f"{decoded.mode} {neuron}"], cell=2 * cell)
+    right = patch_grid(model, top, images, neuron, cell=cell, most=most)
+    card = Image.new("RGB", (left.width + right.width + GAP, max(left.height, right.height)), "white")
+    card.paste(left, (0, 0))
+    card.paste(right, (left.width + GAP, 0))
+    return card

@@ -40,7 +40,7 @@ from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, describe_position, load_model
 from ..modes.fds import parse_select, parse_weighting
 from ..neurons import means_all
-from .render import GAP, block_mean, filter_grid
+from .render import GAP, block_mean, displayable, filter_grid
 
 REPORT_HTML = "index.html"
 DEFAULT_TOP = REPORT_TOP
@@ -185,7 +185,7 @@ class _Pixels:
         needed = np.unique(image_index[image_index >= 0])
         needed = needed[[int(i) not in self.rgb for i in needed]]
         for first, batch in read_indices(self.images, needed, 32):
-            for i, image in enumerate(_displayable(batch, getattr(self.images, "preset", None))):
+            for i, image in enumerate(displayable(batch, getattr(self.images, "preset", None))):
                 self.rgb[first + i] = image
 
     def __getitem__(self, index: int) -> np.ndarray:
@@ -198,27 +198,6 @@ class _Pixels:
             image = _shrunk(Image.fromarray(self.rgb[index], "RGB"), SOURCE_MAX)
             self.classes[index] = self.pictures.add(image, photo=True)
         return self.classes[index]
-
-
-def _displayable(batch: np.ndarray, preset) -> np.ndarray:
-    """Model-input pixels [B, C, H, W] back to uint8 RGB [B, H, W, 3]: the preset undone, then 0..1 shown as is.
-
-    Values far outside 0..1 (arrays preprocessed by the user) are stretched per image instead.
-    """
-    x = np.asarray(batch, np.float64)
-    if preset is not None:
-        std, mean = (np.asarray(v, np.float64).reshape(1, -1, 1, 1) for v in (preset.std, preset.mean))
-        x = (x * std + mean) / preset.scale
-        if preset.bgr:
-            x = x[:, ::-1]
-    if x.shape[1] not in (1, 3):
-        x = x.mean(axis=1, keepdims=True)
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
-    lo, hi = x.min(axis=(1, 2, 3), keepdims=True), x.max(axis=(1, 2, 3), keepdims=True)
-    odd = ((lo < -0.05) | (hi > 1.05)) & (hi > lo)
-    x = np.where(odd, (x - lo) / np.where(hi > lo, hi - lo, 1.0), x)
-    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _shrunk(image: Image.Image, side: int) -> Image.Image:
@@ -337,7 +316,7 @@ def _layer_section(model, index: int, compared: LayerComparison, pixels: _Pixels
             y0, x0 = (int(v) for v in geometry.corner((qy, qx)))
             boxes.append((n, i, describe_position(model, layer.name, (qy, qx)), (y0, x0, ry, rx)))
         shown = {mode: _filter_image(decoded[mode].filters[k]) for mode in ("weights", "fds", "local", "deconvnet")}
-        shown["nf"] = _shrunk(Image.fromarray(_displayable(decoded["nf"].filters[k : k + 1],
+        shown["nf"] = _shrunk(Image.fromarray(displayable(decoded["nf"].filters[k : k + 1],
                                                            getattr(images, "preset", None))[0]), PATCH_MAX)
         shown = {mode: (pictures.add(image), image.size) for mode, image in shown.items()}
         r = {mode: scores["decodings"][mode]["correlation"][k] for mode in FIDELITY_MODES}

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
@@ -554,3 +555,16 @@ def test_layers_too_large_for_the_memory_left(models, tmp_path, monkeypatch):
     with pytest.raises(fd.FdsubError, match="does not fit in the memory budget of "):
         fd.report(model, _images(6), tmp_path / "named", layers=convs, top=2)
     assert not (tmp_path / "named").exists()
+
+
+def test_a_neurons_top_patches_and_card_are_one_call(tmp_path):
+    """`fd.patch_grid` cuts each top instance's receptive field from its image as the model saw it (issue 28: the
+    report's cropping was private); `fd.neuron_card` puts the decoded filter beside them."""
+    model = fd.load_model(str(Path(__file__).resolve().parents[2] / "models" / "demo.onnx"))
+    images = fd.open_images("builtin:glyphs:32", model.input_shape[1:])
+    top = fd.capture_top(model, "conv2", images, top=4, neurons="0-1")
+    grid = fd.patch_grid(model, top, images, 1, cell=24)
+    card = fd.neuron_card(model, fd.decode(model, "conv2", neurons="0-1"), top, images, 1, cell=24)
+    assert grid.width >= 2 * 24 and card.width > grid.width and card.height >= grid.height
+    with pytest.raises(fd.FdsubError, match="neuron 7 is not in this top-N result"):
+        fd.patch_grid(model, top, images, 7)
