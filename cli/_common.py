@@ -40,7 +40,7 @@ MODEL = typer.Argument(..., metavar="MODEL", help="The .onnx file.", show_defaul
 NEURONS = typer.Option(None, "--neurons", "-n", metavar="SPEC", help="Neurons, e.g. 0,5,10-20, or all.  [default: all]")
 LAYER = typer.Option(
     ..., "--layer", "-l", metavar="NAME", show_default=False,
-    help="Output tensor name of the layer (node names work too); `fdsub inspect` lists them.",
+    help="The layer: its output tensor, its node, or its module (the names `fdsub inspect` lists).",
 )
 IMAGES_HELP = ("Images: a folder of JPEG/PNG, one image file, a .npy/.npz array [N, C, H, W], "
                "or builtin:glyphs|gratings|blobs[:N].")
@@ -57,7 +57,16 @@ DEVICE = typer.Option(
 #: the largest count an option takes: past it a count overflows the 64-bit integers of NumPy and onnxruntime (a
 #: count beyond what it counts is fine: a batch larger than the images is the images)
 COUNT_MAX = 2**62
-BATCH_SIZE = typer.Option(DEFAULT_BATCH, "--batch-size", metavar="N", min=1, max=COUNT_MAX,
+
+
+def count_limit(value):
+    """A count past ``COUNT_MAX`` refused in one line (a callback, so that --help does not show the bound)."""
+    if value is not None and value > COUNT_MAX:
+        raise typer.BadParameter(f"{value} is more than any count this command takes (at most 2^62)")
+    return value
+
+
+BATCH_SIZE = typer.Option(DEFAULT_BATCH, "--batch-size", metavar="N", min=1, callback=count_limit,
                           help="Images per onnxruntime run.")
 SELECT = typer.Option(DEFAULT_SELECT, "--select", metavar="RULE",
                       help="fds: all, positive, max or topk:K lower neurons.")
@@ -81,13 +90,13 @@ MEMORY_BUDGET = typer.Option(
 )
 # --memory-budget is applied by cli.main.guarded around the whole command
 PLAN = typer.Option(False, "--plan", help="Print the cost plan (peak memory and time of each stage) and exit.")
-GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1, max=COUNT_MAX,
+GRID = typer.Option(DEFAULT_GRID, "--grid", metavar="N", min=1, callback=count_limit,
                     help="Neurons drawn in the filters PNG: the first N decoded (decoded.npz holds them all).")
 
 
 def top_option(help: str, default: int | None = DEFAULT_TOP):
     """``--top N`` (a positive integer), with its own help and default."""
-    return typer.Option(default, "--top", metavar="N", min=1, max=COUNT_MAX, help=help)
+    return typer.Option(default, "--top", metavar="N", min=1, callback=count_limit, help=help)
 
 
 def out_option(default: str):
@@ -96,14 +105,24 @@ def out_option(default: str):
 
 
 # ---- budget and plan --------------------------------------------------------------------------
+#: a plan longer than this says how to make it shorter (a newcomer's first `report` on ResNet50 planned 20 min)
+LONG_PLAN_SECONDS = 300.0
+
+
 def planned(plan: bool, cost, fix: str) -> bool:
     """With --plan: print the cost plan, and the command is done (True). Otherwise refuse, in one line and before
-    any work, a plan over the memory budget (``fix``: the knobs that bring it under)."""
+    any work, a plan over the memory budget (``fix``: the knobs that bring it under, and a long plan down)."""
+    long = cost.seconds > LONG_PLAN_SECONDS
     if plan:
         for line in cost.lines():
             typer.echo(line)
+        if long:
+            typer.echo(f"note: about {cost.seconds / 60:.0f} min; to make it shorter: {fix}")
         return True
     cost.require(fix)
+    if long:
+        typer.echo(f"note: planned at about {cost.seconds / 60:.0f} min (--plan shows its stages); to make it "
+                   f"shorter: {fix}", err=True)
     return False
 
 

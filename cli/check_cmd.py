@@ -30,9 +30,9 @@ def check(
         help="Layers to decode and probe, comma separated, or all: every decodable layer "
              "(default: --sample layers from the first to the deepest).",
     ),
-    sample: int = typer.Option(3, "--sample", max=common.COUNT_MAX,
+    sample: int = typer.Option(3, "--sample", callback=common.count_limit,
                                help="Without --layers: how many decodable layers, evenly spread."),
-    neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", max=common.COUNT_MAX,
+    neurons_per_layer: int = typer.Option(4, "--neurons-per-layer", "-k", callback=common.count_limit,
                                           help="Neurons decoded per layer."),
     max_rf: Optional[int] = typer.Option(
         None, "--max-rf", metavar="PX",

@@ -19,7 +19,7 @@ def top(
     images: str = common.IMAGES,
     count: int = common.top_option("Instances kept per neuron."),
     neurons: Optional[str] = common.NEURONS,
-    per_image: int = typer.Option(1, "--per-image", metavar="K", min=1, max=common.COUNT_MAX,
+    per_image: int = typer.Option(1, "--per-image", metavar="K", min=1, callback=common.count_limit,
                                   help="Instances allowed per image and neuron."),
     batch_size: int = common.BATCH_SIZE,
     preset: str = common.PRESET,
@@ -93,7 +93,7 @@ def merge(
         ..., metavar="DIR...", help="Folders written by `fdsub top --shard`.", show_default=False,
     ),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Output folder.", show_default=False),
-    count: Optional[int] = typer.Option(None, "--top", metavar="N", min=1, max=common.COUNT_MAX,
+    count: Optional[int] = typer.Option(None, "--top", metavar="N", min=1, callback=common.count_limit,
                                         help="Instances kept per neuron.  [default: as the parts]"),
 ) -> None:
     """Combine partial top-N results (shards) exactly into one; write DIR/top.npz and DIR/top.json."""

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import FdsubError
 from ..graph.geometry import Geometry
-from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, module_of, patch_grid
+from ..graph.model import LAYER_OPS, Model, channel_axis, find_layer, module_of, module_path, patch_grid
 from ..graph.patterns import Attention, Bilinear, ChannelGate, TokenScale
 from .backend import get_backend
 from .engine import Engine
@@ -31,7 +31,8 @@ class Layer:
     origin: list[int] | None
     decodable: bool
     reason: str | None
-    module: str | None = None  # the exporting framework's module path (torch's dynamo exporter records it)
+    module: str | None = None  # the module it came from: recorded by torch's dynamo exporter, or read from a
+    # TorchScript export's node name (/layer3/layer3.1/conv2/Conv: layer3.1.conv2); what --layer takes too
     per_position: bool = False  # decodable one output position at a time only (after an upsampling; no geometry)
     patch_grid: list[int] | None = None  # tokens: [extra tokens before the grid, grid rows, grid columns]
 
@@ -147,14 +148,15 @@ def _layer(model, node, value) -> Layer:
     if (feature_map := map_of(value)) is not None:
         g = feature_map.geom
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, list(g.stride), list(g.rf),
-                     list(g.origin), True, None, module_of(node))
+                     list(g.origin), True, None, module_of(node) or module_path(node))
     reason = value.reason if isinstance(value, Blocked) else "not a feature map"
     if isinstance(value, Blocked) and value.per_position:
         patches = patch_grid(model, node.output[0])
         return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, True, reason,
-                     module_of(node), per_position=True, patch_grid=None if patches is None else list(patches))
+                     module_of(node) or module_path(node), per_position=True,
+                     patch_grid=None if patches is None else list(patches))
     return Layer(node.output[0], model.node_name(node), node.op_type, channels, None, None, None, False, reason,
-                 module_of(node))
+                 module_of(node) or module_path(node))
 
 
 def channels_of(model, target):
