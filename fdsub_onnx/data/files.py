@@ -23,10 +23,15 @@ MANIFEST = ".fdsub-result.json"
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and back: there is no other way)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask: read from /proc where Linux shows it; else by setting it and back (process-wide for a
+    moment: a thread creating a file meanwhile would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def require_regular_file(path: str | os.PathLike, what: str) -> None:

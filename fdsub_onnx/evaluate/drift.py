@@ -176,12 +176,11 @@ def diff_models(a, b, layers=None, neurons=None, images=None, top: int = DEFAULT
     side_a, side_b, pairs, unmatched_a, unmatched_b, neurons = _compared(a, b, layers, neurons)
     if images is not None and side_a.stored is not None:
         _same_images(side_a, images)
-    filters_a = _filters(side_a, {la.name: (neurons[la.name], la.channels) for la, _, _ in pairs})
+    wanted_a, wanted_b = _wanted(pairs, neurons)
+    filters_a = _filters(side_a, wanted_a)
     if progress is not None:
         progress(1, 2)
-    # B's neurons as A's where the layers have as many; all of them where not (paired by their filters)
-    filters_b = _filters(side_b, {lb.name: (neurons[la.name] if la.channels == lb.channels else None, lb.channels)
-                                  for la, lb, _ in pairs})
+    filters_b = _filters(side_b, wanted_b)
     if progress is not None:
         progress(2, 2)
     drifts = [_layer_drift(la, lb, how, *filters_a[la.name], *filters_b[lb.name]) for la, lb, how in pairs]
@@ -250,6 +249,13 @@ def _compared(a, b, layers, neurons):
     return side_a, side_b, pairs, unmatched_a, unmatched_b, per
 
 
+def _wanted(pairs, per: dict) -> tuple[dict, dict]:
+    """Each side's layer -> (neuron selector or None for all, its channels): A's neurons as ``per`` says, B's the same
+    where its layer has as many channels, all of them where not (paired with A's by their filters)."""
+    return ({la.name: (per[la.name], la.channels) for la, _, _ in pairs},
+            {lb.name: (per[la.name] if la.channels == lb.channels else None, lb.channels) for la, lb, _ in pairs})
+
+
 def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = DEFAULT_DIFF_TOP,
                   instances: bool = False, batch_size: int = 32) -> CostPlan:
     """The cost of ``diff_models`` with these options (``images``: how many), before any work: each model's weights
@@ -257,16 +263,13 @@ def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = D
     ``instances`` the captures, Neuron Features and local passes of every layer."""
     side_a, side_b, pairs, _, _, per = _compared(a, b, layers, neurons)
     stages, held, models = [], 0.0, []
-    for key, side in (("A", side_a), ("B", side_b)):
+    for key, side, wanted in zip("AB", (side_a, side_b), _wanted(pairs, per)):
         if side.model is None:
             continue
         model = side.model
         models.append(model)
-        rows = {}
-        for la, lb, _ in pairs:
-            layer = la if key == "A" else lb
-            selector = per[la.name] if key == "A" or la.channels == lb.channels else None
-            rows[side.tensor(layer.name)] = parse_neurons(selector, channels_of(model, side.tensor(layer.name)))
+        rows = {side.tensor(name): parse_neurons(selector, channels_of(model, side.tensor(name)))
+                for name, (selector, _) in wanted.items()}
         decode = compose_stage(model, list(rows), rows, "float32", "weights")
         for stage in decode:
             stage.what = f"{key}: {stage.what}"
@@ -380,9 +383,8 @@ def _layer_drift(la, lb, how, fa, ba, na, fb, bb, nb) -> LayerDrift:
         rows_a = rows_b = np.arange(len(fa))
     else:
         rows_a, rows_b = _paired(flat_a, flat_b, norm_a, norm_b)
-    diff = np.linalg.norm(flat_b[rows_b] - flat_a[rows_a], axis=1)
     scale = norm_a[rows_a]
-    drift = np.where(scale > 0, diff / np.maximum(scale, 1e-300), np.where(diff > 0, np.inf, 0.0))
+    drift = _ratio(np.linalg.norm(flat_b[rows_b] - flat_a[rows_a], axis=1), scale)
     both = scale * norm_b[rows_b]
     cosine = np.where(both > 0, (flat_a[rows_a] * flat_b[rows_b]).sum(axis=1) / np.maximum(both, 1e-300), 1.0)
     bias = np.abs(bb[rows_b] - ba[rows_a]) / np.maximum(np.maximum(np.abs(ba[rows_a]), scale), 1e-300)
@@ -424,10 +426,7 @@ def _responses(side: _Side, names: list[str], images, batch_size: int) -> dict:
 def _image_measures(d: LayerDrift, ra: np.ndarray, rb: np.ndarray, top: int) -> None:
     """Activation drift, top-N overlap and Spearman's correlation of each compared neuron's responses."""
     ra, rb = ra[:, d.neurons].astype(np.float64), rb[:, d.neurons_b].astype(np.float64)
-    rms_a = np.sqrt((ra**2).mean(axis=0))
-    rms_diff = np.sqrt(((rb - ra) ** 2).mean(axis=0))
-    d.activation_drift = np.where(rms_a > 0, rms_diff / np.maximum(rms_a, 1e-300),
-                                  np.where(rms_diff > 0, np.inf, 0.0)).tolist()
+    d.activation_drift = _ratio(np.sqrt(((rb - ra) ** 2).mean(axis=0)), np.sqrt((ra**2).mean(axis=0))).tolist()
     n = min(top, len(ra))
     top_a, top_b = np.argsort(-ra, axis=0, kind="stable")[:n], np.argsort(-rb, axis=0, kind="stable")[:n]
     d.top_overlap = [len(set(top_a[:, k]) & set(top_b[:, k])) / n for k in range(ra.shape[1])]
@@ -453,8 +452,12 @@ def _relative(a: np.ndarray, b: np.ndarray) -> list[float]:
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     if a.shape != b.shape:
         return [float("nan")] * len(a)
-    scale, diff = np.linalg.norm(a, axis=1), np.linalg.norm(b - a, axis=1)
-    return np.where(scale > 0, diff / np.maximum(scale, 1e-300), np.where(diff > 0, np.inf, 0.0)).tolist()
+    return _ratio(np.linalg.norm(b - a, axis=1), np.linalg.norm(a, axis=1)).tolist()
+
+
+def _ratio(change: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``change / scale``, every drift's form: 0 where both are zero, inf where only ``scale`` is."""
+    return np.where(scale > 0, change / np.maximum(scale, 1e-300), np.where(change > 0, np.inf, 0.0))
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

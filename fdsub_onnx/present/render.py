@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..compose.inspect import instance_geometry
 from ..data.images import read_indices
 from ..errors import FdsubError
+from ..modes.windows import cut, inside
 
 GAP = 2  # pixels between cells and around the grid
 BACKGROUND = (24, 24, 24)
@@ -154,6 +155,16 @@ def displayable(batch: np.ndarray, preset) -> np.ndarray:
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def displayed(images, indices) -> dict:
+    """Image index -> uint8 RGB [H, W, 3] of the images ``indices`` of ``images``, as ``displayable`` shows them;
+    each read once, 32 at a time."""
+    shown = {}
+    for first, batch in read_indices(images, np.asarray(indices), 32):
+        for i, image in enumerate(displayable(batch, getattr(images, "preset", None))):
+            shown[first + i] = image
+    return shown
+
+
 #: the gray where a receptive field leaves the image (as the report shows it)
 OUTSIDE_GRAY = 64
 
@@ -171,22 +182,12 @@ def patch_grid(model, top, images, neuron: int, cell: int = 64, most: int | None
     if not len(filled):
         raise FdsubError(f"neuron {neuron} has no instance in this top-N result; capture it over more images")
     ry, rx = geom.rf if geom.stride[0] else model.input_shape[2:]  # a per-position layer: its field is the image
-    pixels = {}
-    wanted = np.unique(top.image_index[row, filled])
-    for first, batch in read_indices(images, wanted, 32):
-        for i, image in enumerate(displayable(batch, getattr(images, "preset", None))):
-            pixels[first + i] = image
-    patches = []
-    for slot in filled:
-        image = pixels[int(top.image_index[row, slot])]
-        y, x = (geom.corner(top.position[row, slot]) if geom.stride[0] else (0, 0))
-        patch = np.full((ry, rx, 3), OUTSIDE_GRAY, np.uint8)
-        h, w = image.shape[:2]
-        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + ry, h), min(x + rx, w)
-        if y1 > y0 and x1 > x0:
-            patch[y0 - y : y1 - y, x0 - x : x1 - x] = image[y0:y1, x0:x1]
-        patches.append(patch)
-    cells = np.stack(patches).transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1.0  # filter_grid's scale: -1..1
+    pixels = displayed(images, np.unique(top.image_index[row, filled]))
+    maps = np.stack([pixels[int(i)] for i in top.image_index[row, filled]]).transpose(0, 3, 1, 2)  # [M, 3, H, W]
+    corners = geom.corner(top.position[row, filled]) if geom.stride[0] else np.zeros((len(filled), 2), np.int64)
+    seen = inside(corners, (ry, rx), maps.shape[2:])[:, None]  # dark gray where a field leaves its image
+    patches = np.where(seen > 0, cut(maps, corners, (ry, rx)), OUTSIDE_GRAY)
+    cells = patches.astype(np.float64) / 127.5 - 1.0  # filter_grid's scale: -1..1
     labels = [f"{rank + 1}: {float(top.values[row, slot]):.3g}" for rank, slot in enumerate(filled)]
     return filter_grid(cells, labels=labels, cell=cell, scaled=False)
 

@@ -25,7 +25,7 @@ from PIL import Image
 from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model, instance_geometry
 from ..data.files import check_result_folder, write_atomically
-from ..data.images import SampledImages, open_images, read_indices
+from ..data.images import SampledImages, open_images
 from ..defaults import (
     BENCHMARK_RANKING,
     DEFAULT_BATCH,
@@ -40,7 +40,7 @@ from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, describe_position, load_model
 from ..modes.fds import parse_select, parse_weighting
 from ..neurons import means_all
-from .render import GAP, block_mean, displayable, filter_grid
+from .render import GAP, block_mean, displayable, displayed, filter_grid
 
 REPORT_HTML = "index.html"
 DEFAULT_TOP = REPORT_TOP
@@ -183,10 +183,7 @@ class _Pixels:
 
     def load(self, image_index: np.ndarray) -> None:
         needed = np.unique(image_index[image_index >= 0])
-        needed = needed[[int(i) not in self.rgb for i in needed]]
-        for first, batch in read_indices(self.images, needed, 32):
-            for i, image in enumerate(displayable(batch, getattr(self.images, "preset", None))):
-                self.rgb[first + i] = image
+        self.rgb |= displayed(self.images, needed[[int(i) not in self.rgb for i in needed]])
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.rgb[int(index)]
