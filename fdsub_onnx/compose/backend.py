@@ -147,6 +147,29 @@ _KERNEL = None
 BACKENDS = {"numpy": NumpyBackend, "cupy": CupyBackend}
 
 
+class Workspace:
+    """Scratch arrays reused by the substitution steps of one engine, by role (``take``).
+
+    A fresh large array costs its page faults again: the kernel zeroes every page of it (2 MiB at a time under
+    transparent huge pages), and allocating a composition's temporaries anew for each chunk of each layer made a
+    VGG19 decode zero ~8 GB (a third of its time in the kernel). Per thread, so passes that run at once never share.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._local = threading.local()
+
+    def take(self, role: str, shape, dtype):
+        """An uninitialized array of ``shape``, the same memory as the last one of ``role`` when it fits."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        flat = buffers.get(role)
+        if flat is None or flat.nbytes < size:
+            buffers[role] = None  # the old one is freed before the larger one is made
+            flat = buffers[role] = self.backend.empty((size,), np.uint8)
+        return flat[:size].view(dtype).reshape(shape)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph.geometry import Geometry, Pair
+from . import spectral
+from .backend import Workspace
 
-KERNELS = ("fast", "reference")
+#: "fast" picks per convolution between the direct (kn2row) and the spectral composition by their cost
+#: (``spectral.cheaper``); "kn2row" and "spectral" force one (tests, benchmarks); "reference" is the definition.
+KERNELS = ("fast", "kn2row", "spectral", "reference")
 
 
 @dataclass
@@ -41,12 +45,13 @@ def _passes_none(method):
 
 
 class Engine:
-    """Substitution steps for one backend, dtype and kernel choice ("fast" or "reference")."""
+    """Substitution steps for one backend, dtype and kernel choice (``KERNELS``)."""
 
     def __init__(self, backend, dtype="float32", kernel="fast"):
         self.backend = backend
         self.dtype = np.dtype(dtype)
         self.kernel = kernel
+        self.workspace = Workspace(backend)
         self.image_channels = 3  # set by the walker from the model's input
 
     def identity(self, channels: int) -> Bank:
@@ -66,8 +71,12 @@ class Engine:
         weight = np.asarray(weight, dtype=self.dtype)[rows]
         bias = np.zeros(c_out, self.dtype) if bias is None else np.asarray(bias, self.dtype)
         group_of_row = rows // (c_out // groups)
-        compose = _conv_fast if self.kernel == "fast" else _conv_reference
-        filters = compose(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf, self.dtype)
+        if self.kernel == "reference":
+            filters = _conv_reference(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf,
+                                      self.dtype)
+        else:
+            filters = _conv_fast(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf, self.dtype,
+                                 self.kernel, self.workspace)
         per_channel = weight.sum(axis=(2, 3))  # [K, C_in/groups]
         beta_in = self.backend.to_numpy(bank.bias).astype(self.dtype)
         cig = weight.shape[1]
@@ -123,9 +132,11 @@ def _offset(geom: Geometry, out: Geometry) -> Pair:
     return (geom.origin[0] - out.origin[0], geom.origin[1] - out.origin[1])
 
 
-def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):
-    """Batched substitution: per chunk of output rows, one matrix product for all kernel taps, then the
-    backend's shifted accumulation of the taps into the output filters."""
+def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel="fast", workspace=None):
+    """Batched substitution, per group: spectral (``spectral.compose``) where it is cheaper or forced, else per
+    chunk of output rows one matrix product for all kernel taps, then the backend's shifted accumulation of the
+    taps into the output filters (kn2row). Temporaries come from ``workspace`` (``backend.Workspace``)."""
+    workspace = workspace or Workspace(backend)
     k, cig, ky, kx = weight.shape
     c_img, ry, rx = d_in.shape[1:]
     out = backend.zeros((k, c_img, *out_rf), dtype)
@@ -139,20 +150,34 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype)
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
         source = flat[group * cig : (group + 1) * cig]
+        room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes)
+        if kernel == "spectral" or (kernel == "fast" and spectral.cheaper(
+                len(rows), cig, c_img, (ry, rx), (ky, kx), step, out.itemsize, room)):
+            _placed_rows(backend, out, rows, functools.partial(
+                spectral.compose, backend, source=d_in[group * cig : (group + 1) * cig], weight=weight[rows],
+                step=step, dtype=dtype, temp_bytes=room, workspace=workspace))
+            continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
         chunk = -(-len(rows) // -(-len(rows) // limit))  # equal chunks of at most `limit` rows
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)
             w_chunk = backend.asarray(w[:, :, start : start + n].reshape(taps * n, cig), dtype)
-            products = backend.matmul(w_chunk, source).reshape(taps, n, c_img, ry, rx)
-            if index[-1] - index[0] + 1 == n:  # contiguous rows: accumulate in place
-                backend.shift_add(out[index[0] : index[-1] + 1], products, offsets)
-            else:
-                part = out[backend.asarray(index, np.int64)]
-                backend.shift_add(part, products, offsets)
-                out[backend.asarray(index, np.int64)] = part
+            products = backend.matmul(w_chunk, source, out=workspace.take("products", (taps * n, flat.shape[1]), dtype))
+            products = products.reshape(taps, n, c_img, ry, rx)
+            _placed_rows(backend, out, index, functools.partial(backend.shift_add, products=products, offsets=offsets))
     return out
+
+
+def _placed_rows(backend, out, index, accumulate):
+    """Run ``accumulate(part)`` on the rows ``index`` of ``out``: in place where they are contiguous, else on a
+    gathered copy written back."""
+    if index[-1] - index[0] + 1 == len(index):
+        accumulate(out[index[0] : index[-1] + 1])
+    else:
+        part = out[backend.asarray(index, np.int64)]
+        accumulate(part)
+        out[backend.asarray(index, np.int64)] = part
 
 
 def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype):

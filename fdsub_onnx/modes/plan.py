@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..compose import spectral
 from ..compose.backend import get_backend
 from ..compose.engine import Engine
 from ..compose.inspect import MEMORY_MARGIN
@@ -75,7 +76,11 @@ class Costs(Engine):
         k, cig, ky, kx = np.shape(weight)
         n = k if rows is None else len(rows)
         r_in = [r - (t - 1) * s for r, t, s in zip(out_rf, (ky, kx), step)]
-        self.flops += 2.0 * n * cig * ky * kx * self.image_channels * r_in[0] * r_in[1]
+        if cig == 1 and groups > 1:  # depthwise: scaled copies, never spectral
+            self.flops += 2.0 * n * ky * kx * self.image_channels * r_in[0] * r_in[1]
+        else:
+            per_group = max(1, n // groups)
+            self.flops += groups * spectral.charged_flops(per_group, cig, self.image_channels, r_in, (ky, kx), step)
 
 
 def product_flops(model: Model, nodes) -> tuple[float, float]:

@@ -1,0 +1,269 @@
+"""The polyphase spectral composition: a convolution's substitution with fewer multiplications.
+
+Substituting a bank ``d`` [C, C_image, R_y, R_x] at taps ``step`` apart is a plain convolution once the fine grid
+is split by residue modulo the step (polyphase): each of the ``C_image * S_y * S_x`` phases is a small image of
+``ceil(R / S)`` pixels, convolved (full, not valid) with the layer's ``k_y x k_x`` kernel on the coarse grid. By the
+convolution theorem that is, at each frequency of a grid large enough not to wrap, one complex product of the
+weight spectrum ``[K, C]`` with the phases' spectrum ``[C, phases]``: a GEMM per frequency, three real ones with
+Gauss's product. The transforms are GEMMs too (dense DFT matrices of a few hundred points), so NumPy and CuPy run
+the same code. It is exact up to rounding (docs/method.md, "Composition routes"); ``cheaper`` says when it beats
+the direct (kn2row) composition.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .backend import NumpyBackend, Workspace
+
+# The cost model, in kn2row-GEMM FLOPs, fitted on this project's 2-core machine (benchmarks/README.md,
+# "Composition routes"): the spectral route's many mid-size GEMMs run at ~0.6 of kn2row's one large GEMM, a float
+# moved by its strided (interleaving) copies costs ~600 FLOPs' time, one of kn2row's contiguous shifted adds ~150.
+GEMM_RATE = 0.6
+COPY_FLOPS = 600.0
+SHIFT_ADD_FLOPS = 150.0
+MARGIN = 0.9  # the spectral route is taken where the model says it saves at least 10%
+MIN_PHASES = 64  # fewer phases make per-frequency GEMMs too thin to run at BLAS's rate
+MIN_ROWS = 64  # and so do fewer output rows
+TEMP_BYTES = NumpyBackend.temp_bytes
+ROOM_TEMPS = 4  # the spectra may take this many temporaries (1 GiB on a CPU) where the banks are large
+BLOCK_BYTES = 64 << 20  # the weights' spectra and products made at once (a block of frequencies)
+INVERSE_BYTES = 64 << 20  # the inverse transform's output scattered at once (a block of rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _dft(n: tuple, size: tuple, dtype: str) -> np.ndarray:
+    """[2F, n_y*n_x]: rows are the real then imaginary parts of the 2-D DFT (half spectrum along x) of an
+    n_y x n_x block zero-padded to ``size``; F = L_y * (L_x // 2 + 1)."""
+    (ny, nx), (ly, lx) = n, size
+    fx = lx // 2 + 1
+    phase = (np.outer(np.arange(ly), np.arange(ny))[:, None, :, None] / ly
+             + np.outer(np.arange(fx), np.arange(nx))[None, :, None, :] / lx).reshape(ly * fx, ny * nx)
+    angle = -2 * np.pi * phase
+    return np.concatenate([np.cos(angle), np.sin(angle)]).astype(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_dft(size: tuple, dtype: str) -> np.ndarray:
+    """[L_y*L_x, 2F]: the real inverse of a half spectrum laid out as ``_dft`` makes it (the other half is the
+    first's conjugate: columns counted twice, but for x frequency 0 and, on an even grid, L_x / 2)."""
+    ly, lx = size
+    fx = lx // 2 + 1
+    twice = np.full(fx, 2.0)
+    twice[0] = 1.0
+    if lx % 2 == 0:
+        twice[-1] = 1.0
+    phase = (np.outer(np.arange(ly), np.arange(ly))[:, None, :, None] / ly
+             + np.outer(np.arange(lx), np.arange(fx))[None, :, None, :] / lx).reshape(ly * lx, ly * fx)
+    scale = np.tile(twice, ly)[None, :] / (ly * lx)
+    angle = 2 * np.pi * phase
+    return np.concatenate([np.cos(angle) * scale, -np.sin(angle) * scale], axis=1).astype(dtype)
+
+
+def _grid(shape, kernel, step):
+    """Coarse sizes: the phases' extent ``n`` and the full convolution's ``L = n + k - 1``."""
+    n = tuple(-(-r // s) for r, s in zip(shape, step))
+    return n, tuple(a + k - 1 for a, k in zip(n, kernel))
+
+
+def _regions(size, step):
+    """The fine extent ``size`` as rectangles that split into whole coarse cells: (first coarse index, coarse
+    count, phases) per axis (the whole cells, then the cut-off last one), so each is a reshaped view."""
+    per_axis = []
+    for q, s in zip(size, step):
+        whole, rest = divmod(q, s)
+        per_axis.append(([(0, whole, s)] if whole else []) + ([(whole, 1, rest)] if rest else []))
+    return [(a, b) for a in per_axis[0] for b in per_axis[1]]
+
+
+def _cells(xp, array, my: int, mx: int):
+    """A view of ``array`` [..., m_y * p_y, m_x * p_x] as [..., m_y, p_y, m_x, p_x] (coarse cells of phases): by
+    strides, so that writing through it always reaches ``array``."""
+    *lead, hy, hx = array.shape
+    *lead_strides, sy, sx = array.strides
+    return xp.lib.stride_tricks.as_strided(array, (*lead, my, hy // my, mx, hx // mx),
+                                           (*lead_strides, sy * (hy // my), sy, sx * (hx // mx), sx))
+
+
+def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) -> tuple[float, float]:
+    """(spectral, kn2row) cost of composing ``rows`` outputs from ``channels`` inputs of fine size ``shape``,
+    in kn2row-GEMM FLOPs: the spectral route's GEMMs and transforms plus its transposing copies."""
+    (ny, nx), (ly, lx) = _grid(shape, kernel, step)
+    phases = image_channels * step[0] * step[1]
+    freqs = ly * (lx // 2 + 1)
+    products = 3 * 2 * freqs * rows * channels * phases
+    transforms = 2 * 2 * freqs * phases * (ny * nx * channels + ly * lx * rows)
+    copies = phases * (ny * nx * channels * 2 + ly * lx * rows)
+    spectral = (products + transforms) / GEMM_RATE + copies * COPY_FLOPS
+    direct = 2 * rows * channels * kernel[0] * kernel[1] * image_channels * shape[0] * shape[1]
+    direct += kernel[0] * kernel[1] * rows * image_channels * shape[0] * shape[1] * SHIFT_ADD_FLOPS
+    return spectral, direct
+
+
+def room(temp_bytes: int, in_bytes: int, out_bytes: int) -> int:
+    """The bytes the spectral route's spectra may take: a quarter of the input and output banks (the planner's
+    ``MEMORY_MARGIN`` counts a quarter of the banks alive for temporaries) up to ``ROOM_TEMPS`` temporaries, and
+    never less than one (what kn2row takes)."""
+    return max(temp_bytes, min(ROOM_TEMPS * temp_bytes, (in_bytes + out_bytes) // 4))
+
+
+def cheaper(rows: int, channels: int, image_channels: int, shape, kernel, step, itemsize: int = 4,
+            room_bytes: int | None = None) -> bool:
+    """Whether the spectral route should compose this convolution: it saves at least 10% by the cost model, and
+    within ``room_bytes`` (default ``room`` of these shapes on a CPU) its per-frequency GEMMs are not thin (at
+    least ``MIN_PHASES`` phases, and all rows or ``MIN_ROWS`` of them, at once)."""
+    if image_channels * step[0] * step[1] < MIN_PHASES or kernel[0] * kernel[1] < 4:
+        return False
+    (_, _), (ly, lx) = _grid(shape, kernel, step)
+    if room_bytes is None:
+        out_shape = [r + (t - 1) * s for r, t, s in zip(shape, kernel, step)]
+        room_bytes = room(TEMP_BYTES, channels * image_channels * shape[0] * shape[1] * itemsize,
+                          rows * image_channels * out_shape[0] * out_shape[1] * itemsize)
+    per_phase = 2 * ly * (lx // 2 + 1) * itemsize
+    passes, chunk = _passes(rows, channels, image_channels, step, per_phase, room_bytes)
+    _, cc, _, pb = passes[0]
+    if cc * pb * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
+        return False
+    spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
+    return spectral < MARGIN * direct
+
+
+def charged_flops(rows: int, channels: int, image_channels: int, shape, kernel, step) -> float:
+    """The FLOPs a cost estimate charges for this convolution's composition: kn2row's GEMM count, scaled by the
+    spectral route's saving where ``cheaper`` takes it (so plans and ``--plan`` times follow the route run)."""
+    gemm = 2.0 * rows * channels * kernel[0] * kernel[1] * image_channels * shape[0] * shape[1]
+    if not cheaper(rows, channels, image_channels, shape, kernel, step):
+        return gemm
+    spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
+    return gemm * spectral / direct
+
+
+def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspace=None) -> None:
+    """``out[k, :, y + i*s_y, x + j*s_x] = sum_c weight[k, c, i, j] * source[c, :, y, x]``, spectrally.
+
+    ``out`` [K, C_image, Q_y, Q_x] holds zeros (a view is fine; Q at least R + (k - 1) * s; written, not added
+    to), ``source`` [C, C_image, R_y, R_x], ``weight`` [K, C, k_y, k_x] (NumPy). Memory: the phases' and
+    products' spectra stay near ``temp_bytes`` (image channels a few at a time, and rows a few at a time where
+    one image channel's do not fit). Temporaries come from ``workspace`` (``backend.Workspace``).
+    """
+    xp = backend.xp
+    workspace = workspace or Workspace(backend)
+    k, c, ky, kx = weight.shape
+    c_img, ry, rx = source.shape[1:]
+    sy, sx = step
+    (ny, nx), (ly, lx) = _grid((ry, rx), (ky, kx), step)
+    name = np.dtype(dtype).name
+    forward = backend.asarray(_dft((ny, nx), (ly, lx), name), dtype)
+    inverse = backend.asarray(_inverse_dft((ly, lx), name), dtype)
+    weights = backend.asarray(_dft((ky, kx), (ly, lx), name), dtype)
+    freqs = forward.shape[0] // 2
+    itemsize = np.dtype(dtype).itemsize
+    tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
+    size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
+    passes, rows = _passes(k, c, c_img, step, 2 * freqs * itemsize, temp_bytes)
+    for c0, cc, p0, pb in passes:
+        phases = cc * pb * sx
+        spectrum = _phase_spectrum(backend, workspace, forward, source[:, c0 : c0 + cc], (ny, nx), step, (p0, pb),
+                                   dtype)
+        for k0 in range(0, k, rows):
+            n = min(rows, k - k0)
+            product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n)
+            flat = product.reshape(2 * freqs, n * phases)
+            step_rows = max(1, min(n, INVERSE_BYTES // (ly * lx * phases * itemsize)))
+            for r0 in range(0, n, step_rows):
+                m = min(step_rows, n - r0)
+                full = backend.matmul(inverse, flat[:, r0 * phases : (r0 + m) * phases],
+                                      out=workspace.take("full", (ly * lx, m * phases), dtype))
+                full = full.reshape(ly, lx, m, cc, pb, sx)
+                for i in range(cc):
+                    _interleave(xp, out[k0 + r0 : k0 + r0 + m, c0 + i, : size[0], : size[1]], full[:, :, :, i],
+                                step, (p0, pb))
+
+
+def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
+    """How the phases are cut to fit ``temp_bytes``: ``[(first image channel, image channels, first residue row,
+    residue rows)]`` and the output rows per product. ``per_phase``: the bytes of one channel's or row's spectrum
+    of one phase. Whole image channels with every row where they fit, else blocks of residue rows of one image
+    channel, else one residue row and the rows a few at a time."""
+    sy, sx = step
+    fit = temp_bytes // ((c + k) * per_phase)  # phases that fit with every row
+    if fit >= sy * sx:
+        cc = _balanced(c_img, fit // (sy * sx))
+        return [(c0, min(cc, c_img - c0), 0, sy) for c0 in range(0, c_img, cc)], k
+    pb = _balanced(sy, max(1, fit // sx))
+    passes = [(c0, 1, p0, min(pb, sy - p0)) for c0 in range(c_img) for p0 in range(0, sy, pb)]
+    if fit >= sx:
+        return passes, k
+    rows = max(1, min(k, (temp_bytes - c * per_phase * sx) // (per_phase * sx)))
+    return passes, _balanced(k, rows)
+
+
+def _balanced(total: int, most: int) -> int:
+    """The size of equal chunks of ``total`` of at most ``most`` each (14 of 16 gives 8 and 8, not 14 and 2)."""
+    most = max(1, min(total, most))
+    return -(-total // -(-total // most))
+
+
+def _phase_spectrum(backend, workspace, forward, source, n, step, residues, dtype):
+    """[2, F, C, phases]: the spectrum of the phases of ``source`` [C, C_image, R_y, R_x] (fine grid split by
+    residue modulo ``step``) whose residue y is in ``residues`` (first, count); phases ordered (image channel,
+    residue y, residue x)."""
+    c, cc, ry, rx = source.shape
+    (ny, nx), (sy, sx), (p0, pb) = n, step, residues
+    split = workspace.take("split", (ny, nx, c, cc, pb, sx), dtype)  # [coarse y, coarse x, channel, phase]
+    if ry % sy and ry % sy < p0 + pb:  # the last coarse row's phases beyond the bank are zeros
+        split[-1, :, :, :, max(0, ry % sy - p0) :] = 0
+    if rx % sx:
+        split[:, -1, :, :, :, rx % sx :] = 0
+    for (y0, my, py), (x0, mx, px) in _regions((ry, rx), step):
+        if py <= p0:
+            continue
+        fine = _cells(backend.xp, source[:, :, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my, mx)
+        pe = min(py, p0 + pb)
+        split[y0 : y0 + my, x0 : x0 + mx, :, :, : pe - p0, :px] = fine[:, :, :, p0:pe].transpose(2, 4, 0, 1, 3, 5)
+    freqs = forward.shape[0] // 2
+    spectrum = workspace.take("spectrum", (2 * freqs, c * cc * pb * sx), dtype)
+    return backend.matmul(forward, split.reshape(ny * nx, -1), out=spectrum).reshape(2, freqs, c, cc * pb * sx)
+
+
+def _products(backend, workspace, weights, tap_major, spectrum, k):
+    """[2, F, K, phases]: per frequency, the complex product of the weights' spectrum [K, C] with the phases'
+    [C, phases], by Gauss's three real products; the weights' spectra are made a block of frequencies at a time."""
+    xp = backend.xp
+    _, freqs, c, phases = spectrum.shape
+    dtype = spectrum.dtype
+    product = workspace.take("products", (2, freqs, k, phases), dtype)
+    block = max(1, min(freqs, BLOCK_BYTES // (3 * k * max(c, phases) * dtype.itemsize)))
+    w_flat, w_sum = workspace.take("w", (2 * block, k * c), dtype), workspace.take("w_sum", (block, k, c), dtype)
+    x_sum = workspace.take("x_sum", (block, c, phases), dtype)
+    cross = workspace.take("cross", (block, k, phases), dtype)
+    for f0 in range(0, freqs, block):
+        b = min(block, freqs - f0)
+        rows = xp.concatenate([weights[f0 : f0 + b], weights[freqs + f0 : freqs + f0 + b]])
+        spec = backend.matmul(rows, tap_major, out=w_flat[: 2 * b]).reshape(2, b, k, c)
+        re, im = product[0, f0 : f0 + b], product[1, f0 : f0 + b]
+        backend.matmul(spec[0], spectrum[0, f0 : f0 + b], out=re)
+        backend.matmul(spec[1], spectrum[1, f0 : f0 + b], out=cross[:b])
+        xp.add(spec[0], spec[1], out=w_sum[:b])
+        xp.add(spectrum[0, f0 : f0 + b], spectrum[1, f0 : f0 + b], out=x_sum[:b])
+        backend.matmul(w_sum[:b], x_sum[:b], out=im)
+        im -= re
+        im -= cross[:b]
+        re -= cross[:b]
+    return product
+
+
+def _interleave(xp, target, full, step, residues):
+    """``target[k, Y*s_y + p, X*s_x + q] = full[Y, X, k, p - first, q]`` for the residues p in ``residues``
+    (first, count): the phases back onto the fine grid, through views of whole coarse cells. Written, not added:
+    a page of fresh zeros that is read before it is written faults twice."""
+    sy, sx = step
+    p0, pb = residues
+    for (y0, my, py), (x0, mx, px) in _regions(target.shape[1:], step):
+        if py <= p0:
+            continue
+        pe = min(py, p0 + pb)
+        view = _cells(xp, target[:, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my, mx)
+        view[:, :, p0:pe] = full[y0 : y0 + my, x0 : x0 + mx, :, : pe - p0, :px].transpose(2, 0, 3, 1, 4)

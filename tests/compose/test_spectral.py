@@ -1,0 +1,194 @@
+"""The spectral (polyphase + DFT) composition route: the same filters as the direct kn2row route and the
+definition, on every shape the engine meets, and the planner's cost model following the route the engine takes."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from checks import assert_identity, interior, random_images
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from netgen import linear_zoo, relu_zoo, run_ort
+
+import fdsub_onnx as fd
+from fdsub_onnx.compose import spectral
+from fdsub_onnx.compose.backend import get_backend
+from fdsub_onnx.compose.engine import _conv_fast, _conv_reference
+from fdsub_onnx.modes.plan import Costs
+
+NUMPY = get_backend("numpy")
+
+
+def composed(kernel, d_in, weight, rows, groups, step, dtype, extra=(0, 0)):
+    """The bank ``weight``'s ``rows`` compose from ``d_in`` by ``kernel`` (the engine's grouping of rows)."""
+    k, cig, ky, kx = weight.shape
+    group_of_row = rows // (k // groups)
+    out_rf = tuple(r + (t - 1) * s + e for r, t, s, e in zip(d_in.shape[2:], (ky, kx), step, extra))
+    d_in, weight = d_in.astype(dtype), weight[rows].astype(dtype)
+    if kernel == "reference":
+        return _conv_reference(NUMPY, d_in, weight, group_of_row, groups, step, out_rf, dtype)
+    return _conv_fast(NUMPY, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel)
+
+
+def relative(a, b) -> float:
+    assert np.abs(b).max() > 0, "all-zero filters compare equal to anything"
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+SHAPES = [  # (K, C_in, groups, image channels, R_y, R_x, k_y, k_x, step)
+    (6, 5, 1, 3, 7, 7, 3, 3, (1, 1)),  # stride 1, odd sizes
+    (4, 4, 1, 3, 8, 6, 3, 3, (2, 2)),  # even sizes
+    (5, 3, 1, 1, 9, 10, 2, 2, (4, 4)),  # 2x2 kernel, one image channel
+    (4, 6, 1, 3, 17, 13, 3, 3, (8, 8)),  # sizes not a multiple of the step
+    (3, 4, 1, 3, 33, 35, 3, 3, (16, 16)),
+    (2, 3, 1, 3, 64, 65, 3, 3, (32, 32)),
+    (4, 3, 1, 3, 11, 9, 5, 5, (2, 4)),  # unequal steps, 5x5
+    (4, 3, 1, 3, 10, 10, 1, 3, (3, 1)),  # 1x3 kernel
+    (4, 3, 1, 3, 12, 12, 3, 3, (4, 4)),  # a dilated conv: taps d * S apart (here d = 2 over S = 2)
+    (6, 6, 3, 3, 9, 9, 3, 3, (2, 2)),  # groups
+    (4, 4, 4, 3, 9, 9, 3, 3, (2, 2)),  # depthwise: its own path whichever route is asked
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}C{}g{}i{}R{}x{}k{}x{}s{}".format(*s[:8], s[8][0]))
+def test_spectral_route_equals_the_definition(shape, dtype, tol):
+    k, c_in, groups, image, ry, rx, ky, kx, step = shape
+    rng = np.random.default_rng(sum(shape[:8]))
+    d_in = rng.standard_normal((c_in, image, ry, rx))
+    weight = rng.standard_normal((k, c_in // groups, ky, kx))
+    rows = np.arange(k)
+    ref = composed("reference", d_in, weight, rows, groups, step, "float64")
+    for kernel in ("spectral", "kn2row", "fast"):
+        got = composed(kernel, d_in, weight, rows, groups, step, dtype)
+        assert got.dtype == np.dtype(dtype)
+        assert relative(got, ref) <= tol, f"{kernel}: {relative(got, ref):.2e}"
+
+
+def test_spectral_route_on_a_subset_of_rows_and_a_larger_output():
+    """Rows not contiguous (written back through a gathered copy) and an output wider than the composition."""
+    rng = np.random.default_rng(3)
+    d_in, weight = rng.standard_normal((4, 3, 13, 11)), rng.standard_normal((8, 2, 3, 3))
+    rows = np.array([0, 3, 5, 6])
+    ref = composed("reference", d_in, weight, rows, 2, (4, 4), "float64", extra=(3, 1))
+    got = composed("spectral", d_in, weight, rows, 2, (4, 4), "float64", extra=(3, 1))
+    assert relative(got, ref) <= 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 3), st.integers(1, 20), st.integers(1, 20),
+       st.integers(1, 4), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**16))
+def test_spectral_route_equals_kn2row_on_random_shapes(k, c, image, ry, rx, ky, kx, sy, sx, seed):
+    rng = np.random.default_rng(seed)
+    d_in, weight = rng.standard_normal((c, image, ry, rx)), rng.standard_normal((k, c, ky, kx))
+    rows = np.arange(k)
+    got = composed("spectral", d_in, weight, rows, 1, (sy, sx), "float64")
+    assert relative(got, composed("kn2row", d_in, weight, rows, 1, (sy, sx), "float64")) <= 1e-10
+
+
+def test_chunked_spectra_give_the_same_filters(monkeypatch):
+    """A small memory budget splits image channels, residue rows, output rows, frequency blocks (a last,
+    shorter block) and the inverse's scatter: every piece must land where the unchunked composition puts it."""
+    rng = np.random.default_rng(5)
+    d_in, weight = rng.standard_normal((6, 3, 21, 19)).astype(np.float32), rng.standard_normal((7, 6, 3, 3))
+    weight = weight.astype(np.float32)
+    whole = np.zeros((7, 3, 21 + 16, 19 + 16), np.float32)
+    spectral.compose(NUMPY, whole, d_in, weight, (8, 8), np.float32, 1 << 30)
+    monkeypatch.setattr(spectral, "BLOCK_BYTES", 3 * 7 * 64 * 4 * 4)  # blocks of 4 of the 15 frequencies
+    monkeypatch.setattr(spectral, "INVERSE_BYTES", 1)  # one row at a time
+    per_phase = 2 * 15 * 4  # one channel's (or row's) spectrum of one phase: a 5 x 5 grid, 15 frequencies
+    for budget, cut in [(per_phase * 13 * 64 * 2, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7)),
+                        (per_phase * 13 * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7)),
+                        (per_phase * 13 * 8 - 1, ([(c, 1, p, 1) for c in range(3) for p in range(8)], 4))]:
+        assert spectral._passes(7, 6, 3, (8, 8), per_phase, budget) == cut
+        chunked = np.zeros_like(whole)
+        spectral.compose(NUMPY, chunked, d_in, weight, (8, 8), np.float32, budget)
+        assert relative(chunked, whole) <= 1e-6, cut
+    ref = composed("reference", d_in.astype(np.float64), weight.astype(np.float64), np.arange(7), 1, (8, 8),
+                   "float64")
+    assert relative(whole, ref) <= 1e-5
+
+
+def test_the_cost_model_picks_spectral_only_for_thick_phases():
+    vgg_deep = (512, 512, 3, (220, 220), (3, 3), (16, 16))
+    assert spectral.cheaper(*vgg_deep)
+    assert spectral.charged_flops(*vgg_deep) < 2.0 * 512 * 512 * 9 * 3 * 220 * 220
+    assert not spectral.cheaper(256, 256, 3, (24, 24), (3, 3), (4, 4))  # 48 phases: GEMMs too thin
+    assert not spectral.cheaper(512, 512, 3, (220, 220), (1, 1), (16, 16))  # a 1x1 conv has nothing to save
+    assert not spectral.cheaper(64, 64, 3, (5, 5), (3, 3), (1, 1))
+
+
+def test_the_spectral_route_is_not_taken_where_its_spectra_would_be_thin():
+    """ResNet50's layer4.1.conv2 (512 x 512, R 299, S 32): one image channel's phase spectrum (352 MB) is over
+    the room its banks leave (323 MB). Before residue-row passes the route ran one output row per product there
+    (100 s against kn2row's 8); now it takes 11 residue rows (352 phases; 15 fit, in equal blocks) with every
+    row, and a room too small for thick GEMMs leaves the convolution to kn2row."""
+    resnet = (512, 512, 3, (299, 299), (3, 3), (32, 32))
+    per_phase = 2 * 12 * 7 * 4
+    assert spectral._passes(512, 512, 3, (32, 32), per_phase, 323 << 20) == (
+        [(c, 1, p, min(11, 32 - p)) for c in range(3) for p in range(0, 32, 11)], 512)
+    assert spectral.cheaper(*resnet, room_bytes=323 << 20)
+    assert not spectral.cheaper(*resnet, room_bytes=40 << 20)  # one residue row a pass: 32 phases
+    assert not spectral.cheaper(*resnet, room_bytes=11 << 20)  # and 24 output rows a product
+
+
+def test_the_planner_charges_the_route_the_engine_takes():
+    costs = Costs("float32")
+    costs.image_channels = 3
+    costs.conv(None, np.zeros((512, 512, 3, 3)), None, 1, (16, 16), (252, 252))
+    assert costs.flops == pytest.approx(spectral.charged_flops(512, 512, 3, [220, 220], (3, 3), (16, 16)))
+    assert costs.flops < 0.9 * 2.0 * 512 * 512 * 9 * 3 * 220 * 220
+
+
+@functools.cache
+def cases() -> dict:
+    return dict(linear_zoo() + relu_zoo())
+
+
+@pytest.mark.parametrize("case", ["dilation2", "depthwise_grouped", "residual_projection", "concat_receptive_fields",
+                                  "channel_shuffle", "sum3"])
+def test_identity_with_the_spectral_route_forced(case, load):
+    proto = cases()[case]
+    model = load(proto)
+    layers = [layer.name for layer in fd.inspect_model(model).layers if layer.decodable]
+    images = random_images(model, 2, seed=4)
+    acts = run_ort(proto, images, layers)
+    checked = 0
+    for name in layers:
+        spectral_ = fd.decode(model, name, dtype="float64", kernel="spectral")
+        direct = fd.decode(model, name, dtype="float64", kernel="kn2row")
+        assert relative(spectral_.filters, direct.filters) <= 1e-10, name
+        np.testing.assert_allclose(spectral_.bias, direct.bias, rtol=1e-12, atol=1e-12)
+        shape = model.shapes[name]
+        in_y, in_x = interior(spectral_, model.input_shape[2:], shape[2:] if len(shape) == 4 else (1, 1))
+        if in_y.any() and in_x.any():
+            assert_identity(spectral_, acts[name], images, rtol=1e-5)
+            checked += 1
+    assert checked, f"{case}: no layer has an interior position"
+
+
+@pytest.mark.parametrize("case", ["residual_projection", "dilation2", "mixed_nonlinear"])
+def test_bottom_up_by_the_spectral_route_equals_the_adjoint(case, load):
+    model = load(cases()[case])
+    checked = 0
+    for layer in fd.inspect_model(model).layers:
+        if not layer.decodable:
+            continue
+        up = fd.decode(model, layer.name, dtype="float64", route="bottom-up", kernel="spectral")
+        down = fd.decode(model, layer.name, dtype="float64", route="adjoint", position=up.position)
+        if down.exact_at != "interior":
+            continue
+        assert relative(up.filters, down.filters) <= 1e-5, layer.name
+        checked += 1
+    assert checked, f"{case}: no interior position compared"
+
+
+def test_fds_filters_are_the_same_by_either_route(load):
+    model = load(cases()["relu_residual"])
+    images = fd.ArrayImages(random_images(model, 6, seed=7))
+    layer = [x.name for x in fd.inspect_model(model).layers if x.decodable][-1]
+    direct = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="kn2row")
+    spectral_ = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="spectral")
+    assert relative(spectral_.filters, direct.filters) <= 1e-10
