@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import re
 
 from .errors import FdsubError
@@ -105,3 +106,18 @@ def _gib(nbytes: float) -> str:
     if nbytes < 2**30:
         return f"{nbytes / 2**20:,.0f} MiB"
     return f"{nbytes / 2**30:,.1f} GiB" if nbytes < 2**70 else f"{nbytes:.1e} bytes"
+
+
+#: How results draw themselves in a notebook (``_repr_html_``): class name -> function returning HTML. The parts
+#: below ``present`` hold arrays and cannot import the drawing, so ``present/notebook.py`` registers its views here
+#: and is imported on the first display, the way the package's exports load on first use.
+HTML_VIEWS: dict = {}
+NOTEBOOK_VIEWS = "fdsub_onnx.present.notebook"
+
+
+def html_view(result) -> str | None:
+    """``result``'s notebook view (None where there is none: the notebook shows its repr)."""
+    if not HTML_VIEWS:
+        importlib.import_module(NOTEBOOK_VIEWS)
+    view = HTML_VIEWS.get(type(result).__name__)
+    return None if view is None else view(result)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import require_memory
+from ..defaults import html_view, require_memory
 from ..errors import FdsubError
 from .files import require_regular_file, write_atomically, write_file_atomically
 
@@ -70,6 +70,9 @@ class TopN:
             *([f"  best activations in [{float(best.min()):.4g}, {float(best.max()):.4g}]"] if best.size else []),
             *([f"  {len(self.skipped)} images skipped"] if self.skipped else [])])
 
+    def _repr_html_(self) -> str | None:
+        """The notebook view: a summary table of the best instances (``present/notebook.py``)."""
+        return html_view(self)
 
 def instance_weights(top: TopN) -> np.ndarray:
     """Instance weights for activation-weighted means: w = max(activation, 0) per filled slot (NaN and unfilled: 0);

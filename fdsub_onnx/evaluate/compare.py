@@ -17,7 +17,15 @@ from ..compose.backend import resolve_device
 from ..compose.inspect import Layer, Summary, inspect_model
 from ..compose.ops import RULES
 from ..data.topn import TopN, rows_of
-from ..defaults import DEFAULT_BATCH, DEFAULT_SELECT, DEFAULT_TOP, DEFAULT_WEIGHTING, REPORT_LAYERS, REPORT_NEURONS
+from ..defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_SELECT,
+    DEFAULT_TOP,
+    DEFAULT_WEIGHTING,
+    REPORT_LAYERS,
+    REPORT_NEURONS,
+    html_view,
+)
 from ..errors import FdsubError
 from ..graph.model import Model, find_layer
 from ..modes.backward import deconvnet_is_local
@@ -51,6 +59,21 @@ class LayerComparison:
     decoded: dict[str, Decoded]
     found: TopN | None  # the neurons' top-N instances (None when only ``weights`` was compared)
     scores: dict  # ``fidelity``'s result
+
+    def __repr__(self) -> str:
+        """One screen: the layer, the modes decoded and their scores, not the arrays."""
+        neurons = len(next(iter(self.decoded.values())).neurons) if self.decoded else 0
+        lines = [f"LayerComparison(layer {self.layer.name!r}: {neurons} neurons, modes {', '.join(self.decoded)})"]
+        for name, value in list(self.scores.items())[:12]:
+            shown = value if isinstance(value, (int, float, str)) or value is None else type(value).__name__
+            lines.append(f"  {name}: {shown}")
+        if self.found is not None:
+            lines.append(f"  instances: top {self.found.top} per neuron")
+        return "\n".join(lines[:20])
+
+    def _repr_html_(self) -> str | None:
+        """The notebook view: a summary table and each mode's filters (``present/notebook.py``)."""
+        return html_view(self)
 
     @property
     def mean_top_activation(self) -> list[float | None]:

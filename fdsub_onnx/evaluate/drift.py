@@ -35,7 +35,7 @@ import numpy as np
 from ..compose.inspect import Layer, channels_of, inspect_model
 from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
-from ..defaults import DEFAULT_DIFF_TOP
+from ..defaults import DEFAULT_DIFF_TOP, html_view
 from ..errors import FdsubError
 from ..graph.model import Model, as_map, find_layer, follow_through
 from ..modes.cost import (
@@ -128,6 +128,10 @@ class DiffReport:
     @property
     def status(self) -> str:
         return FAIL if self.failures else PASS
+
+    def _repr_html_(self) -> str | None:
+        """The notebook view: a summary table of the most changed layers (``present/notebook.py``)."""
+        return html_view(self)
 
     def __repr__(self) -> str:
         """One screen in a notebook: the verdict and the most changed layers."""

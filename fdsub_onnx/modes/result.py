@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..defaults import html_view
 from ..graph.geometry import Geometry
 
 
@@ -71,6 +72,10 @@ class Decoded:
         if bad:
             lines.append(f"  {len(bad)} degenerate filters ({', '.join(sorted(set(bad)))})")
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str | None:
+        """The notebook view: a summary table and a grid of the filters (``present/notebook.py``)."""
+        return html_view(self)
 
     @property
     def degenerate(self) -> list[str | None]:
