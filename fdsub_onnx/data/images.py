@@ -13,6 +13,8 @@ in memory; which images are usable is decided upfront (a cheap header check) so 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -336,10 +338,21 @@ def _open_files(found: list[Path], shape: tuple[int, int, int], preset: Preset, 
     return LazyImages([str(p) for p in usable], lambda i: _read_image(usable[i], shape), preset, skipped)
 
 
+@contextlib.contextmanager
+def _opened(path: Path):
+    """``Image.open(path)``, without Pillow's DecompressionBombWarning on stderr: an image between its two limits
+    (89 and 179 megapixels) is a large photograph, read and resized like any other; one over the upper limit is
+    refused with Pillow's reason (DecompressionBombError), which the callers report."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            yield image
+
+
 def _unreadable(path: Path) -> str | None:
     """Why Pillow cannot read ``path`` (a cheap header/structure check), or None when it can."""
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             image.verify()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
@@ -350,7 +363,7 @@ def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Decode one file to float32 [C, H, W] in 0..1, upright, covering H x W and centre-cropped."""
     channels, height, width = shape
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise FdsubError(f"cannot read image {path}: {exc}") from None

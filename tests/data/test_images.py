@@ -300,3 +300,17 @@ def test_a_truncated_npz_is_one_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(fd.FdsubError, match="cannot read .*images.npz.*save the images again"):
         fd.open_images(str(path), (3, 8, 8))
+
+
+def test_a_very_large_photograph_is_read_without_pillows_raw_warning(tmp_path, monkeypatch, recwarn):
+    """Between Pillow's two limits (89 and 179 megapixels; here scaled down) an image is read like any other, and
+    Pillow's DecompressionBombWarning does not reach the terminal; over the upper one it is skipped with the
+    reason (issue 28)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)
+    save_png(tmp_path / "big" / "a.png", solid(50, 50))  # over the warning limit, under twice it
+    save_png(tmp_path / "big" / "b.png", solid(30, 30))
+    save_png(tmp_path / "big" / "c.png", solid(60, 60))  # over twice the limit: refused
+    images = fd.open_images(str(tmp_path / "big"), (3, 16, 16))
+    assert len(everything(images)) == 2
+    assert [len(s) for s in images.skipped] == [2] and "decompression bomb" in images.skipped[0][1]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
