@@ -38,6 +38,7 @@ from ..data.images import open_images
 from ..defaults import CHECK_IMAGES
 from ..errors import FdsubError
 from ..graph.model import Model, load_model
+from ..graph.prepare import ShapeSetting
 from ..graph.randomize import randomized
 from ..modes.cost import PROCESS_BYTES, CostPlan, Stage
 from ..runtime.cluster import map_tasks
@@ -278,18 +279,11 @@ def _load_entry(entry: ZooModel, folder: str, note: Callable[[str], None]) -> Mo
         path = os.path.join(folder, "model.onnx")
         onnx.save(randomized(entry.path, entry.seed), path)
     note(f"{entry.name}: loading")
-    try:
-        return load_model(path, entry.input_shape)
-    except FdsubError as exc:  # a zoo file sets input_shape, not the command line's --input-shape
-        raise FdsubError(_zoo_keys(str(exc))) from None
+    return load_model(path, entry.input_shape, ZOO_SHAPE)
 
 
-def _zoo_keys(message: str) -> str:
-    """A loading error said in the zoo file's terms: its ``input_shape`` key for the command line's option."""
-    return (message.replace("pass --input-shape 1,C,H,W (e.g. 1,3,224,224)", "set input_shape = [1, C, H, W] (e.g. "
-                            "[1, 3, 224, 224]) in its zoo entry")
-            .replace("pass --input-shape", "set input_shape = [N, C, H, W] in its zoo entry")
-            .replace("--input-shape", "input_shape"))
+#: a zoo file sets its models' input shape with its ``input_shape`` key, not the command line's option
+ZOO_SHAPE = ShapeSetting("input_shape", "set input_shape = [1, C, H, W] (e.g. [1, 3, 224, 224]) in its zoo entry")
 
 
 def estimate_zoo(models: list[ZooModel]) -> CostPlan:

@@ -15,7 +15,7 @@ from ..errors import FdsubError
 from .dequantize import dequantize
 from .patterns import find_patterns
 from .precision import as_float32
-from .prepare import STANDARD_DOMAINS, nchw_input, prepare
+from .prepare import CLI_SHAPE, STANDARD_DOMAINS, ShapeSetting, nchw_input, prepare
 from .validate import checked
 
 #: ops whose outputs are listed as layers by ``inspect``
@@ -49,21 +49,22 @@ class Model:
         return node.name or f"{node.op_type}:{node.output[0]}"
 
 
-def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> Model:
+def load_model(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None,
+               shape_setting: ShapeSetting = CLI_SHAPE) -> Model:
     """Load ``path``, fix the input shape, infer static shapes and fold constants.
 
     ``input_shape`` (e.g. ``(1, 3, 224, 224)``) is needed when the model's height, width
-    or channels are dynamic; a dynamic batch dimension is fixed to 1.
+    or channels are dynamic; a dynamic batch dimension is fixed to 1. Messages name it as ``shape_setting`` says.
     """
     path = os.fspath(path)
     proto = checked(_read(path), path)
     nchw_input(proto)  # a TF-style NHWC image input is read as NCHW (graph.prepare)
     opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
-    name, shape = _input(proto, path, input_shape)
+    name, shape = _input(proto, path, input_shape, shape_setting)
     proto = _fix_input_shape(proto, name, shape)
     dequantized = dequantize(proto)  # QOperator and dynamic quantization as float ops (graph.dequantize)
     dequantized += as_float32(proto)  # float16 / bfloat16 tensors as float32 (graph.precision)
-    nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset)
+    nodes, shapes, constants = prepare(proto, _topological(proto.graph.node, path), path, opset, shape_setting)
     producer, consumers = wiring(nodes)
     patterns = find_patterns(nodes, producer, constants, shapes, opset)
     return Model(path, proto, name, shape, opset, nodes, shapes, constants, producer, consumers, patterns,
@@ -193,7 +194,7 @@ def _read(path: str) -> onnx.ModelProto:
     return proto
 
 
-def _input(proto, path, input_shape):
+def _input(proto, path, input_shape, setting: ShapeSetting):
     """The image input: the one graph input that is not an initializer, with a static shape."""
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -206,17 +207,17 @@ def _input(proto, path, input_shape):
     if input_shape is not None:
         shape = tuple(int(v) for v in input_shape)
         if len(shape) != 4 or min(shape) < 1:
-            raise FdsubError(f"--input-shape must be four positive integers N,C,H,W, got {','.join(map(str, shape))}")
+            raise FdsubError(f"{setting.name} must be four positive integers N,C,H,W, got {','.join(map(str, shape))}")
         fixed = [(a, d) for a, d in enumerate(dims) if isinstance(d, int) and a > 0 and d != shape[a]]
         if fixed:
-            raise FdsubError(f"--input-shape {','.join(map(str, shape))} disagrees with the model's input "
+            raise FdsubError(f"{setting.name} {','.join(map(str, shape))} disagrees with the model's input "
                              f"{image.name!r} {dims}")
         return image.name, (1, *shape[1:])
     dynamic = [a for a, d in enumerate(dims) if not isinstance(d, int) and a > 0]
     if dynamic:
         shown = ", ".join(str(d) for d in dims)
-        raise FdsubError(f"input {image.name!r} has dynamic dimensions [{shown}]; "
-                         "pass --input-shape 1,C,H,W (e.g. 1,3,224,224), the size its images are fed at")
+        raise FdsubError(f"input {image.name!r} has dynamic dimensions [{shown}]; {setting.advice}, the size its "
+                         "images are fed at")
     return image.name, (1, *dims[1:])
 
 

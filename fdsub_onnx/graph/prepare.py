@@ -10,6 +10,8 @@ tensor names, so every name a user sees in the exported file still works.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -29,11 +31,23 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
                      "Bernoulli"}
 
 
-def prepare(proto: onnx.ModelProto, nodes: list, path: str, opset: int):
+@dataclass(frozen=True)
+class ShapeSetting:
+    """How messages name the setting that gives a model's input shape: the command line's option (``CLI_SHAPE``)
+    or a zoo file's key (``evaluate.zoo``)."""
+
+    name: str  # what a message calls it: "--input-shape"
+    advice: str  # how to set it: "pass --input-shape 1,C,H,W (e.g. 1,3,224,224)"
+
+
+CLI_SHAPE = ShapeSetting("--input-shape", "pass --input-shape 1,C,H,W (e.g. 1,3,224,224)")
+
+
+def prepare(proto: onnx.ModelProto, nodes: list, path: str, opset: int, setting: ShapeSetting = CLI_SHAPE):
     """``(nodes, shapes, constants)``: the nodes left once constants are folded (in order), the static shape of
     every tensor that has one, and every constant (initializers and folded values)."""
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    shapes = _infer_shapes(proto, path)
+    shapes = _infer_shapes(proto, path, advice=setting.advice)
     for _ in range(ROUNDS):
         count = (len(nodes), len(shapes))
         shapes |= {n.output[0]: shapes[n.input[0]] for n in nodes
@@ -77,7 +91,7 @@ def inferred_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return _infer_shapes(proto, "", strict=False)
 
 
-def _infer_shapes(proto, path, strict: bool = True) -> dict[str, tuple[int, ...]]:
+def _infer_shapes(proto, path, strict: bool = True, advice: str = CLI_SHAPE.advice) -> dict[str, tuple[int, ...]]:
     """Every static shape ONNX shape inference (with data propagation) finds; a failure is an error only on
     the exported graph itself (``strict``), not on a prepared round."""
     try:
@@ -86,7 +100,7 @@ def _infer_shapes(proto, path, strict: bool = True) -> dict[str, tuple[int, ...]
         if not strict:
             return {}
         raise FdsubError(f"{path}: ONNX shape inference failed ({str(exc).splitlines()[0]}); "
-                         "check the model with onnx.checker or pass --input-shape") from None
+                         f"check the model with onnx.checker or {advice}") from None
     shapes = {}
     graph = inferred.graph
     for info in [*graph.input, *graph.value_info, *graph.output]:
