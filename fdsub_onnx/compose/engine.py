@@ -52,9 +52,6 @@ class Engine:
         self.dtype = np.dtype(dtype)
         self.kernel = kernel
         self.workspace = Workspace(backend)
-        #: memory the decode's plan leaves unused beyond its banks and their margin (set by the decode of each
-        #: bottom-up pass); the spectral route's spectra may take it (``spectral.room``)
-        self.spare_bytes = 0
         self.image_channels = 3  # set by the walker from the model's input
 
     def identity(self, channels: int) -> Bank:
@@ -79,7 +76,7 @@ class Engine:
                                       self.dtype)
         else:
             filters = _conv_fast(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf, self.dtype,
-                                 self.kernel, self.workspace, self.spare_bytes)
+                                 self.kernel, self.workspace)
         per_channel = weight.sum(axis=(2, 3))  # [K, C_in/groups]
         beta_in = self.backend.to_numpy(bank.bias).astype(self.dtype)
         cig = weight.shape[1]
@@ -135,8 +132,7 @@ def _offset(geom: Geometry, out: Geometry) -> Pair:
     return (geom.origin[0] - out.origin[0], geom.origin[1] - out.origin[1])
 
 
-def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel="fast", workspace=None,
-               spare_bytes=0):
+def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel="fast", workspace=None):
     """Batched substitution, per group: spectral (``spectral.compose``) where it is cheaper or forced, else per
     chunk of output rows one matrix product for all kernel taps, then the backend's shifted accumulation of the
     taps into the output filters (kn2row). Temporaries come from ``workspace`` (``backend.Workspace``)."""
@@ -154,7 +150,7 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
         source = flat[group * cig : (group + 1) * cig]
-        room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes, spare_bytes)
+        room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes)
         if kernel == "spectral" or (kernel == "fast" and spectral.cheaper(
                 len(rows), cig, c_img, (ry, rx), (ky, kx), step, out.itemsize, room)):
             _placed_rows(backend, out, rows, functools.partial(

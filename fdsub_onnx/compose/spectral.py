@@ -102,11 +102,11 @@ def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) ->
     return spectral, direct
 
 
-def room(temp_bytes: int, in_bytes: int, out_bytes: int, spare_bytes: int = 0) -> int:
+def room(temp_bytes: int, in_bytes: int, out_bytes: int) -> int:
     """The bytes the spectral route's spectra may take: a quarter of the input and output banks (the planner's
-    ``MEMORY_MARGIN`` counts a quarter of the banks alive for temporaries) and what the decode's plan leaves
-    unused (``spare_bytes``), up to ``ROOM_TEMPS`` temporaries, and never less than one (what kn2row takes)."""
-    return max(temp_bytes, min(ROOM_TEMPS * temp_bytes, (in_bytes + out_bytes) // 4 + max(0, spare_bytes)))
+    ``MEMORY_MARGIN`` counts a quarter of the banks alive for temporaries) up to ``ROOM_TEMPS`` temporaries, and
+    never less than one (what kn2row takes)."""
+    return max(temp_bytes, min(ROOM_TEMPS * temp_bytes, (in_bytes + out_bytes) // 4))
 
 
 def cheaper(rows: int, channels: int, image_channels: int, shape, kernel, step, itemsize: int = 4,

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..compose.backend import get_backend, resolve_device
 from ..compose.engine import KERNELS, Engine
-from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, inspect_model, memory_problem
+from ..compose.inspect import channels_of, inspect_model, memory_problem
 from ..compose.linear_model import linear_model
 from ..compose.values import Blocked, map_of
 from ..compose.walker import walk
@@ -133,7 +133,6 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
                     walked.close()
                 current = group_of[target]
                 group, group_rows = groups[current]
-                engine.spare_bytes = spare_bytes(model, engine, group, group_rows)
                 walked = _quiet(walk(model, engine, targets=group, compose=True, rows=group_rows,
                                      substitution=substitution, gates=gates))
             node, value = next((n, v) for n, v in walked if n.output[0] == target)
@@ -373,12 +372,6 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
         filters = np.ascontiguousarray(filters[:, :, y0:y1, x0:x1])
     return Decoded(filters, to_numpy(bank.bias), picked, geom.stride, (geom.origin[0] + y0, geom.origin[1] + x0),
                    node.output[0], mode, geom.bounds, crop=(y0, x0), field=geom.rf)
-
-
-def spare_bytes(model, engine, targets, rows) -> int:
-    """The memory a bottom-up pass over ``targets`` leaves unused: the budget less its banks and their margin (the
-    spectral composition may use it for its spectra: ``compose.spectral.room``)."""
-    return max(0, int(engine.backend.free_bytes() - bank_peak(model, engine, targets, rows) * MEMORY_MARGIN))
 
 
 def _check_memory(model, engine, targets, rows):

@@ -15,10 +15,7 @@ from netgen import linear_zoo, relu_zoo, run_ort
 import fdsub_onnx as fd
 from fdsub_onnx.compose import spectral
 from fdsub_onnx.compose.backend import get_backend
-from fdsub_onnx.compose.engine import Engine, _conv_fast, _conv_reference
-from fdsub_onnx.compose.inspect import MEMORY_MARGIN, bank_peak
-from fdsub_onnx.defaults import budget
-from fdsub_onnx.modes.decode import spare_bytes
+from fdsub_onnx.compose.engine import _conv_fast, _conv_reference
 from fdsub_onnx.modes.plan import Costs
 
 NUMPY = get_backend("numpy")
@@ -102,12 +99,12 @@ def test_chunked_spectra_give_the_same_filters(monkeypatch):
     monkeypatch.setattr(spectral, "BLOCK_BYTES", 3 * 7 * 64 * 4 * 4)  # blocks of 4 of the 15 frequencies
     monkeypatch.setattr(spectral, "INVERSE_BYTES", 1)  # one row at a time
     per_phase = 2 * 15 * 4  # one channel's (or row's) spectrum of one phase: a 5 x 5 grid, 15 frequencies
-    for room, cut in [(per_phase * 13 * 64 * 2, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7)),
+    for budget, cut in [(per_phase * 13 * 64 * 2, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7)),
                         (per_phase * 13 * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7)),
                         (per_phase * 13 * 8 - 1, ([(c, 1, p, 1) for c in range(3) for p in range(8)], 4))]:
-        assert spectral._passes(7, 6, 3, (8, 8), per_phase, room) == cut
+        assert spectral._passes(7, 6, 3, (8, 8), per_phase, budget) == cut
         chunked = np.zeros_like(whole)
-        spectral.compose(NUMPY, chunked, d_in, weight, (8, 8), np.float32, room)
+        spectral.compose(NUMPY, chunked, d_in, weight, (8, 8), np.float32, budget)
         assert relative(chunked, whole) <= 1e-6, cut
     ref = composed("reference", d_in.astype(np.float64), weight.astype(np.float64), np.arange(7), 1, (8, 8),
                    "float64")
@@ -195,19 +192,3 @@ def test_fds_filters_are_the_same_by_either_route(load):
     direct = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="kn2row")
     spectral_ = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="spectral")
     assert relative(spectral_.filters, direct.filters) <= 1e-10
-
-
-def test_the_spectra_may_use_what_the_plan_leaves_unused(load):
-    """The room: a quarter of the banks, plus the budget the decode's banks and margin leave (``spare_bytes``),
-    at most 4 temporaries, at least one."""
-    temp = NUMPY.temp_bytes
-    assert spectral.room(temp, 100 << 20, 300 << 20) == temp
-    assert spectral.room(temp, 1 << 30, 1 << 30) == 512 << 20
-    assert spectral.room(temp, 100 << 20, 300 << 20, spare_bytes=3 << 30) == 4 * temp
-    assert spectral.room(temp, 100 << 20, 300 << 20, spare_bytes=-(1 << 30)) == temp
-    model = load(cases()["residual_projection"])
-    engine = Engine(NUMPY)
-    last = [layer.name for layer in fd.inspect_model(model).layers][-1]
-    with budget("1G"):
-        spare = spare_bytes(model, engine, [last], None)
-    assert spare == int((1 << 30) - bank_peak(model, engine, [last], None) * MEMORY_MARGIN) > 0
