@@ -42,6 +42,8 @@ def model_path(name: str) -> Path:
         import onnx
 
         return Path(onnx.__file__).parent / "backend/test/data/light/light_vgg19.onnx"
+    if name.endswith(".onnx"):  # any other export, by its path
+        return Path(name).expanduser()
     return {"resnet50": CACHE / "drift" / "resnet50.onnx", "densenet121": CACHE / "compose" / "densenet121.onnx"}[name]
 
 
@@ -190,7 +192,7 @@ def run(args) -> dict:
         }
         slower = [(layer, b, t) for layer, (b, t, _, _) in row["per_layer"].items() if t > 1.1 * b and b > 0.05]
         row["layers_over_10pct_slower"] = slower
-        results["models"][name] = row
+        results["models"][Path(name).stem if name.endswith(".onnx") else name] = row
     print(f"\n| model | conv layers | direct GFLOP | {args.baseline} s | this s | speedup | GFLOP/s {args.baseline} / "
           f"this (sgemm {rate / 1e9:.0f}) | VmHWM GiB {args.baseline} / this | max rel diff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
