@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -107,7 +108,7 @@ MODEL_KINDS = ["good"] * 12 + ["refused", "accepted", "flip", "truncate", "missi
                               "garbage", "text"]
 IMAGE_KINDS = ["npy"] * 10 + ["builtin"] * 2 + ["png", "folder", "npy-uint8", "npy-shape", "npy-nan", "npy-object",
                              "npz-empty", "garbage", "missing", "fifo", "txt", "png-broken", "npy-int-0-1",
-                             "npz-truncated"]
+                             "npz-truncated", "png-huge"]
 OUT_KINDS = ["new"] * 9 + ["default", "nested", "empty-dir", "same-kind", "other-kind", "file", "dir-in-way",
                            "odd-name", "link", "dot", "checkpoint-dir", "below-file", "name-too-long"]
 RESULT_KINDS = ["good"] * 3 + ["nan", "image-beyond", "neuron-99", "position", "images-done", "garbage-npz",
@@ -180,6 +181,10 @@ class Fixtures:
         (folder / "net.onnx").write_bytes(base_model().SerializeToString())
         self.model_bytes = (folder / "net.onnx").read_bytes()
         np.save(folder / "images.npy", np.random.default_rng(1).random((6, 3, 16, 16)).astype(np.float32))
+        from PIL import Image
+
+        # over Pillow's decompression-bomb warning limit (89 MP), under its error limit: a large photograph
+        Image.new("L", (10_000, 10_000), 128).save(folder / "huge.png")
         for name, extra in (("top", []), ("shard0", ["--shard", "0/2"]), ("shard1", ["--shard", "1/2"])):
             result = invoke("top", folder / "net.onnx", "--layer", "c2", "--images", folder / "images.npy", "--top",
                             3, "--out", folder / name, *extra)
@@ -293,6 +298,9 @@ def _images(spec, root, fx):
     elif kind == "png-broken":
         path = root / "broken.png"
         path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    elif kind == "png-huge":  # 100 megapixels: read like any photograph, no raw DecompressionBombWarning
+        path = root / "huge.png"
+        shutil.copy(fx.folder / "huge.png", path)
     elif kind == "npz-truncated":  # a real archive cut short: the zip reader's own exception
         path = root / "images.npz"
         np.savez(path, images=good)
@@ -464,6 +472,9 @@ def problems(case: dict, outcome: dict) -> list[str]:
         found.append(f"exit {code}")
     if "Traceback" in text or "internal error" in text or outcome["exception"]:
         found.append(f"internal error: {outcome['exception'] or text.strip()[-300:]}")
+    raw = [line for line in lines if re.search(r"\b\w+Warning: ", line)]
+    if raw:
+        found.append(f"raw warning: {raw[0][:200]}")
     zoo_report = case["command"] == "zoo" and lines and (lines[-1].startswith("ERROR: ") or '"error"' in text)
     if code == 2 and not zoo_report and (len(lines) != 1 or not lines[0].startswith("error: ")):
         found.append(f"{len(lines)} lines on exit 2, not one error: line")
