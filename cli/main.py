@@ -116,7 +116,8 @@ def _main(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit.",
     ),
 ) -> None:
-    """Decode the neurons of a CNN exported to ONNX into image-space filters (Filter Decoding with Substitution)."""
+    """Decode the neurons of a network exported to ONNX (CNNs, vision transformers) into image-space filters
+    (Filter Decoding with Substitution). Start with `fdsub inspect MODEL`; the README has the workflow."""
 
 
 COMMANDS = {  # name: (function, one-line summary for `fdsub --help`)
