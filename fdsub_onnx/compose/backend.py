@@ -170,6 +170,12 @@ class Workspace:
         return flat[:size].view(dtype).reshape(shape)
 
 
+def equal_chunks(total: int, most: int) -> int:
+    """The size of equal chunks of ``total`` of at most ``most`` each (14 of 16 gives 8 and 8, not 14 and 2)."""
+    most = max(1, min(total, most))
+    return -(-total // -(-total // most))
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..graph.geometry import Geometry, Pair
 from . import spectral
-from .backend import Workspace
+from .backend import Workspace, equal_chunks
 
 #: "fast" picks per convolution between the direct (kn2row) and the spectral composition by their cost
 #: (``spectral.cheaper``); "kn2row" and "spectral" force one (tests, benchmarks); "reference" is the definition.
@@ -147,10 +147,10 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
     taps = ky * kx
     offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
     limit = max(1, backend.temp_bytes // max(1, taps * flat.shape[1] * np.dtype(dtype).itemsize))
+    room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes)
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
         source = flat[group * cig : (group + 1) * cig]
-        room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes)
         if kernel == "spectral" or (kernel == "fast" and spectral.cheaper(
                 len(rows), cig, c_img, (ry, rx), (ky, kx), step, out.itemsize, room)):
             _placed_rows(backend, out, rows, functools.partial(
@@ -158,7 +158,7 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
                 step=step, dtype=dtype, temp_bytes=room, workspace=workspace))
             continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
-        chunk = -(-len(rows) // -(-len(rows) // limit))  # equal chunks of at most `limit` rows
+        chunk = equal_chunks(len(rows), limit)
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)

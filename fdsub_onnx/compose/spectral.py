@@ -5,9 +5,9 @@ is split by residue modulo the step (polyphase): each of the ``C_image * S_y * S
 ``ceil(R / S)`` pixels, convolved (full, not valid) with the layer's ``k_y x k_x`` kernel on the coarse grid. By the
 convolution theorem that is, at each frequency of a grid large enough not to wrap, one complex product of the
 weight spectrum ``[K, C]`` with the phases' spectrum ``[C, phases]``: a GEMM per frequency, three real ones with
-Gauss's product. The transforms are GEMMs too (dense DFT matrices of a few hundred points), so NumPy and CuPy run
-the same code. It is exact up to rounding (docs/method.md, "Composition routes"); ``cheaper`` says when it beats
-the direct (kn2row) composition.
+Gauss's product. The transforms are GEMMs too (small DFT matrices, one axis at a time), so NumPy and CuPy run the
+same code. It is exact up to rounding (docs/method.md, "Cost"); ``cheaper`` says when it beats the direct (kn2row)
+composition.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from .backend import NumpyBackend, Workspace
+from .backend import NumpyBackend, Workspace, equal_chunks
 
 # The cost model, in kn2row-GEMM FLOPs, fitted on this project's 2-core machine (benchmarks/README.md,
 # "Composition routes"): the spectral route's many mid-size GEMMs run at ~0.6 of kn2row's one large GEMM, a float
@@ -109,9 +109,8 @@ def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) ->
     in kn2row-GEMM FLOPs: the spectral route's GEMMs and transforms plus its transposing copies."""
     (ny, nx), (ly, lx) = _grid(shape, kernel, step)
     phases = image_channels * step[0] * step[1]
-    freqs = ly * (lx // 2 + 1)
-    products = 3 * 2 * freqs * rows * channels * phases
     fx = lx // 2 + 1
+    products = 3 * 2 * ly * fx * rows * channels * phases
     forward = 2 * (2 * fx * nx * ny + 4 * ly * ny * fx)  # per column: along x (real), then along y (complex)
     inverse = 2 * (4 * ly * ly * fx + 2 * lx * fx * ly)
     transforms = phases * (forward * channels + inverse * rows)
@@ -134,8 +133,21 @@ def cheaper(rows: int, channels: int, image_channels: int, shape, kernel, step, 
     """Whether the spectral route should compose this convolution: it saves at least 10% by the cost model, and
     within ``room_bytes`` (default ``room`` of these shapes on a CPU) its per-frequency GEMMs are not thin (at
     least ``MIN_PHASES`` phases, and all rows or ``MIN_ROWS`` of them, at once)."""
+    return _saving(rows, channels, image_channels, shape, kernel, step, itemsize, room_bytes) is not None
+
+
+def charged_flops(rows: int, channels: int, image_channels: int, shape, kernel, step) -> float:
+    """The FLOPs a cost estimate charges for this convolution's composition: kn2row's GEMM count, scaled by the
+    spectral route's saving where ``cheaper`` takes it (so plans and ``--plan`` times follow the route run)."""
+    gemm = 2.0 * rows * channels * kernel[0] * kernel[1] * image_channels * shape[0] * shape[1]
+    saving = _saving(rows, channels, image_channels, shape, kernel, step)
+    return gemm if saving is None else gemm * saving
+
+
+def _saving(rows, channels, image_channels, shape, kernel, step, itemsize=4, room_bytes=None) -> float | None:
+    """The spectral route's cost over kn2row's where ``cheaper`` takes it, else None."""
     if image_channels * step[0] * step[1] < MIN_PHASES or kernel[0] * kernel[1] < 4:
-        return False
+        return None
     (_, _), (ly, lx) = _grid(shape, kernel, step)
     if room_bytes is None:
         out_shape = [r + (t - 1) * s for r, t, s in zip(shape, kernel, step)]
@@ -145,19 +157,9 @@ def cheaper(rows: int, channels: int, image_channels: int, shape, kernel, step, 
     passes, chunk = _passes(rows, channels, image_channels, step, per_phase, room_bytes)
     _, cc, _, pb = passes[0]
     if cc * pb * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
-        return False
+        return None
     spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
-    return spectral < MARGIN * direct
-
-
-def charged_flops(rows: int, channels: int, image_channels: int, shape, kernel, step) -> float:
-    """The FLOPs a cost estimate charges for this convolution's composition: kn2row's GEMM count, scaled by the
-    spectral route's saving where ``cheaper`` takes it (so plans and ``--plan`` times follow the route run)."""
-    gemm = 2.0 * rows * channels * kernel[0] * kernel[1] * image_channels * shape[0] * shape[1]
-    if not cheaper(rows, channels, image_channels, shape, kernel, step):
-        return gemm
-    spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
-    return gemm * spectral / direct
+    return spectral / direct if spectral < MARGIN * direct else None
 
 
 def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspace=None) -> None:
@@ -178,6 +180,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     transforms = tuple(backend.asarray(m, dtype) for m in _separable((ny, nx), (ly, lx), name))
     weights = backend.asarray(_dft((ky, kx), (ly, lx), name), dtype)
     freqs = weights.shape[0] // 2
+    fx = freqs // ly
     itemsize = np.dtype(dtype).itemsize
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
@@ -189,7 +192,6 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
             product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n)
-            fx = freqs // ly
             along_y = backend.matmul(transforms[2], product.reshape(2 * ly, fx * n * phases),
                                      out=workspace.take("along_y", (2 * ly, fx * n * phases), dtype))
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
@@ -213,20 +215,14 @@ def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
     sy, sx = step
     fit = temp_bytes // ((c + 2 * k) * per_phase)  # phases that fit with every row (its product, inverse along y)
     if fit >= sy * sx:
-        cc = _balanced(c_img, fit // (sy * sx))
+        cc = equal_chunks(c_img, fit // (sy * sx))
         return [(c0, min(cc, c_img - c0), 0, sy) for c0 in range(0, c_img, cc)], k
-    pb = _balanced(sy, max(1, fit // sx))
+    pb = equal_chunks(sy, max(1, fit // sx))
     passes = [(c0, 1, p0, min(pb, sy - p0)) for c0 in range(c_img) for p0 in range(0, sy, pb)]
     if fit >= sx:
         return passes, k
     rows = max(1, min(k, (temp_bytes - c * per_phase * sx) // (2 * per_phase * sx)))
-    return passes, _balanced(k, rows)
-
-
-def _balanced(total: int, most: int) -> int:
-    """The size of equal chunks of ``total`` of at most ``most`` each (14 of 16 gives 8 and 8, not 14 and 2)."""
-    most = max(1, min(total, most))
-    return -(-total // -(-total // most))
+    return passes, equal_chunks(k, rows)
 
 
 def _phase_spectrum(backend, workspace, transforms, source, n, step, residues, dtype):

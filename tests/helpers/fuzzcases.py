@@ -181,10 +181,6 @@ class Fixtures:
         (folder / "net.onnx").write_bytes(base_model().SerializeToString())
         self.model_bytes = (folder / "net.onnx").read_bytes()
         np.save(folder / "images.npy", np.random.default_rng(1).random((6, 3, 16, 16)).astype(np.float32))
-        from PIL import Image
-
-        # over Pillow's decompression-bomb warning limit (89 MP), under its error limit: a large photograph
-        Image.new("L", (10_000, 10_000), 128).save(folder / "huge.png")
         for name, extra in (("top", []), ("shard0", ["--shard", "0/2"]), ("shard1", ["--shard", "1/2"])):
             result = invoke("top", folder / "net.onnx", "--layer", "c2", "--images", folder / "images.npy", "--top",
                             3, "--out", folder / name, *extra)
@@ -299,8 +295,13 @@ def _images(spec, root, fx):
         path = root / "broken.png"
         path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     elif kind == "png-huge":  # 100 megapixels: read like any photograph, no raw DecompressionBombWarning
+        from PIL import Image
+
+        made = fx.folder / "huge.png"  # made once per worker, when a case first asks for it
+        if not made.exists():  # over Pillow's decompression-bomb warning limit (89 MP), under its error limit
+            Image.new("L", (10_000, 10_000), 128).save(made)
         path = root / "huge.png"
-        shutil.copy(fx.folder / "huge.png", path)
+        shutil.copy(made, path)
     elif kind == "npz-truncated":  # a real archive cut short: the zip reader's own exception
         path = root / "images.npz"
         np.savez(path, images=good)
