@@ -10,6 +10,7 @@ onnxruntime execution providers of capture (``resolve_device``).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
@@ -31,6 +32,7 @@ class NumpyBackend:
     name = "numpy"
     xp = np
     temp_bytes = 256 << 20  # bound on one temporary of the composition kernels (cache-friendly on a CPU)
+    piece_bytes = 1 << 20  # a small temporary made and used at once: in a core's cache
 
     @property
     def workers(self) -> int:
@@ -56,11 +58,31 @@ class NumpyBackend:
         """``out[:, :, y:y+R_y, x:x+R_x] += products[t]`` for each tap t at ``offsets[t] = (y, x)``.
 
         ``out`` [n, C, Q_y, Q_x] (a view is fine), ``products`` [T, n, C, R_y, R_x]: the substitution's
-        shifted accumulation of one chunk of rows.
+        shifted accumulation of one chunk of rows (its rows split over the cores).
         """
         ry, rx = products.shape[3:]
-        for block, (y, x) in zip(products, offsets):
-            out[:, :, y : y + ry, x : x + rx] += block
+
+        def part(a, b):
+            for block, (y, x) in zip(products, offsets):
+                out[a:b, :, y : y + ry, x : x + rx] += block[a:b]
+
+        self.on_cores(part, out.shape[0])
+
+    def on_cores(self, part: Callable, total: int) -> None:
+        """``part(start, stop)`` over ``range(total)`` cut in one equal piece per core, the pieces at once: NumPy's
+        copies and elementwise loops run on one core each (BLAS alone uses them all) and release the GIL. In
+        one piece where ``ordered_map`` already keeps the cores busy."""
+        workers = min(total, self.workers)
+        if workers <= 1 or _PARALLEL.locked():
+            part(0, total)
+            return
+        cut = [total * i // workers for i in range(workers + 1)]
+        futures = [_pieces().submit(part, a, b) for a, b in zip(cut[1:-1], cut[2:])]
+        try:
+            part(cut[0], cut[1])
+        finally:
+            for future in futures:
+                future.result()
 
     def free_bytes(self) -> int:
         """Memory a decode may still allocate: the memory budget (``defaults.memory_budget``)."""
@@ -86,6 +108,11 @@ class CupyBackend(NumpyBackend):
         """Chunks sized by the device memory left: an eighth of it, between 64 MiB and 2 GiB."""
         return int(min(2 << 30, max(64 << 20, self.free_bytes() // 8)))
 
+    @property
+    def piece_bytes(self) -> int:
+        """As large as a chunk: a GPU has no cache to fit, and each piece is a launch."""
+        return self.temp_bytes
+
     def asarray(self, array, dtype):
         return self.xp.ascontiguousarray(self.xp.asarray(array, dtype=dtype))
 
@@ -109,6 +136,10 @@ class CupyBackend(NumpyBackend):
         dx = self.xp.asarray([x for _, x in offsets], dtype=np.int32)
         _shift_add_kernel(self.xp)(self.xp.ascontiguousarray(products), dy, dx, taps, n * c, ry, rx,
                                    out.shape[2], out.shape[3], out)
+
+    def on_cores(self, part: Callable, total: int) -> None:
+        """One piece: the GPU runs each launch over all its cores already."""
+        part(0, total)
 
     def free_bytes(self) -> int:
         """Free device memory plus what CuPy's pool holds but does not use."""
@@ -214,6 +245,12 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
 
 
 _PARALLEL = threading.Lock()  # held by the one ``ordered_map`` that runs in parallel
+
+
+@functools.lru_cache(maxsize=1)
+def _pieces() -> ThreadPoolExecutor:
+    """The threads of ``on_cores`` (the calling thread runs one piece itself)."""
+    return ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix="fdsub-piece")
 
 
 def get_backend(name: str = "numpy"):

@@ -44,8 +44,27 @@ def _passes_none(method):
     return wrapper
 
 
+def root_of(array):
+    """The object an array's memory belongs to: its base's base, through any chain of views."""
+    while (base := getattr(array, "base", None)) is not None:
+        array = base
+    return array
+
+
+def memory_of(array) -> int:
+    """The identity of the memory an array lives in (``root_of``)."""
+    return id(root_of(array))
+
+
 class Engine:
-    """Substitution steps for one backend, dtype and kernel choice (``KERNELS``)."""
+    """Substitution steps for one backend, dtype and kernel choice (``KERNELS``).
+
+    ``overwritable`` holds the memory (``memory_of``) of the banks that the node being walked reads last and
+    nothing else holds (the walker sets it): ``affine`` and ``sum`` write into those instead of copying them, which
+    for a ResNet50's deepest banks (3 GB each) saved more time than the convolutions take.
+    """
+
+    overwritable: frozenset = frozenset()
 
     def __init__(self, backend, dtype="float32", kernel="fast"):
         self.backend = backend
@@ -86,19 +105,34 @@ class Engine:
 
     @_passes_none
     def affine(self, bank: Bank, scale, shift) -> Bank:
-        """Per-channel ``scale * x + shift`` folded into the bank."""
+        """Per-channel ``scale * x + shift`` folded into the bank: the same filters where the scale is one, scaled
+        in place where the bank is ``overwritable``, else a scaled copy."""
         xp = self.backend.xp
+        unscaled = bool(np.all(np.asarray(scale) == 1))
         scale = self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
         shift = self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype)
-        return Bank(bank.filters * scale[:, None, None, None], xp.asarray(bank.bias * scale + shift))
+        bias = xp.asarray(bank.bias * scale + shift)
+        if unscaled:
+            return Bank(bank.filters, bias)
+        source = bank.filters
+        filters = source if self._may_overwrite(bank) else self.backend.empty(source.shape, self.dtype)
+        self.backend.on_cores(lambda a, b: xp.multiply(source[a:b], scale[a:b, None, None, None], out=filters[a:b]),
+                              bank.channels)
+        return Bank(filters, bias)
 
     @_passes_none
     def sum(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
-        """Add aligned banks: each placed at its origin inside the union window."""
-        filters = self._placed(banks[0], geoms[0], out)
-        for bank, geom in zip(banks[1:], geoms[1:]):
-            (y, x), (ry, rx) = _offset(geom, out), geom.rf
-            filters[:, :, y : y + ry, x : x + rx] += bank.filters
+        """Add aligned banks: each placed at its origin inside the union window (the others added into an
+        ``overwritable`` one that covers the window, where there is one)."""
+        memory = [memory_of(b.filters) for b in banks]
+        base = next((i for i, (b, g) in enumerate(zip(banks, geoms))
+                     if g == out and self._may_overwrite(b) and memory.count(memory[i]) == 1), None)
+        filters = self._placed(banks[0], geoms[0], out) if base is None else banks[base].filters
+        first = 0 if base is None else base
+        for i, (bank, geom) in enumerate(zip(banks, geoms)):
+            if i != first:
+                self.backend.on_cores(functools.partial(_rows_into, filters, bank.filters, _offset(geom, out), True),
+                                      bank.channels)
         bias = banks[0].bias
         for bank in banks[1:]:
             bias = bias + bank.bias
@@ -106,12 +140,19 @@ class Engine:
 
     @_passes_none
     def concat(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
-        """Stack the channels of aligned banks."""
+        """Stack the channels of aligned banks: each copied once, at its place in the window ``out`` (DenseNet's
+        concatenations hold most of its decode's memory)."""
         xp = self.backend.xp
-        return Bank(
-            xp.concatenate([self._placed(b, g, out) for b, g in zip(banks, geoms)]),
-            xp.concatenate([b.bias for b in banks]),
-        )
+        shape = (sum(b.channels for b in banks), banks[0].filters.shape[1], *out.rf)
+        whole = all(g == out for g in geoms)
+        filters = self.backend.empty(shape, self.dtype) if whole else self.backend.zeros(shape, self.dtype)
+        first = 0
+        for bank, geom in zip(banks, geoms):
+            rows = filters[first : first + bank.channels]
+            self.backend.on_cores(functools.partial(_rows_into, rows, bank.filters, _offset(geom, out), False),
+                                  bank.channels)
+            first += bank.channels
+        return Bank(filters, xp.concatenate([b.bias for b in banks]))
 
     @_passes_none
     def take(self, bank: Bank, channels) -> Bank:
@@ -119,13 +160,25 @@ class Engine:
         index = self.backend.asarray(np.asarray(channels, dtype=np.int64), np.int64)
         return Bank(bank.filters[index], bank.bias[index])
 
+    def _may_overwrite(self, bank: Bank) -> bool:
+        return memory_of(bank.filters) in self.overwritable
+
     def _placed(self, bank: Bank, geom: Geometry, out: Geometry):
-        if geom == out:
-            return bank.filters.copy()
-        filters = self.backend.zeros((bank.channels, bank.filters.shape[1], *out.rf), self.dtype)
-        (y, x), (ry, rx) = _offset(geom, out), geom.rf
-        filters[:, :, y : y + ry, x : x + rx] = bank.filters
+        """A copy of the bank's filters at their place in the window ``out`` (the rows split over the cores)."""
+        shape = (bank.channels, bank.filters.shape[1], *out.rf)
+        filters = self.backend.empty(shape, self.dtype) if geom == out else self.backend.zeros(shape, self.dtype)
+        self.backend.on_cores(functools.partial(_rows_into, filters, bank.filters, _offset(geom, out), False),
+                              bank.channels)
         return filters
+
+
+def _rows_into(filters, source, offset: Pair, add: bool, a: int, b: int) -> None:
+    """Rows a:b of ``source`` [C, C_image, R_y, R_x] written (or added) into ``filters`` at ``offset``."""
+    (y, x), (ry, rx) = offset, source.shape[2:]
+    if add:
+        filters[a:b, :, y : y + ry, x : x + rx] += source[a:b]
+    else:
+        filters[a:b, :, y : y + ry, x : x + rx] = source[a:b]
 
 
 def _offset(geom: Geometry, out: Geometry) -> Pair:
@@ -142,7 +195,7 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
     out = backend.zeros((k, c_img, *out_rf), dtype)
     flat = d_in.reshape(d_in.shape[0], -1)
     if cig == 1 and groups > 1:
-        _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype)
+        _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype, workspace)
         return out
     taps = ky * kx
     offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
@@ -158,15 +211,24 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
                 step=step, dtype=dtype, temp_bytes=room, workspace=workspace))
             continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
-        chunk = equal_chunks(len(rows), limit)
+        in_place = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size: no temporary
+        chunk = len(rows) if in_place else equal_chunks(len(rows), limit)
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)
             w_chunk = backend.asarray(w[:, :, start : start + n].reshape(taps * n, cig), dtype)
+            if in_place:
+                _placed_rows(backend, out, index, functools.partial(_product_into, backend, w_chunk, source))
+                continue
             products = backend.matmul(w_chunk, source, out=workspace.take("products", (taps * n, flat.shape[1]), dtype))
             products = products.reshape(taps, n, c_img, ry, rx)
             _placed_rows(backend, out, index, functools.partial(backend.shift_add, products=products, offsets=offsets))
     return out
+
+
+def _product_into(backend, weight, source, part):
+    """``part`` [n, ...] = ``weight`` [n, C] @ ``source`` [C, ...]: a 1x1 convolution's output is its product."""
+    backend.matmul(weight, source, out=part.reshape(len(part), -1))
 
 
 def _placed_rows(backend, out, index, accumulate):
@@ -180,19 +242,29 @@ def _placed_rows(backend, out, index, accumulate):
         out[backend.asarray(index, np.int64)] = part
 
 
-def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype):
-    """One input channel per group (depthwise convs, pooling): scaled shifted copies."""
+def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, workspace):
+    """One input channel per group (depthwise convs, pooling): scaled shifted copies, the rows split over the cores,
+    each tap's scaled copy made a few rows at a time (``backend.piece_bytes``)."""
+    xp = backend.xp
     c_img, ry, rx = shape
+    source = flat.reshape(-1, c_img, ry, rx)
     rows = len(group_of_row)
-    chunk = max(1, backend.temp_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
-    for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
-        source = flat[backend.asarray(group_of_row[part], np.int64)].reshape(-1, c_img, ry, rx)
-        w = backend.asarray(weight[part, 0], dtype)
-        for i in range(weight.shape[2]):
-            for j in range(weight.shape[3]):
-                y, x = i * step[0], j * step[1]
-                out[part, :, y : y + ry, x : x + rx] += w[:, i, j, None, None, None] * source
+    w = backend.asarray(weight[:, 0], dtype)  # [rows, ky, kx]
+    taps = [(i * step[0], j * step[1], i, j) for i in range(weight.shape[2]) for j in range(weight.shape[3])]
+    in_order = rows == source.shape[0] and bool((group_of_row == np.arange(rows)).all())
+    index = None if in_order else backend.asarray(group_of_row, np.int64)
+    few = max(1, backend.piece_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+
+    def part(a, b):
+        for r0 in range(a, b, few):
+            r1 = min(b, r0 + few)
+            src = source[r0:r1] if index is None else source[index[r0:r1]]
+            scaled = workspace.take("depthwise", src.shape, dtype)
+            for y, x, i, j in taps:
+                xp.multiply(w[r0:r1, i, j, None, None, None], src, out=scaled)
+                out[r0:r1, :, y : y + ry, x : x + rx] += scaled
+
+    backend.on_cores(part, rows)
 
 
 def _conv_reference(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):

@@ -170,7 +170,6 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     products' spectra stay near ``temp_bytes`` (image channels a few at a time, and rows a few at a time where
     one image channel's do not fit). Temporaries come from ``workspace`` (``backend.Workspace``).
     """
-    xp = backend.xp
     workspace = workspace or Workspace(backend)
     k, c, ky, kx = weight.shape
     c_img, ry, rx = source.shape[1:]
@@ -202,8 +201,8 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
                                       out=workspace.take("full", (ly, lx, m * phases), dtype))
                 full = full.reshape(ly, lx, m, cc, pb, sx)
                 for i in range(cc):
-                    _interleave(xp, out[k0 + r0 : k0 + r0 + m, c0 + i, : size[0], : size[1]], full[:, :, :, i],
-                                step, (p0, pb))
+                    _interleave(backend, out[k0 + r0 : k0 + r0 + m, c0 + i, : size[0], : size[1]],
+                                full[:, :, :, i], step, (p0, pb))
 
 
 def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
@@ -236,12 +235,18 @@ def _phase_spectrum(backend, workspace, transforms, source, n, step, residues, d
         split[-1, :, :, :, max(0, ry % sy - p0) :] = 0
     if rx % sx:
         split[:, -1, :, :, :, rx % sx :] = 0
-    for (y0, my, py), (x0, mx, px) in _regions((ry, rx), step):
-        if py <= p0:
-            continue
-        fine = _cells(backend.xp, source[:, :, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my, mx)
-        pe = min(py, p0 + pb)
-        split[y0 : y0 + my, x0 : x0 + mx, :, :, : pe - p0, :px] = fine[:, :, :, p0:pe].transpose(2, 4, 0, 1, 3, 5)
+
+    def part(a, b):  # channels a:b
+        for (y0, my, py), (x0, mx, px) in _regions((ry, rx), step):
+            if py <= p0:
+                continue
+            fine = _cells(backend.xp, source[a:b, :, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my,
+                          mx)
+            pe = min(py, p0 + pb)
+            split[y0 : y0 + my, x0 : x0 + mx, a:b, :, : pe - p0, :px] = fine[:, :, :, p0:pe].transpose(2, 4, 0, 1, 3,
+                                                                                                       5)
+
+    backend.on_cores(part, c)
     half, forward = transforms[:2]
     fx, ly = half.shape[1], forward.shape[0] // 2
     columns = c * cc * pb * sx
@@ -279,15 +284,20 @@ def _products(backend, workspace, weights, tap_major, spectrum, k):
     return product
 
 
-def _interleave(xp, target, full, step, residues):
+def _interleave(backend, target, full, step, residues):
     """``target[k, Y*s_y + p, X*s_x + q] = full[Y, X, k, p - first, q]`` for the residues p in ``residues``
-    (first, count): the phases back onto the fine grid, through views of whole coarse cells. Written, not added:
-    a page of fresh zeros that is read before it is written faults twice."""
+    (first, count): the phases back onto the fine grid, through views of whole coarse cells, the rows k split
+    over the cores. Written, not added: a page of fresh zeros that is read before it is written faults twice."""
     sy, sx = step
     p0, pb = residues
-    for (y0, my, py), (x0, mx, px) in _regions(target.shape[1:], step):
-        if py <= p0:
-            continue
-        pe = min(py, p0 + pb)
-        view = _cells(xp, target[:, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my, mx)
-        view[:, :, p0:pe] = full[y0 : y0 + my, x0 : x0 + mx, :, : pe - p0, :px].transpose(2, 0, 3, 1, 4)
+
+    def part(a, b):
+        for (y0, my, py), (x0, mx, px) in _regions(target.shape[1:], step):
+            if py <= p0:
+                continue
+            pe = min(py, p0 + pb)
+            view = _cells(backend.xp, target[a:b, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my,
+                          mx)
+            view[:, :, p0:pe] = full[y0 : y0 + my, x0 : x0 + mx, a:b, : pe - p0, :px].transpose(2, 0, 3, 1, 4)
+
+    backend.on_cores(part, target.shape[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -9,9 +10,10 @@ from ..errors import NotDecodable, PhaseDependent
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
 from ..graph.patterns import ChannelGate, SelfGated, TokenScale
+from .engine import memory_of, root_of
 from .ops import RULES
 from .ops._rule import NO_BANK_RULE
-from .values import Blocked, Const, Tensor
+from .values import Blocked, Const, Layout, Tensor
 
 
 class Context:
@@ -60,8 +62,9 @@ class Context:
 
 
 def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict | None = None, usage: dict | None = None,
-         substitution=None, gates: dict | None = None) -> Iterator:
-    """Yield ``(node, value of its first output)`` in order; banks are freed once consumed.
+         substitution=None, gates: dict | None = None, held: Held | None = None) -> Iterator:
+    """Yield ``(node, value of its first output)`` in order; banks are freed once consumed, and written in place
+    by the node that reads them last (``Engine.overwritable``) unless a target's (``held``).
 
     ``targets`` (tensor names) limits the walk to their ancestors; ``rows`` maps a target
     to the only channels its bank needs; ``substitution`` (fds mode) supplies substituted weights; ``gates``
@@ -80,9 +83,16 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
     ctx = Context(model, engine, rows, substitution, gates, values)
     usage = {} if usage is None else usage
     live = usage["peak"] = _bank_bytes(values[model.input_name], engine)
+    kept = Held() if held is None else held  # the memory of the targets' banks: the caller may hold them
+    in_place = compose and bool(targets)  # a whole-graph walk's caller may hold any value
     for node in nodes:
         inputs = [_lookup(name, values, model) for name in node.input]
-        value = _apply(node, inputs, ctx, model)
+        if in_place:
+            engine.overwritable = _read_last(reads[id(node)], uses, values, kept)
+        try:
+            value = _apply(node, inputs, ctx, model)
+        finally:
+            engine.overwritable = frozenset()
         outputs = value if isinstance(value, list) else [value]  # a multi-output rule (Split) gives one per output
         if isinstance(value, Blocked) and len(node.output) > 1:
             outputs = [value] * len(node.output)
@@ -96,11 +106,69 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
                 values[name] = Blocked(f"{node.op_type} node {model.node_name(node)!r}: output {index} "
                                        f"({name!r}) is not followed")
         usage["peak"] = max(usage["peak"], live)
+        if in_place:
+            kept.add(values[name] for name in node.output if name in targets and name in values)
         yield node, values[node.output[0]]
         for name in reads[id(node)]:
             uses[name] -= 1
             if uses[name] == 0 and name in values:
                 live -= _bank_bytes(values.pop(name), engine)
+
+
+def _filters(value):
+    """The filters of the bank a value holds, or None."""
+    tensor = value.source if isinstance(value, Layout) else value
+    return tensor.bank.filters if isinstance(tensor, Tensor) and tensor.bank is not None else None
+
+
+def _memory(value) -> set:
+    """The memory (``engine.memory_of``) of the bank a value holds, if any."""
+    filters = _filters(value)
+    return set() if filters is None else {memory_of(filters)}
+
+
+class Held:
+    """The memory of the banks a walk gave its caller as targets' (the caller may hold them, so no rule overwrites
+    them), for as long as it lives: weakly held, so that an id Python reuses for a new array once the caller drops
+    a target's does not count. A caller that copied a target's filters ``release``s it."""
+
+    def __init__(self):
+        self._alive, self._ids = weakref.WeakValueDictionary(), set()
+
+    def add(self, values) -> None:
+        for value in values:
+            filters = _filters(value)
+            if filters is None:
+                continue
+            root = root_of(filters)
+            try:
+                self._alive[id(root)] = root
+            except TypeError:  # an array type without weak references: its id, for the whole walk
+                self._ids.add(id(root))
+
+    def handed(self, value, kept) -> None:
+        """What the caller keeps of target ``value`` is the array ``kept``: where that is a copy (cropped,
+        selected, on the host), ``value``'s bank is released (a later rule may overwrite it)."""
+        memory = _memory(value)
+        if memory_of(kept) in memory:
+            return
+        for m in memory:
+            self._alive.pop(m, None)
+            self._ids.discard(m)
+
+    def ids(self) -> set:
+        return set(self._alive.keys()) | self._ids
+
+
+def _read_last(reads: list[str], uses: Counter, values: dict, kept: Held) -> frozenset:
+    """The memory of the banks that only this node still reads (no other value, nor a target, holds it): its
+    rule may overwrite them."""
+    last = {name for name in reads if uses[name] == 1 and name in values}
+    held = kept.ids()
+    for name, value in values.items():
+        if name not in last:
+            held |= _memory(value)
+    return frozenset(m for name in last for m in _memory(values[name]) if m not in held)
 
 
 def _bank_bytes(value, engine) -> int:

@@ -11,7 +11,7 @@ from ..compose.engine import KERNELS, Engine
 from ..compose.inspect import channels_of, inspect_model, memory_problem
 from ..compose.linear_model import linear_model
 from ..compose.values import Blocked, map_of
-from ..compose.walker import walk
+from ..compose.walker import Held, walk
 from ..data.topn import rows_of
 from ..defaults import DEFAULT_SELECT, DEFAULT_WEIGHTING
 from ..errors import FdsubError
@@ -133,10 +133,12 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
                     walked.close()
                 current = group_of[target]
                 group, group_rows = groups[current]
+                given = Held()
                 walked = _quiet(walk(model, engine, targets=group, compose=True, rows=group_rows,
-                                     substitution=substitution, gates=gates))
+                                     substitution=substitution, gates=gates, held=given))
             node, value = next((n, v) for n, v in walked if n.output[0] == target)
             result = _decoded(model, node, value, picked.get(target, neurons.get(target)), engine, mode)
+            given.handed(value, result.filters)
             steps.add(1)
         else:
             per_neuron = None if substitution is None else _per_neuron(model, target, images, substitution, gates,

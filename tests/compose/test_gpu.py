@@ -103,7 +103,8 @@ def _numpy_as_cupy():
     import types
 
     fake = types.ModuleType("cupy")
-    for name in ("ascontiguousarray", "asarray", "zeros", "empty", "matmul", "ndarray", "concatenate", "einsum"):
+    for name in ("ascontiguousarray", "asarray", "zeros", "empty", "matmul", "ndarray", "concatenate", "einsum", "add",
+                 "multiply"):
         setattr(fake, name, getattr(np, name))
     fake.asnumpy = np.asarray
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
