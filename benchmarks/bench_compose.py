@@ -44,21 +44,32 @@ def model_path(name: str) -> Path:
         return Path(onnx.__file__).parent / "backend/test/data/light/light_vgg19.onnx"
     if name.endswith(".onnx"):  # any other export, by its path
         return Path(name).expanduser()
-    return {"resnet50": CACHE / "drift" / "resnet50.onnx", "densenet121": CACHE / "compose" / "densenet121.onnx"}[name]
+    if name == "resnet50":
+        return CACHE / "drift" / "resnet50.onnx"
+    if name in EXPORTED:
+        return CACHE / "compose" / f"{name}.onnx"
+    raise SystemExit(f"unknown model {name!r}: vgg19, resnet50, {', '.join(EXPORTED)} or a path to an .onnx file")
 
 
-def prepare() -> None:
-    """DenseNet121 (torchvision, random init, 224 px); run with the bench venv's python (torch, torchvision)."""
+#: torchvision architectures ``prepare`` exports (random init, 224 px): the modern zoo's at full size
+EXPORTED = ("densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+            "shufflenet_v2_x1_0", "regnet_y_400mf")
+
+
+def prepare(names=EXPORTED) -> None:
+    """Export ``names`` (torchvision, random init, 224 px); run with the bench venv's python (torch,
+    torchvision)."""
     import torch
     import torchvision
 
-    torch.manual_seed(0)
-    model = torchvision.models.densenet121(weights=None).eval()
-    path = model_path("densenet121")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"])
-    print(f"wrote {path}")
+    for name in names:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        path = model_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"])
+        print(f"wrote {path}")
 
 
 def _vmhwm_gib() -> float:
@@ -186,13 +197,18 @@ def run(args) -> dict:
             "baseline_peak_gib": max(f["peak_gib"] for f in runs["baseline"]),
             "this_peak_gib": max(f["peak_gib"] for f in runs["this"]),
             "max_rel_diff": max(diffs.values()),
-            "per_layer": {layer: (best["baseline"]["per_layer"][layer], best["this"]["per_layer"][layer],
-                                  best["this"]["routes"][layer], diffs[layer]) for layer in layers},
+            "per_layer": {layer: (min(f["per_layer"][layer] for f in runs["baseline"]),  # each layer's best round
+                                  min(f["per_layer"][layer] for f in runs["this"]), best["this"]["routes"][layer],
+                                  diffs[layer]) for layer in layers},
             "all_seconds": {side: [f["seconds"] for f in runs[side]] for side in runs},
         }
         slower = [(layer, b, t) for layer, (b, t, _, _) in row["per_layer"].items() if t > 1.1 * b and b > 0.05]
         row["layers_over_10pct_slower"] = slower
         results["models"][Path(name).stem if name.endswith(".onnx") else name] = row
+        if args.out:  # after each model: a long run stopped halfway keeps what it measured
+            partial = Path(args.out).with_suffix(".partial")
+            partial.write_text(json.dumps(results, indent=1))
+            os.replace(partial, args.out)
     print(f"\n| model | conv layers | direct GFLOP | {args.baseline} s | this s | speedup | GFLOP/s {args.baseline} / "
           f"this (sgemm {rate / 1e9:.0f}) | VmHWM GiB {args.baseline} / this | max rel diff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -208,7 +224,8 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("prepare")
+    p = sub.add_parser("prepare")
+    p.add_argument("names", nargs="*", default=list(EXPORTED))
     c = sub.add_parser("child")
     c.add_argument("tree")
     c.add_argument("model")
@@ -219,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare()
+        prepare(args.names)
     elif args.command == "child":
         child(args.tree, args.model, args.out)
     else:

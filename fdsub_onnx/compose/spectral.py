@@ -32,7 +32,6 @@ ROOM_TEMPS = 4  # the spectra may take this many temporaries (1 GiB on a CPU) wh
 #: the weights' spectra and products made at once (a block of frequencies): 8-16 MiB blocks, in cache, ran VGG19's
 #: deepest layer 5% faster than 64 MiB
 BLOCK_BYTES = 16 << 20
-INVERSE_BYTES = 64 << 20  # the inverse transform's output scattered at once (a block of rows)
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,35 +183,44 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
     passes, rows = _passes(k, c, c_img, step, 2 * freqs * itemsize, temp_bytes)
+    most = max(pb * cc for _, cc, _, pb in passes) * sx  # phases of the thickest pass
+    # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
+    # and, with every row at once, the inverse along y in one; the transform along x, the products and the
+    # inverse along x in the other.
+    one = workspace.take("spectra", (2 * freqs * max(c, rows if rows == k else 0) * most,), dtype)
+    other = workspace.take("products", (2 * freqs * max(c, rows) * most,), dtype)
+    apart = None if rows == k else workspace.take("along_y", (2 * freqs * rows * most,), dtype)
     for c0, cc, p0, pb in passes:
         phases = cc * pb * sx
-        spectrum = _phase_spectrum(backend, workspace, transforms, source[:, c0 : c0 + cc], (ny, nx), step,
-                                   (p0, pb), dtype)
+        spectrum = _phase_spectrum(backend, transforms, source[:, c0 : c0 + cc], (ny, nx), step, (p0, pb), one,
+                                   other)
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
-            product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n)
+            product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n,
+                                other)
             along_y = backend.matmul(transforms[2], product.reshape(2 * ly, fx * n * phases),
-                                     out=workspace.take("along_y", (2 * ly, fx * n * phases), dtype))
+                                     out=_part(one if apart is None else apart, (2 * ly, fx * n * phases)))
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
-            step_rows = max(1, min(n, INVERSE_BYTES // (ly * lx * phases * itemsize)))
-            for r0 in range(0, n, step_rows):
-                m = min(step_rows, n - r0)
-                full = backend.matmul(transforms[3], along_y[:, :, r0 * phases : (r0 + m) * phases],
-                                      out=workspace.take("full", (ly, lx, m * phases), dtype))
-                full = full.reshape(ly, lx, m, cc, pb, sx)
-                for i in range(cc):
-                    _interleave(backend, out[k0 + r0 : k0 + r0 + m, c0 + i, : size[0], : size[1]],
-                                full[:, :, :, i], step, (p0, pb))
+            full = backend.matmul(transforms[3], along_y, out=_part(other, (ly, lx, n * phases)))
+            full = full.reshape(ly, lx, n, cc, pb, sx)
+            for i in range(cc):
+                _interleave(backend, out[k0 : k0 + n, c0 + i, : size[0], : size[1]], full[:, :, :, i], step,
+                            (p0, pb))
+
+
+def _part(buffer, shape):
+    """The first ``prod(shape)`` elements of a flat buffer, as an array of ``shape``."""
+    return buffer[: int(np.prod(shape))].reshape(shape)
 
 
 def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
     """How the phases are cut to fit ``temp_bytes``: ``[(first image channel, image channels, first residue row,
     residue rows)]`` and the output rows per product. ``per_phase``: the bytes of one channel's or row's spectrum
-    of one phase (a row has two: its product and its inverse along y). Whole image channels with every row where
-    they fit, else blocks of residue rows of one image channel, else one residue row and the rows a few at a
-    time."""
+    of one phase; ``compose``'s two buffers hold the larger of the channels and the rows each. Whole image channels
+    with every row where they fit, else blocks of residue rows of one image channel, else one residue row and the
+    rows a few at a time (their inverse along y in a third buffer)."""
     sy, sx = step
-    fit = temp_bytes // ((c + 2 * k) * per_phase)  # phases that fit with every row (its product, inverse along y)
+    fit = temp_bytes // (2 * max(c, k) * per_phase)  # phases that fit with every row
     if fit >= sy * sx:
         cc = equal_chunks(c_img, fit // (sy * sx))
         return [(c0, min(cc, c_img - c0), 0, sy) for c0 in range(0, c_img, cc)], k
@@ -220,17 +228,20 @@ def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
     passes = [(c0, 1, p0, min(pb, sy - p0)) for c0 in range(c_img) for p0 in range(0, sy, pb)]
     if fit >= sx:
         return passes, k
-    rows = max(1, min(k, (temp_bytes - c * per_phase * sx) // (2 * per_phase * sx)))
-    return passes, equal_chunks(k, rows)
+    x = per_phase * sx
+    rows = (temp_bytes - c * x) // (2 * x)  # the spectrum (c), the products and their inverse along y (rows each)
+    if rows < c:  # the products' buffer holds the transform along x (c) first
+        rows = (temp_bytes - 2 * c * x) // x
+    return passes, equal_chunks(k, max(1, min(k, rows)))
 
 
-def _phase_spectrum(backend, workspace, transforms, source, n, step, residues, dtype):
+def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratch):
     """[2, F, C, phases]: the spectrum of the phases of ``source`` [C, C_image, R_y, R_x] (fine grid split by
     residue modulo ``step``) whose residue y is in ``residues`` (first, count); phases ordered (image channel,
-    residue y, residue x)."""
+    residue y, residue x). Made in the flat buffer ``into`` (the split phases first), through ``scratch``."""
     c, cc, ry, rx = source.shape
     (ny, nx), (sy, sx), (p0, pb) = n, step, residues
-    split = workspace.take("split", (ny, nx, c, cc, pb, sx), dtype)  # [coarse y, coarse x, channel, phase]
+    split = _part(into, (ny, nx, c, cc, pb, sx))  # [coarse y, coarse x, channel, phase]
     if ry % sy and ry % sy < p0 + pb:  # the last coarse row's phases beyond the bank are zeros
         split[-1, :, :, :, max(0, ry % sy - p0) :] = 0
     if rx % sx:
@@ -251,19 +262,19 @@ def _phase_spectrum(backend, workspace, transforms, source, n, step, residues, d
     fx, ly = half.shape[1], forward.shape[0] // 2
     columns = c * cc * pb * sx
     along_x = backend.matmul(half[:, None], split.reshape(1, ny, nx, columns),
-                             out=workspace.take("along_x", (2, ny, fx, columns), dtype))  # [re/im, y, x frequency]
-    spectrum = backend.matmul(forward, along_x.reshape(2 * ny, fx * columns),
-                              out=workspace.take("spectrum", (2 * ly, fx * columns), dtype))
+                             out=_part(scratch, (2, ny, fx, columns)))  # [re/im, y, x frequency]
+    spectrum = backend.matmul(forward, along_x.reshape(2 * ny, fx * columns), out=_part(into, (2 * ly, fx * columns)))
     return spectrum.reshape(2, ly * fx, c, cc * pb * sx)
 
 
-def _products(backend, workspace, weights, tap_major, spectrum, k):
-    """[2, F, K, phases]: per frequency, the complex product of the weights' spectrum [K, C] with the phases'
-    [C, phases], by Gauss's three real products; the weights' spectra are made a block of frequencies at a time."""
+def _products(backend, workspace, weights, tap_major, spectrum, k, into):
+    """[2, F, K, phases] in the flat buffer ``into``: per frequency, the complex product of the weights' spectrum
+    [K, C] with the phases' [C, phases], by Gauss's three real products; the weights' spectra are made a block of
+    frequencies at a time."""
     xp = backend.xp
     _, freqs, c, phases = spectrum.shape
     dtype = spectrum.dtype
-    product = workspace.take("products", (2, freqs, k, phases), dtype)
+    product = _part(into, (2, freqs, k, phases))
     block = max(1, min(freqs, BLOCK_BYTES // (3 * k * max(c, phases) * dtype.itemsize)))
     w_flat, w_sum = workspace.take("w", (2 * block, k * c), dtype), workspace.take("w_sum", (block, k, c), dtype)
     x_sum = workspace.take("x_sum", (block, c, phases), dtype)
