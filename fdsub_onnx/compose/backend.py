@@ -71,9 +71,10 @@ class NumpyBackend:
     def on_cores(self, part: Callable, total: int) -> None:
         """``part(start, stop)`` over ``range(total)`` cut in one equal piece per core, the pieces at once: NumPy's
         copies and elementwise loops run on one core each (BLAS alone uses them all) and release the GIL. In
-        one piece where ``ordered_map`` already keeps the cores busy."""
+        one piece where ``ordered_map`` already keeps the cores busy, and inside a piece (it would wait for its
+        own thread)."""
         workers = min(total, self.workers)
-        if workers <= 1 or _PARALLEL.locked():
+        if workers <= 1 or _PARALLEL.locked() or threading.current_thread().name.startswith(_PIECE):
             part(0, total)
             return
         cut = [total * i // workers for i in range(workers + 1)]
@@ -250,7 +251,10 @@ _PARALLEL = threading.Lock()  # held by the one ``ordered_map`` that runs in par
 @functools.lru_cache(maxsize=1)
 def _pieces() -> ThreadPoolExecutor:
     """The threads of ``on_cores`` (the calling thread runs one piece itself)."""
-    return ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix="fdsub-piece")
+    return ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix=_PIECE)
+
+
+_PIECE = "fdsub-piece"
 
 
 def get_backend(name: str = "numpy"):

@@ -1,4 +1,5 @@
-"""``ordered_map``: passes on every core, results in job order, BLAS held to one thread meanwhile."""
+"""``ordered_map``: passes on every core, results in job order, BLAS held to one thread meanwhile; ``on_cores``:
+elementwise work split over the cores."""
 
 import threading
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 from threadpoolctl import threadpool_info
 
-from fdsub_onnx.compose.backend import ordered_map
+from fdsub_onnx.compose.backend import NumpyBackend, ordered_map
 
 
 def _blas_threads() -> list[int]:
@@ -89,3 +90,38 @@ def test_a_missing_onnxruntime_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(fd.FdsubError, match=r"onnxruntime is not installed; pip install 'fdsub-onnx\[cpu\]'"):
         onnxruntime()
+
+
+def test_on_cores_covers_the_range_once_in_pieces_that_run_at_once(monkeypatch):
+    monkeypatch.setattr(NumpyBackend, "workers", 2)
+    pieces, threads, both = [], set(), threading.Barrier(2, timeout=5)
+
+    def part(a, b):
+        pieces.append((a, b))
+        threads.add(threading.current_thread().name)
+        both.wait()  # fails (times out) unless the two pieces run at the same time
+
+    NumpyBackend().on_cores(part, 7)
+    assert sorted(pieces) == [(0, 3), (3, 7)] and len(threads) == 2
+
+
+def test_on_cores_inside_a_piece_runs_in_one_piece_and_errors_reach_the_caller(monkeypatch):
+    """A piece on the pool's thread that splits again would wait for that same thread: it runs inline."""
+    monkeypatch.setattr(NumpyBackend, "workers", 2)
+    backend, inner = NumpyBackend(), []
+
+    def part(a, b):
+        backend.on_cores(lambda c, d: inner.append((c, d)), 4)
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (backend.on_cores(part, 2), done.set()), daemon=True)
+    worker.start()
+    assert done.wait(10), "a nested on_cores deadlocked"
+    assert sorted(inner).count((0, 4)) >= 1 and sum(d - c for c, d in inner) == 8
+
+    def failing(a, b):
+        if a:
+            raise ValueError("piece failed")
+
+    with pytest.raises(ValueError, match="piece failed"):
+        backend.on_cores(failing, 4)
