@@ -240,9 +240,7 @@ def main(argv=None) -> int:
     elif args.command == "child":
         child(args.tree, args.model, args.out)
     else:
-        results = run(args)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
+        run(args)  # writes --out after each model
     return 0
 
 

@@ -131,8 +131,7 @@ class Engine:
         first = 0 if base is None else base
         for i, (bank, geom) in enumerate(zip(banks, geoms)):
             if i != first:
-                self.backend.on_cores(functools.partial(_rows_into, filters, bank.filters, _offset(geom, out), True),
-                                      bank.channels)
+                self._write(filters, bank, geom, out, add=True)
         bias = banks[0].bias
         for bank in banks[1:]:
             bias = bias + bank.bias
@@ -142,17 +141,12 @@ class Engine:
     def concat(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
         """Stack the channels of aligned banks: each copied once, at its place in the window ``out`` (DenseNet's
         concatenations hold most of its decode's memory)."""
-        xp = self.backend.xp
-        shape = (sum(b.channels for b in banks), banks[0].filters.shape[1], *out.rf)
-        whole = all(g == out for g in geoms)
-        filters = self.backend.empty(shape, self.dtype) if whole else self.backend.zeros(shape, self.dtype)
+        filters = self._window(sum(b.channels for b in banks), banks[0], out, all(g == out for g in geoms))
         first = 0
         for bank, geom in zip(banks, geoms):
-            rows = filters[first : first + bank.channels]
-            self.backend.on_cores(functools.partial(_rows_into, rows, bank.filters, _offset(geom, out), False),
-                                  bank.channels)
+            self._write(filters[first : first + bank.channels], bank, geom, out)
             first += bank.channels
-        return Bank(filters, xp.concatenate([b.bias for b in banks]))
+        return Bank(filters, self.backend.xp.concatenate([b.bias for b in banks]))
 
     @_passes_none
     def take(self, bank: Bank, channels) -> Bank:
@@ -164,21 +158,30 @@ class Engine:
         return memory_of(bank.filters) in self.overwritable
 
     def _placed(self, bank: Bank, geom: Geometry, out: Geometry):
-        """A copy of the bank's filters at their place in the window ``out`` (the rows split over the cores)."""
-        shape = (bank.channels, bank.filters.shape[1], *out.rf)
-        filters = self.backend.empty(shape, self.dtype) if geom == out else self.backend.zeros(shape, self.dtype)
-        self.backend.on_cores(functools.partial(_rows_into, filters, bank.filters, _offset(geom, out), False),
-                              bank.channels)
+        """A copy of the bank's filters at their place in the window ``out``."""
+        filters = self._window(bank.channels, bank, out, geom == out)
+        self._write(filters, bank, geom, out)
         return filters
 
+    def _window(self, channels: int, like: Bank, out: Geometry, covered: bool):
+        """Filters of ``channels`` over the window ``out``: uninitialized where the banks written into them cover
+        it (``covered``), else zeros."""
+        shape = (channels, like.filters.shape[1], *out.rf)
+        return self.backend.empty(shape, self.dtype) if covered else self.backend.zeros(shape, self.dtype)
 
-def _rows_into(filters, source, offset: Pair, add: bool, a: int, b: int) -> None:
-    """Rows a:b of ``source`` [C, C_image, R_y, R_x] written (or added) into ``filters`` at ``offset``."""
-    (y, x), (ry, rx) = offset, source.shape[2:]
-    if add:
-        filters[a:b, :, y : y + ry, x : x + rx] += source[a:b]
-    else:
-        filters[a:b, :, y : y + ry, x : x + rx] = source[a:b]
+    def _write(self, filters, bank: Bank, geom: Geometry, out: Geometry, add: bool = False) -> None:
+        """``bank``'s filters written (or added) into ``filters`` at their place in the window ``out``, the rows
+        split over the cores."""
+        (y, x), (ry, rx) = _offset(geom, out), bank.filters.shape[2:]
+        source = bank.filters
+
+        def rows(a, b):
+            if add:
+                filters[a:b, :, y : y + ry, x : x + rx] += source[a:b]
+            else:
+                filters[a:b, :, y : y + ry, x : x + rx] = source[a:b]
+
+        self.backend.on_cores(rows, bank.channels)
 
 
 def _offset(geom: Geometry, out: Geometry) -> Pair:
@@ -211,13 +214,13 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
                 step=step, dtype=dtype, temp_bytes=room, workspace=workspace))
             continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
-        in_place = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size: no temporary
-        chunk = len(rows) if in_place else equal_chunks(len(rows), limit)
+        product_is_output = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size
+        chunk = len(rows) if product_is_output else equal_chunks(len(rows), limit)
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)
             w_chunk = backend.asarray(w[:, :, start : start + n].reshape(taps * n, cig), dtype)
-            if in_place:
+            if product_is_output:  # no temporary
                 _placed_rows(backend, out, index, functools.partial(_product_into, backend, w_chunk, source))
                 continue
             products = backend.matmul(w_chunk, source, out=workspace.take("products", (taps * n, flat.shape[1]), dtype))

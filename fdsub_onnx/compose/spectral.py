@@ -187,7 +187,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
     # and, with every row at once, the inverse along y in one; the transform along x, the products and the
     # inverse along x in the other.
-    one = workspace.take("spectra", (2 * freqs * max(c, rows if rows == k else 0) * most,), dtype)
+    one = workspace.take("spectra", (2 * freqs * (max(c, k) if rows == k else c) * most,), dtype)
     other = workspace.take("products", (2 * freqs * max(c, rows) * most,), dtype)
     apart = None if rows == k else workspace.take("along_y", (2 * freqs * rows * most,), dtype)
     for c0, cc, p0, pb in passes:

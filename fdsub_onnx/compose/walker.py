@@ -83,12 +83,12 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
     ctx = Context(model, engine, rows, substitution, gates, values)
     usage = {} if usage is None else usage
     live = usage["peak"] = _bank_bytes(values[model.input_name], engine)
-    kept = Held() if held is None else held  # the memory of the targets' banks: the caller may hold them
+    held = Held() if held is None else held  # the memory of the targets' banks: the caller may keep them
     in_place = compose and bool(targets)  # a whole-graph walk's caller may hold any value
     for node in nodes:
         inputs = [_lookup(name, values, model) for name in node.input]
         if in_place:
-            engine.overwritable = _read_last(reads[id(node)], uses, values, kept)
+            engine.overwritable = _read_last(reads[id(node)], uses, values, held)
         try:
             value = _apply(node, inputs, ctx, model)
         finally:
@@ -107,7 +107,7 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
                                        f"({name!r}) is not followed")
         usage["peak"] = max(usage["peak"], live)
         if in_place:
-            kept.add(values[name] for name in node.output if name in targets and name in values)
+            held.add(values[name] for name in node.output if name in targets and name in values)
         yield node, values[node.output[0]]
         for name in reads[id(node)]:
             uses[name] -= 1
@@ -130,7 +130,7 @@ def _memory(value) -> set:
 class Held:
     """The memory of the banks a walk gave its caller as targets' (the caller may hold them, so no rule overwrites
     them), for as long as it lives: weakly held, so that an id Python reuses for a new array once the caller drops
-    a target's does not count. A caller that copied a target's filters ``release``s it."""
+    a target's does not count. A caller that keeps only a copy of a target's filters says so (``handed``)."""
 
     def __init__(self):
         self._alive, self._ids = weakref.WeakValueDictionary(), set()
@@ -160,15 +160,15 @@ class Held:
         return set(self._alive.keys()) | self._ids
 
 
-def _read_last(reads: list[str], uses: Counter, values: dict, kept: Held) -> frozenset:
+def _read_last(reads: list[str], uses: Counter, values: dict, held: Held) -> frozenset:
     """The memory of the banks that only this node still reads (no other value, nor a target, holds it): its
     rule may overwrite them."""
     last = {name for name in reads if uses[name] == 1 and name in values}
-    held = kept.ids()
+    kept = held.ids()
     for name, value in values.items():
         if name not in last:
-            held |= _memory(value)
-    return frozenset(m for name in last for m in _memory(values[name]) if m not in held)
+            kept |= _memory(value)
+    return frozenset(m for name in last for m in _memory(values[name]) if m not in kept)
 
 
 def _bank_bytes(value, engine) -> int:
