@@ -6,8 +6,8 @@ is split by residue modulo the step (polyphase): each of the ``C_image * S_y * S
 convolution theorem that is, at each frequency of a grid large enough not to wrap, one complex product of the
 weight spectrum ``[K, C]`` with the phases' spectrum ``[C, phases]``: a GEMM per frequency, three real ones with
 Gauss's product. The transforms are GEMMs too (small DFT matrices, one axis at a time), so NumPy and CuPy run the
-same code. It is exact up to rounding (docs/method.md, "Cost"); ``cheaper`` says when it beats the direct (kn2row)
-composition.
+same code; their matrices also make Gauss's sums and undo them (``PARTS``), so no elementwise pass is left. It is
+exact up to rounding (docs/method.md, "Cost"); ``cheaper`` says when it beats the direct (kn2row) composition.
 """
 
 from __future__ import annotations
@@ -32,18 +32,23 @@ ROOM_TEMPS = 4  # the spectra may take this many temporaries (1 GiB on a CPU) wh
 #: the weights' spectra and products made at once (a block of frequencies): 8-16 MiB blocks, in cache, ran VGG19's
 #: deepest layer 5% faster than 64 MiB
 BLOCK_BYTES = 16 << 20
+#: Gauss's product ``(A + iB)(X + iY)``: ``k1 = (A + B) X``, ``k2 = A (Y - X)``, ``k3 = B (X + Y)``, real part
+#: ``k1 - k3``, imaginary ``k1 + k2``. The spectra are kept as these three operands, made by the transforms'
+#: matrices (a row per operand), and the inverse's matrix takes the three products: the sums and differences, an
+#: elementwise pass each over memory, cost a quarter of the products' time otherwise.
+PARTS = 3
 
 
 @functools.lru_cache(maxsize=64)
 def _dft(n: tuple, size: tuple, dtype: str) -> np.ndarray:
-    """[2F, n_y*n_x]: rows are the real then imaginary parts of the 2-D DFT (half spectrum along x) of an
-    n_y x n_x block zero-padded to ``size``; F = L_y * (L_x // 2 + 1)."""
+    """[3F, n_y*n_x]: the 2-D DFT (half spectrum along x) of an n_y x n_x block zero-padded to ``size`` as Gauss's
+    weight operands (``PARTS``), real plus imaginary, real, imaginary parts; F = L_y * (L_x // 2 + 1)."""
     (ny, nx), (ly, lx) = n, size
     fx = lx // 2 + 1
     phase = (np.outer(np.arange(ly), np.arange(ny))[:, None, :, None] / ly
              + np.outer(np.arange(fx), np.arange(nx))[None, :, None, :] / lx).reshape(ly * fx, ny * nx)
     angle = -2 * np.pi * phase
-    return np.concatenate([np.cos(angle), np.sin(angle)]).astype(dtype)
+    return np.concatenate([np.cos(angle) + np.sin(angle), np.cos(angle), np.sin(angle)]).astype(dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -52,8 +57,10 @@ def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
     layouts): ``(half, forward, inverse, back)``.
 
     - ``half`` [2, F_x, n_x]: real and imaginary parts of the DFT along x (half spectrum, F_x = L_x // 2 + 1);
-    - ``forward`` [2 L_y, 2 n_y]: the complex DFT along y as a real matrix on (re, im)-stacked rows;
-    - ``inverse`` [2 L_y, 2 L_y]: the inverse along y, its output rows ordered (y, re/im);
+    - ``forward`` [3 L_y, 2 n_y]: the complex DFT along y as a real matrix on (re, im)-stacked rows, its output
+      Gauss's operands (``PARTS``) re, im - re, re + im;
+    - ``inverse`` [2 L_y, 3 L_y]: the inverse along y of a spectrum given as Gauss's three products (real part
+      ``k1 - k3``, imaginary ``k1 + k2``), its output rows ordered (y, re/im);
     - ``back`` [L_x, 2 F_x]: the real inverse along x of a half spectrum (its columns re then im), scaled by
       1 / (L_y L_x); the other half is the first's conjugate, so columns count twice but for x frequency 0 and,
       on an even grid, L_x / 2.
@@ -64,11 +71,11 @@ def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
     half = np.stack([np.cos(angle), np.sin(angle)])
     theta = -2 * np.pi * np.outer(np.arange(ly), np.arange(ny)) / ly
     a, b = np.cos(theta), np.sin(theta)
-    forward = np.block([[a, -b], [b, a]])
+    forward = np.block([[a, -b], [b - a, a + b], [a + b, a - b]])
     theta = 2 * np.pi * np.outer(np.arange(ly), np.arange(ly)) / ly
-    a, b = np.cos(theta), np.sin(theta)
-    inverse = np.stack([np.concatenate([a, -b], axis=1), np.concatenate([b, a], axis=1)], axis=1).reshape(2 * ly,
-                                                                                                             2 * ly)
+    a, b = np.cos(theta), np.sin(theta)  # real part out: a re - b im; imaginary: b re + a im
+    inverse = np.stack([np.concatenate([a - b, -b, -a], axis=1), np.concatenate([a + b, a, -b], axis=1)],
+                       axis=1).reshape(2 * ly, PARTS * ly)
     twice = np.full(fx, 2.0)
     twice[0] = 1.0
     if lx % 2 == 0:
@@ -110,8 +117,8 @@ def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) ->
     phases = image_channels * step[0] * step[1]
     fx = lx // 2 + 1
     products = 3 * 2 * ly * fx * rows * channels * phases
-    forward = 2 * (2 * fx * nx * ny + 4 * ly * ny * fx)  # per column: along x (real), then along y (complex)
-    inverse = 2 * (4 * ly * ly * fx + 2 * lx * fx * ly)
+    forward = 2 * (2 * fx * nx * ny + 6 * ly * ny * fx)  # per column: along x (real), then along y (complex)
+    inverse = 2 * (6 * ly * ly * fx + 2 * lx * fx * ly)
     transforms = phases * (forward * channels + inverse * rows)
     copies = phases * (ny * nx * channels * 2 + ly * lx * rows)
     spectral = (products + transforms) / GEMM_RATE + copies * COPY_FLOPS
@@ -152,7 +159,7 @@ def _saving(rows, channels, image_channels, shape, kernel, step, itemsize=4, roo
         out_shape = [r + (t - 1) * s for r, t, s in zip(shape, kernel, step)]
         room_bytes = room(TEMP_BYTES, channels * image_channels * shape[0] * shape[1] * itemsize,
                           rows * image_channels * out_shape[0] * out_shape[1] * itemsize)
-    per_phase = 2 * ly * (lx // 2 + 1) * itemsize
+    per_phase = PARTS * ly * (lx // 2 + 1) * itemsize
     passes, chunk = _passes(rows, channels, image_channels, step, per_phase, room_bytes)
     _, cc, _, pb = passes[0]
     if cc * pb * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
@@ -177,18 +184,18 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     name = np.dtype(dtype).name
     transforms = tuple(backend.asarray(m, dtype) for m in _separable((ny, nx), (ly, lx), name))
     weights = backend.asarray(_dft((ky, kx), (ly, lx), name), dtype)
-    freqs = weights.shape[0] // 2
+    freqs = weights.shape[0] // PARTS
     fx = freqs // ly
     itemsize = np.dtype(dtype).itemsize
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
-    passes, rows = _passes(k, c, c_img, step, 2 * freqs * itemsize, temp_bytes)
+    passes, rows = _passes(k, c, c_img, step, PARTS * freqs * itemsize, temp_bytes)
     most = max(pb * cc for _, cc, _, pb in passes) * sx  # phases of the thickest pass
     # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
     # and, with every row at once, the inverse along y in one; the transform along x, the products and the
     # inverse along x in the other.
-    one = workspace.take("spectra", (2 * freqs * (max(c, k) if rows == k else c) * most,), dtype)
-    other = workspace.take("products", (2 * freqs * max(c, rows) * most,), dtype)
+    one = workspace.take("spectra", (PARTS * freqs * (max(c, k) if rows == k else c) * most,), dtype)
+    other = workspace.take("products", (PARTS * freqs * max(c, rows) * most,), dtype)
     apart = None if rows == k else workspace.take("along_y", (2 * freqs * rows * most,), dtype)
     for c0, cc, p0, pb in passes:
         phases = cc * pb * sx
@@ -198,7 +205,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
             n = min(rows, k - k0)
             product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n,
                                 other)
-            along_y = backend.matmul(transforms[2], product.reshape(2 * ly, fx * n * phases),
+            along_y = backend.matmul(transforms[2], product.reshape(PARTS * ly, fx * n * phases),
                                      out=_part(one if apart is None else apart, (2 * ly, fx * n * phases)))
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
             full = backend.matmul(transforms[3], along_y, out=_part(other, (ly, lx, n * phases)))
@@ -236,9 +243,10 @@ def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
 
 
 def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratch):
-    """[2, F, C, phases]: the spectrum of the phases of ``source`` [C, C_image, R_y, R_x] (fine grid split by
-    residue modulo ``step``) whose residue y is in ``residues`` (first, count); phases ordered (image channel,
-    residue y, residue x). Made in the flat buffer ``into`` (the split phases first), through ``scratch``."""
+    """[PARTS, F, C, phases]: the spectrum (Gauss's operands) of the phases of ``source`` [C, C_image, R_y, R_x]
+    (fine grid split by residue modulo ``step``) whose residue y is in ``residues`` (first, count); phases ordered
+    (image channel, residue y, residue x). Made in the flat buffer ``into`` (the split phases first), through
+    ``scratch``."""
     c, cc, ry, rx = source.shape
     (ny, nx), (sy, sx), (p0, pb) = n, step, residues
     split = _part(into, (ny, nx, c, cc, pb, sx))  # [coarse y, coarse x, channel, phase]
@@ -259,39 +267,29 @@ def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratc
 
     backend.on_cores(part, c)
     half, forward = transforms[:2]
-    fx, ly = half.shape[1], forward.shape[0] // 2
+    fx, ly = half.shape[1], forward.shape[0] // PARTS
     columns = c * cc * pb * sx
     along_x = backend.matmul(half[:, None], split.reshape(1, ny, nx, columns),
                              out=_part(scratch, (2, ny, fx, columns)))  # [re/im, y, x frequency]
-    spectrum = backend.matmul(forward, along_x.reshape(2 * ny, fx * columns), out=_part(into, (2 * ly, fx * columns)))
-    return spectrum.reshape(2, ly * fx, c, cc * pb * sx)
+    spectrum = backend.matmul(forward, along_x.reshape(2 * ny, fx * columns),
+                              out=_part(into, (PARTS * ly, fx * columns)))
+    return spectrum.reshape(PARTS, ly * fx, c, cc * pb * sx)
 
 
 def _products(backend, workspace, weights, tap_major, spectrum, k, into):
-    """[2, F, K, phases] in the flat buffer ``into``: per frequency, the complex product of the weights' spectrum
-    [K, C] with the phases' [C, phases], by Gauss's three real products; the weights' spectra are made a block of
-    frequencies at a time."""
-    xp = backend.xp
+    """[PARTS, F, K, phases] in the flat buffer ``into``: per frequency, Gauss's three real products of the weights'
+    operands [K, C] with the phases' [C, phases]; the weights' are made a block of frequencies at a time."""
     _, freqs, c, phases = spectrum.shape
     dtype = spectrum.dtype
-    product = _part(into, (2, freqs, k, phases))
-    block = max(1, min(freqs, BLOCK_BYTES // (3 * k * max(c, phases) * dtype.itemsize)))
-    w_flat, w_sum = workspace.take("w", (2 * block, k * c), dtype), workspace.take("w_sum", (block, k, c), dtype)
-    x_sum = workspace.take("x_sum", (block, c, phases), dtype)
-    cross = workspace.take("cross", (block, k, phases), dtype)
+    product = _part(into, (PARTS, freqs, k, phases))
+    block = max(1, min(freqs, BLOCK_BYTES // (PARTS * k * max(c, phases) * dtype.itemsize)))
+    w_flat = workspace.take("w", (PARTS * block, k * c), dtype)
     for f0 in range(0, freqs, block):
         b = min(block, freqs - f0)
-        rows = xp.concatenate([weights[f0 : f0 + b], weights[freqs + f0 : freqs + f0 + b]])
-        spec = backend.matmul(rows, tap_major, out=w_flat[: 2 * b]).reshape(2, b, k, c)
-        re, im = product[0, f0 : f0 + b], product[1, f0 : f0 + b]
-        backend.matmul(spec[0], spectrum[0, f0 : f0 + b], out=re)
-        backend.matmul(spec[1], spectrum[1, f0 : f0 + b], out=cross[:b])
-        xp.add(spec[0], spec[1], out=w_sum[:b])
-        xp.add(spectrum[0, f0 : f0 + b], spectrum[1, f0 : f0 + b], out=x_sum[:b])
-        backend.matmul(w_sum[:b], x_sum[:b], out=im)
-        im -= re
-        im -= cross[:b]
-        re -= cross[:b]
+        rows = backend.xp.concatenate([weights[j * freqs + f0 : j * freqs + f0 + b] for j in range(PARTS)])
+        spec = backend.matmul(rows, tap_major, out=w_flat[: PARTS * b]).reshape(PARTS, b, k, c)
+        for j in range(PARTS):
+            backend.matmul(spec[j], spectrum[j, f0 : f0 + b], out=product[j, f0 : f0 + b])
     return product
 
 

@@ -98,14 +98,17 @@ def test_chunked_spectra_give_the_same_filters(monkeypatch):
     whole = np.zeros((7, 3, 21 + 16, 19 + 16), np.float32)
     spectral.compose(NUMPY, whole, d_in, weight, (8, 8), np.float32, 1 << 30)
     monkeypatch.setattr(spectral, "BLOCK_BYTES", 3 * 7 * 64 * 4 * 4)  # blocks of 4 of the 15 frequencies
-    per_phase = 2 * 15 * 4  # one channel's (or row's) spectrum of one phase: a 5 x 5 grid, 15 frequencies
+    per_phase = spectral.PARTS * 15 * 4  # one channel's (or row's) spectra of one phase: a 5 x 5 grid, 15 frequencies
     both = 2 * 7  # two buffers, each as large as the larger of the channels (3) and the rows (7)
+    cuts = []
+    monkeypatch.setattr(spectral, "_passes", lambda *a, cut=spectral._passes: cuts.append(a[4]) or cut(*a))
     for room, cut in [(per_phase * both * 64 * 2, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7)),
                       (per_phase * both * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7)),
                       (per_phase * both * 8 - 1, ([(c, 1, p, 1) for c in range(3) for p in range(8)], 4))]:
         assert spectral._passes(7, 3, 3, (8, 8), per_phase, room) == cut
         chunked = np.zeros_like(whole)
         spectral.compose(NUMPY, chunked, d_in, weight, (8, 8), np.float32, room)
+        assert cuts[-1] == per_phase  # the cut asserted is the one compose takes
         assert relative(chunked, whole) <= 1e-6, cut
     ref = composed("reference", d_in.astype(np.float64), weight.astype(np.float64), np.arange(7), 1, (8, 8),
                    "float64")
