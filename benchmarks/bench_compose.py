@@ -20,6 +20,7 @@ exported by ``bench_drift.py prepare`` and ``bench_compose.py prepare`` into ``~
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -81,24 +82,37 @@ def child(tree: str, model_file: str, out: str) -> None:
     """One decode in this process, with the fdsub_onnx of ``tree``: prints its figures as JSON."""
     sys.path.insert(0, tree)
     import fdsub_onnx as fd
+    from fdsub_onnx.compose.engine import Engine
     from fdsub_onnx.defaults import budget
 
+    spent = [0.0]  # seconds inside Engine.conv: a layer's own composition, without the frees and copies around it
+    conv = Engine.conv
+
+    def timed_conv(self, *args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return conv(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - begin
+
+    Engine.conv = timed_conv
     model = fd.load_model(model_file)
     layers = decoded_layers(fd, model)
     rng = np.random.default_rng(0)
-    kept, seconds, routes = {}, {}, {}
+    kept, seconds, routes, own = {}, {}, {}, {}
     start = last = time.perf_counter()
     with budget(BUDGET):  # ResNet50's layer4 banks need 4.6 GiB, over the 4 GiB default
         for decoded in fd.iter_decode(model, layers=layers, dtype="float32", positions="interior"):
             now = time.perf_counter()
             seconds[decoded.layer], last = now - last, now
+            own[decoded.layer], spent[0] = spent[0], 0.0
             routes[decoded.layer] = decoded.plan.route if decoded.plan is not None else "bottom-up"
             pick = np.sort(rng.choice(len(decoded.neurons), min(SAMPLED, len(decoded.neurons)), replace=False))
             kept[decoded.layer] = decoded.filters[pick]
             del decoded
     total = time.perf_counter() - start
     np.savez(out, **{f"f{i}": kept[name] for i, name in enumerate(layers)})
-    print(json.dumps({"seconds": total, "layers": layers, "per_layer": seconds, "routes": routes,
+    print(json.dumps({"seconds": total, "layers": layers, "per_layer": seconds, "conv_seconds": own, "routes": routes,
                       "peak_gib": _vmhwm_gib(), "neurons": None}))
 
 
@@ -154,14 +168,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run(args) -> dict:
+def _baseline_tree(commit: str) -> Path:
+    """``git archive`` of ``commit``'s fdsub_onnx into a temporary folder."""
     base = Path(tempfile.mkdtemp(prefix="fdsub-base-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "fdsub_onnx"], check=True,
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "fdsub_onnx"], check=True,
                              capture_output=True).stdout
     with tempfile.TemporaryFile() as f:
         f.write(archive)
         f.seek(0)
         tarfile.open(fileobj=f).extractall(base, filter="data")
+    return base
+
+
+def run(args) -> dict:
+    base = _baseline_tree(args.baseline)
     rate = sgemm_rate()
     print(f"sgemm 4096^3: {rate / 1e9:.0f} GFLOP/s; baseline {args.baseline} in {base}", flush=True)
     results = {"sgemm_gflops": rate / 1e9, "baseline": args.baseline, "models": {}}
@@ -200,10 +220,16 @@ def run(args) -> dict:
             "per_layer": {layer: (min(f["per_layer"][layer] for f in runs["baseline"]),  # each layer's best round
                                   min(f["per_layer"][layer] for f in runs["this"]), best["this"]["routes"][layer],
                                   diffs[layer]) for layer in layers},
+            # each layer's own composition (inside Engine.conv), best round: what a route change makes faster or
+            # slower, where a step's time also holds the frees and copies of other nodes' banks
+            "per_layer_conv": {layer: (min(f["conv_seconds"][layer] for f in runs["baseline"]),
+                                       min(f["conv_seconds"][layer] for f in runs["this"])) for layer in layers},
             "all_seconds": {side: [f["seconds"] for f in runs[side]] for side in runs},
         }
         slower = [(layer, b, t) for layer, (b, t, _, _) in row["per_layer"].items() if t > 1.1 * b and b > 0.05]
         row["layers_over_10pct_slower"] = slower
+        row["convs_over_10pct_slower"] = [(layer, b, t) for layer, (b, t) in row["per_layer_conv"].items()
+                                          if t > 1.1 * b and b > 0.05]
         results["models"][Path(name).stem if name.endswith(".onnx") else name] = row
         if args.out:  # after each model: a long run stopped halfway keeps what it measured
             partial = Path(args.out).with_suffix(".partial")
@@ -217,7 +243,98 @@ def run(args) -> dict:
               f"{r['speedup']:.2f}x | {r['baseline_gflops']:.0f} / {r['this_gflops']:.0f} | "
               f"{r['baseline_peak_gib']:.2f} / {r['this_peak_gib']:.2f} | {r['max_rel_diff']:.1e} |")
         for layer, b, t in r["layers_over_10pct_slower"]:
-            print(f"  {name} {layer}: {b:.2f} s -> {t:.2f} s (over 10% slower; times under 0.05 s are not counted)")
+            print(f"  {name} {layer}: step {b:.2f} s -> {t:.2f} s (over 10% slower; under 0.05 s not counted)")
+        for layer, b, t in r["convs_over_10pct_slower"]:
+            print(f"  {name} {layer}: its conv {b:.2f} s -> {t:.2f} s (over 10% slower; under 0.05 s not counted)")
+    return results
+
+
+def record_convs(model_file: str, wanted: list[str], out: str) -> None:
+    """Each of ``wanted``'s Engine.conv call as this tree's walker makes it (its weights, groups, step, rows and the
+    input bank's shape; geometry only, nothing composed), pickled into ``out`` for ``conv_child``."""
+    sys.path.insert(0, str(ROOT))
+    import pickle
+
+    import fdsub_onnx as fd
+    from fdsub_onnx.compose.walker import walk
+    from fdsub_onnx.modes.plan import Costs
+
+    class Recorder(Costs):
+        last = None
+
+        def conv(self, bank, weight, bias, groups, step, out_rf, rows=None):
+            r_in = [r - (t - 1) * s for r, t, s in zip(out_rf, np.shape(weight)[2:], step)]
+            shape = (np.shape(weight)[1] * groups, self.image_channels, *r_in)
+            self.last = dict(shape=shape, weight=np.asarray(weight), bias=None if bias is None else np.asarray(bias),
+                             groups=groups, step=tuple(step), out_rf=tuple(out_rf), rows=rows)
+            return super().conv(bank, weight, bias, groups, step, out_rf, rows)
+
+    model, engine, calls = fd.load_model(model_file), Recorder("float32"), {}
+    for node, _ in walk(model, engine, targets=wanted, compose=True):
+        if node.output[0] in wanted and engine.last is not None:
+            calls[node.output[0]], engine.last = engine.last, None
+    with open(out, "wb") as f:
+        pickle.dump([(name, calls[name]) for name in wanted if name in calls], f)
+
+
+def conv_child(tree: str, recorded: str, reps: int) -> None:
+    """Each recorded conv run ``reps`` times on a random bank of its shape with the fdsub_onnx of ``tree``: prints
+    the best time of each as JSON."""
+    sys.path.insert(0, tree)
+    import pickle
+
+    from fdsub_onnx.compose.backend import get_backend
+    from fdsub_onnx.compose.engine import Bank, Engine
+
+    with open(recorded, "rb") as f:
+        calls = pickle.load(f)
+    engine, rng, best = Engine(get_backend("numpy"), "float32"), np.random.default_rng(0), {}
+    for name, call in calls:
+        bank = Bank(rng.standard_normal(call["shape"], dtype=np.float32), np.zeros(call["shape"][0], np.float32))
+        args = (bank, call["weight"], call["bias"], call["groups"], call["step"], call["out_rf"], call["rows"])
+        best[name] = min(_timed(functools.partial(engine.conv, *args)) for _ in range(reps))
+        del bank
+    print(json.dumps(best))
+
+
+def run_convs(args) -> dict:
+    """Layer by layer: each layer's own composition (Engine.conv on a random bank of its input's shape, best of
+    ``--reps`` in a process, processes of the two trees alternating ``--rounds`` times), for the layers of
+    ``--models`` that ``--layers-from`` (an earlier ``--out``) shows not 10% faster (all layers without it)."""
+    base = _baseline_tree(args.baseline)
+    earlier = json.loads(Path(args.layers_from).read_text()) if args.layers_from else {}
+    earlier = {**earlier.get("models", {}), **earlier.get("modern", {}).get("models", earlier.get("modern", {}))}
+    results = {"baseline": args.baseline, "layers": {}}
+    for name in args.models.split(","):
+        path = str(model_path(name))
+        if name in earlier:
+            wanted = [layer for layer, (b, t, *_) in earlier[name]["per_layer"].items() if b >= 0.05 and t > 0.9 * b]
+        else:
+            sys.path.insert(0, str(ROOT))
+            import fdsub_onnx as fd
+
+            wanted = decoded_layers(fd, fd.load_model(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded = os.path.join(tmp, "convs.pkl")
+            subprocess.run([sys.executable, __file__, "record", path, recorded, *wanted], check=True)
+            times = {"baseline": [], "this": []}
+            for r in range(args.rounds):
+                for side in (("baseline", "this") if r % 2 == 0 else ("this", "baseline")):
+                    tree = str(base) if side == "baseline" else str(ROOT)
+                    proc = subprocess.run([sys.executable, __file__, "conv-child", tree, recorded, str(args.reps)],
+                                          check=True, capture_output=True, text=True)
+                    times[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    print(f"  {name} {side}: {sum(times[side][-1].values()):.2f} s in {len(wanted)} convs", flush=True)
+        for layer in times["this"][0]:
+            b, t = (min(run[layer] for run in times[side]) for side in ("baseline", "this"))
+            results["layers"][f"{name} {layer}"] = (b, t)
+        if args.out:
+            partial = Path(args.out).with_suffix(".partial")
+            partial.write_text(json.dumps(results, indent=1))
+            os.replace(partial, args.out)
+    print(f"\n| layer | {args.baseline} s | this s | this / {args.baseline} |\n| --- | --- | --- | --- |")
+    for layer, (b, t) in results["layers"].items():
+        print(f"| {layer} | {b:.3f} | {t:.3f} | {t / b:.2f}{' **over 10% slower**' if t > 1.1 * b else ''} |")
     return results
 
 
@@ -230,6 +347,17 @@ def main(argv=None) -> int:
     c.add_argument("tree")
     c.add_argument("model")
     c.add_argument("out")
+    r = sub.add_parser("record")
+    r.add_argument("model")
+    r.add_argument("out")
+    r.add_argument("layers", nargs="*")
+    cc = sub.add_parser("conv-child")
+    cc.add_argument("tree")
+    cc.add_argument("recorded")
+    cc.add_argument("reps", type=int)
+    parser.add_argument("--convs", action="store_true", help="layer by layer: each layer's own composition")
+    parser.add_argument("--layers-from", help="with --convs: the layers an earlier --out shows not 10%% faster")
+    parser.add_argument("--reps", type=int, default=2, help="with --convs: runs of each conv in a process")
     parser.add_argument("--baseline", default="55f0d0f")
     parser.add_argument("--models", default="vgg19,resnet50,densenet121")
     parser.add_argument("--rounds", type=int, default=2)
@@ -239,6 +367,12 @@ def main(argv=None) -> int:
         prepare(args.names)
     elif args.command == "child":
         child(args.tree, args.model, args.out)
+    elif args.command == "record":
+        record_convs(args.model, args.layers, args.out)
+    elif args.command == "conv-child":
+        conv_child(args.tree, args.recorded, args.reps)
+    elif args.convs:
+        run_convs(args)
     else:
         run(args)  # writes --out after each model
     return 0

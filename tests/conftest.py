@@ -34,3 +34,12 @@ def load(tmp_path_factory):
         return load_proto(proto, tmp_path_factory.mktemp("model"), input_shape)
 
     return _load
+
+
+@pytest.fixture(autouse=True)
+def split_all_work(monkeypatch):
+    """Tests' networks are small: ``on_cores`` would run them in one piece (``SPLIT_BYTES``); splitting every
+    piece of work keeps the multi-core path of each caller under test (a piece's rows, its bounds)."""
+    from fdsub_onnx.compose import backend
+
+    monkeypatch.setattr(backend, "SPLIT_BYTES", 0)

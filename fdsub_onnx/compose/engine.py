@@ -117,7 +117,7 @@ class Engine:
         source = bank.filters
         filters = source if self._may_overwrite(bank) else self.backend.empty(source.shape, self.dtype)
         self.backend.on_cores(lambda a, b: xp.multiply(source[a:b], scale[a:b, None, None, None], out=filters[a:b]),
-                              bank.channels)
+                              bank.channels, filters.nbytes)
         return Bank(filters, bias)
 
     @_passes_none
@@ -181,7 +181,7 @@ class Engine:
             else:
                 filters[a:b, :, y : y + ry, x : x + rx] = source[a:b]
 
-        self.backend.on_cores(rows, bank.channels)
+        self.backend.on_cores(rows, bank.channels, source.nbytes)
 
 
 def _offset(geom: Geometry, out: Geometry) -> Pair:
@@ -267,7 +267,7 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
                 xp.multiply(w[r0:r1, i, j, None, None, None], src, out=scaled)
                 out[r0:r1, :, y : y + ry, x : x + rx] += scaled
 
-    backend.on_cores(part, rows)
+    backend.on_cores(part, rows, rows * out[0].size * out.itemsize)
 
 
 def _conv_reference(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):

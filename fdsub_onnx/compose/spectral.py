@@ -265,7 +265,7 @@ def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratc
             split[y0 : y0 + my, x0 : x0 + mx, a:b, :, : pe - p0, :px] = fine[:, :, :, p0:pe].transpose(2, 4, 0, 1, 3,
                                                                                                        5)
 
-    backend.on_cores(part, c)
+    backend.on_cores(part, c, split.nbytes)
     half, forward = transforms[:2]
     fx, ly = half.shape[1], forward.shape[0] // PARTS
     columns = c * cc * pb * sx
@@ -309,4 +309,4 @@ def _interleave(backend, target, full, step, residues):
                           mx)
             view[:, :, p0:pe] = full[y0 : y0 + my, x0 : x0 + mx, a:b, : pe - p0, :px].transpose(2, 0, 3, 1, 4)
 
-    backend.on_cores(part, target.shape[0])
+    backend.on_cores(part, target.shape[0], target.size * target.itemsize)

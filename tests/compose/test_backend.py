@@ -7,7 +7,8 @@ import time
 import pytest
 from threadpoolctl import threadpool_info
 
-from fdsub_onnx.compose.backend import NumpyBackend, ordered_map
+from fdsub_onnx.compose import backend as backend_module
+from fdsub_onnx.compose.backend import SPLIT_BYTES, NumpyBackend, ordered_map
 
 
 def _blas_threads() -> list[int]:
@@ -101,8 +102,22 @@ def test_on_cores_covers_the_range_once_in_pieces_that_run_at_once(monkeypatch):
         threads.add(threading.current_thread().name)
         both.wait()  # fails (times out) unless the two pieces run at the same time
 
-    NumpyBackend().on_cores(part, 7)
+    NumpyBackend().on_cores(part, 7, SPLIT_BYTES)
     assert sorted(pieces) == [(0, 3), (3, 7)] and len(threads) == 2
+
+
+def test_on_cores_runs_small_work_in_one_piece(monkeypatch):
+    """Handing a piece to a thread costs more than a small piece: VGG19's conv2_1 took 12 ms split, 4.6 in one."""
+    monkeypatch.setattr(NumpyBackend, "workers", 2)
+    monkeypatch.setattr(backend_module, "SPLIT_BYTES", 4 << 20)  # the conftest splits everything
+    pieces, threads = [], set()
+
+    def part(a, b):
+        pieces.append((a, b))
+        threads.add(threading.current_thread().name)
+
+    NumpyBackend().on_cores(part, 7, (4 << 20) - 1)
+    assert pieces == [(0, 7)] and threads == {threading.current_thread().name}
 
 
 def test_on_cores_inside_a_piece_runs_in_one_piece_and_errors_reach_the_caller(monkeypatch):
@@ -111,10 +126,10 @@ def test_on_cores_inside_a_piece_runs_in_one_piece_and_errors_reach_the_caller(m
     backend, inner = NumpyBackend(), []
 
     def part(a, b):
-        backend.on_cores(lambda c, d: inner.append((c, d)), 4)
+        backend.on_cores(lambda c, d: inner.append((c, d)), 4, SPLIT_BYTES)
 
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (backend.on_cores(part, 2), done.set()), daemon=True)
+    worker = threading.Thread(target=lambda: (backend.on_cores(part, 2, SPLIT_BYTES), done.set()), daemon=True)
     worker.start()
     assert done.wait(10), "a nested on_cores deadlocked"
     assert sorted(inner).count((0, 4)) >= 1 and sum(d - c for c, d in inner) == 8
@@ -124,4 +139,4 @@ def test_on_cores_inside_a_piece_runs_in_one_piece_and_errors_reach_the_caller(m
             raise ValueError("piece failed")
 
     with pytest.raises(ValueError, match="piece failed"):
-        backend.on_cores(failing, 4)
+        backend.on_cores(failing, 4, SPLIT_BYTES)
