@@ -12,6 +12,8 @@ of ``--baseline``) and this one ``--rounds`` times; the best time of each is kep
 
     .venv/bin/python benchmarks/bench_compose.py [--baseline 55f0d0f] [--models vgg19,resnet50,densenet121]
         [--rounds 2] [--out benchmarks/results/compose.json]
+    .venv/bin/python benchmarks/bench_compose.py --convs [--models ...] [--layers-from RESULTS.json] [--reps 3]
+        (each layer's own composition timed alone, the trees alternating)
 
 VGG19 is the onnx package's ``light_vgg19`` (no download); ResNet50 and DenseNet121 are torchvision's (random init)
 exported by ``bench_drift.py prepare`` and ``bench_compose.py prepare`` into ``~/.cache/fdsub-bench``.
