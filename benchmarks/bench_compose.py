@@ -233,10 +233,7 @@ def run(args) -> dict:
         row["convs_over_10pct_slower"] = [(layer, b, t) for layer, (b, t) in row["per_layer_conv"].items()
                                           if t > 1.1 * b and b > 0.05]
         results["models"][Path(name).stem if name.endswith(".onnx") else name] = row
-        if args.out:  # after each model: a long run stopped halfway keeps what it measured
-            partial = Path(args.out).with_suffix(".partial")
-            partial.write_text(json.dumps(results, indent=1))
-            os.replace(partial, args.out)
+        _write_results(results, args.out)
     print(f"\n| model | conv layers | direct GFLOP | {args.baseline} s | this s | speedup | GFLOP/s {args.baseline} / "
           f"this (sgemm {rate / 1e9:.0f}) | VmHWM GiB {args.baseline} / this | max rel diff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -249,6 +246,15 @@ def run(args) -> dict:
         for layer, b, t in r["convs_over_10pct_slower"]:
             print(f"  {name} {layer}: its conv {b:.2f} s -> {t:.2f} s (over 10% slower; under 0.05 s not counted)")
     return results
+
+
+def _write_results(results: dict, out: str | None) -> None:
+    """``results`` written to ``out`` (when given) at once, after each model: a long run stopped halfway keeps what
+    it measured."""
+    if out:
+        partial = Path(out).with_suffix(".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        os.replace(partial, out)
 
 
 def record_convs(model_file: str, wanted: list[str], out: str) -> None:
@@ -305,7 +311,7 @@ def run_convs(args) -> dict:
     ``--models`` that ``--layers-from`` (an earlier ``--out``) shows not 10% faster (all layers without it)."""
     base = _baseline_tree(args.baseline)
     earlier = json.loads(Path(args.layers_from).read_text()) if args.layers_from else {}
-    earlier = {**earlier.get("models", {}), **earlier.get("modern", {}).get("models", earlier.get("modern", {}))}
+    earlier = {**earlier.get("models", {}), **earlier.get("modern", {})}
     results = {"baseline": args.baseline, "layers": {}}
     for name in args.models.split(","):
         path = str(model_path(name))
@@ -333,10 +339,7 @@ def run_convs(args) -> dict:
         for layer in times["this"][0]:
             b, t = (min(run[layer] for run in times[side]) for side in ("baseline", "this"))
             results["layers"][f"{name} {layer}"] = (b, t)
-        if args.out:
-            partial = Path(args.out).with_suffix(".partial")
-            partial.write_text(json.dumps(results, indent=1))
-            os.replace(partial, args.out)
+        _write_results(results, args.out)
     print(f"\n| layer | {args.baseline} s | this s | this / {args.baseline} |\n| --- | --- | --- | --- |")
     for layer, (b, t) in results["layers"].items():
         print(f"| {layer} | {b:.3f} | {t:.3f} | {t / b:.2f}{' **over 10% slower**' if t > 1.1 * b else ''} |")

@@ -12,6 +12,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+from fdsub_onnx.compose import backend
+
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
@@ -40,6 +42,4 @@ def load(tmp_path_factory):
 def split_all_work(monkeypatch):
     """Tests' networks are small: ``on_cores`` would run them in one piece (``SPLIT_BYTES``); splitting every
     piece of work keeps the multi-core path of each caller under test (a piece's rows, its bounds)."""
-    from fdsub_onnx.compose import backend
-
     monkeypatch.setattr(backend, "SPLIT_BYTES", 0)

@@ -119,7 +119,7 @@ def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) ->
     (ny, nx), (ly, lx) = _grid(shape, kernel, step)
     phases = image_channels * step[0] * step[1]
     fx = lx // 2 + 1
-    products = 3 * 2 * ly * fx * rows * channels * phases
+    products = PARTS * 2 * ly * fx * rows * channels * phases
     forward = 2 * (2 * fx * nx * ny + 6 * ly * ny * fx)  # per column: along x (real), then along y (complex)
     inverse = 2 * (6 * ly * ly * fx + 2 * lx * fx * ly)
     transforms = phases * (forward * channels + inverse * rows)

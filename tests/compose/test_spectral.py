@@ -125,14 +125,14 @@ def test_the_cost_model_picks_spectral_only_for_thick_phases():
 
 
 def test_the_spectral_route_is_not_taken_where_its_spectra_would_be_thin():
-    """ResNet50's layer4.1.conv2 (512 x 512, R 299, S 32): one image channel's phase spectrum (352 MB) is over
-    the room its banks leave (323 MB). Before residue-row passes the route ran one output row per product there
-    (100 s against kn2row's 8); now it takes 11 residue rows (352 phases; 15 fit, in equal blocks) with every
-    row, and a room too small for thick GEMMs leaves the convolution to kn2row."""
+    """ResNet50's layer4.1.conv2 (512 x 512, R 299, S 32): one image channel's phase spectra (528 MB, Gauss's
+    three operands) are over the room its banks leave (323 MB). Before residue-row passes the route ran one output
+    row per product there (100 s against kn2row's 8); now it takes 8 residue rows (256 phases; 10 fit, in equal
+    blocks) with every row, and a room too small for thick GEMMs leaves the convolution to kn2row."""
     resnet = (512, 512, 3, (299, 299), (3, 3), (32, 32))
-    per_phase = 2 * 12 * 7 * 4
+    per_phase = spectral.PARTS * 12 * 7 * 4  # the per_phase compose and cheaper use
     assert spectral._passes(512, 512, 3, (32, 32), per_phase, 323 << 20) == (
-        [(c, 1, p, min(11, 32 - p)) for c in range(3) for p in range(0, 32, 11)], 512)
+        [(c, 1, p, 8) for c in range(3) for p in range(0, 32, 8)], 512)
     assert spectral.cheaper(*resnet, room_bytes=323 << 20)
     assert not spectral.cheaper(*resnet, room_bytes=40 << 20)  # one residue row a pass: 32 phases
     assert not spectral.cheaper(*resnet, room_bytes=11 << 20)  # and one output row a product
