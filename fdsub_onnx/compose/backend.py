@@ -193,14 +193,16 @@ class Workspace:
         self.backend = backend
         self._local = threading.local()
 
-    def take(self, role: str, shape, dtype):
-        """An uninitialized array of ``shape``, the same memory as the last one of ``role`` when it fits."""
+    def take(self, role: str, shape, dtype, reserve: int = 0):
+        """An uninitialized array of ``shape``, the same memory as the last one of ``role`` when it fits; made with at
+        least ``reserve`` bytes where it is made anew, so that later, larger requests up to it fit (each layer's
+        spectra a little larger than the last's made VGG19's conv5 layers fault in 1 GB of fresh pages each)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         flat = buffers.get(role)
         if flat is None or flat.nbytes < size:
             buffers[role] = None  # the old one is freed before the larger one is made
-            flat = buffers[role] = self.backend.empty((size,), np.uint8)
+            flat = buffers[role] = self.backend.empty((max(size, reserve),), np.uint8)
         return flat[:size].view(dtype).reshape(shape)
 
 

@@ -54,10 +54,22 @@ def _dft(n: tuple, size: tuple, dtype: str) -> np.ndarray:
     return np.concatenate([np.cos(angle) + np.sin(angle), np.cos(angle), np.sin(angle)]).astype(dtype)
 
 
+def _kept(size: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The frequencies (flat, y major) whose products are made, and the others: the phases and the weights are real,
+    so along x frequency 0 and, on an even grid, L_x / 2 the spectrum is Hermitian along y (``S[-f_y] =
+    conj(S[f_y])``) and the y frequencies over L_y / 2 repeat others (VGG19's deepest layer: 130 of 144)."""
+    ly, lx = size
+    fx = lx // 2 + 1
+    flat = np.arange(ly * fx).reshape(ly, fx)
+    repeated = np.zeros((ly, fx), bool)
+    repeated[ly // 2 + 1 :, _edges(lx)] = True
+    return flat[~repeated], flat[repeated]
+
+
 @functools.lru_cache(maxsize=64)
 def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
     """The 2-D transforms one axis at a time (several times fewer FLOPs than ``_dft``'s dense matrices; the same
-    layouts): ``(half, forward, inverse, back)``.
+    layouts): ``(half, forward, inverse, back, folded)``.
 
     - ``half`` [2, F_x, n_x]: real and imaginary parts of the DFT along x (half spectrum, F_x = L_x // 2 + 1);
     - ``forward`` [3 L_y, 2 n_y]: the complex DFT along y as a real matrix on (re, im)-stacked rows, its output
@@ -66,7 +78,10 @@ def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
       ``k1 - k3``, imaginary ``k1 + k2``), its output rows ordered (y, re/im);
     - ``back`` [L_x, 2 F_x]: the real inverse along x of a half spectrum (its columns re then im), scaled by
       1 / (L_y L_x); the other half is the first's conjugate, so columns count twice but for x frequency 0 and,
-      on an even grid, L_x / 2.
+      on an even grid, L_x / 2;
+    - ``folded``: ``inverse`` for those two x frequencies, whose y frequencies over L_y / 2 are not made (``_kept``):
+      their spectrum is Hermitian along y, so its inverse is real, each y frequency below L_y / 2 counting twice
+      for itself and its conjugate (the imaginary rows are zeros).
     """
     (ny, nx), (ly, lx) = n, size
     fx = lx // 2 + 1
@@ -79,13 +94,19 @@ def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
     a, b = np.cos(theta), np.sin(theta)  # real part out: a re - b im; imaginary: b re + a im
     inverse = np.stack([np.concatenate([a - b, -b, -a], axis=1), np.concatenate([a + b, a, -b], axis=1)],
                        axis=1).reshape(2 * ly, PARTS * ly)
+    counts = np.where(np.arange(ly) < ly - np.arange(ly), 2.0, 0.0)  # below L_y / 2: itself and its conjugate
+    counts[0] = 1.0
+    if ly % 2 == 0:
+        counts[ly // 2] = 1.0
+    folded = inverse.reshape(ly, 2, PARTS, ly) * counts
+    folded[:, 1] = 0.0
     twice = np.full(fx, 2.0)
     twice[0] = 1.0
     if lx % 2 == 0:
         twice[-1] = 1.0
     angle = 2 * np.pi * np.outer(np.arange(lx), np.arange(fx)) / lx
     back = np.concatenate([np.cos(angle) * twice, -np.sin(angle) * twice], axis=1) / (ly * lx)
-    return tuple(m.astype(dtype) for m in (half, forward, inverse, back))
+    return tuple(m.astype(dtype) for m in (half, forward, inverse, back, folded.reshape(2 * ly, PARTS * ly)))
 
 
 def _grid(shape, kernel, step):
@@ -119,7 +140,7 @@ def flops(rows: int, channels: int, image_channels: int, shape, kernel, step) ->
     (ny, nx), (ly, lx) = _grid(shape, kernel, step)
     phases = image_channels * step[0] * step[1]
     fx = lx // 2 + 1
-    products = PARTS * 2 * ly * fx * rows * channels * phases
+    products = PARTS * 2 * len(_kept((ly, lx))[0]) * rows * channels * phases
     forward = 2 * (2 * fx * nx * ny + 6 * ly * ny * fx)  # per column: along x (real), then along y (complex)
     inverse = 2 * (6 * ly * ly * fx + 2 * lx * fx * ly)
     transforms = phases * (forward * channels + inverse * rows)
@@ -162,8 +183,8 @@ def _saving(rows, channels, image_channels, shape, kernel, step, itemsize=4, roo
         out_shape = [r + (t - 1) * s for r, t, s in zip(shape, kernel, step)]
         room_bytes = room(TEMP_BYTES, channels * image_channels * shape[0] * shape[1] * itemsize,
                           rows * image_channels * out_shape[0] * out_shape[1] * itemsize)
-    per_phase = PARTS * ly * (lx // 2 + 1) * itemsize
-    passes, chunk = _passes(rows, channels, image_channels, step, per_phase, room_bytes)
+    passes, chunk, _ = _plan(rows, channels, image_channels, step, (ly * (lx // 2 + 1), len(_kept((ly, lx))[0])),
+                             itemsize, room_bytes)
     _, cc, _, pb = passes[0]
     if cc * pb * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
         return None
@@ -186,30 +207,40 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     (ny, nx), (ly, lx) = _grid((ry, rx), (ky, kx), step)
     name = np.dtype(dtype).name
     transforms = tuple(backend.asarray(m, dtype) for m in _separable((ny, nx), (ly, lx), name))
-    weights = backend.asarray(_dft((ky, kx), (ly, lx), name), dtype)
-    freqs = weights.shape[0] // PARTS
-    fx = freqs // ly
+    fx = lx // 2 + 1
+    freqs = ly * fx
+    kept, repeated = _kept((ly, lx))
+    weights = _dft((ky, kx), (ly, lx), name).reshape(PARTS, freqs, ky * kx)[:, kept]
+    weights = backend.asarray(weights.reshape(PARTS * len(kept), ky * kx), dtype)
     itemsize = np.dtype(dtype).itemsize
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
-    passes, rows = _passes(k, c, c_img, step, PARTS * freqs * itemsize, temp_bytes)
+    passes, rows, once = _plan(k, c, c_img, step, (freqs, len(kept)), itemsize, temp_bytes)
     most = max(pb * cc for _, cc, _, pb in passes) * sx  # phases of the thickest pass
     # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
     # and, with every row at once, the inverse along y in one; the transform along x, the products and the
-    # inverse along x in the other.
-    one = workspace.take("spectra", (PARTS * freqs * (max(c, k) if rows == k else c) * most,), dtype)
-    other = workspace.take("products", (PARTS * freqs * max(c, rows) * most,), dtype)
-    apart = None if rows == k else workspace.take("along_y", (2 * freqs * rows * most,), dtype)
+    # inverse along x in the other. With the weights' operands made once for all passes (``_plan``), or the block
+    # of them each pass makes, they are cut from one flat buffer as large as ``temp_bytes``, the same for every
+    # layer of a decode (``Workspace.take``'s reserve).
+    block = _block(len(kept), rows, c, most, itemsize)
+    sizes = [PARTS * freqs * (max(c, k) if rows == k else c) * most, PARTS * freqs * max(c, rows) * most,
+             0 if rows == k else 2 * freqs * rows * most,
+             PARTS * len(kept) * k * c if once else -(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE * rows * c]
+    one, other, apart, weights_room = _cut(workspace.take("spectral", (sum(sizes),), dtype, temp_bytes), sizes)
+    made = None  # the weights' operands [PARTS, kept, K, C], where they are made once for every pass
+    if once:
+        made = backend.matmul(weights, tap_major, out=weights_room.reshape(PARTS * len(kept), k * c))
+        made = made.reshape(PARTS, len(kept), k, c)
     for c0, cc, p0, pb in passes:
         phases = cc * pb * sx
         spectrum = _phase_spectrum(backend, transforms, source[:, c0 : c0 + cc], (ny, nx), step, (p0, pb), one,
                                    other)
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
-            product = _products(backend, workspace, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n,
-                                other)
-            along_y = backend.matmul(transforms[2], product.reshape(PARTS * ly, fx * n * phases),
-                                     out=_part(one if apart is None else apart, (2 * ly, fx * n * phases)))
+            product = _products(backend, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n, other,
+                                (kept, repeated), made[:, :, k0 : k0 + n] if once else weights_room, block)
+            along_y = _inverse_y(backend, transforms, product.reshape(PARTS * ly, fx, n * phases),
+                                 _part(one if rows == k else apart, (2 * ly, fx, n * phases)), lx)
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
             full = backend.matmul(transforms[3], along_y, out=_part(other, (ly, lx, n * phases)))
             full = full.reshape(ly, lx, n, cc, pb, sx)
@@ -218,9 +249,53 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
                             (p0, pb))
 
 
+def _edges(lx: int) -> list[int]:
+    """The x frequencies whose spectrum is Hermitian along y: 0 and, on an even grid, L_x / 2."""
+    return [0] + ([lx // 2] if lx % 2 == 0 and lx > 1 else [])
+
+
+def _inverse_y(backend, transforms, product, into, lx: int):
+    """The inverse along y [2 L_y, F_x, m] of the products [PARTS L_y, F_x, m], in blocks of x frequencies:
+    ``folded`` (``_separable``) for the ``_edges``, whose repeated y frequencies (``_kept``) hold zeros, and
+    ``inverse`` for the others."""
+    inverse, folded = transforms[2], transforms[4]
+    edges, fx = _edges(lx), product.shape[1]
+    inner = (1, edges[1] if len(edges) > 1 else fx)
+    for (a, b), matrix in [((0, 1), folded), (inner, inverse)] + ([((fx - 1, fx), folded)] if len(edges) > 1 else []):
+        if b > a:
+            backend.matmul(matrix, product[:, a:b].reshape(product.shape[0], -1),
+                           out=into[:, a:b].reshape(into.shape[0], -1))
+    return into
+
+
+def _block(kept: int, rows: int, c: int, phases: int, itemsize: int) -> int:
+    """The frequencies whose weights' operands are made at once where each pass makes them (``BLOCK_BYTES``)."""
+    return max(1, min(kept, BLOCK_BYTES // (PARTS * rows * max(c, phases) * itemsize)))
+
+
+def _cut(buffer, sizes):
+    """Consecutive pieces of a flat buffer, of ``sizes`` elements each."""
+    ends = np.cumsum([0, *sizes])
+    return [buffer[a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+
 def _part(buffer, shape):
     """The first ``prod(shape)`` elements of a flat buffer, as an array of ``shape``."""
     return buffer[: int(np.prod(shape))].reshape(shape)
+
+
+def _plan(k: int, c: int, c_img: int, step, freqs: tuple[int, int], itemsize: int, temp_bytes: int):
+    """``_passes``'s cut and whether the weights' operands of every kept frequency are made once for all passes
+    (``freqs``: all and kept) rather than remade by each, a block at a time: where they take at most half of
+    ``temp_bytes`` and the passes' share left cuts them no finer (VGG19's conv5_4 alone, 6 passes, with a room
+    for its 408 MB: 2.2 -> 1.8 s; a larger room costs more than that in a whole decode, see docs/method.md)."""
+    per_phase, made = PARTS * freqs[0] * itemsize, PARTS * freqs[1] * k * c * itemsize
+    each = _passes(k, c, c_img, step, per_phase, temp_bytes)
+    if made <= temp_bytes // 2:
+        once = _passes(k, c, c_img, step, per_phase, temp_bytes - made)
+        if len(once[0]) <= len(each[0]) and once[1] == each[1]:
+            return *once, True
+    return *each, False
 
 
 def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
@@ -279,24 +354,35 @@ def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratc
     return spectrum.reshape(PARTS, ly * fx, c, cc * pb * sx)
 
 
-def _products(backend, workspace, weights, tap_major, spectrum, k, into):
-    """[PARTS, F, K, phases] in the flat buffer ``into``: per frequency, Gauss's three real products of the weights'
-    operands [K, C] with the phases' [C, phases]; the weights' are made a block of frequencies at a time."""
+def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made, block):
+    """[PARTS, F, K, phases] in the flat buffer ``into``: per kept frequency (``frequencies``: ``_kept``'s kept and
+    repeated), Gauss's three real products of the weights' operands [K, C] with the phases' [C, phases], zeros at
+    the repeated ones. ``made``: the weights' operands [PARTS, kept, K, C] made once for every pass (``_plan``), or
+    a flat buffer where they are made here ``block`` frequencies at a time from ``weights`` [PARTS kept, taps] and
+    ``tap_major``."""
     _, freqs, c, phases = spectrum.shape
+    kept, repeated = frequencies
     dtype = spectrum.dtype
     product = _part(into, (PARTS, freqs, k, phases))
-    block = max(1, min(freqs, BLOCK_BYTES // (PARTS * k * max(c, phases) * dtype.itemsize)))
-    padded = -(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE
-    w_flat = workspace.take("w", (padded, k * c), dtype)
-    pad = backend.zeros((ROW_MULTIPLE, weights.shape[1]), dtype)
-    for f0 in range(0, freqs, block):
-        b = min(block, freqs - f0)
-        n = -(-PARTS * b // ROW_MULTIPLE) * ROW_MULTIPLE  # zero rows up to a multiple: OpenBLAS's fast kernels
-        rows = backend.xp.concatenate([weights[j * freqs + f0 : j * freqs + f0 + b] for j in range(PARTS)]
-                                      + [pad[: n - PARTS * b]])
-        spec = backend.matmul(rows, tap_major, out=w_flat[:n])[: PARTS * b].reshape(PARTS, b, k, c)
-        for j in range(PARTS):
-            backend.matmul(spec[j], spectrum[j, f0 : f0 + b], out=product[j, f0 : f0 + b])
+    product[:, repeated] = 0
+    each_pass = made.ndim == 1
+    if each_pass:
+        w_flat = _part(made, (-(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE, k * c))
+        pad = backend.zeros((ROW_MULTIPLE, weights.shape[1]), dtype)
+    else:
+        block = len(kept)
+    for f0 in range(0, len(kept), block):
+        b = min(block, len(kept) - f0)
+        if each_pass:
+            n = -(-PARTS * b // ROW_MULTIPLE) * ROW_MULTIPLE  # zero rows up to a multiple: OpenBLAS's fast kernels
+            rows = backend.xp.concatenate([weights[j * len(kept) + f0 : j * len(kept) + f0 + b] for j in range(PARTS)]
+                                          + [pad[: n - PARTS * b]])
+            spec = backend.matmul(rows, tap_major, out=w_flat[:n])[: PARTS * b].reshape(PARTS, b, k, c)
+        else:
+            spec = made[:, f0 : f0 + b]
+        for i, f in enumerate(kept[f0 : f0 + b]):
+            for j in range(PARTS):
+                backend.matmul(spec[j, i], spectrum[j, f], out=product[j, f])
     return product
 
 

@@ -14,7 +14,7 @@ from netgen import linear_zoo, relu_zoo, run_ort
 
 import fdsub_onnx as fd
 from fdsub_onnx.compose import spectral
-from fdsub_onnx.compose.backend import get_backend
+from fdsub_onnx.compose.backend import Workspace, get_backend
 from fdsub_onnx.compose.engine import _conv_fast, _conv_reference
 from fdsub_onnx.modes.plan import Costs
 
@@ -90,29 +90,64 @@ def test_spectral_route_equals_kn2row_on_random_shapes(k, c, image, ry, rx, ky, 
 
 def test_chunked_spectra_give_the_same_filters(monkeypatch):
     """A small memory budget splits image channels, residue rows, output rows (their inverse along y in a
-    buffer of its own) and frequency blocks (a last, shorter block): every piece must land where the unchunked
-    composition puts it."""
+    buffer of its own) and frequency blocks (a last, shorter block), with the weights' operands made once for all
+    passes or remade in each: every piece must land where the unchunked composition puts it."""
     rng = np.random.default_rng(5)
     d_in, weight = rng.standard_normal((3, 3, 21, 19)).astype(np.float32), rng.standard_normal((7, 3, 3, 3))
     weight = weight.astype(np.float32)
     whole = np.zeros((7, 3, 21 + 16, 19 + 16), np.float32)
     spectral.compose(NUMPY, whole, d_in, weight, (8, 8), np.float32, 1 << 30)
-    monkeypatch.setattr(spectral, "BLOCK_BYTES", 3 * 7 * 64 * 4 * 4)  # blocks of 4 of the 15 frequencies
+    monkeypatch.setattr(spectral, "BLOCK_BYTES", 3 * 1 * 8 * 4 * 4)  # one row, 8 phases: blocks of 4 of 13 kept
     per_phase = spectral.PARTS * 15 * 4  # one channel's (or row's) spectra of one phase: a 5 x 5 grid, 15 frequencies
+    made = spectral.PARTS * 13 * 7 * 3 * 4  # the weights' operands at the 13 kept frequencies (2 repeat others)
     both = 2 * 7  # two buffers, each as large as the larger of the channels (3) and the rows (7)
-    cuts = []
-    monkeypatch.setattr(spectral, "_passes", lambda *a, cut=spectral._passes: cuts.append(a[4]) or cut(*a))
-    for room, cut in [(per_phase * both * 64 * 2, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7)),
-                      (per_phase * both * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7)),
-                      (per_phase * both * 8 - 1, ([(c, 1, p, 1) for c in range(3) for p in range(8)], 4))]:
-        assert spectral._passes(7, 3, 3, (8, 8), per_phase, room) == cut
+    plans = []
+    plan = spectral._plan
+    monkeypatch.setattr(spectral, "_plan", lambda *a: plans.append((a[-1], plan(*a))) or plans[-1][1])
+    residue_rows = [(c, 1, p, 1) for c in range(3) for p in range(8)]
+    for room, cut, once in [
+            (per_phase * both * 64 * 2 + made, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7), True),
+            (per_phase * both * 64 - 1 + made, ([(c, 1, 0, 8) for c in range(3)], 7), False),  # made once: finer
+            (per_phase * both * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7), True),
+            (per_phase * both * 8 - 1, (residue_rows, 4), True),
+            (2 * made - 1, (residue_rows, 1), False)]:
+        assert spectral._plan(7, 3, 3, (8, 8), (15, 13), 4, room) == (*cut, once)
         chunked = np.zeros_like(whole)
         spectral.compose(NUMPY, chunked, d_in, weight, (8, 8), np.float32, room)
-        assert cuts[-1] == per_phase  # the cut asserted is the one compose takes
+        assert plans[-1] == (room, (*cut, once))  # the cut asserted is the one compose takes
         assert relative(chunked, whole) <= 1e-6, cut
     ref = composed("reference", d_in.astype(np.float64), weight.astype(np.float64), np.arange(7), 1, (8, 8),
                    "float64")
     assert relative(whole, ref) <= 1e-5
+
+
+class CountingProducts(type(NUMPY)):
+    """The NumPy backend, counting the per-frequency products (GEMMs into a [K, phases] output)."""
+
+    def __init__(self, k, phases):
+        self.shape, self.products = (k, phases), 0
+
+    def matmul(self, a, b, out=None):
+        self.products += out is not None and out.shape == self.shape and a.shape[0] == self.shape[0]
+        return super().matmul(a, b, out=out)
+
+
+@pytest.mark.parametrize("ry, rx, kept", [(21, 19, 13), (16, 16, 10), (21, 16, 11)])
+def test_repeated_frequencies_are_not_multiplied(ry, rx, kept):
+    """The phases and weights are real: along x frequency 0 (and L_x / 2 on an even grid) the y frequencies over
+    L_y / 2 repeat others' conjugates, and are not multiplied (5 x 5 grid: 13 of 15; 4 x 4: 10 of 12; 5 x 4: 11
+    of 15); the filters stay the definition's."""
+    rng = np.random.default_rng(2)
+    d_in, weight = rng.standard_normal((5, 3, ry, rx)), rng.standard_normal((6, 5, 3, 3))
+    backend = CountingProducts(6, 3 * 8 * 8)
+    out = np.zeros((6, 3, ry + 16, rx + 16))
+    workspace = Workspace(backend)
+    workspace.take("products", (1 << 20,), np.float64)[:] = np.nan  # a buffer's last contents are not zeros
+    spectral.compose(backend, out, d_in, weight, (8, 8), np.float64, 1 << 30, workspace)
+    assert len(spectral._kept(spectral._grid((ry, rx), (3, 3), (8, 8))[1])[0]) == kept
+    assert backend.products == spectral.PARTS * kept
+    ref = composed("reference", d_in, weight, np.arange(6), 1, (8, 8), "float64")
+    assert relative(out[:, :, : ry + 16, : rx + 16], ref) <= 1e-10
 
 
 def test_the_cost_model_picks_spectral_only_for_thick_phases():
