@@ -226,7 +226,8 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     sizes = [PARTS * freqs * (max(c, k) if rows == k else c) * most, PARTS * freqs * max(c, rows) * most,
              0 if rows == k else 2 * freqs * rows * most,
              PARTS * len(kept) * k * c if once else -(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE * rows * c]
-    one, other, apart, weights_room = _cut(workspace.take("spectral", (sum(sizes),), dtype, temp_bytes), sizes)
+    reserve = temp_bytes + 2 * BLOCK_BYTES  # the passes' buffers, and a block of weights' operands with its pad
+    one, other, apart, weights_room = _cut(workspace.take("spectral", (sum(sizes),), dtype, reserve), sizes)
     made = None  # the weights' operands [PARTS, kept, K, C], where they are made once for every pass
     if once:
         made = backend.matmul(weights, tap_major, out=weights_room.reshape(PARTS * len(kept), k * c))
@@ -364,7 +365,8 @@ def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made,
     kept, repeated = frequencies
     dtype = spectrum.dtype
     product = _part(into, (PARTS, freqs, k, phases))
-    product[:, repeated] = 0
+    for f in repeated:  # basic indexing: the same on NumPy and CuPy
+        product[:, f] = 0
     each_pass = made.ndim == 1
     if each_pass:
         w_flat = _part(made, (-(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE, k * c))
