@@ -185,8 +185,7 @@ def _saving(rows, channels, image_channels, shape, kernel, step, itemsize=4, roo
                           rows * image_channels * out_shape[0] * out_shape[1] * itemsize)
     passes, chunk, _ = _plan(rows, channels, image_channels, step, (ly * (lx // 2 + 1), len(_kept((ly, lx))[0])),
                              itemsize, room_bytes)
-    _, cc, _, pb = passes[0]
-    if cc * pb * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
+    if sum(pb for _, _, pb in passes[0]) * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
         return None
     spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
     return spectral / direct if spectral < MARGIN * direct else None
@@ -216,7 +215,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
     passes, rows, once = _plan(k, c, c_img, step, (freqs, len(kept)), itemsize, temp_bytes)
-    most = max(pb * cc for _, cc, _, pb in passes) * sx  # phases of the thickest pass
+    most = max(sum(pb for _, _, pb in pieces) for pieces in passes) * sx  # phases of the thickest pass
     # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
     # and, with every row at once, the inverse along y in one; the transform along x, the products and the
     # inverse along x in the other. With the weights' operands made once for all passes (``_plan``), or the block
@@ -232,10 +231,9 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     if once:
         made = backend.matmul(weights, tap_major, out=weights_room.reshape(PARTS * len(kept), k * c))
         made = made.reshape(PARTS, len(kept), k, c)
-    for c0, cc, p0, pb in passes:
-        phases = cc * pb * sx
-        spectrum = _phase_spectrum(backend, transforms, source[:, c0 : c0 + cc], (ny, nx), step, (p0, pb), one,
-                                   other)
+    for pieces in passes:
+        phases = sum(pb for _, _, pb in pieces) * sx
+        spectrum = _phase_spectrum(backend, transforms, source, (ny, nx), step, pieces, one, other)
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
             product = _products(backend, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n, other,
@@ -244,10 +242,8 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
                                  _part(one if rows == k else apart, (2 * ly, fx, n * phases)), lx)
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
             full = backend.matmul(transforms[3], along_y, out=_part(other, (ly, lx, n * phases)))
-            full = full.reshape(ly, lx, n, cc, pb, sx)
-            for i in range(cc):
-                _interleave(backend, out[k0 : k0 + n, c0 + i, : size[0], : size[1]], full[:, :, :, i], step,
-                            (p0, pb))
+            for (i, p0, pb), piece in zip(pieces, _pieces(full.reshape(ly, lx, n, phases), pieces, sx)):
+                _interleave(backend, out[k0 : k0 + n, i, : size[0], : size[1]], piece, step, (p0, pb))
 
 
 def _edges(lx: int) -> list[int]:
@@ -300,18 +296,27 @@ def _plan(k: int, c: int, c_img: int, step, freqs: tuple[int, int], itemsize: in
 
 
 def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
-    """How the phases are cut to fit ``temp_bytes``: ``[(first image channel, image channels, first residue row,
-    residue rows)]`` and the output rows per product. ``per_phase``: the bytes of one channel's or row's spectrum
-    of one phase; ``compose``'s two buffers hold the larger of the channels and the rows each. Whole image channels
-    with every row where they fit, else blocks of residue rows of one image channel, else one residue row and the
+    """How the phases are cut to fit ``temp_bytes``: the passes, each a list of pieces ``(image channel, first
+    residue row, residue rows)``, and the output rows per product. ``per_phase``: the bytes of one channel's or
+    row's spectrum of one phase; ``compose``'s two buffers hold the larger of the channels and the rows each. Whole
+    image channels with every row where they fit, else blocks of residue rows of one image channel, or where that
+    takes fewer passes the residue rows of all image channels in one sequence cut in equal passes (a pass may end
+    one channel and start the next: VGG19's conv5_3 runs 4 passes of 12 rows where blocks of 8 within a channel ran
+    6, 1.64 -> 1.53 s alone; at an equal count the blocks' copies are faster), else one residue row a pass and the
     rows a few at a time (their inverse along y in a third buffer)."""
     sy, sx = step
     fit = temp_bytes // (2 * max(c, k) * per_phase)  # phases that fit with every row
-    if fit >= sy * sx:
+    if fit >= sy * sx:  # whole image channels
         cc = equal_chunks(c_img, fit // (sy * sx))
-        return [(c0, min(cc, c_img - c0), 0, sy) for c0 in range(0, c_img, cc)], k
-    pb = equal_chunks(sy, max(1, fit // sx))
-    passes = [(c0, 1, p0, min(pb, sy - p0)) for c0 in range(c_img) for p0 in range(0, sy, pb)]
+        passes = [[(i, 0, sy) for i in range(c0, min(c0 + cc, c_img))] for c0 in range(0, c_img, cc)]
+    else:  # blocks of residue rows within an image channel
+        pb = equal_chunks(sy, max(1, fit // sx))
+        passes = [[(i, p0, min(pb, sy - p0))] for i in range(c_img) for p0 in range(0, sy, pb)]
+    total = c_img * sy  # or the residue rows of all image channels in one sequence, where that takes fewer passes
+    per = equal_chunks(total, max(1, fit // sx))
+    if -(-total // per) < len(passes):
+        passes = [[(i, max(a, i * sy) - i * sy, min(a + per, total, (i + 1) * sy) - max(a, i * sy))
+                   for i in range(a // sy, -(-min(a + per, total) // sy))] for a in range(0, total, per)]
     if fit >= sx:
         return passes, k
     x = per_phase * sx
@@ -321,38 +326,51 @@ def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
     return passes, equal_chunks(k, max(1, min(k, rows)))
 
 
-def _phase_spectrum(backend, transforms, source, n, step, residues, into, scratch):
+def _pieces(array, pieces, sx: int):
+    """Views of ``array`` [..., phases] as [..., residue rows, residue columns], one per piece of a pass (``_passes``:
+    its phases are the pieces' one after the other)."""
+    views, first = [], 0
+    for _, _, pb in pieces:
+        views.append(array[..., first : first + pb * sx].reshape(*array.shape[:-1], pb, sx))
+        first += pb * sx
+    return views
+
+
+def _phase_spectrum(backend, transforms, source, n, step, pieces, into, scratch):
     """[PARTS, F, C, phases]: the spectrum (Gauss's operands) of the phases of ``source`` [C, C_image, R_y, R_x]
-    (fine grid split by residue modulo ``step``) whose residue y is in ``residues`` (first, count); phases ordered
-    (image channel, residue y, residue x). Made in the flat buffer ``into`` (the split phases first), through
-    ``scratch``."""
-    c, cc, ry, rx = source.shape
-    (ny, nx), (sy, sx), (p0, pb) = n, step, residues
-    split = _part(into, (ny, nx, c, cc, pb, sx))  # [coarse y, coarse x, channel, phase]
-    if ry % sy and ry % sy < p0 + pb:  # the last coarse row's phases beyond the bank are zeros
-        split[-1, :, :, :, max(0, ry % sy - p0) :] = 0
-    if rx % sx:
-        split[:, -1, :, :, :, rx % sx :] = 0
+    (fine grid split by residue modulo ``step``) in a pass's ``pieces`` (``_passes``: image channel, first residue
+    row, residue rows); phases ordered (piece, residue y, residue x). Made in the flat buffer ``into`` (the split
+    phases first), through ``scratch``."""
+    c, _, ry, rx = source.shape
+    (ny, nx), (sy, sx) = n, step
+    phases = sum(pb for _, _, pb in pieces) * sx
+    split = _part(into, (ny, nx, c, phases))  # [coarse y, coarse x, channel, phase]
+    views = _pieces(split, pieces, sx)
+    for (_, p0, pb), view in zip(pieces, views):
+        if ry % sy and ry % sy < p0 + pb:  # the last coarse row's phases beyond the bank are zeros
+            view[-1, :, :, max(0, ry % sy - p0) :] = 0
+        if rx % sx:
+            view[:, -1, :, :, rx % sx :] = 0
 
     def part(a, b):  # channels a:b
-        for (y0, my, py), (x0, mx, px) in _regions((ry, rx), step):
-            if py <= p0:
-                continue
-            fine = _cells(backend.xp, source[a:b, :, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px], my,
-                          mx)
-            pe = min(py, p0 + pb)
-            split[y0 : y0 + my, x0 : x0 + mx, a:b, :, : pe - p0, :px] = fine[:, :, :, p0:pe].transpose(2, 4, 0, 1, 3,
-                                                                                                       5)
+        for (i, p0, pb), view in zip(pieces, views):
+            for (y0, my, py), (x0, mx, px) in _regions((ry, rx), step):
+                if py <= p0:
+                    continue
+                fine = _cells(backend.xp, source[a:b, i, y0 * sy : y0 * sy + my * py, x0 * sx : x0 * sx + mx * px],
+                              my, mx)
+                pe = min(py, p0 + pb)
+                view[y0 : y0 + my, x0 : x0 + mx, a:b, : pe - p0, :px] = fine[:, :, p0:pe].transpose(1, 3, 0, 2, 4)
 
     backend.on_cores(part, c, split.nbytes)
     half, forward = transforms[:2]
     fx, ly = half.shape[1], forward.shape[0] // PARTS
-    columns = c * cc * pb * sx
+    columns = c * phases
     along_x = backend.matmul(half[:, None], split.reshape(1, ny, nx, columns),
                              out=_part(scratch, (2, ny, fx, columns)))  # [re/im, y, x frequency]
     spectrum = backend.matmul(forward, along_x.reshape(2 * ny, fx * columns),
                               out=_part(into, (PARTS * ly, fx * columns)))
-    return spectrum.reshape(PARTS, ly * fx, c, cc * pb * sx)
+    return spectrum.reshape(PARTS, ly * fx, c, phases)
 
 
 def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made, block):

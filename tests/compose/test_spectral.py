@@ -89,9 +89,10 @@ def test_spectral_route_equals_kn2row_on_random_shapes(k, c, image, ry, rx, ky, 
 
 
 def test_chunked_spectra_give_the_same_filters(monkeypatch):
-    """A small memory budget splits image channels, residue rows, output rows (their inverse along y in a
-    buffer of its own) and frequency blocks (a last, shorter block), with the weights' operands made once for all
-    passes or remade in each: every piece must land where the unchunked composition puts it."""
+    """A small memory budget splits the residue rows into passes (one ending an image channel and starting the
+    next), output rows (their inverse along y in a buffer of its own) and frequency blocks (a last, shorter block),
+    with the weights' operands made once for all passes or remade in each: every piece must land where the unchunked
+    composition puts it."""
     rng = np.random.default_rng(5)
     d_in, weight = rng.standard_normal((3, 3, 21, 19)).astype(np.float32), rng.standard_normal((7, 3, 3, 3))
     weight = weight.astype(np.float32)
@@ -104,11 +105,14 @@ def test_chunked_spectra_give_the_same_filters(monkeypatch):
     plans = []
     plan = spectral._plan
     monkeypatch.setattr(spectral, "_plan", lambda *a: plans.append((a[-1], plan(*a))) or plans[-1][1])
-    residue_rows = [(c, 1, p, 1) for c in range(3) for p in range(8)]
+    residue_rows = [[(c, p, 1)] for c in range(3) for p in range(8)]  # passes of pieces (image channel, rows)
     for room, cut, once in [
-            (per_phase * both * 64 * 2 + made, ([(0, 2, 0, 8), (2, 1, 0, 8)], 7), True),
-            (per_phase * both * 64 - 1 + made, ([(c, 1, 0, 8) for c in range(3)], 7), False),  # made once: finer
-            (per_phase * both * 64 - 1, ([(c, 1, p, 4) for c in range(3) for p in (0, 4)], 7), True),
+            (per_phase * both * 64 * 2 + made, ([[(0, 0, 8), (1, 0, 8)], [(2, 0, 8)]], 7), True),  # whole channels
+            (per_phase * both * 64 - 1 + made, ([[(c, 0, 8)] for c in range(3)], 7), False),  # made once: finer
+            (per_phase * both * 64 - 1, ([[(0, 0, 6)], [(0, 6, 2), (1, 0, 4)], [(1, 4, 4), (2, 0, 2)], [(2, 2, 6)]],
+                                         7), True),  # 4 passes across channels, where blocks in each took 6
+            (per_phase * both * 40, ([[(0, 0, 5)], [(0, 5, 3), (1, 0, 2)], [(1, 2, 5)], [(1, 7, 1), (2, 0, 4)],
+                                      [(2, 4, 4)]], 7), False),  # a shorter last pass
             (per_phase * both * 8 - 1, (residue_rows, 4), True),
             (2 * made - 1, (residue_rows, 1), False)]:
         assert spectral._plan(7, 3, 3, (8, 8), (15, 13), 4, room) == (*cut, once)
@@ -162,12 +166,16 @@ def test_the_cost_model_picks_spectral_only_for_thick_phases():
 def test_the_spectral_route_is_not_taken_where_its_spectra_would_be_thin():
     """ResNet50's layer4.1.conv2 (512 x 512, R 299, S 32): one image channel's phase spectra (528 MB, Gauss's
     three operands) are over the room its banks leave (323 MB). Before residue-row passes the route ran one output
-    row per product there (100 s against kn2row's 8); now it takes 8 residue rows (256 phases; 10 fit, in equal
-    blocks) with every row, and a room too small for thick GEMMs leaves the convolution to kn2row."""
+    row per product there (100 s against kn2row's 8); now it takes 10 residue rows a pass (320 phases; 10 fit, the
+    96 rows of the 3 image channels in 10 passes) with every row, and a room too small for thick GEMMs leaves the
+    convolution to kn2row."""
     resnet = (512, 512, 3, (299, 299), (3, 3), (32, 32))
     per_phase = spectral.PARTS * 12 * 7 * 4  # the per_phase compose and cheaper use
-    assert spectral._passes(512, 512, 3, (32, 32), per_phase, 323 << 20) == (
-        [(c, 1, p, 8) for c in range(3) for p in range(0, 32, 8)], 512)
+    passes, rows = spectral._passes(512, 512, 3, (32, 32), per_phase, 323 << 20)
+    assert rows == 512 and [sum(pb for _, _, pb in pieces) for pieces in passes] == [10] * 9 + [6]
+    assert [(c, p) for pieces in passes for c, p0, pb in pieces for p in range(p0, p0 + pb)] == [
+        (c, p) for c in range(3) for p in range(32)]  # every residue row once, in order
+    assert passes[3] == [(0, 30, 2), (1, 0, 8)]
     assert spectral.cheaper(*resnet, room_bytes=323 << 20)
     assert not spectral.cheaper(*resnet, room_bytes=40 << 20)  # one residue row a pass: 32 phases
     assert not spectral.cheaper(*resnet, room_bytes=11 << 20)  # and one output row a product
