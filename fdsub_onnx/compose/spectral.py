@@ -400,10 +400,17 @@ def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made,
             spec = backend.matmul(rows, tap_major, out=w_flat[:n])[: PARTS * b].reshape(PARTS, b, k, c)
         else:
             spec = made[:, f0 : f0 + b]
-        for i, f in enumerate(kept[f0 : f0 + b]):
+        for i0, i1 in _runs(kept[f0 : f0 + b]):  # consecutive frequencies: one batched product a part
+            f, g = kept[f0 + i0], kept[f0 + i1 - 1] + 1
             for j in range(PARTS):
-                backend.matmul(spec[j, i], spectrum[j, f], out=product[j, f])
+                backend.matmul(spec[j, i0:i1], spectrum[j, f:g], out=product[j, f:g])
     return product
+
+
+def _runs(frequencies) -> list[tuple[int, int]]:
+    """``(start, stop)`` positions of the runs of consecutive values in ``frequencies`` (increasing)."""
+    breaks = [i for i in range(1, len(frequencies)) if frequencies[i] != frequencies[i - 1] + 1]
+    return list(zip([0, *breaks], [*breaks, len(frequencies)])) if len(frequencies) else []
 
 
 def _interleave(backend, target, full, step, residues):

@@ -126,13 +126,14 @@ def test_chunked_spectra_give_the_same_filters(monkeypatch):
 
 
 class CountingProducts(type(NUMPY)):
-    """The NumPy backend, counting the per-frequency products (GEMMs into a [K, phases] output)."""
+    """The NumPy backend, counting the frequencies multiplied (GEMMs into a [K, phases] output, or a batch of them)."""
 
     def __init__(self, k, phases):
         self.shape, self.products = (k, phases), 0
 
     def matmul(self, a, b, out=None):
-        self.products += out is not None and out.shape == self.shape and a.shape[0] == self.shape[0]
+        if out is not None and out.shape[-2:] == self.shape and a.shape[-2] == self.shape[0]:
+            self.products += int(np.prod(out.shape[:-2]))
         return super().matmul(a, b, out=out)
 
 
