@@ -95,15 +95,11 @@ def _separable(n: tuple, size: tuple, dtype: str) -> tuple:
     inverse = np.stack([np.concatenate([a - b, -b, -a], axis=1), np.concatenate([a + b, a, -b], axis=1)],
                        axis=1).reshape(2 * ly, PARTS * ly)
     counts = np.where(np.arange(ly) < ly - np.arange(ly), 2.0, 0.0)  # below L_y / 2: itself and its conjugate
-    counts[0] = 1.0
-    if ly % 2 == 0:
-        counts[ly // 2] = 1.0
+    counts[_edges(ly)] = 1.0  # 0 and L_y / 2 are their own conjugates
     folded = inverse.reshape(ly, 2, PARTS, ly) * counts
     folded[:, 1] = 0.0
     twice = np.full(fx, 2.0)
-    twice[0] = 1.0
-    if lx % 2 == 0:
-        twice[-1] = 1.0
+    twice[_edges(lx)] = 1.0
     angle = 2 * np.pi * np.outer(np.arange(lx), np.arange(fx)) / lx
     back = np.concatenate([np.cos(angle) * twice, -np.sin(angle) * twice], axis=1) / (ly * lx)
     return tuple(m.astype(dtype) for m in (half, forward, inverse, back, folded.reshape(2 * ly, PARTS * ly)))
@@ -237,7 +233,8 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
             product = _products(backend, weights, tap_major[:, k0 * c : (k0 + n) * c], spectrum, n, other,
-                                (kept, repeated), made[:, :, k0 : k0 + n] if once else weights_room, block)
+                                (kept, repeated), None if made is None else made[:, :, k0 : k0 + n], weights_room,
+                                block)
             along_y = _inverse_y(backend, transforms, product.reshape(PARTS * ly, fx, n * phases),
                                  _part(one if rows == k else apart, (2 * ly, fx, n * phases)), lx)
             along_y = along_y.reshape(ly, 2 * fx, n * phases)  # rows (y, re/im, x frequency)
@@ -246,9 +243,10 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
                 _interleave(backend, out[k0 : k0 + n, i, : size[0], : size[1]], piece, step, (p0, pb))
 
 
-def _edges(lx: int) -> list[int]:
-    """The x frequencies whose spectrum is Hermitian along y: 0 and, on an even grid, L_x / 2."""
-    return [0] + ([lx // 2] if lx % 2 == 0 and lx > 1 else [])
+def _edges(size: int) -> list[int]:
+    """The frequencies of a real signal of ``size`` points that are their own conjugates: 0 and, on an even grid,
+    size / 2 (along x, those whose spectrum is Hermitian along y)."""
+    return [0] + ([size // 2] if size % 2 == 0 and size > 1 else [])
 
 
 def _inverse_y(backend, transforms, product, into, lx: int):
@@ -256,9 +254,9 @@ def _inverse_y(backend, transforms, product, into, lx: int):
     ``folded`` (``_separable``) for the ``_edges``, whose repeated y frequencies (``_kept``) hold zeros, and
     ``inverse`` for the others."""
     inverse, folded = transforms[2], transforms[4]
-    edges, fx = _edges(lx), product.shape[1]
-    inner = (1, edges[1] if len(edges) > 1 else fx)
-    for (a, b), matrix in [((0, 1), folded), (inner, inverse)] + ([((fx - 1, fx), folded)] if len(edges) > 1 else []):
+    fx = product.shape[1]
+    last = fx - 1 if len(_edges(lx)) > 1 else fx  # where L_x / 2, the second edge, begins (none on an odd grid)
+    for (a, b), matrix in (((0, 1), folded), ((1, last), inverse), ((last, fx), folded)):
         if b > a:
             backend.matmul(matrix, product[:, a:b].reshape(product.shape[0], -1),
                            out=into[:, a:b].reshape(into.shape[0], -1))
@@ -373,27 +371,26 @@ def _phase_spectrum(backend, transforms, source, n, step, pieces, into, scratch)
     return spectrum.reshape(PARTS, ly * fx, c, phases)
 
 
-def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made, block):
+def _products(backend, weights, tap_major, spectrum, k, into, frequencies, made, scratch, block):
     """[PARTS, F, K, phases] in the flat buffer ``into``: per kept frequency (``frequencies``: ``_kept``'s kept and
     repeated), Gauss's three real products of the weights' operands [K, C] with the phases' [C, phases], zeros at
     the repeated ones. ``made``: the weights' operands [PARTS, kept, K, C] made once for every pass (``_plan``), or
-    a flat buffer where they are made here ``block`` frequencies at a time from ``weights`` [PARTS kept, taps] and
-    ``tap_major``."""
+    None: then they are made here in the flat buffer ``scratch``, ``block`` frequencies at a time, from ``weights``
+    [PARTS kept, taps] and ``tap_major``."""
     _, freqs, c, phases = spectrum.shape
     kept, repeated = frequencies
     dtype = spectrum.dtype
     product = _part(into, (PARTS, freqs, k, phases))
     for f in repeated:  # basic indexing: the same on NumPy and CuPy
         product[:, f] = 0
-    each_pass = made.ndim == 1
-    if each_pass:
-        w_flat = _part(made, (-(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE, k * c))
+    if made is None:
+        w_flat = _part(scratch, (-(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE, k * c))
         pad = backend.zeros((ROW_MULTIPLE, weights.shape[1]), dtype)
     else:
         block = len(kept)
     for f0 in range(0, len(kept), block):
         b = min(block, len(kept) - f0)
-        if each_pass:
+        if made is None:
             n = -(-PARTS * b // ROW_MULTIPLE) * ROW_MULTIPLE  # zero rows up to a multiple: OpenBLAS's fast kernels
             rows = backend.xp.concatenate([weights[j * len(kept) + f0 : j * len(kept) + f0 + b] for j in range(PARTS)]
                                           + [pad[: n - PARTS * b]])
