@@ -14,6 +14,8 @@ of ``--baseline``) and this one ``--rounds`` times; the best time of each is kep
         [--rounds 2] [--out benchmarks/results/compose.json]
     .venv/bin/python benchmarks/bench_compose.py --convs [--models ...] [--layers-from RESULTS.json] [--reps 3]
         (each layer's own composition timed alone, the trees alternating)
+    .venv/bin/python benchmarks/bench_compose.py steps [vgg19] [--out STEPS.json]
+        (one decode of this tree, the spectral route's time by step, and the CPU time in the kernel)
 
 VGG19 is the onnx package's ``light_vgg19`` (no download); ResNet50 and DenseNet121 are torchvision's (random init)
 exported by ``bench_drift.py prepare`` and ``bench_compose.py prepare`` into ``~/.cache/fdsub-bench``.
@@ -116,6 +118,82 @@ def child(tree: str, model_file: str, out: str) -> None:
     np.savez(out, **{f"f{i}": kept[name] for i, name in enumerate(layers)})
     print(json.dumps({"seconds": total, "layers": layers, "per_layer": seconds, "conv_seconds": own, "routes": routes,
                       "peak_gib": _vmhwm_gib(), "neurons": None}))
+
+
+def steps(model_name: str, out: str | None) -> dict:
+    """One decode of this tree with the spectral route's steps timed (through their calls, so the total runs a
+    little over a plain decode): the phases' split and their transforms, the weights' operands and the products'
+    GEMMs (with their GFLOP/s), the inverses, the interleaving into the output banks, each interleaving done a second
+    time at once (its cost on warm memory: the first time's excess is the banks' fresh pages), and the process's
+    user and kernel CPU time over the decode."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    import fdsub_onnx as fd
+    from fdsub_onnx.compose import backend, spectral
+    from fdsub_onnx.defaults import budget
+
+    spent = dict.fromkeys(["split", "forward", "weights", "products", "inverse", "interleave", "interleave_again",
+                           "compose"], 0.0)
+    product_flops = [0.0]
+    matmul, inside = backend.NumpyBackend.matmul, [None]
+
+    def timed_matmul(self, a, b, out=None):
+        begin = time.perf_counter()
+        try:
+            return matmul(self, a, b, out=out)
+        finally:
+            # the steps timed whole (_inverse_y's GEMMs, the weights' operands in _products) are not counted here
+            step = {"_phase_spectrum": "forward", "compose": "inverse"}.get(inside[0])
+            if inside[0] == "_products" and np.ndim(a) == 3:
+                step = "products"
+                product_flops[0] += 2.0 * np.shape(a)[0] * np.shape(a)[1] * np.shape(a)[2] * np.shape(b)[2]
+            if step:
+                spent[step] += time.perf_counter() - begin
+
+    def wrapped(name, step):
+        original = getattr(spectral, name)
+
+        def run(*args, **kwargs):
+            outer, inside[0] = inside[0], name
+            begin = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[step] += time.perf_counter() - begin
+                inside[0] = outer
+                if name == "_interleave":
+                    again = time.perf_counter()
+                    original(*args, **kwargs)
+                    spent["interleave_again"] += time.perf_counter() - again
+
+        setattr(spectral, name, run)
+
+    backend.NumpyBackend.matmul = timed_matmul
+    for name, step in (("_phase_spectrum", "split"), ("_products", "weights"), ("_inverse_y", "inverse"),
+                       ("_interleave", "interleave"), ("compose", "compose")):
+        wrapped(name, step)
+    model = fd.load_model(str(model_path(model_name)))
+    layers = decoded_layers(fd, model)
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with budget(BUDGET):
+        for decoded in fd.iter_decode(model, layers=layers, dtype="float32", positions="interior"):
+            del decoded
+    total, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    spent["split"] -= spent["forward"]  # _phase_spectrum's own time, less its transforms' GEMMs
+    spent["weights"] -= spent["products"]  # _products' time, less the products' GEMMs
+    spent["compose"] -= spent["interleave_again"]
+    result = {"model": model_name, "seconds": total - spent["interleave_again"], "user_s": after.ru_utime -
+              before.ru_utime, "sys_s": after.ru_stime - before.ru_stime, "peak_gib": _vmhwm_gib(),
+              "steps_s": spent, "product_gflop": product_flops[0] / 1e9,
+              "product_gflops": product_flops[0] / max(spent["products"], 1e-9) / 1e9}
+    print(f"{model_name}: {result['seconds']:.2f} s (user {result['user_s']:.2f} s, kernel {result['sys_s']:.2f} s "
+          f"of CPU), VmHWM {result['peak_gib']:.2f} GiB")
+    for step, seconds in spent.items():
+        print(f"  {step:17s} {seconds:6.2f} s")
+    print(f"  products: {result['product_gflop']:.0f} GFLOP at {result['product_gflops']:.0f} GFLOP/s")
+    _write_results(result, out)
+    return result
 
 
 def decoded_layers(fd, model) -> list[str]:
@@ -359,6 +437,9 @@ def main(argv=None) -> int:
     r.add_argument("model")
     r.add_argument("out")
     r.add_argument("layers", nargs="*")
+    st = sub.add_parser("steps", help="one decode of this tree, the spectral route's time by step")
+    st.add_argument("name", nargs="?", default="vgg19")
+    st.add_argument("--out", dest="steps_out", help="the figures as JSON")
     cc = sub.add_parser("conv-child")
     cc.add_argument("tree")
     cc.add_argument("recorded")
@@ -377,6 +458,8 @@ def main(argv=None) -> int:
         child(args.tree, args.model, args.out)
     elif args.command == "record":
         record_convs(args.model, args.layers, args.out)
+    elif args.command == "steps":
+        steps(args.name, args.steps_out or args.out)
     elif args.command == "conv-child":
         conv_child(args.tree, args.recorded, args.reps)
     elif args.convs:
