@@ -26,6 +26,11 @@ from .result import Decoded
 
 MODES = ("weights", "fds", "local", "deconvnet")
 INSTANCE_MODES = ("local", "deconvnet")  # per-instance backward passes, no bottom-up composition
+#: a bottom-up result cropped to the image (``Geometry.image_span``) that keeps at least this share of its bank is
+#: a view of the bank: copying it made as much memory again, fresh, beside the bank (MobileNetV2's all-neuron decode
+#: 33 -> 26 s, peak 8.4 -> 4.8 GiB). A smaller part is copied, so that the rest is freed with the bank; either
+#: way a result holds at most twice its own size.
+CROP_VIEW_SHARE = 0.5
 
 
 def decode(model: Model, layer: str, neurons=None, mode: str = "weights", dtype: str = "float32", device="cpu",
@@ -369,11 +374,13 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     to_numpy = engine.backend.to_numpy
     geom = value.geom
     (y0, y1), (x0, x1) = geom.image_span(model.input_shape[2:], grid(model, node.output[0]))
-    filters = to_numpy(bank.filters)
+    filters = bank.filters
     if (y0, x0, y1, x1) != (0, 0, *geom.rf):  # only what can meet a pixel is kept
-        filters = np.ascontiguousarray(filters[:, :, y0:y1, x0:x1])
-    return Decoded(filters, to_numpy(bank.bias), picked, geom.stride, (geom.origin[0] + y0, geom.origin[1] + x0),
-                   node.output[0], mode, geom.bounds, crop=(y0, x0), field=geom.rf)
+        part = filters[:, :, y0:y1, x0:x1]
+        filters = part if part.size >= CROP_VIEW_SHARE * filters.size else engine.backend.xp.ascontiguousarray(part)
+    origin = (geom.origin[0] + y0, geom.origin[1] + x0)
+    return Decoded(to_numpy(filters), to_numpy(bank.bias), picked, geom.stride, origin, node.output[0], mode,
+                   geom.bounds, crop=(y0, x0), field=geom.rf)
 
 
 def _check_memory(model, engine, targets, rows):

@@ -248,3 +248,30 @@ def test_fully_connected_identity(kind, load):
     decoded = fd.decode(model, out, dtype="float64")
     assert decoded.filters.shape == (5, 3, 9, 13)
     assert_identity(decoded, acts[out], images, rtol=1e-5)
+
+
+def _deep_convs(size: int):
+    """Three 5x5 convs, no bias: a 13 x 13 receptive field, larger than a small image (the result is cropped)."""
+    b = NetBuilder(height=size, width=size, seed=3)
+    x = "input"
+    for _ in range(3):
+        x = b.conv(x, 4, (5, 5), pads=(2, 2, 2, 2), bias=False)
+    return b.build(), x
+
+
+@pytest.mark.parametrize("size, view", [(6, True), (2, False)])
+def test_cropped_result_is_a_view_of_its_bank_when_it_keeps_most_of_it(size, view, load):
+    """A bottom-up result cropped to the image holds the filters' part that can meet a pixel: a view of the bank
+    where that part is at least half of it (``decode.CROP_VIEW_SHARE``: 11 of 13 rows and columns on a 6 px image,
+    72%: no copy, no fresh memory), a compact copy where it is less (3 of 13 on a 2 px image, 5%: the rest is
+    freed with the bank); the same filters either way as the uncropped ones of a larger image."""
+    proto, name = _deep_convs(32)
+    whole = fd.decode(load(proto), name, position="interior", route="bottom-up")
+    assert whole.filters.shape[2:] == (13, 13) and whole.crop == (0, 0)
+    proto, name = _deep_convs(size)
+    cropped = fd.decode(load(proto), name, position="interior", route="bottom-up")
+    (cy, cx), (h, w) = cropped.crop, cropped.filters.shape[2:]
+    assert (h, w) == ((11, 11) if size == 6 else (3, 3)) and tuple(cropped.field) == (13, 13)
+    np.testing.assert_array_equal(cropped.filters, whole.filters[:, :, cy : cy + h, cx : cx + w])
+    is_view = cropped.filters.base is not None and not cropped.filters.flags.c_contiguous
+    assert is_view == view, (cropped.filters.flags, cropped.filters.base is not None)
