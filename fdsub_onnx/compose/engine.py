@@ -257,17 +257,52 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
     in_order = rows == source.shape[0] and bool((group_of_row == np.arange(rows)).all())
     index = None if in_order else backend.asarray(group_of_row, np.int64)
     few = max(1, backend.piece_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
+    factors = _rank_one(weight[:, 0]) if weight.shape[2] + weight.shape[3] < len(taps) else None
 
     def part(a, b):
         for r0 in range(a, b, few):
             r1 = min(b, r0 + few)
             src = source[r0:r1] if index is None else source[index[r0:r1]]
             scaled = workspace.take("depthwise", src.shape, dtype)
+            if factors is not None:
+                _separable_taps(xp, out[r0:r1], src, [f[r0:r1] for f in factors], step, scaled, workspace, dtype)
+                continue
             for y, x, i, j in taps:
                 xp.multiply(w[r0:r1, i, j, None, None, None], src, out=scaled)
                 out[r0:r1, :, y : y + ry, x : x + rx] += scaled
 
     backend.on_cores(part, rows, rows * out[0].size * out.itemsize)
+
+
+def _rank_one(kernels: np.ndarray):
+    """``(down, across)`` [rows, k_y] and [rows, k_x] with ``kernels[r] == outer(down[r], across[r])`` for every row
+    (to a few units of rounding of its largest tap), or None: a pooling window is one (uniform), and its taps then
+    compose in k_y + k_x shifted passes instead of k_y * k_x (EfficientNet's squeeze-and-excitation averages a
+    14 x 14 map: 28 passes, not 196)."""
+    rows = np.arange(len(kernels))
+    p, q = np.unravel_index(np.abs(kernels).reshape(len(kernels), -1).argmax(axis=1), kernels.shape[1:])
+    pivot = kernels[rows, p, q]
+    if not np.all(pivot != 0):
+        return None
+    down, across = kernels[rows, :, q], kernels[rows, p, :] / pivot[:, None]
+    error = np.abs(down[:, :, None] * across[:, None, :] - kernels).max(axis=(1, 2))
+    return (down, across) if np.all(error <= 4 * np.finfo(kernels.dtype).eps * np.abs(pivot)) else None
+
+
+def _separable_taps(xp, out, src, factors, step, scaled, workspace, dtype):
+    """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``_rank_one``) over ``src`` [n, C, R_y, R_x]: the taps
+    along x summed into a temporary as tall as ``src`` and as wide as ``out``, then that shifted along y."""
+    down, across = (xp.asarray(f, dtype) for f in factors)
+    ry, rx = src.shape[2:]
+    wide = workspace.take("depthwise_x", (*src.shape[:3], out.shape[3]), dtype)
+    wide.fill(0)
+    for j in range(across.shape[1]):
+        xp.multiply(across[:, j, None, None, None], src, out=scaled)
+        wide[..., j * step[1] : j * step[1] + rx] += scaled
+    tall = workspace.take("depthwise_y", wide.shape, dtype)
+    for i in range(down.shape[1]):
+        xp.multiply(down[:, i, None, None, None], wide, out=tall)
+        out[:, :, i * step[0] : i * step[0] + ry] += tall
 
 
 def _conv_reference(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype):

@@ -240,3 +240,29 @@ def test_fds_filters_are_the_same_by_either_route(load):
     direct = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="kn2row")
     spectral_ = fd.decode(model, layer, mode="fds", images=images, top=3, dtype="float64", kernel="spectral")
     assert relative(spectral_.filters, direct.filters) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["uniform", "rank_one", "general", "one_zero_row"])
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_depthwise_rank_one_kernels_compose_in_two_passes(kind, dtype, tol, monkeypatch):
+    """A depthwise kernel that is an outer product (a pooling window: uniform) composes as k_x taps along x, then
+    k_y along y, into rows out of order and an output wider than the composition; any other kernel, or a row whose
+    kernel is all zeros, takes every tap. The same filters as the definition either way."""
+    from fdsub_onnx.compose import engine
+
+    rng = np.random.default_rng(7)
+    channels, (ky, kx), step = 6, (4, 5), (3, 2)
+    d_in = rng.standard_normal((channels, 3, 11, 9))
+    down, across = rng.standard_normal((channels, ky)), rng.standard_normal((channels, kx))
+    weight = {"uniform": np.full((channels, 1, ky, kx), 1.0 / (ky * kx)),
+              "rank_one": (down[:, :, None] * across[:, None, :])[:, None],
+              "general": rng.standard_normal((channels, 1, ky, kx)),
+              "one_zero_row": np.concatenate([np.zeros((1, 1, ky, kx)), rng.standard_normal((5, 1, ky, kx))])}[kind]
+    calls = []
+    separable = engine._separable_taps
+    monkeypatch.setattr(engine, "_separable_taps", lambda *a: calls.append(1) or separable(*a))
+    rows = np.array([5, 0, 2, 3])
+    ref = composed("reference", d_in, weight, rows, channels, step, "float64", extra=(2, 1))
+    got = composed("fast", d_in, weight, rows, channels, step, dtype, extra=(2, 1))
+    assert relative(got, ref) <= tol, f"{relative(got, ref):.2e}"
+    assert bool(calls) == (kind in ("uniform", "rank_one"))
