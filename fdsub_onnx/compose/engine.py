@@ -257,7 +257,7 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
     in_order = rows == source.shape[0] and bool((group_of_row == np.arange(rows)).all())
     index = None if in_order else backend.asarray(group_of_row, np.int64)
     few = max(1, backend.piece_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
-    factors = _rank_one(weight[:, 0]) if weight.shape[2] + weight.shape[3] < len(taps) else None
+    factors = rank_one(weight[:, 0]) if weight.shape[2] + weight.shape[3] < len(taps) else None
 
     def part(a, b):
         for r0 in range(a, b, few):
@@ -274,7 +274,7 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
     backend.on_cores(part, rows, rows * out[0].size * out.itemsize)
 
 
-def _rank_one(kernels: np.ndarray):
+def rank_one(kernels: np.ndarray):
     """``(down, across)`` [rows, k_y] and [rows, k_x] with ``kernels[r] == outer(down[r], across[r])`` for every row
     (to a few units of rounding of its largest tap), or None: a pooling window is one (uniform), and its taps then
     compose in k_y + k_x shifted passes instead of k_y * k_x (EfficientNet's squeeze-and-excitation averages a
@@ -290,7 +290,7 @@ def _rank_one(kernels: np.ndarray):
 
 
 def _separable_taps(xp, out, src, factors, step, scaled, workspace, dtype):
-    """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``_rank_one``) over ``src`` [n, C, R_y, R_x]: the taps
+    """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``rank_one``) over ``src`` [n, C, R_y, R_x]: the taps
     along x summed into a temporary as tall as ``src`` and as wide as ``out``, then that shifted along y."""
     down, across = (xp.asarray(f, dtype) for f in factors)
     ry, rx = src.shape[2:]
