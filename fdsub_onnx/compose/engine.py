@@ -291,17 +291,21 @@ def rank_one(kernels: np.ndarray):
 
 def _separable_taps(xp, out, src, factors, step, scaled, workspace, dtype):
     """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``rank_one``) over ``src`` [n, C, R_y, R_x]: the taps
-    along x summed into a temporary as tall as ``src`` and as wide as ``out``, then that shifted along y."""
+    along x summed into a temporary as tall as ``src`` and as wide as ``out``, then that shifted along y. A pooling
+    window's factors are ones along x and one value along y: its taps are plain adds, scaled once."""
+    ones, even = bool(np.all(factors[1] == 1)), bool(np.all(factors[0] == factors[0][:, :1]))
     down, across = (xp.asarray(f, dtype) for f in factors)
     ry, rx = src.shape[2:]
     wide = workspace.take("depthwise_x", (*src.shape[:3], out.shape[3]), dtype)
     wide.fill(0)
     for j in range(across.shape[1]):
-        xp.multiply(across[:, j, None, None, None], src, out=scaled)
-        wide[..., j * step[1] : j * step[1] + rx] += scaled
+        if not ones:
+            xp.multiply(across[:, j, None, None, None], src, out=scaled)
+        wide[..., j * step[1] : j * step[1] + rx] += src if ones else scaled
     tall = workspace.take("depthwise_y", wide.shape, dtype)
     for i in range(down.shape[1]):
-        xp.multiply(down[:, i, None, None, None], wide, out=tall)
+        if i == 0 or not even:
+            xp.multiply(down[:, i, None, None, None], wide, out=tall)
         out[:, :, i * step[0] : i * step[0] + ry] += tall
 
 

@@ -246,7 +246,7 @@ def test_fds_filters_are_the_same_by_either_route(load):
     assert relative(spectral_.filters, direct.filters) <= 1e-10
 
 
-@pytest.mark.parametrize("kind", ["uniform", "rank_one", "general", "one_zero_row"])
+@pytest.mark.parametrize("kind", ["uniform", "rank_one", "rows_constant", "general", "one_zero_row"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_depthwise_rank_one_kernels_compose_in_two_passes(kind, dtype, tol, monkeypatch):
     """A depthwise kernel that is an outer product (a pooling window: uniform) composes as k_x taps along x, then
@@ -260,6 +260,7 @@ def test_depthwise_rank_one_kernels_compose_in_two_passes(kind, dtype, tol, monk
     down, across = rng.standard_normal((channels, ky)), rng.standard_normal((channels, kx))
     weight = {"uniform": np.full((channels, 1, ky, kx), 1.0 / (ky * kx)),
               "rank_one": (down[:, :, None] * across[:, None, :])[:, None],
+              "rows_constant": np.repeat(down[:, None, :, None], kx, axis=3),  # ones along x, taps along y
               "general": rng.standard_normal((channels, 1, ky, kx)),
               "one_zero_row": np.concatenate([np.zeros((1, 1, ky, kx)), rng.standard_normal((5, 1, ky, kx))])}[kind]
     calls = []
@@ -269,4 +270,4 @@ def test_depthwise_rank_one_kernels_compose_in_two_passes(kind, dtype, tol, monk
     ref = composed("reference", d_in, weight, rows, channels, step, "float64", extra=(2, 1))
     got = composed("fast", d_in, weight, rows, channels, step, dtype, extra=(2, 1))
     assert relative(got, ref) <= tol, f"{relative(got, ref):.2e}"
-    assert bool(calls) == (kind in ("uniform", "rank_one"))
+    assert bool(calls) == (kind in ("uniform", "rank_one", "rows_constant"))
