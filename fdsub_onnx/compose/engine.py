@@ -279,14 +279,19 @@ def rank_one(kernels: np.ndarray):
     (to a few units of rounding of its largest tap), or None: a pooling window is one (uniform), and its taps then
     compose in k_y + k_x shifted passes instead of k_y * k_x (EfficientNet's squeeze-and-excitation averages a
     14 x 14 map: 28 passes, not 196)."""
-    rows = np.arange(len(kernels))
-    p, q = np.unravel_index(np.abs(kernels).reshape(len(kernels), -1).argmax(axis=1), kernels.shape[1:])
+    n, ky, kx = kernels.shape
+    low, high = kernels.min(axis=(1, 2)), kernels.max(axis=(1, 2))
+    if np.all(low == high) and np.all(high != 0):  # uniform (a pooling window, often a broadcast view): no copy
+        return np.repeat(high[:, None], ky, axis=1), np.ones((n, kx), high.dtype)
+    rows = np.arange(n)
+    p, q = np.unravel_index(np.abs(kernels).reshape(n, -1).argmax(axis=1), (ky, kx))
     pivot = kernels[rows, p, q]
     if not np.all(pivot != 0):
         return None
     down, across = kernels[rows, :, q], kernels[rows, p, :] / pivot[:, None]
     error = np.abs(down[:, :, None] * across[:, None, :] - kernels).max(axis=(1, 2))
-    return (down, across) if np.all(error <= 4 * np.finfo(kernels.dtype).eps * np.abs(pivot)) else None
+    eps = np.finfo(kernels.dtype).eps if np.issubdtype(kernels.dtype, np.floating) else 0.0
+    return (down, across) if np.all(error <= 4 * eps * np.abs(pivot)) else None
 
 
 def _separable_taps(xp, out, src, factors, step, scaled, workspace, dtype):

@@ -271,3 +271,22 @@ def test_depthwise_rank_one_kernels_compose_in_two_passes(kind, dtype, tol, monk
     got = composed("fast", d_in, weight, rows, channels, step, dtype, extra=(2, 1))
     assert relative(got, ref) <= tol, f"{relative(got, ref):.2e}"
     assert bool(calls) == (kind in ("uniform", "rank_one", "rows_constant"))
+
+
+def test_a_huge_pooling_window_is_found_uniform_without_a_copy():
+    """The planner's walks pass a pooling window as a read-only broadcast view (``uniform_window``), so that a huge
+    window costs no memory: telling it is rank one must not copy it either (64 rows of a 1024 x 1024 window would
+    be 512 MiB in float64)."""
+    import tracemalloc
+
+    from fdsub_onnx.compose.engine import rank_one
+    from fdsub_onnx.compose.ops._window import uniform_window
+
+    window = uniform_window(64, (1024, 1024))
+    tracemalloc.start()
+    down, across = rank_one(window[:, 0])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20, peak  # the factors themselves: 1 MiB
+    assert down.shape == (64, 1024) and across.shape == (64, 1024)
+    assert np.all(down == 1 / 1024**2) and np.all(across == 1)
