@@ -257,7 +257,10 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
     in_order = rows == source.shape[0] and bool((group_of_row == np.arange(rows)).all())
     index = None if in_order else backend.asarray(group_of_row, np.int64)
     few = max(1, backend.piece_bytes // max(1, flat.shape[1] * np.dtype(dtype).itemsize))
-    factors = rank_one(weight[:, 0]) if weight.shape[2] + weight.shape[3] < len(taps) else None
+    factors = two_pass_factors(weight[:, 0])
+    if factors is not None:  # a pooling window's are ones along x and one value along y: plain adds, scaled once
+        plain = (bool(np.all(factors[0] == factors[0][:, :1])), bool(np.all(factors[1] == 1)))
+        down, across = (backend.asarray(f, dtype) for f in factors)
 
     def part(a, b):
         for r0 in range(a, b, few):
@@ -265,7 +268,8 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
             src = source[r0:r1] if index is None else source[index[r0:r1]]
             scaled = workspace.take("depthwise", src.shape, dtype)
             if factors is not None:
-                _separable_taps(xp, out[r0:r1], src, [f[r0:r1] for f in factors], step, scaled, workspace, dtype)
+                _separable_taps(xp, out[r0:r1], src, (down[r0:r1], across[r0:r1]), plain, step, scaled, workspace,
+                                dtype)
                 continue
             for y, x, i, j in taps:
                 xp.multiply(w[r0:r1, i, j, None, None, None], src, out=scaled)
@@ -274,12 +278,14 @@ def _depthwise(backend, out, flat, weight, group_of_row, step, shape, dtype, wor
     backend.on_cores(part, rows, rows * out[0].size * out.itemsize)
 
 
-def rank_one(kernels: np.ndarray):
+def two_pass_factors(kernels: np.ndarray):
     """``(down, across)`` [rows, k_y] and [rows, k_x] with ``kernels[r] == outer(down[r], across[r])`` for every row
-    (to a few units of rounding of its largest tap), or None: a pooling window is one (uniform), and its taps then
-    compose in k_y + k_x shifted passes instead of k_y * k_x (EfficientNet's squeeze-and-excitation averages a
-    14 x 14 map: 28 passes, not 196)."""
+    (to a few units of rounding of its largest tap), where k_y + k_x taps are fewer than k_y * k_x, or None: a
+    pooling window is one (uniform), and its taps then compose in k_y + k_x shifted passes instead of k_y * k_x
+    (EfficientNet's squeeze-and-excitation averages a 14 x 14 map: 28 passes, not 196)."""
     n, ky, kx = kernels.shape
+    if ky + kx >= ky * kx:
+        return None
     low, high = kernels.min(axis=(1, 2)), kernels.max(axis=(1, 2))
     if np.all(low == high) and np.all(high != 0):  # uniform (a pooling window, often a broadcast view): no copy
         return np.repeat(high[:, None], ky, axis=1), np.ones((n, kx), high.dtype)
@@ -294,12 +300,12 @@ def rank_one(kernels: np.ndarray):
     return (down, across) if np.all(error <= 4 * eps * np.abs(pivot)) else None
 
 
-def _separable_taps(xp, out, src, factors, step, scaled, workspace, dtype):
-    """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``rank_one``) over ``src`` [n, C, R_y, R_x]: the taps
-    along x summed into a temporary as tall as ``src`` and as wide as ``out``, then that shifted along y. A pooling
-    window's factors are ones along x and one value along y: its taps are plain adds, scaled once."""
-    ones, even = bool(np.all(factors[1] == 1)), bool(np.all(factors[0] == factors[0][:, :1]))
-    down, across = (xp.asarray(f, dtype) for f in factors)
+def _separable_taps(xp, out, src, factors, plain, step, scaled, workspace, dtype):
+    """``out`` [n, C, Q_y, Q_x] += the taps of rank-one kernels (``two_pass_factors``: ``factors`` on the backend)
+    over ``src`` [n, C, R_y, R_x]: the taps along x summed into a temporary as tall as ``src`` and as wide as ``out``,
+    then that shifted along y. ``plain``: whether the factors along y are one value a row (the temporary scaled
+    once), and along x all ones (plain adds)."""
+    (down, across), (even, ones) = factors, plain
     ry, rx = src.shape[2:]
     wide = workspace.take("depthwise_x", (*src.shape[:3], out.shape[3]), dtype)
     wide.fill(0)

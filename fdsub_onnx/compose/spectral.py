@@ -181,7 +181,7 @@ def _saving(rows, channels, image_channels, shape, kernel, step, itemsize=4, roo
                           rows * image_channels * out_shape[0] * out_shape[1] * itemsize)
     passes, chunk, _ = _plan(rows, channels, image_channels, step, (ly * (lx // 2 + 1), len(_kept((ly, lx))[0])),
                              itemsize, room_bytes)
-    if sum(pb for _, _, pb in passes[0]) * step[1] < MIN_PHASES or chunk < min(rows, MIN_ROWS):
+    if _phases(passes[0], step[1]) < MIN_PHASES or chunk < min(rows, MIN_ROWS):
         return None
     spectral, direct = flops(rows, channels, image_channels, shape, kernel, step)
     return spectral / direct if spectral < MARGIN * direct else None
@@ -211,7 +211,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
     tap_major = backend.asarray(np.asarray(weight, dtype).reshape(k * c, ky * kx).T, dtype)  # [taps, K*C]
     size = (min(out.shape[2], ly * sy), min(out.shape[3], lx * sx))
     passes, rows, once = _plan(k, c, c_img, step, (freqs, len(kept)), itemsize, temp_bytes)
-    most = max(sum(pb for _, _, pb in pieces) for pieces in passes) * sx  # phases of the thickest pass
+    most = max(_phases(pieces, sx) for pieces in passes)  # phases of the thickest pass
     # Two buffers take turns (each step's input is dead once its output is made): the phases' split, spectrum
     # and, with every row at once, the inverse along y in one; the transform along x, the products and the
     # inverse along x in the other. With the weights' operands made once for all passes (``_plan``), or the block
@@ -228,7 +228,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
         made = backend.matmul(weights, tap_major, out=weights_room.reshape(PARTS * len(kept), k * c))
         made = made.reshape(PARTS, len(kept), k, c)
     for pieces in passes:
-        phases = sum(pb for _, _, pb in pieces) * sx
+        phases = _phases(pieces, sx)
         spectrum = _phase_spectrum(backend, transforms, source, (ny, nx), step, pieces, one, other)
         for k0 in range(0, k, rows):
             n = min(rows, k - k0)
@@ -324,6 +324,11 @@ def _passes(k: int, c: int, c_img: int, step, per_phase: int, temp_bytes: int):
     return passes, equal_chunks(k, max(1, min(k, rows)))
 
 
+def _phases(pieces, sx: int) -> int:
+    """The phases of a pass (``_passes``): its pieces' residue rows, ``sx`` residue columns each."""
+    return sum(pb for _, _, pb in pieces) * sx
+
+
 def _pieces(array, pieces, sx: int):
     """Views of ``array`` [..., phases] as [..., residue rows, residue columns], one per piece of a pass (``_passes``:
     its phases are the pieces' one after the other)."""
@@ -341,7 +346,7 @@ def _phase_spectrum(backend, transforms, source, n, step, pieces, into, scratch)
     phases first), through ``scratch``."""
     c, _, ry, rx = source.shape
     (ny, nx), (sy, sx) = n, step
-    phases = sum(pb for _, _, pb in pieces) * sx
+    phases = _phases(pieces, sx)
     split = _part(into, (ny, nx, c, phases))  # [coarse y, coarse x, channel, phase]
     views = _pieces(split, pieces, sx)
     for (_, p0, pb), view in zip(pieces, views):

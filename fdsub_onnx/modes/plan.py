@@ -21,7 +21,7 @@ import numpy as np
 
 from ..compose import spectral
 from ..compose.backend import get_backend
-from ..compose.engine import Engine, rank_one
+from ..compose.engine import Engine, two_pass_factors
 from ..compose.inspect import MEMORY_MARGIN
 from ..compose.ops import RULES
 from ..compose.values import Blocked, Tensor, map_of
@@ -77,7 +77,7 @@ class Costs(Engine):
         n = k if rows is None else len(rows)
         r_in = [r - (t - 1) * s for r, t, s in zip(out_rf, (ky, kx), step)]
         if cig == 1 and groups > 1:  # depthwise: scaled copies, never spectral; a pooling window's along each axis
-            taps = ky + kx if ky + kx < ky * kx and rank_one(np.asarray(weight)[:, 0]) is not None else ky * kx
+            taps = ky * kx if two_pass_factors(np.asarray(weight)[:, 0]) is None else ky + kx
             self.flops += 2.0 * n * taps * self.image_channels * r_in[0] * r_in[1]
         else:
             per_group = max(1, n // groups)

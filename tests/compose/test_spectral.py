@@ -279,12 +279,12 @@ def test_a_huge_pooling_window_is_found_uniform_without_a_copy():
     be 512 MiB in float64)."""
     import tracemalloc
 
-    from fdsub_onnx.compose.engine import rank_one
+    from fdsub_onnx.compose.engine import two_pass_factors
     from fdsub_onnx.compose.ops._window import uniform_window
 
     window = uniform_window(64, (1024, 1024))
     tracemalloc.start()
-    down, across = rank_one(window[:, 0])
+    down, across = two_pass_factors(window[:, 0])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 << 20, peak  # the factors themselves: 1 MiB
