@@ -51,6 +51,13 @@ class NumpyBackend:
     def empty(self, shape, dtype):
         return np.empty(shape, dtype=dtype)
 
+    def copy(self, array):
+        """A contiguous copy of ``array`` (a crop of a bank), its leading axis split over the cores: the copy is
+        fresh memory, and its page faults and strided reads would otherwise run on one core."""
+        out = np.empty(array.shape, array.dtype)
+        self.on_cores(lambda a, b: np.copyto(out[a:b], array[a:b]), len(out), out.nbytes)
+        return out
+
     def matmul(self, a, b, out=None):
         return np.matmul(a, b, out=out)
 
@@ -127,6 +134,9 @@ class CupyBackend(NumpyBackend):
 
     def empty(self, shape, dtype):
         return self.xp.empty(shape, dtype=dtype)
+
+    def copy(self, array):
+        return self.xp.ascontiguousarray(array)
 
     def matmul(self, a, b, out=None):
         return self.xp.matmul(a, b, out=out)

@@ -377,7 +377,7 @@ def _decoded(model, node, value, neurons, engine, mode) -> Decoded:
     filters = bank.filters
     if (y0, x0, y1, x1) != (0, 0, *geom.rf):  # only what can meet a pixel is kept
         part = filters[:, :, y0:y1, x0:x1]
-        filters = part if part.size >= CROP_VIEW_SHARE * filters.size else engine.backend.xp.ascontiguousarray(part)
+        filters = part if part.size >= CROP_VIEW_SHARE * filters.size else engine.backend.copy(part)
     origin = (geom.origin[0] + y0, geom.origin[1] + x0)
     return Decoded(to_numpy(filters), to_numpy(bank.bias), picked, geom.stride, origin, node.output[0], mode,
                    geom.bounds, crop=(y0, x0), field=geom.rf)

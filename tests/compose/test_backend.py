@@ -140,3 +140,23 @@ def test_on_cores_inside_a_piece_runs_in_one_piece_and_errors_reach_the_caller(m
 
     with pytest.raises(ValueError, match="piece failed"):
         backend.on_cores(failing, 4, SPLIT_BYTES)
+
+
+def test_a_copy_is_written_over_the_cores(monkeypatch):
+    """A crop's copy is fresh memory written over the cores: equal to its strided source, contiguous, its own."""
+    import numpy as np
+
+    monkeypatch.setattr(NumpyBackend, "workers", 2)
+    pieces = []
+    on_cores = NumpyBackend.on_cores
+
+    def recorded(self, part, total, nbytes):
+        pieces.append(total)
+        on_cores(self, part, total, nbytes)
+
+    monkeypatch.setattr(NumpyBackend, "on_cores", recorded)
+    bank = np.arange(5 * 3 * 20 * 20, dtype=np.float32).reshape(5, 3, 20, 20)
+    crop = bank[:, :, 4:15, 2:17]
+    copied = NumpyBackend().copy(crop)
+    assert np.array_equal(copied, crop) and copied.flags.c_contiguous and not np.shares_memory(copied, bank)
+    assert pieces == [5]
