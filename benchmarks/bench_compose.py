@@ -117,7 +117,21 @@ def child(tree: str, model_file: str, out: str) -> None:
     total = time.perf_counter() - start
     np.savez(out, **{f"f{i}": kept[name] for i, name in enumerate(layers)})
     print(json.dumps({"seconds": total, "layers": layers, "per_layer": seconds, "conv_seconds": own, "routes": routes,
-                      "peak_gib": _vmhwm_gib(), "neurons": None}))
+                      "peak_gib": _vmhwm_gib(), "neurons": None, "planned": _planned(fd, model, layers)}))
+
+
+def _planned(fd, model, layers) -> float | None:
+    """The seconds the tree's cost plan gives this decode (its bottom-up composition stage, as ``--plan`` prints
+    it), or None where the tree has no such plan."""
+    from fdsub_onnx.defaults import budget
+
+    try:
+        from fdsub_onnx.modes.cost import compose_stage
+    except ImportError:
+        return None
+    targets = [fd.find_layer(model, name).output[0] for name in layers]
+    with budget(BUDGET):
+        return sum(stage.seconds for stage in compose_stage(model, targets, None, "float32", "weights"))
 
 
 def steps(model_name: str, out: str | None) -> dict:
@@ -305,6 +319,7 @@ def run(args) -> dict:
             "per_layer_conv": {layer: (min(f["conv_seconds"][layer] for f in runs["baseline"]),
                                        min(f["conv_seconds"][layer] for f in runs["this"])) for layer in layers},
             "all_seconds": {side: [f["seconds"] for f in runs[side]] for side in runs},
+            "planned_s": {side: runs[side][0].get("planned") for side in runs},  # what each tree's --plan says
         }
         slower = [(layer, b, t) for layer, (b, t, _, _) in row["per_layer"].items() if t > 1.1 * b and b > 0.05]
         row["layers_over_10pct_slower"] = slower
@@ -313,12 +328,15 @@ def run(args) -> dict:
         results["models"][Path(name).stem if name.endswith(".onnx") else name] = row
         _write_results(results, args.out)
     print(f"\n| model | conv layers | direct GFLOP | {args.baseline} s | this s | speedup | GFLOP/s {args.baseline} / "
-          f"this (sgemm {rate / 1e9:.0f}) | VmHWM GiB {args.baseline} / this | max rel diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"this (sgemm {rate / 1e9:.0f}) | VmHWM GiB {args.baseline} / this | max rel diff | planned s "
+          f"{args.baseline} / this |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results["models"].items():
+        planned = " / ".join("-" if r["planned_s"][side] is None else f"{r['planned_s'][side]:.1f}"
+                             for side in ("baseline", "this"))
         print(f"| {name} | {r['conv_layers']} | {r['direct_gflop']:.0f} | {r['baseline_s']:.2f} | {r['this_s']:.2f} | "
               f"{r['speedup']:.2f}x | {r['baseline_gflops']:.0f} / {r['this_gflops']:.0f} | "
-              f"{r['baseline_peak_gib']:.2f} / {r['this_peak_gib']:.2f} | {r['max_rel_diff']:.1e} |")
+              f"{r['baseline_peak_gib']:.2f} / {r['this_peak_gib']:.2f} | {r['max_rel_diff']:.1e} | {planned} |")
         for layer, b, t in r["layers_over_10pct_slower"]:
             print(f"  {name} {layer}: step {b:.2f} s -> {t:.2f} s (over 10% slower; under 0.05 s not counted)")
         for layer, b, t in r["convs_over_10pct_slower"]:

@@ -34,14 +34,19 @@ from .local import PassPlan
 from .plan import Costs, product_flops
 from .windows import field_part
 
-#: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions and backward passes (measured on
-#: this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward: the fds first pass over 1,000
-#: images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
+#: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions' and backward passes' work outside
+#: matrix products (measured on this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward:
+#: the fds first pass over 1,000 images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
 FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
 #: FLOP/s per core of matrix products (``OpRule.matrix_product``), onnxruntime's and a backward pass's (NumPy's BLAS, in
 #: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
 #: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
 PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9
+#: seconds per byte of the banks a bottom-up composition makes: their fresh pages and the passes that write them,
+#: which on a large network take longer than the products (fitted with ``PRODUCT_RATE`` on this project's 2-core VM
+#: over seven networks' all-neuron decodes, VGG19 to RegNetY-400MF, 1.4-49 GB of banks: the plans came within
+#: 0.67-1.13x of the times, where all FLOPs at ``COMPOSE_RATE`` had said 1.2-10.9x; benchmarks/README.md)
+BANK_SECONDS = 1e-9
 #: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut: 165 s for 1,000
 #: images of 20 M gate values each on EfficientNet-Lite2, beside its 35 s of onnxruntime)
 GATE_SECONDS = 8e-9
@@ -170,16 +175,22 @@ def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: st
             pass
         return [Stage(f"{mode} composition of {len(targets)} layer(s), bottom-up",
                       bank_peak(model, engine, targets, rows) * MEMORY_MARGIN,
-                      costs.flops / (COMPOSE_RATE * usable_cores()))]
+                      composition_seconds(costs.flops, costs.product_flops, costs.bank_bytes))]
     neurons = {t: (neurons or rows or {}).get(t) for t in targets}
     return [weights_stage(plan, mode) for plan in plan_decode(model, targets, neurons=neurons, dtype=dtype).values()]
 
 
 def weights_stage(plan, mode: str = "weights") -> Stage:
     """One layer decoded by the route its ``Plan`` chose."""
-    seconds = (plan.flops - plan.product_flops) / COMPOSE_RATE + plan.product_flops / PRODUCT_RATE
     return Stage(f"{mode} decode of {plan.layer!r} ({plan.route}, {plan.neurons} neurons)", plan.peak_bytes,
-                 seconds / usable_cores(), plan.neurons, "neurons")
+                 composition_seconds(plan.flops, plan.product_flops, plan.bank_bytes), plan.neurons, "neurons")
+
+
+def composition_seconds(flops: float, product_flops: float, bank_bytes: float = 0.0) -> float:
+    """The time of a composition or backward pass: its matrix products at BLAS's rate, the rest at NumPy's, over
+    the cores, and the banks it makes at ``BANK_SECONDS`` a byte."""
+    return ((flops - product_flops) / COMPOSE_RATE + product_flops / PRODUCT_RATE) / usable_cores() \
+        + bank_bytes * BANK_SECONDS
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",

@@ -51,6 +51,7 @@ class Plan:
     batch: int | None = None
     estimates: dict = field(default_factory=dict)  # route -> (flops, peak bytes), or a reason it was not possible
     product_flops: float = 0.0  # the share of ``flops`` in matrix products (timed at BLAS's rate)
+    bank_bytes: float = 0.0  # the banks a bottom-up route makes (``Costs.bank_bytes``)
 
     def describe(self) -> str:
         """One line: the route taken, its estimate, and the others'."""
@@ -66,22 +67,28 @@ class Plan:
 
 
 class Costs(Engine):
-    """An engine that composes nothing and counts what composing would cost (a multiply-add is 2 FLOPs)."""
+    """An engine that composes nothing and counts what composing would cost (a multiply-add is 2 FLOPs): all of
+    it (``flops``), the share in matrix products (``product_flops``: a convolution's GEMMs, or the spectral route's
+    charge for them), and the bytes of the banks its convolutions make (``bank_bytes``), which a large network's
+    composition spends more time writing than multiplying (``modes.cost.composition_seconds``)."""
 
     def __init__(self, dtype="float32"):
         super().__init__(get_backend("numpy"), dtype)
-        self.flops = 0.0
+        self.flops = self.product_flops = self.bank_bytes = 0.0
 
     def conv(self, bank, weight, bias, groups, step, out_rf, rows=None):
         k, cig, ky, kx = np.shape(weight)
         n = k if rows is None else len(rows)
         r_in = [r - (t - 1) * s for r, t, s in zip(out_rf, (ky, kx), step)]
+        self.bank_bytes += float(n) * self.image_channels * out_rf[0] * out_rf[1] * self.dtype.itemsize
         if cig == 1 and groups > 1:  # depthwise: scaled copies, never spectral; a pooling window's along each axis
             taps = ky * kx if two_pass_factors(np.asarray(weight)[:, 0]) is None else ky + kx
             self.flops += 2.0 * n * taps * self.image_channels * r_in[0] * r_in[1]
         else:
             per_group = max(1, n // groups)
-            self.flops += groups * spectral.charged_flops(per_group, cig, self.image_channels, r_in, (ky, kx), step)
+            products = groups * spectral.charged_flops(per_group, cig, self.image_channels, r_in, (ky, kx), step)
+            self.flops += products
+            self.product_flops += products
 
 
 def product_flops(model: Model, nodes) -> tuple[float, float]:
@@ -152,6 +159,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     per_neuron = c * (span[0][1] - span[0][0]) * (span[1][1] - span[1][0]) * itemsize  # one filter
     result_bytes = k * per_neuron
     estimates, options, seed = {}, [], None
+    shares = {}  # route -> (its FLOPs in matrix products, the bytes of the banks it makes)
 
     if info.blocked is not None and not info.per_position:
         raise FdsubError(f"layer {target!r} is not decodable: {info.blocked}")
@@ -166,6 +174,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
             pass
         estimates["bottom-up"] = (costs.flops, usage["peak"] + result_bytes)
         options.append(("bottom-up", None, None, costs.flops, usage["peak"] + result_bytes))
+        shares["bottom-up"] = (costs.product_flops, costs.bank_bytes)
 
     refused = nowhere or (linear if isinstance(linear, str) else adjoint_problem(linear, target))
     if refused is not None:
@@ -178,7 +187,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         if batch:
             estimates["adjoint"] = (flops, batch * seed + result_bytes)
             options.append(("adjoint", None, batch, flops, batch * seed + result_bytes))
-            adjoint_products = float(k) * products
+            shares["adjoint"] = (float(k) * products, 0.0)
         else:
             estimates["adjoint"] = f"one seed needs {_bytes(seed)}"
         meet = _best_meet(model, linear, info, neurons, position, itemsize, free, result_bytes)
@@ -198,7 +207,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         raise FdsubError(_memory_advice(target, estimates, free, k, seed, per_neuron))
     name, split, batch, flops, peak = min(fitting, key=lambda o: o[3])
     return Plan(target, name, tuple(int(v) for v in position), k, flops, peak, split, batch, estimates,
-                adjoint_products if name == "adjoint" else 0.0)
+                *shares.get(name, (0.0, 0.0)))
 
 
 def _survey(model, target, dtype) -> _Layer:

@@ -188,10 +188,13 @@ def test_the_planner_charges_the_route_the_engine_takes():
     costs.conv(None, np.zeros((512, 512, 3, 3)), None, 1, (16, 16), (252, 252))
     assert costs.flops == pytest.approx(spectral.charged_flops(512, 512, 3, [220, 220], (3, 3), (16, 16)))
     assert costs.flops < 0.9 * 2.0 * 512 * 512 * 9 * 3 * 220 * 220
+    assert costs.product_flops == costs.flops and costs.bank_bytes == 512 * 3 * 252 * 252 * 4  # its bank, float32
     for kernel, taps in ((np.full((8, 1, 14, 14), 1 / 196), 28), (np.arange(8 * 9.0).reshape(8, 1, 3, 3), 9)):
-        costs.flops = 0.0  # a pooling window's taps along each axis (two passes); any other depthwise kernel's all
-        costs.conv(None, kernel, None, 8, (16, 16), (220 + 13 * 16, 220 + 13 * 16) if taps == 28 else (252, 252))
+        costs.flops = costs.product_flops = costs.bank_bytes = 0.0  # a pooling window's taps along each axis (two
+        side = 220 + 13 * 16 if taps == 28 else 252  # passes); any other depthwise kernel's all: none a GEMM
+        costs.conv(None, kernel, None, 8, (16, 16), (side, side))
         assert costs.flops == pytest.approx(2.0 * 8 * taps * 3 * 220 * 220)
+        assert costs.product_flops == 0 and costs.bank_bytes == 8 * 3 * side * side * 4
 
 
 @functools.cache

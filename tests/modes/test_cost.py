@@ -103,6 +103,32 @@ def test_a_plan_over_the_budget_is_refused_with_its_knobs(net):
             plan.require("fewer")
 
 
+def test_a_composition_is_timed_by_its_products_rest_and_banks(net):
+    """A bottom-up decode's time: its GEMMs (kn2row's, or the spectral route's charge) at BLAS's rate, its other
+    FLOPs (depthwise taps) at NumPy's, over the cores, and the banks it makes at ``BANK_SECONDS`` a byte. All its
+    FLOPs at NumPy's rate made VGG19's interior decode of conv5_4 an 81 s plan for 7-10 s of work."""
+    from fdsub_onnx.compose.backend import usable_cores
+    from fdsub_onnx.compose.walker import walk
+    from fdsub_onnx.modes import cost
+    from fdsub_onnx.modes.plan import Costs
+
+    model, last = net
+    target = fd.find_layer(model, last).output[0]
+    costs = Costs("float32")
+    for _ in walk(model, costs, targets=[target], compose=True):
+        pass
+    assert 0.99 * costs.flops < costs.product_flops < costs.flops and costs.bank_bytes > 0  # the max pool's window:
+    expected = ((costs.product_flops / cost.PRODUCT_RATE + (costs.flops - costs.product_flops) / cost.COMPOSE_RATE)
+                / usable_cores() + costs.bank_bytes * cost.BANK_SECONDS)  # depthwise taps, not a GEMM
+    plan = fd.estimate_decode(model, last, None, "weights", route="bottom-up")
+    assert plan.stages[0].seconds == pytest.approx(expected)
+    assert plan.stages[0].seconds < 0.5 * costs.flops / (cost.COMPOSE_RATE * usable_cores())
+    stage = cost.compose_stage(model, [target], None, "float32", "weights")[0]
+    assert stage.seconds == pytest.approx(expected)
+    adjoint = fd.estimate_decode(model, last, None, "weights", route="adjoint")  # its own count, no banks
+    assert "adjoint" in adjoint.stages[0].what and adjoint.stages[0].seconds > 0
+
+
 def test_plan_prints_the_stages_and_writes_nothing(net, tmp_path):
     model, last = net
     out = tmp_path / "out"
