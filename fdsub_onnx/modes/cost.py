@@ -42,11 +42,6 @@ FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
 #: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
 #: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
 PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9
-#: FLOP/s per core of a dense convolution's gradient in NumPy (``kernels.transposed``: a GEMM over its taps, then
-#: their strided adds): adjoint decodes of VGG19's conv5_4 (32 neurons, 1.25 TFLOP), ResNet50's layer4.2.conv2 and
-#: DenseNet121's last conv1 (16 neurons) ran 96-112 GFLOP/s on 2 cores, which all FLOPs at ``COMPOSE_RATE`` had
-#: planned 6-7x too long (benchmarks/README.md)
-CONV_GRADIENT_RATE = 50e9
 #: seconds per byte of the banks a bottom-up composition makes: their fresh pages and the passes that write them,
 #: which on a large network take longer than the products (fitted with ``PRODUCT_RATE`` on this project's 2-core VM
 #: over seven networks' all-neuron decodes, VGG19 to RegNetY-400MF, 1.4-49 GB of banks: the plans came within
@@ -188,17 +183,14 @@ def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: st
 def weights_stage(plan, mode: str = "weights") -> Stage:
     """One layer decoded by the route its ``Plan`` chose."""
     return Stage(f"{mode} decode of {plan.layer!r} ({plan.route}, {plan.neurons} neurons)", plan.peak_bytes,
-                 composition_seconds(plan.flops, plan.product_flops, plan.bank_bytes, plan.conv_flops), plan.neurons,
-                 "neurons")
+                 composition_seconds(plan.flops, plan.product_flops, plan.bank_bytes), plan.neurons, "neurons")
 
 
-def composition_seconds(flops: float, product_flops: float, bank_bytes: float = 0.0, conv_flops: float = 0.0
-                        ) -> float:
-    """The time of a composition or backward pass: its matrix products at BLAS's rate, its dense convolutions'
-    gradients at theirs, the rest at NumPy's, over the cores, and the banks it makes at ``BANK_SECONDS`` a byte."""
-    rest = flops - product_flops - conv_flops
-    return ((rest / COMPOSE_RATE + product_flops / PRODUCT_RATE + conv_flops / CONV_GRADIENT_RATE) / usable_cores()
-            + bank_bytes * BANK_SECONDS)
+def composition_seconds(flops: float, product_flops: float, bank_bytes: float = 0.0) -> float:
+    """The time of a composition or backward pass: its matrix products at BLAS's rate, the rest at NumPy's, over
+    the cores, and the banks it makes at ``BANK_SECONDS`` a byte."""
+    return ((flops - product_flops) / COMPOSE_RATE + product_flops / PRODUCT_RATE) / usable_cores() \
+        + bank_bytes * BANK_SECONDS
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",
