@@ -42,6 +42,13 @@ FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
 #: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
 #: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
 PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9
+#: An adjoint pass's rates per core: a dense convolution's gradient in FLOP/s (``kernels.transposed``: a GEMM over its
+#: taps, then their strided adds), and the rest's values per second (elementwise and layout gradients, each value of
+#: a map read and written a few times: a mobile network's gates and depthwise maps). Fitted on adjoint decodes of
+#: VGG19's conv5_4 (32 neurons), ResNet50's layer4.2.conv2 and DenseNet121's last conv1 (16), EfficientNet-B0's last
+#: 1x1 (256) and MobileNetV2's (160); eight decodes with MobileNetV3-large's are planned at 1.02-1.96x of their times,
+#: where everything at ``COMPOSE_RATE`` had said 0.45-6.9x (benchmarks/README.md)
+CONV_GRADIENT_RATE, GRADIENT_VALUE_RATE = 50e9, 0.35e9
 #: seconds per byte of the banks a bottom-up composition makes: their fresh pages and the passes that write them,
 #: which on a large network take longer than the products (fitted with ``PRODUCT_RATE`` on this project's 2-core VM
 #: over seven networks' all-neuron decodes, VGG19 to RegNetY-400MF, 1.4-49 GB of banks: the plans came within
@@ -182,15 +189,25 @@ def compose_stage(model: Model, targets, rows: dict | None, dtype: str, mode: st
 
 def weights_stage(plan, mode: str = "weights") -> Stage:
     """One layer decoded by the route its ``Plan`` chose."""
+    seconds = (adjoint_seconds(plan.flops, plan.product_flops, plan.conv_flops) if plan.route == "adjoint" else
+               composition_seconds(plan.flops, plan.product_flops, plan.bank_bytes))
     return Stage(f"{mode} decode of {plan.layer!r} ({plan.route}, {plan.neurons} neurons)", plan.peak_bytes,
-                 composition_seconds(plan.flops, plan.product_flops, plan.bank_bytes), plan.neurons, "neurons")
+                 seconds, plan.neurons, "neurons")
 
 
 def composition_seconds(flops: float, product_flops: float, bank_bytes: float = 0.0) -> float:
-    """The time of a composition or backward pass: its matrix products at BLAS's rate, the rest at NumPy's, over
-    the cores, and the banks it makes at ``BANK_SECONDS`` a byte."""
+    """The time of a bottom-up composition: its matrix products at BLAS's rate, the rest at NumPy's, over the cores,
+    and the banks it makes at ``BANK_SECONDS`` a byte."""
     return ((flops - product_flops) / COMPOSE_RATE + product_flops / PRODUCT_RATE) / usable_cores() \
         + bank_bytes * BANK_SECONDS
+
+
+def adjoint_seconds(flops: float, product_flops: float, conv_flops: float) -> float:
+    """The time of an adjoint decode's passes: matrix products at BLAS's rate, dense convolutions' gradients at
+    ``CONV_GRADIENT_RATE``, every other value at ``GRADIENT_VALUE_RATE``, over the cores."""
+    rest = flops - product_flops - conv_flops
+    return (product_flops / PRODUCT_RATE + conv_flops / CONV_GRADIENT_RATE + rest / GRADIENT_VALUE_RATE) \
+        / usable_cores()
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",

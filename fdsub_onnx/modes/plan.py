@@ -52,6 +52,7 @@ class Plan:
     estimates: dict = field(default_factory=dict)  # route -> (flops, peak bytes), or a reason it was not possible
     product_flops: float = 0.0  # the share of ``flops`` in matrix products (timed at BLAS's rate)
     bank_bytes: float = 0.0  # the banks a bottom-up route makes (``Costs.bank_bytes``)
+    conv_flops: float = 0.0  # the share of ``flops`` in dense convolutions' gradients (``gradient_flops``)
 
     def describe(self) -> str:
         """One line: the route taken, its estimate, and the others'."""
@@ -100,6 +101,16 @@ def product_flops(model: Model, nodes) -> tuple[float, float]:
         op = RULES.get(node.op_type)
         split[op is None or not op.matrix_product] += forward_flops(model, node)
     return split[0], split[1]
+
+
+def gradient_flops(model: Model, nodes) -> tuple[float, float, float]:
+    """``(matrix products, dense convolutions, the rest)``: ``product_flops`` for a backward pass, where a dense
+    convolution's gradient (``kernels.transposed``: a GEMM over its taps, then their strided adds) runs at a rate
+    of its own (``modes.cost.CONV_GRADIENT_RATE``); a depthwise one's scaled strided adds are among the rest."""
+    products, rest = product_flops(model, nodes)
+    convs = sum(forward_flops(model, node) for node in nodes
+                if (op := RULES.get(node.op_type)) is not None and op.gradient_is_product(model, node))
+    return products, convs, rest - convs
 
 
 def forward_flops(model: Model, node) -> float:
@@ -159,7 +170,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
     per_neuron = c * (span[0][1] - span[0][0]) * (span[1][1] - span[1][0]) * itemsize  # one filter
     result_bytes = k * per_neuron
     estimates, options, seed = {}, [], None
-    shares = {}  # route -> (its FLOPs in matrix products, the bytes of the banks it makes)
+    shares = {}  # route -> (its FLOPs in matrix products, the bytes of its banks, its FLOPs in convolutions' gradients)
 
     if info.blocked is not None and not info.per_position:
         raise FdsubError(f"layer {target!r} is not decodable: {info.blocked}")
@@ -174,20 +185,20 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
             pass
         estimates["bottom-up"] = (costs.flops, usage["peak"] + result_bytes)
         options.append(("bottom-up", None, None, costs.flops, usage["peak"] + result_bytes))
-        shares["bottom-up"] = (costs.product_flops, costs.bank_bytes)
+        shares["bottom-up"] = (costs.product_flops, costs.bank_bytes, 0.0)
 
     refused = nowhere or (linear if isinstance(linear, str) else adjoint_problem(linear, target))
     if refused is not None:
         estimates["adjoint"] = refused
     else:
-        products, rest = product_flops(linear, ancestors(linear, [target]))
-        flops = float(k) * (products + rest)
+        products, convs, rest = gradient_flops(linear, ancestors(linear, [target]))
+        flops = float(k) * (products + convs + rest)
         seed = per_seed_bytes(linear, target, itemsize)
         batch = _batch(k, seed, free - result_bytes)
         if batch:
             estimates["adjoint"] = (flops, batch * seed + result_bytes)
             options.append(("adjoint", None, batch, flops, batch * seed + result_bytes))
-            shares["adjoint"] = (float(k) * products, 0.0)
+            shares["adjoint"] = (float(k) * products, 0.0, float(k) * convs)
         else:
             estimates["adjoint"] = f"one seed needs {_bytes(seed)}"
         meet = _best_meet(model, linear, info, neurons, position, itemsize, free, result_bytes)
@@ -207,7 +218,7 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         raise FdsubError(_memory_advice(target, estimates, free, k, seed, per_neuron))
     name, split, batch, flops, peak = min(fitting, key=lambda o: o[3])
     return Plan(target, name, tuple(int(v) for v in position), k, flops, peak, split, batch, estimates,
-                *shares.get(name, (0.0, 0.0)))
+                *shares.get(name, (0.0, 0.0, 0.0)))
 
 
 def _survey(model, target, dtype) -> _Layer:

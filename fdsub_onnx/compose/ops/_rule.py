@@ -155,6 +155,11 @@ class OpRule:
         """About the FLOPs one seed's backward pass spends here (``size``: the output's values per image)."""
         return size
 
+    def gradient_is_product(self, model, node) -> bool:
+        """Whether the backward pass here is a product over several input channels with strided adds (a dense
+        convolution's, ``kernels.transposed``): the cost model times those apart (``modes.cost.CONV_GRADIENT_RATE``)."""
+        return False
+
     def adjoint_refusal(self, node, constants: dict) -> str | None:
         """Why the adjoint cannot run through ``node`` (known from the graph, before any pass), or None."""
         return self._adjoint_refusal([bool(name) and name not in constants for name in node.input[:2]])

@@ -47,6 +47,10 @@ class Conv(OpRule):
         weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
         return size if weight is None else 2.0 * size * np.prod(weight.shape[1:])
 
+    def gradient_is_product(self, model, node):
+        weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
+        return weight is not None and np.ndim(weight) > 1 and np.shape(weight)[1] > 1  # depthwise: strided adds
+
 
 def conv_bias(grad, ins):
     """The bias [M] a (transposed) convolution adds: its bias weighted by the output gradient."""
