@@ -290,6 +290,12 @@ def known_shape(ctx, name: str) -> tuple:
     return shape
 
 
+def constant_weight(model, node):
+    """The constant second input (a weight) of ``node``, or None where it has none or it is computed: what the cost
+    readings (``OpRule.flops``, ``gradient_is_product``) size an op by."""
+    return model.constants.get(node.input[1]) if len(node.input) > 1 else None
+
+
 def optional(inputs: list, i: int):
     """Input i, or None when it is absent or empty."""
     return inputs[i] if len(inputs) > i else None

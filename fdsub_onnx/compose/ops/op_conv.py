@@ -7,7 +7,7 @@ from onnx import helper
 from ...graph.geometry import Window
 from ..backend import array_module
 from ..kernels import transposed
-from ._rule import OpRule, attributes, batched, constant, data, no_bias, on, optional
+from ._rule import OpRule, attributes, batched, constant, constant_weight, data, no_bias, on, optional
 from ._window import apply_window
 
 
@@ -44,11 +44,11 @@ class Conv(OpRule):
                                 name=node.name, **attributes(node))
 
     def flops(self, model, node, size):
-        weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
+        weight = constant_weight(model, node)
         return size if weight is None else 2.0 * size * np.prod(weight.shape[1:])
 
     def gradient_is_product(self, model, node):
-        weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
+        weight = constant_weight(model, node)
         return weight is not None and np.ndim(weight) > 1 and np.shape(weight)[1] > 1  # depthwise: strided adds
 
 

@@ -7,7 +7,18 @@ from ...errors import NotDecodable, PhaseDependent
 from ...graph.patterns import Attention, Bilinear
 from ..backend import array_module
 from ..values import Const, Layout, Tensor
-from ._rule import OpRule, attributes, batched, constant, no_bias, on, optional, per_instance, reduce_to
+from ._rule import (
+    OpRule,
+    attributes,
+    batched,
+    constant,
+    constant_weight,
+    no_bias,
+    on,
+    optional,
+    per_instance,
+    reduce_to,
+)
 from ._window import apply_window
 from .op_arithmetic import Add, Sub
 from .op_norm import mix_channels
@@ -149,7 +160,7 @@ def _substituted_matrix(node, stat, model, substitution, constants):
 def _matrix_flops(model, node, size):
     """Two FLOPs per output value and term of its sum: ``size`` values (every position of a product on tokens, not
     one) times the contracted axis (a constant matrix's input side, else the first factor's last axis)."""
-    weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
+    weight = constant_weight(model, node)
     if weight is not None and np.ndim(weight) >= 2:
         transposed = node.op_type == Gemm.__name__ and attributes(node).get("transB", 0)
         return 2.0 * size * int(np.shape(weight)[-1] if transposed else np.shape(weight)[-2])

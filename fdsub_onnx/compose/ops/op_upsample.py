@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...errors import FdsubError, NotDecodable, PhaseDependent
 from ..backend import array_module, session
 from ..kernels import correlated, transposed_window
-from ._rule import OpRule, attributes, no_bias, on
+from ._rule import OpRule, attributes, constant_weight, no_bias, on
 from .op_conv import conv_bias
 
 PHASE = ("a neuron's filter after it depends on the phase of its output position (upsampling repeats input "
@@ -63,7 +63,7 @@ class ConvTranspose(OpRule):
         return [gx, None, None][: len(ins)], conv_bias(grad, ins)
 
     def flops(self, model, node, size):
-        weight = model.constants.get(node.input[1]) if len(node.input) > 1 else None
+        weight = constant_weight(model, node)
         if weight is None:
             return size
         x = model.shapes.get(node.input[0])
