@@ -6,12 +6,12 @@ of ``--baseline``) and this one ``--rounds`` times; the best time of each is kep
 
 - GFLOP/s achieved: the direct (kn2row) FLOP count of the compositions over the time, so that every route is scored
   on the same work, and the machine's single-precision GEMM rate (a 4096^3 sgemm timed in the same run);
-- the peak memory of each process (VmHWM);
+- the peak memory of each process (VmHWM) and its CPU time in the kernel (page faults, mostly);
 - how far this tree's filters are from the baseline's: max |difference| over max |filter|, per layer (16 neurons of
   every layer compared, all their pixels).
 
     .venv/bin/python benchmarks/bench_compose.py [--baseline 55f0d0f] [--models vgg19,resnet50,densenet121]
-        [--rounds 2] [--out benchmarks/results/compose.json]
+        [--rounds 2] [--prewarm-gib 0] [--out benchmarks/results/compose.json]
     .venv/bin/python benchmarks/bench_compose.py --convs [--models ...] [--layers-from RESULTS.json] [--reps 3]
         (each layer's own composition timed alone, the trees alternating)
     .venv/bin/python benchmarks/bench_compose.py steps [vgg19] [--out STEPS.json]
@@ -82,8 +82,12 @@ def _vmhwm_gib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
 
 
-def child(tree: str, model_file: str, out: str) -> None:
-    """One decode in this process, with the fdsub_onnx of ``tree``: prints its figures as JSON."""
+def child(tree: str, model_file: str, out: str, prewarm_gib: float = 0.0) -> None:
+    """One decode in this process, with the fdsub_onnx of ``tree``: prints its figures as JSON. ``prewarm_gib``:
+    that much memory written and freed just before the decode, so that its pages are backed by the host when the
+    decode takes them (``--prewarm-gib``)."""
+    import resource
+
     sys.path.insert(0, tree)
     import fdsub_onnx as fd
     from fdsub_onnx.compose.engine import Engine
@@ -104,6 +108,9 @@ def child(tree: str, model_file: str, out: str) -> None:
     layers = decoded_layers(fd, model)
     rng = np.random.default_rng(0)
     kept, seconds, routes, own = {}, {}, {}, {}
+    if prewarm_gib:
+        np.ones(int(prewarm_gib * 2**30) // 4, np.float32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     start = last = time.perf_counter()
     with budget(BUDGET):  # ResNet50's layer4 banks need 4.6 GiB, over the 4 GiB default
         for decoded in fd.iter_decode(model, layers=layers, dtype="float32", positions="interior"):
@@ -115,9 +122,11 @@ def child(tree: str, model_file: str, out: str) -> None:
             kept[decoded.layer] = decoded.filters[pick]
             del decoded
     total = time.perf_counter() - start
+    kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
     np.savez(out, **{f"f{i}": kept[name] for i, name in enumerate(layers)})
     print(json.dumps({"seconds": total, "layers": layers, "per_layer": seconds, "conv_seconds": own, "routes": routes,
-                      "peak_gib": _vmhwm_gib(), "neurons": None, "planned": _planned(fd, model, layers)}))
+                      "peak_gib": _vmhwm_gib(), "kernel_s": kernel, "neurons": None,
+                      "planned": _planned(fd, model, layers)}))
 
 
 def _planned(fd, model, layers) -> float | None:
@@ -289,12 +298,13 @@ def run(args) -> dict:
                 for side in order:
                     tree = str(base) if side == "baseline" else str(ROOT)
                     out = os.path.join(tmp, f"{side}.npz")
-                    proc = subprocess.run([sys.executable, __file__, "child", tree, str(path), out], check=True,
+                    proc = subprocess.run([sys.executable, __file__, "child", tree, str(path), out,
+                                           "--prewarm-gib", str(args.prewarm_gib)], check=True,
                                           capture_output=True, text=True)
                     figures = json.loads(proc.stdout.strip().splitlines()[-1])
                     runs[side].append(figures)
-                    print(f"  {name} {side}: {figures['seconds']:.2f} s, VmHWM {figures['peak_gib']:.2f} GiB",
-                          flush=True)
+                    print(f"  {name} {side}: {figures['seconds']:.2f} s (kernel CPU {figures['kernel_s']:.2f} s), "
+                          f"VmHWM {figures['peak_gib']:.2f} GiB", flush=True)
             old, new = np.load(os.path.join(tmp, "baseline.npz")), np.load(os.path.join(tmp, "this.npz"))
             layers = runs["this"][0]["layers"]
             diffs = {layer: float(np.abs(new[f"f{i}"] - old[f"f{i}"]).max() / max(np.abs(old[f"f{i}"]).max(), 1e-30))
@@ -310,6 +320,8 @@ def run(args) -> dict:
             "this_gflops": flops / best["this"]["seconds"] / 1e9,
             "baseline_peak_gib": max(f["peak_gib"] for f in runs["baseline"]),
             "this_peak_gib": max(f["peak_gib"] for f in runs["this"]),
+            "kernel_s": {side: [f["kernel_s"] for f in runs[side]] for side in runs},
+            "prewarm_gib": args.prewarm_gib,
             "max_rel_diff": max(diffs.values()),
             "per_layer": {layer: (min(f["per_layer"][layer] for f in runs["baseline"]),  # each layer's best round
                                   min(f["per_layer"][layer] for f in runs["this"]), best["this"]["routes"][layer],
@@ -451,6 +463,7 @@ def main(argv=None) -> int:
     c.add_argument("tree")
     c.add_argument("model")
     c.add_argument("out")
+    c.add_argument("--prewarm-gib", type=float, default=0.0)
     r = sub.add_parser("record")
     r.add_argument("model")
     r.add_argument("out")
@@ -468,12 +481,14 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default="55f0d0f")
     parser.add_argument("--models", default="vgg19,resnet50,densenet121")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prewarm-gib", type=float, default=0.0,
+                        help="write and free this much memory just before each decode (pages backed by the host)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.names)
     elif args.command == "child":
-        child(args.tree, args.model, args.out)
+        child(args.tree, args.model, args.out, args.prewarm_gib)
     elif args.command == "record":
         record_convs(args.model, args.layers, args.out)
     elif args.command == "steps":

@@ -191,6 +191,12 @@ _KERNEL = None
 BACKENDS = {"numpy": NumpyBackend, "cupy": CupyBackend}
 
 
+#: the role (``Workspace.take``) of a convolution's composition temporaries, kn2row's products and the spectral
+#: route's spectra alike: a layer runs one route at a time, so one buffer serves both and a decode's peak holds the
+#: larger, not the sum (VGG19: kn2row's 42 MB beside the spectra's 288 MB)
+COMPOSITION = "composition"
+
+
 class Workspace:
     """Scratch arrays reused by the substitution steps of one engine, by role (``take``).
 
@@ -214,6 +220,11 @@ class Workspace:
             buffers[role] = None  # the old one is freed before the larger one is made
             flat = buffers[role] = self.backend.empty((max(size, reserve),), np.uint8)
         return flat[:size].view(dtype).reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this thread's buffers hold."""
+        return sum(flat.nbytes for flat in self._local.__dict__.get("buffers", {}).values() if flat is not None)
 
 
 def equal_chunks(total: int, most: int) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..graph.geometry import Geometry, Pair
 from . import spectral
-from .backend import Workspace, equal_chunks
+from .backend import COMPOSITION, Workspace, equal_chunks
 
 #: "fast" picks per convolution between the direct (kn2row) and the spectral composition by their cost
 #: (``spectral.cheaper``); "kn2row" and "spectral" force one (tests, benchmarks); "reference" is the definition.
@@ -223,7 +223,8 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
             if product_is_output:  # no temporary
                 _placed_rows(backend, out, index, functools.partial(_product_into, backend, w_chunk, source))
                 continue
-            products = backend.matmul(w_chunk, source, out=workspace.take("products", (taps * n, flat.shape[1]), dtype))
+            scratch = workspace.take(COMPOSITION, (taps * n, flat.shape[1]), dtype)
+            products = backend.matmul(w_chunk, source, out=scratch)
             products = products.reshape(taps, n, c_img, ry, rx)
             _placed_rows(backend, out, index, functools.partial(backend.shift_add, products=products, offsets=offsets))
     return out

@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from .backend import NumpyBackend, Workspace, equal_chunks
+from .backend import COMPOSITION, NumpyBackend, Workspace, equal_chunks
 
 # The cost model, in kn2row-GEMM FLOPs, fitted on this project's 2-core machine (benchmarks/README.md,
 # "Composition routes"): the spectral route's many mid-size GEMMs run at ~0.6 of kn2row's one large GEMM, a float
@@ -222,7 +222,7 @@ def compose(backend, out, source, weight, step, dtype, temp_bytes: int, workspac
              0 if rows == k else 2 * freqs * rows * most,
              PARTS * len(kept) * k * c if once else -(-PARTS * block // ROW_MULTIPLE) * ROW_MULTIPLE * rows * c]
     reserve = temp_bytes + 2 * BLOCK_BYTES  # the passes' buffers, and a block of weights' operands with its pad
-    one, other, apart, weights_room = _cut(workspace.take("spectral", (sum(sizes),), dtype, reserve), sizes)
+    one, other, apart, weights_room = _cut(workspace.take(COMPOSITION, (sum(sizes),), dtype, reserve), sizes)
     made = None  # the weights' operands [PARTS, kept, K, C], where they are made once for every pass
     if once:
         made = backend.matmul(weights, tap_major, out=weights_room.reshape(PARTS * len(kept), k * c))

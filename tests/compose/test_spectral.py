@@ -14,7 +14,7 @@ from netgen import linear_zoo, relu_zoo, run_ort
 
 import fdsub_onnx as fd
 from fdsub_onnx.compose import spectral
-from fdsub_onnx.compose.backend import Workspace, get_backend
+from fdsub_onnx.compose.backend import COMPOSITION, Workspace, get_backend
 from fdsub_onnx.compose.engine import _conv_fast, _conv_reference
 from fdsub_onnx.modes.plan import Costs
 
@@ -147,12 +147,27 @@ def test_repeated_frequencies_are_not_multiplied(ry, rx, kept):
     backend = CountingProducts(6, 3 * 8 * 8)
     out = np.zeros((6, 3, ry + 16, rx + 16))
     workspace = Workspace(backend)
-    workspace.take("products", (1 << 20,), np.float64)[:] = np.nan  # a buffer's last contents are not zeros
+    workspace.take(COMPOSITION, (1 << 20,), np.float64)[:] = np.nan  # a buffer's last contents are not zeros
     spectral.compose(backend, out, d_in, weight, (8, 8), np.float64, 1 << 30, workspace)
     assert len(spectral._kept(spectral._grid((ry, rx), (3, 3), (8, 8))[1])[0]) == kept
     assert backend.products == spectral.PARTS * kept
     ref = composed("reference", d_in, weight, np.arange(6), 1, (8, 8), "float64")
     assert relative(out[:, :, : ry + 16, : rx + 16], ref) <= 1e-10
+
+
+def test_kn2row_and_the_spectral_route_share_one_scratch_buffer():
+    """A layer runs one route at a time, so a decode's kn2row products and spectral spectra are one buffer: its
+    peak holds the larger, not both."""
+    rng = np.random.default_rng(5)
+    d_in, weight = rng.standard_normal((4, 3, 17, 13)), rng.standard_normal((6, 4, 3, 3))
+    rows, held = np.zeros(6, int), {}
+    for kernels in (("kn2row",), ("spectral",), ("kn2row", "spectral"), ("spectral", "kn2row")):
+        workspace = Workspace(NUMPY)
+        for kernel in kernels:
+            _conv_fast(NUMPY, d_in, weight, rows, 1, (8, 8), (33, 29), "float64", kernel, workspace)
+        held[kernels] = workspace.nbytes
+    assert 0 < held[("kn2row",)] < held[("spectral",)]
+    assert held[("kn2row", "spectral")] == held[("spectral", "kn2row")] == held[("spectral",)]
 
 
 def test_the_cost_model_picks_spectral_only_for_thick_phases():
