@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -117,8 +118,8 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
 
 def _filters(value):
     """The filters of the bank a value holds, or None."""
-    tensor = value.source if isinstance(value, Layout) else value
-    return tensor.bank.filters if isinstance(tensor, Tensor) and tensor.bank is not None else None
+    bank = _bank(value)
+    return None if bank is None else bank.filters
 
 
 def _memory(value) -> set:
@@ -156,15 +157,45 @@ class Held:
             self._alive.pop(m, None)
             self._ids.discard(m)
 
-    def ids(self) -> set:
-        return set(self._alive.keys()) | self._ids
+    def ids(self, values: dict | None = None, among: set | None = None) -> set:
+        """The targets' memory the caller may hold: all of it, or given the walk's ``values``, of the memory
+        ``among`` only what something besides those values refers to (a caller that dropped a target's filters,
+        as one that streams all-neuron decodes does, lets a residual sum be written into that bank instead of a
+        fresh one: ResNet50's layer4 sums are 2-3 GB each)."""
+        kept = set(self._ids)
+        for key in list(self._alive.keys()):
+            if values is None or key not in among or self._referred(key, values):
+                kept.add(key)
+        return kept
+
+    def _referred(self, key: int, values: dict) -> bool:
+        """Whether anything but the walk's ``values`` refers to this target's memory: its reference count less
+        the references the values' banks hold to it (one per distinct bank whose filters are it), against a probe
+        held the same way, so that the count compares like with like on any interpreter. A view of it, the
+        caller's or a value's, holds a reference this does not subtract: the error is on the side of copying."""
+        root = self._alive.get(key)
+        if root is None:
+            return False
+        banks = len({id(bank) for bank in map(_bank, values.values()) if bank is not None and bank.filters is root})
+        probe = object()
+        return _count(root) - banks > _count(probe)
+
+
+def _count(thing) -> int:
+    return sys.getrefcount(thing)
+
+
+def _bank(value):
+    """The bank a value holds, or None."""
+    tensor = value.source if isinstance(value, Layout) else value
+    return tensor.bank if isinstance(tensor, Tensor) else None
 
 
 def _read_last(reads: list[str], uses: Counter, values: dict, held: Held) -> frozenset:
-    """The memory of the banks that only this node still reads (no other value, nor a target, holds it): its
-    rule may overwrite them."""
+    """The memory of the banks that only this node still reads (no other value, nor a target the caller still
+    holds, holds it): its rule may overwrite them."""
     last = {name for name in reads if uses[name] == 1 and name in values}
-    kept = held.ids()
+    kept = held.ids(values, among={m for name in last for m in _memory(values[name])})
     for name, value in values.items():
         if name not in last:
             kept |= _memory(value)

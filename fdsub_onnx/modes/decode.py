@@ -157,6 +157,7 @@ def _decode_layers(model, targets, neurons: dict, mode, dtype, device, kernel, i
         if substitution is not None and substitution.tops and target in substitution.tops:
             result.instances = rows_of(substitution.tops[target], result.neurons)
         yield result
+        result = value = None  # a caller that drops its result leaves its bank to the walk (``Held.ids``)
 
 
 def _quiet(steps: Iterator) -> Iterator:

@@ -100,3 +100,52 @@ def test_a_target_handed_over_as_a_copy_may_be_overwritten_and_one_handed_as_is_
     assert counts["picked"] > counts["whole"]  # the batch norm after the picked target scales its bank in place
     for target in targets:
         np.testing.assert_allclose(got[target].filters, truth[target].filters, rtol=0, atol=1e-12)
+
+
+def test_targets_the_caller_drops_are_written_in_place_and_what_it_keeps_is_not(tmp_path, monkeypatch):
+    """A caller that streams decodes (keeps a copy, drops the result) leaves each target's bank to the walk, so
+    the batch norm after target ``a`` scales its bank in place; what a caller keeps, the results or only a view of
+    their filters, stays as decoded."""
+    model, targets = _net(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "_may_overwrite", lambda self, bank: False)
+        truth = {d.layer: d.filters.copy() for d in fd.iter_decode(model, layers=targets, dtype="float64")}
+    may = Engine._may_overwrite
+    counts = {}
+    for keep in ("a copy", "the results", "a view"):
+        overwritten, kept = [], {}
+        monkeypatch.setattr(Engine, "_may_overwrite", lambda self, bank, seen=overwritten: seen.append(
+            may(self, bank)) or seen[-1])
+        for d in fd.iter_decode(model, layers=targets, dtype="float64"):
+            kept[d.layer] = d.filters.copy() if keep == "a copy" else d if keep == "the results" else d.filters[1:3]
+            del d
+        counts[keep] = sum(overwritten)
+        for target in targets:
+            got = kept[target].filters if keep == "the results" else kept[target]
+            np.testing.assert_allclose(got, truth[target][1:3] if keep == "a view" else truth[target], rtol=0,
+                                       atol=1e-12)
+    assert counts["a copy"] > counts["the results"] == counts["a view"]
+
+
+def test_a_target_is_released_only_when_nothing_but_the_walk_refers_to_its_memory():
+    """``Held.ids`` given the walk's values: a target's bank that only the walk's values hold is released; one
+    the caller still holds, whole or by a view, is not; nor one that a value holds through a view (whose holders a
+    count on the memory's owner cannot see)."""
+    from fdsub_onnx.compose.values import Tensor
+    from fdsub_onnx.compose.walker import Held
+
+    def case(hold):
+        bank = _bank(channels=4)
+        values = {"t": Tensor(Geometry(), 4, (5, 5), bank), "alias": Tensor(Geometry(), 4, (5, 5), bank),
+                  "other": Tensor(Geometry(), 4, (5, 5), Bank(bank.filters, bank.bias))}
+        held = Held()
+        held.add([values["t"]])
+        caller = hold(bank, values)
+        key = memory_of(bank.filters)
+        return key in held.ids(values, among={key}), key in held.ids(values, among=set()), caller
+
+    assert case(lambda bank, values: None)[:2] == (False, True)  # only asked about what a node reads last
+    assert case(lambda bank, values: bank.filters)[0]
+    assert case(lambda bank, values: bank.filters[1:3])[0]
+    assert case(lambda bank, values: values.update(view=Tensor(Geometry(), 2, (5, 5), Bank(bank.filters[:2],
+                                                                                           bank.bias[:2]))))[0]
