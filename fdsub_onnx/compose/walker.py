@@ -157,16 +157,12 @@ class Held:
             self._alive.pop(m, None)
             self._ids.discard(m)
 
-    def ids(self, values: dict | None = None, among: set | None = None) -> set:
-        """The targets' memory the caller may hold: all of it, or given the walk's ``values``, of the memory
-        ``among`` only what something besides those values refers to (a caller that dropped a target's filters,
-        as one that streams all-neuron decodes does, lets a residual sum be written into that bank instead of a
-        fresh one: ResNet50's layer4 sums are 2-3 GB each)."""
-        kept = set(self._ids)
-        for key in list(self._alive.keys()):
-            if values is None or key not in among or self._referred(key, values):
-                kept.add(key)
-        return kept
+    def ids(self, values: dict, among: set) -> set:
+        """The targets' memory the caller may hold: all of it but, of the memory ``among``, what nothing besides
+        the walk's ``values`` refers to (a caller that dropped a target's filters, as one that streams all-neuron
+        decodes does, lets a residual sum be written into that bank instead of a fresh one: ResNet50's layer4
+        sums are 2-3 GB each)."""
+        return self._ids | {key for key in list(self._alive.keys()) if key not in among or self._referred(key, values)}
 
     def _referred(self, key: int, values: dict) -> bool:
         """Whether anything but the walk's ``values`` refers to this target's memory: its reference count less
