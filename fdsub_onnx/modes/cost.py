@@ -28,20 +28,29 @@ from ..graph.model import Model, ancestors, find_layer, grid
 from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .decode import plan_decode
-from .fds import FIX, gate_values, pass_bytes
+from .fds import FIX, fetched_values, gate_values, pass_bytes
 from .gates import NEURON_MEANS_BATCH, NEURON_MEANS_BUDGET, token_factor_values
 from .local import PassPlan
-from .plan import Costs, gradient_flops, product_flops
+from .plan import Costs, forward_work, gradient_flops
 from .windows import field_part
 
-#: FLOP/s per core of onnxruntime's forward pass, and of the NumPy compositions' and backward passes' work outside
-#: matrix products (measured on this project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md; the forward:
-#: the fds first pass over 1,000 images at 260 px, 1.74 GFLOP each, 35 s on 2 cores)
-FORWARD_RATE, COMPOSE_RATE = 20e9, 8e9
-#: FLOP/s per core of matrix products (``OpRule.matrix_product``), onnxruntime's and a backward pass's (NumPy's BLAS, in
-#: float32): ViT-S/16 runs its 9.1 GFLOP of products per image in about 0.05 s on 2 cores, and a local pass of
-#: one image's 3 instances spends 0.09 s of one core per instance in them (benchmarks/README.md, bench_tokens.py)
-PRODUCT_FORWARD_RATE, PRODUCT_RATE = 80e9, 100e9
+#: FLOP/s per core of the NumPy compositions' and backward passes' work outside matrix products (measured on this
+#: project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md)
+COMPOSE_RATE = 8e9
+#: onnxruntime's forward pass per core (``plan.forward_work``): FLOP/s of its dense convolutions and matrix products
+#: (MLAS's GEMMs), FLOP/s of grouped convolutions' per-group GEMMs, and bytes per second of every op's data inputs
+#: and outputs (all the time of activations, depthwise convolutions, normalizations and layout). Fitted on twelve
+#: networks' forward passes, VGG19 to ViT-B/16, Swin-T and ShuffleNetV2, on this project's 2-core machine: each
+#: within 0.79-1.17x of its time, where one FLOP rate for all but matrix products said up to 5x (VGG19;
+#: benchmarks/README.md, bench_forward.py)
+FORWARD_PRODUCT_RATE, FORWARD_GROUPED_RATE, FORWARD_BYTE_RATE = 110e9, 43e9, 22e9
+#: seconds to read one image and resize it to the input (the built-in sets 7 ms, a 1080p JPEG 26 ms, a 260-px crop
+#: about 2 ms on this machine: a first ETA that the progress lines correct)
+IMAGE_SECONDS = 7e-3
+#: FLOP/s per core of a backward pass's matrix products (``OpRule.matrix_product``; NumPy's BLAS, in float32): a
+#: local pass of one image's 3 instances of ViT-S/16 spends 0.09 s of one core per instance in them
+#: (benchmarks/README.md, bench_tokens.py)
+PRODUCT_RATE = 100e9
 #: An adjoint pass's rates per core: a dense convolution's gradient in FLOP/s (``kernels.transposed``: a GEMM over its
 #: taps, then their strided adds), and the rest's values per second (elementwise and layout gradients, each value of
 #: a map read and written a few times: a mobile network's gates and depthwise maps). Fitted on adjoint decodes of
@@ -54,6 +63,10 @@ CONV_GRADIENT_RATE, GRADIENT_VALUE_RATE = 50e9, 0.35e9
 #: over seven networks' all-neuron decodes, VGG19 to RegNetY-400MF, 1.4-49 GB of banks: the plans came within
 #: 0.67-1.13x of the times, where all FLOPs at ``COMPOSE_RATE`` had said 1.2-10.9x; benchmarks/README.md)
 BANK_SECONDS = 1e-9
+#: seconds per value a pass over images fetches from onnxruntime (copied out, then read by the running top-N or cut
+#: into windows): the fds passes of ResNet50, EfficientNet-B0 and MobileNetV2 over 100 images, 6-19 M values an
+#: image, spent 0.7-2.9 ns a value beyond their forward (benchmarks/README.md, bench_forward.py --fds)
+FETCH_SECONDS = 1.5e-9
 #: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut: 165 s for 1,000
 #: images of 20 M gate values each on EfficientNet-Lite2, beside its 35 s of onnxruntime)
 GATE_SECONDS = 8e-9
@@ -123,9 +136,10 @@ def base_bytes(model: Model) -> float:
 
 
 def forward_seconds(model: Model, targets, count: int) -> float:
-    """onnxruntime's time for ``count`` images through the graph below ``targets``."""
-    products, rest = product_flops(model, ancestors(model, list(targets)))
-    return count * (products / PRODUCT_FORWARD_RATE + rest / FORWARD_RATE) / usable_cores()
+    """The time to read ``count`` images and run them through the graph below ``targets`` in onnxruntime."""
+    products, grouped, moved = forward_work(model, ancestors(model, list(targets)))
+    per_image = products / FORWARD_PRODUCT_RATE + grouped / FORWARD_GROUPED_RATE + moved / FORWARD_BYTE_RATE
+    return count * (per_image / usable_cores() + IMAGE_SECONDS)
 
 
 def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
@@ -133,7 +147,8 @@ def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAU
     per_image = image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
     batch = fitting_batch(per_image, batch_size, "the top-N capture", "use a smaller --batch-size")
     return Stage(f"top-N capture of {target!r} over {count} images", batch * per_image,
-                 forward_seconds(model, [target], count), count)
+                 forward_seconds(model, [target], count) + count * tensor_values(model, [target]) * FETCH_SECONDS,
+                 count)
 
 
 def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batch_size: int = DEFAULT_BATCH,
@@ -145,8 +160,9 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
     nodes = [n.output[0] for n in ancestors(model, list(targets))  # the weighted layers fds substitutes
              if n.op_type in RULES and RULES[n.op_type].fds == "weight"]
     gates = count * gate_values(model, targets, weighting) * GATE_SECONDS
+    fetched = [count * values * FETCH_SECONDS for values in fetched_values(model, targets, weighting)]
     stages = []
-    for label, per_image, extra in (("first", first, 0.0), ("second", second, gates)):
+    for label, per_image, extra in (("first", first, fetched[0]), ("second", second, fetched[1] + gates)):
         batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics", FIX)
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
                             batch * per_image, forward_seconds(model, nodes or targets, count) + extra, count))

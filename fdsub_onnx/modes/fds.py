@@ -136,6 +136,15 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
             _window_bytes(model, windowed, chain))
 
 
+def fetched_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int, int]:
+    """Values per image that the first and the second pass of ``gather_statistics`` fetch from onnxruntime (each
+    copied out and read: their time beside onnxruntime's)."""
+    nodes, gates, windowed, chain = _passes(model, targets, weighting)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return (tensor_values(model, _top_names(nodes, targets) + list(gates.values())),
+            tensor_values(model, _window_reads(model, windowed, chain)))
+
+
 def gate_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> int:
     """Values per image of the gate maps the second pass computes (its time beside onnxruntime's)."""
     chain = _passes(model, targets, weighting)[3]

@@ -103,6 +103,29 @@ def product_flops(model: Model, nodes) -> tuple[float, float]:
     return split[0], split[1]
 
 
+def forward_work(model: Model, nodes) -> tuple[float, float, float]:
+    """``(FLOPs of the products, FLOPs of the grouped products, bytes read and written)`` of onnxruntime's forward
+    pass over ``nodes``, per image: its dense convolutions and matrix products run near the GEMM rate, a grouped
+    convolution's per-group GEMMs several times slower (``OpRule.forward_groups``), and every op moves its tensors
+    (the data inputs and outputs, float32), which is all the time of the others (activations, depthwise
+    convolutions, normalizations, layout): ``modes.cost.forward_seconds``."""
+    batch = model.input_shape[0] or 1  # per image: whatever axis the batch is on (token-major attention: the 2nd)
+
+    def values(name) -> float:
+        shape = model.shapes.get(name) if name and name not in model.constants else None
+        return float(np.prod(shape)) / batch if shape is not None else 0.0
+
+    products = grouped = moved = 0.0
+    for node in nodes:
+        op = RULES.get(node.op_type)
+        groups = None if op is None else op.forward_groups(model, node)
+        if groups is not None:
+            flops = op.flops(model, node, values(node.output[0]))
+            products, grouped = (products + flops, grouped) if groups == 1 else (products, grouped + flops)
+        moved += sum(values(name) for name in (*node.input, *node.output))
+    return products, grouped, 4.0 * moved
+
+
 def gradient_flops(model: Model, nodes) -> tuple[float, float, float]:
     """``(matrix products, dense convolutions, the rest)``: ``product_flops`` for a backward pass, where a dense
     convolution's gradient (``kernels.transposed``: a GEMM over its taps, then their strided adds) runs at a rate

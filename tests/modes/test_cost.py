@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import numpy as np
 import pytest
 from checks import load_proto
 from clirun import assert_one_error_line, invoke
@@ -165,6 +166,71 @@ def test_local_passes_are_timed_as_the_adjoint_routes_passes(net):
     stage = cost.instance_stage(model, target, 40)
     workers = get_backend("numpy").workers
     assert stage.seconds == pytest.approx(40 * one * cost._cone_share(model, target) / max(workers, 1))
+
+
+def test_a_forward_pass_is_timed_by_its_products_grouped_products_and_the_bytes_it_moves(tmp_path):
+    """onnxruntime's forward (``plan.forward_work``): dense convolutions at the GEMM rate, grouped ones at their
+    own, depthwise ones and activations by the bytes they read and write. All but matrix products at one FLOP rate
+    had planned VGG19's capture at 4.7x its time and ResNet50's at 3x (benchmarks/README.md)."""
+    from fdsub_onnx.graph.model import ancestors
+    from fdsub_onnx.modes import cost
+    from fdsub_onnx.modes.plan import forward_work
+
+    b = NetBuilder(in_channels=8, height=16, width=16, seed=1)
+    dense = b.conv("input", 16, 3, 1, (1, 1, 1, 1))
+    grouped = b.conv(dense, 16, 3, 1, (1, 1, 1, 1), groups=4)
+    depthwise = b.relu(b.conv(grouped, 16, 3, 1, (1, 1, 1, 1), groups=16))
+    model = load_proto(b.build([depthwise]), tmp_path)
+    products, grouped_flops, moved = forward_work(model, ancestors(model, [depthwise]))
+    pixels = 16 * 16 * 16
+    assert products == 2 * pixels * 8 * 9 and grouped_flops == 2 * pixels * 4 * 9
+    assert moved == 4 * (8 * 256 + pixels * 7)  # the input, 3 convolutions' inputs and outputs, the relu's
+    seconds = cost.forward_seconds(model, [depthwise], 10)
+    per_image = (products / cost.FORWARD_PRODUCT_RATE + grouped_flops / cost.FORWARD_GROUPED_RATE
+                 + moved / cost.FORWARD_BYTE_RATE)
+    assert seconds == pytest.approx(10 * (per_image / cost.usable_cores() + cost.IMAGE_SECONDS))
+
+
+def test_the_fds_passes_and_a_capture_are_timed_with_the_values_they_fetch(net):
+    """Beside onnxruntime's forward, a pass copies out and reads every value it fetches (``FETCH_SECONDS``): the
+    fds first pass every substituted node's output, the second their inputs and gate chains (and the gates)."""
+    from fdsub_onnx.modes import cost
+    from fdsub_onnx.modes.fds import fetched_values, gate_values
+    from fdsub_onnx.runtime.session import tensor_values
+
+    model, last = net
+    target = fd.find_layer(model, last).output[0]
+    first_values, second_values = fetched_values(model, [target])
+    assert 0 < tensor_values(model, [target]) < first_values < second_values
+    first, second = cost.fds_stages(model, [target], 50)[:2]
+    forward = [cost.forward_seconds(model, [n.output[0] for n in model.nodes if n.op_type == "Conv"], 50)] * 2
+    assert first.seconds == pytest.approx(forward[0] + 50 * first_values * cost.FETCH_SECONDS)
+    assert second.seconds == pytest.approx(forward[1] + 50 * (second_values * cost.FETCH_SECONDS
+                                                              + gate_values(model, [target]) * cost.GATE_SECONDS))
+    assert cost.capture_stage(model, target, 50).seconds == pytest.approx(
+        cost.forward_seconds(model, [target], 50) + 50 * tensor_values(model, [target]) * cost.FETCH_SECONDS)
+
+
+def test_a_token_major_product_is_counted_per_image(tmp_path):
+    """Tokens first, the batch second ([L, N, E], torchvision's attention): a product's FLOPs are its output's values
+    per image times its depth, not the values after the first axis (ViT-B/16's were counted 197x short)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fdsub_onnx.graph.model import ancestors
+    from fdsub_onnx.modes.plan import forward_work
+
+    nodes = [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["tokens"], perm=[2, 0, 1]),  # [256, 1, 3]
+             helper.make_node("MatMul", ["tokens", "w"], ["out"])]  # [256, 1, 8]
+    constants = [numpy_helper.from_array(np.array([1, 3, 256], np.int64), "shape"),
+                 numpy_helper.from_array(np.ones((3, 8), np.float32), "w")]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                              [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [256, 1, 8])], constants)
+    model = load_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    products, grouped, moved = forward_work(model, ancestors(model, ["out"]))
+    assert products == 2 * 256 * 8 * 3 and grouped == 0
+    assert moved == 4 * (768 * 5 + 256 * 8)  # the reshape's and transpose's ins and outs, the product's
 
 
 def test_plan_prints_the_stages_and_writes_nothing(net, tmp_path):

@@ -51,6 +51,9 @@ class Conv(OpRule):
         weight = constant_weight(model, node)
         return weight is not None and np.ndim(weight) > 1 and np.shape(weight)[1] > 1  # depthwise: strided adds
 
+    def forward_groups(self, model, node):
+        return int(attributes(node).get("group", 1)) if self.gradient_is_product(model, node) else None
+
 
 def conv_bias(grad, ins):
     """The bias [M] a (transposed) convolution adds: its bias weighted by the output gradient."""

@@ -1,0 +1,123 @@
+"""Benchmark: how close the cost plan's time for onnxruntime's forward passes comes to the time they take.
+
+For each network, the forward pass to its outputs (VGG19: its last convolution), timed over a batch of 8
+synthetic images (one at a time where the export fixes the batch), against ``plan.forward_work`` at
+``modes.cost``'s rates; with ``--fds`` also ``gather_statistics``'s two passes over 100 built-in images against
+``fds_stages`` (a late layer of ResNet50, EfficientNet-B0 and MobileNetV2). Run with the project's venv after
+``bench_compose.py prepare`` (and ``bench_drift.py prepare`` for ResNet50); the exports are torchvision's at random
+init, so the times are the architectures'.
+
+    .venv/bin/python benchmarks/bench_forward.py [--models vgg19,resnet50,...] [--fds]
+    ~/.cache/fdsub-bench/venv/bin/python benchmarks/bench_forward.py prepare   (exports MORE with torchvision)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_compose  # noqa: E402
+from bench_compose import EXPORTED, model_path  # noqa: E402
+
+import fdsub_onnx as fd  # noqa: E402
+from fdsub_onnx.compose.backend import session, usable_cores  # noqa: E402
+from fdsub_onnx.graph.model import ancestors, find_layer  # noqa: E402
+from fdsub_onnx.graph.prune import pruned  # noqa: E402
+from fdsub_onnx.modes import cost  # noqa: E402
+from fdsub_onnx.modes.fds import gather_statistics  # noqa: E402
+from fdsub_onnx.modes.plan import forward_work  # noqa: E402
+
+#: exported by ``prepare`` here beside bench_compose's: grouped convolutions, attention, shifted windows
+MORE = ("resnext50_32x4d", "vit_b_16", "swin_t")
+bench_compose.EXPORTED += MORE
+
+#: the fds passes timed with --fds: a late layer of each network
+FDS_LAYERS = {"resnet50": "layer3.5.conv2",
+              "efficientnet_b0": "/features/features.5/features.5.2/block/block.3/block.3.0/Conv_output_0",
+              "mobilenet_v2": "/features/features.12/conv/conv.1/conv.1.0/Conv_output_0"}
+
+
+def outputs(model, name: str) -> list[str]:
+    if name == "vgg19":  # its classifier's Reshape fixes the batch: up to the last convolution
+        return [[n for n in model.nodes if n.op_type == "Conv"][-1].output[0]]
+    return [o.name for o in model.proto.graph.output]
+
+
+def forward_row(name: str) -> dict:
+    """Seconds per image of onnxruntime's forward (best of 3 runs over a batch) against the plan's."""
+    model = fd.load_model(str(model_path(name)))
+    targets = outputs(model, name)
+    products, grouped, moved = forward_work(model, ancestors(model, targets))
+    planned = (products / cost.FORWARD_PRODUCT_RATE + grouped / cost.FORWARD_GROUPED_RATE
+               + moved / cost.FORWARD_BYTE_RATE) / usable_cores()
+    for batch in (8, 1):  # some exports fix the batch in their reshapes
+        sess = session(pruned(model.proto, targets, model.input_name, batch="N" if batch > 1 else None))
+        x = np.random.default_rng(0).standard_normal((batch, *model.input_shape[1:])).astype(np.float32)
+        try:
+            sess.run(None, {model.input_name: x})
+        except Exception:
+            continue
+        best = min(_timed(sess, {model.input_name: x}, 8 // batch) for _ in range(3)) / 8
+        return {"model": name, "products_gflop": products / 1e9, "grouped_gflop": grouped / 1e9,
+                "moved_mb": moved / 1e6, "taken_ms": best * 1e3, "planned_ms": planned * 1e3}
+    raise SystemExit(f"{name}: onnxruntime cannot run it")
+
+
+def fds_row(name: str, count: int = 100) -> dict:
+    """The two fds passes' seconds (split where the progress crosses half the images) against ``fds_stages``."""
+    model = fd.load_model(str(model_path(name)))
+    target = find_layer(model, FDS_LAYERS[name]).output[0]
+    images = fd.open_images(f"builtin:blobs:{count}", tuple(model.input_shape[1:]))
+    marks, start = [], time.perf_counter()
+    gather_statistics(model, [target], images, top=16,
+                      progress=lambda done, total: marks.append((time.perf_counter() - start, done, total)))
+    end = time.perf_counter() - start
+    half = next(t for t, done, total in marks if done >= total // 2)
+    first, second = cost.fds_stages(model, [target], count)[:2]
+    return {"model": name, "first_s": half, "second_s": end - half, "first_planned_s": first.seconds,
+            "second_planned_s": second.seconds}
+
+
+def _timed(sess, feed, runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, feed)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(("vgg19", "resnet50", *EXPORTED, *MORE)))
+    parser.add_argument("--fds", action="store_true", help="also the fds passes of ResNet50, EfficientNet-B0, "
+                        "MobileNetV2")
+    if argv is None and sys.argv[1:2] == ["prepare"] or argv and argv[:1] == ["prepare"]:
+        bench_compose.prepare(MORE)
+        return 0
+    args = parser.parse_args(argv)
+    print("| model | products GFLOP | grouped GFLOP | moved MB | taken ms/image | planned ms/image | plan / taken |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models.split(","):
+        if name != "vgg19" and not model_path(name).exists():
+            print(f"| {name} | (not exported: bench_compose.py prepare) |")
+            continue
+        r = forward_row(name)
+        print(f"| {name} | {r['products_gflop']:.2f} | {r['grouped_gflop']:.2f} | {r['moved_mb']:.0f} | "
+              f"{r['taken_ms']:.2f} | {r['planned_ms']:.2f} | {r['planned_ms'] / r['taken_ms']:.2f} |")
+    if args.fds:
+        print("\n| model | first pass s (planned) | second pass s (planned) | plan / taken |")
+        print("| --- | --- | --- | --- |")
+        for name in FDS_LAYERS:
+            r = fds_row(name)
+            print(f"| {name} | {r['first_s']:.1f} ({r['first_planned_s']:.1f}) | {r['second_s']:.1f} "
+                  f"({r['second_planned_s']:.1f}) | {r['first_planned_s'] / r['first_s']:.2f}, "
+                  f"{r['second_planned_s'] / r['second_s']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
