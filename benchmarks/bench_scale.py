@@ -80,22 +80,23 @@ def job(spec: dict) -> dict:
         if spec.get("estimate"):
             scored = fd.fidelity_sample(held if held is not None else train, fd.REPORT_FIDELITY_IMAGES)[0]
             estimate = fd.estimate_compare(model, layers, spec.get("neurons"), len(train), top=top,
-                                           holdout=len(scored)).peak_bytes
+                                           holdout=len(scored))
         fd.report(model, train, spec["out"], layers=layers, neurons=spec.get("neurons"), top=top, holdout=held,
                   progress=steps.reached)
     elif spec["kind"] == "fds":
         if spec.get("estimate"):
             estimate = fd.estimate_decode(model, spec["layer"], spec["neurons"], "fds", len(train),
-                                          top=spec["top"]).peak_bytes
+                                          top=spec["top"])
         fd.decode(model, spec["layer"], spec["neurons"], mode="fds", images=train, top=spec["top"])
     elif spec["kind"] == "fidelity":
         if spec.get("estimate"):
             estimate = fd.estimate_compare(model, [spec["layer"]], spec["neurons"], len(train), top=spec["top"],
-                                           holdout=len(held)).peak_bytes
+                                           holdout=len(held))
         fd.compare_modes(model, spec["layer"], train, held, top=spec["top"], neurons=spec["neurons"])
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 1), "peak_gib": round(vmhwm() / 2**30, 2),
-            "estimate_gib": None if estimate is None else round(estimate / 2**30, 2), "steps": steps.times}
+            "estimate_gib": None if estimate is None else round(estimate.peak_bytes / 2**30, 2),
+            "estimate_s": None if estimate is None else round(float(estimate.seconds), 1), "steps": steps.times}
 
 
 class _Steps:
@@ -158,19 +159,19 @@ def rows(args) -> list[dict]:
 
 
 def show(table: list[dict]) -> None:
-    print("| row | version | seconds | peak GiB (VmHWM) | estimate GiB | estimate / peak |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| row | version | seconds | planned s | peak GiB (VmHWM) | estimate GiB | estimate / peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
         for version in ("now", "previous"):
             r = row.get(version)
             if r is None:
                 continue
             if "error" in r:
-                print(f"| {row['row']} | {version} | error: {r['error']} | | | |")
+                print(f"| {row['row']} | {version} | error: {r['error']} | | | | |")
                 continue
             ratio = f"{r['estimate_gib'] / r['peak_gib']:.2f}" if r.get("estimate_gib") else "-"
-            print(f"| {row['row']} | {version} | {r['seconds']} | {r['peak_gib']} | {r.get('estimate_gib') or '-'} "
-                  f"| {ratio} |")
+            print(f"| {row['row']} | {version} | {r['seconds']} | {r.get('estimate_s') or '-'} | {r['peak_gib']} | "
+                  f"{r.get('estimate_gib') or '-'} | {ratio} |")
 
 
 def main(argv=None) -> None:

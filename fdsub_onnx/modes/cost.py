@@ -19,7 +19,6 @@ import numpy as np
 from ..compose.backend import get_backend, usable_cores
 from ..compose.engine import Engine
 from ..compose.inspect import MEMORY_MARGIN, bank_peak, channels_of, instance_geometry, memory_problem
-from ..compose.ops import RULES
 from ..compose.walker import walk
 from ..data.topn import SLOT_BYTES
 from ..defaults import DEFAULT_BATCH, DEFAULT_TOP, DEFAULT_WEIGHTING, budget_text, memory_budget
@@ -28,7 +27,7 @@ from ..graph.model import Model, ancestors, find_layer, grid
 from ..neurons import parse_neurons
 from ..runtime.session import FETCHED_BYTES, fitting_batch, image_bytes, tensor_values
 from .decode import plan_decode
-from .fds import FIX, fetched_values, gate_values, pass_bytes
+from .fds import FIX, fetched_tensors, gate_values, pass_bytes
 from .gates import NEURON_MEANS_BATCH, NEURON_MEANS_BUDGET, token_factor_values
 from .local import PassPlan
 from .plan import Costs, forward_work, gradient_flops
@@ -64,12 +63,14 @@ CONV_GRADIENT_RATE, GRADIENT_VALUE_RATE = 50e9, 0.35e9
 #: 0.67-1.13x of the times, where all FLOPs at ``COMPOSE_RATE`` had said 1.2-10.9x; benchmarks/README.md)
 BANK_SECONDS = 1e-9
 #: seconds per value a pass over images fetches from onnxruntime (copied out, then read by the running top-N or cut
-#: into windows): the fds passes of ResNet50, EfficientNet-B0 and MobileNetV2 over 100 images, 6-19 M values an
-#: image, spent 0.7-2.9 ns a value beyond their forward (benchmarks/README.md, bench_forward.py --fds)
+#: into windows): the fds first passes of ResNet50, EfficientNet-B0 and MobileNetV2 over 100 images, 6-10 M values
+#: an image, spent 0.7-2.9 ns a value beyond their forward, EfficientNet-Lite2's in the default report 1.45
+#: (benchmarks/README.md, bench_forward.py --fds, bench_scale.py)
 FETCH_SECONDS = 1.5e-9
-#: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut: 165 s for 1,000
-#: images of 20 M gate values each on EfficientNet-Lite2, beside its 35 s of onnxruntime)
-GATE_SECONDS = 8e-9
+#: seconds per value of a gate map in the fds second pass (slopes, their products, the windows cut) beside its
+#: forward and fetches: 1.9 ns on EfficientNet-Lite2 in the default report (20 M gate values an image), 4.1-9.5 on
+#: MobileNetV2, EfficientNet-B0 and ResNet50 over 100 built-in images; their geometric mean
+GATE_SECONDS = 4.6e-9
 #: the process before a command allocates: Python, NumPy, onnx and onnxruntime loaded
 PROCESS_BYTES = 180 << 20
 NF_SECONDS = 1e-3  # per image read by the Neuron Feature (its sums are cheap beside reading the image)
@@ -135,11 +136,12 @@ def base_bytes(model: Model) -> float:
     return PROCESS_BYTES + size + 2 * weights
 
 
-def forward_seconds(model: Model, targets, count: int) -> float:
-    """The time to read ``count`` images and run them through the graph below ``targets`` in onnxruntime."""
-    products, grouped, moved = forward_work(model, ancestors(model, list(targets)))
+def forward_seconds(model: Model, fetched, count: int) -> float:
+    """The time to read ``count`` images, run them through the graph below ``fetched`` (tensor names) in
+    onnxruntime and fetch those tensors."""
+    products, grouped, moved = forward_work(model, ancestors(model, list(fetched)))
     per_image = products / FORWARD_PRODUCT_RATE + grouped / FORWARD_GROUPED_RATE + moved / FORWARD_BYTE_RATE
-    return count * (per_image / usable_cores() + IMAGE_SECONDS)
+    return count * (per_image / usable_cores() + IMAGE_SECONDS + tensor_values(model, list(fetched)) * FETCH_SECONDS)
 
 
 def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:
@@ -147,8 +149,7 @@ def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAU
     per_image = image_bytes(model, [target]) + FETCHED_BYTES * tensor_values(model, [target])
     batch = fitting_batch(per_image, batch_size, "the top-N capture", "use a smaller --batch-size")
     return Stage(f"top-N capture of {target!r} over {count} images", batch * per_image,
-                 forward_seconds(model, [target], count) + count * tensor_values(model, [target]) * FETCH_SECONDS,
-                 count)
+                 forward_seconds(model, [target], count), count)
 
 
 def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batch_size: int = DEFAULT_BATCH,
@@ -157,15 +158,13 @@ def fds_stages(model: Model, targets, count: int, rows: dict | None = None, batc
     """``gather_statistics``'s two passes over the images, then the composition of the substituted banks
     (``compose_stage``; ``rows``: the bottom-up pass's, ``neurons``: target -> the neurons asked)."""
     first, second = pass_bytes(model, targets, weighting)
-    nodes = [n.output[0] for n in ancestors(model, list(targets))  # the weighted layers fds substitutes
-             if n.op_type in RULES and RULES[n.op_type].fds == "weight"]
     gates = count * gate_values(model, targets, weighting) * GATE_SECONDS
-    fetched = [count * values * FETCH_SECONDS for values in fetched_values(model, targets, weighting)]
     stages = []
-    for label, per_image, extra in (("first", first, fetched[0]), ("second", second, fetched[1] + gates)):
+    for label, per_image, fetched, extra in zip(("first", "second"), (first, second),
+                                                fetched_tensors(model, targets, weighting), (0.0, gates)):
         batch = fitting_batch(per_image, batch_size, f"the {label} pass of the fds statistics", FIX)
         stages.append(Stage(f"fds statistics, {label} pass over {count} images (batches of {batch})",
-                            batch * per_image, forward_seconds(model, nodes or targets, count) + extra, count))
+                            batch * per_image, forward_seconds(model, fetched or targets, count) + extra, count))
     stages += compose_stage(model, targets, rows, dtype, "fds", neurons)
     return stages + [stage for t in targets if (stage := _neuron_means_stage(model, t, count, (neurons or rows or
                                                                                                {}).get(t)))]

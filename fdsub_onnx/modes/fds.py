@@ -136,13 +136,12 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
             _window_bytes(model, windowed, chain))
 
 
-def fetched_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int, int]:
-    """Values per image that the first and the second pass of ``gather_statistics`` fetch from onnxruntime (each
-    copied out and read: their time beside onnxruntime's)."""
+def fetched_tensors(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[list[str], list[str]]:
+    """The tensors the first and the second pass of ``gather_statistics`` fetch from onnxruntime (every node's output
+    and gate; the nodes' inputs and their gate chains)."""
     nodes, gates, windowed, chain = _passes(model, targets, weighting)
     targets = [targets] if isinstance(targets, str) else list(targets)
-    return (tensor_values(model, _top_names(nodes, targets) + list(gates.values())),
-            tensor_values(model, _window_reads(model, windowed, chain)))
+    return _top_names(nodes, targets) + list(gates.values()), _window_reads(model, windowed, chain)
 
 
 def gate_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> int:

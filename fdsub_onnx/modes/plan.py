@@ -109,20 +109,14 @@ def forward_work(model: Model, nodes) -> tuple[float, float, float]:
     convolution's per-group GEMMs several times slower (``OpRule.forward_groups``), and every op moves its tensors
     (the data inputs and outputs, float32), which is all the time of the others (activations, depthwise
     convolutions, normalizations, layout): ``modes.cost.forward_seconds``."""
-    batch = model.input_shape[0] or 1  # per image: whatever axis the batch is on (token-major attention: the 2nd)
-
-    def values(name) -> float:
-        shape = model.shapes.get(name) if name and name not in model.constants else None
-        return float(np.prod(shape)) / batch if shape is not None else 0.0
-
     products = grouped = moved = 0.0
     for node in nodes:
         op = RULES.get(node.op_type)
         groups = None if op is None else op.forward_groups(model, node)
         if groups is not None:
-            flops = op.flops(model, node, values(node.output[0]))
+            flops = forward_flops(model, node)
             products, grouped = (products + flops, grouped) if groups == 1 else (products, grouped + flops)
-        moved += sum(values(name) for name in (*node.input, *node.output))
+        moved += sum(per_image(model, name) for name in (*node.input, *node.output))
     return products, grouped, 4.0 * moved
 
 
@@ -139,10 +133,17 @@ def gradient_flops(model: Model, nodes) -> tuple[float, float, float]:
 def forward_flops(model: Model, node) -> float:
     """About the FLOPs one seed's backward pass spends at ``node``: those of its forward op (a transposed
     product costs what the product does); elementwise and layout ops count their output's size."""
-    out = model.shapes.get(node.output[0]) if node.output else None
-    size = float(np.prod(out[1:])) if out is not None else 0.0
+    size = per_image(model, node.output[0]) if node.output else 0.0
     op = RULES.get(node.op_type)
     return size if op is None else op.flops(model, node, size)
+
+
+def per_image(model: Model, name: str) -> float:
+    """Values of tensor ``name`` per image, whatever axis the batch is on (token-major attention, [L, N, E]: the
+    second; the values after the first axis counted ViT-B/16's products 197x short); 0 for a constant or an
+    unknown shape."""
+    shape = model.shapes.get(name) if name and name not in model.constants else None
+    return float(np.prod(shape)) / (model.input_shape[0] or 1) if shape is not None else 0.0
 
 
 @dataclass

@@ -188,36 +188,43 @@ def test_a_forward_pass_is_timed_by_its_products_grouped_products_and_the_bytes_
     seconds = cost.forward_seconds(model, [depthwise], 10)
     per_image = (products / cost.FORWARD_PRODUCT_RATE + grouped_flops / cost.FORWARD_GROUPED_RATE
                  + moved / cost.FORWARD_BYTE_RATE)
-    assert seconds == pytest.approx(10 * (per_image / cost.usable_cores() + cost.IMAGE_SECONDS))
+    assert seconds == pytest.approx(10 * (per_image / cost.usable_cores() + cost.IMAGE_SECONDS
+                                          + pixels * cost.FETCH_SECONDS))
 
 
 def test_the_fds_passes_and_a_capture_are_timed_with_the_values_they_fetch(net):
-    """Beside onnxruntime's forward, a pass copies out and reads every value it fetches (``FETCH_SECONDS``): the
-    fds first pass every substituted node's output, the second their inputs and gate chains (and the gates)."""
+    """Beside onnxruntime's forward, a pass copies out and reads every value it fetches (``FETCH_SECONDS``): a capture
+    its layer, the fds first pass every substituted node's output, the second their inputs and gate chains (and it
+    computes the gates)."""
+    from fdsub_onnx.graph.model import ancestors
     from fdsub_onnx.modes import cost
-    from fdsub_onnx.modes.fds import fetched_values, gate_values
+    from fdsub_onnx.modes.fds import fetched_tensors, gate_values
+    from fdsub_onnx.modes.plan import forward_work
     from fdsub_onnx.runtime.session import tensor_values
 
     model, last = net
     target = fd.find_layer(model, last).output[0]
-    first_values, second_values = fetched_values(model, [target])
-    assert 0 < tensor_values(model, [target]) < first_values < second_values
+    products, grouped, moved = forward_work(model, ancestors(model, [target]))
+    forward = (products / cost.FORWARD_PRODUCT_RATE + grouped / cost.FORWARD_GROUPED_RATE
+               + moved / cost.FORWARD_BYTE_RATE)
+    assert cost.capture_stage(model, target, 50).seconds == pytest.approx(50 * (
+        forward / cost.usable_cores() + cost.IMAGE_SECONDS + tensor_values(model, [target]) * cost.FETCH_SECONDS))
+    first_fetched, second_fetched = fetched_tensors(model, [target])
+    assert tensor_values(model, [target]) < tensor_values(model, first_fetched) < tensor_values(model, second_fetched)
     first, second = cost.fds_stages(model, [target], 50)[:2]
-    forward = [cost.forward_seconds(model, [n.output[0] for n in model.nodes if n.op_type == "Conv"], 50)] * 2
-    assert first.seconds == pytest.approx(forward[0] + 50 * first_values * cost.FETCH_SECONDS)
-    assert second.seconds == pytest.approx(forward[1] + 50 * (second_values * cost.FETCH_SECONDS
-                                                              + gate_values(model, [target]) * cost.GATE_SECONDS))
-    assert cost.capture_stage(model, target, 50).seconds == pytest.approx(
-        cost.forward_seconds(model, [target], 50) + 50 * tensor_values(model, [target]) * cost.FETCH_SECONDS)
+    assert first.seconds == pytest.approx(cost.forward_seconds(model, first_fetched, 50))
+    assert second.seconds == pytest.approx(cost.forward_seconds(model, second_fetched, 50)
+                                           + 50 * gate_values(model, [target]) * cost.GATE_SECONDS)
 
 
 def test_a_token_major_product_is_counted_per_image(tmp_path):
     """Tokens first, the batch second ([L, N, E], torchvision's attention): a product's FLOPs are its output's values
-    per image times its depth, not the values after the first axis (ViT-B/16's were counted 197x short)."""
+    per image times its depth, not the values after the first axis (ViT-B/16's were counted 197x short), in the
+    forward's plan and a backward pass's."""
     from onnx import TensorProto, helper, numpy_helper
 
     from fdsub_onnx.graph.model import ancestors
-    from fdsub_onnx.modes.plan import forward_work
+    from fdsub_onnx.modes.plan import forward_work, gradient_flops
 
     nodes = [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
              helper.make_node("Transpose", ["flat"], ["tokens"], perm=[2, 0, 1]),  # [256, 1, 3]
@@ -230,6 +237,7 @@ def test_a_token_major_product_is_counted_per_image(tmp_path):
     model = load_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
     products, grouped, moved = forward_work(model, ancestors(model, ["out"]))
     assert products == 2 * 256 * 8 * 3 and grouped == 0
+    assert gradient_flops(model, ancestors(model, ["out"]))[0] == products  # a backward pass's plan too
     assert moved == 4 * (768 * 5 + 256 * 8)  # the reshape's and transpose's ins and outs, the product's
 
 
