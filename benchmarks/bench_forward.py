@@ -3,11 +3,13 @@
 For each network, the forward pass to its outputs (VGG19: its last convolution), timed over a batch of 8
 synthetic images (one at a time where the export fixes the batch), against ``plan.forward_work`` at
 ``modes.cost``'s rates; with ``--fds`` also ``gather_statistics``'s two passes over 100 built-in images against
-``fds_stages`` (a late layer of ResNet50, EfficientNet-B0 and MobileNetV2). Run with the project's venv after
-``bench_compose.py prepare`` (and ``bench_drift.py prepare`` for ResNet50); the exports are torchvision's at random
-init, so the times are the architectures'.
+``fds_stages`` (a late layer of ResNet50, EfficientNet-B0 and MobileNetV2); with ``--local`` the ``local`` passes
+of six layers against ``instance_stage`` (``capture_top``, then ``fd.decode(mode="local")`` over the same built-in
+images in one process: the passes' time is the decode's less the capture). Run with the project's venv after
+``bench_compose.py prepare`` (and ``bench_drift.py prepare`` for ResNet50, ``bench_scale.py prepare`` for
+EfficientNet-Lite2); the exports are torchvision's at random init, so the times are the architectures'.
 
-    .venv/bin/python benchmarks/bench_forward.py [--models vgg19,resnet50,...] [--fds]
+    .venv/bin/python benchmarks/bench_forward.py [--models vgg19,resnet50,...] [--fds] [--local]
     ~/.cache/fdsub-bench/venv/bin/python benchmarks/bench_forward.py prepare   (exports MORE with torchvision)
 """
 
@@ -83,6 +85,31 @@ def fds_row(name: str, count: int = 100) -> dict:
             "second_planned_s": second.seconds}
 
 
+#: the local passes timed with --local: (network, layer, images, top, neurons); instances = top x neurons
+LOCAL_ROWS = (("vgg19", "r34", 32, 1, "0-31"), ("resnet50", "layer4.2.conv2", 16, 2, "0-15"),
+              ("efficientnet_b0", "features.8.0", 32, 4, "0-31"), ("mobilenet_v2", "features.18.0", 32, 4, "0-31"),
+              ("lite2", "/_blocks.12/_project_conv/Conv_output_0", 64, 16, "0-15"),
+              ("lite2", "/_conv_head/Conv_output_0", 64, 16, "0-15"))
+
+
+def local_row(name: str, layer: str, count: int, top: int, neurons: str) -> dict:
+    """The local passes' seconds (the decode's less its capture of the same images) against ``instance_stage``."""
+    from fdsub_onnx.runtime.capture import capture_top
+
+    path = bench_compose.CACHE / "scale" / "efficientnet_lite2_260.onnx" if name == "lite2" else model_path(name)
+    model = fd.load_model(str(path))
+    images = fd.open_images(f"builtin:blobs:{count}", tuple(model.input_shape[1:]))
+    start = time.perf_counter()
+    capture_top(model, layer, images, top=top, neurons=neurons)
+    capture = time.perf_counter() - start
+    start = time.perf_counter()
+    fd.decode(model, layer, neurons=neurons, mode="local", images=images, top=top)
+    taken = time.perf_counter() - start - capture
+    instances = top * (int(neurons.split("-")[1]) - int(neurons.split("-")[0]) + 1)
+    planned = cost.instance_stage(model, find_layer(model, layer).output[0], instances).seconds
+    return {"model": name, "layer": layer, "instances": instances, "taken_s": taken, "planned_s": planned}
+
+
 def _timed(sess, feed, runs: int) -> float:
     start = time.perf_counter()
     for _ in range(runs):
@@ -98,6 +125,7 @@ def main(argv=None) -> int:
     if argv is None and sys.argv[1:2] == ["prepare"] or argv and argv[:1] == ["prepare"]:
         bench_compose.prepare(MORE)
         return 0
+    parser.add_argument("--local", action="store_true", help="also the local passes of six layers")
     args = parser.parse_args(argv)
     print("| model | products GFLOP | grouped GFLOP | moved MB | taken ms/image | planned ms/image | plan / taken |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -116,6 +144,13 @@ def main(argv=None) -> int:
             print(f"| {name} | {r['first_s']:.1f} ({r['first_planned_s']:.1f}) | {r['second_s']:.1f} "
                   f"({r['second_planned_s']:.1f}) | {r['first_planned_s'] / r['first_s']:.2f}, "
                   f"{r['second_planned_s'] / r['second_s']:.2f} |")
+    if args.local:
+        print("\n| model | layer | instances | passes s | planned s | plan / taken |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in LOCAL_ROWS:
+            r = local_row(*row)
+            print(f"| {r['model']} | {r['layer']} | {r['instances']} | {r['taken_s']:.2f} | {r['planned_s']:.1f} | "
+                  f"{r['planned_s'] / r['taken_s']:.2f} |")
     return 0
 
 

@@ -57,6 +57,11 @@ PRODUCT_RATE = 100e9
 #: 1x1 (256) and MobileNetV2's (160); eight decodes with MobileNetV3-large's are planned at 1.02-1.96x of their times,
 #: where everything at ``COMPOSE_RATE`` had said 0.45-6.9x (benchmarks/README.md)
 CONV_GRADIENT_RATE, GRADIENT_VALUE_RATE = 50e9, 0.35e9
+#: The same two rates for ``local`` and ``deconvnet`` passes (one backward pass per image's instances, over their
+#: cones): fitted on six layers from VGG19's conv5_4 (32 instances) to EfficientNet-Lite2's conv_head (256), planned
+#: at 0.62-1.38x of their passes' time over two runs, where the adjoint's rates said 0.65-2.8x (benchmarks/README.md,
+#: bench_forward.py --local)
+LOCAL_CONV_RATE, LOCAL_VALUE_RATE = 38e9, 0.8e9
 #: seconds per byte of the banks a bottom-up composition makes: their fresh pages and the passes that write them,
 #: which on a large network take longer than the products (fitted with ``PRODUCT_RATE`` on this project's 2-core VM
 #: over seven networks' all-neuron decodes, VGG19 to RegNetY-400MF, 1.4-49 GB of banks: the plans came within
@@ -222,25 +227,28 @@ def adjoint_seconds(flops: float, product_flops: float, conv_flops: float) -> fl
     return gradient_seconds(product_flops, conv_flops, flops - product_flops - conv_flops) / usable_cores()
 
 
-def gradient_seconds(products: float, convs: float, rest: float) -> float:
+def gradient_seconds(products: float, convs: float, rest: float,
+                     rates: tuple[float, float] = (CONV_GRADIENT_RATE, GRADIENT_VALUE_RATE)) -> float:
     """One core's time for backward passes (``plan.gradient_flops``): matrix products at BLAS's rate, dense
-    convolutions' gradients at ``CONV_GRADIENT_RATE``, every other value at ``GRADIENT_VALUE_RATE``."""
-    return products / PRODUCT_RATE + convs / CONV_GRADIENT_RATE + rest / GRADIENT_VALUE_RATE
+    convolutions' gradients and every other value at ``rates`` (an adjoint decode's by default)."""
+    return products / PRODUCT_RATE + convs / rates[0] + rest / rates[1]
 
 
 def instance_stage(model: Model, target: str, instances: int, rule: str = "local", dtype: str = "float32",
                    most: int = 128, neurons: int | None = None) -> Stage:
     """``decode_instances``: one onnxruntime run per image, one backward pass per run of its instances, as many
-    passes at once as cores; the cut of each instance's field restricts it (its cone). Timed as the adjoint
-    route's passes (``gradient_seconds``; each dense convolution's gradient at its own rate, where all of them at
-    NumPy's rate planned VGG19's conv5_4, 32 instances, at 156 s for 20 s of work)."""
+    passes at once as cores; the cut of each instance's field restricts it (its cone). Timed by its dense
+    convolutions' gradients and its other values (``gradient_seconds`` at the ``LOCAL_*`` rates; all at NumPy's rate
+    planned VGG19's conv5_4, 32 instances, at 156 s for 20 s of work, the adjoint's rates EfficientNet-Lite2's
+    conv_head, 256 instances, at 67 s for 27.5)."""
     backend = get_backend("numpy")
     workers = backend.workers
     plan = PassPlan(model, target, instance_geometry(model, target), most, backend, np.dtype(dtype).itemsize)
     if not plan.spread:
         plan.per_pass = min(plan.per_pass, neurons or plan.per_pass)  # one image's instances: one per neuron at most
     peak = plan.peak()
-    seconds = gradient_seconds(*gradient_flops(model, ancestors(model, [target]))) * _cone_share(model, target)
+    seconds = gradient_seconds(*gradient_flops(model, ancestors(model, [target])),
+                               (LOCAL_CONV_RATE, LOCAL_VALUE_RATE)) * _cone_share(model, target)
     return Stage(f"{rule} passes of {target!r}: {instances} instances", peak,
                  instances * seconds / max(workers, 1), instances, "instances")
 
