@@ -26,6 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_compose  # noqa: E402
 from bench_compose import EXPORTED, model_path  # noqa: E402
 
+#: exported by ``prepare`` here beside bench_compose's: grouped convolutions, attention, shifted windows
+MORE = ("resnext50_32x4d", "vit_b_16", "swin_t")
+bench_compose.EXPORTED += MORE
+if __name__ == "__main__" and sys.argv[1:2] == ["prepare"]:  # torch's venv, which has no onnxruntime
+    bench_compose.prepare(MORE)
+    sys.exit(0)
+
 import fdsub_onnx as fd  # noqa: E402
 from fdsub_onnx.compose.backend import session, usable_cores  # noqa: E402
 from fdsub_onnx.graph.model import ancestors, find_layer  # noqa: E402
@@ -33,10 +40,6 @@ from fdsub_onnx.graph.prune import pruned  # noqa: E402
 from fdsub_onnx.modes import cost  # noqa: E402
 from fdsub_onnx.modes.fds import gather_statistics  # noqa: E402
 from fdsub_onnx.modes.plan import forward_work  # noqa: E402
-
-#: exported by ``prepare`` here beside bench_compose's: grouped convolutions, attention, shifted windows
-MORE = ("resnext50_32x4d", "vit_b_16", "swin_t")
-bench_compose.EXPORTED += MORE
 
 #: the fds passes timed with --fds: a late layer of each network
 FDS_LAYERS = {"resnet50": "layer3.5.conv2",
@@ -122,9 +125,6 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(("vgg19", "resnet50", *EXPORTED, *MORE)))
     parser.add_argument("--fds", action="store_true", help="also the fds passes of ResNet50, EfficientNet-B0, "
                         "MobileNetV2")
-    if argv is None and sys.argv[1:2] == ["prepare"] or argv and argv[:1] == ["prepare"]:
-        bench_compose.prepare(MORE)
-        return 0
     parser.add_argument("--local", action="store_true", help="also the local passes of six layers")
     args = parser.parse_args(argv)
     print("| model | products GFLOP | grouped GFLOP | moved MB | taken ms/image | planned ms/image | plan / taken |")
