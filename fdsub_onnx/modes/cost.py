@@ -37,12 +37,13 @@ from .windows import field_part
 #: project's machine, EfficientNet-Lite2 and VGG19: docs/plan.md)
 COMPOSE_RATE = 8e9
 #: onnxruntime's forward pass per core (``plan.forward_work``): FLOP/s of its dense convolutions and matrix products
-#: (MLAS's GEMMs), FLOP/s of grouped convolutions' per-group GEMMs, and bytes per second of every op's data inputs
+#: (MLAS's GEMMs), FLOP/s of its slow products (grouped convolutions' per-group GEMMs: RegNetY, ResNeXt; transposed
+#: convolutions' GEMM and scatter, ~30 on a decoder's), and bytes per second of every op's data inputs
 #: and outputs (all the time of activations, depthwise convolutions, normalizations and layout). Fitted on twelve
 #: networks' forward passes, VGG19 to ViT-B/16, Swin-T and ShuffleNetV2, on this project's 2-core machine: each
 #: within 0.79-1.17x of its time, where one FLOP rate for all but matrix products said up to 5x (VGG19;
 #: benchmarks/README.md, bench_forward.py)
-FORWARD_PRODUCT_RATE, FORWARD_GROUPED_RATE, FORWARD_BYTE_RATE = 110e9, 43e9, 22e9
+FORWARD_PRODUCT_RATE, FORWARD_SLOW_PRODUCT_RATE, FORWARD_BYTE_RATE = 110e9, 43e9, 22e9
 #: seconds to read one image and resize it to the input (the built-in sets 7 ms, a 1080p JPEG 26 ms, a 260-px crop
 #: about 2 ms on this machine: a first ETA that the progress lines correct)
 IMAGE_SECONDS = 7e-3
@@ -144,8 +145,8 @@ def base_bytes(model: Model) -> float:
 def forward_seconds(model: Model, fetched, count: int) -> float:
     """The time to read ``count`` images, run them through the graph below ``fetched`` (tensor names) in
     onnxruntime and fetch those tensors."""
-    products, grouped, moved = forward_work(model, ancestors(model, list(fetched)))
-    per_image = products / FORWARD_PRODUCT_RATE + grouped / FORWARD_GROUPED_RATE + moved / FORWARD_BYTE_RATE
+    products, slow, moved = forward_work(model, ancestors(model, list(fetched)))
+    per_image = products / FORWARD_PRODUCT_RATE + slow / FORWARD_SLOW_PRODUCT_RATE + moved / FORWARD_BYTE_RATE
     return count * (per_image / usable_cores() + IMAGE_SECONDS + tensor_values(model, list(fetched)) * FETCH_SECONDS)
 
 

@@ -104,20 +104,20 @@ def product_flops(model: Model, nodes) -> tuple[float, float]:
 
 
 def forward_work(model: Model, nodes) -> tuple[float, float, float]:
-    """``(FLOPs of the products, FLOPs of the grouped products, bytes read and written)`` of onnxruntime's forward
-    pass over ``nodes``, per image: its dense convolutions and matrix products run near the GEMM rate, a grouped
-    convolution's per-group GEMMs several times slower (``OpRule.forward_groups``), and every op moves its tensors
-    (the data inputs and outputs, float32), which is all the time of the others (activations, depthwise
+    """``(FLOPs of the dense products, FLOPs of the slow products, bytes read and written)`` of onnxruntime's
+    forward pass over ``nodes``, per image: its dense convolutions and matrix products run near the GEMM rate,
+    grouped and transposed convolutions' products well below it (``OpRule.forward_product``), and every op moves
+    its tensors (the data inputs and outputs, float32), which is all the time of the others (activations, depthwise
     convolutions, normalizations, layout): ``modes.cost.forward_seconds``."""
-    products = grouped = moved = 0.0
+    flops = {"dense": 0.0, "slow": 0.0}
+    moved = 0.0
     for node in nodes:
         op = RULES.get(node.op_type)
-        groups = None if op is None else op.forward_groups(model, node)
-        if groups is not None:
-            flops = forward_flops(model, node)
-            products, grouped = (products + flops, grouped) if groups == 1 else (products, grouped + flops)
+        kind = None if op is None else op.forward_product(model, node)
+        if kind is not None:
+            flops[kind] += forward_flops(model, node)
         moved += sum(per_image(model, name) for name in (*node.input, *node.output))
-    return products, grouped, 4.0 * moved
+    return flops["dense"], flops["slow"], 4.0 * moved
 
 
 def gradient_flops(model: Model, nodes) -> tuple[float, float, float]:

@@ -160,11 +160,12 @@ class OpRule:
         convolution's, ``kernels.transposed``): the cost model times those apart (``modes.cost.CONV_GRADIENT_RATE``)."""
         return False
 
-    def forward_groups(self, model, node) -> int | None:
-        """How onnxruntime's forward runs this op: as one product over its input channels (1: near the GEMM rate),
-        as one small product per group of channels (the groups: several times slower per FLOP), or (None) as fast
-        as it reads and writes its tensors (elementwise, layout and depthwise ops): ``modes.cost.forward_seconds``."""
-        return 1 if self.matrix_product else None
+    def forward_product(self, model, node) -> str | None:
+        """How onnxruntime's forward runs this op: ``"dense"``, one product over its input channels near the GEMM
+        rate; ``"slow"``, products well below it (a grouped convolution's per-group GEMMs, a transposed
+        convolution's GEMM and scatter); None, as fast as it reads and writes its tensors (elementwise, layout and
+        depthwise ops): ``modes.cost.forward_seconds``."""
+        return "dense" if self.matrix_product else None
 
     def adjoint_refusal(self, node, constants: dict) -> str | None:
         """Why the adjoint cannot run through ``node`` (known from the graph, before any pass), or None."""

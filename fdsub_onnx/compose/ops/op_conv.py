@@ -51,8 +51,10 @@ class Conv(OpRule):
         weight = constant_weight(model, node)
         return weight is not None and np.ndim(weight) > 1 and np.shape(weight)[1] > 1  # depthwise: strided adds
 
-    def forward_groups(self, model, node):
-        return int(attributes(node).get("group", 1)) if self.gradient_is_product(model, node) else None
+    def forward_product(self, model, node):
+        if not self.gradient_is_product(model, node):
+            return None
+        return "dense" if int(attributes(node).get("group", 1)) == 1 else "slow"
 
 
 def conv_bias(grad, ins):
