@@ -34,7 +34,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["prepare"]:  # torch's venv, whi
     sys.exit(0)
 
 import fdsub_onnx as fd  # noqa: E402
-from fdsub_onnx.compose.backend import session, usable_cores  # noqa: E402
+from fdsub_onnx.compose.backend import session  # noqa: E402
 from fdsub_onnx.graph.model import ancestors, find_layer  # noqa: E402
 from fdsub_onnx.graph.prune import pruned  # noqa: E402
 from fdsub_onnx.modes import cost  # noqa: E402
@@ -58,8 +58,7 @@ def forward_row(name: str) -> dict:
     model = fd.load_model(str(model_path(name)))
     targets = outputs(model, name)
     products, slow, moved = forward_work(model, ancestors(model, targets))
-    planned = (products / cost.FORWARD_PRODUCT_RATE + slow / cost.FORWARD_SLOW_PRODUCT_RATE
-               + moved / cost.FORWARD_BYTE_RATE) / usable_cores()
+    planned = cost.onnxruntime_seconds(model, targets)
     for batch in (8, 1):  # some exports fix the batch in their reshapes
         sess = session(pruned(model.proto, targets, model.input_name, batch="N" if batch > 1 else None))
         x = np.random.default_rng(0).standard_normal((batch, *model.input_shape[1:])).astype(np.float32)

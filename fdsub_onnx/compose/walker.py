@@ -174,11 +174,7 @@ class Held:
             return False
         banks = len({id(bank) for bank in map(_bank, values.values()) if bank is not None and bank.filters is root})
         probe = object()
-        return _count(root) - banks > _count(probe)
-
-
-def _count(thing) -> int:
-    return sys.getrefcount(thing)
+        return sys.getrefcount(root) - banks > sys.getrefcount(probe)
 
 
 def _bank(value):

@@ -38,14 +38,14 @@ from .windows import field_part
 COMPOSE_RATE = 8e9
 #: onnxruntime's forward pass per core (``plan.forward_work``): FLOP/s of its dense convolutions and matrix products
 #: (MLAS's GEMMs), FLOP/s of its slow products (grouped convolutions' per-group GEMMs: RegNetY, ResNeXt; transposed
-#: convolutions' GEMM and scatter, ~30 on a decoder's), and bytes per second of every op's data inputs
+#: convolutions' GEMM and scatter, ~60 on a decoder's), and bytes per second of every op's data inputs
 #: and outputs (all the time of activations, depthwise convolutions, normalizations and layout). Fitted on twelve
 #: networks' forward passes, VGG19 to ViT-B/16, Swin-T and ShuffleNetV2, on this project's 2-core machine: each
 #: within 0.79-1.17x of its time, where one FLOP rate for all but matrix products said up to 5x (VGG19;
 #: benchmarks/README.md, bench_forward.py)
 FORWARD_PRODUCT_RATE, FORWARD_SLOW_PRODUCT_RATE, FORWARD_BYTE_RATE = 110e9, 43e9, 22e9
-#: seconds to read one image and resize it to the input (the built-in sets 7 ms, a 1080p JPEG 26 ms, a 260-px crop
-#: about 2 ms on this machine: a first ETA that the progress lines correct)
+#: seconds to read one image and resize it to the input (the built-in sets 7 ms, a 1080p JPEG 26 ms, a 260-px PNG
+#: crop 3.5 ms on this machine: a first ETA that the progress lines correct)
 IMAGE_SECONDS = 7e-3
 #: FLOP/s per core of a backward pass's matrix products (``OpRule.matrix_product``; NumPy's BLAS, in float32): a
 #: local pass of one image's 3 instances of ViT-S/16 spends 0.09 s of one core per instance in them
@@ -145,9 +145,16 @@ def base_bytes(model: Model) -> float:
 def forward_seconds(model: Model, fetched, count: int) -> float:
     """The time to read ``count`` images, run them through the graph below ``fetched`` (tensor names) in
     onnxruntime and fetch those tensors."""
-    products, slow, moved = forward_work(model, ancestors(model, list(fetched)))
-    per_image = products / FORWARD_PRODUCT_RATE + slow / FORWARD_SLOW_PRODUCT_RATE + moved / FORWARD_BYTE_RATE
-    return count * (per_image / usable_cores() + IMAGE_SECONDS + tensor_values(model, list(fetched)) * FETCH_SECONDS)
+    fetched = list(fetched)
+    return count * (onnxruntime_seconds(model, fetched) + IMAGE_SECONDS
+                    + tensor_values(model, fetched) * FETCH_SECONDS)
+
+
+def onnxruntime_seconds(model: Model, targets) -> float:
+    """onnxruntime's time for one image through the graph below ``targets``, on every core."""
+    products, slow, moved = forward_work(model, ancestors(model, list(targets)))
+    return (products / FORWARD_PRODUCT_RATE + slow / FORWARD_SLOW_PRODUCT_RATE + moved / FORWARD_BYTE_RATE) \
+        / usable_cores()
 
 
 def capture_stage(model: Model, target: str, count: int, batch_size: int = DEFAULT_BATCH) -> Stage:

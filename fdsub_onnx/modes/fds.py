@@ -131,17 +131,20 @@ def pass_bytes(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[int,
     """Bytes per image of the first and the second pass of ``gather_statistics`` over ``targets``: a pass over
     images holds one batch of these at once, whatever the number of images."""
     nodes, gates, windowed, chain = _passes(model, targets, weighting)
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    return (_first_bytes(model, _top_names(nodes, targets) + list(gates.values())),
-            _window_bytes(model, windowed, chain))
+    return _first_bytes(model, _first_reads(nodes, gates, targets)), _window_bytes(model, windowed, chain)
 
 
 def fetched_tensors(model, targets, weighting: str = DEFAULT_WEIGHTING) -> tuple[list[str], list[str]]:
     """The tensors the first and the second pass of ``gather_statistics`` fetch from onnxruntime (every node's output
     and gate; the nodes' inputs and their gate chains)."""
     nodes, gates, windowed, chain = _passes(model, targets, weighting)
+    return _first_reads(nodes, gates, targets), _window_reads(model, windowed, chain)
+
+
+def _first_reads(nodes, gates, targets) -> list[str]:
+    """What the first pass asks onnxruntime for: the tensors it ranks (``_top_names``) and every held gate."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    return _top_names(nodes, targets) + list(gates.values()), _window_reads(model, windowed, chain)
+    return _top_names(nodes, targets) + list(gates.values())
 
 
 def gate_values(model, targets, weighting: str = DEFAULT_WEIGHTING) -> int:

@@ -72,10 +72,11 @@ class ConvTranspose(OpRule):
     def forward_product(self, model, node):
         """onnxruntime's GEMM, then its scatter of the columns: ~60 GFLOP/s a core where a convolution runs ~110
         (a decoder's 4x4 stride-2 layers, 256 -> 128 channels)."""
-        weight = constant_weight(model, node)
-        depthwise = weight is None or np.ndim(weight) < 3 or np.shape(weight)[1] * np.shape(weight)[0] // int(
-            attributes(node).get("group", 1)) == 1
-        return None if depthwise else "slow"
+        weight = constant_weight(model, node)  # [C_in, C_out / group, k_y, k_x]
+        if weight is None or np.ndim(weight) < 3:
+            return None
+        inputs_per_group = np.shape(weight)[0] // int(attributes(node).get("group", 1))
+        return "slow" if inputs_per_group * np.shape(weight)[1] > 1 else None  # depthwise: its tensors' time
 
 
 def resize_matrices(node, constants: list, in_size, out_size) -> tuple[np.ndarray, np.ndarray]:
