@@ -82,10 +82,11 @@ def _vmhwm_gib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
 
 
-def child(tree: str, model_file: str, out: str, prewarm_gib: float = 0.0) -> None:
+def child(tree: str, model_file: str, out: str, prewarm_gib: float = 0.0, layers_file: str | None = None) -> None:
     """One decode in this process, with the fdsub_onnx of ``tree``: prints its figures as JSON. ``prewarm_gib``:
     that much memory written and freed just before the decode, so that its pages are backed by the host when the
-    decode takes them (``--prewarm-gib``)."""
+    decode takes them (``--prewarm-gib``). ``layers_file``: the layers to decode (JSON), default those this tree's
+    plan takes within the budget."""
     import resource
 
     sys.path.insert(0, tree)
@@ -105,7 +106,7 @@ def child(tree: str, model_file: str, out: str, prewarm_gib: float = 0.0) -> Non
 
     Engine.conv = timed_conv
     model = fd.load_model(model_file)
-    layers = decoded_layers(fd, model)
+    layers = json.loads(Path(layers_file).read_text()) if layers_file else decoded_layers(fd, model)
     rng = np.random.default_rng(0)
     kept, seconds, routes, own = {}, {}, {}, {}
     if prewarm_gib:
@@ -221,7 +222,7 @@ def steps(model_name: str, out: str | None) -> dict:
 
 def decoded_layers(fd, model) -> list[str]:
     """The Conv layers whose interior filters, every neuron, fit the budget (ResNet50's layer4 needs ~12 GiB):
-    each one planned alone, in this tree (the same list for both sides)."""
+    each one planned alone, in this tree (``run`` gives every child the first one's list)."""
     from fdsub_onnx.defaults import budget
 
     names = [layer.name for layer in fd.inspect_model(model).layers if layer.op == "Conv" and layer.decodable]
@@ -293,15 +294,19 @@ def run(args) -> dict:
         flops = direct_flops(str(path))
         runs = {"baseline": [], "this": []}
         with tempfile.TemporaryDirectory() as tmp:
-            for r in range(args.rounds):
+            listed = os.path.join(tmp, "layers.json")  # the baseline's first run's layers, decoded by every run:
+            for r in range(args.rounds):  # a tree whose plan takes more layers within the budget does the same work
                 order = ("baseline", "this") if r % 2 == 0 else ("this", "baseline")
                 for side in order:
                     tree = str(base) if side == "baseline" else str(ROOT)
                     out = os.path.join(tmp, f"{side}.npz")
+                    given = ["--layers", listed] if os.path.exists(listed) else []
                     proc = subprocess.run([sys.executable, __file__, "child", tree, str(path), out,
-                                           "--prewarm-gib", str(args.prewarm_gib)], check=True,
+                                           "--prewarm-gib", str(args.prewarm_gib), *given], check=True,
                                           capture_output=True, text=True)
                     figures = json.loads(proc.stdout.strip().splitlines()[-1])
+                    if not given:
+                        Path(listed).write_text(json.dumps(figures["layers"]))
                     runs[side].append(figures)
                     print(f"  {name} {side}: {figures['seconds']:.2f} s (kernel CPU {figures['kernel_s']:.2f} s), "
                           f"VmHWM {figures['peak_gib']:.2f} GiB", flush=True)
@@ -464,6 +469,7 @@ def main(argv=None) -> int:
     c.add_argument("model")
     c.add_argument("out")
     c.add_argument("--prewarm-gib", type=float, default=0.0)
+    c.add_argument("--layers", help="a JSON list of the layers to decode")
     r = sub.add_parser("record")
     r.add_argument("model")
     r.add_argument("out")
@@ -488,7 +494,7 @@ def main(argv=None) -> int:
     if args.command == "prepare":
         prepare(args.names)
     elif args.command == "child":
-        child(args.tree, args.model, args.out, args.prewarm_gib)
+        child(args.tree, args.model, args.out, args.prewarm_gib, args.layers)
     elif args.command == "record":
         record_convs(args.model, args.layers, args.out)
     elif args.command == "steps":

@@ -32,6 +32,52 @@ class Bank:
         return self.filters.shape[0]
 
 
+class Stacked:
+    """A concatenation's bank held as its pieces, not copied: aligned banks ``pieces`` at ``offsets`` inside the
+    window ``rf``, their channels one after the other, with a per-channel ``scale`` not yet applied (None: ones)
+    and the effective ``bias``. A 1x1 convolution composes each piece at its place (``Engine.conv``) and a
+    per-channel affine only changes ``scale`` and ``bias``; anything else reads ``filters``, made once, after which
+    the stack lets its pieces go (as a copied concatenation did) and the engine reads it as any bank. DenseNet
+    concatenates every map of a block before each layer's BatchNorm and 1x1 convolution: copied, the pieces sat
+    in the window of the largest, padded with zeros, and those copies held most of its decode's memory and time."""
+
+    def __init__(self, pieces: list, offsets: list, rf, scale, bias, engine):
+        self.pieces, self.offsets, self.rf, self.scale, self.bias = pieces, offsets, tuple(rf), scale, bias
+        self._engine, self._filters = engine, None
+        self.channels = sum(piece.channels for piece in pieces)
+
+    @property
+    def made(self):
+        """The filters, if ``filters`` has made them."""
+        return self._filters
+
+    @property
+    def filters(self):
+        """[C, C_image, R_y, R_x]: each piece copied once, at its place, scaled (made on first use)."""
+        if self._filters is None:
+            self._filters = self._engine.stacked_filters(self)
+            self.pieces, self.offsets = [], []
+        return self._filters
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Each piece's channels (first, stop) in the stack."""
+        ends = np.cumsum([0, *(piece.channels for piece in self.pieces)]).tolist()
+        return list(zip(ends[:-1], ends[1:]))
+
+
+def lazy(bank) -> bool:
+    """Whether a bank is a ``Stacked`` whose filters are not made (still its pieces)."""
+    return isinstance(bank, Stacked) and bank.made is None
+
+
+def references(bank) -> list[tuple]:
+    """``(holder, filters)`` for each filter array a bank refers to, none made: a bank holds its filters; a
+    ``Stacked`` its pieces' through their banks, and its own once made."""
+    if isinstance(bank, Stacked):
+        return [(piece, piece.filters) for piece in bank.pieces] + ([] if bank.made is None else [(bank, bank.made)])
+    return [(bank, bank.filters)]
+
+
 def _passes_none(method):
     """Geometry-only pass: a method given no bank computes nothing."""
 
@@ -90,7 +136,10 @@ class Engine:
         weight = np.asarray(weight, dtype=self.dtype)[rows]
         bias = np.zeros(c_out, self.dtype) if bias is None else np.asarray(bias, self.dtype)
         group_of_row = rows // (c_out // groups)
-        if self.kernel == "reference":
+        if (lazy(bank) and groups == 1 and weight.shape[2:] == (1, 1) and tuple(out_rf) == bank.rf
+                and self.kernel != "reference"):
+            filters = _conv_stacked(self.backend, bank, weight, self.dtype, self.workspace)
+        elif self.kernel == "reference":
             filters = _conv_reference(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf,
                                       self.dtype)
         else:
@@ -109,6 +158,12 @@ class Engine:
         in place where the bank is ``overwritable``, else a scaled copy."""
         xp = self.backend.xp
         unscaled = bool(np.all(np.asarray(scale) == 1))
+        if lazy(bank):  # the scale waits for the convolution that reads the stack (or ``filters``)
+            factor = np.broadcast_to(np.asarray(scale, np.float64), (bank.channels,))
+            factor = None if unscaled else factor if bank.scale is None else bank.scale * factor
+            bias = bank.bias * self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
+            bias = xp.asarray(bias + self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype))
+            return Stacked(bank.pieces, bank.offsets, bank.rf, bank.scale if unscaled else factor, bias, self)
         scale = self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
         shift = self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype)
         bias = xp.asarray(bank.bias * scale + shift)
@@ -131,22 +186,42 @@ class Engine:
         first = 0 if base is None else base
         for i, (bank, geom) in enumerate(zip(banks, geoms)):
             if i != first:
-                self._write(filters, bank, geom, out, add=True)
+                self._write(filters, bank, _offset(geom, out), add=True)
         bias = banks[0].bias
         for bank in banks[1:]:
             bias = bias + bank.bias
         return Bank(filters, bias)
 
     @_passes_none
-    def concat(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Bank:
-        """Stack the channels of aligned banks: each copied once, at its place in the window ``out`` (DenseNet's
-        concatenations hold most of its decode's memory)."""
-        filters = self._window(sum(b.channels for b in banks), banks[0], out, all(g == out for g in geoms))
-        first = 0
+    def concat(self, banks: list[Bank], geoms: list[Geometry], out: Geometry) -> Stacked:
+        """Stack the channels of aligned banks: held as the banks themselves at their places in the window ``out``
+        (``Stacked``; a stack's pieces join the new one's), copied only where something reads ``filters``."""
+        pieces, offsets, scales = [], [], []
         for bank, geom in zip(banks, geoms):
-            self._write(filters[first : first + bank.channels], bank, geom, out)
-            first += bank.channels
-        return Bank(filters, self.backend.xp.concatenate([b.bias for b in banks]))
+            y, x = _offset(geom, out)
+            inner = bank.pieces if lazy(bank) else [bank if isinstance(bank, Bank) else Bank(bank.filters, bank.bias)]
+            places = bank.offsets if lazy(bank) else [(0, 0)]
+            pieces += inner
+            offsets += [(y + dy, x + dx) for dy, dx in places]
+            scale = bank.scale if lazy(bank) else None
+            scales.append(np.ones(bank.channels) if scale is None else scale)
+        scale = np.concatenate(scales)
+        return Stacked(pieces, offsets, out.rf, None if np.all(scale == 1) else scale,
+                       self.backend.xp.concatenate([b.bias for b in banks]), self)
+
+    def stacked_filters(self, stacked: Stacked):
+        """A ``Stacked``'s filters: each piece copied once, at its place in the window, then scaled."""
+        pieces, offsets = stacked.pieces, stacked.offsets
+        covered = all(_covers(o, p.filters.shape[2:], stacked.rf) for p, o in zip(pieces, offsets))
+        shape = (stacked.channels, pieces[0].filters.shape[1], *stacked.rf)
+        filters = self.backend.empty(shape, self.dtype) if covered else self.backend.zeros(shape, self.dtype)
+        for piece, (y, x), (first, stop) in zip(pieces, offsets, stacked.ranges()):
+            self._write(filters[first:stop], piece, (y, x))
+        if stacked.scale is not None:
+            xp, scale = self.backend.xp, self.backend.asarray(stacked.scale, self.dtype)
+            self.backend.on_cores(lambda a, b: xp.multiply(filters[a:b], scale[a:b, None, None, None],
+                                                           out=filters[a:b]), len(filters), filters.nbytes)
+        return filters
 
     @_passes_none
     def take(self, bank: Bank, channels) -> Bank:
@@ -160,7 +235,7 @@ class Engine:
     def _placed(self, bank: Bank, geom: Geometry, out: Geometry):
         """A copy of the bank's filters at their place in the window ``out``."""
         filters = self._window(bank.channels, bank, out, geom == out)
-        self._write(filters, bank, geom, out)
+        self._write(filters, bank, _offset(geom, out))
         return filters
 
     def _window(self, channels: int, like: Bank, out: Geometry, covered: bool):
@@ -169,10 +244,10 @@ class Engine:
         shape = (channels, like.filters.shape[1], *out.rf)
         return self.backend.empty(shape, self.dtype) if covered else self.backend.zeros(shape, self.dtype)
 
-    def _write(self, filters, bank: Bank, geom: Geometry, out: Geometry, add: bool = False) -> None:
-        """``bank``'s filters written (or added) into ``filters`` at their place in the window ``out``, the rows
-        split over the cores."""
-        (y, x), (ry, rx) = _offset(geom, out), bank.filters.shape[2:]
+    def _write(self, filters, bank: Bank, offset: Pair, add: bool = False) -> None:
+        """``bank``'s filters written (or added) into ``filters`` at ``offset`` in its window, the rows split over
+        the cores."""
+        (y, x), (ry, rx) = offset, bank.filters.shape[2:]
         source = bank.filters
 
         def rows(a, b):
@@ -186,6 +261,48 @@ class Engine:
 
 def _offset(geom: Geometry, out: Geometry) -> Pair:
     return (geom.origin[0] - out.origin[0], geom.origin[1] - out.origin[1])
+
+
+def _covers(offset: Pair, shape, rf) -> bool:
+    """Whether a piece at ``offset`` of ``shape`` fills the whole window ``rf``."""
+    return tuple(offset) == (0, 0) and tuple(shape) == tuple(rf)
+
+
+def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
+    """A 1x1 convolution of a ``Stacked``: each piece's product with its columns of ``weight`` (times the stack's
+    pending scale) written at its place in the window, the first piece that fills it straight into the output, the
+    others a few rows at a time through a temporary and added; the zeros a copied stack pads its pieces with are
+    never multiplied."""
+    k, itemsize = weight.shape[0], np.dtype(dtype).itemsize
+    matrix = weight[:, :, 0, 0] if stacked.scale is None else weight[:, :, 0, 0] * stacked.scale
+    places = list(zip(stacked.pieces, stacked.offsets, stacked.ranges()))
+    whole = next((i for i, (piece, offset, _) in enumerate(places)
+                  if _covers(offset, piece.filters.shape[2:], stacked.rf)), None)
+    shape = (k, stacked.pieces[0].filters.shape[1], *stacked.rf)
+    out = backend.zeros(shape, dtype) if whole is None else backend.empty(shape, dtype)
+    if whole is not None:
+        places.insert(0, places.pop(whole))
+    xp = backend.xp
+    for n, (piece, (y, x), (first, stop)) in enumerate(places):
+        w = backend.asarray(matrix[:, first:stop], dtype)
+        source = piece.filters.reshape(piece.channels, -1)
+        if n == 0 and whole is not None:
+            backend.matmul(w, source, out=out.reshape(k, -1))
+            continue
+        ry, rx = piece.filters.shape[2:]
+        chunk = equal_chunks(k, max(1, backend.temp_bytes // (source.shape[1] * itemsize)))
+        for k0 in range(0, k, chunk):
+            rows = min(chunk, k - k0)
+            product = backend.matmul(w[k0 : k0 + rows], source,
+                                     out=workspace.take(COMPOSITION, (rows, source.shape[1]), dtype))
+            product = product.reshape(rows, *piece.filters.shape[1:])
+            target = out[k0 : k0 + rows, :, y : y + ry, x : x + rx]
+
+            def add(a, b, target=target, product=product):
+                xp.add(target[a:b], product[a:b], out=target[a:b])
+
+            backend.on_cores(add, rows, product.nbytes)
+    return out
 
 
 def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel="fast", workspace=None):

@@ -11,7 +11,7 @@ from ..errors import NotDecodable, PhaseDependent
 from ..graph.geometry import Geometry
 from ..graph.model import STANDARD_DOMAINS, Model, ancestors
 from ..graph.patterns import ChannelGate, SelfGated, TokenScale
-from .engine import memory_of, root_of
+from .engine import memory_of, references, root_of
 from .ops import RULES
 from .ops._rule import NO_BANK_RULE
 from .values import Blocked, Const, Layout, Tensor
@@ -83,7 +83,9 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
         gates = substitution.gates
     ctx = Context(model, engine, rows, substitution, gates, values)
     usage = {} if usage is None else usage
-    live = usage["peak"] = _bank_bytes(values[model.input_name], engine)
+    memory = _Memory(engine)
+    memory.hold(values[model.input_name], [], None)
+    usage["peak"] = memory.peak
     held = Held() if held is None else held  # the memory of the targets' banks: the caller may keep them
     in_place = compose and bool(targets)  # a whole-graph walk's caller may hold any value
     for node in nodes:
@@ -97,23 +99,96 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
         outputs = value if isinstance(value, list) else [value]  # a multi-output rule (Split) gives one per output
         if isinstance(value, Blocked) and len(node.output) > 1:
             outputs = [value] * len(node.output)
+        memory.read(node, model, inputs, outputs)
         for index, name in enumerate(node.output):
             if not name:
                 continue
             if index < len(outputs) and outputs[index] is not None:
                 values[name] = outputs[index]
-                live += _bank_bytes(outputs[index], engine)
+                memory.hold(outputs[index], inputs, RULES.get(node.op_type))
             else:
                 values[name] = Blocked(f"{node.op_type} node {model.node_name(node)!r}: output {index} "
                                        f"({name!r}) is not followed")
-        usage["peak"] = max(usage["peak"], live)
+        for name in node.output:
+            if targets and name in targets and name in values:  # a target's filters are made
+                memory.make(values[name])
+        usage["peak"] = max(usage["peak"], memory.peak)
         if in_place:
             held.add(values[name] for name in node.output if name in targets and name in values)
         yield node, values[node.output[0]]
         for name in reads[id(node)]:
             uses[name] -= 1
             if uses[name] == 0 and name in values:
-                live -= _bank_bytes(values.pop(name), engine)
+                memory.drop(values.pop(name))
+
+
+class _Memory:
+    """The bytes of the banks alive at once, from geometry alone (``usage["peak"]``): each bank a block counted
+    once however many values hold it (an identity's output is its input's value, a reshape's its source's), a
+    concatenation's stack its inputs' blocks (``engine.Stacked``), and a block of its own once a node reads it
+    that makes its filters (``OpRule.reads_stack``) or it is a target."""
+
+    def __init__(self, engine):
+        self.engine, self.size, self.refs, self.bytes, self.peak = engine, [], Counter(), 0, 0
+        self.blocks, self.names, self.stacks = {}, Counter(), {}  # by the id of a value (alive while held)
+
+    def hold(self, value, inputs, rule) -> None:
+        """A name now holds ``value``, the output of a node with ``rule`` that read ``inputs``."""
+        key = id(value)
+        if self.names[key] == 0:
+            source = value.source if isinstance(value, Layout) else value
+            stacked = [v for v in inputs if id(v) in self.stacks]
+            if id(source) in self.blocks:
+                blocks = set(self.blocks[id(source)])
+                if id(source) in self.stacks:
+                    self.stacks[key] = self.stacks[id(source)]
+            elif rule is not None and (rule.stacks or (rule.keeps_stack and stacked)):
+                blocks = set().union(*(self.blocks.get(id(v), set()) for v in inputs))
+                self.stacks[key] = _bank_bytes(source, self.engine)
+            else:
+                blocks = {self._new(_bank_bytes(source, self.engine))}
+            self.blocks[key] = blocks
+            self._count(blocks, 1)
+        self.names[key] += 1
+
+    def read(self, node, model, inputs, outputs) -> None:
+        """The stacks a node reads that it does not pass on as they are nor read as pieces get their filters."""
+        rule = RULES.get(node.op_type)
+        for value in inputs:
+            passed = any(value is out for out in outputs)
+            if id(value) in self.stacks and not passed and not (rule is not None and rule.reads_stack(node, model)):
+                self.make(value)
+
+    def make(self, value) -> None:
+        """A stack's filters made: a block of its size, held with it."""
+        key = id(value)
+        if self.stacks.get(key):
+            block = self._new(self.stacks[key])
+            self.stacks[key] = 0  # made once
+            self.blocks[key].add(block)
+            self._count({block}, 1)
+
+    def drop(self, value) -> None:
+        """A name let ``value`` go."""
+        key = id(value)
+        self.names[key] -= 1
+        if self.names[key] == 0:
+            self._count(self.blocks.pop(key, set()), -1)
+            self.stacks.pop(key, None)
+            del self.names[key]
+
+    def _new(self, nbytes: int) -> int:
+        self.size.append(nbytes)
+        return len(self.size) - 1
+
+    def _count(self, blocks, step: int) -> None:
+        for block in blocks:
+            if self.refs[block] == 0 and step > 0:
+                self.bytes += self.size[block]
+            self.refs[block] += step
+            if self.refs[block] == 0:
+                self.bytes -= self.size[block]
+        self.peak = max(self.peak, self.bytes)
 
 
 def _filters(value):
@@ -123,9 +198,9 @@ def _filters(value):
 
 
 def _memory(value) -> set:
-    """The memory (``engine.memory_of``) of the bank a value holds, if any."""
-    filters = _filters(value)
-    return set() if filters is None else {memory_of(filters)}
+    """The memory (``engine.memory_of``) of the bank a value holds, if any: a stack's, its pieces' (none made)."""
+    bank = _bank(value)
+    return set() if bank is None else {memory_of(array) for _, array in references(bank)}
 
 
 class Held:
@@ -172,9 +247,10 @@ class Held:
         root = self._alive.get(key)
         if root is None:
             return False
-        banks = len({id(bank) for bank in map(_bank, values.values()) if bank is not None and bank.filters is root})
+        holders = {id(holder) for bank in map(_bank, values.values()) if bank is not None
+                   for holder, array in references(bank) if array is root}
         probe = object()
-        return sys.getrefcount(root) - banks > sys.getrefcount(probe)
+        return sys.getrefcount(root) - len(holders) > sys.getrefcount(probe)
 
 
 def _bank(value):

@@ -359,6 +359,21 @@ def _concat_receptive_fields():
     return _finish(b)
 
 
+@_case(_LINEAR_CASES, "dense_block")
+def _dense_block():
+    """DenseNet's pattern: each layer's BatchNorm and 1x1 conv read the concatenation of every map before it,
+    whose receptive fields differ; a concatenation of a concatenation; a 3x3 conv and a pool reading one."""
+    b = NetBuilder(3, 18, 18, seed=5)
+    maps = [b.conv("input", 6, 3, 1, (1, 1, 1, 1))]
+    for _ in range(3):
+        bottleneck = b.conv(b.batchnorm(b.concat(maps)), 8, 1)
+        maps.append(b.conv(bottleneck, 4, 3, 1, (1, 1, 1, 1)))
+    block = b.concat([b.concat(maps[:2]), *maps[2:]])
+    b.conv(b.batchnorm(block), 5, 3, 2)
+    b.conv(b.avgpool(b.affine_const(block, "Mul"), 2, 2), 4, 1)
+    return _finish(b)
+
+
 @_case(_LINEAR_CASES, "depthwise_grouped")
 def _depthwise_grouped():
     b = NetBuilder()

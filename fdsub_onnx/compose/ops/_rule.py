@@ -101,12 +101,20 @@ class OpRule:
     held_factor = False
     #: the layers ``compare`` picks by default
     default_layer = False
+    #: its output's bank is its inputs' banks held as they are (Concat: ``engine.Stacked``), no memory of its own
+    stacks = False
+    #: its output is its input's stack still held as its pieces (a per-channel affine: BatchNormalization)
+    keeps_stack = False
 
     def __init_subclass__(cls, **kwargs):
         """Every op class is registered under its name (the ONNX op type) as it is defined."""
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("family", False):
             REGISTRY[cls.__name__] = cls()
+
+    def reads_stack(self, node, model) -> bool:
+        """Whether it reads a concatenation's stack without making its filters (the plan's memory)."""
+        return self.stacks or self.keeps_stack
 
     def apply(self, node, inputs: list, ctx):
         raise NotDecodable(self.refusal("apply"))

@@ -11,6 +11,7 @@ from ._rule import OpRule, attributes, constant, data, on
 class BatchNormalization(OpRule):
     linear = True
     channel_affine = True
+    keeps_stack = True
     cone, cone_any_constant = "aligned", True
     keeps_neuron = True
     passes_gate = True  # per channel: the bank carries it

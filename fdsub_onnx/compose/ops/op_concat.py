@@ -12,6 +12,7 @@ from ._rule import OpRule, attributes, data, no_bias, on, per_instance
 class Concat(OpRule):
     linear = True
     cone, cone_values = "aligned", "shapes"
+    stacks = True
 
     def apply(self, node, inputs, ctx):
         if any(isinstance(v, Const) for v in inputs) and not all(isinstance(v, Const) for v in inputs):

@@ -51,6 +51,12 @@ class Conv(OpRule):
         weight = constant_weight(model, node)
         return weight is not None and np.ndim(weight) > 1 and np.shape(weight)[1] > 1  # depthwise: strided adds
 
+    def reads_stack(self, node, model):
+        """A 1x1 convolution without groups composes a stack piece by piece (``engine.Engine.conv``)."""
+        weight = constant_weight(model, node)
+        return (weight is not None and tuple(np.shape(weight)[2:]) == (1, 1)
+                and int(attributes(node).get("group", 1)) == 1)
+
     def forward_product(self, model, node):
         if not self.gradient_is_product(model, node):
             return None
