@@ -159,7 +159,7 @@ class Engine:
         xp = self.backend.xp
         unscaled = bool(np.all(np.asarray(scale) == 1))
         if lazy(bank):  # the scale waits for the convolution that reads the stack (or ``filters``)
-            factor = np.broadcast_to(np.asarray(scale, np.float64), (bank.channels,))
+            factor = np.array(np.broadcast_to(np.asarray(scale, np.float64), (bank.channels,)))
             factor = None if unscaled else factor if bank.scale is None else bank.scale * factor
             bias = bank.bias * self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
             bias = xp.asarray(bias + self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype))
