@@ -268,11 +268,17 @@ def _covers(offset: Pair, shape, rf) -> bool:
     return tuple(offset) == (0, 0) and tuple(shape) == tuple(rf)
 
 
+#: a stacked 1x1 convolution's products are made a band of rows at a time, this many ``piece_bytes`` each (4 MiB on
+#: a CPU, in cache: DenseNet121's 87 bottom-up layers 112.4/112.9 -> 106.3/109.5 s against whole-piece products
+#: through a temporary; on a GPU a piece is a whole chunk, so the band is the whole piece)
+BAND_PIECES = 4
+
+
 def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
     """A 1x1 convolution of a ``Stacked``: each piece's product with its columns of ``weight`` (times the stack's
     pending scale) written at its place in the window, the first piece that fills it straight into the output, the
-    others a few rows at a time through a temporary and added; the zeros a copied stack pads its pieces with are
-    never multiplied."""
+    others a band of rows of one image channel at a time (``BAND_PIECES``) through a temporary and added; the zeros a
+    copied stack pads its pieces with are never multiplied."""
     k, itemsize = weight.shape[0], np.dtype(dtype).itemsize
     matrix = weight[:, :, 0, 0] if stacked.scale is None else weight[:, :, 0, 0] * stacked.scale
     places = list(zip(stacked.pieces, stacked.offsets, stacked.ranges()))
@@ -285,23 +291,18 @@ def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
     xp = backend.xp
     for n, (piece, (y, x), (first, stop)) in enumerate(places):
         w = backend.asarray(matrix[:, first:stop], dtype)
-        source = piece.filters.reshape(piece.channels, -1)
         if n == 0 and whole is not None:
-            backend.matmul(w, source, out=out.reshape(k, -1))
+            backend.matmul(w, piece.filters.reshape(piece.channels, -1), out=out.reshape(k, -1))
             continue
         ry, rx = piece.filters.shape[2:]
-        chunk = equal_chunks(k, max(1, backend.temp_bytes // (source.shape[1] * itemsize)))
-        for k0 in range(0, k, chunk):
-            rows = min(chunk, k - k0)
-            product = backend.matmul(w[k0 : k0 + rows], source,
-                                     out=workspace.take(COMPOSITION, (rows, source.shape[1]), dtype))
-            product = product.reshape(rows, *piece.filters.shape[1:])
-            target = out[k0 : k0 + rows, :, y : y + ry, x : x + rx]
-
-            def add(a, b, target=target, product=product):
-                xp.add(target[a:b], product[a:b], out=target[a:b])
-
-            backend.on_cores(add, rows, product.nbytes)
+        band = max(1, min(ry, BAND_PIECES * backend.piece_bytes // (k * rx * itemsize)))
+        for c in range(piece.filters.shape[1]):
+            for y0 in range(0, ry, band):
+                y1 = min(ry, y0 + band)
+                rows = piece.filters[:, c, y0:y1].reshape(piece.channels, -1)
+                product = backend.matmul(w, rows, out=workspace.take(COMPOSITION, (k, rows.shape[1]), dtype))
+                target = out[:, c, y + y0 : y + y1, x : x + rx]
+                xp.add(target, product.reshape(k, y1 - y0, rx), out=target)
     return out
 
 

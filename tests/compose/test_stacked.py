@@ -88,7 +88,10 @@ def _dense(tmp_path):
     return load_proto(b.build(targets), tmp_path), targets
 
 
-def test_a_dense_blocks_1x1_convolutions_never_copy_a_stack_and_match_the_definition(tmp_path, monkeypatch):
+@pytest.mark.parametrize("piece_bytes", [NumpyBackend.piece_bytes, 1])  # 1: each piece's products row by row
+def test_a_dense_blocks_1x1_convolutions_never_copy_a_stack_and_match_the_definition(tmp_path, monkeypatch,
+                                                                                    piece_bytes):
+    monkeypatch.setattr(NumpyBackend, "piece_bytes", piece_bytes)
     model, targets = _dense(tmp_path)
     want = {t: fd.decode(model, t, dtype="float64", kernel="reference") for t in targets}
 
