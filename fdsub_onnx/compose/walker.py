@@ -169,8 +169,10 @@ class _Memory:
             self._count({block}, 1)
 
     def drop(self, value) -> None:
-        """A name let ``value`` go."""
+        """A name let ``value`` go (one ``hold`` never saw, such as a Blocked made in the walk's loop, held nothing)."""
         key = id(value)
+        if key not in self.blocks:
+            return
         self.names[key] -= 1
         if self.names[key] == 0:
             self._count(self.blocks.pop(key, set()), -1)

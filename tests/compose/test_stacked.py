@@ -188,3 +188,18 @@ def test_no_plan_is_under_the_banks_its_walk_holds(case, tmp_path):
                if layer.decodable]
     held, planned = _held_and_planned(model, targets)
     assert held <= planned, (held, planned)
+
+
+def test_the_plans_memory_ignores_a_drop_of_a_value_it_never_held():
+    """The walk drops every value a node read last, Blocked ones it made itself included: such a drop must not
+    leave a count that a later value with the same id would inherit."""
+    from fdsub_onnx.compose.values import Tensor
+    from fdsub_onnx.compose.walker import _Memory
+
+    memory = _Memory(Engine(NumpyBackend(), "float32"))
+    value = Tensor(Geometry(rf=(3, 3), origin=(0, 0)), 2, (4, 4))
+    memory.drop(value)
+    memory.hold(value, [], None)
+    assert memory.bytes == memory.peak == 2 * 3 * 3 * 3 * 4
+    memory.drop(value)
+    assert memory.bytes == 0
