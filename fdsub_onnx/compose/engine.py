@@ -70,6 +70,12 @@ def lazy(bank) -> bool:
     return isinstance(bank, Stacked) and bank.made is None
 
 
+def composes_pieces(weight_shape, groups: int) -> bool:
+    """Whether a convolution of weights of ``weight_shape`` composes a ``Stacked`` piece by piece (``_conv_stacked``)
+    rather than making its filters: a 1x1 convolution without groups."""
+    return groups == 1 and tuple(weight_shape[2:]) == (1, 1)
+
+
 def references(bank) -> list[tuple]:
     """``(holder, filters)`` for each filter array a bank refers to, none made: a bank holds its filters; a
     ``Stacked`` its pieces' through their banks, and its own once made."""
@@ -136,8 +142,8 @@ class Engine:
         weight = np.asarray(weight, dtype=self.dtype)[rows]
         bias = np.zeros(c_out, self.dtype) if bias is None else np.asarray(bias, self.dtype)
         group_of_row = rows // (c_out // groups)
-        if (lazy(bank) and groups == 1 and weight.shape[2:] == (1, 1) and tuple(out_rf) == bank.rf
-                and self.kernel != "reference"):
+        pieces = lazy(bank) and composes_pieces(weight.shape, groups) and tuple(out_rf) == bank.rf
+        if pieces and self.kernel != "reference":
             filters = _conv_stacked(self.backend, bank, weight, self.dtype, self.workspace)
         elif self.kernel == "reference":
             filters = _conv_reference(self.backend, bank.filters, weight, group_of_row, groups, step, out_rf,
@@ -156,23 +162,19 @@ class Engine:
     def affine(self, bank: Bank, scale, shift) -> Bank:
         """Per-channel ``scale * x + shift`` folded into the bank: the same filters where the scale is one, scaled
         in place where the bank is ``overwritable``, else a scaled copy."""
-        xp = self.backend.xp
         unscaled = bool(np.all(np.asarray(scale) == 1))
-        if lazy(bank):  # the scale waits for the convolution that reads the stack (or ``filters``)
-            factor = np.array(np.broadcast_to(np.asarray(scale, np.float64), (bank.channels,)))
-            factor = None if unscaled else factor if bank.scale is None else bank.scale * factor
-            bias = bank.bias * self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
-            bias = xp.asarray(bias + self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype))
-            return Stacked(bank.pieces, bank.offsets, bank.rf, bank.scale if unscaled else factor, bias, self)
-        scale = self.backend.asarray(np.broadcast_to(scale, (bank.channels,)), self.dtype)
+        factor = np.broadcast_to(np.asarray(scale, np.float64), (bank.channels,))
+        scale = self.backend.asarray(factor, self.dtype)
         shift = self.backend.asarray(np.broadcast_to(shift, (bank.channels,)), self.dtype)
-        bias = xp.asarray(bank.bias * scale + shift)
+        bias = self.backend.xp.asarray(bank.bias * scale + shift)
+        if lazy(bank):  # the scale waits for the convolution that reads the stack (or ``filters``)
+            pending = bank.scale if unscaled else factor * (1.0 if bank.scale is None else bank.scale)
+            return Stacked(bank.pieces, bank.offsets, bank.rf, pending, bias, self)
         if unscaled:
             return Bank(bank.filters, bias)
         source = bank.filters
         filters = source if self._may_overwrite(bank) else self.backend.empty(source.shape, self.dtype)
-        self.backend.on_cores(lambda a, b: xp.multiply(source[a:b], scale[a:b, None, None, None], out=filters[a:b]),
-                              bank.channels, filters.nbytes)
+        self._scale(source, scale, filters)
         return Bank(filters, bias)
 
     @_passes_none
@@ -213,14 +215,11 @@ class Engine:
         """A ``Stacked``'s filters: each piece copied once, at its place in the window, then scaled."""
         pieces, offsets = stacked.pieces, stacked.offsets
         covered = all(_covers(o, p.filters.shape[2:], stacked.rf) for p, o in zip(pieces, offsets))
-        shape = (stacked.channels, pieces[0].filters.shape[1], *stacked.rf)
-        filters = self.backend.empty(shape, self.dtype) if covered else self.backend.zeros(shape, self.dtype)
+        filters = self._window(stacked.channels, pieces[0], stacked.rf, covered)
         for piece, (y, x), (first, stop) in zip(pieces, offsets, stacked.ranges()):
             self._write(filters[first:stop], piece, (y, x))
         if stacked.scale is not None:
-            xp, scale = self.backend.xp, self.backend.asarray(stacked.scale, self.dtype)
-            self.backend.on_cores(lambda a, b: xp.multiply(filters[a:b], scale[a:b, None, None, None],
-                                                           out=filters[a:b]), len(filters), filters.nbytes)
+            self._scale(filters, self.backend.asarray(stacked.scale, self.dtype), filters)
         return filters
 
     @_passes_none
@@ -234,15 +233,21 @@ class Engine:
 
     def _placed(self, bank: Bank, geom: Geometry, out: Geometry):
         """A copy of the bank's filters at their place in the window ``out``."""
-        filters = self._window(bank.channels, bank, out, geom == out)
+        filters = self._window(bank.channels, bank, out.rf, geom == out)
         self._write(filters, bank, _offset(geom, out))
         return filters
 
-    def _window(self, channels: int, like: Bank, out: Geometry, covered: bool):
-        """Filters of ``channels`` over the window ``out``: uninitialized where the banks written into them cover
+    def _window(self, channels: int, like: Bank, rf: Pair, covered: bool):
+        """Filters of ``channels`` over a window of ``rf``: uninitialized where the banks written into them cover
         it (``covered``), else zeros."""
-        shape = (channels, like.filters.shape[1], *out.rf)
+        shape = (channels, like.filters.shape[1], *rf)
         return self.backend.empty(shape, self.dtype) if covered else self.backend.zeros(shape, self.dtype)
+
+    def _scale(self, source, scale, into) -> None:
+        """``into = source * scale`` per channel (``into`` may be ``source``), the rows split over the cores."""
+        xp = self.backend.xp
+        self.backend.on_cores(lambda a, b: xp.multiply(source[a:b], scale[a:b, None, None, None], out=into[a:b]),
+                              len(into), into.nbytes)
 
     def _write(self, filters, bank: Bank, offset: Pair, add: bool = False) -> None:
         """``bank``'s filters written (or added) into ``filters`` at ``offset`` in its window, the rows split over

@@ -99,13 +99,14 @@ def walk(model: Model, engine, targets=None, compose: bool = False, rows: dict |
         outputs = value if isinstance(value, list) else [value]  # a multi-output rule (Split) gives one per output
         if isinstance(value, Blocked) and len(node.output) > 1:
             outputs = [value] * len(node.output)
-        memory.read(node, model, inputs, outputs)
+        rule = RULES.get(node.op_type)
+        memory.read(rule, node, model, inputs, outputs)
         for index, name in enumerate(node.output):
             if not name:
                 continue
             if index < len(outputs) and outputs[index] is not None:
                 values[name] = outputs[index]
-                memory.hold(outputs[index], inputs, RULES.get(node.op_type))
+                memory.hold(outputs[index], inputs, rule)
             else:
                 values[name] = Blocked(f"{node.op_type} node {model.node_name(node)!r}: output {index} "
                                        f"({name!r}) is not followed")
@@ -151,9 +152,9 @@ class _Memory:
             self._count(blocks, 1)
         self.names[key] += 1
 
-    def read(self, node, model, inputs, outputs) -> None:
-        """The stacks a node reads that it does not pass on as they are nor read as pieces get their filters."""
-        rule = RULES.get(node.op_type)
+    def read(self, rule, node, model, inputs, outputs) -> None:
+        """The stacks a node (of ``rule``) reads that it does not pass on as they are nor read as pieces get their
+        filters."""
         for value in inputs:
             passed = any(value is out for out in outputs)
             if id(value) in self.stacks and not passed and not (rule is not None and rule.reads_stack(node, model)):

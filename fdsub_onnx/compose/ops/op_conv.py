@@ -6,6 +6,7 @@ from onnx import helper
 
 from ...graph.geometry import Window
 from ..backend import array_module
+from ..engine import composes_pieces
 from ..kernels import transposed
 from ._rule import OpRule, attributes, batched, constant, constant_weight, data, no_bias, on, optional
 from ._window import apply_window
@@ -54,8 +55,7 @@ class Conv(OpRule):
     def reads_stack(self, node, model):
         """A 1x1 convolution without groups composes a stack piece by piece (``engine.Engine.conv``)."""
         weight = constant_weight(model, node)
-        return (weight is not None and tuple(np.shape(weight)[2:]) == (1, 1)
-                and int(attributes(node).get("group", 1)) == 1)
+        return weight is not None and composes_pieces(np.shape(weight), int(attributes(node).get("group", 1)))
 
     def forward_product(self, model, node):
         if not self.gradient_is_product(model, node):
