@@ -73,7 +73,7 @@ class NumpyBackend:
             for block, (y, x) in zip(products, offsets):
                 out[a:b, :, y : y + ry, x : x + rx] += block[a:b]
 
-        self.on_cores(part, out.shape[0], out.size * out.itemsize)
+        self.on_cores(part, out.shape[0], products.size * products.itemsize)  # the work: every product added once
 
     def on_cores(self, part: Callable, total: int, nbytes: int) -> None:
         """``part(start, stop)`` over ``range(total)`` cut in one equal piece per core, the pieces at once: NumPy's

@@ -277,6 +277,10 @@ def _covers(offset: Pair, shape, rf) -> bool:
 #: a CPU, in cache: DenseNet121's 87 bottom-up layers 112.4/112.9 -> 106.3/109.5 s against whole-piece products
 #: through a temporary; on a GPU a piece is a whole chunk, so the band is the whole piece)
 BAND_PIECES = 4
+#: kn2row's products up to this size are made for whole images at once (they stay in the last-level cache, and
+#: bands would only add calls: RegNetY-400MF's grouped 3x3 convolutions of 8.6 MB ran 10-15% slower in bands);
+#: larger ones a band of ``BAND_PIECES`` pieces at a time
+CACHED_PRODUCTS = 32 << 20
 
 
 def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
@@ -314,7 +318,8 @@ def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
 def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype, kernel="fast", workspace=None):
     """Batched substitution, per group: spectral (``spectral.compose``) where it is cheaper or forced, else per
     chunk of output rows one matrix product for all kernel taps, then the backend's shifted accumulation of the
-    taps into the output filters (kn2row). Temporaries come from ``workspace`` (``backend.Workspace``)."""
+    taps into the output filters (kn2row, ``_kn2row``: a band of the bank's rows at a time where the products
+    would not stay in cache). Temporaries come from ``workspace`` (``backend.Workspace``)."""
     workspace = workspace or Workspace(backend)
     k, cig, ky, kx = weight.shape
     c_img, ry, rx = d_in.shape[1:]
@@ -324,8 +329,6 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
         _depthwise(backend, out, flat, weight, group_of_row, step, (c_img, ry, rx), dtype, workspace)
         return out
     taps = ky * kx
-    offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
-    limit = max(1, backend.temp_bytes // max(1, taps * flat.shape[1] * np.dtype(dtype).itemsize))
     room = spectral.room(backend.temp_bytes, d_in.nbytes, out.nbytes)
     for group in np.unique(group_of_row):
         rows = np.flatnonzero(group_of_row == group)
@@ -338,7 +341,15 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
             continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
         product_is_output = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size
-        chunk = len(rows) if product_is_output else equal_chunks(len(rows), limit)
+        products = taps * len(rows) * flat.shape[1] * np.dtype(dtype).itemsize
+        if products <= min(backend.temp_bytes, CACHED_PRODUCTS):  # every product at once, in the last-level cache
+            room = products
+        else:  # a band of the bank's rows at a time (``_kn2row``)
+            room = min(backend.temp_bytes, BAND_PIECES * backend.piece_bytes)
+        if product_is_output or room == products:
+            chunk = len(rows)
+        else:
+            chunk = equal_chunks(len(rows), max(1, room // (taps * rx * np.dtype(dtype).itemsize)))
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)
@@ -346,11 +357,33 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
             if product_is_output:  # no temporary
                 _placed_rows(backend, out, index, functools.partial(_product_into, backend, w_chunk, source))
                 continue
-            scratch = workspace.take(COMPOSITION, (taps * n, flat.shape[1]), dtype)
-            products = backend.matmul(w_chunk, source, out=scratch)
-            products = products.reshape(taps, n, c_img, ry, rx)
-            _placed_rows(backend, out, index, functools.partial(backend.shift_add, products=products, offsets=offsets))
+            _placed_rows(backend, out, index, functools.partial(
+                _kn2row, backend, w_chunk, d_in[group * cig : (group + 1) * cig], (ky, kx), step, dtype, workspace,
+                room))
     return out
+
+
+def _kn2row(backend, weight, source, kernel, step, dtype, workspace, room, part):
+    """``part`` [n, C_image, Q_y, Q_x] += the direct substitution of ``source`` [C, C_image, R_y, R_x] by ``weight``
+    [taps * n, C] (tap-major): one matrix product for all taps, then their shifted accumulation. A band of the
+    bank's rows of one image channel at a time where all the products would not fit ``room`` bytes (whole image
+    channels where they do), so that the products are added while in cache: made for whole images, DenseNet121's
+    3x3 convolutions of 32 rows wrote and read back 1.9 GB of products each (743 px banks: 1.4-2.2 -> 0.9-1.0 s)."""
+    ky, kx = kernel
+    taps, (c, c_img, ry, rx) = ky * kx, source.shape
+    n = weight.shape[0] // taps
+    per_row = taps * n * rx * np.dtype(dtype).itemsize
+    offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
+    band = max(1, room // per_row)
+    channels = max(1, min(c_img, band // ry))  # whole image channels where one fits, else bands of one
+    for c0 in range(0, c_img, channels):
+        c1 = min(c_img, c0 + channels)
+        for y0 in range(0, ry, band if c1 - c0 == 1 else ry):
+            y1 = min(ry, y0 + band)
+            rows = source[:, c0:c1, y0:y1].reshape(c, -1)
+            products = backend.matmul(weight, rows, out=workspace.take(COMPOSITION, (taps * n, rows.shape[1]), dtype))
+            backend.shift_add(part[:, c0:c1, y0 : y1 + (ky - 1) * step[0]],
+                              products.reshape(taps, n, c1 - c0, y1 - y0, rx), offsets)
 
 
 def _product_into(backend, weight, source, part):

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from netgen import linear_zoo, relu_zoo, run_ort
 
 import fdsub_onnx as fd
-from fdsub_onnx.compose import spectral
-from fdsub_onnx.compose.backend import COMPOSITION, Workspace, get_backend
-from fdsub_onnx.compose.engine import _conv_fast, _conv_reference
+from fdsub_onnx.compose import engine, spectral
+from fdsub_onnx.compose.backend import COMPOSITION, NumpyBackend, Workspace, get_backend
+from fdsub_onnx.compose.engine import BAND_PIECES, _conv_fast, _conv_reference
 from fdsub_onnx.modes.plan import Costs
 
 NUMPY = get_backend("numpy")
@@ -75,6 +75,38 @@ def test_spectral_route_on_a_subset_of_rows_and_a_larger_output():
     ref = composed("reference", d_in, weight, rows, 2, (4, 4), "float64", extra=(3, 1))
     got = composed("spectral", d_in, weight, rows, 2, (4, 4), "float64", extra=(3, 1))
     assert relative(got, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 700, 9000])  # a row of one output channel's products a band; a few
+@pytest.mark.parametrize("shape", SHAPES[:-1], ids=lambda s: "K{}C{}g{}i{}R{}x{}k{}x{}s{}".format(*s[:8], s[8][0]))
+def test_kn2row_in_bands_equals_the_definition_and_holds_a_band_of_products(shape, piece_bytes, monkeypatch):
+    """Where a chunk's products for whole images would not stay in cache (``CACHED_PRODUCTS``, here none), kn2row
+    makes them a band of ``BAND_PIECES * piece_bytes`` of the bank's rows at a time (rows not contiguous go through
+    a gathered copy): the same filters, and a products buffer of a band, not of whole images."""
+    monkeypatch.setattr(NumpyBackend, "piece_bytes", piece_bytes)
+    monkeypatch.setattr(engine, "CACHED_PRODUCTS", 0)
+    k, c_in, groups, image, ry, rx, ky, kx, step = shape
+    rng = np.random.default_rng(sum(shape[:8]))
+    d_in, weight = rng.standard_normal((c_in, image, ry, rx)), rng.standard_normal((k, c_in // groups, ky, kx))
+    rows = np.arange(k)[::-1][::2][::-1] if groups == 1 else np.arange(k)
+    group_of_row = rows // (k // groups)
+    out_rf = tuple(r + (t - 1) * s + 2 for r, t, s in zip((ry, rx), (ky, kx), step))
+    want = _conv_reference(NUMPY, d_in, weight[rows], group_of_row, groups, step, out_rf, "float64")
+    workspace = Workspace(NUMPY)
+    got = _conv_fast(NUMPY, d_in, weight[rows], group_of_row, groups, step, out_rf, "float64", "kn2row", workspace)
+    assert relative(got, want) <= 1e-12
+    one_row = ky * kx * rx * 8  # a band holds at least one row of one output channel's products
+    assert workspace.nbytes <= max(BAND_PIECES * piece_bytes, one_row)
+
+
+def test_kn2row_makes_products_that_stay_in_cache_for_whole_images_at_once():
+    rng = np.random.default_rng(4)
+    d_in, weight = rng.standard_normal((6, 3, 40, 40)), rng.standard_normal((8, 6, 3, 3))
+    workspace = Workspace(NUMPY)
+    got = _conv_fast(NUMPY, d_in, weight, np.zeros(8, int), 1, (2, 2), (44, 44), "float64", "kn2row", workspace)
+    assert workspace.nbytes == 9 * 8 * 3 * 40 * 40 * 8  # one product for every tap, row and image channel
+    want = _conv_reference(NUMPY, d_in, weight, np.zeros(8, int), 1, (2, 2), (44, 44), "float64")
+    assert relative(got, want) <= 1e-12
 
 
 @settings(max_examples=40, deadline=None)
