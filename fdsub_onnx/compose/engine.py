@@ -278,8 +278,9 @@ def _covers(offset: Pair, shape, rf) -> bool:
 #: through a temporary; on a GPU a piece is a whole chunk, so the band is the whole piece)
 BAND_PIECES = 4
 #: kn2row's products up to this size are made for whole images at once (they stay in the last-level cache, and
-#: bands would only add calls: RegNetY-400MF's grouped 3x3 convolutions of 8.6 MB ran 10-15% slower in bands);
-#: larger ones a band of ``BAND_PIECES`` pieces at a time
+#: bands would only add calls), larger ones a band of ``BAND_PIECES`` pieces at a time; a grouped convolution's
+#: always for whole images (RegNetY-400MF's in bands: its whole decode 74-80 -> 84-89 s, though each alone ran
+#: faster; not understood, benchmarks/README.md)
 CACHED_PRODUCTS = 32 << 20
 
 
@@ -341,14 +342,14 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
             continue
         w = np.ascontiguousarray(weight[rows].transpose(2, 3, 0, 1))  # [ky, kx, rows, cig]: tap-major
         product_is_output = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size
-        products = taps * len(rows) * flat.shape[1] * np.dtype(dtype).itemsize
-        if products <= min(backend.temp_bytes, CACHED_PRODUCTS):  # every product at once, in the last-level cache
-            room = products
+        row = taps * flat.shape[1] * np.dtype(dtype).itemsize  # one output row's products for whole images
+        if product_is_output:
+            chunk = room = len(rows)
+        elif groups > 1 or len(rows) * row <= CACHED_PRODUCTS:  # whole images, chunks of rows up to temp_bytes
+            chunk = equal_chunks(len(rows), max(1, backend.temp_bytes // row))
+            room = chunk * row
         else:  # a band of the bank's rows at a time (``_kn2row``)
             room = min(backend.temp_bytes, BAND_PIECES * backend.piece_bytes)
-        if product_is_output or room == products:
-            chunk = len(rows)
-        else:
             chunk = equal_chunks(len(rows), max(1, room // (taps * rx * np.dtype(dtype).itemsize)))
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
