@@ -344,13 +344,13 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
         product_is_output = taps == 1 and tuple(out_rf) == (ry, rx)  # a 1x1 convolution keeping the size
         row = taps * flat.shape[1] * np.dtype(dtype).itemsize  # one output row's products for whole images
         if product_is_output:
-            chunk = room = len(rows)
+            chunk = held = len(rows)
         elif groups > 1 or len(rows) * row <= CACHED_PRODUCTS:  # whole images, chunks of rows up to temp_bytes
             chunk = equal_chunks(len(rows), max(1, backend.temp_bytes // row))
-            room = chunk * row
+            held = chunk * row
         else:  # a band of the bank's rows at a time (``_kn2row``)
-            room = min(backend.temp_bytes, BAND_PIECES * backend.piece_bytes)
-            chunk = equal_chunks(len(rows), max(1, room // (taps * rx * np.dtype(dtype).itemsize)))
+            held = min(backend.temp_bytes, BAND_PIECES * backend.piece_bytes)
+            chunk = equal_chunks(len(rows), max(1, held // (taps * rx * np.dtype(dtype).itemsize)))
         for start in range(0, len(rows), chunk):
             index = rows[start : start + chunk]
             n = len(index)
@@ -360,14 +360,14 @@ def _conv_fast(backend, d_in, weight, group_of_row, groups, step, out_rf, dtype,
                 continue
             _placed_rows(backend, out, index, functools.partial(
                 _kn2row, backend, w_chunk, d_in[group * cig : (group + 1) * cig], (ky, kx), step, dtype, workspace,
-                room))
+                held))
     return out
 
 
-def _kn2row(backend, weight, source, kernel, step, dtype, workspace, room, part):
+def _kn2row(backend, weight, source, kernel, step, dtype, workspace, held, part):
     """``part`` [n, C_image, Q_y, Q_x] += the direct substitution of ``source`` [C, C_image, R_y, R_x] by ``weight``
     [taps * n, C] (tap-major): one matrix product for all taps, then their shifted accumulation. A band of the
-    bank's rows of one image channel at a time where all the products would not fit ``room`` bytes (whole image
+    bank's rows of one image channel at a time where all the products would not fit ``held`` bytes (whole image
     channels where they do), so that the products are added while in cache: made for whole images, DenseNet121's
     3x3 convolutions of 32 rows wrote and read back 1.9 GB of products each (743 px banks: 1.4-2.2 -> 0.9-1.0 s)."""
     ky, kx = kernel
@@ -375,7 +375,7 @@ def _kn2row(backend, weight, source, kernel, step, dtype, workspace, room, part)
     n = weight.shape[0] // taps
     per_row = taps * n * rx * np.dtype(dtype).itemsize
     offsets = [(i * step[0], j * step[1]) for i in range(ky) for j in range(kx)]
-    band = max(1, room // per_row)
+    band = max(1, held // per_row)
     channels = max(1, min(c_img, band // ry))  # whole image channels where one fits, else bands of one
     for c0 in range(0, c_img, channels):
         c1 = min(c_img, c0 + channels)
