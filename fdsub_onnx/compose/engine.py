@@ -287,9 +287,9 @@ CACHED_PRODUCTS = 32 << 20
 def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
     """A 1x1 convolution of a ``Stacked``: each piece's product with its columns of ``weight`` (times the stack's
     pending scale) written at its place in the window, the first piece that fills it straight into the output, the
-    others a band of rows of one image channel at a time (``BAND_PIECES``) through a temporary and added; the zeros a
-    copied stack pads its pieces with are never multiplied."""
-    k, itemsize = weight.shape[0], np.dtype(dtype).itemsize
+    others a band of rows of one image channel at a time (``BAND_PIECES``; ``_kn2row``) through a temporary and
+    added; the zeros a copied stack pads its pieces with are never multiplied."""
+    k = weight.shape[0]
     matrix = weight[:, :, 0, 0] if stacked.scale is None else weight[:, :, 0, 0] * stacked.scale
     places = list(zip(stacked.pieces, stacked.offsets, stacked.ranges()))
     whole = next((i for i, (piece, offset, _) in enumerate(places)
@@ -298,21 +298,14 @@ def _conv_stacked(backend, stacked: Stacked, weight, dtype, workspace):
     out = backend.zeros(shape, dtype) if whole is None else backend.empty(shape, dtype)
     if whole is not None:
         places.insert(0, places.pop(whole))
-    xp = backend.xp
     for n, (piece, (y, x), (first, stop)) in enumerate(places):
         w = backend.asarray(matrix[:, first:stop], dtype)
         if n == 0 and whole is not None:
             backend.matmul(w, piece.filters.reshape(piece.channels, -1), out=out.reshape(k, -1))
             continue
-        ry, rx = piece.filters.shape[2:]
-        band = max(1, min(ry, BAND_PIECES * backend.piece_bytes // (k * rx * itemsize)))
-        for c in range(piece.filters.shape[1]):
-            for y0 in range(0, ry, band):
-                y1 = min(ry, y0 + band)
-                rows = piece.filters[:, c, y0:y1].reshape(piece.channels, -1)
-                product = backend.matmul(w, rows, out=workspace.take(COMPOSITION, (k, rows.shape[1]), dtype))
-                target = out[:, c, y + y0 : y + y1, x : x + rx]
-                xp.add(target, product.reshape(k, y1 - y0, rx), out=target)
+        ry, rx = piece.filters.shape[2:]  # kn2row of one tap: each band's product added at the piece's place
+        _kn2row(backend, w, piece.filters, (1, 1), (1, 1), dtype, workspace, BAND_PIECES * backend.piece_bytes,
+                out[:, :, y : y + ry, x : x + rx])
     return out
 
 
