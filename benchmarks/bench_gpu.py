@@ -4,10 +4,11 @@
    TF32 allowed, CUPY_TF32=1, in a child process since CuPy reads it at import), and a device-to-device copy.
 2. Whole-network ``weights`` decode (``fd.iter_decode``, every decodable layer) of the VGG19 topology at
    224 (benchmarks/bench_weights_vgg19.py's weights) and of the ResNet50 topology of the onnx package
-   (weights re-randomized): wall time on the GPU with the fused shifted accumulation and tap by tap,
-   the matrix-product FLOPs of the composition (counted at the backend's ``matmul``) per second as a
-   share of the FP32 GEMM ceiling (target >= 50%), and the speed-up over the NumPy backend run in the
-   same process.
+   (weights re-randomized), and ``light_vgg19``: the onnx package's VGG19, every conv layer at
+   ``positions="interior"``, the workload of bench_compose.py (issue 27: its spectral route on the GPU): wall
+   time on the GPU with the fused shifted accumulation and tap by tap, the matrix-product FLOPs of the
+   composition (counted at the backend's ``matmul``) per second as a share of the FP32 GEMM ceiling (target
+   >= 50%), and the speed-up over the NumPy backend run in the same process.
 3. ``fds`` and ``local`` for all neurons of a deep VGG19 layer (conv4_4 at 64x64, 256 images, top 100)
    against the Captum way on the same GPU: per neuron, one torch CUDA forward + backward through the
    real network on the batch of its 100 instance images (the instances are fdsub's own), sampled neurons
@@ -17,9 +18,11 @@ Run on a GPU machine (needs ``pip install -e '.[gpu,bench]'``; about 5 to 10 min
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --threads $(nproc)   # everything, results/gpu.json
     PYTHONPATH=. python benchmarks/bench_gpu.py --parts ceilings weights --networks vgg19
-    PYTHONPATH=. python benchmarks/bench_gpu.py --smoke              # tiny sizes on whatever device is there (a CPU
-                                                                     # machine too): checks the script,
-                                                                     # times nothing useful
+    PYTHONPATH=. python benchmarks/bench_gpu.py --smoke              # tiny sizes and the first layers only, on
+                                                                     # whatever device is there (a CPU machine
+                                                                     # too): checks the script, times nothing useful
+
+tools/gpu_check.sh runs it part by part after the GPU tests, within a short GPU lease.
 
 Without a GPU (and without --smoke) it says so in one line and exits 2.
 """
@@ -145,10 +148,19 @@ class WeightsRow:
     max_rel_err: float = 0.0
 
 
-def decode_all(model, device, fused: bool = True):
-    """Every decodable layer in one bottom-up pass; returns {layer: filters} (NumPy)."""
+@dataclass
+class Workload:
+    """What one row of the weights part decodes: ``layers`` (None: every decodable layer) at ``positions``."""
+    model: fd.Model
+    layers: list[str] | None = None
+    positions: str | None = None
+
+
+def decode_all(work: Workload, device, fused: bool = True):
+    """The workload's layers in one bottom-up walk; returns {layer: filters} (NumPy)."""
+    extra = {} if work.positions is None else {"positions": work.positions}
     with _fused(fused):
-        return {d.layer: d.filters for d in fd.iter_decode(model, device=device)}
+        return {d.layer: d.filters for d in fd.iter_decode(work.model, layers=work.layers, device=device, **extra)}
 
 
 class _fused:
@@ -163,22 +175,38 @@ class _fused:
         _backend.BACKENDS["cupy"] = self.saved
 
 
-def bench_weights(model, name: str, device: str, xp, gemm: float, cpu: bool) -> WeightsRow:
+def workload(name: str, folder: Path, size: int, smoke: bool) -> Workload:
+    """The network ``name`` of ``--networks`` and what is decoded of it (a smoke run: its first four layers)."""
+    if name == "light_vgg19":
+        from bench_compose import decoded_layers, model_path
+
+        model = fd.load_model(model_path("vgg19"))
+        work = Workload(model, decoded_layers(fd, model), "interior")
+    else:
+        work = Workload(vgg19_model(folder, size) if name == "vgg19" else resnet50_model(folder))
+    if smoke:
+        work.layers = (work.layers or [layer.name for layer in fd.inspect_model(work.model).layers
+                                       if layer.decodable])[:4]
+    return work
+
+
+def bench_weights(work: Workload, name: str, device: str, xp, gemm: float, cpu: bool) -> WeightsRow:
+    model = work.model
     first = next(layer.name for layer in fd.inspect_model(model).layers if layer.decodable)
     fd.decode(model, first, device=device)  # warm-up: CUDA context, kernel compilation, cuBLAS handles
     with CountingMatmul() as count:
         start = time.perf_counter()
-        result = decode_all(model, device)
+        result = decode_all(work, device)
         gpu_s = time.perf_counter() - start
     row = WeightsRow(name, len(result), sum(len(f) for f in result.values()), gpu_s=gpu_s, gflop=count.flops / 1e9)
     row.tflops = count.flops / gpu_s / 1e12
     row.ceiling_share = count.flops / gpu_s / gemm
     start = time.perf_counter()
-    decode_all(model, device, fused=False)
+    decode_all(work, device, fused=False)
     row.gpu_unfused_s = time.perf_counter() - start
     if cpu:
         start = time.perf_counter()
-        reference = decode_all(model, "cpu")
+        reference = decode_all(work, "cpu")
         row.cpu_s = time.perf_counter() - start
         row.speedup = row.cpu_s / row.gpu_s
         row.max_rel_err = max(float(np.abs(result[k] - v).max() / max(np.abs(v).max(), 1e-30))
@@ -250,7 +278,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["ceilings", "weights", "data"],
                         choices=["ceilings", "weights", "data"])
-    parser.add_argument("--networks", nargs="+", default=["vgg19", "resnet50"], choices=["vgg19", "resnet50"])
+    parser.add_argument("--networks", nargs="+", default=["vgg19", "resnet50"],
+                        choices=["vgg19", "resnet50", "light_vgg19"])
     parser.add_argument("--size", type=int, default=224, help="VGG19 input size for the weights part (default 224)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the NumPy-backend run of the weights part")
     parser.add_argument("--layer", default="conv4_4", help="data part: VGG19 layer (default conv4_4)")
@@ -273,7 +302,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.size, args.data_size, args.images, args.top, args.sample = 32, 32, 16, 4, 2
         args.layer = "conv2_2"
-        args.networks = [n for n in args.networks if n == "vgg19"]
     device = "cpu" if why_not else "gpu"
     xp = np if why_not else _backend._import_cupy()
     torch_device = "cpu" if why_not else "cuda"
@@ -297,8 +325,8 @@ def main(argv=None) -> int:
     if "weights" in args.parts:
         rows = []
         for name in args.networks:
-            model = vgg19_model(folder, args.size) if name == "vgg19" else resnet50_model(folder)
-            rows.append(bench_weights(model, name, device, xp, gemm, cpu=not args.no_cpu))
+            work = workload(name, folder, args.size, args.smoke)
+            rows.append(bench_weights(work, name, device, xp, gemm, cpu=not args.no_cpu))
             print(f"  {name}: {rows[-1]}", file=sys.stderr)
         results["weights"] = [asdict(r) for r in rows]
         show_table("whole-network weights decode", ["network", "layers", "neurons", "GPU fused (s)",
