@@ -237,9 +237,13 @@ def plan_layer(model: Model, linear: Model | str, target: str, neurons: np.ndarr
         if not options:
             raise FdsubError(f"layer {target!r} cannot be decoded by the {route} route at {tuple(position)}: "
                              f"{estimates.get(route, 'not possible')}")
+    if not options and seed is None:  # no route at all: not a matter of memory
+        reasons = "; ".join(f"{route}: {why}" for route, why in estimates.items())
+        raise FdsubError(f"layer {target!r} is not decodable at {tuple(int(v) for v in position)} ({reasons}); "
+                         "`fdsub inspect` lists the layers that are")
     fitting = [o for o in options if o[4] <= free]
     if not fitting:
-        raise FdsubError(_memory_advice(target, estimates, free, k, seed, per_neuron))
+        raise FdsubError(_memory_advice(target, estimates, free, k, seed, per_neuron, itemsize))
     name, split, batch, flops, peak = min(fitting, key=lambda o: o[3])
     return Plan(target, name, tuple(int(v) for v in position), k, flops, peak, split, batch, estimates,
                 *shares.get(name, (0.0, 0.0, 0.0)))
@@ -323,12 +327,13 @@ def _batch(k: int, seed: int, room: float) -> int:
     return int(max(0, min(k, MOST_SEEDS, room // max(seed, 1))))
 
 
-def _memory_advice(target, estimates, free, k, seed, per_neuron) -> str:
+def _memory_advice(target, estimates, free, k, seed, per_neuron, itemsize) -> str:
     """Why nothing fits, and what would: the adjoint holds one seed's gradients and the filters asked, so
-    fewer neurons help it; bottom-up banks do not shrink with the neurons."""
+    fewer neurons help it; bottom-up banks do not shrink with the neurons; float32 halves a float64 decode."""
     parts = "; ".join(f"{route}: {est if isinstance(est, str) else 'needs about ' + _bytes(est[1])}"
                       for route, est in estimates.items())
-    advice = "use --dtype float32, or raise --memory-budget on a machine with more memory"
+    advice = ("use --dtype float32, or " if itemsize > 4 else "") + \
+        "raise --memory-budget on a machine with more memory"
     if seed is not None:
         fit = int((free - seed) // max(per_neuron, 1))
         if 1 <= fit < k:

@@ -57,10 +57,12 @@ class _Graph:
         return self.op("Mul", [self.op("Mul", [x, self.op("Add", [erf, self.const(1.0)])]), self.const(0.5)])
 
 
-def vit_block(seed: int = 0, slices: bool = False) -> tuple[onnx.ModelProto, dict]:
+def vit_block(seed: int = 0, slices: bool = False, token_major: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Patch embedding, class token, position embedding, one pre-norm block (multi-head attention with the heads
     split through the batch axis as timm's export does, a GELU MLP), the class token's head. ``slices``: q, k and v
-    taken off axis 0 by three Slices, as torch's dynamo exporter writes it, instead of one Split."""
+    taken off axis 0 by three Slices, as torch's dynamo exporter writes it, instead of one Split. ``token_major``:
+    the heads merged and projected as torchvision's ``nn.MultiheadAttention`` exports them, tokens first and the
+    batch folded into the rows of a 2-D Gemm with a bias ([T, 1, h, d] -> [T * 1, C] -> Gemm -> [T, 1, C])."""
     g = _Graph(seed)
     d = C // HEADS
     patches = g.op("Conv", ["input", g.weight(C, 3, PATCH, PATCH, scale=0.2), g.weight(C, scale=0.1)],
@@ -70,7 +72,15 @@ def vit_block(seed: int = 0, slices: bool = False) -> tuple[onnx.ModelProto, dic
     qkv = g.linear(g.layer_norm(x), C, 3 * C)
     heads = g.op("Transpose", [g.op("Reshape", [qkv, g.const([1, TOKENS, 3, HEADS, d], np.int64)])],
                  perm=[2, 0, 3, 1, 4])
-    if slices:
+    if token_major:  # [T, 1, 3, C] -> [3, T, 1, C], q, k and v gathered off axis 0, each to [1, h, T, d]
+        rows = g.op("Reshape", [g.op("Transpose", [qkv], perm=[1, 0, 2]), g.const([TOKENS, 1, 3, C], np.int64)])
+        stacked = g.op("Squeeze", [g.op("Transpose", [g.op("Unsqueeze", [rows, g.const([0], np.int64)])],
+                                        perm=[3, 1, 2, 0, 4]), g.const([3], np.int64)])
+        parts = [g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [
+            g.op("Gather", [stacked, g.const(i, np.int64)], axis=0), g.const([TOKENS, HEADS, d], np.int64)])],
+            perm=[1, 0, 2]), g.const([1, HEADS, TOKENS, d], np.int64)]) for i in range(3)]
+        parts = [g.op("Unsqueeze", [part, g.const([0], np.int64)]) for part in parts]
+    elif slices:
         parts = [g.op("Slice", [heads, g.const([i], np.int64), g.const([i + 1], np.int64), g.const([0], np.int64)])
                  for i in range(3)]
     else:
@@ -78,8 +88,14 @@ def vit_block(seed: int = 0, slices: bool = False) -> tuple[onnx.ModelProto, dic
     q, k, v = (g.op("Squeeze", [part, g.const([0], np.int64)]) for part in parts)
     scores = g.op("MatMul", [g.op("Mul", [q, g.const(d**-0.5)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
     mixed = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
-    merged = g.op("Reshape", [g.op("Transpose", [mixed], perm=[0, 2, 1, 3]), g.const([1, TOKENS, C], np.int64)])
-    x = g.op("Add", [x, g.linear(merged, C, C)])
+    if token_major:
+        rows = g.op("Reshape", [g.op("Transpose", [mixed], perm=[2, 0, 1, 3]), g.const([TOKENS, C], np.int64)])
+        projected = g.op("Gemm", [rows, g.weight(C, C), g.weight(C, scale=0.1)], transB=1)
+        merged = g.op("Transpose", [g.op("Reshape", [projected, g.const([TOKENS, 1, C], np.int64)])], perm=[1, 0, 2])
+        x = g.op("Add", [x, merged])
+    else:
+        merged = g.op("Reshape", [g.op("Transpose", [mixed], perm=[0, 2, 1, 3]), g.const([1, TOKENS, C], np.int64)])
+        x = g.op("Add", [x, g.linear(merged, C, C)])
     x = g.op("Add", [x, g.linear(g.gelu(g.linear(g.layer_norm(x), C, 2 * C)), 2 * C, C)])
     cls = g.op("Gather", [g.layer_norm(x), g.const(0, np.int64)], axis=1)
     logits = g.op("Gemm", [cls, g.weight(5, C), g.weight(5, scale=0.1)], transB=1)
@@ -90,12 +106,16 @@ def vit_block(seed: int = 0, slices: bool = False) -> tuple[onnx.ModelProto, dic
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), names
 
 
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    proto, names = vit_block()
+def _saved(tmp_path_factory, **variant):
+    proto, names = vit_block(**variant)
     path = tmp_path_factory.mktemp("vit") / "vit.onnx"
     onnx.save(proto, str(path))
     return fd.load_model(str(path)), proto, names
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return _saved(tmp_path_factory)
 
 
 def _images(count, seed):
@@ -116,10 +136,30 @@ def test_every_layer_is_listed_decodable_with_its_tokens(vit):
 def test_weights_identity_at_every_token_layer(vit, reference):
     """activation = <filter, image> + bias at the decoded token, for every layer, on images other than the
     reference, against onnxruntime on the linearized network (the held values as decoded)."""
-    model, proto, names = vit
+    _assert_weights_identity(*vit[:2], reference)
+
+
+def test_weights_identity_through_a_token_major_projection(tmp_path_factory):
+    """The same identity through attention as torchvision's ViT exports it: q, k and v gathered off axis 0 of a
+    [3, T, 1, C] stack (a Gather over a tensor whose batch axis is elsewhere: refused before), and the output
+    projection a 2-D Gemm with a bias over rows that are the tokens (its bias added once per instance, not once
+    per token row: every layer after it was an internal error)."""
+    model, proto, _ = _saved(tmp_path_factory, token_major=True)
+    layers = fd.inspect_model(model).layers
+    projection = next(layer for layer in layers if layer.op == "Gemm")  # its rows [T, C]: no position addressed
+    assert not projection.decodable and "rank-2" in projection.reason
+    refusal = r"is not decodable at \(0, 0\) \(bottom-up: .*; adjoint: .*rank-2"
+    with pytest.raises(fd.FdsubError, match=refusal) as refused:
+        fd.decode(model, projection.name, neurons="0-1", position=(0, 0))
+    assert "memory" not in str(refused.value)  # it said the decode did not fit the memory budget
+    assert sum(layer.decodable for layer in layers) == len(layers) - 1
+    _assert_weights_identity(model, proto, None)
+
+
+def _assert_weights_identity(model, proto, reference):
     images = _images(4, seed=1)
     gate_reference = fd.ArrayImages(_images(3, seed=9)) if reference else None
-    for layer in fd.inspect_model(model).layers:
+    for layer in (layer for layer in fd.inspect_model(model).layers if layer.decodable):
         rows, columns = grid(model, layer.name)
         for position in {(rows // 2, columns // 2), (rows - 1, columns - 1), (0, 0)}:
             decoded = fd.decode(model, layer.name, dtype="float64", neurons="0-1", position=position,

@@ -14,7 +14,7 @@ import numpy as np
 from ...errors import NotDecodable
 from ..backend import array_module
 from ..values import Layout, Tensor
-from ._rule import OpRule, attributes, batched, constant, known_shape, no_bias
+from ._rule import OpRule, attributes, batched, constant, instances, known_shape, no_bias
 from .op_layout import as_layout, settle
 
 
@@ -41,14 +41,16 @@ class Gather(OpRule):
 
     def backward(self, node, ins, is_data, out, grad):
         """The gradient added back at the position each index took (a repeated index collects every copy's)."""
-        x, xp, m = ins[0], array_module(grad), len(grad)
+        x, xp = ins[0], array_module(grad)
         if is_data[1]:
             raise NotDecodable("its indices are computed from the image")
         axis = attributes(node).get("axis", 0) % x.ndim
-        if axis == 0 or x.shape[0] not in (1, m):
+        if instances(grad) == 1 and grad.shape == out.shape:  # one instance in its tensors' own shapes, the batch
+            m, shape = 1, x.shape  # anywhere: torchvision's q, k, v gathered off a [3, T, 1, C] stack
+        elif axis == 0 or x.shape[0] not in (1, len(grad)):
             raise NotDecodable("a Gather over a tensor without its batch axis has no backward rule yet")
-        shape = x.shape[1:]  # one instance's input; the forward value may be one image's, shared by its instances
-        axis -= 1
+        else:  # instances side by side on axis 0; the forward value may be one image's, shared by its instances
+            m, shape, axis = len(grad), x.shape[1:], axis - 1
         index = np.asarray(ins[1], np.int64).reshape(-1) % shape[axis]
         pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
         g, gx = grad.reshape(m, pre, len(index), post), xp.zeros((m, pre, shape[axis], post), grad.dtype)

@@ -234,6 +234,6 @@ def _fully_connected_backward(node, ins, out, grad, alpha, beta, trans_b):
         return [grad @ array_module(grad).swapaxes(matrix, -1, -2), None], no_bias(grad)
     g2 = grad.reshape(len(grad), -1)
     added = no_bias(grad)
-    if beta is not None and len(ins) > 2 and ins[2] is not None:
-        added = (g2 * beta * on(grad, ins[2]).reshape(1, -1)).sum(axis=1)
+    if beta is not None and len(ins) > 2 and ins[2] is not None:  # per instance: rows may be one image's tokens
+        added = per_instance(grad * (beta * on(grad, ins[2])))
     return [(alpha * g2 @ matrix.T).reshape(batched(ins[0], grad)), None, None][: len(ins)], added
