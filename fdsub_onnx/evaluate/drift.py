@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,6 +492,11 @@ def _gate(d: LayerDrift, limits: dict) -> list[str]:
         limit = limits.get(key)
         if limit is None or not values:
             continue
+        broken = next((i for i, v in enumerate(values) if v is not None and not np.isfinite(v)), None)
+        if broken is not None:  # NaN compares false with every limit
+            found.append(f"{what} is {values[broken]} at neuron {d.neurons[broken]} (NaN or Inf in a filter or "
+                         f"response), so {option} {limit:g} cannot hold")
+            continue
         value = worst(values)
         if (value > limit) if worst is max else (value < limit):
             neuron = d.neurons[values.index(value)]
@@ -579,12 +585,15 @@ def load_fingerprint(path: str | os.PathLike) -> _Side:
                 if len(entry["bias"]) != len(entry["filters"]) or len(entry["neurons"]) != len(entry["filters"]):
                     raise ValueError(f"layer {name!r}: {len(entry['filters'])} filters, {len(entry['bias'])} "
                                      f"biases, {len(entry['neurons'])} neuron indices")
+                for key in ("filters", "bias", "responses"):  # a NaN drift would pass every limit
+                    if key in entry and not np.isfinite(entry[key]).all():
+                        raise ValueError(f"layer {name!r}: its stored {key} hold NaN or Inf")
                 stored[name] = entry
         layers = [dataclasses.replace(la, decodable=la.decodable and la.name in stored) for la in layers]
         digest = (meta.get("images") or {}).get("digest")
         return _Side(f"{meta['model']} (fingerprint {folder})", layers, tuple(meta["input_shape"]), stored=stored,
                      image_digest=digest, compared=dict(meta.get("compared") or {}))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise FdsubError(f"{folder}: damaged fingerprint ({type(exc).__name__}: {exc}); make it again with "
                          "`fdsub fingerprint`") from None
 

@@ -211,6 +211,37 @@ def test_a_fingerprint_stands_in_for_the_old_model(tmp_path):
         fd.diff(str(tmp_path / "fp"), b)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "nan filters", "inf bias", "nan responses"])
+def test_a_damaged_fingerprint_is_refused_in_one_line(tmp_path, damage):
+    """A truncated archive (it was an internal error: BadZipFile) and non-finite stored values (a fingerprint of NaN
+    filters passed the gate: its drift read 0) are a damaged fingerprint, never a pass."""
+    a, b, _ = _models(tmp_path, _scaled(2, 1, 0.5, bias=False))
+    images = _images()
+    fd.save_fingerprint(a, tmp_path / "fp", images=images)
+    npz = tmp_path / "fp" / "fingerprint.npz"
+    if damage == "truncated":
+        npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    else:
+        with np.load(npz) as data:
+            arrays = {key: data[key].copy() for key in data.files}
+        key, value = {"nan filters": ("filters_0", np.nan), "inf bias": ("bias_0", np.inf),
+                      "nan responses": ("responses_0", np.nan)}[damage]
+        arrays[key].flat[0] = value
+        np.savez(npz, **arrays)
+    with pytest.raises(fd.FdsubError, match="damaged fingerprint") as refused:
+        fd.diff(str(tmp_path / "fp"), b, images=images)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_model_whose_filters_turned_nan_fails_the_gate(tmp_path):
+    """A NaN weight in B makes its filters NaN: every drift limit fails (a NaN drift compared false with the
+    limit, and the gate passed)."""
+    a, b, _ = _models(tmp_path, _scaled(1, 0, np.nan, bias=False))
+    report = fd.diff(a, b, images=_images(), max_drift=0.5, max_activation_drift=0.5)
+    assert report.status == "fail", report
+    assert any("is nan at neuron 0" in reason for reason in report.failures), report.failures
+
+
 def test_different_networks_cannot_be_compared(tmp_path):
     proto, _ = _net()
     a = load_proto(proto, _folder(tmp_path / "a"))
