@@ -12,6 +12,7 @@ weight 0, is 0.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import PurePath
 
 import numpy as np
 
@@ -23,6 +24,11 @@ from ..graph.model import Model, grid
 from ..runtime.cluster import map_tasks, model_ref, worker_model, worker_threads
 from .result import Decoded
 from .windows import PixelMean, cropped, cut, field_part
+
+
+def _file_name(source: str) -> str:
+    """An image's name without its folder: the same files reached by another path are the same images."""
+    return PurePath(source).name
 
 
 def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progress=None, client=None) -> Decoded:
@@ -43,6 +49,12 @@ def neuron_feature(model: Model, top: TopN, images, batch_size: int = 32, progre
     if len(images) != len(top.sources):
         raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on {len(top.sources)} images but "
                          f"the image set has {len(images)}; give the images it was captured on")
+    other = next((i for i, (a, b) in enumerate(zip(top.sources, images.sources)) if _file_name(a) != _file_name(b)),
+                 None)
+    if other is not None:
+        raise FdsubError(f"the top-N result of layer {top.layer!r} was captured on other images: image {other} is "
+                         f"{top.sources[other]!r} there, {images.sources[other]!r} here; give the images it was "
+                         "captured on")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise FdsubError(f"batch_size must be a positive integer, got {batch_size!r}")
     if client is not None:

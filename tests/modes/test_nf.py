@@ -6,6 +6,7 @@ import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import fdsub_onnx as fd
@@ -99,7 +100,7 @@ def _hand_case(load):
 
 def _top(values, image_index, positions, layer):
     return TopN(np.array([values], np.float32), np.array([image_index], np.int64), np.array([positions], np.int64),
-                np.array([0]), layer, ["a", "b"])
+                np.array([0]), layer, ["array[0]", "array[1]"])  # ArrayImages names its images so
 
 
 def test_nf_weights_are_the_positive_activations(load):
@@ -171,3 +172,25 @@ def test_nf_of_another_image_set_is_refused(padded):
     top = fd.capture_top(model, layer, ArrayImages(images), top=2)
     with pytest.raises(fd.FdsubError, match="captured on 9 images but the image set has 4"):
         fd.neuron_feature(model, top, ArrayImages(images[:4]))
+
+
+def test_nf_of_other_images_of_the_same_count_is_refused(padded, tmp_path):
+    """Images named otherwise than the top-N's (another folder, another built-in set) are refused, not averaged;
+    the same files reached by another path are the same images."""
+    _, model, layer, _ = padded
+    shape = tuple(model.input_shape[1:])
+    glyphs = fd.open_images("builtin:glyphs:6", shape)
+    top = fd.capture_top(model, layer, glyphs, top=2)
+    with pytest.raises(fd.FdsubError, match=r"captured on other images: image 0 is 'builtin:glyphs\[0\]' there, "
+                                            r"'builtin:gratings\[0\]' here"):
+        fd.neuron_feature(model, top, fd.open_images("builtin:gratings:6", shape))
+    pictures = np.random.default_rng(5).integers(0, 256, (6, 12, 12, 3), dtype=np.uint8)
+    for name, prefix in (("a", ""), ("b", "b")):
+        (tmp_path / name).mkdir()
+        for i, picture in enumerate(pictures):
+            Image.fromarray(picture).save(tmp_path / name / f"{prefix}{i}.png")
+    folder_top = fd.capture_top(model, layer, fd.open_images(str(tmp_path / "a"), shape), top=2)
+    same = fd.open_images(str(tmp_path / "b" / ".." / "a"), shape)
+    assert fd.neuron_feature(model, folder_top, same).filters.shape[0] == len(folder_top.neurons)
+    with pytest.raises(fd.FdsubError, match=r"captured on other images: image 0 is '.*/0.png' there, '.*/b0.png'"):
+        fd.neuron_feature(model, folder_top, fd.open_images(str(tmp_path / "b"), shape))
