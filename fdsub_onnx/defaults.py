@@ -39,14 +39,24 @@ _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("memory_bud
 
 def available_memory() -> int:
     """Bytes that can still be allocated (MemAvailable on Linux; 8 GiB where it cannot be read)."""
+    return _meminfo("MemAvailable:")
+
+
+def total_memory() -> int | None:
+    """The machine's memory (MemTotal on Linux; None where it cannot be read)."""
+    total = _meminfo("MemTotal:", None)
+    return None if total is None else int(total)
+
+
+def _meminfo(field: str, fallback=FALLBACK_MEMORY):
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return FALLBACK_MEMORY
+    return fallback
 
 
 def memory_budget() -> int:
@@ -65,7 +75,12 @@ def budget(nbytes: int | str | None):
     >>> with budget("2G"):                                 # doctest: +SKIP
     ...     fd.decode(model, "conv4", mode="fds", images=photos)
     """
-    token = _BUDGET.set(None if nbytes is None else parse_bytes(nbytes))
+    nbytes = None if nbytes is None else parse_bytes(nbytes)
+    total = total_memory()
+    if nbytes is not None and total is not None and nbytes > total:  # the system would kill it, not refuse it
+        raise FdsubError(f"--memory-budget {_gib(nbytes)} is more than this machine's {_gib(total)} of memory; give "
+                         f"at most {total >> 30}G")
+    token = _BUDGET.set(nbytes)
     try:
         yield
     finally:
@@ -84,7 +99,7 @@ def parse_bytes(text: int | str) -> int:
         raise FdsubError(f"--memory-budget must be a size such as 4G, 512M or 2.5GiB; got {str(text)!r}")
     nbytes = float(match.group(1)) * _UNITS[unit]
     if not 1 << 20 <= nbytes < 1 << 60:
-        raise FdsubError(f"--memory-budget must be at least 1M; got {str(text)!r}")
+        raise FdsubError(f"--memory-budget must be at least 1M and less than 1 EiB; got {str(text)!r}")
     return int(nbytes)
 
 

@@ -48,10 +48,22 @@ def test_sizes_read_as_powers_of_1024(text, nbytes):
     assert fd.parse_bytes(text) == nbytes
 
 
-@pytest.mark.parametrize("text", ["", "4x", "-1G", "G", "nan", "1e9", "0.5M", "4 G B", "inf"])
+@pytest.mark.parametrize("text", ["", "4x", "-1G", "G", "nan", "1e9", "0.5M", "4 G B", "inf",
+                                  "999999999999999999999999G"])
 def test_sizes_that_are_not_sizes_are_refused(text):
     with pytest.raises(fd.FdsubError, match="--memory-budget must be"):
         fd.parse_bytes(text)
+
+
+def test_a_budget_over_the_machines_memory_is_refused(monkeypatch):
+    """A budget the machine cannot hold would let a command be killed by the system instead of refused."""
+    monkeypatch.setattr(defaults, "_meminfo", lambda field, fallback=None: 16 * GiB)
+    with pytest.raises(fd.FdsubError, match=r"^--memory-budget 10,240.0 GiB is more than this machine's 16.0 GiB of "
+                                            r"memory; give at most 16G$"):
+        with fd.budget("10T"):
+            pass
+    with fd.budget("16G"):
+        assert fd.memory_budget() == 16 * GiB
 
 
 def test_a_pass_takes_the_largest_batch_its_budget_holds():
