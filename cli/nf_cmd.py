@@ -45,7 +45,8 @@ def nf(
     folder = common.output_folder(out, f"{common.sanitize(target)}-nf", "nf")
     top = fdsub_onnx.load_top(from_top) if from_top is not None else None
     if top is not None and top.layer != target:
-        raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}")
+        raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}; give --layer "
+                         f"{top.layer!r} or a `fdsub top` result of {target!r}")
     cost = (fdsub_onnx.estimate_nf(loaded, target, neurons, len(image_set), DEFAULT_TOP if count is None else count,
                                    batch_size) if top is None else
             fdsub_onnx.estimate_nf(loaded, target, top.neurons, 0, top.top, batch_size))

@@ -64,7 +64,7 @@ def _parse_spec(spec: str, channels: int, layer: str) -> list[int]:
                 cut = part.index("-", 1)
                 lo, hi = int(part[:cut]), int(part[cut + 1 :])
                 if hi < lo:
-                    raise ValueError
+                    raise FdsubError(f"neuron range {part!r} runs backwards; write it low to high: {hi}-{lo}")
                 if lo < 0 or hi >= channels:
                     bad = lo if lo < 0 else max(lo, channels)  # the first index of the range past the layer
                     raise FdsubError(f"neuron {bad} is out of range (in {part}): {_where(layer)} has {channels} "

@@ -194,11 +194,12 @@ def _check_options(sample, neurons, max_rf, min_coverage, max_dead, max_degenera
 
 def _check_sizes(sample, neurons, max_rf, identity_images, dtype):
     """The options that size the work (``estimate_check`` reads them too)."""
-    for name, value in (("sample", sample), ("neurons per layer", neurons), ("identity images", identity_images)):
+    for name, value in (("sample (--sample)", sample), ("neurons per layer (-k)", neurons),
+                        ("identity images", identity_images)):  # the CLI's option named beside the argument
         if int(value) != value or value < 1:
             raise FdsubError(f"{name} must be a positive integer, got {value!r}")
     if max_rf is not None and (int(max_rf) != max_rf or max_rf < 1):
-        raise FdsubError(f"max receptive field must be a positive number of pixels, got {max_rf!r}")
+        raise FdsubError(f"max receptive field (--max-rf) must be a positive number of pixels, got {max_rf!r}")
     if str(dtype) not in ("float32", "float64"):
         raise FdsubError(f"dtype must be float32 or float64, got {dtype!r}")
 

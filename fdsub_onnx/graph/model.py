@@ -182,8 +182,9 @@ def _read(path: str) -> onnx.ModelProto:
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage
-        raise FdsubError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
-                         "export it with torch.onnx.export, tf2onnx or paddle2onnx") from None
+        raise FdsubError(f"{path} is not a readable ONNX model ({type(exc).__name__}: a file cut short by a copy or "
+                         "download, or not ONNX); copy it again or export it with torch.onnx.export, tf2onnx or "
+                         "paddle2onnx") from None
     if not proto.graph.node:
         raise FdsubError(f"{path} holds no ONNX graph (empty or not a model); export the network to ONNX first")
     try:

@@ -52,12 +52,17 @@ def test_parse_neurons_out_of_range(selector, bad):
 
 
 @pytest.mark.parametrize(
-    "selector, part", [("a", "a"), ("1,x", "x"), ("5-2", "5-2"), ("1-2-3", "1-2-3"), ("3-", "3-"), ("0.5", "0.5")]
+    "selector, part", [("a", "a"), ("1,x", "x"), ("1-2-3", "1-2-3"), ("3-", "3-"), ("0.5", "0.5")]
 )
 def test_parse_neurons_bad_text(selector, part):
     with pytest.raises(fd.FdsubError) as info:
         fd.parse_neurons(selector, 24, "conv3")
     assert repr(part) in str(info.value) and "0,5,10-20" in str(info.value)
+
+
+def test_a_backwards_range_is_said_to_run_backwards():
+    with pytest.raises(fd.FdsubError, match=r"^neuron range '5-2' runs backwards; write it low to high: 2-5$"):
+        fd.parse_neurons("1,5-2", 24, "conv3")
 
 
 @pytest.mark.parametrize("selector", [[1.7], [0, 2.0], [True], ["3"]])
