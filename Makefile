@@ -50,7 +50,8 @@ demo: install
 	$(BIN)/fdsub inspect $(DEMO_MODEL)
 	$(BIN)/fdsub report $(DEMO_MODEL) --images $(DEMO_IMAGES) --out $(DEMO_OUT)/
 
-# Thousands of hostile command lines through every command, with a summary by input class (README: Reliability).
+# Thousands of hostile command lines through every command but diff and fingerprint, with a summary by input class
+# (docs/reliability.md).
 fuzz: install
 	$(BIN)/python tools/fuzz.py --cases $(or $(CASES),3000)
 

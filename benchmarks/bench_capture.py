@@ -4,11 +4,12 @@ inference of the same graph on the same images, in the same process. Target (iss
     PYTHONPATH=. python benchmarks/bench_capture.py [--images 256] [--batch 32] [--repeat 3]
 
 Models: the bundled demo model (layer conv4) and the onnx package's light ResNet50 topology with weights
-re-randomized (fdsub_onnx/_zoo.py), captured at res3 (r68) and at its last conv (r168); with ``--model PATH
---layers A,B --photos DIR`` (``--preset``) a real network over real photographs instead (bench_scale.py's
-EfficientNet-Lite and crops). The baseline runs a plain onnxruntime session, with onnxruntime's default options,
-whose only output is the layer (the graph pruned the same way), batched the same way, and does nothing with the
-result; the images are already in memory for both. Best of --repeat runs each; wall-clock times.
+re-randomized (fdsub_onnx/evaluate/zoo.py, graph/randomize.py), captured at res3 (r68) and at its last conv
+(r168); with ``--model PATH --layers A,B --photos DIR`` (``--preset``) a real network over real photographs
+instead (bench_scale.py's EfficientNet-Lite and crops). The baseline runs a plain onnxruntime session, with
+onnxruntime's default options, whose only output is the layer (the graph pruned the same way), batched the same
+way, and does nothing with the result; the images are already in memory for both. Best of --repeat runs
+each; wall-clock times.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The `fdsub` app: sub-commands registered here, one per module, behind one error handler.
+"""The `fdsub` app: sub-commands registered here (``COMMANDS``), behind one error handler.
 
 Every failure the user can fix ends as one line ``error: <problem>; <fix>`` and exit 2: a command's
 FdsubError, and click's own parse errors (unknown option or command, a value of the wrong type, a missing
-option), which typer would otherwise draw as a box. The help is click's plain text: flags without types,
-defaults shown, and fast, because nothing here imports onnx (``fdsub_onnx`` loads its parts on first use).
+option), which typer would otherwise draw as a box. The help is click's plain text: flags with their types
+(``--sample <int>``), defaults shown, and fast, because nothing here imports onnx (``fdsub_onnx`` loads its parts
+on first use).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def report(
     images: str = common.IMAGES,
     layers: Optional[str] = typer.Option(
         None, "--layers", "-l", metavar="A,B",
-        help=f"Layers to report (output tensor, node or module names), or all: every decodable Conv layer.  "
+        help=f"Layers to report (output tensor, node or module names), or all: every decodable Conv layer and "
+             f"token layer with a patch grid.  "
              f"[default: {REPORT_LAYERS} Conv layers from the first to the deepest]",
     ),
     neurons: Optional[str] = typer.Option(

@@ -1,4 +1,4 @@
-"""The one error class of the library: every user-facing failure is a FdsubError."""
+"""The error classes: a user-facing failure is a FdsubError; op rules raise NotDecodable, never seen by users."""
 
 
 class FdsubError(Exception):

@@ -239,7 +239,7 @@ def test_squeeze_excitation_gate_is_held_at_its_mean(tmp_path):
     np.testing.assert_allclose(doubled.filters, 2 * held.filters, rtol=1e-10, atol=1e-14)
 
 
-# ---- METHOD.md revision 2: gates, no substitution of pixels (properties 5 and 6) -------------------------------
+# ---- docs/method.md §4.2: gates, no substitution of pixels (properties 5 and 6) --------------------------------
 @pytest.mark.parametrize("select", ["all", "positive", "max", "topk:2"])
 @pytest.mark.parametrize("weighting", ["gate", "activation"])
 def test_first_layer_fds_is_its_weights(net, select, weighting):
