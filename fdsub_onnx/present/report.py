@@ -342,7 +342,8 @@ def _layer_section(model, index: int, compared: LayerComparison, pixels: _Pixels
                          " ".join(["m", *(f"m-{mode}" for mode in modes)]))
                     for modes in same.values())
     tabbed = "".join(f'<span class="m m-{m}">{m}</span>' for m in TABS)
-    head = ["neuron", f"filter {tabbed}", "deconvnet", "NF", f"top {found.top} patches", "mean<br>act.",
+    filled = int((found.image_index >= 0).sum(axis=1).max(initial=0))  # fewer images than the top asked: as many
+    head = ["neuron", f"filter {tabbed}", "deconvnet", "NF", f"top {min(found.top, filled)} patches", "mean<br>act.",
             *(f"r<br>{LABELS[m]}" for m in FIDELITY_MODES)]
     sortable = {0, 5, 6, 7, 8, 9, 10}
     header = "".join(f'<th data-sort="1" title="click to sort">{h}</th>' if c in sortable else f"<th>{h}</th>"

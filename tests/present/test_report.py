@@ -247,6 +247,7 @@ def test_report_layers_and_neurons_options(models, tmp_path):
     assert re.findall(r'<section class="layer" id="(L\d+)"', page) == ["L0"]
     assert f"<h2>{html.escape(second)} " in page and page.count('<div class="detail"') == 1 and 'id="L0-n3"' in page
     assert page.count('<figure class="instance">') == 3  # fewer images than --top: the slots left are not shown
+    assert ">top 3 patches</th>" in page  # and the column says how many it shows (it said "top 5")
 
 
 # ---- what a report shows by default ---------------------------------------------------------------
