@@ -86,7 +86,7 @@ def decode(
     prep = common.preprocessing(preset, mean, std, scale, bgr)
     if mode in common.DATA_MODES:
         loaded, target, image_set = common.load_with_images(model, layer, images, prep, shape)
-        folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
+        folder = common.output_folder(out, f"{sanitize(layer)}-{mode}", fdsub_onnx.result_kind(mode))
         too_few = common.top_warning(top, image_set)
         cost = fdsub_onnx.estimate_decode(loaded, target, neurons, mode, len(image_set), top=top, batch_size=batch_size,
                                           dtype=dtype)
@@ -99,7 +99,7 @@ def decode(
         with common.spinner(f"loading {model}"):
             loaded = fdsub_onnx.load_model(model, shape)
             target = fdsub_onnx.find_layer(loaded, layer).output[0]
-            folder = common.output_folder(out, f"{sanitize(target)}-{mode}", fdsub_onnx.result_kind(mode))
+            folder = common.output_folder(out, f"{sanitize(layer)}-{mode}", fdsub_onnx.result_kind(mode))
             too_few = None
             reference = None if gate_reference is None else fdsub_onnx.open_images(
                 gate_reference, loaded.input_shape[1:], **prep)

@@ -52,7 +52,7 @@ def fidelity(
     if len(held) <= top:
         raise FdsubError(f"--holdout has {len(held)} images, not more than --top {top}: every top-{top} share would "
                          f"be 1.00; give more held-out images or --top {max(1, len(held) // 2)} or lower")
-    folder = common.output_folder(out, f"{common.sanitize(target)}-fidelity", "fidelity")
+    folder = common.output_folder(out, f"{common.sanitize(layer)}-fidelity", "fidelity")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     cost = fdsub_onnx.estimate_compare(loaded, [target], neurons, len(image_set), top=top, holdout=len(held),
                                        modes=chosen, batch_size=batch_size, command="fidelity")

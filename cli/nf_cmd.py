@@ -42,7 +42,7 @@ def nf(
     device = common.device_for(device)
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-    folder = common.output_folder(out, f"{common.sanitize(target)}-nf", "nf")
+    folder = common.output_folder(out, f"{common.sanitize(layer)}-nf", "nf")
     top = fdsub_onnx.load_top(from_top) if from_top is not None else None
     if top is not None and top.layer != target:
         raise FdsubError(f"--from-top {from_top} holds layer {top.layer!r}, not {target!r}; give --layer "

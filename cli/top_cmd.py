@@ -46,7 +46,7 @@ def top(
     device = common.device_for(device)
     loaded, target, image_set = common.load_with_images(
         model, layer, images, common.preprocessing(preset, mean, std, scale, bgr), shape)
-    default = f"{common.sanitize(target)}-top" + (f"-shard{part[0]}of{part[1]}" if part else "")
+    default = f"{common.sanitize(layer)}-top" + (f"-shard{part[0]}of{part[1]}" if part else "")
     out = common.output_folder(out, default, "top")
     cost = fdsub_onnx.estimate_top(loaded, target, neurons, len(image_set), top=count, batch_size=batch_size)
     if common.planned(plan, cost, "ask for fewer --neurons, a lower --top or --batch-size, or use --shard"):

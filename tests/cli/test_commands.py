@@ -10,6 +10,7 @@ import warnings
 
 import netgen  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
+import onnx
 import pytest
 from checks import save_proto, softmax_between_convs
 from clirun import assert_one_error_line, invoke
@@ -259,6 +260,12 @@ def test_decode_default_out_dir(nets, tmp_path, monkeypatch):
     folder = tmp_path / "fdsub-out" / f"{decode_cmd.sanitize(nets.linear_layers[0])}-weights"
     assert (folder / "decoded.npz").is_file() and (folder / "filters.png").is_file()
     assert os.path.join("fdsub-out", folder.name, "filters.png") in result.output
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(nets.linear_proto)
+    next(n for n in renamed.graph.node if n.output[0] == nets.last).name = "/head/conv"
+    by_node = invoke("decode", save_proto(tmp_path, "renamed.onnx", renamed), "--layer", "/head/conv", "--neurons", "0")
+    assert by_node.exit_code == 0, by_node.output
+    assert (tmp_path / "fdsub-out" / "head_conv-weights" / "decoded.npz").is_file()  # the name the user gave
 
 
 def test_decode_dynamic_model_with_input_shape(nets, tmp_path):
