@@ -86,9 +86,9 @@ def adjoint_problem(linear: Model, target: str) -> str | None:
     without an ``adjoint`` reading (``OpRule.implements``), or a target whose batch axis holds windows in a layout
     not addressed (``graph.model.grid``)."""
     shape = linear.shapes.get(target)
-    if shape is not None and shape[0] != linear.input_shape[0] and len(shape) not in (3, 4):
+    if shape is not None and shape[0] != linear.input_shape[0] and len(shape) not in (2, 3, 4):
         return (f"its batch axis holds {shape[0]} windows, patches or heads of a rank-{len(shape)} tensor; only "
-                "[windows, T, C] and [windows, C, Y, X] are addressed there")
+                "[T, C], [windows, T, C] and [windows, C, Y, X] are addressed there")
     for node in ancestors(linear, [target]):
         op = RULES.get(node.op_type)
         if op is None:

@@ -282,7 +282,7 @@ def windows_per_image(model, name: str) -> int:
 def grid(model, name: str) -> tuple[int, int]:
     """The positions of tensor ``name`` a neuron is addressed at, as (rows, columns): a map's (H, W), tokens' (1, T)
     (position (0, t) is token t), (1, 1) for a vector; windows or patches on the batch axis add their rows one after
-    the other (tokens: (window, token))."""
+    the other (tokens: (window, token); rows of tokens [T, C], torchvision's attention projection: (token, 0))."""
     shape = model.shapes.get(name)
     if shape is None:
         return (1, 1)
@@ -292,7 +292,7 @@ def grid(model, name: str) -> tuple[int, int]:
         return (int(rows) * windows, int(columns))
     if len(shape) == 3 and axis == 2:
         return (windows, int(shape[1]))
-    return (1, 1)
+    return (windows, 1) if len(shape) == 2 else (1, 1)
 
 
 def to_maps(values, axis: int = 1, windows: int = 1):
@@ -300,8 +300,8 @@ def to_maps(values, axis: int = 1, windows: int = 1):
     first; ``windows`` windows or patches per image on the batch axis as rows one after the other. Tokens
     [N, T, C] become [N, C, 1, T], a vector [N, C, 1, 1]; a map [N, C, H, W] stays as it is."""
     values = np.asarray(values)
-    if values.ndim == 2:
-        return values[:, :, None, None]
+    if values.ndim == 2:  # vectors; rows of tokens [N * T, C] as [N, C, T, 1]
+        return np.moveaxis(values.reshape(-1, windows, values.shape[1]), 2, 1)[..., None]
     if values.ndim == 4 and axis == 1 and windows == 1:
         return values
     moved = np.moveaxis(values.reshape(-1, windows, *values.shape[1:]), axis + 1, 1)  # [N, C, W, ...]

@@ -101,10 +101,12 @@ def one_hot(backend, shape, neurons, positions, dtype, axis: int = 1):
 def seed_at(backend, model, target: str, shape, neuron: int, position, dtype):
     """One seed in the target's own shape, whose batch axis holds windows or patches (``graph.model.grid``: their
     rows one after the other): tokens [W, T, C] at (window, token); channels-last windows [W, y, x, C] and maps
-    [W, C, y, x] at (window-major row, column)."""
+    [W, C, y, x] at (window-major row, column); rows of tokens [T, C] at (token, 0)."""
     seed = backend.zeros(tuple(shape), dtype)
     (row, column), neuron = (int(v) for v in position), int(neuron)
-    if len(shape) == 3:
+    if len(shape) == 2:  # rows of tokens [T, C] at (token, 0)
+        seed[row, neuron] = 1.0
+    elif len(shape) == 3:
         seed[row, column, neuron] = 1.0
     elif channel_axis(model, target) == 3:
         seed[row // shape[1], row % shape[1], column, neuron] = 1.0

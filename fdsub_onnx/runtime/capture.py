@@ -47,10 +47,10 @@ def capture_top(model: Model, layer: str, images, top: int = 100, neurons=None, 
     target = find_layer(model, layer).output[0]
     shape = model.shapes.get(target)
     axis = channel_axis(model, target)
-    tokens = shape is not None and len(shape) == 3 and axis == 2
-    if shape is None or (len(shape) not in (2, 4) and not tokens) or (len(shape) == 2 and shape[0] != 1):
+    tokens = shape is not None and len(shape) == 3 and axis == 2  # ([W, T, C] too; rows of tokens [T, C] below)
+    if shape is None or (len(shape) not in (2, 4) and not tokens):
         raise FdsubError(f"layer {target!r} has output shape {shape}; top-N capture needs [N, C, H, W], [N, C] or "
-                         "tokens [N, T, C]")
+                         "tokens [N, T, C] or [T, C]")
     channels = int(shape[axis])
     rows, width = grid(model, target)
     picked = parse_neurons(neurons, channels, target)

@@ -10,6 +10,7 @@ from netgen import NetBuilder, run_ort
 from onnx import TensorProto, helper
 
 import fdsub_onnx as fd
+from fdsub_onnx.modes import plan as plan_module
 
 
 # ---- parse_neurons ---------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_silu_with_gate_first(load):
 
 
 # ---- unsupported op --------------------------------------------------------------------------
-def test_unsupported_op_blocks_only_later_layers(load):
+def test_unsupported_op_blocks_only_later_layers(load, monkeypatch):
     b = NetBuilder(height=10, width=10)
     first = b.conv("input", 4, 3, 1, (1, 1, 1, 1))
     second = b.avgpool(first, 2, 2)
@@ -165,6 +166,12 @@ def test_unsupported_op_blocks_only_later_layers(load):
         fd.decode(model, fourth, route="bottom-up")
     decoded = fd.decode(model, fourth)
     assert decoded.plan.route == "adjoint" and decoded.exact_at == "position" and tuple(decoded.stride) == (0, 0)
+    with monkeypatch.context() as patched:  # no route at all is not a matter of memory (it said it did not fit)
+        patched.setattr(plan_module, "adjoint_problem", lambda linear, target: "no rule for X")
+        with pytest.raises(fd.FdsubError, match=r"is not decodable at \(\d+, \d+\) \(bottom-up: .*Resize.*; "
+                                                r"adjoint: no rule for X\); `fdsub inspect` lists") as refused:
+            fd.decode(model, fourth)
+        assert "memory" not in str(refused.value)
     assert fd.decode(model, second).filters.shape[0] == 4
     blocked = NetBuilder(height=10, width=10)
     soft = blocked._node("Softmax", [blocked.conv("input", 4, 3)], (4, 8, 8), axis=1)

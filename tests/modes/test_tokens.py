@@ -143,17 +143,23 @@ def test_weights_identity_through_a_token_major_projection(tmp_path_factory):
     """The same identity through attention as torchvision's ViT exports it: q, k and v gathered off axis 0 of a
     [3, T, 1, C] stack (a Gather over a tensor whose batch axis is elsewhere: refused before), and the output
     projection a 2-D Gemm with a bias over rows that are the tokens (its bias added once per instance, not once
-    per token row: every layer after it was an internal error)."""
+    per token row: every layer after it was an internal error); the projection itself is addressed at (token, 0)
+    (refused before: a rank-2 tensor's batch axis held no position) and its top-N and local decode run."""
     model, proto, _ = _saved(tmp_path_factory, token_major=True)
     layers = fd.inspect_model(model).layers
-    projection = next(layer for layer in layers if layer.op == "Gemm")  # its rows [T, C]: no position addressed
-    assert not projection.decodable and "rank-2" in projection.reason
-    refusal = r"is not decodable at \(0, 0\) \(bottom-up: .*; adjoint: .*rank-2"
-    with pytest.raises(fd.FdsubError, match=refusal) as refused:
-        fd.decode(model, projection.name, neurons="0-1", position=(0, 0))
-    assert "memory" not in str(refused.value)  # it said the decode did not fit the memory budget
-    assert sum(layer.decodable for layer in layers) == len(layers) - 1
+    projection = next(layer for layer in layers if layer.op == "Gemm")  # its rows [T, C]: token t at (t, 0)
+    assert projection.decodable and projection.per_position and grid(model, projection.name) == (TOKENS, 1)
+    assert all(layer.decodable for layer in layers)
     _assert_weights_identity(model, proto, None)
+    images = _images(3, seed=5)  # top-N of the projection's rows: (token, 0) of the image that holds its best value
+    top = fd.capture_top(model, projection.name, fd.ArrayImages(images), top=1)
+    acts = run_ort(proto, images, [projection.name])[projection.name].reshape(3, TOKENS, C)
+    best = acts.reshape(-1, C).argmax(axis=0)
+    np.testing.assert_array_equal(top.image_index[:, 0], best // TOKENS)
+    np.testing.assert_array_equal(top.position[:, 0], np.stack([best % TOKENS, 0 * best], axis=1))
+    np.testing.assert_allclose(top.values[:, 0], acts.reshape(-1, C).max(axis=0), rtol=1e-5)
+    local = fd.decode(model, projection.name, mode="local", images=fd.ArrayImages(images), top=1, neurons="0-1")
+    assert local.filters.shape == (2, 3, SIZE, SIZE) and np.isfinite(local.filters).all()
 
 
 def _assert_weights_identity(model, proto, reference):
