@@ -359,18 +359,28 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+#: Pillow's modes of 16-bit gray images (a 16-bit PNG opens as I;16, some readers give I)
+WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Decode one file to float32 [C, H, W] in 0..1, upright, covering H x W and centre-cropped."""
     channels, height, width = shape
     try:
         with _opened(path) as image:
-            image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+            image = ImageOps.exif_transpose(image)
+            if image.mode in WIDE_GRAY:  # 16-bit gray: Pillow's convert to 8 bits clips it at 255, not scales it
+                image, full = Image.fromarray(np.asarray(image, np.float32)), 65535.0
+            else:
+                image, full = image.convert("L" if channels == 1 else "RGB"), 255.0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise FdsubError(f"cannot read image {path}: {exc}") from None
-    pixels = np.asarray(_cover_crop(image, height, width), dtype=np.float32) / 255.0
+    pixels = np.clip(np.asarray(_cover_crop(image, height, width), dtype=np.float32) / full, 0.0, 1.0)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None].repeat(1 if channels == 1 else 3, axis=2)
     # C-contiguous: a transposed view stacked into a batch stays transposed, and onnxruntime (and every window
     # cut) would copy each batch again (8 ms of a 32-image batch at 260 px, a quarter of a stem capture's time)
-    return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _cover_crop(image: Image.Image, height: int, width: int) -> Image.Image:

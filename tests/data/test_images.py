@@ -70,6 +70,19 @@ def test_gray_model_gets_one_channel_and_averaged_preset(tmp_path):
     assert blobs.shape == (4, 1, 9, 7)
 
 
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 8, 8)])
+def test_a_16_bit_gray_png_keeps_its_values(tmp_path, shape):
+    """A 16-bit gray PNG (Pillow's I;16) is read as value / 65535, in every channel (it was clipped at 255 by the
+    conversion to 8 bits: a mid-gray image came back almost white)."""
+    values = np.array([[0, 16384], [32768, 65535]], np.uint16).repeat(4, axis=0).repeat(4, axis=1)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    got = everything(fd.open_images(str(tmp_path), shape))[0]
+    assert got.shape == shape
+    np.testing.assert_allclose(got[:, :4, :4], 0.0, atol=1e-6)
+    np.testing.assert_allclose(got[:, 4:, 4:], 1.0, atol=1e-6)
+    np.testing.assert_allclose(got.mean(), (0 + 16384 + 32768 + 65535) / 4 / 65535, atol=1e-3)
+
+
 def test_unknown_preset_lists_the_choices(tmp_path):
     with pytest.raises(fd.FdsubError, match="raw, torchvision, caffe, tf"):
         fd.open_images("builtin:glyphs:2", (3, 8, 8), preset="imagenet")
