@@ -147,4 +147,5 @@ ACCEPTED = {
     "markup_layer": _mutant(lambda p: renamed(p, "feat_one", "[bold]x[/] [/]")),
     "non_utf8_name": _mutant(_bytes(b"feat_one", b"feat\xffone")),
     "nan_weight": _mutant(_nan),
+    "nodes_out_of_order": _mutant(lambda p: p.graph.node.extend([p.graph.node.pop(0)])),  # float16 converters' Casts
 }
