@@ -160,7 +160,7 @@ def check_model(
     blocked = [{"layer": lay.name, "op": lay.op, "reason": lay.reason} for lay in summary.layers if not lay.decodable]
     checks = [_timed(_coverage, summary, min_coverage)]
     if expect_decodable is not None:
-        checks.append(_timed(_expected, summary, expect_decodable))
+        checks.append(_timed(_expected, summary, expect_decodable, model))
     checks.append(_timed(_finite_weights, model))
     picked, notes = _sample(model, summary, layers, sample, max_rf)
     with np.errstate(all="ignore"):  # NaN weights are reported by the checks, not as warnings
@@ -233,15 +233,23 @@ def _coverage(summary: Summary, min_coverage: float) -> Check:
     return Check("coverage", status, summary, share, min_coverage, details)
 
 
-def _expected(summary: Summary, expected) -> Check:
+def _expected(summary: Summary, expected, model: Model) -> Check:
     decodable = [lay.name for lay in summary.layers if lay.decodable]
     if isinstance(expected, (int, np.integer)):
         status = PASS if len(decodable) == expected else FAIL
         return Check("expected-layers", status, f"{len(decodable)} decodable layers, expected {expected}",
                      float(len(decodable)), float(expected))
-    missing = [name for name in expected if name not in decodable]
-    details = [f"{name}: {'not decodable' if any(lay.name == name for lay in summary.layers) else 'no such layer'}"
-               for name in missing]
+
+    def tensor(name: str) -> str | None:  # tensor, node or module names, as --layers takes them
+        try:
+            return find_layer(model, name).output[0]
+        except FdsubError:
+            return None
+
+    found = {name: tensor(name) for name in expected}
+    missing = [name for name in expected if found[name] not in decodable]
+    listed = {lay.name for lay in summary.layers}
+    details = [f"{name}: {'not decodable' if found[name] in listed else 'no such layer'}" for name in missing]
     return Check("expected-layers", FAIL if missing else PASS,
                  f"{len(expected) - len(missing)} of {len(expected)} expected layers decodable", details=details)
 

@@ -238,6 +238,18 @@ def test_expected_decodable(nets):
     assert check["status"] == "fail" and check["details"] == ["nosuch: no such layer"]
 
 
+def test_expected_decodable_takes_node_names_as_layers_does(nets, tmp_path):
+    """``--expect-decodable`` reads names as ``--layers`` does (tensor, node or module); a node name was 'no such
+    layer'."""
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(nets.good_proto)
+    next(n for n in renamed.graph.node if n.output[0] == nets.good_layers[0]).name = "/block/conv"
+    path = save_proto(tmp_path, "renamed.onnx", renamed)
+    data = json.loads(invoke(path, *FAST, "--expect-decodable", f"/block/conv,{nets.good_layers[1]}", "--json").stdout)
+    check = next(c for c in data["checks"] if c["name"] == "expected-layers")
+    assert check["status"] == "pass", check
+
+
 def assert_one_error_line(result, fragment: str):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2, result.output
