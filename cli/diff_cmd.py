@@ -84,7 +84,8 @@ def diff(
         cost = fdsub_onnx.estimate_diff(first, second, layers=None if layers is None else layers.split(","),
                                         neurons=neurons, images=0 if image_set is None else len(image_set), top=top,
                                         instances=instances, batch_size=batch_size)
-    if common.planned(plan, cost, "compare fewer --layers or --neurons, or leave --instances out"):
+    fix = "compare fewer --layers or --neurons (e.g. --neurons 0-15: every layer's first 16)"
+    if common.planned(plan, cost, fix + (", or leave --instances out" if instances else "")):
         return
     with common.spinner(f"comparing {b} with {a}"):
         report = fdsub_onnx.diff(first, second, layers=None if layers is None else layers.split(","),

@@ -5,6 +5,7 @@ old model, and the gate's exit codes."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,8 @@ def test_a_fingerprint_stands_in_for_the_old_model(tmp_path):
         assert y.top_overlap == x.top_overlap
     with pytest.raises(fd.FdsubError, match="not the images"):
         fd.diff(str(tmp_path / "fp"), b, images=_images(seed=9))
+    with zipfile.ZipFile(tmp_path / "fp" / "fingerprint.npz") as archive:  # compressed: filters are mostly zeros
+        assert {member.compress_type for member in archive.infolist()} == {zipfile.ZIP_DEFLATED}
     (tmp_path / "fp" / "fingerprint.json").write_text("{not json")
     with pytest.raises(fd.FdsubError, match="damaged fingerprint"):
         fd.diff(str(tmp_path / "fp"), b)
@@ -250,6 +253,17 @@ def test_different_networks_cannot_be_compared(tmp_path):
     b = load_proto(other.build([last]), _folder(tmp_path / "b"))
     with pytest.raises(fd.FdsubError, match="no layer of A matches one of B"):
         fd.diff(a, b)
+
+
+def test_a_diff_over_the_budget_names_the_fix_that_applies(tmp_path):
+    """The refusal suggests fewer neurons with an example, and --instances only where it was given."""
+    a, b, _ = _models(tmp_path, _scaled(0, 0, 2.0, bias=False))
+    runner = CliRunner()
+    for extra in ([], ["--instances", "--images", "builtin:blobs:4"]):
+        result = runner.invoke(app, ["diff", a.path, b.path, "--memory-budget", "1M", *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and "--neurons 0-15" in lines[0], result.output
+        assert ("--instances" in lines[0]) == bool(extra), result.output
 
 
 def test_the_cli_gate_exit_codes_json_and_junit(tmp_path):
