@@ -28,12 +28,15 @@ import json
 import os
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..compose.inspect import Layer, channels_of, inspect_model
+from ..compose.backend import get_backend
+from ..compose.engine import Engine
+from ..compose.inspect import Layer, channels_of, inspect_model, memory_problem
 from ..compose.ops import RULES
 from ..data.files import check_result_folder, write_atomically
 from ..defaults import DEFAULT_DIFF_TOP, html_view
@@ -49,8 +52,9 @@ from ..modes.cost import (
     forward_seconds,
     instance_stage,
     nf_stage,
+    weights_stage,
 )
-from ..modes.decode import iter_decode
+from ..modes.decode import iter_decode, plan_decode
 from ..modes.local import decode_instances
 from ..modes.nf import neuron_feature
 from ..neurons import means_all, parse_neurons
@@ -275,7 +279,7 @@ def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = D
         models.append(model)
         rows = {side.tensor(name): parse_neurons(selector, channels_of(model, side.tensor(name)))
                 for name, (selector, _) in wanted.items()}
-        decode = compose_stage(model, list(rows), rows, "float32", "weights")
+        decode = _decode_stages(model, rows)
         for stage in decode:
             stage.what = f"{key}: {stage.what}"
             stage.peak_bytes += held
@@ -296,6 +300,23 @@ def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = D
                                instance_stage(model, tensor, len(picked) * min(top, images), neurons=len(picked))]
     stages.append(Stage("the filters of both models, compared", held, 0.0))
     return CostPlan("diff", stages, sum(base_bytes(m) for m in models))
+
+
+def _decode_stages(model: Model, rows: dict) -> list[Stage]:
+    """The weights decode of ``rows`` (layer -> neurons) as ``iter_decode`` runs it: every neuron of every layer in
+    one bottom-up walk (``compose_stage``), but some neurons of several layers each by the route its plan picks (one
+    stage). A walk counted with every layer's rows blocked the layers after each (a target's bank is not composed
+    further): ShuffleNetV2's 58 layers were planned at 0 s for 2.9 s (4 neurons each) and for ~25 s (all)."""
+    targets = list(rows)
+    partial = any(len(picked) < channels_of(model, t) for t, picked in rows.items())
+    if (len(targets) == 1 and partial) or not (partial or memory_problem(model, Engine(get_backend("numpy")),
+                                                                         targets, None)):
+        return compose_stage(model, targets, rows if partial else None, "float32", "weights")
+    plans = list(plan_decode(model, targets, neurons={t: r if partial else None for t, r in rows.items()},
+                             dtype="float32").values())
+    stages, routes = [weights_stage(plan) for plan in plans], Counter(plan.route for plan in plans)
+    return [Stage(f"weights decode of {len(plans)} layers ({', '.join(f'{n} {r}' for r, n in routes.items())})",
+                  max(stage.peak_bytes for stage in stages), sum(stage.seconds for stage in stages))]
 
 
 # ---- matching ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import fdsub_onnx as fd
 from fdsub_onnx.cli.main import app
+from fdsub_onnx.modes.cost import weights_stage
 
 SIZE = 20
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -253,6 +254,17 @@ def test_different_networks_cannot_be_compared(tmp_path):
     b = load_proto(other.build([last]), _folder(tmp_path / "b"))
     with pytest.raises(fd.FdsubError, match="no layer of A matches one of B"):
         fd.diff(a, b)
+
+
+def test_a_diff_of_some_neurons_is_planned_as_iter_decode_runs_it(tmp_path):
+    """Some neurons of every layer: each layer by the route its plan picks, never less than the deepest layer's own
+    plan (a walk counted with every layer's rows blocked the layers after each: ShuffleNetV2 planned at 0 s)."""
+    a, b, convs = _models(tmp_path, _scaled(0, 0, 2.0, bias=False))
+    cost = fd.estimate_diff(a, b, neurons="0-1")
+    deepest = fd.plan_decode(a, [convs[-1]], neurons={convs[-1]: "0-1"})[convs[-1]]
+    decode = next(stage for stage in cost.stages if stage.what.startswith("A: "))
+    assert decode.what.startswith("A: weights decode of ") and "bottom-up)" in decode.what, decode.what
+    assert decode.seconds >= weights_stage(deepest).seconds > 0
 
 
 def test_a_diff_over_the_budget_names_the_fix_that_applies(tmp_path):
