@@ -376,11 +376,12 @@ def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead
             high[tensor] = np.maximum(high.get(tensor, hi), hi)
     if not low:
         return Check("dead-neurons", SKIP, "the probe image set is empty")
-    details, worst, dead_total, total = [], 0.0, 0, 0
+    details, worst, dead_total, total, broken = [], 0.0, 0, 0, 0
     for name, tensor in probes.items():
         lo, hi = low[tensor], high[tensor]
         scale = float(max(np.abs(lo).max(), np.abs(hi).max()))
         dead = np.flatnonzero(~np.isfinite(hi - lo) | (hi - lo <= VARIES * scale))
+        broken += int((~np.isfinite(hi - lo)).sum())
         share = len(dead) / len(lo)
         worst, dead_total, total = max(worst, share), dead_total + len(dead), total + len(lo)
         where = f" (after {tensor!r})" if tensor != name else ""
@@ -392,7 +393,9 @@ def _dead(model: Model, picked: list[str], images, preprocessing: dict, max_dead
                f"{worst:.0%}")
     if status == FAIL:
         summary += f", over --max-dead {max_dead:g}"
-        if probes_of.startswith("builtin:"):
+        if broken:  # NaN weights, not the probes (finite-weights names them)
+            summary += f"; {broken} of them respond NaN or Inf: the weights' doing, not the probe images'"
+        elif probes_of.startswith("builtin:"):
             summary += ("; synthetic probes leave many neurons of real networks still: --images with the model's "
                         "own kind of images")
     return Check("dead-neurons", status, summary, worst, max_dead, details)

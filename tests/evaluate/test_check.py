@@ -126,6 +126,8 @@ def test_nan_weights_fail_with_exit_1(nets):
     assert finite["details"] == [f"{nets.good_proto.graph.initializer[0].name} [8, 3, 3, 3]: 1 NaN, 1 Inf"]
     assert got["degenerate-filters"] == got["identity"] == "fail"  # the NaN reaches the decoded filters
     assert got["dead-neurons"] == "fail"  # and the activations: a NaN response does not vary
+    dead = next(c for c in data["checks"] if c["name"] == "dead-neurons")["summary"]
+    assert "respond NaN or Inf: the weights' doing" in dead and "synthetic probes" not in dead, dead
 
 
 def test_dead_layer_fails_with_exit_1(nets):
