@@ -326,7 +326,10 @@ def check_zoo_entry(entry: ZooModel, progress: Callable[[str], None] | None = No
     try:
         report, error = check_zoo_model(entry, progress), None
         if entry.baseline is not None:
-            diff = diff_zoo_model(entry, progress)
+            try:
+                diff = diff_zoo_model(entry, progress)
+            except FdsubError as exc:  # said as the baseline's, not as the model's
+                raise FdsubError(f"its baseline {entry.baseline}: {exc}") from None
     except FdsubError as exc:
         report, error = None, " ".join(str(exc).splitlines())
     return ZooResult(entry, report, error, time.perf_counter() - start, diff)

@@ -4,6 +4,7 @@ matched layer for a diff)."""
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def junit_suite(report: CheckReport | None, name: str, error: str | None = None,
     ``seconds`` is the suite's time (default: the report's).
     """
     suite = ET.Element("testsuite", name=name)
-    classname = f"fdsub.check.{name}"
+    classname = "fdsub.check." + re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")  # a path's dots are no packages
     if report is None:
         seconds = seconds or 0.0
         case = ET.SubElement(suite, "testcase", classname=classname, name="load", time=f"{seconds:.3f}")

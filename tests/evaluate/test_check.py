@@ -294,6 +294,8 @@ def test_junit_pass_and_fail(nets, tmp_path):
     assert suite.get("name") == str(nets.good) and suite.get("tests") == "5" and suite.get("errors") == "0"
     assert [c.get("name") for c in suite.findall("testcase")] == ALL_CHECKS
     assert not suite.findall("testcase/failure") and float(suite.get("time")) > 0
+    classes = {c.get("classname") for c in suite.findall("testcase")}  # the model's path: no dots, no hierarchy
+    assert len(classes) == 1 and classes.pop().count(".") == 2, classes
 
     root = ET.parse(bad).getroot()
     [suite] = root.findall("testsuite")

@@ -5,6 +5,7 @@ old model, and the gate's exit codes."""
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
@@ -403,8 +404,21 @@ max_drift = 0.1
     assert all(len(layer["filter_drift"]) <= 4 for layer in drifted["diff"]["layers"])
     xml = junit.read_text()
     assert xml.count("<testsuite ") == 4 and "DriftOverLimit" in xml
+    root = ET.parse(junit).getroot()  # a model's diff time is its diff suite's, not counted in its check's too
+    total = sum(m["seconds"] for m in models.values())
+    assert float(root.get("time")) <= total + 0.01, (root.get("time"), total)
     table = CliRunner().invoke(app, ["zoo", str(zoo)])
     assert "drift" in table.stdout and "drift from its baseline" in table.stdout
+
+
+def test_a_zoo_baseline_that_cannot_be_read_is_said_to_be_the_baseline(tmp_path):
+    a, _, _ = _models(tmp_path, _scaled(1, 2, 1.5, bias=False))
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text(f'[[models]]\nname = "m"\npath = "{a.path}"\nbaseline = "nofp"\nsample = 1\n'
+                   'images = "builtin:blobs:4"\n')
+    result = CliRunner().invoke(app, ["zoo", str(zoo), "--json"])
+    [model] = json.loads(result.stdout)["models"]
+    assert model["status"] == "error" and model["error"].startswith(f"its baseline {tmp_path / 'nofp'}: "), model
 
 
 def test_a_zoo_baseline_option_without_a_baseline_is_refused(tmp_path):
