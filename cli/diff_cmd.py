@@ -122,6 +122,7 @@ def fingerprint(
     batch_size: int = common.BATCH_SIZE,
     input_shape: Optional[str] = common.INPUT_SHAPE,
     memory_budget: Optional[str] = common.MEMORY_BUDGET,
+    plan: bool = common.PLAN,
 ) -> None:
     """Save what a later `fdsub diff DIR NEW.onnx` needs of MODEL: its layers, weights filters and biases, and with
     --images its neurons' responses."""
@@ -130,6 +131,11 @@ def fingerprint(
         loaded = fdsub_onnx.load_model(model, common.parse_input_shape(input_shape))
         image_set = None if images is None else fdsub_onnx.open_images(
             images, loaded.input_shape[1:], **common.preprocessing(preset, mean, std, scale, bgr))
+    cost = fdsub_onnx.estimate_fingerprint(loaded, layers=None if layers is None else layers.split(","),
+                                           neurons=neurons, images=0 if image_set is None else len(image_set),
+                                           batch_size=batch_size)
+    if common.planned(plan, cost, "keep fewer --layers or --neurons (e.g. --neurons 0-15: every layer's first 16)"):
+        return
     with common.spinner(f"fingerprinting {model}"):
         paths = fdsub_onnx.save_fingerprint(loaded, out, layers=None if layers is None else layers.split(","),
                                             neurons=neurons, images=image_set, batch_size=batch_size)

@@ -47,6 +47,7 @@ _EXPORTS = {
     "diff_suite": (".present.junit", "diff_suite"), "save_diff": (".present.save", "save_diff"),
     "patch_grid": (".present.render", "patch_grid"), "neuron_card": (".present.render", "neuron_card"),
     "estimate_diff": (".evaluate.drift", "estimate_diff"),
+    "estimate_fingerprint": (".evaluate.drift", "estimate_fingerprint"),
     "save_fingerprint": (".evaluate.drift", "save_fingerprint"),
     "load_fingerprint": (".evaluate.drift", "load_fingerprint"),
     "Device": (".compose.backend", "Device"), "resolve_device": (".compose.backend", "resolve_device"),

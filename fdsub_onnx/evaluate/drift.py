@@ -275,31 +275,38 @@ def estimate_diff(a, b, layers=None, neurons=None, images: int = 0, top: int = D
     for key, side, wanted in zip("AB", (side_a, side_b), _wanted(pairs, per)):
         if side.model is None:
             continue
-        model = side.model
-        models.append(model)
-        rows = {side.tensor(name): parse_neurons(selector, channels_of(model, side.tensor(name)))
+        models.append(side.model)
+        rows = {side.tensor(name): parse_neurons(selector, channels_of(side.model, side.tensor(name)))
                 for name, (selector, _) in wanted.items()}
-        decode = _decode_stages(model, rows)
-        for stage in decode:
-            stage.what = f"{key}: {stage.what}"
-            stage.peak_bytes += held
-        stages += decode
-        held += sum(filters_bytes(model, t, len(r), 8) for t, r in rows.items())
-        if images:
-            tensors = list(rows)
-            per_image = image_bytes(model, tensors) + FETCHED_BYTES * tensor_values(model, tensors)
-            batch = fitting_batch(per_image, batch_size, "the diff's pass over the images", "use a smaller "
-                                  "--batch-size or fewer --layers")
-            stages.append(Stage(f"{key}: responses of {len(rows)} layers over {images} images", held + batch *
-                                per_image + 4.0 * images * sum(len(r) for r in rows.values()),
-                                forward_seconds(model, tensors, images), images))
-            if instances:
-                for tensor, picked in rows.items():
-                    stages += [capture_stage(model, tensor, images, batch_size),
-                               nf_stage(model, tensor, len(picked), min(images, top * len(picked)), batch_size),
-                               instance_stage(model, tensor, len(picked) * min(top, images), neurons=len(picked))]
+        made, held = _side_stages(f"{key}: ", side.model, rows, images, batch_size, held)
+        stages += made
+        if images and instances:
+            for tensor, picked in rows.items():
+                stages += [capture_stage(side.model, tensor, images, batch_size),
+                           nf_stage(side.model, tensor, len(picked), min(images, top * len(picked)), batch_size),
+                           instance_stage(side.model, tensor, len(picked) * min(top, images), neurons=len(picked))]
     stages.append(Stage("the filters of both models, compared", held, 0.0))
     return CostPlan("diff", stages, sum(base_bytes(m) for m in models))
+
+
+def _side_stages(key: str, model: Model, rows: dict, images: int, batch_size: int, held: float
+                 ) -> tuple[list[Stage], float]:
+    """One model's stages of a diff or a fingerprint (``rows``: layer -> neurons): its weights decode, with the
+    filters already held (``held`` bytes) alive throughout, and its pass over ``images``; and the bytes held after."""
+    stages = _decode_stages(model, rows)
+    for stage in stages:
+        stage.what = f"{key}{stage.what}"
+        stage.peak_bytes += held
+    held += sum(filters_bytes(model, t, len(r), 8) for t, r in rows.items())
+    if images:
+        tensors = list(rows)
+        per_image = image_bytes(model, tensors) + FETCHED_BYTES * tensor_values(model, tensors)
+        batch = fitting_batch(per_image, batch_size, "the pass over the images", "use a smaller --batch-size or "
+                              "fewer --layers")
+        responses = 4.0 * images * sum(len(r) for r in rows.values())
+        stages.append(Stage(f"{key}responses of {len(rows)} layers over {images} images",
+                            held + batch * per_image + responses, forward_seconds(model, tensors, images), images))
+    return stages, held
 
 
 def _decode_stages(model: Model, rows: dict) -> list[Stage]:
@@ -556,14 +563,9 @@ def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=
     response to each image)."""
     check_result_folder(out, FINGERPRINT_KIND)
     side = _model_side(model)
-    names = [la.name for la in side.layers if la.decodable and (layers is None or la.name in set(layers))]
-    if layers is not None and len(names) != len(set(layers)):
-        missing = sorted(set(layers) - set(names))
-        raise FdsubError(f"layer {missing[0]!r} is not a decodable layer of the model; `fdsub inspect` lists them")
-    chosen = _per_layer(neurons, [la for la in side.layers if la.name in set(names)])
-    names = [name for name in names if chosen[name] is None or len(chosen[name])]
-    channels = {la.name: la.channels for la in side.layers}
-    decoded = _filters(side, {name: (chosen[name], channels[name]) for name in names})
+    wanted = _fingerprinted(side, layers, neurons)
+    names = list(wanted)
+    decoded = _filters(side, wanted)
     responses = _responses(side, names, images, batch_size) if images is not None else {}
     arrays, index = {}, {}
     for i, name in enumerate(names):
@@ -583,6 +585,28 @@ def save_fingerprint(model: Model, out: str | os.PathLike, layers=None, neurons=
             np.savez_compressed(f, **arrays)  # zeros outside the image: ShuffleNetV2, 8 neurons a layer, 303 -> 142 MB
 
     return write_atomically(out, [FINGERPRINT_JSON, FINGERPRINT_NPZ], write, kind=FINGERPRINT_KIND)
+
+
+def _fingerprinted(side: _Side, layers, neurons) -> dict:
+    """layer -> (neuron selector, channels) a fingerprint keeps: ``layers`` (default every decodable one) with
+    ``neurons`` of each."""
+    names = [la.name for la in side.layers if la.decodable and (layers is None or la.name in set(layers))]
+    if layers is not None and len(names) != len(set(layers)):
+        missing = sorted(set(layers) - set(names))
+        raise FdsubError(f"layer {missing[0]!r} is not a decodable layer of the model; `fdsub inspect` lists them")
+    chosen = _per_layer(neurons, [la for la in side.layers if la.name in set(names)])
+    channels = {la.name: la.channels for la in side.layers}
+    return {name: (chosen[name], channels[name]) for name in names if chosen[name] is None or len(chosen[name])}
+
+
+def estimate_fingerprint(model: Model, layers=None, neurons=None, images: int = 0, batch_size: int = 32) -> CostPlan:
+    """The cost of ``save_fingerprint`` with these options (``images``: how many), before any work: the weights
+    decode of the layers kept, the pass over the images, and every filter held until it is written."""
+    wanted = _fingerprinted(_model_side(model), layers, neurons)
+    rows = {name: parse_neurons(selector, channels, name) for name, (selector, channels) in wanted.items()}
+    stages, held = _side_stages("", model, rows, images, batch_size, 0.0)
+    stages.append(Stage(f"the filters of {len(rows)} layers, written", held, 0.0))
+    return CostPlan("fingerprint", stages, base_bytes(model))
 
 
 def load_fingerprint(path: str | os.PathLike) -> _Side:

@@ -268,6 +268,23 @@ def test_a_diff_of_some_neurons_is_planned_as_iter_decode_runs_it(tmp_path):
     assert decode.seconds >= weights_stage(deepest).seconds > 0
 
 
+def test_a_fingerprint_says_its_cost_first_and_is_refused_over_the_budget(tmp_path):
+    """``fingerprint --plan`` prints its stages and writes nothing; over the budget it is refused in one line
+    before any work (it had neither: a fingerprint of every neuron of a real network ran until the system killed
+    it)."""
+    a, _, _ = _models(tmp_path, _scaled(0, 0, 2.0, bias=False))
+    runner = CliRunner()
+    planned = runner.invoke(app, ["fingerprint", a.path, "--out", str(tmp_path / "fp"), "--plan"])
+    assert planned.exit_code == 0 and planned.output.startswith("fingerprint: about "), planned.output
+    assert "  weights " in planned.output and "written" in planned.output
+    refused = runner.invoke(app, ["fingerprint", a.path, "--out", str(tmp_path / "fp"), "--memory-budget", "1M"])
+    lines = refused.output.strip().splitlines()
+    assert refused.exit_code == 2 and len(lines) == 1 and "--neurons 0-15" in lines[0], refused.output
+    assert not (tmp_path / "fp").exists()
+    cost = fd.estimate_fingerprint(a, neurons="0-1")
+    assert cost.stages[-1].peak_bytes > 0 and cost.seconds > 0
+
+
 def test_a_diff_over_the_budget_names_the_fix_that_applies(tmp_path):
     """The refusal suggests fewer neurons with an example, and --instances only where it was given."""
     a, b, _ = _models(tmp_path, _scaled(0, 0, 2.0, bias=False))
