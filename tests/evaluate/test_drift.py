@@ -426,6 +426,8 @@ max_drift = 0.1
     assert float(root.get("time")) <= total + 0.01, (root.get("time"), total)
     table = CliRunner().invoke(app, ["zoo", str(zoo)])
     assert "drift" in table.stdout and "drift from its baseline" in table.stdout
+    planned = CliRunner().invoke(app, ["zoo", str(zoo), "--plan"])  # each baseline diff is a stage of the plan
+    assert planned.output.count("against its baseline") == 2, planned.output
 
 
 def test_a_zoo_baseline_that_cannot_be_read_is_said_to_be_the_baseline(tmp_path):
