@@ -316,9 +316,10 @@ def _decode_stages(model: Model, rows: dict) -> list[Stage]:
     further): ShuffleNetV2's 58 layers were planned at 0 s for 2.9 s (4 neurons each) and for ~25 s (all)."""
     targets = list(rows)
     partial = any(len(picked) < channels_of(model, t) for t, picked in rows.items())
-    if (len(targets) == 1 and partial) or not (partial or memory_problem(model, Engine(get_backend("numpy")),
-                                                                         targets, None)):
-        return compose_stage(model, targets, rows if partial else None, "float32", "weights")
+    if partial and len(targets) == 1:  # one layer's rows, as decode walks them
+        return compose_stage(model, targets, rows, "float32", "weights")
+    if not partial and not memory_problem(model, Engine(get_backend("numpy")), targets, None):  # one walk
+        return compose_stage(model, targets, None, "float32", "weights")
     plans = list(plan_decode(model, targets, neurons={t: r if partial else None for t, r in rows.items()},
                              dtype="float32").values())
     stages, routes = [weights_stage(plan) for plan in plans], Counter(plan.route for plan in plans)
