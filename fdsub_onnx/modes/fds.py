@@ -42,9 +42,12 @@ def _fds(model, node) -> str | None:
 
 
 def _per_position(model, node) -> bool:
-    """A weight on the last axis of tokens or of a channels-last map: read position by position (a 1x1 window)."""
+    """A weight on the last axis of tokens, of rows of tokens ([T, C]: torchvision's attention projection) or of a
+    channels-last map: read position by position (a 1x1 window)."""
     op = RULES.get(node.op_type)
-    return op is not None and op.reads_last_axis and len(model.shapes.get(node.input[0]) or ()) >= 3
+    shape = model.shapes.get(node.input[0]) or ()
+    rows = len(shape) == 2 and shape[0] != model.input_shape[0]
+    return op is not None and ((op.reads_last_axis and len(shape) >= 3) or (rows and op.matrix_product))
 
 
 @dataclass

@@ -160,6 +160,10 @@ def test_weights_identity_through_a_token_major_projection(tmp_path_factory):
     np.testing.assert_allclose(top.values[:, 0], acts.reshape(-1, C).max(axis=0), rtol=1e-5)
     local = fd.decode(model, projection.name, mode="local", images=fd.ArrayImages(images), top=1, neurons="0-1")
     assert local.filters.shape == (2, 3, SIZE, SIZE) and np.isfinite(local.filters).all()
+    for layer in layers:  # fds reads the projection's input rows position by position (an internal error before)
+        decoded = fd.decode(model, layer.name, mode="fds", images=fd.ArrayImages(_images(8, seed=2)), top=2,
+                            neurons="0-1")
+        assert np.isfinite(decoded.filters).all() and np.abs(decoded.filters).max() > 0, layer.name
 
 
 def _assert_weights_identity(model, proto, reference):
