@@ -54,8 +54,9 @@ def fidelity(
                          f"be 1.00; give more held-out images or --top {max(1, len(held) // 2)} or lower")
     folder = common.output_folder(out, f"{common.sanitize(layer)}-fidelity", "fidelity")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    cost = fdsub_onnx.estimate_compare(loaded, [target], neurons, len(image_set), top=top, holdout=len(held),
-                                       modes=chosen, batch_size=batch_size, command="fidelity")
+    cost = fdsub_onnx.estimate_compare(loaded, [target], "all" if neurons is None else neurons, len(image_set),
+                                       top=top, holdout=len(held), modes=chosen, batch_size=batch_size,
+                                       command="fidelity")  # all neurons by default, as compare_modes scores them
     if common.planned(plan, cost, "score fewer --neurons or --modes, lower --top or --batch-size, or use --cluster"):
         return
     with (common.cluster(cluster) as client,

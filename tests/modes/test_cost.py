@@ -294,6 +294,17 @@ def test_plan_prints_the_stages_and_writes_nothing(net, tmp_path):
         assert not out.exists()
 
 
+def test_fidelity_plans_every_neuron_it_scores(net, tmp_path):
+    """Without --neurons fidelity scores every neuron of the layer; its plan counted the report's default 16."""
+    model, _ = net
+    wide = next(layer for layer in fd.inspect_model(model).layers if layer.channels > 16)
+    last, channels = wide.name, wide.channels
+    result = invoke("fidelity", model.path, "--layer", last, "--images", "builtin:blobs:20", "--holdout",
+                    "builtin:gratings:20", "--top", 5, "--modes", "weights,local", "--plan", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert f"local passes of {last!r}: {channels * 5} instances" in result.stdout, result.stdout
+
+
 def test_memory_budget_refuses_in_one_line_and_writes_nothing(net, tmp_path):
     model, last = net
     out = tmp_path / "out"
