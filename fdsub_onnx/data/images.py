@@ -335,7 +335,8 @@ def _open_files(found: list[Path], shape: tuple[int, int, int], preset: Preset, 
     if not usable:
         detail = f"{len(skipped)} could not be read: {skipped[0][1]}" if skipped else "found none"
         raise FdsubError(f"no usable JPEG/PNG image {where} ({detail})")
-    return LazyImages([str(p) for p in usable], lambda i: _read_image(usable[i], shape), preset, skipped)
+    files = [p.absolute() for p in usable]  # read from anywhere: a cluster's workers have working folders of their own
+    return LazyImages([str(p) for p in usable], lambda i: _read_image(files[i], shape), preset, skipped)
 
 
 @contextlib.contextmanager

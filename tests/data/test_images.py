@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,6 +83,18 @@ def test_a_16_bit_gray_png_keeps_its_values(tmp_path, shape):
     np.testing.assert_allclose(got[:, :4, :4], 0.0, atol=1e-6)
     np.testing.assert_allclose(got[:, 4:, 4:], 1.0, atol=1e-6)
     np.testing.assert_allclose(got.mean(), (0 + 16384 + 32768 + 65535) / 4 / 65535, atol=1e-3)
+
+
+def test_a_relative_folder_reads_from_another_working_folder(tmp_path, monkeypatch):
+    """The files are read by absolute path (a Dask worker's working folder is its own: a relative --images on a
+    tcp:// cluster said the user's file did not exist); the names stay as given."""
+    (tmp_path / "photos").mkdir()
+    save_png(tmp_path / "photos" / "a.png", solid(6, 6))
+    monkeypatch.chdir(tmp_path)
+    images = fd.open_images("photos", (3, 6, 6))
+    monkeypatch.chdir(tmp_path.parent)
+    assert list(images.sources) == [str(Path("photos") / "a.png")]
+    np.testing.assert_allclose(everything(images)[0, :, 0, 0], np.array(ORANGE) / 255, atol=1e-6)
 
 
 def test_unknown_preset_lists_the_choices(tmp_path):
