@@ -405,11 +405,12 @@ def _duration(seconds: float) -> str:
 
 
 def _remaining(done: float, first: float, total: float, elapsed: float, estimate: float | None) -> float | None:
-    """Seconds left: from the rate once something advanced, else from ``estimate`` (total seconds), else unknown."""
+    """Seconds left: from the rate once something advanced, else from ``estimate`` (total seconds) while it has not
+    run out, else unknown (not "ETA 0.0 s" while nothing has moved)."""
     if done > first and elapsed > 0:
         return (total - done) * elapsed / (done - first)
-    if estimate is not None:
-        return max(0.0, estimate - elapsed)
+    if estimate is not None and elapsed < estimate:
+        return estimate - elapsed
     return None
 
 

@@ -129,6 +129,8 @@ def test_slow_fractional_steps_are_seen_to_move(monkeypatch):
         bar(1.4, 98)
     assert re.fullmatch(r"report: 1\.4/98 steps, [\d.,e-]+ steps/s, ETA .+", plain(stream.getvalue())[-2])
     assert _common._rate(0.015) == "0.015" and _common._rate(12.34) == "12.3"
+    assert _common._remaining(0, 0, 20, 10.0, 5.0) is None  # the plan outrun and nothing moved: unknown, not 0 s
+    assert _common._remaining(20, 20, 40, 3.0, 2.0) is None and _common._remaining(0, 0, 20, 1.0, 5.0) == 4.0
     assert [_common._duration(s) for s in (3.24, 26.4, 245, 3900)] == ["3.2 s", "26 s", "4 min 05 s", "1 h 05 min"]
 
 
