@@ -576,7 +576,12 @@ def _number_cell(value, digits: int = 3) -> str:
 
 
 def _fmt(value, digits: int = 3) -> str:
-    return "&ndash;" if value is None or not np.isfinite(value) else f"{float(value):.{digits}f}"
+    """``digits`` decimals; a value too small for them in as many significant digits (a mean activation of 1.5e-4
+    read 0.000 on every neuron of a layer)."""
+    if value is None or not np.isfinite(value):
+        return "&ndash;"
+    value = float(value)
+    return f"{value:.{digits}g}" if 0 < abs(value) < 0.5 * 10.0**-digits else f"{value:.{digits}f}"
 
 
 _CSS = """

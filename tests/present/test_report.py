@@ -512,6 +512,13 @@ def test_report_patches_show_the_receptive_field_in_chromium(built, tmp_path):
         assert scale >= 2 and np.abs(got - want).mean() < 12, (row, np.abs(got - want).mean())
 
 
+def test_small_numbers_keep_their_digits():
+    from fdsub_onnx.present.report import _fmt
+
+    assert [_fmt(v) for v in (0.25, 1.4970e-4, -2e-7, 0.0, 12.3456, float("nan"))] == \
+        ["0.250", "0.00015", "-2e-07", "0.000", "12.346", "&ndash;"]
+
+
 def test_large_filters_are_stored_small():
     """Deep layers' filters (receptive fields of hundreds of px) are stored at FILTER_MAX px and block-averaged
     to GRID_SIDE px in the grids, so a report's size does not grow with the receptive field."""
