@@ -151,12 +151,41 @@ def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, t
     them. Every decoding is kept until the end (the page shows them all): they count at every stage."""
     modes = _checked_modes(modes)
     choice = choose_report(model, layers, neurons)
-    targets = [layer.name for layer in choice.layers]
-    picked = dict(zip(targets, choice.picks))
+    named = layers is not None and not means_all(layers)
+    chosen, picks, dropped = fitting_sample(model, choice.layers, choice.picks, named, images, top, holdout, modes,
+                                            batch_size)
+    notes = [choice.note] if choice.note else []
+    if dropped:
+        notes.append(dropped_note(dropped))
+    return _plan(model, chosen, picks, images, top, holdout, modes, batch_size, command, notes)
+
+
+def _plan(model, chosen, picks, images, top, holdout, modes, batch_size, command="report", notes=()) -> CostPlan:
+    targets = [layer.name for layer in chosen]
+    picked = dict(zip(targets, picks))
     stages = _stages(model, targets, picked, images, top, holdout, modes, batch_size)
     kept = len(modes) * sum(filters_bytes(model, t, len(picked[t])) for t in targets)
     return CostPlan(command, [*stages["data"], *stages["instances"].values(), *stages["nf"].values(),
-                              stages["fidelity"]], base_bytes(model) + kept, notes=[choice.note] if choice.note else [])
+                              stages["fidelity"]], base_bytes(model) + kept, notes=list(notes))
+
+
+def fitting_sample(model, chosen: list[Layer], picks: list, named: bool, images: int, top: int, holdout: int, modes,
+                   batch_size: int) -> tuple[list[Layer], list, list[str]]:
+    """``(layers, picks, left out)``: a sample (layers not named) whose plan is over the memory budget loses its
+    deepest layer, one at a time, until it fits or one is left (the deepest cost the most: ViT-B/16's default
+    report planned 5.02 GiB for its last token layer's local passes, and was refused). Named layers stay as named:
+    over the budget, the plan refuses them."""
+    chosen, picks, dropped = list(chosen), list(picks), []
+    while not named and len(chosen) > 1 and not _plan(model, chosen, picks, images, top, holdout, modes,
+                                                       batch_size).fits:
+        dropped.insert(0, chosen.pop().name)
+        picks.pop()
+    return chosen, picks, dropped
+
+
+def dropped_note(dropped: list[str]) -> str:
+    return (f"left out {', '.join(dropped)}: the report with {'it' if len(dropped) == 1 else 'them'} does not fit the "
+            "memory budget (--layers names them, --memory-budget raises it)")
 
 
 def _stages(model: Model, targets: list[str], picked: dict, images: int, top: int, holdout: int, modes,

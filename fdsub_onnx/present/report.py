@@ -35,7 +35,14 @@ from ..defaults import (
     REPORT_TOP,
 )
 from ..errors import FdsubError
-from ..evaluate.compare import LayerComparison, choose_report, compare_layers, within_memory
+from ..evaluate.compare import (
+    LayerComparison,
+    choose_report,
+    compare_layers,
+    dropped_note,
+    fitting_sample,
+    within_memory,
+)
 from ..evaluate.fidelity import FIDELITY_MODES
 from ..graph.model import Model, describe_position, load_model
 from ..modes.fds import parse_select, parse_weighting
@@ -106,6 +113,11 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     picks = [pick for layer, pick in zip(choice.layers, choice.picks) if layer.name in kept]
     if left_out and note is not None:
         note(f"left out {', '.join(left_out)}: no route decodes them in the memory left")
+    chosen, picks, dropped = fitting_sample(model, chosen, picks, named, len(images), top, len(scored),
+                                            FIDELITY_MODES, batch_size)  # as the plan (estimate_compare) counts it
+    if dropped and note is not None:
+        note(dropped_note(dropped))
+    left_out = left_out + dropped
     steps = 2 + 3 * len(chosen)  # compare_layers' 1 + 3 per layer, then the page
 
     def compared(done, total):  # compare_layers counts its estimated seconds: the same share of the steps

@@ -305,6 +305,25 @@ def test_fidelity_plans_every_neuron_it_scores(net, tmp_path):
     assert f"local passes of {last!r}: {channels * 5} instances" in result.stdout, result.stdout
 
 
+def test_a_report_sample_over_the_budget_loses_its_deepest_layers_and_says_so(net, tmp_path):
+    """The default sample (layers not named) is cut from the deepest until its plan fits, with a note; named layers
+    are planned as named (and refused over the budget)."""
+    model, _ = net
+    whole = fd.estimate_compare(model, images=20, top=5)
+    first = fd.estimate_compare(model, [fd.choose_report(model).layers[0].name], "0-15", 20, top=5)
+    assert first.peak_bytes < whole.peak_bytes
+    with fd.budget(int((first.peak_bytes + whole.peak_bytes) / 2)):
+        cut = fd.estimate_compare(model, images=20, top=5)
+        assert cut.fits and cut.peak_bytes < whole.peak_bytes
+        assert any(n.startswith("left out ") and "does not fit the memory budget" in n for n in cut.notes), cut.notes
+        named = [layer.name for layer in fd.choose_report(model).layers]
+        assert not fd.estimate_compare(model, named, images=20, top=5).fits
+        notes = []  # the run leaves out what the plan left out
+        page = fd.report(model, "builtin:blobs:20", tmp_path / "r", top=5, note=notes.append).read_text("utf-8")
+        assert [n for n in notes if n.startswith("left out ")] == [n for n in cut.notes if n.startswith("left out ")]
+        assert page.count('<section class="layer"') == len(named) - len(cut.notes[-1].split(":")[0].split(", "))
+
+
 def test_memory_budget_refuses_in_one_line_and_writes_nothing(net, tmp_path):
     model, last = net
     out = tmp_path / "out"
