@@ -152,35 +152,39 @@ def estimate_compare(model: Model, layers=None, neurons=None, images: int = 0, t
     modes = _checked_modes(modes)
     choice = choose_report(model, layers, neurons)
     named = layers is not None and not means_all(layers)
-    chosen, picks, dropped = fitting_sample(model, choice.layers, choice.picks, named, images, top, holdout, modes,
-                                            batch_size)
-    notes = [choice.note] if choice.note else []
+    chosen, picks, dropped, plan = fitting_sample(model, choice.layers, choice.picks, named, images, top, holdout,
+                                                  modes, batch_size)
+    plan = plan or _plan(model, chosen, picks, images, top, holdout, modes, batch_size)
+    plan.command, plan.notes = command, [choice.note] if choice.note else []
     if dropped:
-        notes.append(dropped_note(dropped))
-    return _plan(model, chosen, picks, images, top, holdout, modes, batch_size, command, notes)
+        plan.notes.append(dropped_note(dropped))
+    return plan
 
 
-def _plan(model, chosen, picks, images, top, holdout, modes, batch_size, command="report", notes=()) -> CostPlan:
+def _plan(model, chosen, picks, images, top, holdout, modes, batch_size) -> CostPlan:
     targets = [layer.name for layer in chosen]
     picked = dict(zip(targets, picks))
     stages = _stages(model, targets, picked, images, top, holdout, modes, batch_size)
     kept = len(modes) * sum(filters_bytes(model, t, len(picked[t])) for t in targets)
-    return CostPlan(command, [*stages["data"], *stages["instances"].values(), *stages["nf"].values(),
-                              stages["fidelity"]], base_bytes(model) + kept, notes=list(notes))
+    return CostPlan("report", [*stages["data"], *stages["instances"].values(), *stages["nf"].values(),
+                               stages["fidelity"]], base_bytes(model) + kept)
 
 
 def fitting_sample(model, chosen: list[Layer], picks: list, named: bool, images: int, top: int, holdout: int, modes,
-                   batch_size: int) -> tuple[list[Layer], list, list[str]]:
-    """``(layers, picks, left out)``: a sample (layers not named) whose plan is over the memory budget loses its
-    deepest layer, one at a time, until it fits or one is left (the deepest cost the most: ViT-B/16's default
-    report planned 5.02 GiB for its last token layer's local passes, and was refused). Named layers stay as named:
-    over the budget, the plan refuses them."""
+                   batch_size: int) -> tuple[list[Layer], list, list[str], CostPlan | None]:
+    """``(layers, picks, left out, their plan)``: a sample (layers not named) whose plan is over the memory budget
+    loses its deepest layer, one at a time, until it fits or one is left (the deepest cost the most: ViT-B/16's
+    default report planned 5.02 GiB for its last token layer's local passes, and was refused). Named layers stay as
+    named, unplanned here (None): over the budget, their plan refuses them."""
     chosen, picks, dropped = list(chosen), list(picks), []
-    while not named and len(chosen) > 1 and not _plan(model, chosen, picks, images, top, holdout, modes,
-                                                       batch_size).fits:
+    if named:
+        return chosen, picks, dropped, None
+    plan = _plan(model, chosen, picks, images, top, holdout, modes, batch_size)
+    while len(chosen) > 1 and not plan.fits:
         dropped.insert(0, chosen.pop().name)
         picks.pop()
-    return chosen, picks, dropped
+        plan = _plan(model, chosen, picks, images, top, holdout, modes, batch_size)
+    return chosen, picks, dropped, plan
 
 
 def dropped_note(dropped: list[str]) -> str:

@@ -309,16 +309,24 @@ def estimate_zoo(models: list[ZooModel]) -> CostPlan:
 
 def _diff_stage(entry: ZooModel, model: Model, folder: str) -> Stage:
     """The entry's diff against its baseline, as ``diff_zoo_model`` runs it, as one stage."""
+    baseline, options = _baseline(entry, model, folder, lambda message: None)
+    images = options.get("images")
+    plan = estimate_diff(baseline, model, neurons=options.get("neurons"), images=0 if images is None else len(images))
+    return Stage(f"diff of {entry.name} against its baseline", plan.peak_bytes - PROCESS_BYTES, plan.seconds)
+
+
+def _baseline(entry: ZooModel, model: Model, folder: str, note) -> tuple:
+    """``(baseline, diff_models' options)`` of the entry: a baseline model file loaded as the entry is (re-randomized
+    with its seed when the entry is) into ``folder``, a fingerprint folder as it is; the diff's images opened."""
     baseline = entry.baseline
     if not os.path.isdir(baseline):
         os.makedirs(os.path.join(folder, "baseline"), exist_ok=True)
         baseline = _load_entry(dataclasses.replace(entry, path=entry.baseline, source=entry.baseline),
-                               os.path.join(folder, "baseline"), lambda message: None)
-    options = entry.diff_options
-    images = options.get("images")
-    count = len(open_images(images, model.input_shape[1:], **entry.preprocessing)) if isinstance(images, str) else 0
-    plan = estimate_diff(baseline, model, neurons=options.get("neurons"), images=count)
-    return Stage(f"diff of {entry.name} against its baseline", plan.peak_bytes - PROCESS_BYTES, plan.seconds)
+                               os.path.join(folder, "baseline"), note)
+    options = dict(entry.diff_options)
+    if isinstance(options.get("images"), str):
+        options["images"] = open_images(options["images"], model.input_shape[1:], **entry.preprocessing)
+    return baseline, options
 
 
 def run_zoo(models: list[ZooModel], progress: Callable[[str], None] | None = None, client=None) -> list[ZooResult]:
@@ -357,15 +365,7 @@ def diff_zoo_model(entry: ZooModel, progress: Callable[[str], None] | None = Non
     note = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="fdsub-zoo-") as folder:
         model = _load_entry(entry, folder, note)
-        if os.path.isdir(entry.baseline):
-            baseline = entry.baseline
-        else:
-            os.makedirs(os.path.join(folder, "baseline"))
-            baseline = _load_entry(dataclasses.replace(entry, path=entry.baseline, source=entry.baseline),
-                                   os.path.join(folder, "baseline"), note)
-        options = dict(entry.diff_options)
-        if isinstance(options.get("images"), str):
-            options["images"] = open_images(options["images"], model.input_shape[1:], **entry.preprocessing)
+        baseline, options = _baseline(entry, model, folder, note)
         note(f"{entry.name}: comparing with {entry.baseline}")
         report = diff_models(baseline, model, **options)
     report.model_a, report.model_b = entry.baseline, entry.source

@@ -113,8 +113,8 @@ def report(model: Model | str | os.PathLike, images, out: str | os.PathLike, lay
     picks = [pick for layer, pick in zip(choice.layers, choice.picks) if layer.name in kept]
     if left_out and note is not None:
         note(f"left out {', '.join(left_out)}: no route decodes them in the memory left")
-    chosen, picks, dropped = fitting_sample(model, chosen, picks, named, len(images), top, len(scored),
-                                            FIDELITY_MODES, batch_size)  # as the plan (estimate_compare) counts it
+    chosen, picks, dropped, _ = fitting_sample(model, chosen, picks, named, len(images), top, len(scored),
+                                               FIDELITY_MODES, batch_size)  # as the plan (estimate_compare) counts it
     if dropped and note is not None:
         note(dropped_note(dropped))
     left_out = left_out + dropped
